@@ -1,0 +1,132 @@
+"""The one exception hierarchy of the Structure client.
+
+``str(err)`` is always one sentence a person can act on; raw material (HTTP status,
+body, headers, request id) lives in attributes. The API key never appears in any of it.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+
+class StructureError(Exception):
+    """Root of every error this package raises."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: Optional[int] = None,
+        body: Optional[bytes] = None,
+        headers: Optional[Mapping[str, str]] = None,
+        request_id: Optional[str] = None,
+        reason: Optional[str] = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+        self.body = body
+        self.headers = dict(headers or {})
+        self.request_id = request_id
+        self.reason = reason  # the server's own words, when it gave any
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        status = f", http_status={self.http_status}" if self.http_status is not None else ""
+        return f"{type(self).__name__}({self.message!r}{status})"
+
+
+# --- before any request -------------------------------------------------------------
+
+class ConfigurationError(StructureError):
+    """The client is not set up to make requests."""
+
+
+class MissingAPIKeyError(ConfigurationError):
+    """No API key was found in the environment or the key file."""
+
+
+class InsecureURLError(ConfigurationError):
+    """The key would travel in clear text to a host that is not this machine."""
+
+
+class InputError(StructureError, ValueError):
+    """A parameter or image is outside what the service accepts; nothing was sent."""
+
+
+class InvalidImageError(InputError):
+    """The input image cannot be sent as it is (shape, size, values)."""
+
+
+# --- the service answered with an error ----------------------------------------------
+
+class APIError(StructureError):
+    """The service (or something in front of it) answered with an error."""
+
+
+class AuthenticationError(APIError):
+    """401/403: the key is missing, wrong or revoked."""
+
+
+class ContentModerationError(APIError):
+    """The service refused the prompt or image on content grounds."""
+
+
+class InsufficientCreditsError(APIError):
+    """402: the account has no credits left."""
+
+
+class InvalidRequestError(APIError):
+    """400/422: the service rejected the parameters or the image."""
+
+
+class RequestTooLargeError(APIError):
+    """413: the request is over the service's 10 MiB limit."""
+
+
+class RateLimitError(APIError):
+    """429: too many requests; ``retry_after`` holds the server's hint in seconds."""
+
+    def __init__(self, message: str, *, retry_after: Optional[float] = None, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class ServiceError(APIError):
+    """5xx: the service failed; the request was not charged."""
+
+
+class GenerationFailedError(APIError):
+    """The service answered ``code: -1``: it could not produce an image."""
+
+
+class UnexpectedRedirectError(APIError):
+    """The service answered with a redirect, which the client never follows with the key."""
+
+
+class MalformedResponseError(APIError):
+    """The answer is not what the contract promises (not JSON, fields missing, bad image)."""
+
+
+# --- transport ---------------------------------------------------------------------
+
+class TransportError(StructureError):
+    """The request did not get an answer."""
+
+
+class APIConnectionError(TransportError):
+    """The service could not be reached or dropped the connection."""
+
+
+class APITimeoutError(TransportError):
+    """The service did not answer in time."""
+
+
+class ResultMayBeBilledError(APITimeoutError):
+    """The upload completed but the answer never came: the service may have charged for it."""
+
+
+class CancelledError(StructureError):
+    """The caller cancelled the work before it finished."""
