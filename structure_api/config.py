@@ -1,0 +1,123 @@
+"""Where the API key and the service address come from, and the rules for sending the key."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Mapping, Optional
+from urllib.parse import urlsplit
+
+from .errors import ConfigurationError, InsecureURLError, MissingAPIKeyError
+
+ENV_API_KEY = "AITHRIVING_API_KEY"
+ENV_API_KEY_FILE = "AITHRIVING_API_KEY_FILE"
+ENV_BASE_URL = "AITHRIVING_BASE_URL"
+DEFAULT_BASE_URL = "https://www.aithriving.com"
+DEFAULT_KEY_FILE = "~/.config/aithriving/api_key"
+ENDPOINT_PATH = "/api/control/structure"
+
+
+class APIKey:
+    """The key, wrapped so that printing, logging or repr never shows it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        value = value.strip()
+        if not value:
+            raise MissingAPIKeyError(_missing_key_message())
+        if any(ch in value for ch in "\r\n\0"):
+            raise ConfigurationError("The API key contains a line break or NUL character; store it on one line.")
+        self._value = value
+
+    def reveal(self) -> str:
+        """The raw key, for the one place that puts it in the request header."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "APIKey('****')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, APIKey) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("APIKey", self._value))
+
+    def __reduce__(self):
+        # Pickling would copy the key into caches and queues; refuse it.
+        raise TypeError("APIKey cannot be pickled")
+
+
+def _missing_key_message() -> str:
+    return (
+        f"No API key found: set the {ENV_API_KEY} environment variable, "
+        f"or put the key in {DEFAULT_KEY_FILE} (or in the file named by {ENV_API_KEY_FILE})."
+    )
+
+
+def key_file_path(environ: Optional[Mapping[str, str]] = None) -> Path:
+    """The key file this environment points at."""
+    env = os.environ if environ is None else environ
+    return Path(env.get(ENV_API_KEY_FILE) or DEFAULT_KEY_FILE).expanduser()
+
+
+def load_api_key(environ: Optional[Mapping[str, str]] = None) -> APIKey:
+    """The key from AITHRIVING_API_KEY, else from the key file; fails before any network I/O."""
+    env = os.environ if environ is None else environ
+    value = env.get(ENV_API_KEY, "").strip()
+    if value:
+        return APIKey(value)
+    path = key_file_path(env)
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise MissingAPIKeyError(_missing_key_message()) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        # The path is the user's own; the exception text never holds file contents.
+        raise ConfigurationError(
+            f"The API key file {path} could not be read ({type(exc).__name__}); check its permissions."
+        ) from None
+    if not value:
+        raise MissingAPIKeyError(f"The API key file {path} is empty; put the key on its first line.")
+    return APIKey(value)
+
+
+def resolve_base_url(environ: Optional[Mapping[str, str]] = None) -> str:
+    """The service's base URL from AITHRIVING_BASE_URL, else the default, without a trailing slash."""
+    env = os.environ if environ is None else environ
+    url = (env.get(ENV_BASE_URL) or DEFAULT_BASE_URL).strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(
+            f"{ENV_BASE_URL} must be an http(s) address such as {DEFAULT_BASE_URL}; got {url!r}."
+        )
+    if parts.username or parts.password:
+        raise ConfigurationError(f"{ENV_BASE_URL} must not contain a user name or password.")
+    return url
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost and loopback addresses, which never leave this machine."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_key_may_travel(url: str) -> None:
+    """Refuse to send the key in clear text (plain http) to any host but this machine."""
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return
+    if parts.scheme == "http" and parts.hostname and is_loopback_host(parts.hostname):
+        return
+    raise InsecureURLError(
+        f"Refusing to send the API key over plain http to {parts.hostname}; "
+        f"use an https:// address in {ENV_BASE_URL} (plain http is allowed only for 127.0.0.1/localhost)."
+    )
