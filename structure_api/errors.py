@@ -113,7 +113,15 @@ class MalformedResponseError(APIError):
 # --- transport ---------------------------------------------------------------------
 
 class TransportError(StructureError):
-    """The request did not get an answer."""
+    """The request did not get a complete answer.
+
+    ``request_delivered`` is False when the whole request provably never reached the
+    service (so sending it again cannot charge twice), True when it may have.
+    """
+
+    def __init__(self, message: str, *, request_delivered: bool = True, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.request_delivered = request_delivered
 
 
 class APIConnectionError(TransportError):
@@ -124,9 +132,17 @@ class APITimeoutError(TransportError):
     """The service did not answer in time."""
 
 
-class ResultMayBeBilledError(APITimeoutError):
-    """The upload completed but the answer never came: the service may have charged for it."""
+class ResultMayBeBilledError(TransportError):
+    """The upload completed but the answer was lost: the service may have charged for it."""
 
 
 class CancelledError(StructureError):
     """The caller cancelled the work before it finished."""
+
+
+class BatchError(StructureError):
+    """Some images of a batch failed; ``failures`` maps each image index (0-based) to its error."""
+
+    def __init__(self, message: str, *, failures: Optional[dict] = None, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.failures = dict(failures or {})

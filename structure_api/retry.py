@@ -11,7 +11,7 @@ import email.utils
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .errors import APIConnectionError, RateLimitError, ServiceError, StructureError
+from .errors import RateLimitError, ResultMayBeBilledError, ServiceError, StructureError, TransportError
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -37,8 +37,8 @@ def is_retryable(error: StructureError) -> bool:
         return True
     if isinstance(error, ServiceError):
         return error.http_status in RETRYABLE_STATUSES
-    if isinstance(error, APIConnectionError):
-        return not getattr(error, "request_delivered", True)
+    if isinstance(error, TransportError) and not isinstance(error, ResultMayBeBilledError):
+        return not error.request_delivered
     return False
 
 

@@ -1,0 +1,668 @@
+"""StructureClient: one session, explicit timeouts, validation before I/O, typed errors, safe retries."""
+
+from __future__ import annotations
+
+import binascii
+import json
+import logging
+import math
+import random
+import socket
+import threading
+import time
+import unicodedata
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Optional, Union
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from . import __version__
+from .config import ENDPOINT_PATH, APIKey, check_key_may_travel, load_api_key, resolve_base_url
+from .errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    AuthenticationError,
+    CancelledError,
+    ContentModerationError,
+    GenerationFailedError,
+    InputError,
+    InsufficientCreditsError,
+    InvalidRequestError,
+    MalformedResponseError,
+    RateLimitError,
+    RequestTooLargeError,
+    ResultMayBeBilledError,
+    ServiceError,
+    StructureError,
+    TransportError,
+    UnexpectedRedirectError,
+)
+from .images import (
+    MAX_ASPECT,
+    MAX_PIXELS,
+    MAX_REQUEST_BYTES,
+    MIN_PIXELS,
+    MIN_SIDE,
+    EncodedImage,
+    decode_image,
+    detect_format,
+)
+from .retry import RetryPolicy, next_delay, parse_retry_after
+
+log = logging.getLogger("structure_api")
+
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+MAX_PROMPT_CHARS = 10000
+MAX_SEED = 4294967294
+CREDITS_PER_IMAGE = 6
+DEFAULT_CONTROL_STRENGTH = 0.7
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 180.0
+# Base64 of the largest image the service can return (a 9.4 MP noisy PNG is ~28 MB) is
+# ~38 MB; anything far past that is hostile or broken, and is not read into memory.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+_ALLOWED_CONTROL_CHARS = {"\t", "\n", "\r"}
+
+
+# --- request and result --------------------------------------------------------------
+
+def _check_text(name: str, value: object, *, required: bool) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{name} must be text, not {type(value).__name__}.")
+    if required and not value.strip():
+        raise InputError(f"{name} is empty: describe what the image should show.")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise InputError(f"{name} is {len(value)} characters long; the service accepts at most {MAX_PROMPT_CHARS}.")
+    for position, ch in enumerate(value):
+        if ch not in _ALLOWED_CONTROL_CHARS and unicodedata.category(ch) in ("Cc", "Cs"):
+            raise InputError(
+                f"{name} contains the control character U+{ord(ch):04X} at position {position + 1}; remove it."
+            )
+    return value
+
+
+@dataclass(frozen=True)
+class StructureRequest:
+    """One generation: the encoded image and the form parameters."""
+
+    image: EncodedImage
+    prompt: str
+    control_strength: float = DEFAULT_CONTROL_STRENGTH
+    negative_prompt: str = ""
+    seed: int = 0
+    output_format: str = "png"
+
+    def validate(self) -> None:
+        """Raise InputError naming the first parameter outside what the service accepts."""
+        _check_text("prompt", self.prompt, required=True)
+        _check_text("negative_prompt", self.negative_prompt, required=False)
+        strength = self.control_strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+            raise InputError(f"control_strength must be a number between 0 and 1, not {strength!r}.")
+        if not 0.0 <= strength <= 1.0:
+            raise InputError(f"control_strength must be between 0 and 1; got {strength}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InputError(f"seed must be a whole number between 0 and {MAX_SEED}, not {self.seed!r}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"seed must be between 0 and {MAX_SEED}; got {self.seed}.")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise InputError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {self.output_format!r}.")
+        check_image_limits(self.image)
+
+    def form_fields(self) -> list[tuple[str, str]]:
+        """The text fields of the multipart form, in the contract's order; empty optionals are left out."""
+        fields = [("prompt", self.prompt), ("control_strength", _format_number(self.control_strength))]
+        if self.negative_prompt.strip():
+            fields.append(("negative_prompt", self.negative_prompt))
+        if self.seed:
+            fields.append(("seed", str(self.seed)))
+        fields.append(("output_format", self.output_format))
+        return fields
+
+
+def _format_number(value: float) -> str:
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def check_image_limits(image: EncodedImage) -> None:
+    """Raise InputError when the encoded image breaks one of the service's limits."""
+    width, height = image.size.width, image.size.height
+    if width < MIN_SIDE or height < MIN_SIDE:
+        raise InputError(f"The image is {width}x{height} pixels; every side must be at least {MIN_SIDE}.")
+    if not MIN_PIXELS <= width * height <= MAX_PIXELS:
+        raise InputError(
+            f"The image has {width * height} pixels; the service accepts {MIN_PIXELS} to {MAX_PIXELS}."
+        )
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise InputError(f"The image is {width}x{height}; its aspect ratio must be within 1:2.5 and 2.5:1.")
+    if len(image.data) > MAX_REQUEST_BYTES - 64 * 1024:
+        raise InputError(
+            f"The encoded image is {len(image.data) / 2**20:.1f} MiB; the whole request must stay under 10 MiB."
+        )
+
+
+@dataclass(frozen=True)
+class StructureResult:
+    """A generated image: its pixels ``[H, W, 3]`` uint8, the raw bytes, the seed and format."""
+
+    pixels: object  # numpy.ndarray, kept untyped so this module's signature needs no numpy import
+    data: bytes
+    seed: int
+    format: str
+    request_id: Optional[str]
+    attempts: int
+    credits: int = CREDITS_PER_IMAGE
+
+    def __repr__(self) -> str:
+        shape = getattr(self.pixels, "shape", None)
+        return f"StructureResult(seed={self.seed}, format={self.format!r}, shape={shape}, attempts={self.attempts})"
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """What a request is doing now, for progress displays."""
+
+    stage: str  # "uploading" | "waiting" | "retrying" | "done"
+    attempt: int
+    message: str
+    delay: Optional[float] = None
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+# --- transport plumbing --------------------------------------------------------------
+
+class _UploadBody:
+    """The multipart body as a readable stream that knows when the last byte went out.
+
+    Knowing it is what makes retries safe: a failure before the last byte left cannot
+    have produced (or billed) a result; a failure after it may have.
+    """
+
+    def __init__(self, parts: list[Union[bytes, memoryview]]) -> None:
+        self._parts = parts
+        self._length = sum(len(p) for p in parts)
+        self._index = 0
+        self._offset = 0
+        self.bytes_read = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            chunk = self.read(256 * 1024)
+            if not chunk:
+                return
+            yield chunk
+
+    @property
+    def fully_read(self) -> bool:
+        return self.bytes_read >= self._length
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self._length
+        out = []
+        while size > 0 and self._index < len(self._parts):
+            part = self._parts[self._index]
+            piece = part[self._offset:self._offset + size]
+            out.append(bytes(piece))
+            self._offset += len(piece)
+            size -= len(piece)
+            if self._offset >= len(part):
+                self._index += 1
+                self._offset = 0
+        chunk = b"".join(out)
+        self.bytes_read += len(chunk)
+        return chunk
+
+
+def _multipart_parts(request: StructureRequest, boundary: str) -> list[Union[bytes, memoryview]]:
+    head = bytearray()
+    for name, value in request.form_fields():
+        head += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+        head += value.encode("utf-8") + b"\r\n"
+    head += (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{request.image.filename}"\r\n'
+        f"Content-Type: {request.image.mime_type}\r\n\r\n"
+    ).encode()
+    return [bytes(head), memoryview(request.image.data), f"\r\n--{boundary}--\r\n".encode()]
+
+
+class _RawKeyAuth(requests.auth.AuthBase):
+    """Puts the raw key in the `authorization` header; passing auth also stops .netrc from overriding it."""
+
+    def __init__(self, key: APIKey) -> None:
+        self._key = key
+
+    def __call__(self, prepared: requests.PreparedRequest) -> requests.PreparedRequest:
+        prepared.headers["authorization"] = self._key.reveal()
+        return prepared
+
+    def __repr__(self) -> str:
+        return "_RawKeyAuth('****')"
+
+
+def _tracking_adapter(registry: "weakref.WeakSet[HTTPConnection]") -> HTTPAdapter:
+    """An adapter whose connections register themselves, so a cancel can close them mid-wait."""
+
+    class TrackedHTTPConnection(HTTPConnection):
+        def connect(self) -> None:
+            super().connect()
+            registry.add(self)
+
+    class TrackedHTTPSConnection(HTTPSConnection):
+        def connect(self) -> None:
+            super().connect()
+            registry.add(self)
+
+    class TrackedHTTPPool(HTTPConnectionPool):
+        ConnectionCls = TrackedHTTPConnection
+
+    class TrackedHTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = TrackedHTTPSConnection
+
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
+    adapter.poolmanager.pool_classes_by_scheme = {"http": TrackedHTTPPool, "https": TrackedHTTPSPool}
+    return adapter
+
+
+# --- answer parsing ------------------------------------------------------------------
+
+def _server_reason(payload: object) -> Optional[str]:
+    """The service's own words from either error shape (vendor ``message`` or upstream ``errors``)."""
+    if not isinstance(payload, dict):
+        return None
+    pieces: list[str] = []
+    message = payload.get("message")
+    if isinstance(message, str) and message.strip() and message.strip().lower() != "success":
+        pieces.append(message.strip())
+    errors = payload.get("errors")
+    if isinstance(errors, list):
+        for item in errors[:5]:
+            if isinstance(item, str) and item.strip() and item.strip() not in pieces:
+                pieces.append(item.strip())
+    if not pieces:
+        for key in ("error", "detail", "name"):
+            value = payload.get(key)
+            if isinstance(value, str) and value.strip():
+                pieces.append(value.strip())
+                break
+    if not pieces:
+        return None
+    return "; ".join(pieces)
+
+
+class _Redactor:
+    """Keeps the key (and runaway text) out of anything a person will read."""
+
+    def __init__(self, key: Optional[APIKey]) -> None:
+        self._secret = key.reveal() if key is not None else None
+
+    def __call__(self, text: str, limit: int = 300) -> str:
+        if self._secret and self._secret in text:
+            text = text.replace(self._secret, "****")
+        text = " ".join(text.split())
+        text = "".join(ch for ch in text if unicodedata.category(ch) != "Cc")
+        if len(text) > limit:
+            text = text[: limit - 1] + "…"
+        return text.rstrip(".")
+
+
+def _error_for_status(
+    status: int, payload: object, body: bytes, headers: Mapping[str, str], request_id: Optional[str],
+    redact: _Redactor, now: float,
+) -> APIError:
+    reason = _server_reason(payload)
+    reason = redact(reason) if reason else None
+    said = f"; the service said: {reason}" if reason else ""
+    if payload is None and body.strip():
+        said = "; the answer was not JSON (an error page from a proxy or gateway?)"
+    kwargs = dict(http_status=status, body=body, headers=headers, request_id=request_id, reason=reason)
+    name = payload.get("name") if isinstance(payload, dict) else None
+    moderated = name == "content_moderation" or (reason is not None and "moderat" in reason.lower())
+    if moderated and status in (400, 403, 422):
+        return ContentModerationError(
+            f"The service refused the prompt or image on content-moderation grounds (HTTP {status}){said}; "
+            "change the prompt or image.", **kwargs)
+    if status in (401, 403):
+        return AuthenticationError(
+            f"The service rejected the API key (HTTP {status}){said}; check AITHRIVING_API_KEY or your key file.",
+            **kwargs)
+    if status == 402:
+        return InsufficientCreditsError(
+            f"Your account is out of credits (HTTP 402){said}; add credits at aithriving.com and run again.",
+            **kwargs)
+    if status in (400, 422):
+        return InvalidRequestError(
+            f"The service rejected the request (HTTP {status}){said or '; it gave no reason'}.", **kwargs)
+    if status == 413:
+        return RequestTooLargeError(
+            f"The request is over the service's 10 MiB limit (HTTP 413){said}; use a smaller image.", **kwargs)
+    if status == 429:
+        retry_after = parse_retry_after(headers.get("retry-after"), now)
+        wait = f"wait {math.ceil(retry_after)} s" if retry_after else "wait a minute"
+        return RateLimitError(
+            f"The service is limiting the request rate (HTTP 429){said}; {wait} and run again, "
+            "or lower AITHRIVING_MAX_CONCURRENCY.", retry_after=retry_after, **kwargs)
+    if status >= 500:
+        return ServiceError(
+            f"The service failed (HTTP {status}){said}; nothing was charged, try again in a few minutes.",
+            **kwargs)
+    return APIError(f"The service answered with an unexpected HTTP {status}{said}.", **kwargs)
+
+
+# --- the client ----------------------------------------------------------------------
+
+class StructureClient:
+    """Client for ``POST /api/control/structure``; safe to share between threads."""
+
+    def __init__(
+        self,
+        api_key: Union[APIKey, str, None] = None,
+        base_url: Optional[str] = None,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        retry_policy: RetryPolicy = RetryPolicy(),
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        jitter: Callable[[], float] = random.random,
+        sleep: Optional[Callable[[float], None]] = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
+        # Configuration problems surface here, before any socket is opened.
+        self.base_url = (base_url or resolve_base_url()).rstrip("/")
+        if api_key is None:
+            api_key = load_api_key()
+        self._key = api_key if isinstance(api_key, APIKey) else APIKey(api_key)
+        check_key_may_travel(self.base_url)
+        self.endpoint = self.base_url + ENDPOINT_PATH
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.retry_policy = retry_policy
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._jitter = jitter
+        self._sleep = sleep
+        self._max_response_bytes = max_response_bytes
+        self._redact = _Redactor(self._key)
+        self._connections: "weakref.WeakSet[HTTPConnection]" = weakref.WeakSet()
+        self._aborted = threading.Event()
+        self._session = requests.Session()
+        adapter = _tracking_adapter(self._connections)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._session.headers.update({"user-agent": f"comfyui-aithriving-structure/{__version__}"})
+        self._session.auth = _RawKeyAuth(self._key)
+
+    @classmethod
+    def from_env(cls, **kwargs) -> "StructureClient":
+        """A client configured from AITHRIVING_API_KEY / _API_KEY_FILE / _BASE_URL."""
+        return cls(**kwargs)
+
+    def __repr__(self) -> str:
+        return f"StructureClient(base_url={self.base_url!r})"
+
+    def __enter__(self) -> "StructureClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the session's connections."""
+        self._session.close()
+
+    def abort(self) -> None:
+        """Cancel: break every open connection so waiting calls end now with CancelledError."""
+        self._aborted.set()
+        for connection in list(self._connections):
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    # -- public call -------------------------------------------------------------
+
+    def generate(
+        self,
+        request: StructureRequest,
+        *,
+        on_progress: Optional[ProgressCallback] = None,
+        cancel: Optional[threading.Event] = None,
+    ) -> StructureResult:
+        """Send one request (retrying only when it cannot double-charge) and return the decoded result."""
+        request.validate()
+        notify = on_progress or (lambda event: None)
+        started = self._clock()
+        attempt = 0
+        while True:
+            attempt += 1
+            self._check_cancel(cancel)
+            notify(ProgressEvent("uploading", attempt, "uploading"))
+            try:
+                result = self._attempt(request, attempt, notify)
+            except StructureError as error:
+                if self._aborted.is_set() or (cancel is not None and cancel.is_set()):
+                    raise CancelledError("The request was cancelled.") from error
+                delay = next_delay(
+                    self.retry_policy, error, attempt, self._clock() - started,
+                    now=self._wall_clock(), jitter=self._jitter,
+                )
+                if delay is None:
+                    raise
+                log.info("attempt %d failed (%s); retrying in %.1f s", attempt, type(error).__name__, delay)
+                notify(ProgressEvent("retrying", attempt, _retry_message(error, delay), delay))
+                self._wait(delay, cancel)
+                continue
+            notify(ProgressEvent("done", attempt, "done"))
+            return result
+
+    # -- internals ---------------------------------------------------------------
+
+    def _check_cancel(self, cancel: Optional[threading.Event]) -> None:
+        if self._aborted.is_set() or (cancel is not None and cancel.is_set()):
+            raise CancelledError("The request was cancelled.")
+
+    def _wait(self, delay: float, cancel: Optional[threading.Event]) -> None:
+        if self._sleep is not None:
+            self._sleep(delay)
+        elif cancel is not None:
+            cancel.wait(delay)
+        else:
+            self._aborted.wait(delay)
+        self._check_cancel(cancel)
+
+    def _attempt(self, request: StructureRequest, attempt: int, notify: ProgressCallback) -> StructureResult:
+        boundary = uuid.uuid4().hex
+        body = _UploadBody(_multipart_parts(request, boundary))
+        host = urlsplit(self.endpoint).hostname
+        try:
+            response = self._session.post(
+                self.endpoint,
+                data=body,
+                headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+                timeout=(self.connect_timeout, self.read_timeout),
+                allow_redirects=False,
+                stream=True,
+            )
+        except requests.exceptions.RequestException as exc:
+            raise self._transport_error(exc, body, host) from None
+        try:
+            notify(ProgressEvent("waiting", attempt, "reading the answer"))
+            return self._parse(response, request, attempt)
+        finally:
+            response.close()
+
+    def _transport_error(self, exc: Exception, body: _UploadBody, host: Optional[str]) -> TransportError:
+        delivered = body.fully_read
+        cause = type(_root_cause(exc)).__name__
+        if isinstance(exc, requests.exceptions.ConnectTimeout):
+            return APITimeoutError(
+                f"Could not connect to {host} within {self.connect_timeout:g} s; check your network "
+                "or AITHRIVING_BASE_URL.", request_delivered=False)
+        if delivered and isinstance(exc, (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError)):
+            if isinstance(exc, requests.exceptions.ReadTimeout):
+                return ResultMayBeBilledError(
+                    f"No answer came within {self.read_timeout:g} s after the upload finished; the service may "
+                    "have generated and charged for the image, so the request was not sent again.")
+            return ResultMayBeBilledError(
+                f"The connection to {host} broke after the upload finished and before the answer ({cause}); "
+                "the service may have charged for a result, so the request was not sent again.")
+        if isinstance(exc, requests.exceptions.ReadTimeout):
+            return APITimeoutError(
+                f"{host} stopped accepting the upload for {self.read_timeout:g} s; nothing was charged.",
+                request_delivered=False)
+        if isinstance(exc, requests.exceptions.SSLError):
+            return APIConnectionError(
+                f"The secure connection to {host} failed ({cause}); check the system clock and certificates.",
+                request_delivered=False)
+        if isinstance(exc, requests.exceptions.ProxyError):
+            return APIConnectionError(
+                f"The proxy refused the connection to {host}; check HTTPS_PROXY/HTTP_PROXY.",
+                request_delivered=False)
+        return APIConnectionError(
+            f"Could not reach {host} ({cause}); check your network or AITHRIVING_BASE_URL.",
+            request_delivered=False)
+
+    def _read_body(self, response: requests.Response) -> bytes:
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self._max_response_bytes:
+            raise MalformedResponseError(
+                f"The service's answer is {int(declared) / 2**20:.0f} MiB, far larger than any image it "
+                f"returns (limit {self._max_response_bytes / 2**20:.0f} MiB); it was not read.",
+                http_status=response.status_code)
+        chunks = []
+        size = 0
+        deadline = self._clock() + max(self.read_timeout, 1.0)
+        try:
+            for chunk in response.iter_content(256 * 1024):
+                size += len(chunk)
+                if size > self._max_response_bytes:
+                    raise MalformedResponseError(
+                        f"The service's answer passed {self._max_response_bytes / 2**20:.0f} MiB, far larger "
+                        "than any image it returns; reading stopped.", http_status=response.status_code)
+                if self._clock() > deadline:
+                    raise APITimeoutError(
+                        f"The service's answer took over {self.read_timeout:g} s to arrive; reading stopped.",
+                        http_status=response.status_code)
+                chunks.append(chunk)
+        except requests.exceptions.RequestException as exc:
+            if response.status_code == 200:
+                raise ResultMayBeBilledError(
+                    f"The service's answer broke off before it was complete ({type(_root_cause(exc)).__name__}); "
+                    "it may have charged for the image, so the request was not sent again.",
+                    http_status=200) from None
+            raise APIConnectionError(
+                f"The service's HTTP {response.status_code} answer broke off before it was complete.",
+                http_status=response.status_code, request_delivered=True) from None
+        return b"".join(chunks)
+
+    def _parse(self, response: requests.Response, request: StructureRequest, attempt: int) -> StructureResult:
+        status = response.status_code
+        headers = {k.lower(): v for k, v in response.headers.items()}
+        if 300 <= status < 400:
+            target = urlsplit(headers.get("location", "")).hostname or "another address"
+            raise UnexpectedRedirectError(
+                f"The service answered with a redirect (HTTP {status}) to {target}; it was not followed, so the "
+                "key was not sent there: check AITHRIVING_BASE_URL.", http_status=status, headers=headers)
+        body = self._read_body(response)
+        payload = _parse_json(body)
+        request_id = headers.get("x-request-id") or (
+            payload.get("id") if isinstance(payload, dict) and isinstance(payload.get("id"), str) else None)
+        if status != 200:
+            raise _error_for_status(status, payload, body, headers, request_id, self._redact, self._wall_clock())
+        kwargs = dict(http_status=status, body=body, headers=headers, request_id=request_id)
+        if payload is None:
+            kind = "empty" if not body.strip() else "not JSON"
+            raise MalformedResponseError(f"The service's answer was {kind}; no image came back.", **kwargs)
+        if not isinstance(payload, dict):
+            raise MalformedResponseError("The service's answer was JSON but not an object; no image came back.",
+                                         **kwargs)
+        code = payload.get("code")
+        if code != 0:
+            reason = _server_reason(payload)
+            reason = self._redact(reason) if reason else None
+            said = f": {reason}" if reason else " and gave no reason"
+            if reason and "moderat" in reason.lower():
+                raise ContentModerationError(
+                    f"The service refused the prompt or image on content-moderation grounds{said}.",
+                    reason=reason, **kwargs)
+            raise GenerationFailedError(f"The service could not generate the image{said}.", reason=reason, **kwargs)
+        data = payload.get("data")
+        if not isinstance(data, dict) or not isinstance(data.get("image"), str):
+            raise MalformedResponseError("The service's answer has no image in it (data.image missing).", **kwargs)
+        seed = data.get("seed", request.seed)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            if isinstance(seed, str) and seed.isdigit():
+                seed = int(seed)
+            else:
+                raise MalformedResponseError("The service's answer has a seed that is not a whole number.", **kwargs)
+        try:
+            raw = _decode_base64(data["image"])
+            pixels = decode_image(raw)
+        except MalformedResponseError as error:
+            raise MalformedResponseError(error.message, **kwargs) from None
+        actual_format = detect_format(raw) or request.output_format
+        if actual_format != request.output_format:
+            log.warning("asked for %s, the service returned %s; using it as is", request.output_format, actual_format)
+        return StructureResult(
+            pixels=pixels, data=raw, seed=seed, format=actual_format, request_id=request_id, attempts=attempt)
+
+
+def _decode_base64(text: str) -> bytes:
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        raw = binascii.a2b_base64("".join(text.split()), strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise MalformedResponseError("The service's answer held an image that is not valid base64.") from None
+    if not raw:
+        raise MalformedResponseError("The service's answer held an empty image.")
+    return raw
+
+
+def _parse_json(body: bytes) -> object:
+    if not body.strip():
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = exc.__cause__ or exc.__context__
+        if inner is None and exc.args and isinstance(exc.args[0], BaseException):
+            inner = exc.args[0]
+        if inner is None:
+            # urllib3 keeps the socket error in .reason
+            inner = getattr(exc, "reason", None) if isinstance(getattr(exc, "reason", None), BaseException) else None
+        if inner is None:
+            return exc
+        exc = inner
+    return exc
+
+
+def _retry_message(error: StructureError, delay: float) -> str:
+    if isinstance(error, RateLimitError):
+        return f"rate limited; retrying in {delay:.0f} s"
+    if error.http_status:
+        return f"service error {error.http_status}; retrying in {delay:.0f} s"
+    return f"connection failed; retrying in {delay:.0f} s"
