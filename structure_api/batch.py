@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -129,7 +130,8 @@ def run_batch(
 
     ``make_request(i)`` builds request i in the worker (so at most ``max_concurrency``
     encoded images exist at once); ``on_result(i, result)`` runs in the worker as each
-    finishes (so results can go straight into an output buffer). ``should_cancel`` is
+    finishes (so results can go straight into an output buffer); ``on_progress`` is
+    called on the caller's thread. ``should_cancel`` is
     polled every ``poll_interval`` s; when it returns True, open connections are closed
     and the call returns with ``cancelled`` set.
     """
@@ -137,7 +139,19 @@ def run_batch(
     lock = threading.Lock()
     cancel = threading.Event()
     stop_sending: list[StructureError] = []
-    notify = on_progress or (lambda progress: None)
+    # Workers queue progress; the caller's thread delivers it, because UI hooks (ComfyUI's
+    # progress bar, terminal output) expect to be called from the thread that runs the job.
+    progress_queue: "queue.SimpleQueue[BatchProgress]" = queue.SimpleQueue()
+    notify = progress_queue.put
+
+    def deliver_progress() -> None:
+        while True:
+            try:
+                progress = progress_queue.get_nowait()
+            except queue.Empty:
+                return
+            if on_progress is not None:
+                on_progress(progress)
 
     def snapshot(message: str, index: Optional[int] = None) -> BatchProgress:
         return BatchProgress(done=report.done, total=count, credits=report.credits, message=message, index=index)
@@ -187,6 +201,7 @@ def run_batch(
         pending: set[Future] = {executor.submit(work, index) for index in range(count)}
         while pending:
             finished, pending = wait(pending, timeout=poll_interval, return_when=FIRST_COMPLETED)
+            deliver_progress()
             for future in finished:
                 future.result()  # a bug in on_result/make_request must surface, not vanish
             if should_cancel is not None and pending and should_cancel():
@@ -200,4 +215,5 @@ def run_batch(
         # After a cancel the aborted sockets make in-flight workers end at once; a short join
         # keeps threads from outliving the call without ever blocking the caller for long.
         executor.shutdown(wait=not report.cancelled, cancel_futures=True)
+    deliver_progress()
     return report

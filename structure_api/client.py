@@ -88,6 +88,25 @@ def _check_text(name: str, value: object, *, required: bool) -> str:
     return value
 
 
+def validate_parameters(
+    prompt: str, control_strength: float, negative_prompt: str, seed: int, output_format: str
+) -> None:
+    """Raise InputError naming the first form parameter outside what the service accepts."""
+    _check_text("prompt", prompt, required=True)
+    _check_text("negative_prompt", negative_prompt, required=False)
+    if isinstance(control_strength, bool) or not isinstance(control_strength, (int, float)) \
+            or not math.isfinite(control_strength):
+        raise InputError(f"control_strength must be a number between 0 and 1, not {control_strength!r}.")
+    if not 0.0 <= control_strength <= 1.0:
+        raise InputError(f"control_strength must be between 0 and 1; got {control_strength}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"seed must be a whole number between 0 and {MAX_SEED}, not {seed!r}.")
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed must be between 0 and {MAX_SEED}; got {seed}.")
+    if output_format not in OUTPUT_FORMATS:
+        raise InputError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {output_format!r}.")
+
+
 @dataclass(frozen=True)
 class StructureRequest:
     """One generation: the encoded image and the form parameters."""
@@ -101,19 +120,7 @@ class StructureRequest:
 
     def validate(self) -> None:
         """Raise InputError naming the first parameter outside what the service accepts."""
-        _check_text("prompt", self.prompt, required=True)
-        _check_text("negative_prompt", self.negative_prompt, required=False)
-        strength = self.control_strength
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-            raise InputError(f"control_strength must be a number between 0 and 1, not {strength!r}.")
-        if not 0.0 <= strength <= 1.0:
-            raise InputError(f"control_strength must be between 0 and 1; got {strength}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise InputError(f"seed must be a whole number between 0 and {MAX_SEED}, not {self.seed!r}.")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise InputError(f"seed must be between 0 and {MAX_SEED}; got {self.seed}.")
-        if self.output_format not in OUTPUT_FORMATS:
-            raise InputError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {self.output_format!r}.")
+        validate_parameters(self.prompt, self.control_strength, self.negative_prompt, self.seed, self.output_format)
         check_image_limits(self.image)
 
     def form_fields(self) -> list[tuple[str, str]]:

@@ -1,0 +1,110 @@
+"""ComfyUI node "Structure (AIThriving)": schema, then one call into structure_api."""
+
+from __future__ import annotations
+
+
+import comfy.model_management
+import comfy.utils
+from comfy_api.latest import io
+from server import PromptServer
+
+from .structure_api.batch import BatchProgress
+from .structure_api.cache import ResultCache
+from .structure_api.client import CREDITS_PER_IMAGE, DEFAULT_CONTROL_STRENGTH, MAX_SEED, OUTPUT_FORMATS
+from .structure_api.pipeline import StructureParams, generate_images
+
+CATEGORY = "image/AIThriving"
+OUTSIDE_LIMITS_OPTIONS = ["fit and restore size", "fail"]
+_OUTSIDE_LIMITS_MODES = {"fit and restore size": "fit", "fail": "fail"}
+
+
+class AIThrivingStructure(io.ComfyNode):
+    """Generates a new image that keeps the structure (edges, layout) of each input image."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AIThrivingStructure",
+            display_name="Structure (AIThriving)",
+            category=CATEGORY,
+            description=(
+                "Sends each image to the AIThriving Structure service, which generates a new image that "
+                f"keeps the input's edges and layout, guided by the prompt. Costs {CREDITS_PER_IMAGE} credits "
+                "per image; the API key comes from the AITHRIVING_API_KEY environment variable or "
+                "~/.config/aithriving/api_key, never from the workflow."
+            ),
+            inputs=[
+                io.Image.Input(
+                    "image",
+                    tooltip="The image (or batch) whose structure to keep. Each image of a batch is one "
+                            f"request of {CREDITS_PER_IMAGE} credits."),
+                io.String.Input(
+                    "prompt", multiline=True, default="",
+                    tooltip="What the output should show: subjects, style, colours (1 to 10000 characters)."),
+                io.Float.Input(
+                    "control_strength", default=DEFAULT_CONTROL_STRENGTH, min=0.0, max=1.0, step=0.01,
+                    tooltip="How closely the output follows the input's structure: 0 loosely, 1 strictly."),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
+                    tooltip="Fixes the randomness. 0 lets the service pick one. In a batch, image i uses "
+                            "seed + i, so a fixed seed reproduces the whole batch (and is served from the "
+                            "local cache instead of being paid again)."),
+                io.Combo.Input(
+                    "output_format", options=list(OUTPUT_FORMATS), default="png",
+                    tooltip="Format the service returns. png is lossless; jpeg and webp download faster."),
+                io.Combo.Input(
+                    "outside_limits", options=OUTSIDE_LIMITS_OPTIONS, default=OUTSIDE_LIMITS_OPTIONS[0],
+                    tooltip="For an image the service cannot take as is (a side under 64 px, over 9.4 "
+                            "megapixels, or wider than 2.5:1): fit it (scale, pad) and bring the result back "
+                            "to the input's size, or stop with an error."),
+                io.String.Input(
+                    "negative_prompt", multiline=True, default="", optional=True,
+                    tooltip="What the output should not show. Leave empty to send none."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="IMAGE", tooltip="The generated images, in input order, at the "
+                                                              "input's size."),
+                io.Int.Output(display_name="seed", tooltip="The seed the service used for the first image."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, seed: int = 0, **kwargs) -> object:
+        # Seed 0 asks the service for a fresh random image each run, so never reuse an output.
+        return float("nan") if seed == 0 else None
+
+    @classmethod
+    def execute(cls, image, prompt: str, control_strength: float, seed: int, output_format: str,
+                outside_limits: str, negative_prompt: str = "") -> io.NodeOutput:
+        node_id = cls.hidden.unique_id
+        params = StructureParams(
+            prompt=prompt, control_strength=control_strength, negative_prompt=negative_prompt or "",
+            seed=seed, output_format=output_format,
+            outside_limits=_OUTSIDE_LIMITS_MODES.get(outside_limits, outside_limits))
+        total = int(image.shape[0]) if len(image.shape) == 4 else 1
+        bar = comfy.utils.ProgressBar(total, node_id=node_id)
+
+        def show(progress: BatchProgress) -> None:
+            bar.update_absolute(progress.done, progress.total)
+            _status(node_id, f"{progress.message} · {progress.credits} credits spent")
+
+        _status(node_id, f"sending {total} image{'s' if total != 1 else ''}…")
+        result = generate_images(
+            image, params, cache=ResultCache.from_env(), on_progress=show,
+            should_cancel=comfy.model_management.processing_interrupted)
+        if result.report.cancelled:
+            _status(node_id, f"cancelled · {result.credits} credits spent")
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            raise comfy.model_management.InterruptProcessingException()
+        cached = f" ({result.from_cache} from cache)" if result.from_cache else ""
+        _status(node_id, f"done {total} of {total}{cached} · {result.credits} credits spent")
+        return io.NodeOutput(result.images, result.seeds[0])
+
+
+def _status(node_id: object, text: str) -> None:
+    if node_id is not None and PromptServer.instance is not None:
+        PromptServer.instance.send_progress_text(text, node_id)
+
+
+NODES = [AIThrivingStructure]

@@ -1,0 +1,158 @@
+"""The node's logic, free of ComfyUI: an IMAGE batch in, one request per image, the batch out.
+
+IMAGE batches are ``[B, H, W, C]`` float in 0..1 (torch tensor or numpy array).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .batch import BatchProgress, BatchReport, max_concurrency_from_env, run_batch
+from .cache import ResultCache
+from .client import (
+    DEFAULT_CONTROL_STRENGTH,
+    MAX_SEED,
+    StructureClient,
+    StructureRequest,
+    StructureResult,
+    check_image_limits,
+    validate_parameters,
+)
+from .errors import InputError, InvalidImageError
+from .images import (
+    FitPlan,
+    ImageSize,
+    as_numpy,
+    encode_upload,
+    fit_to_limits,
+    new_output_batch,
+    restore_from_fit,
+    to_uint8_rgb,
+    uint8_to_float,
+)
+
+FIT_MODES = ("fit", "fail")
+
+
+def batch_seeds(seed: int, count: int) -> list[int]:
+    """Seeds for a batch: 0 stays 0 (the service picks), else seed+i wrapping within 1..MAX_SEED."""
+    if seed == 0:
+        return [0] * count
+    return [(seed - 1 + i) % MAX_SEED + 1 for i in range(count)]
+
+
+@dataclass(frozen=True)
+class StructureParams:
+    """The node's parameters, shared by every image of a batch."""
+
+    prompt: str
+    control_strength: float = DEFAULT_CONTROL_STRENGTH
+    negative_prompt: str = ""
+    seed: int = 0
+    output_format: str = "png"
+    outside_limits: str = "fit"  # "fit": fit, send, bring back to the input's size; "fail": refuse
+
+    def validate(self) -> None:
+        """Check everything but the image before any work starts."""
+        if self.outside_limits not in FIT_MODES:
+            raise InputError(f"outside_limits must be one of {', '.join(FIT_MODES)}; got {self.outside_limits!r}.")
+        validate_parameters(self.prompt, self.control_strength, self.negative_prompt, self.seed,
+                            self.output_format)
+
+
+@dataclass
+class BatchResult:
+    """The output batch (same type as the input: torch or numpy) and what it took."""
+
+    images: object
+    seeds: list[int]
+    credits: int
+    from_cache: int
+    report: BatchReport
+
+
+def _batch_dims(images: object) -> tuple[int, ImageSize]:
+    shape = tuple(getattr(images, "shape", ()))
+    if len(shape) == 3:
+        shape = (1,) + shape
+    if len(shape) != 4:
+        raise InvalidImageError(
+            f"Expected an image batch shaped [batch, height, width, channels]; got shape {list(shape)}.")
+    count, height, width, channels = shape
+    if count == 0:
+        raise InvalidImageError("The image batch is empty: connect an image with at least one picture.")
+    if height == 0 or width == 0:
+        raise InvalidImageError(f"The images are {width}x{height} pixels; they need at least one pixel each side.")
+    if channels not in (1, 2, 3, 4):
+        raise InvalidImageError(f"The images have {channels} channels; expected 1, 3 or 4.")
+    return count, ImageSize(width=width, height=height)
+
+
+def generate_images(
+    images: object,
+    params: StructureParams,
+    *,
+    client: Optional[StructureClient] = None,
+    cache: Optional[ResultCache] = None,
+    max_concurrency: Optional[int] = None,
+    on_progress: Optional[Callable[[BatchProgress], None]] = None,
+    should_cancel: Optional[Callable[[], bool]] = None,
+) -> BatchResult:
+    """One request per image, run concurrently; results land in input order at the input's size.
+
+    Raises InputError before any request for bad parameters or images, BatchError (or the
+    single error, for one image) naming each failed image. When ``should_cancel`` turns
+    True the call returns early with ``report.cancelled`` set and no images.
+    """
+    params.validate()
+    count, size = _batch_dims(images)
+    seeds = batch_seeds(params.seed, count)
+    if max_concurrency is None:
+        max_concurrency = max_concurrency_from_env()
+    own_client = client is None
+    if client is None:
+        client = StructureClient.from_env()
+    output = new_output_batch(count, size, like=images)
+    output_pixels = as_numpy(output)
+    batch = images if len(getattr(images, "shape", ())) == 4 else images[None]
+    plans: dict[int, FitPlan] = {}
+
+    def make_request(index: int) -> StructureRequest:
+        pixels = to_uint8_rgb(batch[index])
+        if params.outside_limits == "fit":
+            pixels, plan = fit_to_limits(pixels)
+            plans[index] = plan
+        encoded = encode_upload(pixels)
+        request = StructureRequest(
+            image=encoded, prompt=params.prompt, control_strength=params.control_strength,
+            negative_prompt=params.negative_prompt, seed=seeds[index], output_format=params.output_format)
+        if params.outside_limits == "fail":
+            try:
+                check_image_limits(encoded)
+            except InputError as error:
+                raise InvalidImageError(
+                    f"{error.message.rstrip('.')}; set outside_limits to 'fit' to have it fitted automatically."
+                ) from None
+        return request
+
+    def on_result(index: int, result: StructureResult) -> None:
+        plan = plans.get(index) or FitPlan.identity(size)
+        pixels = restore_from_fit(result.pixels, plan)
+        uint8_to_float(pixels, out=output_pixels[index])
+
+    try:
+        report = run_batch(
+            client, count, make_request, on_result=on_result, cache=cache,
+            max_concurrency=max_concurrency, on_progress=on_progress, should_cancel=should_cancel)
+    finally:
+        if own_client:
+            client.close()
+    if report.cancelled:
+        return BatchResult(images=None, seeds=[], credits=report.credits, from_cache=len(report.from_cache),
+                           report=report)
+    report.raise_for_failures()
+    used = [report.seeds[index] for index in range(count)]
+    return BatchResult(images=output, seeds=used, credits=report.credits, from_cache=len(report.from_cache),
+                       report=report)
