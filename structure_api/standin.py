@@ -435,7 +435,9 @@ def render_structure(
     texture = 0.25 + 0.25 * (0.5 * ys[:, None] + 0.5 * xs[None, :])  # 0 .. 0.5
 
     strength = np.float32(control_strength)
-    weight = strength * edges + (np.float32(1) - strength) * (texture + np.float32(0.3) * luminance)
+    # Everything taken from the input scales with strength: at 1 the edges reach the foreground
+    # colour (full contrast) over a faint shading of the input; at 0 only the seed's texture is left.
+    weight = strength * (edges + np.float32(0.25) * luminance) + (np.float32(1) - strength) * texture
     levels = np.clip(weight * 255 + 0.5, 0, 255).astype(np.uint8)
     ramp = np.linspace(0.0, 1.0, 256, dtype=np.float32)[:, None]
     palette = np.clip((background + (foreground - background) * ramp) * 255 + 0.5, 0, 255).astype(np.uint8)
