@@ -208,11 +208,9 @@ def _body_bytes(body: Union[bytes, str, dict, list, None], status: int) -> tuple
     if isinstance(body, str):
         return body.encode("utf-8"), "text/plain; charset=utf-8"
     data = bytes(body)
-    try:
-        json.loads(data)
-        return data, "application/json"
-    except ValueError:
-        return data, "application/octet-stream"
+    # A guess from the first byte only: scripted bodies are often deliberately broken JSON.
+    looks_json = data.lstrip()[:1] in (b"{", b"[")
+    return data, "application/json" if looks_json else "application/octet-stream"
 
 
 # --- multipart parsing ---------------------------------------------------------------

@@ -358,6 +358,13 @@ def test_scripted_responses_come_in_order_then_normal_behaviour(server, session)
     assert server.credits_spent == 6  # scripted answers are never charged
 
 
+def test_hostile_scripted_bodies_are_sent_verbatim(server, session):
+    nested = b"[" * 100_000  # would blow the recursion limit of anything that parsed it
+    server.script(Fault(status=200, body=nested), Fault(status=200, body=b"\xff\xfe not text"))
+    assert post(session, server).content == nested
+    assert post(session, server).content == b"\xff\xfe not text"
+
+
 def test_scripted_faults_apply_before_auth_and_skip_health_checks(server, session):
     server.script(Fault(status=402))
     assert session.get(server.url + "/health", timeout=10).status_code == 200
