@@ -1,0 +1,85 @@
+"""Fixtures that run a real ComfyUI: the install (once per session) and servers started on demand.
+
+Everything under tests/comfy carries the `comfyui` marker (deselect with `-m "not comfyui"`).
+A failed set-up is a test error, never a skip: CI must go red when ComfyUI cannot be had.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.comfy.harness import ComfyInstall, ComfyServer, ensure_comfyui
+
+_HERE = Path(__file__).resolve().parent
+# First use builds a venv (about a minute here, more on a slow network); the project-wide timeout
+# is meant for single tests, and pytest-timeout counts fixture set-up in the first test that needs it.
+_COMFY_TEST_TIMEOUT = 900
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "comfyui: runs a real ComfyUI server (tests/comfy)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # This hook sees the whole session's items, not only this folder's.
+    for item in items:
+        if _HERE in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.comfyui)
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(_COMFY_TEST_TIMEOUT))
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    # Keep each phase's report on the item, so fixtures can tell whether the test failed.
+    report = yield
+    setattr(item, f"_comfy_report_{report.when}", report)
+    return report
+
+
+def _test_failed(request: pytest.FixtureRequest) -> bool:
+    return any(
+        getattr(getattr(request.node, f"_comfy_report_{when}", None), "failed", False) for when in ("setup", "call")
+    )
+
+
+@pytest.fixture(scope="session")
+def comfy_install() -> ComfyInstall:
+    """ComfyUI 0.3.75 and its venv in .cache/comfyui (built on first use, then reused)."""
+    return ensure_comfyui()
+
+
+@pytest.fixture
+def comfy_server_factory(
+    comfy_install: ComfyInstall, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., ComfyServer]]:
+    """Start ComfyUI servers for one test: ``start(env={...}, **ComfyServer kwargs) -> ComfyServer``.
+
+    Each gets a fresh base directory under the test's tmp folder and the pack linked in; all are
+    stopped after the test, and the log of each is printed if the test failed.
+    """
+    servers: list[ComfyServer] = []
+
+    def start(env: dict[str, str | None] | None = None, **kwargs) -> ComfyServer:
+        kwargs.setdefault("base_dir", tmp_path_factory.mktemp("comfy-base"))
+        server = ComfyServer(comfy_install, env=env, **kwargs)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+        if _test_failed(request):
+            print(f"\n--- ComfyUI log {server.log_path} ---\n{server.log_text()[-20000:]}", file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_install: ComfyInstall, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyServer]:
+    """One ComfyUI server for the whole session, with no extra environment. Do not stop it."""
+    server = ComfyServer(comfy_install, base_dir=tmp_path_factory.mktemp("comfy-session-base"))
+    with server:
+        yield server
