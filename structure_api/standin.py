@@ -755,8 +755,13 @@ class StandInServer:
 
     def __init__(
         self, *, api_key: Optional[str] = None, host: str = "127.0.0.1", port: int = 0,
-        latency: float = 0.0, fault_rate: float = 0.0, fault_seed: int = 0,
+        latency: float = 0.0, fault_rate: float = 0.0, fault_seed: int = 0, max_records: Optional[int] = None,
     ) -> None:
+        """Bind to host:port at once (port 0 picks a free one); start() begins answering.
+
+        max_records keeps only the newest N recorded requests (each holds its upload, up to
+        10 MiB); None keeps all, as tests want, 0 keeps none, as a long-running `serve` wants.
+        """
         if latency < 0 or not math.isfinite(latency):
             raise ValueError(f"latency must be a finite number of seconds >= 0; got {latency!r}.")
         if not 0.0 <= fault_rate <= 1.0:
@@ -771,7 +776,10 @@ class StandInServer:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._faults: collections.deque[Fault] = collections.deque()
-        self._records: list[_Entry] = []
+        if max_records is not None and max_records < 0:
+            raise ValueError(f"max_records must be >= 0 or None; got {max_records!r}.")
+        self._max_records = max_records
+        self._records: collections.deque[_Entry] = collections.deque(maxlen=max_records)
         self._credits = 0
         self._threads: set[threading.Thread] = set()
         self._connections: set[socket.socket] = set()
@@ -853,14 +861,14 @@ class StandInServer:
 
     @property
     def requests(self) -> list[RecordedRequest]:
-        """Every request so far (health checks included), in arrival order."""
+        """Every request so far (health checks included), in arrival order; see max_records."""
         with self._lock:
             return [entry.freeze() for entry in self._records]
 
     def clear(self) -> None:
         """Forget recorded requests and queued faults (credits_spent is kept)."""
         with self._lock:
-            self._records = []
+            self._records = collections.deque(maxlen=self._max_records)
             self._faults.clear()
 
     @property
@@ -899,7 +907,8 @@ class StandInServer:
             return 405, error_payload("Method not allowed.", "method_not_allowed",
                                       [f"{method}: only POST is accepted"]), {"Allow": "POST"}
         if self._api_key is not None:
-            given = headers.get("authorization", "").encode("utf-8", "surrogateescape")
+            # http.server decodes header bytes as latin-1; encoding back gives the bytes as sent.
+            given = headers.get("authorization", "").encode("latin-1", "replace")
             if not hmac.compare_digest(given, self._api_key):
                 return 401, error_payload("Invalid or missing API key.", "unauthorized",
                                           ["authorization header is missing or invalid"]), {}
@@ -948,7 +957,8 @@ def serve(
     ready: Optional[Callable[[str], None]] = None,
 ) -> None:
     """Run the stand-in until interrupted (Ctrl-C); calls ready(url) once it is listening."""
-    server = StandInServer(api_key=api_key, host=host, port=port, latency=latency)
+    # Nobody reads the records of a long-running stand-in, and each would hold an upload.
+    server = StandInServer(api_key=api_key, host=host, port=port, latency=latency, max_records=0)
     try:
         server.start()
         if ready is not None:

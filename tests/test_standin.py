@@ -531,6 +531,20 @@ def test_requests_are_recorded_with_fields_image_headers_and_status(server, sess
     assert post(session, server).status_code == 200
 
 
+def test_max_records_keeps_only_the_newest(session):
+    with StandInServer(max_records=2) as server:
+        for seed in ("1", "2", "3"):
+            post(session, server, key=None, seed=seed)
+        assert [r.fields["seed"] for r in server.requests] == ["2", "3"]
+        server.clear()
+        for seed in ("4", "5", "6"):
+            post(session, server, key=None, seed=seed)
+        assert [r.fields["seed"] for r in server.requests] == ["5", "6"]
+    with StandInServer(max_records=0) as server:
+        assert post(session, server, key=None).status_code == 200
+        assert server.requests == [] and server.credits_spent == 6
+
+
 # --- load behaviour -------------------------------------------------------------------------
 
 def test_concurrent_requests_are_served_in_parallel():
