@@ -1,0 +1,85 @@
+"""Where the key and address come from, and when the key may not travel."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from structure_api import StructureClient
+from structure_api.config import APIKey, check_key_may_travel, load_api_key, resolve_base_url
+from structure_api.errors import ConfigurationError, InsecureURLError, MissingAPIKeyError
+
+from conftest import TEST_KEY
+
+
+def test_key_from_environment_wins_over_file(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    env = {"AITHRIVING_API_KEY": "  from-env  ", "AITHRIVING_API_KEY_FILE": str(key_file)}
+    assert load_api_key(env).reveal() == "from-env"
+
+
+def test_key_from_file_when_env_is_unset(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    assert load_api_key({"AITHRIVING_API_KEY_FILE": str(key_file)}).reveal() == "from-file"
+
+
+def test_default_key_file_is_in_the_users_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".config" / "aithriving").mkdir(parents=True)
+    (tmp_path / ".config" / "aithriving" / "api_key").write_text("home-key")
+    assert load_api_key({}).reveal() == "home-key"
+
+
+def test_missing_key_says_how_to_set_it(tmp_path):
+    with pytest.raises(MissingAPIKeyError) as info:
+        load_api_key({"AITHRIVING_API_KEY_FILE": str(tmp_path / "absent")})
+    message = str(info.value)
+    assert "AITHRIVING_API_KEY" in message and "~/.config/aithriving/api_key" in message
+    assert message.count(". ") == 0  # one sentence
+
+
+def test_empty_key_file_is_named(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("\n")
+    with pytest.raises(MissingAPIKeyError, match="is empty"):
+        load_api_key({"AITHRIVING_API_KEY_FILE": str(key_file)})
+
+
+def test_client_without_key_fails_before_any_request(standin):
+    with pytest.raises(MissingAPIKeyError):
+        StructureClient(base_url=standin.url)
+    assert standin.requests == []
+
+
+def test_key_is_masked_everywhere():
+    key = APIKey(TEST_KEY)
+    for text in (repr(key), str(key), f"{key}", repr([key])):
+        assert TEST_KEY not in text
+    with pytest.raises(TypeError):
+        pickle.dumps(key)
+    client = StructureClient(api_key=TEST_KEY, base_url="http://127.0.0.1:9")
+    assert TEST_KEY not in repr(client) and TEST_KEY not in repr(vars(client))
+
+
+@pytest.mark.parametrize("url", ["http://example.com", "http://10.0.0.5:8188", "http://192.168.1.2"])
+def test_key_never_goes_over_plain_http_to_another_host(url):
+    with pytest.raises(InsecureURLError) as info:
+        StructureClient(api_key=TEST_KEY, base_url=url)
+    assert TEST_KEY not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["https://www.aithriving.com", "http://127.0.0.1:8000", "http://localhost:1",
+                                 "http://[::1]:80", "http://127.5.6.7"])
+def test_https_and_loopback_are_allowed(url):
+    check_key_may_travel(url)
+
+
+def test_base_url_default_env_and_bad_values():
+    assert resolve_base_url({}) == "https://www.aithriving.com"
+    assert resolve_base_url({"AITHRIVING_BASE_URL": "http://127.0.0.1:5/"}) == "http://127.0.0.1:5"
+    for bad in ("ftp://x", "not a url", "https://user:pw@host"):
+        with pytest.raises(ConfigurationError):
+            resolve_base_url({"AITHRIVING_BASE_URL": bad})
