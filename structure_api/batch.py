@@ -76,7 +76,7 @@ class BatchReport:
             error = next(iter(self.failures.values()))
             raise error
         items = sorted(self.failures.items())
-        shown = "; ".join(f"{noun} {index + 1}: {error}" for index, error in items[:5])
+        shown = "; ".join(f"{noun} {index + 1}: {str(error).rstrip('.')}" for index, error in items[:5])
         more = f"; and {len(items) - 5} more" if len(items) > 5 else ""
         paid = f" ({self.done} succeeded, {self.credits} credits spent)" if self.done else ""
         raise BatchError(f"{len(items)} of {self.total} {noun}s failed{paid}: {shown}{more}",
@@ -210,6 +210,9 @@ def run_batch(
                 report.cancelled = True
                 for future in pending:
                     future.cancel()
+                # The aborted sockets end in-flight work at once; give it a moment to finish
+                # so no worker outlives the call, without ever holding the caller long.
+                wait(pending, timeout=0.5)
                 break
     finally:
         # After a cancel the aborted sockets make in-flight workers end at once; a short join

@@ -17,16 +17,18 @@ from .client import (
     StructureClient,
     StructureRequest,
     StructureResult,
-    check_image_limits,
     validate_parameters,
 )
 from .errors import InputError, InvalidImageError
 from .images import (
+    MAX_PIXELS,
+    MIN_SIDE,
     FitPlan,
     ImageSize,
     as_numpy,
     encode_upload,
     fit_to_limits,
+    plan_fit,
     new_output_batch,
     restore_from_fit,
     to_uint8_rgb,
@@ -108,6 +110,11 @@ def generate_images(
     """
     params.validate()
     count, size = _batch_dims(images)
+    if params.outside_limits == "fail" and plan_fit(size).changed:
+        raise InvalidImageError(
+            f"The images are {size.width}x{size.height} pixels, outside the service's limits (every side at "
+            f"least {MIN_SIDE}, at most {MAX_PIXELS:,} pixels, aspect ratio within 2.5:1); set outside_limits "
+            "to 'fit and restore size' to have them fitted automatically.")
     seeds = batch_seeds(params.seed, count)
     if max_concurrency is None:
         max_concurrency = max_concurrency_from_env()
@@ -124,18 +131,9 @@ def generate_images(
         if params.outside_limits == "fit":
             pixels, plan = fit_to_limits(pixels)
             plans[index] = plan
-        encoded = encode_upload(pixels)
-        request = StructureRequest(
-            image=encoded, prompt=params.prompt, control_strength=params.control_strength,
+        return StructureRequest(
+            image=encode_upload(pixels), prompt=params.prompt, control_strength=params.control_strength,
             negative_prompt=params.negative_prompt, seed=seeds[index], output_format=params.output_format)
-        if params.outside_limits == "fail":
-            try:
-                check_image_limits(encoded)
-            except InputError as error:
-                raise InvalidImageError(
-                    f"{error.message.rstrip('.')}; set outside_limits to 'fit' to have it fitted automatically."
-                ) from None
-        return request
 
     def on_result(index: int, result: StructureResult) -> None:
         plan = plans.get(index) or FitPlan.identity(size)
