@@ -120,7 +120,8 @@ def to_uint8_rgb(image: Any, *, index: Optional[int] = None) -> np.ndarray:
     Floats are clamped to 0..1 and rounded (NaN and -inf to 0, +inf to 1). uint8 is taken as
     0..255, uint16 as 0..65535, bool as 0/1; other integers are taken as 0..255 levels and
     clamped. One channel is grey; two are grey plus alpha; four are RGBA; alpha is dropped.
-    ``index`` (0-based) only names the image in error messages.
+    ``index`` (0-based) only names the image in error messages. A uint8 RGB input that is
+    already contiguous comes back as is (sharing memory), since nothing here writes to it.
     """
     owned = False  # True when ``array`` is a private float32 copy that may be overwritten
     if _is_torch_tensor(image):
@@ -373,8 +374,8 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(payload, zlib.crc32(kind)))
 
 
-def _png_idat(rows: np.ndarray, png_filter: int, level: int, strategy: int) -> bytes:
-    """zlib stream of the filtered scanlines of ``rows`` (``[H, W*3]`` uint8), one filter for all rows."""
+def _png_idat(rows: np.ndarray, png_filter: int, level: int, strategy: int) -> list[bytes]:
+    """zlib stream, in pieces, of the filtered scanlines of ``rows`` (``[H, W*3]`` uint8), one filter for all rows."""
     height, stride = rows.shape
     per_block = max(1, _PNG_BLOCK_BYTES // (stride + 1))
     lines = np.empty((per_block, stride + 1), dtype=np.uint8)
@@ -408,7 +409,7 @@ def _png_idat(rows: np.ndarray, png_filter: int, level: int, strategy: int) -> b
             np.subtract(current, guess, out=body, casting="unsafe")
         parts.append(compressor.compress(lines[:count]))
     parts.append(compressor.flush())
-    return b"".join(parts)
+    return parts
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
@@ -425,13 +426,19 @@ def encode_png(pixels: np.ndarray) -> bytes:
     height, width, _ = pixels.shape
     rows = np.ascontiguousarray(pixels).reshape(height, width * 3)
     idat = _png_idat(rows, _FILTER_AVERAGE, 1, zlib.Z_RLE)
-    if len(idat) < _FLAT_RATIO * height * (width * 3 + 1):
+    idat_length = sum(map(len, idat))
+    if idat_length < _FLAT_RATIO * height * (width * 3 + 1):
         second = _png_idat(rows, _FILTER_UP, 4, zlib.Z_DEFAULT_STRATEGY)
-        if len(second) < len(idat):
-            idat = second
+        if sum(map(len, second)) < idat_length:
+            idat, idat_length = second, sum(map(len, second))
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
-    return b"".join((_PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", idat),
-                     _png_chunk(b"IEND", b"")))
+    # The IDAT chunk is assembled from the compressor's pieces in the one final join, so the
+    # compressed image (up to ~25 MB) is copied once, not once per layer of wrapping.
+    crc = zlib.crc32(b"IDAT")
+    for piece in idat:
+        crc = zlib.crc32(piece, crc)
+    return b"".join((_PNG_SIGNATURE, _png_chunk(b"IHDR", header), struct.pack(">I", idat_length), b"IDAT",
+                     *idat, struct.pack(">I", crc), _png_chunk(b"IEND", b"")))
 
 
 def _pillow_encode(pixels: np.ndarray, fmt: str, **options: Any) -> Optional[bytes]:
