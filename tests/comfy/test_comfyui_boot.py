@@ -125,12 +125,12 @@ def test_ui_workflow_converts_and_runs(comfy_server):
     graph = workflow_to_api(ui_workflow, comfy_server.object_info(), strict=True)
 
     assert graph == {
-        "1": {"class_type": "LoadImage", "inputs": {"image": name}, "_meta": {"title": "LoadImage"}},
-        "2": {"class_type": "ImageScale", "_meta": {"title": "ImageScale"},
+        "1": {"class_type": "LoadImage", "inputs": {"image": name}, "_meta": {"title": "Load Image"}},
+        "2": {"class_type": "ImageScale", "_meta": {"title": "Upscale Image"},
               "inputs": {"image": ["1", 0], "upscale_method": "nearest-exact", "width": 32, "height": 48,
                          "crop": "disabled"}},
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "harness/scaled"},
-              "_meta": {"title": "SaveImage"}},
+              "_meta": {"title": "Save Image"}},
     }
     entry = comfy_server.run(graph, timeout=120, workflow=ui_workflow)
     assert entry["status"]["status_str"] == "success", execution_error(entry)
@@ -217,3 +217,92 @@ def test_setup_waits_for_the_lock(comfy_install):
     assert other.returncode == 0, err
     assert "waiting for another process" in err
     assert Path(out.strip()) == comfy_install.comfy_dir
+
+
+# --- workflow_to_api on hand-made node definitions (no server) ---------------------------------
+
+_FAKE_OBJECT_INFO = {
+    "Sampler": {
+        "input": {
+            "required": {
+                "model": ["MODEL"],
+                "seed": ["INT", {"default": 0, "control_after_generate": True}],
+                "steps": ["INT", {"default": 20}],
+                "sampler": [["euler", "ddim"]],
+            },
+            "optional": {
+                "noise_seed": ["INT", {"default": 1}],
+                "plain_seed": ["INT", {"default": 2}],
+                "forced": ["INT", {"forceInput": True}],
+                "picked": ["COMBO", {"options": ["a", "b"], "control_after_generate": True}],
+                "strength": ["FLOAT", {"default": 0.5}],
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        },
+        "input_order": {"required": ["model", "seed", "steps", "sampler"],
+                        "optional": ["noise_seed", "plain_seed", "forced", "picked", "strength"]},
+        "output": ["LATENT"],
+    },
+    "Loader": {"input": {"required": {"image": [["a.png"], {"image_upload": True}]}}, "output": ["MODEL", "MASK"]},
+    "Passthrough": {"input": {"required": {"x": ["MODEL"], "scale": ["FLOAT", {"default": 1.0}]}}, "output": ["MODEL"]},
+}
+
+
+def _node(node_id, kind, widgets, inputs=(), mode=0, outputs=()):
+    return {"id": node_id, "type": kind, "mode": mode, "widgets_values": widgets,
+            "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs],
+            "outputs": [{"name": t, "type": t, "links": []} for t in outputs]}
+
+
+def test_widget_values_skip_control_filter_and_upload_slots():
+    workflow = {
+        "nodes": [
+            _node(1, "Loader", ["a.png", "image"], outputs=["MODEL", "MASK"]),
+            _node(2, "Sampler", [7, "randomize", 30, "ddim", 8, "fixed", 9, "b", "increment", "", 0.25],
+                  inputs=[("model", "MODEL", 1), ("forced", "INT", None)]),
+        ],
+        "links": [[1, 1, 0, 2, 0, "MODEL"]],
+    }
+    assert workflow_to_api(workflow, _FAKE_OBJECT_INFO, strict=True) == {
+        "1": {"class_type": "Loader", "inputs": {"image": "a.png"}, "_meta": {"title": "Loader"}},
+        "2": {"class_type": "Sampler", "_meta": {"title": "Sampler"},
+              "inputs": {"model": ["1", 0], "seed": 7, "steps": 30, "sampler": "ddim", "noise_seed": 8,
+                         "plain_seed": 9, "picked": "b", "strength": 0.25}},
+    }
+
+
+def test_links_through_reroute_primitive_bypass_and_mute():
+    workflow = {
+        "nodes": [
+            _node(1, "Loader", ["a.png", "image"], outputs=["MODEL", "MASK"]),
+            _node(2, "Reroute", None, inputs=[("", "*", 1)], outputs=["MODEL"]),
+            _node(3, "Passthrough", [2.0], inputs=[("x", "MODEL", 2)], mode=4, outputs=["MODEL"]),
+            _node(4, "PrimitiveNode", [42, "fixed"], outputs=["INT"]),
+            _node(5, "Sampler", [0, "fixed", 20, "euler", 1, "fixed", 2, "a", "fixed", "", 0.5],
+                  inputs=[("model", "MODEL", 3), ("seed", "INT", 4), ("strength", "FLOAT", 5)]),
+            _node(6, "Passthrough", [3.0], inputs=[("x", "MODEL", None)], mode=2, outputs=["MODEL"]),
+            _node(7, "MarkdownNote", ["# hi"]),
+        ],
+        # Both link layouts the frontend has used: arrays and objects.
+        "links": [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 3, 0, "MODEL"], [3, 3, 0, 5, 0, "MODEL"],
+                  {"id": 4, "origin_id": 4, "origin_slot": 0, "target_id": 5, "target_slot": 1, "type": "INT"},
+                  [5, 6, 0, 5, 2, "FLOAT"]],
+    }
+    graph = workflow_to_api(workflow, _FAKE_OBJECT_INFO, strict=True)
+    assert set(graph) == {"1", "5"}
+    inputs = graph["5"]["inputs"]
+    assert inputs["model"] == ["1", 0]  # Reroute followed, bypassed Passthrough wired through
+    assert inputs["seed"] == 42  # the PrimitiveNode's value
+    assert "strength" not in inputs  # its source is muted, as the frontend leaves it out
+
+
+def test_widget_count_mismatch_defaults_or_raises():
+    short = {"nodes": [_node(1, "Passthrough", [], inputs=[("x", "MODEL", None)])], "links": []}
+    assert workflow_to_api(short, _FAKE_OBJECT_INFO)["1"]["inputs"] == {"scale": 1.0}
+    long = {"nodes": [_node(1, "Passthrough", [2.0, "status text an extension added"])], "links": []}
+    assert workflow_to_api(long, _FAKE_OBJECT_INFO)["1"]["inputs"] == {"scale": 2.0}
+    with pytest.raises(Exception, match="widgets_values has 2 entries"):
+        workflow_to_api(long, _FAKE_OBJECT_INFO, strict=True)
+    unknown = {"nodes": [_node(1, "NoSuchNode", [], outputs=["MODEL"])], "links": []}
+    with pytest.raises(Exception, match="NoSuchNode"):
+        workflow_to_api(unknown, _FAKE_OBJECT_INFO)
