@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import io
-import os
-from pathlib import Path
-
-import numpy as np
 import pytest
 
-# Recognisable, so a leak is easy to grep for; never a real key.
-TEST_KEY = "sk-test-LEAKCANARY-7f3a9c2e51d84b06"
+from support import TEST_KEY
 
 _CLEARED = (
     "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy",
@@ -74,29 +68,3 @@ def make_client(standin, sleeps):
     yield factory
     for client in clients:
         client.close()
-
-
-def photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """Smooth gradients, a few shapes with hard edges, and mild noise: ``[H, W, 3]`` uint8."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    image = np.stack([x / max(1, width - 1), y / max(1, height - 1), 0.5 + 0.0 * x], axis=-1)
-    cy, cx = height / 2, width / 2
-    r = min(width, height) / 4
-    image[((y - cy) ** 2 + (x - cx) ** 2) < r * r] = (0.9, 0.2, 0.1)
-    image[int(height * 0.1):int(height * 0.3), int(width * 0.6):int(width * 0.9)] = (0.1, 0.1, 0.8)
-    image += rng.normal(0, 0.02, image.shape).astype(np.float32)
-    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def write_png(path: Path, pixels: np.ndarray) -> Path:
-    path.write_bytes(png_bytes(pixels))
-    return path
