@@ -19,7 +19,7 @@ from structure_api.cli import main
 from structure_api.images import EncodedImage, ImageSize
 from structure_api.standin import Fault
 
-from conftest import TEST_KEY, photo_like, write_png
+from support import TEST_KEY, photo_like, write_png
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from structure_api.images import encode_upload
 from structure_api.retry import RetryPolicy
 from structure_api.standin import Fault
 
-from conftest import TEST_KEY, photo_like
+from support import TEST_KEY, photo_like
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from structure_api import StructureClient
 from structure_api.config import APIKey, check_key_may_travel, load_api_key, resolve_base_url
 from structure_api.errors import ConfigurationError, InsecureURLError, MissingAPIKeyError
 
-from conftest import TEST_KEY
+from support import TEST_KEY
 
 
 def test_key_from_environment_wins_over_file(tmp_path):

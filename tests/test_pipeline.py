@@ -23,7 +23,7 @@ from structure_api.pipeline import StructureParams, batch_seeds, generate_images
 from structure_api.client import StructureRequest
 from structure_api.standin import Fault, StandInServer
 
-from conftest import TEST_KEY, photo_like
+from support import TEST_KEY, photo_like
 
 
 def edges(pixels: np.ndarray, block: int = 8) -> np.ndarray:
