@@ -11,7 +11,6 @@ Import the harness as `tests.comfy.harness` everywhere (one copy of its exceptio
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ _HERE = Path(__file__).resolve().parent
 # First use builds a venv (about a minute here, more on a slow network); the project-wide timeout
 # is meant for single tests, and pytest-timeout counts fixture set-up in the first test that needs it.
 _COMFY_TEST_TIMEOUT = 900
+_LOG_TAIL_CHARS = 20_000
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -38,18 +38,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.timeout(_COMFY_TEST_TIMEOUT))
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    # Keep each phase's report on the item, so fixtures can tell whether the test failed.
+    # A failed test's report carries the tail of every ComfyUI log it used: the server's side of it.
     report = yield
-    setattr(item, f"_comfy_report_{report.when}", report)
+    if report.failed and report.when in ("setup", "call"):
+        servers = list(getattr(item, "_comfy_servers", []))
+        session_server = getattr(item, "funcargs", {}).get("comfy_server")
+        if isinstance(session_server, ComfyServer):
+            servers.append(session_server)
+        for server in servers:
+            report.sections.append((f"ComfyUI log {server.log_path} (tail)", server.log_text()[-_LOG_TAIL_CHARS:]))
     return report
-
-
-def _test_failed(request: pytest.FixtureRequest) -> bool:
-    return any(
-        getattr(getattr(request.node, f"_comfy_report_{when}", None), "failed", False) for when in ("setup", "call")
-    )
 
 
 @pytest.fixture(scope="session")
@@ -65,9 +65,10 @@ def comfy_server_factory(
     """Start ComfyUI servers for one test: ``start(env={...}, **ComfyServer kwargs) -> ComfyServer``.
 
     Each gets a fresh base directory under the test's tmp folder and the pack linked in; all are
-    stopped after the test, and the log of each is printed if the test failed.
+    stopped after the test; a failed test's report shows the tail of each one's log.
     """
     servers: list[ComfyServer] = []
+    request.node._comfy_servers = servers
 
     def start(env: dict[str, str | None] | None = None, **kwargs) -> ComfyServer:
         kwargs.setdefault("base_dir", tmp_path_factory.mktemp("comfy-base"))
@@ -78,8 +79,6 @@ def comfy_server_factory(
     yield start
     for server in servers:
         server.stop()
-        if _test_failed(request):
-            print(f"\n--- ComfyUI log {server.log_path} ---\n{server.log_text()[-20000:]}", file=sys.stderr)
 
 
 @pytest.fixture(scope="session")

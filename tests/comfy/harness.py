@@ -273,12 +273,13 @@ def _build_venv(cache_dir: Path, comfy_dir: Path, log_path: Path) -> Path:
     _run_logged([*pip, f"torch=={TORCH_PIN}"], log_path, env=env)
     _progress("installing ComfyUI's requirements (less torch family and spandrel) and the pack's")
     _run_logged([*pip, "-r", requirements], log_path, env=env)
-    _check_torch_is_cpu(python, log_path)
+    _check_torch_is_cpu(python)
     _write_json_atomic(marker, recipe)
     return venv_dir
 
 
-def _check_torch_is_cpu(python: Path, log_path: Path) -> None:
+def _check_torch_is_cpu(python: Path) -> None:
+    """Fail the set-up if anything replaced the CPU torch (a CUDA build would be GBs and useless here)."""
     out = subprocess.run(
         [str(python), "-c", "import torch; print(torch.__version__, torch.version.cuda)"],
         capture_output=True, text=True, check=False,
@@ -368,6 +369,7 @@ class ComfyServer:
         self.port: int | None = None
         self.boot_seconds: float | None = None
         self._process: subprocess.Popen | None = None
+        self._last_returncode: int | None = None
         self._log_handle = None
         self._session = None
 
@@ -477,6 +479,7 @@ class ComfyServer:
             # Another process took the port between free_port() and bind(): try another one.
             if "address already in use" in log.lower() and attempt < 2:
                 continue
+            self.stop()
             raise ComfyServerError(
                 f"ComfyUI exited with code {self._last_returncode} while starting\n"
                 f"--- last lines of {self.log_path} ---\n{_tail(log)}"
@@ -530,8 +533,6 @@ class ComfyServer:
             f"ComfyUI did not answer GET /object_info within {self.boot_timeout:.0f} s\n"
             f"--- last lines of {self.log_path} ---\n{_tail(log)}"
         )
-
-    _last_returncode: int | None = None
 
     def _reap(self, timeout: float = 10.0) -> None:
         process, self._process = self._process, None
