@@ -214,6 +214,13 @@ def run_batch(
                 # so no worker outlives the call, without ever holding the caller long.
                 wait(pending, timeout=0.5)
                 break
+    except BaseException:
+        # Anything escaping here (a progress hook that raises on interrupt, as ComfyUI's
+        # does, or Ctrl-C) must not leave requests running or the caller waiting on them.
+        cancel.set()
+        client.abort()
+        report.cancelled = True
+        raise
     finally:
         # After a cancel the aborted sockets make in-flight workers end at once; a short join
         # keeps threads from outliving the call without ever blocking the caller for long.

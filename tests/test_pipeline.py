@@ -271,3 +271,23 @@ def test_run_batch_encodes_lazily_at_most_concurrency_at_once(client):
 
     report = run_batch(client, 12, make_request, on_result=on_result, max_concurrency=3)
     assert report.done == 12 and max(peak) <= 3
+
+
+def test_progress_callback_raising_aborts_in_flight_requests(standin, make_client):
+    """ComfyUI's progress hook raises InterruptProcessingException after a Cancel; that must not hang."""
+
+    class Interrupted(Exception):
+        pass
+
+    standin.script(*[Fault(action="hang")] * 2)
+    calls = []
+
+    def hook(progress):
+        calls.append(progress)
+        if len(calls) >= 2:
+            raise Interrupted()
+
+    started = time.monotonic()
+    with pytest.raises(Interrupted):
+        generate_images(distinct_batch(2), params(), client=make_client(), max_concurrency=2, on_progress=hook)
+    assert time.monotonic() - started < 2.0
