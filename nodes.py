@@ -99,7 +99,10 @@ class AIThrivingStructure(io.ComfyNode):
             raise comfy.model_management.InterruptProcessingException()
         cached = f" ({result.from_cache} from cache)" if result.from_cache else ""
         _status(node_id, f"done {total} of {total}{cached} · {result.credits} credits spent")
-        return io.NodeOutput(result.images, result.seeds[0])
+        # Sent to the frontend with the "executed" message (and kept in the history): the cost shown on the node.
+        cost = {"credits": result.credits, "images": total, "from_cache": result.from_cache,
+                "credits_per_image": CREDITS_PER_IMAGE, "seeds": result.seeds}
+        return io.NodeOutput(result.images, result.seeds[0], ui={"aithriving_cost": [cost]})
 
 
 def _status(node_id: object, text: str) -> None:

@@ -122,6 +122,9 @@ def test_single_image_saves_the_services_image(comfy, standin):
     assert saved.shape == (512, 768, 3)
     [request] = standin.requests
     assert request.fields["seed"] == "1234" and request.headers["authorization"] == TEST_KEY
+    # The cost of the run travels to the frontend as the node's UI output.
+    [cost] = entry["outputs"]["3"]["aithriving_cost"]
+    assert cost == {"credits": 6, "images": 1, "from_cache": 0, "credits_per_image": 6, "seeds": [1234]}
     assert_same_image(saved, expected_pixels(standin, 1234))
 
 
