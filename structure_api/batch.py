@@ -168,7 +168,7 @@ def run_batch(
             request = make_request(index)
 
             def relay(event: ProgressEvent) -> None:
-                if event.stage in ("uploading", "retrying") and count > 0:
+                if event.stage in ("uploading", "waiting", "retrying"):
                     with lock:
                         progress = snapshot(f"image {index + 1}: {event.message}", index)
                     notify(progress)
