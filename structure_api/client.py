@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+import re
 import socket
 import threading
 import time
@@ -68,6 +69,10 @@ DEFAULT_READ_TIMEOUT = 180.0
 # Base64 of the largest image the service can return (a 9.4 MP noisy PNG is ~28 MB) is
 # ~38 MB; anything far past that is hostile or broken, and is not read into memory.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# Every answer of the contract is one small JSON object (its one big value, the base64 image,
+# holds no JSON punctuation). Parsing makes a Python object per value, so 60 MiB of "{}," would
+# take over 1.5 GB: a body with more separators than this is not parsed at all.
+MAX_JSON_SEPARATORS = 10_000
 _ALLOWED_CONTROL_CHARS = {"\t", "\n", "\r"}
 
 
@@ -195,8 +200,9 @@ class _UploadBody:
     have produced (or billed) a result; a failure after it may have.
     """
 
-    def __init__(self, parts: list[Union[bytes, memoryview]]) -> None:
+    def __init__(self, parts: list[Union[bytes, memoryview]], on_sent: Optional[Callable[[], None]] = None) -> None:
         self._parts = parts
+        self._on_sent = on_sent
         self._length = sum(len(p) for p in parts)
         self._index = 0
         self._offset = 0
@@ -231,6 +237,9 @@ class _UploadBody:
                 self._offset = 0
         chunk = b"".join(out)
         self.bytes_read += len(chunk)
+        if not chunk and self._on_sent is not None:
+            on_sent, self._on_sent = self._on_sent, None
+            on_sent()
         return chunk
 
 
@@ -333,7 +342,7 @@ def _error_for_status(
     reason = _server_reason(payload)
     reason = redact(reason) if reason else None
     said = f"; the service said: {reason}" if reason else ""
-    if payload is None and body.strip():
+    if payload is None and not _is_blank(body):
         said = "; the answer was not JSON (an error page from a proxy or gateway?)"
     kwargs = dict(http_status=status, body=body, headers=headers, request_id=request_id, reason=reason)
     name = payload.get("name") if isinstance(payload, dict) else None
@@ -495,7 +504,8 @@ class StructureClient:
 
     def _attempt(self, request: StructureRequest, attempt: int, notify: ProgressCallback) -> StructureResult:
         boundary = uuid.uuid4().hex
-        body = _UploadBody(_multipart_parts(request, boundary))
+        body = _UploadBody(_multipart_parts(request, boundary),
+                           on_sent=lambda: notify(ProgressEvent("waiting", attempt, "waiting for the service")))
         host = urlsplit(self.endpoint).hostname
         try:
             response = self._session.post(
@@ -509,7 +519,6 @@ class StructureClient:
         except requests.exceptions.RequestException as exc:
             raise self._transport_error(exc, body, host) from None
         try:
-            notify(ProgressEvent("waiting", attempt, "reading the answer"))
             return self._parse(response, request, attempt)
         finally:
             response.close()
@@ -587,14 +596,19 @@ class StructureClient:
                 f"The service answered with a redirect (HTTP {status}) to {target}; it was not followed, so the "
                 "key was not sent there: check AITHRIVING_BASE_URL.", http_status=status, headers=headers)
         body = self._read_body(response)
-        payload = _parse_json(body)
+        separators = _json_separators(body)
+        payload = _parse_json(body) if separators <= MAX_JSON_SEPARATORS else None
         request_id = headers.get("x-request-id") or (
             payload.get("id") if isinstance(payload, dict) and isinstance(payload.get("id"), str) else None)
         if status != 200:
             raise _error_for_status(status, payload, body, headers, request_id, self._redact, self._wall_clock())
         kwargs = dict(http_status=status, body=body, headers=headers, request_id=request_id)
         if payload is None:
-            kind = "empty" if not body.strip() else "not JSON"
+            if separators > MAX_JSON_SEPARATORS:
+                raise MalformedResponseError(
+                    f"The service's answer was not JSON of any shape the service sends ({separators:,} separators "
+                    "where a real answer has a handful); it was not parsed and no image came back.", **kwargs)
+            kind = "empty" if _is_blank(body) else "not JSON"
             raise MalformedResponseError(f"The service's answer was {kind}; no image came back.", **kwargs)
         if not isinstance(payload, dict):
             raise MalformedResponseError("The service's answer was JSON but not an object; no image came back.",
@@ -642,8 +656,23 @@ def _decode_base64(text: str) -> bytes:
     return raw
 
 
+def _is_blank(body: bytes) -> bool:
+    # isspace() scans without copying; strip() would copy a body of up to 64 MiB.
+    return not body or body.isspace()
+
+
+def _json_separators(body: bytes) -> int:
+    """Commas, colons and opening brackets: at least the number of values JSON parsing would create, less one."""
+    return body.count(b",") + body.count(b":") + body.count(b"[") + body.count(b"{")
+
+
+_JSON_CONTAINER_START = re.compile(rb"[ \t\r\n]*[\[{]")
+
+
 def _parse_json(body: bytes) -> object:
-    if not body.strip():
+    # json.loads decodes the whole body to text before it looks at it; a body that cannot be an
+    # object or array (an HTML page, plain text) is not worth that copy.
+    if _is_blank(body) or not _JSON_CONTAINER_START.match(body):
         return None
     try:
         return json.loads(body)
