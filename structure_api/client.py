@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import binascii
+import io
 import json
 import logging
 import math
@@ -561,7 +562,9 @@ class StructureClient:
                 f"The service's answer is {int(declared) / 2**20:.0f} MiB, far larger than any image it "
                 f"returns (limit {self._max_response_bytes / 2**20:.0f} MiB); it was not read.",
                 http_status=response.status_code)
-        chunks = []
+        # BytesIO grows one buffer in place and getvalue() hands that buffer over without a copy,
+        # so a body costs its size once (a list of chunks joined at the end costs it twice).
+        buffer = io.BytesIO()
         size = 0
         deadline = self._clock() + max(self.read_timeout, 1.0)
         try:
@@ -575,7 +578,7 @@ class StructureClient:
                     raise APITimeoutError(
                         f"The service's answer took over {self.read_timeout:g} s to arrive; reading stopped.",
                         http_status=response.status_code)
-                chunks.append(chunk)
+                buffer.write(chunk)
         except requests.exceptions.RequestException as exc:
             if response.status_code == 200:
                 raise ResultMayBeBilledError(
@@ -585,7 +588,7 @@ class StructureClient:
             raise APIConnectionError(
                 f"The service's HTTP {response.status_code} answer broke off before it was complete.",
                 http_status=response.status_code, request_delivered=True) from None
-        return b"".join(chunks)
+        return buffer.getvalue()
 
     def _parse(self, response: requests.Response, request: StructureRequest, attempt: int) -> StructureResult:
         status = response.status_code
