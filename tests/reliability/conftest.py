@@ -1,0 +1,134 @@
+"""Fixtures of the reliability suite and the report hook.
+
+The report (docs/reliability.md) is written at the end of the session only when the environment
+variable RELIABILITY_REPORT names the file, so ordinary CI runs never change the tree::
+
+    RELIABILITY_REPORT=docs/reliability.md python -m pytest tests/reliability -q
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from .report import REPORT_ENV, Ledger, _Recorder, render
+from .support import CANARY_KEY, photo_like
+
+_HERE = Path(__file__).resolve().parent
+_REPO_ROOT = _HERE.parents[1]
+_LEDGER = pytest.StashKey[Ledger]()
+
+_CLEARED = (
+    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy",
+    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    "AITHRIVING_API_KEY", "AITHRIVING_API_KEY_FILE", "AITHRIVING_BASE_URL", "AITHRIVING_CACHE_DIR",
+    "AITHRIVING_CACHE_MAX_MB", "AITHRIVING_MAX_CONCURRENCY",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_LEDGER] = Ledger()
+    # The ComfyUI test uses tests/comfy/harness.py, imported as tests.comfy.harness.
+    if str(_REPO_ROOT) not in sys.path:
+        sys.path.append(str(_REPO_ROOT))
+    config.addinivalue_line("markers", "comfyui: runs a real ComfyUI server (tests/comfy harness)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    # The hook sees the whole session's tests; only this folder's go into the report.
+    if _HERE in Path(item.path).resolve().parents:
+        item.config.stash[_LEDGER].note_outcome(item.nodeid, report.when, report.outcome, report.duration)
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    target = os.environ.get(REPORT_ENV, "").strip()
+    ledger = session.config.stash.get(_LEDGER, None)
+    if not target or ledger is None or not ledger.outcomes:
+        return
+    path = Path(target)
+    if not path.is_absolute():
+        path = Path(session.config.rootpath) / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(ledger), encoding="utf-8")
+    session.config.get_terminal_writer().line(f"reliability report written to {path}")
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def ledger(request: pytest.FixtureRequest) -> _Recorder:
+    """Where a test writes the scenarios it asserted, for docs/reliability.md."""
+    return _Recorder(request.config.stash[_LEDGER], request.node.nodeid)
+
+
+@pytest.fixture(autouse=True)
+def reliability_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No proxy, key, key file, base URL or cache of the machine reaches a test."""
+    for name in _CLEARED:
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("AITHRIVING_API_KEY_FILE", str(home / "no-such-key-file"))
+    monkeypatch.setenv("AITHRIVING_CACHE_DIR", "off")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+
+
+@pytest.fixture
+def service():
+    """A stand-in on 127.0.0.1 that requires the canary key."""
+    from structure_api.standin import StandInServer
+
+    with StandInServer(api_key=CANARY_KEY) as server:
+        yield server
+
+
+class RecordingSleep:
+    """An injected sleep that records each wait and returns at once."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+    @property
+    def total(self) -> float:
+        return sum(self.calls)
+
+
+@pytest.fixture
+def waits() -> RecordingSleep:
+    return RecordingSleep()
+
+
+@pytest.fixture
+def new_client(service, waits):
+    """Factory of clients of the stand-in: canary key, recorded (never slept) waits, zero jitter."""
+    from structure_api import StructureClient
+
+    clients = []
+
+    def factory(**overrides):
+        options = dict(api_key=CANARY_KEY, base_url=service.url, sleep=waits, jitter=lambda: 0.0)
+        options.update(overrides)
+        client = StructureClient(**options)
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def small_upload():
+    """A 96x64 PNG upload."""
+    from structure_api.images import encode_upload
+
+    return encode_upload(photo_like(96, 64))

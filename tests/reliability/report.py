@@ -1,0 +1,206 @@
+"""The ledger the reliability tests write their outcomes into, and the Markdown report made from it."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Optional
+
+REPORT_ENV = "RELIABILITY_REPORT"
+REPRODUCE = f"{REPORT_ENV}=docs/reliability.md python -m pytest tests/reliability -q"
+
+SECTIONS = {
+    "faults": "1. Fault matrix (client against the local stand-in)",
+    "hostile": "2. Hostile responses (memory bounded)",
+    "inputs": "3. Bad inputs (node logic and CLI)",
+    "load": "4. Load",
+    "secrets": "5. Secrets",
+}
+
+
+@dataclass
+class Row:
+    """One scenario and what happened."""
+
+    section: str
+    scenario: str
+    expected: str
+    observed: str
+    nodeid: str
+    requests: Optional[int] = None  # requests the stand-in recorded
+    waited: Optional[float] = None  # retry waits, in (injected, never slept) seconds
+    seconds: Optional[float] = None  # wall-clock time of the call
+    detail: str = ""
+
+
+@dataclass
+class Ledger:
+    """Everything the suite measured, collected while it runs."""
+
+    rows: list[Row] = field(default_factory=list)
+    figures: Counter = field(default_factory=Counter)
+    facts: dict[str, str] = field(default_factory=dict)  # measured values quoted in the report
+    outcomes: dict[str, str] = field(default_factory=dict)  # nodeid -> passed / failed / skipped
+    durations: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def record(self, nodeid: str, section: str, scenario: str, expected: str, observed: str, **extra) -> Row:
+        if section not in SECTIONS:
+            raise ValueError(f"unknown section {section!r}")
+        row = Row(section=section, scenario=scenario, expected=expected, observed=observed, nodeid=nodeid, **extra)
+        self.rows.append(row)
+        return row
+
+    def note_outcome(self, nodeid: str, when: str, outcome: str, duration: float) -> None:
+        self.durations[nodeid] += duration
+        previous = self.outcomes.get(nodeid)
+        if outcome == "failed" or previous is None or (previous == "passed" and outcome == "skipped"):
+            self.outcomes[nodeid] = outcome
+
+    def status(self, row: Row) -> str:
+        return {"passed": "pass", "failed": "**FAIL**", "skipped": "skipped"}.get(self.outcomes.get(row.nodeid, ""),
+                                                                                "not run")
+
+
+class _Recorder:
+    """The per-test handle tests use: ``ledger.row(...)``, ``ledger.count(...)``, ``ledger.fact(...)``."""
+
+    def __init__(self, ledger: Ledger, nodeid: str) -> None:
+        self._ledger = ledger
+        self._nodeid = nodeid
+
+    def row(self, section: str, scenario: str, expected: str, observed: str, **extra) -> Row:
+        return self._ledger.record(self._nodeid, section, scenario, expected, observed, **extra)
+
+    def count(self, figure: str, amount: int = 1) -> None:
+        self._ledger.figures[figure] += amount
+
+    def fact(self, name: str, value: object) -> None:
+        self._ledger.facts[name] = str(value)
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    text = str(value).replace("|", "\\|").replace("\n", " ")
+    return text
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    memory = ""
+    try:
+        with open("/proc/meminfo") as handle:
+            total_kib = int(handle.readline().split()[1])
+            memory = f", {total_kib / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return (f"{os.cpu_count()} cores ({cpu}){memory}, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+def render(ledger: Ledger) -> str:
+    """The Markdown report."""
+    figures = ledger.figures
+    failed = sorted(nodeid for nodeid, outcome in ledger.outcomes.items() if outcome == "failed")
+    passed = sum(1 for outcome in ledger.outcomes.values() if outcome == "passed")
+    suite_seconds = sum(ledger.durations.values())
+    rows_by_section = defaultdict(list)
+    for row in ledger.rows:
+        rows_by_section[row.section].append(row)
+    scenario_count = len(ledger.rows)
+    failed_rows = sum(1 for row in ledger.rows if ledger.status(row) != "pass")
+
+    out: list[str] = []
+    add = out.append
+    add("# Reliability and security report")
+    add("")
+    add("Generated by the tests in `tests/reliability/` (do not edit by hand). Every figure and table row")
+    add("below was written by the test that asserted it, in the run described here.")
+    add("")
+    add(f"- Reproduce: `{REPRODUCE}`")
+    add(f"- Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {_machine()}")
+    add(f"- Tests: {passed} passed, {len(failed)} failed; the suite took {suite_seconds:.0f} s "
+        "(sum of test durations, set-up included)")
+    if failed:
+        add("")
+        add("**This run had failures; the figures below are not a clean bill of health:**")
+        for nodeid in failed:
+            add(f"- `{nodeid}`")
+    add("")
+    add("## Figures")
+    add("")
+    add("| figure | value |")
+    add("|---|---|")
+    add(f"| scenarios checked (rows below) | {scenario_count} ({failed_rows} not passing) |")
+    add(f"| fault-matrix scenarios | {len(rows_by_section['faults'])} |")
+    add(f"| hostile responses refused with memory bounded | {len(rows_by_section['hostile'])} |")
+    add(f"| load held: requests sent through the batch path | {figures['load_items']} results, "
+        f"{figures['load_requests_seen']} requests seen by the stand-in, concurrency {ledger.facts.get('load_concurrency', '?')} |")
+    add(f"| faults injected and survived (recovered, or reported as a typed error) | {figures['faults_survived']} |")
+    add(f"| bad inputs tried | {figures['bad_inputs']} named cases + {figures['property_examples']} "
+        "generated property-test examples |")
+    add(f"| results lost | {figures['results_lost']} |")
+    add(f"| results at a wrong index or duplicated | {figures['results_misplaced']} |")
+    add(f"| paid duplicate requests | {figures['paid_duplicates']} |")
+    add(f"| unexplained extra requests | {figures['unexplained_requests']} |")
+    add(f"| places searched for the key | {figures['key_places_checked']} |")
+    add(f"| keys leaked | {figures['keys_leaked']} |")
+    add(f"| threads / sockets leaked after load | {figures['threads_leaked']} / {figures['sockets_leaked']} |")
+    add("")
+    add("How the figures are defined: *faults survived* counts every faulted answer a stand-in gave in a passing")
+    add("test (scripted faults of sections 1-2 and the random ones of section 4) after which the client either")
+    add("recovered or raised the typed error the test expected. *Results lost* is the number of batch items that")
+    add("ended neither with a result at their own index nor with an error naming them. *Paid duplicate* is a")
+    add("second successful (billed) answer for the same item. *Unexplained extra request* is a request the")
+    add("stand-in saw that was neither an item's final attempt nor a retry after a retryable fault.")
+    add("")
+    if ledger.facts:
+        add("Measured values:")
+        add("")
+        for name, value in sorted(ledger.facts.items()):
+            add(f"- {name}: {value}")
+        add("")
+
+    for section, title in SECTIONS.items():
+        rows = rows_by_section.get(section, [])
+        add(f"## {title}")
+        add("")
+        if not rows:
+            add("(no rows: these tests did not run)")
+            add("")
+            continue
+        add("| # | scenario | expected | observed | requests | waits (s, injected) | time (s) | result |")
+        add("|---|---|---|---|---|---|---|---|")
+        for number, row in enumerate(rows, 1):
+            add(f"| {number} | {_cell(row.scenario)} | {_cell(row.expected)} | {_cell(row.observed)} | "
+                f"{_cell(row.requests)} | {_cell(row.waited)} | {_cell(row.seconds)} | {ledger.status(row)} |")
+        add("")
+    add("## Notes")
+    add("")
+    add("- Retry waits are never slept: the client gets an injected `sleep` that records the wait and")
+    add("  returns at once, so the *waits* column is what a real run would wait. Only read timeouts and")
+    add("  the slow answer take real time (0.3 to 0.5 s each).")
+    add("- A connection dropped after the whole upload went out ends in `ResultMayBeBilledError` and is")
+    add("  never re-sent: the service may already have charged for it. A drop while the upload is still")
+    add("  going (stand-in closes before reading a multi-MiB body) proves the request never arrived, so it")
+    add("  is retried.")
+    add("- Memory figures: *traced* is tracemalloc's peak of Python allocations (bytes, str, lists and numpy")
+    add("  buffers) during the call; *RSS* is the growth of the process's peak resident size (VmHWM, reset")
+    add("  through /proc/self/clear_refs before the call), which also sees Pillow's and other C allocations.")
+    add("")
+    return "\n".join(out)

@@ -1,0 +1,238 @@
+"""Hostile answers: decompression bombs, bodies of hundreds of MiB, huge or deeply nested JSON.
+
+Each must be refused with a clear MalformedResponseError (or a timeout) while memory stays
+bounded. The bounds asserted here, per call:
+
+- an answer the client refuses by size or shape never costs more than the response cap
+  (64 MiB, ``MAX_RESPONSE_BYTES``) plus 16 MiB of Python allocations (tracemalloc), and the
+  process's peak resident size grows by less than the cap plus 64 MiB;
+- a well-formed answer under the cap whose image turns out not to be one: three times the cap
+  plus 16 MiB (the body, json's decoded text of it and the image string live together);
+- a decompression bomb is refused from its header: under 16 MiB traced and 64 MiB resident,
+  although decoding it would take from 192 MiB to 28 GiB.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+
+import pytest
+
+from structure_api import StructureRequest
+from structure_api.client import MAX_RESPONSE_BYTES
+from structure_api.errors import APITimeoutError, MalformedResponseError, StructureError
+from structure_api.standin import Fault
+
+from .support import MiB, MemoryProbe, b64, image_file_bytes, message_problems, photo_like
+
+CAP = MAX_RESPONSE_BYTES
+REFUSED_TRACED_BOUND = CAP + 16 * MiB
+REFUSED_RSS_BOUND = CAP + 64 * MiB
+# A well-formed answer under the cap is parsed: the body, json's decoded copy of it and the
+# image string are alive together for a moment.
+WELL_FORMED_BOUND = 3 * CAP + 16 * MiB
+BOMB_TRACED_BOUND = 16 * MiB
+BOMB_RSS_BOUND = 64 * MiB
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_bomb(width: int, height: int, *, real: bool) -> bytes:
+    """A PNG of ``width`` x ``height`` black RGB pixels: really compressed (``real``) or a forged header."""
+    header = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    if real:
+        compressor = zlib.compressobj(9)
+        row = b"\0" * (1 + 3 * width)
+        rows_per_block = max(1, (4 * MiB) // len(row))
+        block = row * rows_per_block
+        parts = []
+        for start in range(0, height, rows_per_block):
+            count = min(rows_per_block, height - start)
+            parts.append(compressor.compress(block if count == rows_per_block else row * count))
+        parts.append(compressor.flush())
+        idat = b"".join(parts)
+    else:
+        idat = zlib.compress(b"\0" * (1 + 3 * width) * 4)  # a few rows; the rest never exists
+    return b"\x89PNG\r\n\x1a\n" + header + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def jpeg_with_size(width: int, height: int) -> bytes:
+    """A valid small JPEG whose frame header (SOF0) is rewritten to claim ``width`` x ``height``."""
+    data = bytearray(image_file_bytes(photo_like(64, 64), "JPEG", quality=80))
+    at = data.index(b"\xff\xc0")
+    data[at + 5:at + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def success_body(image: bytes) -> dict:
+    return {"code": 0, "message": "success", "data": {"image": b64(image), "seed": 7}}
+
+
+def generate(client, upload) -> tuple[StructureError, float]:
+    started = time.monotonic()
+    with pytest.raises(StructureError) as caught:
+        client.generate(StructureRequest(image=upload, prompt="a quiet harbour", seed=7))
+    return caught.value, time.monotonic() - started
+
+
+def mib(value: int) -> str:
+    return f"{value / MiB:.1f} MiB"
+
+
+@pytest.fixture(scope="module")
+def real_bomb() -> bytes:
+    # 8000 x 8000 RGB: 183 MiB of pixels in ~190 KB; over the client's 37.7 MP guard, under Pillow's own.
+    return png_bomb(8000, 8000, real=True)
+
+
+BOMBS = {
+    "PNG bomb, 8000x8000 really compressed (183 MiB decoded from 0.2 MB)": ("real", "8000 x 8000"),
+    "PNG header forged to 100000x100000 (28 GiB decoded)": ("forged-png", "100000 x 100000"),
+    "JPEG frame header forged to 9000x9000 (81 MP: over the client's guard, under Pillow's)": (
+        "forged-jpeg", "9000 x 9000"),
+    "JPEG frame header forged to 65000x65000 (Pillow's own guard fires first)": (
+        "forged-jpeg-huge", "larger than any it can produce"),
+}
+
+
+@pytest.mark.parametrize("scenario", list(BOMBS))
+def test_decompression_bomb_is_refused_from_its_header(scenario, service, new_client, small_upload, ledger,
+                                                        real_bomb):
+    kind, words = BOMBS[scenario]
+    image = {"real": real_bomb, "forged-png": png_bomb(100000, 100000, real=False),
+             "forged-jpeg": jpeg_with_size(9000, 9000), "forged-jpeg-huge": jpeg_with_size(65000, 65000)}[kind]
+    service.script(Fault(status=200, body=success_body(image)))
+    client = new_client()
+    with MemoryProbe() as memory:
+        error, seconds = generate(client, small_upload)
+    observed = (f"{type(error).__name__}: {error} (traced {mib(memory.traced_peak)}, "
+                f"RSS +{mib(memory.rss_growth)})")
+    ledger.row("hostile", scenario, f"MalformedResponseError naming the size; traced < {mib(BOMB_TRACED_BOUND)}, "
+               f"RSS < +{mib(BOMB_RSS_BOUND)}", observed, requests=len(service.requests), seconds=seconds)
+    ledger.count("faults_survived")
+    assert isinstance(error, MalformedResponseError) and words in str(error), observed
+    assert "larger than any it can produce" in str(error)
+    assert message_problems(str(error)) == []
+    assert memory.traced_peak < BOMB_TRACED_BOUND, observed
+    assert memory.rss_growth < BOMB_RSS_BOUND, observed
+    assert len(service.requests) == 1 and seconds < 5
+
+
+def _repeat(piece: bytes, total: int):
+    """A body_chunks factory: ``piece`` repeated in 1 MiB chunks up to ``total`` bytes."""
+    chunk = piece * max(1, MiB // len(piece))
+
+    def chunks():
+        sent = 0
+        while sent < total:
+            yield chunk
+            sent += len(chunk)
+    return chunks
+
+
+def _json_chunks(head: bytes, piece: bytes, total: int, tail: bytes):
+    body = _repeat(piece, total)
+
+    def chunks():
+        yield head
+        yield from body()
+        yield tail
+    return chunks
+
+
+def _distinct_keys(count: int):
+    per_chunk = 50_000
+    # One template of 50000 keys, made distinct per chunk by bytes.replace (C speed, not a Python loop).
+    template = b"".join(b'"k@@@@%05d":1,' % i for i in range(per_chunk))
+
+    def chunks():
+        yield b'{"code":0,'
+        for chunk in range(-(-count // per_chunk)):
+            yield template.replace(b"@@@@", b"%04d" % chunk)
+        yield b'"z":0}'
+    return chunks
+
+
+HUGE = {
+    # scenario: (Fault kwargs, words in the message, traced bound, RSS bound)
+    "body of 500 MiB, chunked, no Content-Length": (
+        dict(status=200, action="stream", body_chunks=_repeat(b"x", 500 * MiB)),
+        "passed 64 MiB", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
+    "body of 500 MiB announced by Content-Length": (
+        dict(status=200, action="stream", headers={"Content-Length": str(500 * MiB)},
+             body_chunks=_repeat(b"x", 500 * MiB)),
+        "500 MiB", 1 * MiB, 16 * MiB),
+    "error page of 500 MiB on HTTP 502": (
+        dict(status=502, action="stream", headers={"Content-Type": "text/html"},
+             body_chunks=_repeat(b"<p>bad gateway</p>", 500 * MiB)),
+        "passed 64 MiB", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
+    "JSON array of 20 million empty objects (60 MiB)": (
+        dict(status=200, action="stream", body_chunks=_json_chunks(b"[", b"{},", 60 * MiB, b"{}]")),
+        "JSON", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
+    "JSON object with 2 million distinct keys (32 MiB)": (
+        dict(status=200, action="stream", body_chunks=_distinct_keys(2_000_000)),
+        "JSON", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
+    "60 MiB of text that is not JSON (under the 64 MiB cap)": (
+        dict(status=200, action="stream", body_chunks=_repeat(b"lorem ipsum ", 60 * MiB)),
+        "not JSON", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
+    "JSON nested 10 million levels deep (10 MiB of '[')": (
+        dict(status=200, action="stream", body_chunks=_repeat(b"[", 10 * MiB)),
+        "JSON", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
+    "JSON nested 5000 levels deep (10 KB)": (
+        dict(status=200, body=b"[" * 5000 + b"]" * 5000),
+        "JSON", 16 * MiB, 64 * MiB),
+    "well-formed answer whose image is 60 MiB of base64 that is no image": (
+        dict(status=200, action="stream",
+             body_chunks=_json_chunks(b'{"code":0,"message":"success","data":{"seed":7,"image":"', b"AAAA",
+                                      60 * MiB, b'"}}')),
+        "not an image", WELL_FORMED_BOUND, WELL_FORMED_BOUND),
+}
+
+
+@pytest.mark.parametrize("scenario", list(HUGE))
+def test_huge_or_deep_answers_are_refused_with_memory_bounded(scenario, service, new_client, small_upload,
+                                                               ledger):
+    fault, words, traced_bound, rss_bound = HUGE[scenario]
+    service.script(Fault(**fault))
+    client = new_client()
+    with MemoryProbe() as memory:
+        error, seconds = generate(client, small_upload)
+    observed = (f"{type(error).__name__}: {error} (traced {mib(memory.traced_peak)}, "
+                f"RSS +{mib(memory.rss_growth)})")
+    ledger.row("hostile", scenario, f"MalformedResponseError; traced < {mib(traced_bound)}, "
+               f"RSS < +{mib(rss_bound)}", observed, requests=len(service.requests), seconds=seconds)
+    ledger.count("faults_survived")
+    assert isinstance(error, MalformedResponseError), observed
+    assert words in str(error), observed
+    assert message_problems(str(error)) == [], observed
+    assert memory.traced_peak < traced_bound, observed
+    assert memory.rss_growth < rss_bound, observed
+    assert len(service.requests) == 1, "a hostile answer must not be fetched again"
+    assert seconds < 20
+
+
+def test_answer_dripping_forever_is_cut_off(service, new_client, small_upload, ledger):
+    """A server that keeps the answer alive with a byte every 50 ms never beats the read deadline."""
+    def drip():
+        for _ in range(400):  # 20 s at most; the client must stop long before
+            time.sleep(0.05)
+            yield b" "
+
+    service.script(Fault(status=200, action="stream", body_chunks=drip))
+    client = new_client(read_timeout=0.5)
+    with MemoryProbe() as memory:
+        error, seconds = generate(client, small_upload)
+    observed = f"{type(error).__name__}: {error} after {seconds:.2f} s"
+    ledger.row("hostile", "answer that drips one byte every 50 ms, forever (read timeout 0.5 s)",
+               "APITimeoutError after the read deadline (max(read timeout, 1 s)), never re-sent", observed,
+               requests=len(service.requests), seconds=seconds)
+    ledger.count("faults_survived")
+    assert isinstance(error, APITimeoutError), observed
+    assert message_problems(str(error)) == []
+    assert 0.9 < seconds < 3, observed
+    assert len(service.requests) == 1
+    assert memory.traced_peak < 16 * MiB
