@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
+from .errors import ConfigurationError
+
 ENV_CACHE_DIR = "AITHRIVING_CACHE_DIR"
 ENV_CACHE_MAX_MB = "AITHRIVING_CACHE_MAX_MB"
 DEFAULT_MAX_BYTES = 1024 * 1024 * 1024
@@ -67,7 +69,10 @@ class ResultCache:
         if directory is None:
             return None
         max_mb = env.get(ENV_CACHE_MAX_MB, "").strip()
-        max_bytes = int(float(max_mb) * 1024 * 1024) if max_mb else DEFAULT_MAX_BYTES
+        try:
+            max_bytes = int(float(max_mb) * 1024 * 1024) if max_mb else DEFAULT_MAX_BYTES
+        except (ValueError, OverflowError):
+            raise ConfigurationError(f"{ENV_CACHE_MAX_MB} must be a number of megabytes; got {max_mb!r}.") from None
         return None if max_bytes <= 0 else cls(directory, max_bytes)
 
     def _paths(self, key: str) -> tuple[Path, Path]:

@@ -14,6 +14,7 @@ from structure_api.cache import ResultCache
 from structure_api.errors import (
     AuthenticationError,
     BatchError,
+    ConfigurationError,
     InputError,
     InvalidImageError,
     ServiceError,
@@ -251,6 +252,9 @@ def test_cache_turned_off_by_environment(monkeypatch):
     assert ResultCache.from_env() is None
     monkeypatch.setenv("AITHRIVING_CACHE_DIR", "/tmp/somewhere")
     assert ResultCache.from_env().directory.as_posix() == "/tmp/somewhere"
+    monkeypatch.setenv("AITHRIVING_CACHE_MAX_MB", "lots")
+    with pytest.raises(ConfigurationError, match="AITHRIVING_CACHE_MAX_MB"):
+        ResultCache.from_env()
 
 
 def test_run_batch_encodes_lazily_at_most_concurrency_at_once(client):
