@@ -82,6 +82,14 @@ def expected_pixels(standin: StandInServer, seed: int, prompt: str = "a watercol
     return result.pixels
 
 
+def edge_map(pixels: np.ndarray, block: int = 8) -> np.ndarray:
+    """Luminance gradient magnitude pooled over 8x8 blocks (the stand-in draws edges a few px wide)."""
+    gy, gx = np.gradient(pixels.astype(np.float32).mean(axis=-1))
+    magnitude = np.hypot(gx, gy)
+    h, w = (magnitude.shape[0] // block) * block, (magnitude.shape[1] // block) * block
+    return magnitude[:h, :w].reshape(h // block, block, w // block, block).mean(axis=(1, 3))
+
+
 def assert_same_image(saved: np.ndarray, expected: np.ndarray) -> None:
     # SaveImage turns floats into bytes by truncating 255*x, so a value may come out one lower
     # than the service's byte; anything more would be a real difference.
@@ -126,6 +134,9 @@ def test_single_image_saves_the_services_image(comfy, standin):
     [cost] = entry["outputs"]["3"]["aithriving_cost"]
     assert cost == {"credits": 6, "images": 1, "from_cache": 0, "credits_per_image": 6, "seeds": [1234]}
     assert_same_image(saved, expected_pixels(standin, 1234))
+    # ... and that image keeps the input's structure: its edges line up with the input's.
+    source = np.asarray(Image.open(EXAMPLE).convert("RGB"))
+    assert np.corrcoef(edge_map(source).ravel(), edge_map(saved).ravel())[0, 1] > 0.5
 
 
 def test_batch_of_8_in_order_with_seeds_s_to_s_plus_7(comfy, standin):
