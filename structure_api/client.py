@@ -651,7 +651,11 @@ def _decode_base64(text: str) -> bytes:
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
-        raw = binascii.a2b_base64("".join(text.split()), strict_mode=True)
+        try:
+            # Decoded where it lies; only base64 broken into lines pays for a copy without them.
+            raw = binascii.a2b_base64(text, strict_mode=True)
+        except binascii.Error:
+            raw = binascii.a2b_base64("".join(text.split()), strict_mode=True)
     except (binascii.Error, ValueError):
         raise MalformedResponseError("The service's answer held an image that is not valid base64.") from None
     if not raw:
