@@ -440,6 +440,11 @@ class StructureClient:
     def close(self) -> None:
         """Release the session's connections."""
         self._session.close()
+        # urllib3 2 leaves closing pooled connections to the garbage collector, which never runs
+        # for them while the caller keeps an error (a batch report does) whose traceback holds a
+        # response and so the pool: close every connection this client opened, now.
+        for connection in list(self._connections):
+            connection.close()
 
     def abort(self) -> None:
         """Cancel: break every open connection so waiting calls end now with CancelledError."""
@@ -637,6 +642,9 @@ class StructureClient:
                 raise MalformedResponseError("The service's answer has a seed that is not a whole number.", **kwargs)
         try:
             raw = _decode_base64(data["image"])
+            # The parsed answer holds the base64 text (12 MB for a 3072x3072 PNG): let it go
+            # before the pixels are decoded, the moment this request needs the most memory.
+            del payload, data
             pixels = decode_image(raw)
         except MalformedResponseError as error:
             raise MalformedResponseError(error.message, **kwargs) from None
