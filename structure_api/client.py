@@ -32,6 +32,7 @@ from .errors import (
     APITimeoutError,
     AuthenticationError,
     CancelledError,
+    ConfigurationError,
     ContentModerationError,
     GenerationFailedError,
     InputError,
@@ -405,6 +406,11 @@ class StructureClient:
         self._key = api_key if isinstance(api_key, APIKey) else APIKey(api_key)
         check_key_may_travel(self.base_url)
         self.endpoint = self.base_url + ENDPOINT_PATH
+        # Checked here: urllib3 would refuse a zero, negative or NaN timeout only mid-request, with its own error.
+        for what, seconds in (("connect", connect_timeout), ("read", read_timeout)):
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
+                    or seconds <= 0:
+                raise ConfigurationError(f"The {what} timeout must be a positive number of seconds; got {seconds!r}.")
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.retry_policy = retry_policy
