@@ -67,6 +67,13 @@ def ledger(request: pytest.FixtureRequest) -> _Recorder:
     return _Recorder(request.config.stash[_LEDGER], request.node.nodeid)
 
 
+@pytest.fixture(scope="module")
+def module_ledger(request: pytest.FixtureRequest):
+    """``module_ledger(test_name)``: a recorder for rows written on behalf of a test of this module."""
+    ledger = request.config.stash[_LEDGER]
+    return lambda test_name: _Recorder(ledger, f"{request.node.nodeid}::{test_name}")
+
+
 @pytest.fixture(autouse=True)
 def reliability_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """No proxy, key, key file, base URL or cache of the machine reaches a test."""
