@@ -42,7 +42,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     # The hook sees the whole session's tests; only this folder's go into the report.
     if _HERE in Path(item.path).resolve().parents:
-        item.config.stash[_LEDGER].note_outcome(item.nodeid, report.when, report.outcome, report.duration)
+        outcome = "xfailed" if report.skipped and getattr(report, "wasxfail", None) is not None else report.outcome
+        item.config.stash[_LEDGER].note_outcome(item.nodeid, report.when, outcome, report.duration)
     return report
 
 

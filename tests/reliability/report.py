@@ -56,12 +56,12 @@ class Ledger:
     def note_outcome(self, nodeid: str, when: str, outcome: str, duration: float) -> None:
         self.durations[nodeid] += duration
         previous = self.outcomes.get(nodeid)
-        if outcome == "failed" or previous is None or (previous == "passed" and outcome == "skipped"):
+        if outcome == "failed" or previous is None or (previous == "passed" and outcome in ("skipped", "xfailed")):
             self.outcomes[nodeid] = outcome
 
     def status(self, row: Row) -> str:
-        return {"passed": "pass", "failed": "**FAIL**", "skipped": "skipped"}.get(self.outcomes.get(row.nodeid, ""),
-                                                                                "not run")
+        return {"passed": "pass", "failed": "**FAIL**", "skipped": "skipped",
+                "xfailed": "known defect (xfail)"}.get(self.outcomes.get(row.nodeid, ""), "not run")
 
 
 class _Recorder:
