@@ -1,0 +1,255 @@
+// Cost on the "Structure (AIThriving)" node: what a run will cost, and what the last run did cost.
+//
+// Two badges above the node, drawn like the frontend's own partner-node price badges:
+//   before a run  "≈ 24 credits"           6 credits per image times the batch size, when the graph
+//                                          upstream tells it (LoadImage, RepeatImageBatch, ...);
+//                 "≈ 6 credits per image"  when it does not;
+//   after a run   "Last run: 24 credits"   from the node's UI output `aithriving_cost` (sent by the
+//                                          server with the "executed" message), "(k from cache)" added
+//                                          when images came from the local cache and were not paid;
+//                 "Last run: 0 credits (ComfyUI reused the previous result)" when ComfyUI did not run
+//                                          the node at all (unchanged inputs) and re-sent its old output.
+// The texts come from the pack's locales/<lang>/main.json (served by ComfyUI at /i18n), in the
+// language chosen in the settings (Comfy.Locale), with English built in as the fallback.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const NODE_ID = "AIThrivingStructure";
+const CREDITS_PER_IMAGE = 6;
+const STRINGS_KEY = "aithrivingStructure";
+const ENGLISH = {
+  estimate: "≈ {credits} credits",
+  estimatePerImage: "≈ {credits} credits per image",
+  estimateAsLastRun: "≈ {credits} credits (as the last run)",
+  lastRun: "Last run: {credits} credits",
+  lastRunCached: "Last run: {credits} credits ({cached} from cache)",
+  lastRunReused: "Last run: 0 credits (ComfyUI reused the previous result)",
+};
+
+// Nodes whose IMAGE output has as many images as their first IMAGE input.
+const SAME_BATCH_SIZE = new Set([
+  NODE_ID, "ImageScale", "ImageScaleBy", "ImageScaleToTotalPixels", "ImageScaleToMaxDimension",
+  "ImageInvert", "ImageSharpen", "ImageBlur", "ImageQuantize", "ImageBlend", "Canny", "ImageCrop",
+  "ImagePadForOutpaint", "ImageFlip", "ImageRotate", "ImageUpscaleWithModel", "ImageCompositeMasked",
+  "RebatchImages", "Reroute",
+]);
+const SINGLE_IMAGE_FILE = /\.(png|jpe?g|bmp)$/i;
+const MODE_MUTED = 2;
+const MODE_BYPASSED = 4;
+const MAX_DEPTH = 32;
+
+let strings = { en: ENGLISH };
+let packMessages = {}; // locale -> this pack's part of /i18n (nodeDefs entry and badge strings)
+let restoredLocale = null;
+// Nodes whose output ComfyUI took from its own cache in the current run: it re-sends their last UI
+// output (the old cost) without running them, so nothing was paid.
+let reusedByComfy = new Set();
+
+async function loadStrings() {
+  try {
+    const response = await api.fetchApi("/i18n");
+    if (!response.ok) return;
+    const all = await response.json();
+    for (const [locale, messages] of Object.entries(all)) {
+      const mine = {};
+      if (messages?.nodeDefs?.[NODE_ID]) mine.nodeDefs = { [NODE_ID]: messages.nodeDefs[NODE_ID] };
+      if (messages?.[STRINGS_KEY]) {
+        mine[STRINGS_KEY] = messages[STRINGS_KEY];
+        strings[locale] = messages[STRINGS_KEY];
+      }
+      if (Object.keys(mine).length) packMessages[locale] = mine;
+    }
+    strings.en = { ...ENGLISH, ...strings.en };
+  } catch (error) {
+    console.warn("[aithriving.structure] translations not loaded, showing English", error);
+  }
+}
+
+function currentLocale() {
+  try {
+    return app.extensionManager?.setting?.get?.("Comfy.Locale") || "en";
+  } catch {
+    return "en";
+  }
+}
+
+// Frontend 1.32 loses the packs' translations of a language it loads lazily (every one but English):
+// it merges them from /i18n first and then replaces that language's messages with its own (fixed
+// upstream in ComfyUI_frontend pull request 7214). Put this pack's part back, once the frontend has
+// loaded the language. Where the frontend keeps them, or its i18n cannot be reached, this does nothing.
+function frontendI18n() {
+  const vueApp = document.getElementById("vue-app")?.__vue_app__;
+  const symbol = vueApp?.__VUE_I18N_SYMBOL__;
+  return symbol ? vueApp._context?.provides?.[symbol]?.global ?? null : null;
+}
+
+function restoreTranslations(locale) {
+  const i18n = frontendI18n();
+  const mine = packMessages[locale];
+  if (!i18n || !mine || typeof i18n.te !== "function") return true;
+  if (!i18n.te("g.about", locale)) return false; // the frontend has not loaded this language yet
+  if (mine.nodeDefs && !i18n.te(`nodeDefs.${NODE_ID}.display_name`, locale)) {
+    i18n.mergeLocaleMessage(locale, mine);
+  }
+  return true;
+}
+
+async function restoreTranslationsWhenLoaded(timeoutMs = 5000) {
+  const locale = currentLocale();
+  const deadline = Date.now() + timeoutMs;
+  while (!restoreTranslations(locale) && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  restoredLocale = locale;
+}
+
+function text(key, values) {
+  const locale = currentLocale();
+  if (locale !== restoredLocale && restoreTranslations(locale)) restoredLocale = locale;
+  const template = strings[locale]?.[key] ?? strings[locale.split("-")[0]]?.[key] ?? ENGLISH[key];
+  return template.replace(/\{(\w+)\}/g, (_, name) => String(values[name] ?? ""));
+}
+
+function widgetValue(node, name) {
+  const input = node.inputs?.find((slot) => slot.name === name);
+  if (input?.link != null) return null; // converted to an input: its value comes from elsewhere
+  const value = node.widgets?.find((widget) => widget.name === name)?.value;
+  return Number.isFinite(value) ? value : null;
+}
+
+function imageInputIndex(node, name) {
+  if (!node.inputs) return -1;
+  if (name) return node.inputs.findIndex((slot) => slot.name === name);
+  return node.inputs.findIndex((slot) => slot.type === "IMAGE");
+}
+
+// How many images flow into `node`'s input `index`, or null when the graph does not say.
+function imagesInto(node, index, depth = 0) {
+  if (index < 0 || depth > MAX_DEPTH) return null;
+  const link = node.getInputLink?.(index);
+  if (!link) return null;
+  const origin = node.graph?.getNodeById?.(link.origin_id);
+  return origin ? imagesOutOf(origin, depth + 1) : null;
+}
+
+function imagesOutOf(node, depth) {
+  if (node.mode === MODE_MUTED) return null;
+  const type = node.comfyClass ?? node.type;
+  if (node.mode === MODE_BYPASSED || SAME_BATCH_SIZE.has(type)) {
+    return imagesInto(node, imageInputIndex(node), depth);
+  }
+  switch (type) {
+    case "LoadImage": {
+      const file = node.widgets?.find((widget) => widget.name === "image")?.value;
+      return typeof file === "string" && SINGLE_IMAGE_FILE.test(file) ? 1 : null;
+    }
+    case "EmptyImage":
+      return widgetValue(node, "batch_size");
+    case "RepeatImageBatch": {
+      const amount = widgetValue(node, "amount");
+      const each = imagesInto(node, imageInputIndex(node, "image"), depth);
+      return amount != null && each != null ? amount * each : null;
+    }
+    case "ImageBatch": {
+      const first = imagesInto(node, imageInputIndex(node, "image1"), depth);
+      const second = imagesInto(node, imageInputIndex(node, "image2"), depth);
+      return first != null && second != null ? first + second : null;
+    }
+    case "ImageFromBatch": {
+      const length = widgetValue(node, "length");
+      const start = widgetValue(node, "batch_index");
+      const total = imagesInto(node, imageInputIndex(node, "image"), depth);
+      return length != null && start != null && total != null
+        ? Math.max(0, Math.min(length, total - start)) : null;
+    }
+    default:
+      return null;
+  }
+}
+
+function estimateText(node) {
+  const images = imagesInto(node, imageInputIndex(node, "image"));
+  if (images != null) return text("estimate", { credits: images * CREDITS_PER_IMAGE, images });
+  const last = node.aithrivingLastCost;
+  if (last && Number.isFinite(last.images)) {
+    return text("estimateAsLastRun", { credits: last.images * CREDITS_PER_IMAGE, images: last.images });
+  }
+  return text("estimatePerImage", { credits: CREDITS_PER_IMAGE });
+}
+
+function lastRunText(node) {
+  const cost = node.aithrivingLastCost;
+  if (!cost) return "";
+  if (cost.reused) return text("lastRunReused", {});
+  const values = { credits: cost.credits, images: cost.images, cached: cost.from_cache };
+  return text(cost.from_cache > 0 ? "lastRunCached" : "lastRun", values);
+}
+
+// The look of the frontend's partner-node price badge (coin icon on gold); the last-run badge has no
+// coin, so a subgraph holding this node shows only the estimate as its price.
+function makeBadge(textOf, withCoin) {
+  const Badge = window.LGraphBadge;
+  return function badge() {
+    return new Badge({
+      text: textOf(this),
+      fgColor: "#ffffff",
+      bgColor: withCoin ? "#8D6932" : "#3F5B3A",
+      ...(withCoin ? {
+        iconOptions: { unicode: "\ue96b", fontFamily: "PrimeIcons", color: "#FABC25", bgColor: "#654020", fontSize: 8 },
+      } : {}),
+    });
+  };
+}
+
+app.registerExtension({
+  name: "aithriving.structure",
+
+  // Before the node types are registered: they take their translated names then.
+  async init() {
+    await loadStrings();
+    await restoreTranslationsWhenLoaded();
+  },
+
+  setup() {
+    api.addEventListener("execution_start", () => {
+      reusedByComfy = new Set();
+    });
+    api.addEventListener("execution_cached", (event) => {
+      reusedByComfy = new Set((event.detail?.nodes ?? []).map(String));
+    });
+  },
+
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData?.name !== NODE_ID) return;
+
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      this.aithrivingLastCost = null;
+      this.aithrivingEstimate = () => estimateText(this);
+      this.aithrivingLastRun = () => lastRunText(this);
+      const estimate = makeBadge(estimateText, true);
+      const lastRun = makeBadge(lastRunText, false);
+      this.badges = this.badges ?? [];
+      this.badges.push(() => estimate.call(this), () => lastRun.call(this));
+      return result;
+    };
+
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (output) {
+      const result = onExecuted?.apply(this, arguments);
+      const cost = output?.aithriving_cost?.[0];
+      if (cost && Number.isFinite(cost.credits)) {
+        this.aithrivingLastCost = {
+          credits: cost.credits,
+          images: cost.images,
+          from_cache: cost.from_cache ?? 0,
+          seeds: cost.seeds ?? [],
+          reused: reusedByComfy.has(String(this.id)),
+        };
+        this.setDirtyCanvas?.(true, true);
+      }
+      return result;
+    };
+  },
+});
