@@ -1,0 +1,55 @@
+"""``python -m benchmarks``: measure everything in one run, print the report and write docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .servers import ROOT
+
+DEFAULT_OUTPUT = ROOT / "docs" / "benchmarks.md"
+# Repeats per image side: enough for a stable median, few enough that the naive path's 2048px
+# PNG (about a second each) keeps the whole run near a minute and a half on 2 cores.
+REPEATS = {512: 15, 1024: 9, 2048: 5}
+QUICK_REPEATS = {512: 3, 1024: 3, 2048: 1}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help="where to write the report (default: docs/benchmarks.md)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run with few repeats; its report is marked as such and not written")
+    args = parser.parse_args(argv)
+
+    from . import report
+    from .batch_time import measure_batch
+    from .memory import measure_memory
+    from .overhead import measure_size
+
+    started = time.perf_counter()
+    repeats = QUICK_REPEATS if args.quick else REPEATS
+    sizes = []
+    for side, count in repeats.items():
+        print(f"per-image overhead at {side}x{side} ({count} repeats)...", file=sys.stderr, flush=True)
+        sizes.append(measure_size(side, count))
+    print("batch of 8 against the stand-in at 1 s latency...", file=sys.stderr, flush=True)
+    batch = measure_batch(repeats=1 if args.quick else 3)
+    memory = []
+    for concurrency in (4, 8):
+        print(f"memory of 16 images at 2048x2048, {concurrency} at once...", file=sys.stderr, flush=True)
+        memory.append(measure_memory(concurrency=concurrency))
+    text = report.render(sizes, batch, memory, seconds=time.perf_counter() - started, quick=args.quick)
+    print(text)
+    if not args.quick:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text, encoding="utf-8")
+        print(f"written to {args.output}", file=sys.stderr)
+    return 0 if report.all_targets_met(sizes, batch, memory) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Wall time of a batch against the stand-in answering after a fixed delay: the node's path vs one after another."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from structure_api.cache import ResultCache
+from structure_api.client import StructureClient, StructureRequest
+from structure_api.images import (
+    ImageSize,
+    as_numpy,
+    encode_upload,
+    fit_to_limits,
+    new_output_batch,
+    restore_from_fit,
+    to_uint8_rgb,
+    uint8_to_float,
+)
+from structure_api.pipeline import StructureParams, generate_images
+
+from .content import photo_like
+from .servers import standin
+
+PROMPT = "a benchmark picture"
+
+
+@dataclass
+class BatchResult:
+    """Wall times in seconds; ``concurrent`` maps max_concurrency to the median of ``repeats`` runs."""
+
+    count: int
+    side: int
+    latency: float
+    repeats: int
+    single: float  # one image alone through the node's path: what "as long as its slowest image" means here
+    concurrent: dict[int, float]
+    sequential: float
+
+
+def _sequential(client: StructureClient, images: torch.Tensor) -> torch.Tensor:
+    """One request after another, each waiting for the previous answer (what a plain loop does)."""
+    count, height, width, _ = images.shape
+    output = new_output_batch(count, ImageSize(width=width, height=height), like=images)
+    pixels_out = as_numpy(output)
+    for index in range(count):
+        pixels, plan = fit_to_limits(to_uint8_rgb(images[index]))
+        request = StructureRequest(image=encode_upload(pixels), prompt=PROMPT, seed=index + 1)
+        result = client.generate(request)
+        uint8_to_float(restore_from_fit(result.pixels, plan), out=pixels_out[index])
+    return output
+
+
+def measure_batch(count: int = 8, side: int = 512, latency: float = 1.0, concurrency: tuple[int, ...] = (8, 4),
+                  repeats: int = 3) -> BatchResult:
+    """Time ``count`` images of ``side`` px through ``generate_images`` at each concurrency, and sequentially."""
+    images = torch.from_numpy(np.stack([photo_like(side, side, seed) for seed in range(count)]))
+    concurrent: dict[int, list[float]] = {level: [] for level in concurrency}
+    single: list[float] = []
+    with standin(latency) as url, tempfile.TemporaryDirectory() as cache_dir, \
+            StructureClient(api_key="benchmark", base_url=url) as client:
+        # As the node runs it: with a result cache (a fresh, empty one, so nothing is a hit).
+        params = StructureParams(prompt=PROMPT, seed=1)
+        generate_images(images[:1], params, client=client, max_concurrency=1)  # warm-up: imports, connection
+        for repeat in range(repeats):
+            cache = ResultCache(Path(cache_dir, f"single-{repeat}"))
+            started = time.perf_counter()
+            generate_images(images[:1], params, client=client, cache=cache, max_concurrency=1)
+            single.append(time.perf_counter() - started)
+            for level in concurrency:
+                cache = ResultCache(Path(cache_dir, f"{level}-{repeat}"))
+                started = time.perf_counter()
+                result = generate_images(images, params, client=client, cache=cache, max_concurrency=level)
+                concurrent[level].append(time.perf_counter() - started)
+                if tuple(result.images.shape) != tuple(images.shape):
+                    raise AssertionError("the batch came back with the wrong shape")
+        started = time.perf_counter()
+        _sequential(client, images)
+        sequential = time.perf_counter() - started
+    return BatchResult(count=count, side=side, latency=latency, repeats=repeats, single=statistics.median(single),
+                       concurrent={level: statistics.median(times) for level, times in concurrent.items()},
+                       sequential=sequential)

@@ -1,0 +1,87 @@
+"""The stand-in, run in a process of its own so its CPU time and memory stay out of the measurements."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+_READY = "listening on "
+
+
+@contextlib.contextmanager
+def server_process(args: Sequence[str], startup_timeout: float = 60.0) -> Iterator[str]:
+    """Start ``python ARGS`` in the repository root; yield the URL it prints once listening; stop it after."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AITHRIVING_")}
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+    try:
+        url = None
+        assert process.stdout is not None
+        for line in process.stdout:
+            if _READY in line:
+                url = line.split(_READY, 1)[1].strip()
+                break
+        if url is None:
+            raise RuntimeError(f"the server {' '.join(args)} exited before it was listening")
+        yield url
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)  # both servers stop cleanly on Ctrl-C
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def standin(latency: float) -> "contextlib.AbstractContextManager[str]":
+    """The pack's own stand-in (``structure-api serve``): decodes each upload, renders, answers after ``latency``."""
+    return server_process(["-m", "structure_api", "serve", "--port", "0", "--latency", repr(latency)])
+
+
+def photo_standin(side: int, answers: int, delay: float) -> "contextlib.AbstractContextManager[str]":
+    """The stand-in scripted to answer ``answers`` requests with a photo-like ``side`` x ``side`` PNG after ``delay``.
+
+    The stand-in's own pictures are flat edge maps whose PNGs are a fraction of a real
+    result's size; a memory measurement needs answers as large as the service's.
+    """
+    return server_process(["-m", "benchmarks.servers", "--side", str(side), "--answers", str(answers),
+                           "--delay", repr(delay)])
+
+
+def _serve_photos(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(description=photo_standin.__doc__)
+    parser.add_argument("--side", type=int, required=True)
+    parser.add_argument("--answers", type=int, required=True)
+    parser.add_argument("--delay", type=float, required=True)
+    args = parser.parse_args(argv)
+
+    from structure_api.standin import Fault, StandInServer
+
+    from .content import response_json, service_png
+
+    body = response_json(service_png(args.side, args.side, seed=4242))
+    server = StandInServer(max_records=0)
+    server.script(*(Fault(status=200, body=body, delay=args.delay, headers={"content-type": "application/json"})
+                    for _ in range(args.answers)))
+    try:
+        server.start()
+        print(f"photo stand-in {_READY}{server.url}", flush=True)
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    _serve_photos(sys.argv[1:])
