@@ -21,6 +21,70 @@ SECTIONS = {
 }
 
 
+INTROS = {
+    "faults": (
+        "`StructureClient` with its default retry policy (5 attempts, backoff from 1 s doubling to at most 30 s,"
+        " jitter injected as 0 so waits are exact) against `StandInServer` scripted with `Fault`s. Each row"
+        " asserts the outcome class, the words of the one-line message (no key, no HTML), the requests the"
+        " stand-in saw, the retry waits and a time bound (5 s; the read-timeout rows 2 s)."),
+    "hostile": (
+        "Bounds asserted per call: an answer refused by size or shape costs at most the 64 MiB response cap"
+        " (`MAX_RESPONSE_BYTES`) + 16 MiB traced and cap + 64 MiB resident; a decompression bomb, refused from its"
+        " header, under 16 MiB traced and 64 MiB resident; a well-formed answer under the cap whose image turns"
+        " out not to be one, 3 x cap + 16 MiB (body, json's decoded text and the image string live together)."
+        " The stand-in runs in the same process, so its allocations are counted too (the figures are upper"
+        " bounds for the client)."),
+    "inputs": (
+        "Named cases through `generate_images` (the node's logic, torch or numpy batches) and through"
+        " `structure-api generate`/`batch` in process, then hypothesis property tests. *Requests* is what the"
+        " stand-in (which checks like the service) received: 0 for every refused input."),
+    "load": (
+        "Each request carries its item's seed, so each one the stand-in recorded is traced to its item: earlier"
+        " attempts must be retryable faults, the last one the item's success or the fault behind its error."
+        " Result pixels are compared with the stand-in's own deterministic rendering of that item's image."),
+    "secrets": (
+        "Flows run with a recognisable canary key; the search looks for it as is, as base64 at every"
+        " alignment, and inside PNG text chunks (compressed ones inflated). *Places* are log records, exception"
+        " str/repr/formatted traceback, progress messages, CLI stdout/stderr, written files, cache files, the"
+        " stand-in's recorded paths/headers/fields/uploads, and ComfyUI's outputs, history, queue and logs."),
+}
+
+FINDINGS = """Bugs this suite found, fixed in `structure_api/client.py`:
+
+1. **Huge JSON answers were parsed whole.** A 60 MiB answer of `[{},{},...]` (under the 64 MiB cap) made
+   `json.loads` build 20 million dicts: 1.6 GB traced, 3.7 GB resident, 14 s. Answers with more than 10,000
+   JSON separators are now refused unparsed, and a body that cannot be a JSON object is no longer decoded to
+   text first. Commit 8eb2be9 (it also carries another engineer's concurrent "waiting for the service"
+   progress change to client.py, swept in by the same commit).
+2. **The answer body was held twice.** Chunks were collected in a list and joined: a 60 MiB answer peaked at
+   122 MiB. One `BytesIO` buffer now: 65 MiB. Commit dfc2929.
+3. **`StructureClient.close()` left sockets open.** With urllib3 2 a pool's connections close only when the
+   pool is garbage collected, which never happens while a kept error (a batch report) references its
+   response: 8 sockets stayed open after a faulted batch. `close()` now closes every connection it opened.
+   The code landed in e2dd69c (swept into another engineer's commit); 998320b records it.
+4. **A zero, negative or NaN timeout crashed inside urllib3** (`structure-api ... --timeout -1` printed a
+   traceback). The client now refuses it when made, with a one-line ConfigurationError. Commit 30c10a5.
+
+Observed and left alone (outside this suite's files, or by design):
+
+- `config.py` prints a malformed `AITHRIVING_BASE_URL` back in its error, so a key pasted into that variable
+  by mistake is shown (and logged). Kept as a strict xfail test in section 5.
+- `cli.py` reuses the answer-decoding guard (at most 4 x 9.4 MP) for input files, so a 48 MP camera photo is
+  refused as "not an image this tool can read"; the node fits such images instead (section 3).
+- A 5xx answer whose body is cut off is not retried (APIConnectionError with `request_delivered=True`),
+  although a 5xx is never billed: conservative, one failed item instead of a retry.
+- `generate_images` raises one BatchError when any image fails and returns none of the others; results
+  already paid for survive only through the cache when the seed is fixed (section 4 shows the re-run
+  fetching only the failed images). With seed 0 they are cached under their seed but never looked up.
+- Wording: the service's reasons are joined as "slow down.; you have..." (stray period); a lone surrogate
+  is called a "control character"; "expected 1, 3 or 4 channels" although 2 are accepted.
+- `*.localhost` host names count as loopback for plain http; that is safe only where the resolver pins
+  them to 127.0.0.1 (systemd-resolved, nss-myhostname do).
+- A connection dropped before the stand-in reads a *small* upload may end either way (retried, or
+  ResultMayBeBilledError) depending on whether the kernel had already taken the whole body; the suite uses
+  a 4 MiB upload, which is always retried."""
+
+
 @dataclass
 class Row:
     """One scenario and what happened."""
@@ -118,12 +182,13 @@ def render(ledger: Ledger) -> str:
     figures = ledger.figures
     failed = sorted(nodeid for nodeid, outcome in ledger.outcomes.items() if outcome == "failed")
     passed = sum(1 for outcome in ledger.outcomes.values() if outcome == "passed")
+    known = sum(1 for outcome in ledger.outcomes.values() if outcome == "xfailed")
     suite_seconds = sum(ledger.durations.values())
     rows_by_section = defaultdict(list)
     for row in ledger.rows:
         rows_by_section[row.section].append(row)
     scenario_count = len(ledger.rows)
-    failed_rows = sum(1 for row in ledger.rows if ledger.status(row) != "pass")
+    statuses = Counter(ledger.status(row) for row in ledger.rows)
 
     out: list[str] = []
     add = out.append
@@ -132,10 +197,11 @@ def render(ledger: Ledger) -> str:
     add("Generated by the tests in `tests/reliability/` (do not edit by hand). Every figure and table row")
     add("below was written by the test that asserted it, in the run described here.")
     add("")
-    add(f"- Reproduce: `{REPRODUCE}`")
+    add(f"- Reproduce: `{REPRODUCE}` (from the repository root, in the project's venv). The one ComfyUI")
+    add("  test fetches ComfyUI 0.3.75 into `.cache/comfyui` on first use; `-m \"not comfyui\"` leaves it out.")
     add(f"- Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {_machine()}")
-    add(f"- Tests: {passed} passed, {len(failed)} failed; the suite took {suite_seconds:.0f} s "
-        "(sum of test durations, set-up included)")
+    add(f"- Tests: {passed} passed, {len(failed)} failed, {known} known defect(s) outside this suite's files "
+        f"(xfail); the suite took {suite_seconds:.0f} s (sum of test durations, set-up included)")
     if failed:
         add("")
         add("**This run had failures; the figures below are not a clean bill of health:**")
@@ -146,11 +212,12 @@ def render(ledger: Ledger) -> str:
     add("")
     add("| figure | value |")
     add("|---|---|")
-    add(f"| scenarios checked (rows below) | {scenario_count} ({failed_rows} not passing) |")
+    add(f"| scenarios checked (rows below) | {scenario_count}: "
+        + ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())) + " |")
     add(f"| fault-matrix scenarios | {len(rows_by_section['faults'])} |")
     add(f"| hostile responses refused with memory bounded | {len(rows_by_section['hostile'])} |")
     add(f"| load held: requests sent through the batch path | {figures['load_items']} results, "
-        f"{figures['load_requests_seen']} requests seen by the stand-in, concurrency {ledger.facts.get('load_concurrency', '?')} |")
+        f"{figures['load_requests_seen']} requests seen by the stand-in, concurrency {ledger.facts.get('_load_concurrency', '?')} |")
     add(f"| faults injected and survived (recovered, or reported as a typed error) | {figures['faults_survived']} |")
     add(f"| bad inputs tried | {figures['bad_inputs']} named cases + {figures['property_examples']} "
         "generated property-test examples |")
@@ -173,12 +240,15 @@ def render(ledger: Ledger) -> str:
         add("Measured values:")
         add("")
         for name, value in sorted(ledger.facts.items()):
-            add(f"- {name}: {value}")
+            if not name.startswith("_"):
+                add(f"- {name}: {value}")
         add("")
 
     for section, title in SECTIONS.items():
         rows = rows_by_section.get(section, [])
         add(f"## {title}")
+        add("")
+        add(INTROS[section])
         add("")
         if not rows:
             add("(no rows: these tests did not run)")
@@ -190,6 +260,10 @@ def render(ledger: Ledger) -> str:
             add(f"| {number} | {_cell(row.scenario)} | {_cell(row.expected)} | {_cell(row.observed)} | "
                 f"{_cell(row.requests)} | {_cell(row.waited)} | {_cell(row.seconds)} | {ledger.status(row)} |")
         add("")
+    add("## Findings")
+    add("")
+    add(FINDINGS)
+    add("")
     add("## Notes")
     add("")
     add("- Retry waits are never slept: the client gets an injected `sleep` that records the wait and")

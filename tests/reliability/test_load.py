@@ -15,7 +15,6 @@ import time
 from collections import Counter, defaultdict
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from structure_api import StructureClient, StructureRequest
@@ -155,7 +154,7 @@ def test_1000_requests_through_run_batch_with_10_percent_faults(ledger):
     ledger.count("unexplained_requests", figures["unexplained_requests"])
     ledger.count("threads_leaked", max(0, len(threads_after) - len(threads_before)))
     ledger.count("sockets_leaked", max(0, sockets_after - sockets_before))
-    ledger.fact("load_concurrency", CONCURRENCY)
+    ledger.fact("_load_concurrency", CONCURRENCY)
     ledger.fact("load run (run_batch)", (
         f"{LOAD_ITEMS} items, concurrency {CONCURRENCY}, {figures['requests']} requests in {seconds:.1f} s "
         f"({figures['requests'] / seconds:.0f}/s); faults injected {figures['faults']} "

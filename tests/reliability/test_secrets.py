@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 
 from structure_api import StructureClient, StructureRequest
-from structure_api.batch import run_batch
 from structure_api.cache import ResultCache
 from structure_api.cli import main
 from structure_api.config import APIKey
@@ -30,7 +29,7 @@ from structure_api.errors import BatchError, InsecureURLError, StructureError, U
 from structure_api.pipeline import StructureParams, generate_images
 from structure_api.standin import Fault, StandInServer
 
-from .support import CANARY_KEY, b64, count_files, files_with_key, image_file_bytes, key_found_in, photo_like
+from .support import CANARY_KEY, count_files, image_file_bytes, key_found_in, photo_like
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,6 @@ temp/, input/, ...) and the result cache.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import requests
