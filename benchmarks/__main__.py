@@ -37,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"per-image overhead at {side}x{side} ({count} repeats)...", file=sys.stderr, flush=True)
         sizes.append(measure_size(side, count))
     print("batch of 8 against the stand-in at 1 s latency...", file=sys.stderr, flush=True)
-    batch = measure_batch(repeats=1 if args.quick else 3)
+    batch = measure_batch(repeats=1 if args.quick else 5)
     memory = []
     for concurrency in (4, 8):
         print(f"memory of 16 images at 2048x2048, {concurrency} at once...", file=sys.stderr, flush=True)

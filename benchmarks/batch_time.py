@@ -42,6 +42,9 @@ class BatchResult:
     single: float  # one image alone through the node's path: what "as long as its slowest image" means here
     concurrent: dict[int, float]
     sequential: float
+    # CPU seconds used during the median concurrent run at the highest concurrency, by each side.
+    client_cpu: float
+    standin_cpu: float
 
 
 def _sequential(client: StructureClient, images: torch.Tensor) -> torch.Tensor:
@@ -62,9 +65,10 @@ def measure_batch(count: int = 8, side: int = 512, latency: float = 1.0, concurr
     """Time ``count`` images of ``side`` px through ``generate_images`` at each concurrency, and sequentially."""
     images = torch.from_numpy(np.stack([photo_like(side, side, seed) for seed in range(count)]))
     concurrent: dict[int, list[float]] = {level: [] for level in concurrency}
+    cpu: list[tuple[float, float, float]] = []  # (wall, client CPU, stand-in CPU) at the highest concurrency
     single: list[float] = []
-    with standin(latency) as url, tempfile.TemporaryDirectory() as cache_dir, \
-            StructureClient(api_key="benchmark", base_url=url) as client:
+    with standin(latency) as server, tempfile.TemporaryDirectory() as cache_dir, \
+            StructureClient(api_key="benchmark", base_url=server.url) as client:
         # As the node runs it: with a result cache (a fresh, empty one, so nothing is a hit).
         params = StructureParams(prompt=PROMPT, seed=1)
         generate_images(images[:1], params, client=client, max_concurrency=1)  # warm-up: imports, connection
@@ -75,14 +79,19 @@ def measure_batch(count: int = 8, side: int = 512, latency: float = 1.0, concurr
             single.append(time.perf_counter() - started)
             for level in concurrency:
                 cache = ResultCache(Path(cache_dir, f"{level}-{repeat}"))
+                client_cpu, standin_cpu = time.process_time(), server.cpu_seconds()
                 started = time.perf_counter()
                 result = generate_images(images, params, client=client, cache=cache, max_concurrency=level)
-                concurrent[level].append(time.perf_counter() - started)
+                wall = time.perf_counter() - started
+                concurrent[level].append(wall)
+                if level == max(concurrency):
+                    cpu.append((wall, time.process_time() - client_cpu, server.cpu_seconds() - standin_cpu))
                 if tuple(result.images.shape) != tuple(images.shape):
                     raise AssertionError("the batch came back with the wrong shape")
         started = time.perf_counter()
         _sequential(client, images)
         sequential = time.perf_counter() - started
+    median_run = sorted(cpu)[len(cpu) // 2]
     return BatchResult(count=count, side=side, latency=latency, repeats=repeats, single=statistics.median(single),
                        concurrent={level: statistics.median(times) for level, times in concurrent.items()},
-                       sequential=sequential)
+                       sequential=sequential, client_cpu=median_run[1], standin_cpu=median_run[2])

@@ -146,11 +146,11 @@ def _probe(url: str, count: int, side: int, concurrency: int) -> MemoryResult:
 
 def measure_memory(count: int = 16, side: int = 2048, concurrency: int = 4, delay: float = 0.5) -> MemoryResult:
     """Run the probe in a fresh process against the photo stand-in in another; return what it measured."""
-    with photo_standin(side, count, delay) as url:
+    with photo_standin(side, count, delay) as server:
         env = {name: value for name, value in os.environ.items() if not name.startswith("AITHRIVING_")}
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         completed = subprocess.run(
-            [sys.executable, "-m", "benchmarks.memory", "--url", url, "--count", str(count), "--side", str(side),
+            [sys.executable, "-m", "benchmarks.memory", "--url", server.url, "--count", str(count), "--side", str(side),
              "--concurrency", str(concurrency)],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if completed.returncode != 0:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -15,9 +16,23 @@ ROOT = Path(__file__).resolve().parent.parent
 _READY = "listening on "
 
 
+@dataclass(frozen=True)
+class RunningServer:
+    """A server process: where it listens, and how much CPU it has used."""
+
+    url: str
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the process has used so far."""
+        with open(f"/proc/{self.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def server_process(args: Sequence[str], startup_timeout: float = 60.0) -> Iterator[str]:
-    """Start ``python ARGS`` in the repository root; yield the URL it prints once listening; stop it after."""
+def server_process(args: Sequence[str]) -> Iterator[RunningServer]:
+    """Start ``python ARGS`` in the repository root; yield it once it prints its URL; stop it after."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("AITHRIVING_")}
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -31,7 +46,7 @@ def server_process(args: Sequence[str], startup_timeout: float = 60.0) -> Iterat
                 break
         if url is None:
             raise RuntimeError(f"the server {' '.join(args)} exited before it was listening")
-        yield url
+        yield RunningServer(url=url, pid=process.pid)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)  # both servers stop cleanly on Ctrl-C
@@ -44,12 +59,12 @@ def server_process(args: Sequence[str], startup_timeout: float = 60.0) -> Iterat
             process.stdout.close()
 
 
-def standin(latency: float) -> "contextlib.AbstractContextManager[str]":
+def standin(latency: float) -> "contextlib.AbstractContextManager[RunningServer]":
     """The pack's own stand-in (``structure-api serve``): decodes each upload, renders, answers after ``latency``."""
     return server_process(["-m", "structure_api", "serve", "--port", "0", "--latency", repr(latency)])
 
 
-def photo_standin(side: int, answers: int, delay: float) -> "contextlib.AbstractContextManager[str]":
+def photo_standin(side: int, answers: int, delay: float) -> "contextlib.AbstractContextManager[RunningServer]":
     """The stand-in scripted to answer ``answers`` requests with a photo-like ``side`` x ``side`` PNG after ``delay``.
 
     The stand-in's own pictures are flat edge maps whose PNGs are a fraction of a real
