@@ -68,8 +68,12 @@ class BatchReport:
     def done(self) -> int:
         return len(self.seeds)
 
-    def raise_for_failures(self, noun: str = "image") -> None:
-        """Raise one BatchError naming each failed item (1-based) and why."""
+    def raise_for_failures(self, noun: str = "image", *, resumable: bool = False) -> None:
+        """Raise one BatchError naming each failed item (1-based) and why.
+
+        ``resumable``: the paid results are in the cache under a fixed seed, so say that a re-run
+        pays only for the failed items.
+        """
         if not self.failures:
             return
         if self.total == 1:
@@ -78,7 +82,10 @@ class BatchReport:
         items = sorted(self.failures.items())
         shown = "; ".join(f"{noun} {index + 1}: {str(error).rstrip('.')}" for index, error in items[:5])
         more = f"; and {len(items) - 5} more" if len(items) > 5 else ""
-        paid = f" ({self.done} succeeded, {self.credits} credits spent)" if self.done else ""
+        paid = ""
+        if self.done:
+            again = "; they are cached, so a re-run with the same seed pays only for the failed ones" if resumable else ""
+            paid = f" ({self.done} succeeded, {self.credits} credits spent{again})"
         raise BatchError(f"{len(items)} of {self.total} {noun}s failed{paid}: {shown}{more}",
                          failures=self.failures)
 

@@ -38,6 +38,8 @@ from .images import (
 )
 from .pipeline import batch_seeds
 
+# The user's own files: large camera photos are fine (they are fitted), decompression bombs are not.
+MAX_INPUT_PIXELS = 150_000_000
 INPUT_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 _SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 _FORMAT_SUFFIX = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
@@ -59,9 +61,11 @@ class PreparedImage:
         except OSError as exc:
             raise CommandError(f"Cannot read {path}: {exc.strerror or exc}.") from None
         try:
-            pixels = decode_image(data)
+            pixels = decode_image(data, max_pixels=MAX_INPUT_PIXELS)
         except StructureError:
-            raise CommandError(f"{path} is not an image this tool can read (PNG, JPEG or WebP).") from None
+            raise CommandError(
+                f"{path} is not an image this tool can read (PNG, JPEG or WebP of at most "
+                f"{MAX_INPUT_PIXELS // 1_000_000} megapixels).") from None
         height, width = pixels.shape[:2]
         self.size = ImageSize(width=width, height=height)
         fmt = detect_format(data)

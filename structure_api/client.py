@@ -88,10 +88,10 @@ def _check_text(name: str, value: object, *, required: bool) -> str:
     if len(value) > MAX_PROMPT_CHARS:
         raise InputError(f"{name} is {len(value)} characters long; the service accepts at most {MAX_PROMPT_CHARS}.")
     for position, ch in enumerate(value):
-        if ch not in _ALLOWED_CONTROL_CHARS and unicodedata.category(ch) in ("Cc", "Cs"):
-            raise InputError(
-                f"{name} contains the control character U+{ord(ch):04X} at position {position + 1}; remove it."
-            )
+        category = unicodedata.category(ch)
+        if ch not in _ALLOWED_CONTROL_CHARS and category in ("Cc", "Cs"):
+            kind = "control character" if category == "Cc" else "invalid character (a lone surrogate)"
+            raise InputError(f"{name} contains the {kind} U+{ord(ch):04X} at position {position + 1}; remove it.")
     return value
 
 
@@ -304,12 +304,12 @@ def _server_reason(payload: object) -> Optional[str]:
     pieces: list[str] = []
     message = payload.get("message")
     if isinstance(message, str) and message.strip() and message.strip().lower() != "success":
-        pieces.append(message.strip())
+        pieces.append(message.strip().rstrip("."))
     errors = payload.get("errors")
     if isinstance(errors, list):
         for item in errors[:5]:
-            if isinstance(item, str) and item.strip() and item.strip() not in pieces:
-                pieces.append(item.strip())
+            if isinstance(item, str) and item.strip().rstrip(".") and item.strip().rstrip(".") not in pieces:
+                pieces.append(item.strip().rstrip("."))
     if not pieces:
         for key in ("error", "detail", "name"):
             value = payload.get(key)
@@ -596,9 +596,8 @@ class StructureClient:
                     f"The service's answer broke off before it was complete ({type(_root_cause(exc)).__name__}); "
                     "it may have charged for the image, so the request was not sent again.",
                     http_status=200) from None
-            raise APIConnectionError(
-                f"The service's HTTP {response.status_code} answer broke off before it was complete.",
-                http_status=response.status_code, request_delivered=True) from None
+            # An error status is the answer whatever its body: what arrived is enough to map it
+            # (and a 5xx cut short is as unbilled, and as retryable, as a whole one).
         return buffer.getvalue()
 
     def _parse(self, response: requests.Response, request: StructureRequest, attempt: int) -> StructureResult:

@@ -91,8 +91,10 @@ def resolve_base_url(environ: Optional[Mapping[str, str]] = None) -> str:
     url = (env.get(ENV_BASE_URL) or DEFAULT_BASE_URL).strip().rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
+        # The value is not repeated: a key pasted into the wrong variable would be printed back.
         raise ConfigurationError(
-            f"{ENV_BASE_URL} must be an http(s) address such as {DEFAULT_BASE_URL}; got {url!r}."
+            f"{ENV_BASE_URL} must be an http(s) address such as {DEFAULT_BASE_URL}; "
+            f"the value set ({len(url)} characters) is not one."
         )
     if parts.username or parts.password:
         raise ConfigurationError(f"{ENV_BASE_URL} must not contain a user name or password.")
@@ -102,7 +104,8 @@ def resolve_base_url(environ: Optional[Mapping[str, str]] = None) -> str:
 def is_loopback_host(host: str) -> bool:
     """True for localhost and loopback addresses, which never leave this machine."""
     host = host.strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
+    # Only the exact name: *.localhost is loopback only where the resolver pins it.
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

@@ -88,7 +88,7 @@ def _batch_dims(images: object) -> tuple[int, ImageSize]:
     if height == 0 or width == 0:
         raise InvalidImageError(f"The images are {width}x{height} pixels; they need at least one pixel each side.")
     if channels not in (1, 2, 3, 4):
-        raise InvalidImageError(f"The images have {channels} channels; expected 1, 3 or 4.")
+        raise InvalidImageError(f"The images have {channels} channels; expected 1 to 4 (grey, grey+alpha, RGB, RGBA).")
     return count, ImageSize(width=width, height=height)
 
 
@@ -150,7 +150,7 @@ def generate_images(
     if report.cancelled:
         return BatchResult(images=None, seeds=[], credits=report.credits, from_cache=len(report.from_cache),
                            report=report)
-    report.raise_for_failures()
+    report.raise_for_failures(resumable=cache is not None and params.seed != 0)
     used = [report.seeds[index] for index in range(count)]
     return BatchResult(images=output, seeds=used, credits=report.credits, from_cache=len(report.from_cache),
                        report=report)

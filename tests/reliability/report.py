@@ -65,21 +65,24 @@ FINDINGS = """Bugs this suite found, fixed in `structure_api/client.py`:
 4. **A zero, negative or NaN timeout crashed inside urllib3** (`structure-api ... --timeout -1` printed a
    traceback). The client now refuses it when made, with a one-line ConfigurationError. Commit 30c10a5.
 
-Observed and left alone (outside this suite's files, or by design):
+Observed by this suite and fixed afterwards in the files they belong to (the tests now assert the fix):
 
-- `config.py` prints a malformed `AITHRIVING_BASE_URL` back in its error, so a key pasted into that variable
-  by mistake is shown (and logged). Kept as a strict xfail test in section 5.
-- `cli.py` reuses the answer-decoding guard (at most 4 x 9.4 MP) for input files, so a 48 MP camera photo is
-  refused as "not an image this tool can read"; the node fits such images instead (section 3).
-- A 5xx answer whose body is cut off is not retried (APIConnectionError with `request_delivered=True`),
-  although a 5xx is never billed: conservative, one failed item instead of a retry.
-- `generate_images` raises one BatchError when any image fails and returns none of the others; results
-  already paid for survive only through the cache when the seed is fixed (section 4 shows the re-run
-  fetching only the failed images). With seed 0 they are cached under their seed but never looked up.
-- Wording: the service's reasons are joined as "slow down.; you have..." (stray period); a lone surrogate
-  is called a "control character"; "expected 1, 3 or 4 channels" although 2 are accepted.
-- `*.localhost` host names count as loopback for plain http; that is safe only where the resolver pins
-  them to 127.0.0.1 (systemd-resolved, nss-myhostname do).
+- `config.py` printed a malformed `AITHRIVING_BASE_URL` back in its error, so a key pasted into that variable
+  by mistake was shown; it now states only the value's length (section 5).
+- `cli.py` used the answer-decoding guard (at most 4 x 9.4 MP) for input files, so a 48 MP camera photo was
+  refused; input files may now be up to 150 MP and are fitted like in the node (section 3).
+- A 5xx answer whose body was cut off was not retried; it now maps to its status (a 5xx is never billed) and
+  is retried like a whole one.
+- Wording: no stray period when the service's reasons are joined; a lone surrogate is called an invalid
+  character; the channel message says 1 to 4. `*.localhost` no longer counts as loopback (only `localhost`
+  and loopback addresses do).
+
+Left alone, by design:
+
+- `generate_images` raises one BatchError when any image fails and returns none of the others (the node
+  never returns a partial batch); results already paid for survive through the cache when the seed is
+  fixed, and the error says so (section 4 shows the re-run fetching only the failed images). With seed 0
+  they are cached under the seed they got and are never looked up under 0.
 - A connection dropped before the stand-in reads a *small* upload may end either way (retried, or
   ResultMayBeBilledError) depending on whether the kernel had already taken the whole body; the suite uses
   a 4 MiB upload, which is always retried."""

@@ -336,7 +336,7 @@ def _png_16bit(path: Path) -> Path:
 def _zero_bomb(path: Path) -> Path:
     from .test_hostile import png_bomb
 
-    path.write_bytes(png_bomb(8000, 8000, real=True))
+    path.write_bytes(png_bomb(20000, 20000, real=False))
     return path
 
 
@@ -356,11 +356,11 @@ CLI_CASES = {
                              (0, "")),
     "16-bit grey PNG": (lambda d: _png_16bit(d / "deep.png"), [], (0, "")),
     "CMYK JPEG": (lambda d: _save(d / "cmyk.jpg", Image.fromarray(photo_like(96, 80)).convert("CMYK")), [], (0, "")),
-    "PNG decompression bomb (8000x8000, 0.2 MB file)": (lambda d: _zero_bomb(d / "bomb.png"), [],
+    "PNG decompression bomb (declares 20000x20000 = 400 MP)": (lambda d: _zero_bomb(d / "bomb.png"), [],
                                                         (1, "not an image this tool can read")),
-    "48 MP photo (8000x6000 JPEG; the node would fit it) - message misleading, see notes": (
+    "48 MP photo (8000x6000 JPEG): fitted, sent, brought back to 8000x6000": (
         lambda d: _save(d / "big.jpg", Image.fromarray(photo_like(800, 600)).resize((8000, 6000))), [],
-        (1, "not an image this tool can read")),
+        (0, "")),
     "missing input file": (lambda d: d / "missing.png", [], (1, "Cannot read")),
     "blank prompt": (None, ["--prompt", "  "], (1, "prompt is empty")),
     "prompt of 10001 characters": (None, ["--prompt", "x" * 10001], (1, "10001 characters")),

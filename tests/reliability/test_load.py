@@ -21,7 +21,6 @@ from structure_api import StructureClient, StructureRequest
 from structure_api.batch import run_batch
 from structure_api.cache import ResultCache
 from structure_api.errors import (
-    APIConnectionError,
     BatchError,
     GenerationFailedError,
     RateLimitError,
@@ -40,14 +39,14 @@ FAULT_RATE = 0.1
 FAULT_SEED = 20261124
 PROMPT = "a harbour town at dawn"
 STRENGTH = 0.8
-RETRYABLE_FAULTS = {"429", "500", "502", "503", "504"}
+# "truncate" here is always a 503 cut off mid-body: still a 503, never billed, so retried.
+RETRYABLE_FAULTS = {"429", "500", "502", "503", "504", "truncate"}
 MAX_ATTEMPTS = 5
 # What an item's last request must have been, given how the item ended.
 FINAL_FAULT_FOR_ERROR = {
     GenerationFailedError: {"code-1", "200"},  # "200": a scripted 200 answer with code -1
     ResultMayBeBilledError: {"drop", "hang"},
-    APIConnectionError: {"truncate"},
-    ServiceError: {"500", "502", "503", "504"},
+    ServiceError: {"500", "502", "503", "504", "truncate"},
     RateLimitError: {"429"},
 }
 
