@@ -185,6 +185,18 @@ function lastRunText(node) {
   return text(cost.from_cache > 0 ? "lastRunCached" : "lastRun", values);
 }
 
+// cost: the node's UI output `aithriving_cost[0]`, or null when ComfyUI reused the node's last output
+// (then the old cost it re-sends, if any, was not spent again).
+function recordCost(node, cost) {
+  const reused = cost === null || reusedByComfy.has(String(node.id));
+  const previous = node.aithrivingLastCost;
+  node.aithrivingLastCost = reused
+    ? { credits: 0, images: previous?.images ?? cost?.images ?? null, from_cache: 0, seeds: previous?.seeds ?? [], reused }
+    : { credits: cost.credits, images: cost.images, from_cache: cost.from_cache ?? 0, seeds: cost.seeds ?? [], reused };
+  node.aithrivingRuns = (node.aithrivingRuns ?? 0) + 1;
+  node.setDirtyCanvas?.(true, true);
+}
+
 // The look of the frontend's partner-node price badge (coin icon on gold); the last-run badge has no
 // coin, so a subgraph holding this node shows only the estimate as its price.
 function makeBadge(textOf, withCoin) {
@@ -216,6 +228,12 @@ app.registerExtension({
     });
     api.addEventListener("execution_cached", (event) => {
       reusedByComfy = new Set((event.detail?.nodes ?? []).map(String));
+      // ComfyUI sends no "executed" for a cached node that nothing downstream needs re-run.
+      for (const node of app.graph?.nodes ?? []) {
+        if ((node.comfyClass ?? node.type) === NODE_ID && reusedByComfy.has(String(node.id))) {
+          recordCost(node, null);
+        }
+      }
     });
   },
 
@@ -239,16 +257,7 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (output) {
       const result = onExecuted?.apply(this, arguments);
       const cost = output?.aithriving_cost?.[0];
-      if (cost && Number.isFinite(cost.credits)) {
-        this.aithrivingLastCost = {
-          credits: cost.credits,
-          images: cost.images,
-          from_cache: cost.from_cache ?? 0,
-          seeds: cost.seeds ?? [],
-          reused: reusedByComfy.has(String(this.id)),
-        };
-        this.setDirtyCanvas?.(true, true);
-      }
+      if (cost && Number.isFinite(cost.credits)) recordCost(this, cost);
       return result;
     };
   },

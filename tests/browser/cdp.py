@@ -48,6 +48,7 @@ CHROMIUM_FLAGS = (
     "--remote-allow-origins=*",
 )
 _CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+_PROXY_VARIABLES = frozenset({"http_proxy", "https_proxy", "all_proxy", "no_proxy"})
 _DEVTOOLS_LINE = re.compile(r"DevTools listening on (ws://\S+)")
 
 
@@ -121,13 +122,18 @@ class _Connection:
         with self._lock:
             self._listeners.append(listener)
 
-    def send(self, method: str, params: dict | None = None, *, session_id: str | None = None,
-             timeout: float = 30.0) -> dict:
+    def post(self, method: str, params: dict | None = None, *, session_id: str | None = None) -> int:
+        """Send a command without waiting for its answer (safe from an event listener)."""
         command_id = next(self._ids)
         message: dict[str, Any] = {"id": command_id, "method": method, "params": params or {}}
         if session_id:
             message["sessionId"] = session_id
         self._socket.send(json.dumps(message))
+        return command_id
+
+    def send(self, method: str, params: dict | None = None, *, session_id: str | None = None,
+             timeout: float = 30.0) -> dict:
+        command_id = self.post(method, params, session_id=session_id)
         deadline = time.monotonic() + timeout
         with self._lock:
             while command_id not in self._answers:
@@ -149,7 +155,8 @@ class _Connection:
 
 
 class Page:
-    """One tab. Console messages and uncaught exceptions are kept in ``console`` and ``exceptions``."""
+    """One tab. Console messages, uncaught exceptions, answered dialogs and the responses it received are
+    kept in ``console``, ``exceptions``, ``dialogs`` and ``responses``."""
 
     def __init__(self, connection: _Connection, session_id: str, target_id: str) -> None:
         self._connection = connection
@@ -157,8 +164,10 @@ class Page:
         self.target_id = target_id
         self.console: list[str] = []
         self.exceptions: list[str] = []
+        self.dialogs: list[str] = []
+        self.responses: list[tuple[str, int]] = []  # (url, HTTP status) of every response the page got
         connection.add_listener(self._on_event)
-        for domain in ("Page", "Runtime"):
+        for domain in ("Page", "Runtime", "Network"):
             self.send(f"{domain}.enable")
 
     def _on_event(self, event: dict) -> None:
@@ -171,11 +180,28 @@ class Page:
         elif method == "Runtime.exceptionThrown":
             details = params.get("exceptionDetails", {})
             self.exceptions.append(details.get("exception", {}).get("description") or details.get("text", ""))
+        elif method == "Network.responseReceived":
+            response = params.get("response", {})
+            self.responses.append((response.get("url", ""), response.get("status", 0)))
+        elif method == "Page.javascriptDialogOpening":
+            # alert/confirm/"Leave site?" would block the page (and navigation) until answered.
+            self.dialogs.append(f"{params.get('type')}: {params.get('message')}")
+            self._connection.post("Page.handleJavaScriptDialog", {"accept": True}, session_id=self.session_id)
 
     def send(self, method: str, params: dict | None = None, timeout: float = 30.0) -> dict:
         return self._connection.send(method, params, session_id=self.session_id, timeout=timeout)
 
     # -- navigation and scripts --------------------------------------------------------------
+
+    def add_init_script(self, source: str) -> None:
+        """Run this script in every document the page loads, before the page's own scripts."""
+        self.send("Page.addScriptToEvaluateOnNewDocument", {"source": source})
+
+    def drop_files(self, x: float, y: float, paths: Sequence[Path | str]) -> None:
+        """Drag files from the desktop and drop them at (x, y), as the operating system does."""
+        data = {"items": [], "files": [str(Path(p).resolve()) for p in paths], "dragOperationsMask": 1}
+        for kind in ("dragEnter", "dragOver", "drop"):
+            self.send("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
 
     def set_viewport(self, width: int, height: int) -> None:
         self.send("Emulation.setDeviceMetricsOverride",
@@ -227,15 +253,36 @@ class Page:
                       {"type": kind, "x": x, "y": y, "button": "left", "buttons": 1, "clickCount": 1})
 
     def click(self, selector_js: str, *, timeout: float = 10.0, what: str | None = None) -> None:
-        """Click the middle of the element an expression returns (waits until it is there and visible)."""
-        box = self.wait_for(
-            f"""(() => {{ const el = ({selector_js});
-                if (!el) return null;
-                el.scrollIntoView({{block: 'center', inline: 'center'}});
-                const r = el.getBoundingClientRect();
-                return r.width > 0 && r.height > 0 ? {{x: r.x + r.width / 2, y: r.y + r.height / 2}} : null; }})()""",
-            timeout=timeout, message=f"a visible {what or selector_js}")
-        self.click_at(box["x"], box["y"])
+        """Click the middle of the element an expression returns, once it is visible and has stopped
+        moving (dialogs open with an animation; a click during it lands elsewhere)."""
+        locate = f"""(() => {{ const el = ({selector_js});
+            if (!el) return null;
+            el.scrollIntoView({{block: 'nearest', inline: 'nearest'}});
+            const r = el.getBoundingClientRect();
+            return r.width > 0 && r.height > 0 ? [r.x, r.y, r.width, r.height] : null; }})()"""
+        deadline = time.monotonic() + timeout
+        previous = None
+        while True:
+            box = self.wait_for(locate, timeout=max(0.1, deadline - time.monotonic()),
+                                message=f"a visible {what or selector_js}")
+            if box == previous:
+                break
+            previous = box
+            time.sleep(0.12)
+        x, y, width, height = box
+        self.click_at(x + width / 2, y + height / 2)
+
+    def drag(self, start: tuple[float, float], end: tuple[float, float], steps: int = 8) -> None:
+        """Press the left button at start, move to end in steps, release."""
+        (x0, y0), (x1, y1) = start, end
+        self.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x0, "y": y0})
+        self.send("Input.dispatchMouseEvent",
+                  {"type": "mousePressed", "x": x0, "y": y0, "button": "left", "buttons": 1, "clickCount": 1})
+        for i in range(1, steps + 1):
+            x, y = x0 + (x1 - x0) * i / steps, y0 + (y1 - y0) * i / steps
+            self.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y, "button": "left", "buttons": 1})
+        self.send("Input.dispatchMouseEvent",
+                  {"type": "mouseReleased", "x": x1, "y": y1, "button": "left", "buttons": 1, "clickCount": 1})
 
     def press_key(self, key: str, code: str, key_code: int) -> None:
         for kind in ("keyDown", "keyUp"):
@@ -244,9 +291,12 @@ class Page:
 
     # -- pictures -----------------------------------------------------------------------------
 
-    def screenshot(self, path: Path) -> Path:
-        """Save a PNG of the viewport."""
-        data = self.send("Page.captureScreenshot", {"format": "png"}, timeout=60)["data"]
+    def screenshot(self, path: Path, clip: dict | None = None) -> Path:
+        """Save a PNG of the viewport, or of clip {x, y, width, height} (CSS pixels)."""
+        params: dict[str, Any] = {"format": "png"}
+        if clip:
+            params["clip"] = {**clip, "scale": 1}
+        data = self.send("Page.captureScreenshot", params, timeout=60)["data"]
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(data))
@@ -277,9 +327,13 @@ class Chromium:
         self.log_path = self.profile_dir / "chromium.log"
         cmd = [self.binary, *CHROMIUM_FLAGS, *self.extra_flags, f"--user-data-dir={self.profile_dir}",
                "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"]
+        # A home of its own: nothing of the developer's profile, caches or crash reports is read or written.
+        env = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARIABLES}
+        env.update(HOME=str(self.profile_dir), XDG_CONFIG_HOME=str(self.profile_dir / "config"),
+                   XDG_CACHE_HOME=str(self.profile_dir / "cache"))
         log = open(self.log_path, "wb")
         try:
-            self._process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            self._process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                              start_new_session=True, preexec_fn=_die_with_parent)
         finally:
             log.close()

@@ -1,0 +1,356 @@
+"""The pack in ComfyUI's real web UI (frontend 1.32.9 served by ComfyUI 0.3.75), in headless Chromium.
+
+A user's path: open the template browser, pick one of the pack's workflows (or drop the workflow file
+on the canvas), look at the node, press Run, see the image and the cost on the node; open the node's
+help; switch the language. Runs against the local stand-in; nothing is paid.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from structure_api.standin import StandInServer
+from tests.browser.comfy_page import NODE, PACK, PACK_URL_PART, ComfyPage, save_small_png, save_thumbnail
+from tests.browser.conftest import REPO, VIEWPORT, set_setting
+from tests.comfy.harness import ComfyServer, execution_error
+
+WORKFLOW_DIR = REPO / "example_workflows"
+WORKFLOWS = sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
+CREDITS_PER_IMAGE = 6
+WIDGETS = ["prompt", "control_strength", "seed", "control_after_generate", "output_format", "outside_limits",
+           "negative_prompt"]
+RUN_TIMEOUT = 60.0
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def http_get(server: ComfyServer, path: str) -> requests.Response:
+    return requests.get(f"{server.url}{path}", timeout=(5, 60), proxies={"http": None, "https": None})
+
+
+def workflow_json(name: str) -> dict:
+    return json.loads((WORKFLOW_DIR / f"{name}.json").read_text())
+
+
+def batch_size(workflow: dict) -> int:
+    """Images reaching the Structure node: the RepeatImageBatch amount if the workflow has one, else 1."""
+    repeat = [n for n in workflow["nodes"] if n["type"] == "RepeatImageBatch"]
+    return repeat[0]["widgets_values"][0] if repeat else 1
+
+
+def structure_widgets(workflow: dict) -> list:
+    return next(n for n in workflow["nodes"] if n["type"] == NODE)["widgets_values"]
+
+
+def node_inputs(info: dict) -> dict:
+    """name -> options of a node's required and optional inputs, from /object_info."""
+    return {name: spec[1] for group in ("required", "optional")
+            for name, spec in (info["input"].get(group) or {}).items()}
+
+
+def free_execution_cache(server: ComfyServer) -> None:
+    """What "Unload Models and Execution Cache" does: ComfyUI forgets its cached node outputs."""
+    response = requests.post(f"{server.url}/free", json={"unload_models": True, "free_memory": True},
+                             timeout=(5, 30), proxies={"http": None, "https": None})
+    response.raise_for_status()
+    time.sleep(1.0)  # the prompt worker drops its caches when it next wakes, at once when idle
+
+
+def run_from_ui(ui: ComfyPage, server: ComfyServer) -> dict:
+    """Click Run; wait for the prompt it queued (from this page) to finish; its history entry."""
+    before = set(server.history())
+    runs_before = ui.page.evaluate(f"app.graph.nodes.find(n => n.type === '{NODE}').aithrivingRuns ?? 0")
+    ui.click_run()
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while True:
+        new = {k: v for k, v in server.history().items() if k not in before}
+        finished = [v for v in new.values() if v.get("status", {}).get("completed") is not None]
+        if finished:
+            break
+        assert time.monotonic() < deadline, f"no prompt finished within {RUN_TIMEOUT:.0f} s of clicking Run"
+        time.sleep(0.1)
+    [entry] = finished
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    assert entry["prompt"][3]["client_id"] == ui.client_id()  # queued by this page's Run button
+    ui.page.wait_for(f"(app.graph.nodes.find(n => n.type === '{NODE}').aithrivingRuns ?? 0) > {runs_before}",
+                     message="the run's cost delivered to the node")
+    return entry
+
+
+def check_graph(ui: ComfyPage, workflow: dict) -> dict:
+    """The loaded graph is the workflow: every node known, no missing-node dialog, our widgets as saved."""
+    assert ui.missing_nodes_dialog() is None
+    nodes = {n["id"]: n for n in ui.graph_nodes()}
+    assert {n_id: n["type"] for n_id, n in nodes.items()} == {n["id"]: n["type"] for n in workflow["nodes"]}
+    assert all(n["registered"] and not n["has_errors"] for n in nodes.values()), nodes
+    structure = next(n for n in nodes.values() if n["type"] == NODE)
+    assert [w["name"] for w in structure["widgets"]] == WIDGETS
+    assert [w["value"] for w in structure["widgets"]] == structure_widgets(workflow)
+    assert structure["size"][0] > 200 and structure["size"][1] > 200
+    assert [i["name"] for i in structure["inputs"] if i["linked"]] == ["image"]
+    return structure
+
+
+def assert_no_pack_errors_in_console(ui: ComfyPage) -> None:
+    page = ui.page
+    ours = [line for line in page.console
+            if ("aithriving" in line.lower() or PACK_URL_PART in line) and line.startswith(("[error]", "[assert]"))]
+    ours += [line for line in page.console if line.startswith("[warning] [aithriving.structure]")]
+    ours += [e for e in page.exceptions if PACK_URL_PART in e]
+    assert not ours, ours
+
+
+class Pictures:
+    """Screenshots of this run; with UPDATE_SCREENSHOTS=1 also the README's pictures and the thumbnails."""
+
+    def __init__(self, ui: ComfyPage, directory: Path, update: bool) -> None:
+        self.ui, self.directory, self.update = ui, directory, update
+
+    def shoot(self, name: str, *, for_readme: bool = False) -> Path:
+        path = self.ui.screenshot(self.directory / f"{name}.png")
+        if self.update and for_readme:
+            save_small_png(path.read_bytes(), REPO / "docs" / "screenshots" / f"{name}.png")
+        return path
+
+    def thumbnail(self, workflow: str) -> None:
+        """The graph in a square: the template browser's thumbnail for this workflow (update runs only)."""
+        if not self.update:
+            return
+        page = self.ui.page
+        # A square of canvas clear of the sidebar (left), the tabs and Run bar (top), the zoom menu (bottom).
+        width, height, left, top, bottom = 900, 960, 64, 140, 70  # top: below the "job completed" note too
+        side = min(width - left, height - top - bottom)
+        page.set_viewport(width, height)
+        time.sleep(0.5)
+        self.ui.frame_graph(left=left + 16, top=top + 16, right=width - left - side + 16,
+                            bottom=height - top - side + 16)
+        shot = self.ui.screenshot(self.directory / f"thumbnail-{workflow}.png",
+                                  clip={"x": left, "y": top, "width": side, "height": side})
+        save_thumbnail(shot.read_bytes(), WORKFLOW_DIR / f"{workflow}.jpg")
+        page.set_viewport(*VIEWPORT)
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def pictures(ui, screenshot_dir, update_pictures) -> Pictures:
+    return Pictures(ui, screenshot_dir, update_pictures)
+
+
+@pytest.fixture(autouse=True)
+def clear_standin(ui_standin: StandInServer):
+    ui_standin.clear()
+
+
+# -- what the server serves to the frontend --------------------------------------------------------
+
+
+def test_server_lists_the_example_workflows_as_templates_with_thumbnails(ui_server):
+    listing = http_get(ui_server, "/workflow_templates").json()
+    assert sorted(listing[PACK]) == WORKFLOWS == ["structure_basic", "structure_batch", "structure_hybrid"]
+    for name in WORKFLOWS:
+        served = http_get(ui_server, f"/api/workflow_templates/{PACK}/{name}.json")
+        assert served.status_code == 200 and served.json() == workflow_json(name)
+        # The 1.32 frontend asks for <name>.jpg for every custom-node template.
+        thumbnail = http_get(ui_server, f"/api/workflow_templates/{PACK}/{name}.jpg")
+        assert thumbnail.status_code == 200, f"{name}.jpg missing in example_workflows/"
+        image = Image.open(io.BytesIO(thumbnail.content))
+        assert image.format == "JPEG" and image.width == image.height >= 256
+
+
+def test_web_extension_and_help_pages_are_served(ui_server):
+    assert f"{PACK_URL_PART}aithriving_structure.js" in http_get(ui_server, "/extensions").json()
+    for path, heading in [("docs/AIThrivingStructure.md", "# Structure (AIThriving)"),
+                          ("docs/AIThrivingStructure/fr.md", "# Génération par structure (AIThriving)")]:
+        page = http_get(ui_server, f"{PACK_URL_PART}{path}")
+        assert page.status_code == 200 and page.text.startswith(heading + "\n")
+
+
+def test_translations_say_what_the_node_says_and_cover_every_input(ui_server):
+    translations = http_get(ui_server, "/i18n").json()
+    info = ui_server.object_info(NODE)
+    inputs = node_inputs(info)
+    english = translations["en"]["nodeDefs"][NODE]
+    # English must repeat the node's own texts, or it would override them with stale ones.
+    assert english["display_name"] == info["display_name"]
+    assert english["description"] == info["description"]
+    assert {name: entry["tooltip"] for name, entry in english["inputs"].items()} == {
+        name: options["tooltip"] for name, options in inputs.items()}
+    assert all(entry["name"] == name for name, entry in english["inputs"].items())
+    assert english["outputs"] == {str(i): {"name": n, "tooltip": t} for i, (n, t) in
+                                  enumerate(zip(info["output_name"], info["output_tooltips"]))}
+    languages = sorted(translations)
+    assert {"en", "fr"} <= set(languages)
+    badge_keys = set(translations["en"]["aithrivingStructure"])
+    for language in languages:
+        node = translations[language]["nodeDefs"][NODE]
+        assert node["display_name"] and node["description"]
+        assert set(node["inputs"]) == set(inputs) and set(node["outputs"]) == set(english["outputs"])
+        assert all(entry["name"] and entry["tooltip"] for entry in [*node["inputs"].values(), *node["outputs"].values()])
+        strings = translations[language]["aithrivingStructure"]
+        assert set(strings) == badge_keys, language
+        for key, text in strings.items():  # the same placeholders as English
+            assert set(re.findall(r"\{(\w+)\}", text)) == set(re.findall(
+                r"\{(\w+)\}", translations["en"]["aithrivingStructure"][key])), (language, key)
+    assert translations["fr"]["nodeDefs"][NODE]["display_name"] != english["display_name"]
+
+
+# -- in the browser ---------------------------------------------------------------------------------
+
+
+def test_template_browser_lists_the_pack_with_thumbnails(ui, pictures):
+    ui.open()
+    ui.open_template_browser()
+    assert sorted(ui.show_pack_templates()) == WORKFLOWS
+    thumbnails = ui.template_thumbnails()
+    assert sorted(thumbnails) == WORKFLOWS
+    for name, thumbnail in thumbnails.items():
+        assert thumbnail["url"].endswith(f"/api/workflow_templates/{PACK}/{name}.jpg"), thumbnail
+        assert thumbnail["status"] == 200 and not thumbnail["placeholder"], thumbnail
+        assert thumbnail["width"] == thumbnail["height"] >= 256
+    pictures.shoot("template-browser", for_readme=True)
+    ui.close_dialogs()
+    assert_no_pack_errors_in_console(ui)
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_example_workflow_from_the_template_browser_runs_and_shows_image_and_cost(
+        ui, ui_server, ui_standin, pictures, name):
+    workflow = workflow_json(name)
+    images = batch_size(workflow)
+    seed = structure_widgets(workflow)[2]
+    free_execution_cache(ui_server)  # so the node runs, whatever ran before in this server
+
+    ui.open()
+    ui.open_template_browser()
+    ui.show_pack_templates()
+    ui.load_template(name)
+    structure = check_graph(ui, workflow)
+    before = ui.structure_node()
+    assert before["estimate"] == f"≈ {CREDITS_PER_IMAGE * images} credits"
+    assert before["estimate"] in before["badges"] and before["last_run"] == ""
+
+    entry = run_from_ui(ui, ui_server)
+
+    # What the service was asked, what it cost, and what the node says it cost.
+    cost = ui.wait_for_last_run()
+    paid = len(ui_standin.requests)
+    assert paid in (0, images)  # 0: this seed was paid for earlier in the session and came from the cache
+    if paid:
+        assert sorted(int(r.fields["seed"]) for r in ui_standin.requests) == list(range(seed, seed + images))
+    assert cost["images"] == images and cost["from_cache"] == images - paid
+    assert cost["credits"] == CREDITS_PER_IMAGE * paid == entry["outputs"][str(structure["id"])][
+        "aithriving_cost"][0]["credits"]
+    expected_text = f"Last run: {cost['credits']} credits" + (f" ({images - paid} from cache)" if paid < images else "")
+    assert cost["text"] == expected_text
+    assert expected_text in ui.structure_node()["badges"]
+
+    # Every image node shows what the server saved for it (the canvas loads images of nodes in view).
+    ui.frame_graph()
+    image_nodes = [n for n in workflow["nodes"] if n["type"] in ("SaveImage", "PreviewImage")]
+    for node in image_nodes:
+        saved = entry["outputs"][str(node["id"])]["images"]
+        shown = ui.wait_for_node_images(node["id"], len(saved))
+        assert [re.search(r"filename=([^&]+)", src).group(1) for src in shown] == [i["filename"] for i in saved]
+    save_node = next(n for n in image_nodes if n["type"] == "SaveImage")
+    assert len(entry["outputs"][str(save_node["id"])]["images"]) == images
+
+    pictures.shoot(f"workflow-{name}", for_readme=True)
+    pictures.thumbnail(name)
+    assert_no_pack_errors_in_console(ui)
+
+
+def test_dropped_workflow_file_runs_and_the_cost_follows_both_caches(ui, ui_server, ui_standin, pictures):
+    workflow = workflow_json("structure_basic")
+    free_execution_cache(ui_server)
+    ui.open()
+    ui.drop_workflow_file(WORKFLOW_DIR / "structure_basic.json")
+    check_graph(ui, workflow)
+    assert ui.structure_node()["estimate"] == "≈ 6 credits"
+
+    # First run: paid, or served by the pack's cache if this seed was paid earlier in this session.
+    run_from_ui(ui, ui_server)
+    cost = ui.wait_for_last_run()
+    paid = len(ui_standin.requests)
+    assert (cost["credits"], cost["from_cache"]) == (6 * paid, 1 - paid)
+    ui.wait_for_node_images(3, 1)
+
+    # Run again, unchanged: ComfyUI reuses its output without running the node. Nothing was paid.
+    ui_standin.clear()
+    run_from_ui(ui, ui_server)
+    cost = ui.wait_for_last_run()
+    assert ui_standin.requests == []
+    assert cost["reused"] and cost["text"] == "Last run: 0 credits (ComfyUI reused the previous result)"
+
+    # After ComfyUI forgot its outputs the node runs, and the pack's own cache answers for free.
+    free_execution_cache(ui_server)
+    run_from_ui(ui, ui_server)
+    cost = ui.wait_for_last_run()
+    assert ui_standin.requests == []
+    assert not cost["reused"] and (cost["credits"], cost["from_cache"]) == (0, 1)
+    assert cost["text"] == "Last run: 0 credits (1 from cache)"
+    ui.frame_graph()
+    pictures.shoot("dropped-from-cache")
+    assert_no_pack_errors_in_console(ui)
+
+
+def test_estimate_follows_the_batch_size_when_it_changes(ui):
+    ui.open()
+    ui.drop_workflow_file(WORKFLOW_DIR / "structure_batch.json")
+    assert ui.structure_node()["estimate"] == "≈ 24 credits"
+    ui.page.evaluate("""(() => { const n = app.graph.nodes.find(n => n.type === 'RepeatImageBatch');
+        n.widgets.find(w => w.name === 'amount').value = 7; app.graph.setDirtyCanvas(true, true); })()""")
+    assert ui.structure_node()["estimate"] == "≈ 42 credits"
+    # Unplugged from what says the batch size: the price per image.
+    ui.page.evaluate(f"""(() => {{ const n = app.graph.nodes.find(n => n.type === '{NODE}');
+        n.disconnectInput(0); }})()""")
+    assert ui.structure_node()["estimate"] == "≈ 6 credits per image"
+
+
+def test_help_page_opens_from_the_node(ui, pictures):
+    ui.open()
+    ui.drop_workflow_file(WORKFLOW_DIR / "structure_basic.json")
+    ui.frame_graph(left=360)
+    ui.select_node(ui.structure_node()["id"])
+    help_text = ui.open_help_of_selected_node("When something goes wrong")
+    for text in ("Structure (AIThriving)", "6 credits per image", "outside_limits", "control_strength",
+                 "Your account is out of credits", "AITHRIVING_API_KEY", "9,437,184 pixels"):
+        assert text in help_text, text
+    panel_right = ui.widen_sidebar(560)
+    ui.frame_graph(left=panel_right + 20)
+    pictures.shoot("help-page", for_readme=True)
+    assert_no_pack_errors_in_console(ui)
+
+
+def test_french_shows_the_translated_node_and_help(ui, ui_server, pictures):
+    try:
+        ui.open()
+        ui.set_locale_in_settings("Français")
+        ui.open()  # node names are translated when the page loads its node types
+        ui.open_template_browser()
+        ui.show_pack_templates()
+        ui.load_template("structure_basic")
+        node = ui.structure_node()
+        assert node["title"] == "Génération par structure (AIThriving)"
+        assert node["estimate"] == "≈ 6 crédits"
+        structure = next(n for n in ui.graph_nodes() if n["type"] == NODE)
+        labels = {w["name"]: w["label"] for w in structure["widgets"]}
+        assert labels["control_strength"] == "force_du_contrôle" and labels["seed"] == "graine"
+        ui.frame_graph(left=360)
+        ui.select_node(node["id"])
+        help_text = ui.open_help_of_selected_node("En cas d'erreur")
+        assert "6 crédits par image" in help_text
+        panel_right = ui.widen_sidebar(560)
+        ui.frame_graph(left=panel_right + 20)
+        pictures.shoot("french", for_readme=True)
+        assert_no_pack_errors_in_console(ui)
+    finally:
+        set_setting(ui_server, "Comfy.Locale", "en")
