@@ -195,6 +195,8 @@ function recordCost(node, cost) {
     : { credits: cost.credits, images: cost.images, from_cache: cost.from_cache ?? 0, seeds: cost.seeds ?? [], reused };
   node.aithrivingRuns = (node.aithrivingRuns ?? 0) + 1;
   node.setDirtyCanvas?.(true, true);
+  // "Nodes 2.0" (Vue) rendering reads the badges when it refreshes the node, which it does on this event.
+  node.graph?.trigger?.("node:slot-errors:changed", { nodeId: node.id });
 }
 
 // The look of the frontend's partner-node price badge (coin icon on gold); the last-run badge has no

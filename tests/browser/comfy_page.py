@@ -111,8 +111,15 @@ class ComfyPage:
 
     def drop_workflow_file(self, path: Path) -> None:
         """Drop a workflow file from the desktop onto the middle of the canvas."""
-        box = self.page.evaluate("(() => { const r = document.getElementById('graph-canvas').getBoundingClientRect();"
-                                 " return {x: r.x + r.width / 2, y: r.y + r.height / 2}; })()")
+        # A point where the canvas itself is on top (not a side panel or a menu over it).
+        box = self.page.evaluate(
+            """(() => { const canvas = document.getElementById('graph-canvas');
+                for (const fy of [0.5, 0.6, 0.4, 0.7]) for (const fx of [0.5, 0.7, 0.85, 0.3]) {
+                    const x = innerWidth * fx, y = innerHeight * fy;
+                    if (document.elementFromPoint(x, y) === canvas) return {x, y};
+                }
+                return null; })()""")
+        assert box, "no free spot on the canvas to drop the file on"
         self.page.drop_files(box["x"], box["y"], [path])
         self.wait_for_workflow(Path(path).stem)
 

@@ -354,3 +354,22 @@ def test_french_shows_the_translated_node_and_help(ui, ui_server, pictures):
         assert_no_pack_errors_in_console(ui)
     finally:
         set_setting(ui_server, "Comfy.Locale", "en")
+
+
+def test_cost_badges_in_the_nodes_2_rendering(ui, ui_server, ui_standin):
+    """The frontend's "Nodes 2.0" mode draws nodes as HTML: the badges must show and update there too."""
+    badge_texts = ("[...document.querySelectorAll('[data-node-id] *')].filter(e => e.children.length === 0)"
+                   ".map(e => e.textContent.trim()).filter(t => /credits/.test(t))")
+    try:
+        set_setting(ui_server, "Comfy.VueNodes.Enabled", True)
+        free_execution_cache(ui_server)
+        ui.open()
+        ui.drop_workflow_file(WORKFLOW_DIR / "structure_batch.json")
+        ui.page.wait_for(f"{badge_texts}.includes('≈ 24 credits')", message="the estimate badge in HTML")
+        run_from_ui(ui, ui_server)
+        last_run = ui.wait_for_last_run()["text"]
+        assert ui.page.wait_for(f"{badge_texts}.includes({json.dumps(last_run)})",
+                                message="the last-run badge in HTML")
+        assert_no_pack_errors_in_console(ui)
+    finally:
+        set_setting(ui_server, "Comfy.VueNodes.Enabled", False)
