@@ -112,14 +112,15 @@ class ComfyPage:
     def drop_workflow_file(self, path: Path) -> None:
         """Drop a workflow file from the desktop onto the middle of the canvas."""
         # A point where the canvas itself is on top (not a side panel or a menu over it).
-        box = self.page.evaluate(
+        # Wait for it: right after a page load a toast or a closing dialog may still cover the canvas.
+        box = self.page.wait_for(
             """(() => { const canvas = document.getElementById('graph-canvas');
-                for (const fy of [0.5, 0.6, 0.4, 0.7]) for (const fx of [0.5, 0.7, 0.85, 0.3]) {
+                const fractions = [0.5, 0.6, 0.4, 0.7, 0.3, 0.8, 0.2, 0.9, 0.15];
+                for (const fy of fractions) for (const fx of fractions) {
                     const x = innerWidth * fx, y = innerHeight * fy;
                     if (document.elementFromPoint(x, y) === canvas) return {x, y};
                 }
-                return null; })()""")
-        assert box, "no free spot on the canvas to drop the file on"
+                return null; })()""", timeout=15, message="a free spot on the canvas to drop the file on")
         self.page.drop_files(box["x"], box["y"], [path])
         self.wait_for_workflow(Path(path).stem)
 
