@@ -145,7 +145,9 @@ def _cache(args: argparse.Namespace) -> Optional[ResultCache]:
     return None if args.no_cache or args.local else ResultCache.from_env()
 
 
-def _credits(result_credits: int, cached: bool) -> str:
+def _credits(result_credits: int, cached: bool, local: bool) -> str:
+    if local:
+        return "0 credits (local stand-in)"
     return "0 credits (from the local cache)" if cached else f"{result_credits} credits"
 
 
@@ -161,7 +163,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result, cached = generate_with_cache(client, request, _cache(args))
     size = _write_output(args.output, prepared, result, output_format)
-    print(f"seed {result.seed} · {_credits(result.credits, cached)} · wrote {args.output} "
+    print(f"seed {result.seed} · {_credits(result.credits, cached, args.local)} · wrote {args.output} "
           f"({size.width}x{size.height} {output_format})")
     return 0
 
@@ -240,7 +242,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
             progress.close()
     for slot, error in sorted(report.failures.items()):
         print(f"failed: {inputs[todo[slot]].name}: {error}", file=sys.stderr)
-    print(f"done {report.done}, failed {len(report.failures)}, skipped {skipped}, credits {report.credits}")
+    credits = 0 if args.local else report.credits  # the stand-in charges nothing
+    print(f"done {report.done}, failed {len(report.failures)}, skipped {skipped}, credits {credits}")
     return 1 if report.failures else 0
 
 

@@ -68,7 +68,7 @@ def test_local_needs_no_key_and_no_network(tmp_path, capsys):
     source = write_png(tmp_path / "in.png", photo_like(128, 128))
     code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / "out.png", "--local")
     assert code == 0, err
-    assert "local stand-in" in err
+    assert "local stand-in" in err and "· 0 credits (local stand-in) ·" in out
     assert Image.open(tmp_path / "out.png").size == (128, 128)
 
 
