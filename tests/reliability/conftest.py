@@ -21,14 +21,6 @@ _HERE = Path(__file__).resolve().parent
 _REPO_ROOT = _HERE.parents[1]
 _LEDGER = pytest.StashKey[Ledger]()
 
-_CLEARED = (
-    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy",
-    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
-    "AITHRIVING_API_KEY", "AITHRIVING_API_KEY_FILE", "AITHRIVING_BASE_URL", "AITHRIVING_CACHE_DIR",
-    "AITHRIVING_CACHE_MAX_MB", "AITHRIVING_MAX_CONCURRENCY",
-)
-
-
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_LEDGER] = Ledger()
     # The ComfyUI test uses tests/comfy/harness.py, imported as tests.comfy.harness.
@@ -75,16 +67,8 @@ def module_ledger(request: pytest.FixtureRequest):
     return lambda test_name: _Recorder(ledger, f"{request.node.nodeid}::{test_name}")
 
 
-@pytest.fixture(autouse=True)
-def reliability_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """No proxy, key, key file, base URL or cache of the machine reaches a test."""
-    for name in _CLEARED:
-        monkeypatch.delenv(name, raising=False)
-    home = tmp_path_factory.mktemp("home")
-    monkeypatch.setenv("AITHRIVING_API_KEY_FILE", str(home / "no-such-key-file"))
-    monkeypatch.setenv("AITHRIVING_CACHE_DIR", "off")
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+# The clean environment (no proxy, key, key file, base URL or cache of the machine) comes from
+# tests/conftest.py's autouse fixture, which covers this folder too.
 
 
 @pytest.fixture
