@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import binascii
 import io
 import json
 import logging
@@ -54,6 +53,7 @@ from .images import (
     MIN_PIXELS,
     MIN_SIDE,
     EncodedImage,
+    decode_base64,
     decode_image,
     detect_format,
 )
@@ -646,7 +646,7 @@ class StructureClient:
             else:
                 raise MalformedResponseError("The service's answer has a seed that is not a whole number.", **kwargs)
         try:
-            raw = _decode_base64(data["image"])
+            raw = decode_base64(data["image"])
             # The parsed answer holds the base64 text (12 MB for a 3072x3072 PNG): let it go
             # before the pixels are decoded, the moment this request needs the most memory.
             del payload, data
@@ -658,22 +658,6 @@ class StructureClient:
             log.warning("asked for %s, the service returned %s; using it as is", request.output_format, actual_format)
         return StructureResult(
             pixels=pixels, data=raw, seed=seed, format=actual_format, request_id=request_id, attempts=attempt)
-
-
-def _decode_base64(text: str) -> bytes:
-    if text.startswith("data:"):
-        text = text.partition(",")[2]
-    try:
-        try:
-            # Decoded where it lies; only base64 broken into lines pays for a copy without them.
-            raw = binascii.a2b_base64(text, strict_mode=True)
-        except binascii.Error:
-            raw = binascii.a2b_base64("".join(text.split()), strict_mode=True)
-    except (binascii.Error, ValueError):
-        raise MalformedResponseError("The service's answer held an image that is not valid base64.") from None
-    if not raw:
-        raise MalformedResponseError("The service's answer held an empty image.")
-    return raw
 
 
 def _is_blank(body: bytes) -> bool:

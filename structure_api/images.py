@@ -595,18 +595,32 @@ def decode_image(data: bytes, *, max_pixels: int = 4 * MAX_PIXELS) -> np.ndarray
         raise MalformedResponseError(_NOT_AN_IMAGE) from None
 
 
-def decode_base64_image(b64: Union[str, bytes], **kw: Any) -> np.ndarray:
-    """Strict base64 (optionally a ``data:image/...;base64,`` URL, with line breaks) to ``[H, W, 3]`` uint8."""
-    text = b64.encode("ascii", "replace") if isinstance(b64, str) else bytes(b64)
-    if text[:5].lower() == b"data:":
-        head, comma, text = text.partition(b",")
-        if not comma or not head.lower().endswith(b";base64"):
-            raise MalformedResponseError("The service's answer held an image that is not valid base64.")
+_NOT_BASE64 = "The service's answer held an image that is not valid base64."
+
+
+def decode_base64(b64: Union[str, bytes]) -> bytes:
+    """Strict base64 (optionally a ``data:image/...;base64,`` URL, with line breaks) to bytes."""
+    if (b64[:5].lower() if isinstance(b64, str) else bytes(b64[:5]).lower()) in ("data:", b"data:"):
+        head, comma, b64 = b64.partition("," if isinstance(b64, str) else b",")
+        if not comma or not head.lower().endswith(";base64" if isinstance(head, str) else b";base64"):
+            raise MalformedResponseError(_NOT_BASE64)
     try:
-        raw = binascii.a2b_base64(b"".join(text.split()), strict_mode=True)
+        try:
+            # Decoded where it lies; only base64 broken into lines pays for a copy without them.
+            raw = binascii.a2b_base64(b64, strict_mode=True)
+        except binascii.Error:
+            raw = binascii.a2b_base64("".join(b64.split()) if isinstance(b64, str) else b"".join(b64.split()),
+                                      strict_mode=True)
     except (binascii.Error, ValueError):
-        raise MalformedResponseError("The service's answer held an image that is not valid base64.") from None
-    return decode_image(raw, **kw)
+        raise MalformedResponseError(_NOT_BASE64) from None
+    if not raw:
+        raise MalformedResponseError("The service's answer held an empty image.")
+    return raw
+
+
+def decode_base64_image(b64: Union[str, bytes], **kw: Any) -> np.ndarray:
+    """Strict base64 (optionally a data URL, with line breaks) to ``[H, W, 3]`` uint8."""
+    return decode_image(decode_base64(b64), **kw)
 
 
 # --- back to float batches -------------------------------------------------------------
