@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from support import TEST_KEY
+from support import TEST_KEY, RecordingSleep, client_factory
 
 _CLEARED = (
     "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy",
@@ -36,16 +36,6 @@ def standin():
         yield server
 
 
-class RecordingSleep:
-    """An injected sleep that records the waits instead of waiting."""
-
-    def __init__(self) -> None:
-        self.calls: list[float] = []
-
-    def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
-
-
 @pytest.fixture
 def sleeps() -> RecordingSleep:
     return RecordingSleep()
@@ -54,17 +44,5 @@ def sleeps() -> RecordingSleep:
 @pytest.fixture
 def make_client(standin, sleeps):
     """Factory for clients of the stand-in with no real sleeping and zero jitter."""
-    from structure_api import StructureClient
-
-    clients = []
-
-    def factory(**kwargs):
-        options = dict(api_key=TEST_KEY, base_url=standin.url, sleep=sleeps, jitter=lambda: 0.0)
-        options.update(kwargs)
-        client = StructureClient(**options)
-        clients.append(client)
-        return client
-
-    yield factory
-    for client in clients:
-        client.close()
+    with client_factory(TEST_KEY, standin.url, sleeps) as factory:
+        yield factory

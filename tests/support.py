@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -35,3 +37,38 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 def write_png(path: Path, pixels: np.ndarray) -> Path:
     path.write_bytes(png_bytes(pixels))
     return path
+
+
+class RecordingSleep:
+    """An injected sleep that records each wait and returns at once."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+    @property
+    def total(self) -> float:
+        return sum(self.calls)
+
+
+@contextlib.contextmanager
+def client_factory(api_key: str, base_url: str, sleep: RecordingSleep) -> Iterator[Callable[..., object]]:
+    """Yields ``factory(**overrides)`` making clients with recorded waits and zero jitter; closes them after."""
+    from structure_api import StructureClient
+
+    clients = []
+
+    def factory(**overrides):
+        options = dict(api_key=api_key, base_url=base_url, sleep=sleep, jitter=lambda: 0.0)
+        options.update(overrides)
+        client = StructureClient(**options)
+        clients.append(client)
+        return client
+
+    try:
+        yield factory
+    finally:
+        for client in clients:
+            client.close()

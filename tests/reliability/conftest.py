@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from .report import REPORT_ENV, Ledger, _Recorder, render
+from support import RecordingSleep, client_factory
+
 from .support import CANARY_KEY, photo_like
 
 _HERE = Path(__file__).resolve().parent
@@ -80,20 +82,6 @@ def service():
         yield server
 
 
-class RecordingSleep:
-    """An injected sleep that records each wait and returns at once."""
-
-    def __init__(self) -> None:
-        self.calls: list[float] = []
-
-    def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
-
-    @property
-    def total(self) -> float:
-        return sum(self.calls)
-
-
 @pytest.fixture
 def waits() -> RecordingSleep:
     return RecordingSleep()
@@ -102,20 +90,8 @@ def waits() -> RecordingSleep:
 @pytest.fixture
 def new_client(service, waits):
     """Factory of clients of the stand-in: canary key, recorded (never slept) waits, zero jitter."""
-    from structure_api import StructureClient
-
-    clients = []
-
-    def factory(**overrides):
-        options = dict(api_key=CANARY_KEY, base_url=service.url, sleep=waits, jitter=lambda: 0.0)
-        options.update(overrides)
-        client = StructureClient(**options)
-        clients.append(client)
-        return client
-
-    yield factory
-    for client in clients:
-        client.close()
+    with client_factory(CANARY_KEY, service.url, waits) as factory:
+        yield factory
 
 
 @pytest.fixture(scope="session")
