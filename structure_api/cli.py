@@ -131,7 +131,7 @@ def _client(args: argparse.Namespace) -> Iterator[StructureClient]:
     if args.local:
         from .standin import StandInServer
 
-        with StandInServer() as server:
+        with StandInServer(free=True) as server:
             print(f"using the local stand-in at {server.url} (no key, no credits)", file=sys.stderr)
             with StructureClient(api_key="local-stand-in", base_url=server.url,
                                  read_timeout=args.timeout) as client:

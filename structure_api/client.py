@@ -24,7 +24,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from . import __version__
-from .config import ENDPOINT_PATH, APIKey, check_key_may_travel, load_api_key, resolve_base_url
+from .config import ENDPOINT_PATH, STANDIN_HEADER, APIKey, check_key_may_travel, load_api_key, resolve_base_url
 from .errors import (
     APIConnectionError,
     APIError,
@@ -656,8 +656,11 @@ class StructureClient:
         actual_format = detect_format(raw) or request.output_format
         if actual_format != request.output_format:
             log.warning("asked for %s, the service returned %s; using it as is", request.output_format, actual_format)
+        # The local stand-in charges nothing and says so; the real service sends no such header.
+        credits = 0 if STANDIN_HEADER.lower() in headers else CREDITS_PER_IMAGE
         return StructureResult(
-            pixels=pixels, data=raw, seed=seed, format=actual_format, request_id=request_id, attempts=attempt)
+            pixels=pixels, data=raw, seed=seed, format=actual_format, request_id=request_id, attempts=attempt,
+            credits=credits)
 
 
 def _is_blank(body: bytes) -> bool:

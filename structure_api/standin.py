@@ -44,6 +44,10 @@ log = logging.getLogger("structure_api.standin")
 ENDPOINT_PATH = "/api/control/structure"
 HEALTH_PATHS = ("/", "/health")
 CREDITS_PER_IMAGE = 6
+# A free stand-in marks every answer with this header (config.STANDIN_HEADER, kept in step by a test): the
+# client then counts its results as 0 credits, so nothing shown for a free image claims credits were spent.
+STANDIN_HEADER = "X-AIThriving-Stand-In"
+STANDIN_HEADER_VALUE = "free"
 MAX_REQUEST_BYTES = 10 * 1024 * 1024
 MAX_PROMPT_CHARS = 10000
 MAX_SEED = 4294967294
@@ -603,6 +607,8 @@ class _Handler(BaseHTTPRequestHandler):
         """Write one answer: status, merged headers (the caller's win), a correct Content-Length, body."""
         merged = {"Content-Type": content_type, "Content-Length": str(len(body) if announced_length is None
                                                                        else announced_length)}
+        if self.server.standin.free:
+            merged[STANDIN_HEADER] = STANDIN_HEADER_VALUE
         for name, value in (headers or {}).items():
             for existing in [k for k in merged if k.lower() == name.lower()]:
                 del merged[existing]
@@ -656,6 +662,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(fault.status)
         if "content-type" not in names:
             self.send_header("Content-Type", "application/json")
+        if self.server.standin.free and STANDIN_HEADER.lower() not in names:
+            self.send_header(STANDIN_HEADER, STANDIN_HEADER_VALUE)
         for name, value in fault.headers.items():
             self.send_header(name, value)
         if chunked:
@@ -756,8 +764,12 @@ class StandInServer:
     def __init__(
         self, *, api_key: Optional[str] = None, host: str = "127.0.0.1", port: int = 0,
         latency: float = 0.0, fault_rate: float = 0.0, fault_seed: int = 0, max_records: Optional[int] = None,
+        free: bool = False,
     ) -> None:
         """Bind to host:port at once (port 0 picks a free one); start() begins answering.
+
+        free marks every answer as free of charge (STANDIN_HEADER), as `serve`, `--local` and the
+        node's offline mode want; without it the stand-in plays the paid service, as billing tests want.
 
         max_records keeps only the newest N recorded requests (each holds its upload, up to
         10 MiB); None keeps all, as tests want, 0 keeps none, as a long-running `serve` wants.
@@ -770,6 +782,7 @@ class StandInServer:
             raise ValueError("api_key must be a non-empty string, or None for no key check.")
         family = _check_host(host)
         self._api_key = api_key.encode("utf-8") if api_key is not None else None
+        self.free = bool(free)
         self.latency = float(latency)
         self.fault_rate = float(fault_rate)
         self._random = random.Random(fault_seed)
@@ -958,7 +971,7 @@ def serve(
 ) -> None:
     """Run the stand-in until interrupted (Ctrl-C); calls ready(url) once it is listening."""
     # Nobody reads the records of a long-running stand-in, and each would hold an upload.
-    server = StandInServer(api_key=api_key, host=host, port=port, latency=latency, max_records=0)
+    server = StandInServer(api_key=api_key, host=host, port=port, latency=latency, max_records=0, free=True)
     try:
         server.start()
         if ready is not None:

@@ -1,0 +1,103 @@
+"""The free offline mode: an in-process stand-in on loopback, started on first use, and the client a run uses.
+
+The stand-in answers like the service with images drawn from the input's edges; it needs no key and
+charges nothing (its answers carry the stand-in mark, so every figure the client reports is 0 credits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Optional
+
+from .cache import ResultCache
+from .client import StructureClient
+from .config import load_api_key, resolve_base_url
+from .settings import local_mode
+from .standin import StandInServer
+
+# The stand-in checks no key; the client still wants one to put in the header.
+LOCAL_STANDIN_KEY = "local-stand-in"
+LOCAL_LABEL = "local stand-in · free"
+
+
+class LocalStandIn:
+    """One stand-in for the process, started when a run first needs it and stopped when idle and not wanted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._server: Optional[StandInServer] = None
+        self._users = 0
+        self._wanted = True
+
+    @property
+    def running(self) -> bool:
+        """Whether the stand-in is listening now."""
+        with self._lock:
+            return self._server is not None
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[str]:
+        """The stand-in's URL, kept running for the duration of the block."""
+        with self._lock:
+            self._wanted = True
+            if self._server is None:
+                # No records: nobody reads them here, and each would hold an upload of up to 10 MiB.
+                self._server = StandInServer(host="127.0.0.1", port=0, max_records=0, free=True).start()
+            self._users += 1
+            url = self._server.url
+        try:
+            yield url
+        finally:
+            with self._lock:
+                self._users -= 1
+                to_stop = self._take_if_idle()
+            if to_stop is not None:
+                to_stop.stop()
+
+    def release(self) -> None:
+        """Stop it now if no run is using it, else as soon as the last one ends (offline mode was switched off)."""
+        with self._lock:
+            self._wanted = False
+            to_stop = self._take_if_idle()
+        if to_stop is not None:
+            to_stop.stop()
+
+    def _take_if_idle(self) -> Optional[StandInServer]:
+        if self._wanted or self._users or self._server is None:
+            return None
+        server, self._server = self._server, None
+        return server
+
+
+@dataclass
+class RunSetup:
+    """What one node run talks to: the client, the paid-result cache (None offline) and whether it is offline."""
+
+    client: StructureClient
+    cache: Optional[ResultCache]
+    local: bool
+
+
+@contextlib.contextmanager
+def client_for_run(standin: LocalStandIn, environ: Optional[Mapping[str, str]] = None) -> Iterator[RunSetup]:
+    """The paid service as configured, or the in-process stand-in when offline mode is on; closed afterwards.
+
+    Configuration errors (no key, bad base URL) surface here, before any image is encoded.
+    Offline results skip the cache: they are free to make again and must never mix with paid ones.
+    """
+    if local_mode(environ):
+        with standin.use() as url:
+            client = StructureClient(api_key=LOCAL_STANDIN_KEY, base_url=url)
+            try:
+                yield RunSetup(client=client, cache=None, local=True)
+            finally:
+                client.close()
+        return
+    cache = ResultCache.from_env(environ)
+    client = StructureClient(api_key=load_api_key(environ), base_url=resolve_base_url(environ))
+    try:
+        yield RunSetup(client=client, cache=cache, local=False)
+    finally:
+        client.close()

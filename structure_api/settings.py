@@ -1,0 +1,214 @@
+"""The pack's own settings, kept outside ComfyUI: the key file (write-only from the UI) and the offline mode.
+
+Both live in the user's config folder (the key file's folder, by default ``~/.config/aithriving/``),
+never under ComfyUI's ``user/`` folder (readable over HTTP) and never in a workflow or a PNG.
+Nothing here reads or returns the key's value except to check it can be sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+from .config import DEFAULT_KEY_FILE, ENV_API_KEY, ENV_API_KEY_FILE, key_file_path, load_api_key
+from .errors import ConfigurationError, StructureError
+
+log = logging.getLogger("structure_api")
+
+# Next to the key file, so one folder (and one permission) holds everything the pack keeps.
+SETTINGS_FILE_NAME = "aithriving-settings.json"
+# Real keys are tens of characters; anything this long was pasted by mistake (a whole file, a page).
+MAX_KEY_CHARS = 1000
+SOURCE_ENVIRONMENT = "environment"
+SOURCE_KEY_FILE = "key file"
+
+
+class KeyRefusedError(ConfigurationError):
+    """The key given to save is not one (blank, control characters, too long); nothing was written."""
+
+
+class KeyFromEnvironmentError(ConfigurationError):
+    """AITHRIVING_API_KEY is set and wins over the key file, so saving or removing the file would change nothing."""
+
+
+class KeyFileLocationError(ConfigurationError):
+    """The key file would land in a folder that other people or programs can read (ComfyUI's user/ folder)."""
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    """Whether a key is set and where it comes from; never the key or any part of it."""
+
+    set: bool
+    source: Optional[str]  # "environment" | "key file" | None
+
+    def as_json(self) -> dict:
+        """The answer of GET /aithriving/key."""
+        return {"set": self.set, "source": self.source}
+
+
+def _env(environ: Optional[Mapping[str, str]]) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def key_status(environ: Optional[Mapping[str, str]] = None) -> KeyStatus:
+    """Where the next run would take its key from, by the same rules the client uses."""
+    env = _env(environ)
+    if env.get(ENV_API_KEY, "").strip():
+        return KeyStatus(set=True, source=SOURCE_ENVIRONMENT)
+    try:
+        # Only a file whose key the client would accept counts as set.
+        load_api_key({k: v for k, v in env.items() if k != ENV_API_KEY})
+    except StructureError:
+        return KeyStatus(set=False, source=None)
+    return KeyStatus(set=True, source=SOURCE_KEY_FILE)
+
+
+def check_key_text(value: object) -> str:
+    """The key as it will be stored (surrounding blanks removed), or KeyRefusedError saying what is wrong."""
+    if not isinstance(value, str):
+        raise KeyRefusedError("The API key must be text.")
+    key = value.strip()
+    if not key:
+        raise KeyRefusedError("The API key is blank; paste the key from your aithriving.com account.")
+    if len(key) > MAX_KEY_CHARS:
+        raise KeyRefusedError(
+            f"The API key is {len(key)} characters long, far longer than a key; paste only the key.")
+    for ch in key:
+        if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"):
+            # The character is named by code only: never echo any part of what was pasted.
+            raise KeyRefusedError(
+                f"The API key contains a control character (U+{ord(ch):04X}); paste it again on one line.")
+    return key
+
+
+def _refuse_if_environment_wins(env: Mapping[str, str], doing: str) -> None:
+    if env.get(ENV_API_KEY, "").strip():
+        raise KeyFromEnvironmentError(
+            f"The {ENV_API_KEY} environment variable is set and takes precedence over the key file, so {doing} "
+            f"would change nothing; unset it (and restart ComfyUI) to manage the key here.")
+
+
+def _refuse_if_inside(path: Path, forbidden_dirs: Iterable[os.PathLike]) -> None:
+    resolved = path.expanduser().resolve()
+    for folder in forbidden_dirs:
+        folder_path = Path(folder).expanduser().resolve()
+        if resolved == folder_path or folder_path in resolved.parents:
+            raise KeyFileLocationError(
+                f"The key file {path} would be inside {folder_path}, which ComfyUI serves over HTTP; "
+                f"point {ENV_API_KEY_FILE} at a file in your own config folder instead.")
+
+
+def _private_folder(folder: Path, *, own: bool) -> None:
+    """Create the folder as 0700; tighten it to 0700 too when it is the pack's own folder."""
+    existed = folder.is_dir()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not existed or own:
+        os.chmod(folder, 0o700)
+
+
+def _is_default_folder(path: Path) -> bool:
+    return path.parent == Path(DEFAULT_KEY_FILE).expanduser().parent
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write atomically, the file 0600 from its first byte (never world-readable, not even for a moment)."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_api_key(value: object, environ: Optional[Mapping[str, str]] = None, *,
+                 forbidden_dirs: Iterable[os.PathLike] = ()) -> KeyStatus:
+    """Check the key, then write it to the key file (0600, folder 0700); nothing is written if it is refused."""
+    env = _env(environ)
+    key = check_key_text(value)
+    _refuse_if_environment_wins(env, "saving a key file")
+    path = key_file_path(env)
+    _refuse_if_inside(path, forbidden_dirs)
+    try:
+        _private_folder(path.parent, own=_is_default_folder(path))
+        _write_private(path, key + "\n")
+    except OSError as exc:
+        # The exception text names the path only; the key is not in it.
+        raise ConfigurationError(
+            f"The API key file {path} could not be written ({type(exc).__name__}); check the folder's permissions."
+        ) from None
+    log.info("API key saved to %s", path)
+    return key_status(env)
+
+
+def delete_api_key(environ: Optional[Mapping[str, str]] = None) -> KeyStatus:
+    """Remove the key file (nothing to do when there is none)."""
+    env = _env(environ)
+    _refuse_if_environment_wins(env, "removing the key file")
+    path = key_file_path(env)
+    try:
+        path.unlink()
+        log.info("API key file %s removed", path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigurationError(
+            f"The API key file {path} could not be removed ({type(exc).__name__}); check the folder's permissions."
+        ) from None
+    return key_status(env)
+
+
+# --- offline mode ---------------------------------------------------------------------
+
+def settings_file_path(environ: Optional[Mapping[str, str]] = None) -> Path:
+    """The pack's settings file, next to the key file."""
+    return key_file_path(environ).with_name(SETTINGS_FILE_NAME)
+
+
+def _read_settings(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        log.warning("the settings file %s could not be read (%s); using the defaults", path, type(exc).__name__)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def local_mode(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """True when the node runs against the free in-process stand-in instead of the paid service."""
+    return _read_settings(settings_file_path(environ)).get("local") is True
+
+
+def set_local_mode(local: object, environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Switch the offline mode on or off, kept in the settings file so it survives a restart."""
+    if not isinstance(local, bool):
+        raise ConfigurationError("local must be true or false.")
+    env = _env(environ)
+    path = settings_file_path(env)
+    data = _read_settings(path)
+    data["local"] = local
+    try:
+        _private_folder(path.parent, own=_is_default_folder(key_file_path(env)))
+        _write_private(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise ConfigurationError(
+            f"The settings file {path} could not be written ({type(exc).__name__}); check the folder's permissions."
+        ) from None
+    log.info("local stand-in mode %s", "on" if local else "off")
+    return local
