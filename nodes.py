@@ -9,7 +9,6 @@ from comfy_api.latest import io
 from server import PromptServer
 
 from .structure_api.batch import BatchProgress
-from .structure_api.cache import ResultCache
 from .structure_api.client import CREDITS_PER_IMAGE, DEFAULT_CONTROL_STRENGTH, MAX_SEED, OUTPUT_FORMATS
 from .structure_api.pipeline import StructureParams, generate_images
 
@@ -91,13 +90,13 @@ class AIThrivingStructure(io.ComfyNode):
 
         _status(node_id, f"sending {total} image{'s' if total != 1 else ''}…")
         result = generate_images(
-            image, params, cache=ResultCache.from_env(), on_progress=show,
+            image, params, label=f"ComfyUI node {node_id}", on_progress=show,
             should_cancel=comfy.model_management.processing_interrupted)
         if result.report.cancelled:
             _status(node_id, f"cancelled · {result.credits} credits spent")
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise comfy.model_management.InterruptProcessingException()
-        cached = f" ({result.from_cache} from cache)" if result.from_cache else ""
+        cached = f" ({result.from_cache} from the result store)" if result.from_cache else ""
         _status(node_id, f"done {total} of {total}{cached} · {result.credits} credits spent")
         # Sent to the frontend with the "executed" message (and kept in the history): the cost shown on the node.
         cost = {"credits": result.credits, "images": total, "from_cache": result.from_cache,

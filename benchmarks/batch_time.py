@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from structure_api.cache import ResultCache
+from structure_api.store import ResultStore
 from structure_api.client import StructureClient, StructureRequest
 from structure_api.images import (
     ImageSize,
@@ -73,15 +73,15 @@ def measure_batch(count: int = 8, side: int = 512, latency: float = 1.0, concurr
         params = StructureParams(prompt=PROMPT, seed=1)
         generate_images(images[:1], params, client=client, max_concurrency=1)  # warm-up: imports, connection
         for repeat in range(repeats):
-            cache = ResultCache(Path(cache_dir, f"single-{repeat}"))
+            cache = ResultStore(Path(cache_dir, f"single-{repeat}"))
             started = time.perf_counter()
-            generate_images(images[:1], params, client=client, cache=cache, max_concurrency=1)
+            generate_images(images[:1], params, client=client, store=cache, max_concurrency=1)
             single.append(time.perf_counter() - started)
             for level in concurrency:
-                cache = ResultCache(Path(cache_dir, f"{level}-{repeat}"))
+                cache = ResultStore(Path(cache_dir, f"{level}-{repeat}"))
                 client_cpu, standin_cpu = time.process_time(), server.cpu_seconds()
                 started = time.perf_counter()
-                result = generate_images(images, params, client=client, cache=cache, max_concurrency=level)
+                result = generate_images(images, params, client=client, store=cache, max_concurrency=level)
                 wall = time.perf_counter() - started
                 concurrent[level].append(wall)
                 if level == max(concurrency):

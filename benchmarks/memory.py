@@ -102,7 +102,7 @@ class _Sampler(threading.Thread):
 def _probe(url: str, count: int, side: int, concurrency: int) -> MemoryResult:
     import torch
 
-    from structure_api.cache import ResultCache
+    from structure_api.store import ResultStore
     from structure_api.client import StructureClient
     from structure_api.images import decode_image, encode_upload, to_uint8_rgb
     from structure_api.pipeline import StructureParams, generate_images
@@ -122,13 +122,13 @@ def _probe(url: str, count: int, side: int, concurrency: int) -> MemoryResult:
     params = StructureParams(prompt="a benchmark picture", seed=1)
     with tempfile.TemporaryDirectory() as cache_dir, \
             StructureClient(api_key="benchmark", base_url=url) as client:
-        cache = ResultCache(Path(cache_dir))
+        cache = ResultStore(Path(cache_dir))
         sampler = _Sampler()
         baseline = _status_kib("VmRSS")
         exact = _reset_peak()
         sampler.start()
         started = time.perf_counter()
-        result = generate_images(images, params, client=client, cache=cache, max_concurrency=concurrency)
+        result = generate_images(images, params, client=client, store=cache, max_concurrency=concurrency)
         seconds = time.perf_counter() - started
         sampled = sampler.stop()
         peak = _status_kib("VmHWM") if exact else sampled

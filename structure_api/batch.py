@@ -1,8 +1,7 @@
-"""Run many requests with bounded concurrency: results by index, cache first, cancel at once."""
+"""Run many requests with bounded concurrency: results by index, result store first, cancel at once."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import queue
 import threading
@@ -10,7 +9,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from .cache import ResultCache, cache_key
 from .client import ProgressEvent, StructureClient, StructureRequest, StructureResult
 from .errors import (
     AuthenticationError,
@@ -18,9 +16,11 @@ from .errors import (
     CancelledError,
     ConfigurationError,
     InsufficientCreditsError,
+    ResultMayBeBilledError,
     StructureError,
 )
 from .images import decode_image
+from .store import ResultStore, StoredResult
 
 ENV_MAX_CONCURRENCY = "AITHRIVING_MAX_CONCURRENCY"
 DEFAULT_MAX_CONCURRENCY = 4
@@ -60,19 +60,36 @@ class BatchReport:
     total: int
     seeds: dict[int, int] = field(default_factory=dict)
     failures: dict[int, StructureError] = field(default_factory=dict)
-    from_cache: set[int] = field(default_factory=set)
+    from_cache: set[int] = field(default_factory=set)  # served by the result store, free
+    stored: dict[int, StoredResult] = field(default_factory=dict)  # the store's entry of each finished image
     credits: int = 0
     cancelled: bool = False
+    may_be_charged: int = 0  # answers lost after their upload completed
+    not_sent: int = 0        # left unsent after an error every later request would share
 
     @property
     def done(self) -> int:
         return len(self.seeds)
 
-    def raise_for_failures(self, noun: str = "image", *, resumable: bool = False) -> None:
-        """Raise one BatchError naming each failed item (1-based) and why.
+    @property
+    def paid(self) -> int:
+        """Images paid for in this run."""
+        return self.done - len(self.from_cache)
 
-        ``resumable``: the paid results are in the cache under a fixed seed, so say that a re-run
-        pays only for the failed items.
+    def release(self, store: ResultStore) -> None:
+        """Give every kept or claimed result back undelivered (the batch is not delivered): a re-run takes them."""
+        for entry in self.stored.values():
+            store.release(entry)
+
+    def mark_delivered(self, store: ResultStore) -> None:
+        """Record every result of the batch as delivered."""
+        for entry in self.stored.values():
+            store.mark_delivered(entry)
+
+    def raise_for_failures(self, noun: str = "image", *, store: Optional[ResultStore] = None) -> None:
+        """Raise one BatchError naming each failed item (1-based) and why, and saying what was kept.
+
+        ``store``: where the finished items were kept; a re-run then pays only for the failed items.
         """
         if not self.failures:
             return
@@ -82,43 +99,207 @@ class BatchReport:
         items = sorted(self.failures.items())
         shown = "; ".join(f"{noun} {index + 1}: {str(error).rstrip('.')}" for index, error in items[:5])
         more = f"; and {len(items) - 5} more" if len(items) > 5 else ""
-        paid = ""
-        if self.done:
-            again = "; they are cached, so a re-run with the same seed pays only for the failed ones" if resumable else ""
-            paid = f" ({self.done} succeeded, {self.credits} credits spent{again})"
-        raise BatchError(f"{len(items)} of {self.total} {noun}s failed{paid}: {shown}{more}",
+        raise BatchError(f"{len(items)} of {self.total} {noun}s failed: {shown}{more}. {self.kept_sentence(noun, store)}",
                          failures=self.failures)
 
+    def kept_sentence(self, noun: str = "image", store: Optional[ResultStore] = None) -> str:
+        """What was paid, what was kept where, and what a re-run will pay: every word true."""
+        parts = []
+        plural = lambda n, word=noun: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
+        if self.paid and not self.credits:
+            parts.append(f"{plural(self.paid)} {'was' if self.paid == 1 else 'were'} made free by the local stand-in")
+        elif self.paid:
+            parts.append(f"{plural(self.paid)} {'was' if self.paid == 1 else 'were'} paid for "
+                         f"({self.credits} credits)")
+        else:
+            parts.append("Nothing was paid for")
+        if self.from_cache:
+            parts.append(f"{plural(len(self.from_cache))} came free from the result store")
+        sentence = ", ".join(parts)
+        if self.done and store is not None and len(self.stored) == self.done:
+            if all(store.on_disk(entry) for entry in self.stored.values()):
+                where = f"in the result store ({store.directory})"
+                again = "so queuing again pays only for the failed ones"
+            else:
+                where = "in memory only, because the result store cannot be written"
+                again = "so queuing again in this same process pays only for the failed ones"
+            sentence += f"; {'it is' if self.done == 1 else f'all {self.done} are'} kept {where}, {again}"
+        elif self.done:
+            sentence += "; they were not kept, so queuing again pays for them again"
+        if self.may_be_charged:
+            sentence += (f". {plural(self.may_be_charged, 'request')} may have been charged without an answer "
+                         "arriving; queuing again sends them again")
+        if self.not_sent:
+            sentence += f". {plural(self.not_sent)} {'was' if self.not_sent == 1 else 'were'} not sent"
+        return sentence + "."
 
-def generate_with_cache(
+
+def generate_stored(
     client: StructureClient,
     request: StructureRequest,
-    cache: Optional[ResultCache],
+    store: ResultStore,
     *,
+    label: str = "",
     on_progress: Optional[Callable[[ProgressEvent], None]] = None,
     cancel: Optional[threading.Event] = None,
-) -> tuple[StructureResult, bool]:
-    """A fixed-seed request already paid for comes from the cache; returns (result, from_cache)."""
+    claim_only: bool = False,
+) -> tuple[Optional[StructureResult], bool]:
+    """The store's result for ``request`` if it holds one (free), else a paid one the client kept there.
+
+    Returns (result, from_store); (None, False) when ``claim_only`` and the store holds nothing.
+    The result's ``stored`` entry is handed out to the caller: ``store.mark_delivered`` it once
+    delivered, or ``store.release`` it when giving up.
+    """
     request.validate()
-    if cache is not None and request.seed != 0:
-        key = cache_key(request.image.data, request.form_fields(), client.endpoint)
-        hit = cache.get(key)
+    key = store.key_for(request, client.endpoint)
+    hit = _claim_decoded(store, key, request.seed)
+    if hit is not None or claim_only:
+        return hit, hit is not None
+    if request.seed == 0:
+        # Random means random: identical seed-0 requests of one batch are paid side by side.
+        return client.generate(request, on_progress=on_progress, cancel=cancel, store=store, label=label), False
+    with store.paying(key):
+        # Another thread or process may have paid for it while this one waited for the lock.
+        hit = _claim_decoded(store, key, request.seed)
         if hit is not None:
+            return hit, True
+        return client.generate(request, on_progress=on_progress, cancel=cancel, store=store, label=label), False
+
+
+def _claim_decoded(store: ResultStore, key: str, seed: int) -> Optional[StructureResult]:
+    while True:
+        entry = store.claim(key, seed)
+        if entry is None:
+            return None
+        try:
+            pixels = decode_image(entry.data)
+        except StructureError:
+            store.discard(entry)  # unusable: never served again
+            continue
+        return StructureResult(pixels=pixels, data=entry.data, seed=entry.seed, format=entry.format,
+                               request_id=None, attempts=0, credits=0, stored=entry)
+
+
+class _BatchRun:
+    """One run of :func:`run_batch`: the shared state of its workers, behind one lock."""
+
+    def __init__(self, client: StructureClient, count: int, make_request: Callable[[int], StructureRequest],
+                 on_result: Callable[[int, StructureResult], None], store: ResultStore,
+                 label: Callable[[int], str]) -> None:
+        self.client = client
+        self.count = count
+        self.make_request = make_request
+        self.on_result = on_result
+        self.store = store
+        self.label = label
+        self.report = BatchReport(total=count)
+        self.lock = threading.Lock()
+        self.cancel = threading.Event()
+        self.stop_sending = threading.Event()  # set with stop_reason: later requests would fail (or charge) too
+        self.stop_reason: Optional[StructureError] = None
+        # Workers queue progress; the caller's thread delivers it, because UI hooks (ComfyUI's
+        # progress bar, terminal output) expect to be called from the thread that runs the job.
+        self.progress: "queue.SimpleQueue[BatchProgress]" = queue.SimpleQueue()
+
+    def snapshot(self, message: str, index: Optional[int] = None) -> BatchProgress:
+        return BatchProgress(done=self.report.done, total=self.count, credits=self.report.credits,
+                             message=message, index=index)
+
+    def deliver_progress(self, on_progress: Optional[Callable[[BatchProgress], None]]) -> None:
+        while True:
             try:
-                pixels = decode_image(hit.data)
-            except StructureError:
-                pixels = None
-            if pixels is not None:
-                return StructureResult(pixels=pixels, data=hit.data, seed=hit.seed, format=hit.format,
-                                       request_id=None, attempts=0, credits=0), True
-    result = client.generate(request, on_progress=on_progress, cancel=cancel)
-    if cache is not None:
-        # Stored under the seed actually used, so re-running a random-seed result with that
-        # seed fixed costs nothing; a request with seed 0 is never looked up.
-        paid_for = dataclasses.replace(request, seed=result.seed)
-        key = cache_key(paid_for.image.data, paid_for.form_fields(), client.endpoint)
-        cache.put(key, result.data, result.seed, result.format)
-    return result, False
+                progress = self.progress.get_nowait()
+            except queue.Empty:
+                return
+            if on_progress is not None:
+                on_progress(progress)
+
+    def _stop(self, error: StructureError) -> None:
+        if not self.stop_sending.is_set():
+            self.stop_reason = error
+            self.stop_sending.set()
+
+    def work(self, index: int) -> None:
+        if self.cancel.is_set():
+            return
+        try:
+            request = self.make_request(index)
+
+            def relay(event: ProgressEvent) -> None:
+                if event.stage in ("uploading", "waiting", "retrying"):
+                    with self.lock:
+                        progress = self.snapshot(f"image {index + 1}: {event.message}", index)
+                    self.progress.put(progress)
+
+            # After a stop, what the store holds is still served (it is free); nothing is sent.
+            stopped = self.stop_sending.is_set()
+            result, from_store = generate_stored(self.client, request, self.store, label=self.label(index),
+                                                 on_progress=relay, cancel=self.cancel, claim_only=stopped)
+            if result is None:
+                with self.lock:
+                    self.report.failures[index] = CancelledError(
+                        f"not sent, because an earlier image failed with: {str(self.stop_reason).rstrip('.')}")
+                    self.report.not_sent += 1
+                return
+            if result.stored is not None:
+                with self.lock:
+                    self.report.stored[index] = result.stored  # before on_result: kept whatever it does
+            self.on_result(index, result)
+        except StructureError as error:
+            if self.cancel.is_set() and isinstance(error, CancelledError):
+                return
+            with self.lock:
+                self.report.failures[index] = error
+                if isinstance(error, ResultMayBeBilledError):
+                    self.report.may_be_charged += 1
+                if isinstance(error, _FATAL_FOR_BATCH + (ResultMayBeBilledError,)):
+                    self._stop(error)
+                progress = self.snapshot(f"image {index + 1} failed", index)
+            self.progress.put(progress)
+            return
+        with self.lock:
+            self.report.seeds[index] = result.seed
+            self.report.credits += result.credits
+            if from_store:
+                self.report.from_cache.add(index)
+            progress = self.snapshot(f"done {self.report.done} of {self.count}", index)
+        self.progress.put(progress)
+
+    def run(self, max_concurrency: int, on_progress: Optional[Callable[[BatchProgress], None]],
+            should_cancel: Optional[Callable[[], bool]], poll_interval: float) -> BatchReport:
+        report = self.report
+        workers = max(1, min(max_concurrency, self.count))
+        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="structure")
+        try:
+            pending: set[Future] = {executor.submit(self.work, index) for index in range(self.count)}
+            while pending:
+                finished, pending = wait(pending, timeout=poll_interval, return_when=FIRST_COMPLETED)
+                self.deliver_progress(on_progress)
+                for future in finished:
+                    future.result()  # a bug in on_result/make_request must surface, not vanish
+                if should_cancel is not None and pending and should_cancel():
+                    self.cancel.set()
+                    self.client.abort()
+                    report.cancelled = True
+                    for future in pending:
+                        future.cancel()
+                    # The aborted sockets end in-flight work at once; give it a moment to finish
+                    # so no worker outlives the call, without ever holding the caller long.
+                    wait(pending, timeout=0.5)
+                    break
+        except BaseException:
+            # Anything escaping here (a progress hook that raises on interrupt, as ComfyUI's
+            # does, or Ctrl-C) must not leave requests running or the caller waiting on them.
+            self.cancel.set()
+            self.client.abort()
+            report.cancelled = True
+            raise
+        finally:
+            # After a cancel the aborted sockets make in-flight workers end at once; a short join
+            # keeps threads from outliving the call without ever blocking the caller for long.
+            executor.shutdown(wait=not report.cancelled, cancel_futures=True)
+        self.deliver_progress(on_progress)
+        return report
 
 
 def run_batch(
@@ -127,110 +308,26 @@ def run_batch(
     make_request: Callable[[int], StructureRequest],
     *,
     on_result: Callable[[int, StructureResult], None],
-    cache: Optional[ResultCache] = None,
+    store: Optional[ResultStore] = None,
+    label: Optional[Callable[[int], str]] = None,
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     on_progress: Optional[Callable[[BatchProgress], None]] = None,
     should_cancel: Optional[Callable[[], bool]] = None,
     poll_interval: float = 0.1,
 ) -> BatchReport:
-    """Run ``count`` requests, at most ``max_concurrency`` at once, and report each by index.
+    """Run ``count`` requests, at most ``max_concurrency`` at once, through the result store; report each by index.
 
     ``make_request(i)`` builds request i in the worker (so at most ``max_concurrency``
     encoded images exist at once); ``on_result(i, result)`` runs in the worker as each
     finishes (so results can go straight into an output buffer); ``on_progress`` is
-    called on the caller's thread. ``should_cancel`` is
-    polled every ``poll_interval`` s; when it returns True, open connections are closed
-    and the call returns with ``cancelled`` set.
+    called on the caller's thread. ``should_cancel`` is polled every ``poll_interval`` s;
+    when it returns True, open connections are closed and the call returns with
+    ``cancelled`` set. Every result is kept in ``store`` (default: ``ResultStore.from_env()``)
+    and handed out to the caller: ``report.mark_delivered(store)`` or ``report.release(store)``.
     """
-    report = BatchReport(total=count)
-    lock = threading.Lock()
-    cancel = threading.Event()
-    stop_sending: list[StructureError] = []
-    # Workers queue progress; the caller's thread delivers it, because UI hooks (ComfyUI's
-    # progress bar, terminal output) expect to be called from the thread that runs the job.
-    progress_queue: "queue.SimpleQueue[BatchProgress]" = queue.SimpleQueue()
-    notify = progress_queue.put
-
-    def deliver_progress() -> None:
-        while True:
-            try:
-                progress = progress_queue.get_nowait()
-            except queue.Empty:
-                return
-            if on_progress is not None:
-                on_progress(progress)
-
-    def snapshot(message: str, index: Optional[int] = None) -> BatchProgress:
-        return BatchProgress(done=report.done, total=count, credits=report.credits, message=message, index=index)
-
-    def work(index: int) -> None:
-        if cancel.is_set():
-            return
-        if stop_sending:
-            with lock:
-                report.failures[index] = CancelledError(
-                    f"not sent, because an earlier image failed with: {stop_sending[0]}")
-            return
-        try:
-            request = make_request(index)
-
-            def relay(event: ProgressEvent) -> None:
-                if event.stage in ("uploading", "waiting", "retrying"):
-                    with lock:
-                        progress = snapshot(f"image {index + 1}: {event.message}", index)
-                    notify(progress)
-
-            result, cached = generate_with_cache(client, request, cache, on_progress=relay, cancel=cancel)
-            on_result(index, result)
-        except StructureError as error:
-            if cancel.is_set() and isinstance(error, CancelledError):
-                return
-            with lock:
-                report.failures[index] = error
-                if isinstance(error, _FATAL_FOR_BATCH) and not stop_sending:
-                    stop_sending.append(error)
-                progress = snapshot(f"image {index + 1} failed", index)
-            notify(progress)
-            return
-        with lock:
-            report.seeds[index] = result.seed
-            report.credits += result.credits
-            if cached:
-                report.from_cache.add(index)
-            progress = snapshot(f"done {report.done} of {count}", index)
-        notify(progress)
-
     if count <= 0:
-        return report
-    workers = max(1, min(max_concurrency, count))
-    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="structure")
-    try:
-        pending: set[Future] = {executor.submit(work, index) for index in range(count)}
-        while pending:
-            finished, pending = wait(pending, timeout=poll_interval, return_when=FIRST_COMPLETED)
-            deliver_progress()
-            for future in finished:
-                future.result()  # a bug in on_result/make_request must surface, not vanish
-            if should_cancel is not None and pending and should_cancel():
-                cancel.set()
-                client.abort()
-                report.cancelled = True
-                for future in pending:
-                    future.cancel()
-                # The aborted sockets end in-flight work at once; give it a moment to finish
-                # so no worker outlives the call, without ever holding the caller long.
-                wait(pending, timeout=0.5)
-                break
-    except BaseException:
-        # Anything escaping here (a progress hook that raises on interrupt, as ComfyUI's
-        # does, or Ctrl-C) must not leave requests running or the caller waiting on them.
-        cancel.set()
-        client.abort()
-        report.cancelled = True
-        raise
-    finally:
-        # After a cancel the aborted sockets make in-flight workers end at once; a short join
-        # keeps threads from outliving the call without ever blocking the caller for long.
-        executor.shutdown(wait=not report.cancelled, cancel_futures=True)
-    deliver_progress()
-    return report
+        return BatchReport(total=max(count, 0))
+    if store is None:
+        store = ResultStore.from_env()
+    run = _BatchRun(client, count, make_request, on_result, store, label or (lambda index: f"image {index + 1}"))
+    return run.run(max_concurrency, on_progress, should_cancel, poll_interval)

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from . import __version__
-from .batch import BatchProgress, generate_with_cache, max_concurrency_from_env, run_batch
-from .cache import ResultCache
+from .batch import BatchProgress, generate_stored, max_concurrency_from_env, run_batch
+from .store import ResultStore
 from .client import (
     DEFAULT_CONTROL_STRENGTH,
     DEFAULT_READ_TIMEOUT,
@@ -141,8 +141,10 @@ def _client(args: argparse.Namespace) -> Iterator[StructureClient]:
         yield client
 
 
-def _cache(args: argparse.Namespace) -> Optional[ResultCache]:
-    return None if args.no_cache or args.local else ResultCache.from_env()
+def _store(args: argparse.Namespace) -> ResultStore:
+    # The stand-in's images are never mixed with paid ones (its key includes its address), but
+    # --local and --no-cache keep them only for this run.
+    return ResultStore(None) if args.no_cache or args.local else ResultStore.from_env()
 
 
 def _credits(result_credits: int, cached: bool, local: bool) -> str:
@@ -160,9 +162,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request = StructureRequest(
         image=prepared.upload, prompt=args.prompt, control_strength=args.control_strength,
         negative_prompt=args.negative_prompt, seed=args.seed, output_format=output_format)
+    store = _store(args)
     with _client(args) as client:
-        result, cached = generate_with_cache(client, request, _cache(args))
+        result, cached = generate_stored(client, request, store, label=str(args.output))
     size = _write_output(args.output, prepared, result, output_format)
+    if result.stored is not None:
+        store.mark_delivered(result.stored)
     print(f"seed {result.seed} · {_credits(result.credits, cached, args.local)} · wrote {args.output} "
           f"({size.width}x{size.height} {output_format})")
     return 0
@@ -224,14 +229,19 @@ def cmd_batch(args: argparse.Namespace) -> int:
             image=image.upload, prompt=args.prompt, control_strength=args.control_strength,
             negative_prompt=args.negative_prompt, seed=seeds[index], output_format=output_format)
 
+    store = _store(args)
+
     def on_result(slot: int, result: StructureResult) -> None:
         _write_output(targets[todo[slot]], prepared.pop(slot), result, output_format)
+        if result.stored is not None:
+            store.mark_delivered(result.stored)
 
     progress = _ProgressLine(len(todo))
     cancelled = threading.Event()
     with _client(args) as client:
         try:
-            report = run_batch(client, len(todo), make_request, on_result=on_result, cache=_cache(args),
+            report = run_batch(client, len(todo), make_request, on_result=on_result, store=store,
+                               label=lambda slot: str(targets[todo[slot]]),
                                max_concurrency=concurrency, on_progress=progress,
                                should_cancel=cancelled.is_set)
         except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -53,11 +54,14 @@ from .images import (
     MIN_PIXELS,
     MIN_SIDE,
     EncodedImage,
+    ImageSize,
     decode_base64,
     decode_image,
     detect_format,
+    image_header_size,
 )
 from .retry import RetryPolicy, next_delay, parse_retry_after
+from .store import ResultStore, StoredResult
 
 log = logging.getLogger("structure_api")
 
@@ -174,6 +178,8 @@ class StructureResult:
     request_id: Optional[str]
     attempts: int
     credits: int = CREDITS_PER_IMAGE
+    # The store's entry for this answer: hand it to ``store.mark_delivered`` once delivered.
+    stored: Optional[StoredResult] = None
 
     def __repr__(self) -> str:
         shape = getattr(self.pixels, "shape", None)
@@ -471,8 +477,14 @@ class StructureClient:
         *,
         on_progress: Optional[ProgressCallback] = None,
         cancel: Optional[threading.Event] = None,
+        store: Optional[ResultStore] = None,
+        label: str = "",
     ) -> StructureResult:
-        """Send one request (retrying only when it cannot double-charge) and return the decoded result."""
+        """Send one request (retrying only when it cannot double-charge) and return the decoded result.
+
+        With a ``store``, an answer carrying an image is kept there (under ``label``) the moment its
+        bytes are read and checked, before its pixels are decoded: whatever fails later, it is not lost.
+        """
         request.validate()
         notify = on_progress or (lambda event: None)
         started = self._clock()
@@ -482,7 +494,7 @@ class StructureClient:
             self._check_cancel(cancel)
             notify(ProgressEvent("uploading", attempt, "uploading"))
             try:
-                result = self._attempt(request, attempt, notify)
+                result = self._attempt(request, attempt, notify, store, label)
             except StructureError as error:
                 if self._aborted.is_set() or (cancel is not None and cancel.is_set()):
                     raise CancelledError("The request was cancelled.") from error
@@ -514,7 +526,8 @@ class StructureClient:
             self._aborted.wait(delay)
         self._check_cancel(cancel)
 
-    def _attempt(self, request: StructureRequest, attempt: int, notify: ProgressCallback) -> StructureResult:
+    def _attempt(self, request: StructureRequest, attempt: int, notify: ProgressCallback,
+                 store: Optional[ResultStore], label: str) -> StructureResult:
         boundary = uuid.uuid4().hex
         body = _UploadBody(_multipart_parts(request, boundary),
                            on_sent=lambda: notify(ProgressEvent("waiting", attempt, "waiting for the service")))
@@ -531,7 +544,7 @@ class StructureClient:
         except requests.exceptions.RequestException as exc:
             raise self._transport_error(exc, body, host) from None
         try:
-            return self._parse(response, request, attempt)
+            return self._parse(response, request, attempt, store, label)
         finally:
             response.close()
 
@@ -600,7 +613,8 @@ class StructureClient:
             # (and a 5xx cut short is as unbilled, and as retryable, as a whole one).
         return buffer.getvalue()
 
-    def _parse(self, response: requests.Response, request: StructureRequest, attempt: int) -> StructureResult:
+    def _parse(self, response: requests.Response, request: StructureRequest, attempt: int,
+               store: Optional[ResultStore] = None, label: str = "") -> StructureResult:
         status = response.status_code
         headers = {k.lower(): v for k, v in response.headers.items()}
         if 300 <= status < 400:
@@ -639,28 +653,74 @@ class StructureClient:
         data = payload.get("data")
         if not isinstance(data, dict) or not isinstance(data.get("image"), str):
             raise MalformedResponseError("The service's answer has no image in it (data.image missing).", **kwargs)
-        seed = data.get("seed", request.seed)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            if isinstance(seed, str) and seed.isdigit():
-                seed = int(seed)
-            else:
-                raise MalformedResponseError("The service's answer has a seed that is not a whole number.", **kwargs)
+        seed = self._answer_seed(data.get("seed"), request.seed)
         try:
             raw = decode_base64(data["image"])
-            # The parsed answer holds the base64 text (12 MB for a 3072x3072 PNG): let it go
-            # before the pixels are decoded, the moment this request needs the most memory.
-            del payload, data
+        except MalformedResponseError as error:
+            raise MalformedResponseError(
+                f"{error.message.rstrip('.')}; the service may have charged for it.", **kwargs) from None
+        # The answer's text (the body, and the parsed copy of its base64) is not needed any more:
+        # let it go before the pixels are decoded, the moment this request needs the most memory.
+        del payload, data, body
+        kwargs.pop("body", None)
+        actual_format, answer_size = self._check_answer_image(raw, request, kwargs)
+        stored = None
+        if store is not None:
+            aliases = ()
+            if request.seed == 0 and 1 <= seed <= MAX_SEED:
+                # A random-seed result also answers the same request with that seed fixed.
+                aliases = (store.key_for(dataclasses.replace(request, seed=seed), self.endpoint),)
+            stored = store.keep(store.key_for(request, self.endpoint), raw, seed=seed, format=actual_format,
+                                label=label, aliases=aliases)
+        try:
             pixels = decode_image(raw)
         except MalformedResponseError as error:
-            raise MalformedResponseError(error.message, **kwargs) from None
-        actual_format = detect_format(raw) or request.output_format
+            if stored is not None:
+                store.discard(stored)  # unusable bytes would only be served again
+            raise MalformedResponseError(
+                f"{error.message.rstrip('.')} ({answer_size.width}x{answer_size.height} {actual_format}); the "
+                "service may have charged for it.", **kwargs) from None
         if actual_format != request.output_format:
             log.warning("asked for %s, the service returned %s; using it as is", request.output_format, actual_format)
         # The local stand-in charges nothing and says so; the real service sends no such header.
         credits = 0 if STANDIN_HEADER.lower() in headers else CREDITS_PER_IMAGE
-        return StructureResult(
-            pixels=pixels, data=raw, seed=seed, format=actual_format, request_id=request_id, attempts=attempt,
-            credits=credits)
+        return StructureResult(pixels=pixels, data=raw, seed=seed, format=actual_format, request_id=request_id,
+                               attempts=attempt, credits=credits, stored=stored)
+
+    def _answer_seed(self, value: object, requested: int) -> int:
+        """The seed the answer reports; a missing or odd one (null, text, negative) costs the image nothing."""
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SEED:
+            return value
+        if isinstance(value, str) and value.strip().isdigit() and int(value) <= MAX_SEED:
+            return int(value)
+        if value is not None or requested == 0:
+            log.info("the service's answer reports the seed as %.40r; using %d (the request's) instead",
+                     value, requested)
+        return requested
+
+    def _check_answer_image(self, raw: bytes, request: StructureRequest, kwargs: dict) -> tuple[str, ImageSize]:
+        """The answer's format and declared size, refusing what is not an image near the request's size."""
+        try:
+            size = image_header_size(raw)
+        except MalformedResponseError as error:
+            raise MalformedResponseError(
+                f"{error.message.rstrip('.')}; the service may have charged for it, but there is nothing to keep.",
+                **kwargs) from None
+        sent = request.image.size
+        if not _near_size(size, sent):
+            raise MalformedResponseError(
+                f"The service returned a {size.width}x{size.height} image for a {sent.width}x{sent.height} request, "
+                "far from the size it produces; the service may have charged for it, but it was not used.",
+                **kwargs)
+        return detect_format(raw) or request.output_format, size
+
+
+def _near_size(answer: ImageSize, sent: ImageSize) -> bool:
+    """True when an answer's size is the request's up to rounding (the service works in multiples of 64)."""
+    if answer.width < MIN_SIDE or answer.height < MIN_SIDE:
+        return False
+    return all(abs(got - want) <= max(MIN_SIDE, want // 8)
+               for got, want in ((answer.width, sent.width), (answer.height, sent.height)))
 
 
 def _is_blank(body: bytes) -> bool:

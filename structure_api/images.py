@@ -595,6 +595,29 @@ def decode_image(data: bytes, *, max_pixels: int = 4 * MAX_PIXELS) -> np.ndarray
         raise MalformedResponseError(_NOT_AN_IMAGE) from None
 
 
+def image_header_size(data: bytes, *, max_pixels: int = 4 * MAX_PIXELS) -> ImageSize:
+    """The size a PNG, JPEG or WebP declares, after checking it is one, not cut short and not a bomb; no pixel is decoded."""
+    fmt = detect_format(data)
+    if fmt is None:
+        raise MalformedResponseError("The service's answer held bytes that are not an image (not PNG, JPEG or WebP).")
+    if _looks_truncated(data, fmt):
+        raise MalformedResponseError("The service's answer held an image that is cut short.")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size  # from the header only
+    except Image.DecompressionBombError:
+        raise _bomb_error(_png_declared_size(data)) from None
+    except UnidentifiedImageError:
+        raise MalformedResponseError(_NOT_AN_IMAGE) from None
+    except _PILLOW_ERRORS:
+        raise MalformedResponseError(_NOT_AN_IMAGE) from None
+    if width < 1 or height < 1:
+        raise MalformedResponseError(_NOT_AN_IMAGE)
+    if width * height > max_pixels:
+        raise _bomb_error(ImageSize(width=width, height=height))
+    return ImageSize(width=width, height=height)
+
+
 _NOT_BASE64 = "The service's answer held an image that is not valid base64."
 
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .batch import BatchProgress, BatchReport, max_concurrency_from_env, run_batch
-from .cache import ResultCache
 from .client import (
     DEFAULT_CONTROL_STRENGTH,
     MAX_SEED,
@@ -20,6 +19,7 @@ from .client import (
     validate_parameters,
 )
 from .errors import InputError, InvalidImageError
+from .store import ResultStore
 from .images import (
     MAX_PIXELS,
     MIN_SIDE,
@@ -97,16 +97,20 @@ def generate_images(
     params: StructureParams,
     *,
     client: Optional[StructureClient] = None,
-    cache: Optional[ResultCache] = None,
+    store: Optional[ResultStore] = None,
+    label: str = "",
     max_concurrency: Optional[int] = None,
     on_progress: Optional[Callable[[BatchProgress], None]] = None,
     should_cancel: Optional[Callable[[], bool]] = None,
 ) -> BatchResult:
     """One request per image, run concurrently; results land in input order at the input's size.
 
-    Raises InputError before any request for bad parameters or images, BatchError (or the
-    single error, for one image) naming each failed image. When ``should_cancel`` turns
-    True the call returns early with ``report.cancelled`` set and no images.
+    Every answer is kept in ``store`` (default: the one AITHRIVING_CACHE_DIR configures) before it
+    is decoded; a re-run of the same batch takes the store's undelivered results first, with seed 0
+    too. Raises InputError before any request for bad parameters or images, BatchError (or the
+    single error, for one image) naming each failed image and what was kept. When ``should_cancel``
+    turns True the call returns early with ``report.cancelled`` set and no images; what was paid
+    stays in the store for the next run.
     """
     params.validate()
     count, size = _batch_dims(images)
@@ -118,6 +122,8 @@ def generate_images(
     seeds = batch_seeds(params.seed, count)
     if max_concurrency is None:
         max_concurrency = max_concurrency_from_env()
+    if store is None:
+        store = ResultStore.from_env()
     own_client = client is None
     if client is None:
         client = StructureClient.from_env()
@@ -142,15 +148,20 @@ def generate_images(
 
     try:
         report = run_batch(
-            client, count, make_request, on_result=on_result, cache=cache,
+            client, count, make_request, on_result=on_result, store=store,
+            label=lambda index: f"{label or 'batch'}, image {index + 1} of {count}",
             max_concurrency=max_concurrency, on_progress=on_progress, should_cancel=should_cancel)
     finally:
         if own_client:
             client.close()
+    if report.cancelled or report.failures:
+        # Not delivered: a re-run of this batch takes these results instead of paying again.
+        report.release(store)
     if report.cancelled:
         return BatchResult(images=None, seeds=[], credits=report.credits, from_cache=len(report.from_cache),
                            report=report)
-    report.raise_for_failures(resumable=cache is not None and params.seed != 0)
+    report.raise_for_failures(store=store)
+    report.mark_delivered(store)
     used = [report.seeds[index] for index in range(count)]
     return BatchResult(images=output, seeds=used, credits=report.credits, from_cache=len(report.from_cache),
                        report=report)

@@ -25,6 +25,10 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.
     monkeypatch.setenv("AITHRIVING_CACHE_DIR", "off")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    # The process-wide stores (memory-only ones too) start empty for every test.
+    from structure_api.store import _forget_shared_stores
+
+    _forget_shared_stores()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from structure_api.batch import run_batch
-from structure_api.cache import ResultCache
+from structure_api.store import ResultStore
 from structure_api.errors import (
     AuthenticationError,
     BatchError,
@@ -215,46 +215,48 @@ def test_progress_is_reported_on_the_callers_thread(client):
 
 def test_fixed_seed_result_comes_from_cache_after_restart(standin, make_client, tmp_path):
     images = distinct_batch(3)
-    first = generate_images(images, params(seed=77), client=make_client(), cache=ResultCache(tmp_path))
+    first = generate_images(images, params(seed=77), client=make_client(), store=ResultStore(tmp_path))
     assert len(standin.requests) == 3 and first.credits == 18
     # A new cache object on the same folder stands for a restart.
-    second = generate_images(images, params(seed=77), client=make_client(), cache=ResultCache(tmp_path))
+    second = generate_images(images, params(seed=77), client=make_client(), store=ResultStore(tmp_path))
     assert len(standin.requests) == 3 and second.credits == 0 and second.from_cache == 3
     assert torch.equal(first.images, second.images)
     # A changed parameter is a new request.
     generate_images(images, params(seed=77, control_strength=0.5), client=make_client(),
-                    cache=ResultCache(tmp_path))
+                    store=ResultStore(tmp_path))
     assert len(standin.requests) == 6
 
 
 def test_random_seed_is_never_served_from_cache(standin, make_client, tmp_path):
-    cache = ResultCache(tmp_path)
-    first = generate_images(distinct_batch(1), params(seed=0), client=make_client(), cache=cache)
-    generate_images(distinct_batch(1), params(seed=0), client=make_client(), cache=cache)
+    cache = ResultStore(tmp_path)
+    first = generate_images(distinct_batch(1), params(seed=0), client=make_client(), store=cache)
+    generate_images(distinct_batch(1), params(seed=0), client=make_client(), store=cache)
     assert len(standin.requests) == 2
     # ... but the paid result is kept under the seed it got, so fixing that seed costs nothing.
-    again = generate_images(distinct_batch(1), params(seed=first.seeds[0]), client=make_client(), cache=cache)
+    again = generate_images(distinct_batch(1), params(seed=first.seeds[0]), client=make_client(), store=cache)
     assert len(standin.requests) == 2 and again.credits == 0
 
 
 def test_cache_files_hold_no_key_and_stay_bounded(standin, make_client, tmp_path):
-    cache = ResultCache(tmp_path, max_bytes=40_000)
+    cache = ResultStore(tmp_path, max_bytes=40_000)
     for seed in range(1, 8):
-        generate_images(distinct_batch(1), params(seed=seed), client=make_client(), cache=cache)
-    total = sum(p.stat().st_size for p in tmp_path.iterdir())
+        generate_images(distinct_batch(1), params(seed=seed), client=make_client(), store=cache)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
     assert 0 < total <= 40_000
-    for path in tmp_path.iterdir():
+    for path in files:
         assert TEST_KEY.encode() not in path.read_bytes()
 
 
 def test_cache_turned_off_by_environment(monkeypatch):
     monkeypatch.setenv("AITHRIVING_CACHE_DIR", "off")
-    assert ResultCache.from_env() is None
+    off = ResultStore.from_env()
+    assert off.directory is None and not off.persistent and ResultStore.from_env() is off
     monkeypatch.setenv("AITHRIVING_CACHE_DIR", "/tmp/somewhere")
-    assert ResultCache.from_env().directory.as_posix() == "/tmp/somewhere"
+    assert ResultStore.from_env().directory.as_posix() == "/tmp/somewhere"
     monkeypatch.setenv("AITHRIVING_CACHE_MAX_MB", "lots")
     with pytest.raises(ConfigurationError, match="AITHRIVING_CACHE_MAX_MB"):
-        ResultCache.from_env()
+        ResultStore.from_env()
 
 
 def test_run_batch_encodes_lazily_at_most_concurrency_at_once(client):

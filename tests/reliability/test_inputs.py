@@ -30,6 +30,7 @@ from structure_api.errors import InputError, InvalidImageError, StructureError
 from structure_api.images import MAX_ASPECT, MAX_PIXELS, MIN_SIDE, decode_image
 from structure_api.pipeline import StructureParams, generate_images
 from structure_api.standin import StandInServer
+from structure_api.store import ResultStore
 
 from .support import CANARY_KEY, image_file_bytes, message_problems, photo_like
 
@@ -245,7 +246,9 @@ def test_property_any_array_gives_a_batch_or_a_clear_input_error(images, shared_
     server.clear()
     name = "test_property_any_array_gives_a_batch_or_a_clear_input_error"
     try:
-        result = generate_images(images, StructureParams(prompt=PROMPT, seed=9), client=client, max_concurrency=2)
+        # A fresh store: an identical array drawn twice would otherwise (rightly) be served free.
+        result = generate_images(images, StructureParams(prompt=PROMPT, seed=9), client=client, max_concurrency=2,
+                                 store=ResultStore(None))
     except InputError as error:
         assert message_problems(str(error)) == [], str(error)
         assert server.requests == []

@@ -19,7 +19,7 @@ from PIL import Image
 
 from structure_api import StructureClient, StructureRequest
 from structure_api.batch import run_batch
-from structure_api.cache import ResultCache
+from structure_api.store import ResultStore
 from structure_api.errors import (
     BatchError,
     GenerationFailedError,
@@ -207,7 +207,7 @@ def test_node_path_under_mixed_faults_loses_nothing_thanks_to_the_cache(tmp_path
     batch = np.stack([item_pixels(1000 + i) for i in range(count)]).astype(np.float32) / 255
     uploads = [encode_upload(item_pixels(1000 + i)).data for i in range(count)]
     params = StructureParams(prompt=PROMPT, control_strength=STRENGTH, seed=5000, output_format="png")
-    cache = ResultCache(tmp_path / "cache")
+    cache = ResultStore(tmp_path / "cache")
     waits: list[float] = []
     rng = random.Random(FAULT_SEED)
     with StandInServer(api_key=CANARY_KEY) as server:
@@ -216,13 +216,13 @@ def test_node_path_under_mixed_faults_loses_nothing_thanks_to_the_cache(tmp_path
                                  read_timeout=0.5)
         started = time.monotonic()
         try:
-            first = generate_images(batch, params, client=client, cache=cache, max_concurrency=CONCURRENCY)
+            first = generate_images(batch, params, client=client, store=cache, max_concurrency=CONCURRENCY)
             failures = {}
         except BatchError as error:
             first, failures = None, error.failures
         first_records = [r for r in server.requests if r.path == "/api/control/structure"]
         server.clear()
-        second = generate_images(batch, params, client=client, cache=cache, max_concurrency=CONCURRENCY)
+        second = generate_images(batch, params, client=client, store=cache, max_concurrency=CONCURRENCY)
         seconds = time.monotonic() - started
         second_records = server.requests
         client.close()

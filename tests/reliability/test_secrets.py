@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from structure_api import StructureClient, StructureRequest
-from structure_api.cache import ResultCache
+from structure_api.store import ResultStore
 from structure_api.cli import main
 from structure_api.config import APIKey
 from structure_api.errors import BatchError, InsecureURLError, StructureError, UnexpectedRedirectError
@@ -135,19 +135,19 @@ def test_client_flows_never_show_the_key(service, new_client, small_upload, sear
 def test_node_logic_batch_with_cache_and_failures(service, new_client, tmp_path, search, ledger, caplog):
     caplog.set_level(logging.DEBUG)
     service.script(Fault(status=200, body={"code": -1, "message": f"nope {CANARY_KEY}"}))
-    cache = ResultCache(tmp_path / "cache")
+    cache = ResultStore(tmp_path / "cache")
     images = np.stack([photo_like(80, 64, seed=i) for i in range(4)]).astype(np.float32) / 255
     progress = []
     params = StructureParams(prompt="a tiled roof", seed=77)
     with pytest.raises(BatchError) as caught:
-        generate_images(images, params, client=new_client(), cache=cache, max_concurrency=2,
+        generate_images(images, params, client=new_client(), store=cache, max_concurrency=2,
                         on_progress=progress.append)
     search.check_error("node batch error", caught.value)
-    result = generate_images(images, params, client=new_client(), cache=cache, on_progress=progress.append)
+    result = generate_images(images, params, client=new_client(), store=cache, on_progress=progress.append)
     search.check("node result seeds", repr(result.seeds))
     search.check("node output pixels", np.asarray(result.images).tobytes())
     search.check("node progress messages", " ".join(p.message for p in progress))
-    for path in sorted((tmp_path / "cache").iterdir()):
+    for path in sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file()):
         search.check(f"cache file {path.suffix}", path.read_bytes())
     search.check_logs("node", caplog.records)
     search.check_records("node", service.requests)
@@ -213,7 +213,7 @@ def test_cli_subprocess_verbose_and_serve(tmp_path, service, search, ledger):
     search.check("generate -v: stdout", verbose.stdout)
     search.check("generate -v: stderr (INFO log)", verbose.stderr)
     search.check("generate -v: output file", (tmp_path / "out.png").read_bytes())
-    for path in sorted((tmp_path / "cache").iterdir()):
+    for path in sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file()):
         search.check(f"generate -v: cache file {path.suffix}", path.read_bytes())
 
     key_file = tmp_path / "key"

@@ -1,0 +1,640 @@
+"""The result store: every answer the service may have charged for, kept before anything can drop it.
+
+One entry per paid answer, keyed by the request's identity (a hash of the uploaded bytes, every
+form field and the service address; never the API key). An entry records the seed the service
+used, the format detected from the bytes, when it was kept and whether it has been delivered
+(written by the CLI, returned by the node). A re-run takes undelivered results first:
+
+- a fixed seed is served from the store every time (delivered or not);
+- seed 0 hands each undelivered result out once; after that seed 0 pays for fresh images.
+
+On disk an entry is ONE file ``<entry_id>.result`` (a header line of JSON, then the image bytes)
+written to a temp file, fsync'd and renamed into place, so a crash leaves either the whole entry
+or a temp file the next sweep removes. Delivery is an empty ``<entry_id>.delivered`` marker, so a
+store that can be read but not written still serves what it holds. When the folder cannot be
+written (read-only, full, not a folder, smaller than one result) results are kept in memory for
+the life of the process; :meth:`ResultStore.from_env` hands every caller of one process the same
+store object, so a ComfyUI re-run after a failed batch still finds them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import stat
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Mapping, Optional
+
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:  # the client imports this module; the type is only needed for hints
+    from .client import StructureRequest
+
+try:  # POSIX; elsewhere the per-key lock is per process only
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("structure_api")
+
+ENV_CACHE_DIR = "AITHRIVING_CACHE_DIR"
+ENV_CACHE_MAX_MB = "AITHRIVING_CACHE_MAX_MB"
+DEFAULT_MAX_BYTES = 1024 * 1024 * 1024
+_DISABLED_VALUES = {"", "0", "off", "none", "false", "no"}
+
+RESULT_SUFFIX = ".result"
+DELIVERED_SUFFIX = ".delivered"
+TEMP_PREFIX = ".tmp-"
+LOCK_DIR = ".locks"
+_MAGIC = b"AITHRIVING-RESULT-1\n"
+# The largest image the service returns is ~28 MB; a file far past that is not one of ours.
+MAX_ENTRY_BYTES = 64 * 1024 * 1024
+_MAX_HEADER_BYTES = 64 * 1024
+# A crashed writer leaves a temp file (or an old cache's half entry); one this old is nobody's
+# write in progress (a write takes well under a second).
+ORPHAN_AGE_SECONDS = 600.0
+# Delivered results of a memory-only store are a convenience cache: bounded, unlike undelivered ones.
+MEMORY_CACHE_BYTES = 256 * 1024 * 1024
+_KEY_HEX = 64
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """One paid answer the store holds."""
+
+    key: str          # request identity: sha256 over upload bytes, every form field, endpoint; never the key
+    entry_id: str     # unique per paid answer (a seed-0 key may hold several undelivered answers)
+    data: bytes       # image file bytes exactly as the service sent them
+    seed: int         # seed the service used
+    format: str       # "png" | "jpeg" | "webp", detected from the bytes
+    delivered: bool
+    paid_at: float    # time.time() when kept
+    label: str        # caller's free text, e.g. the CLI's intended output path or "ComfyUI node 5, image 3"
+
+    def __repr__(self) -> str:
+        return (f"StoredResult(entry_id={self.entry_id!r}, seed={self.seed}, format={self.format!r}, "
+                f"bytes={len(self.data)}, delivered={self.delivered}, label={self.label!r})")
+
+
+def request_key(image_bytes: bytes, fields: list[tuple[str, str]], endpoint: str) -> str:
+    """Hex digest identifying one request; the form fields are hashed in order."""
+    # The same digest as the old cache's, so its entries keep serving fixed-seed re-runs.
+    digest = hashlib.sha256()
+    digest.update(b"structure-cache-v1\0")
+    digest.update(endpoint.encode() + b"\0")
+    for name, value in fields:
+        digest.update(name.encode() + b"=" + value.encode("utf-8") + b"\0")
+    digest.update(hashlib.sha256(image_bytes).digest())
+    return digest.hexdigest()
+
+
+def default_store_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
+    """The folder from AITHRIVING_CACHE_DIR (``off`` = none), else the user cache folder."""
+    env = os.environ if environ is None else environ
+    if ENV_CACHE_DIR in env:
+        value = env[ENV_CACHE_DIR].strip()
+        return None if value.lower() in _DISABLED_VALUES else Path(value).expanduser()
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "aithriving" / "structure"
+
+
+def max_bytes_from_env(environ: Optional[Mapping[str, str]] = None) -> int:
+    """AITHRIVING_CACHE_MAX_MB in bytes (0 or less: nothing kept on disk), else the default."""
+    env = os.environ if environ is None else environ
+    max_mb = env.get(ENV_CACHE_MAX_MB, "").strip()
+    if not max_mb:
+        return DEFAULT_MAX_BYTES
+    try:
+        value = float(max_mb)
+        if value != value:  # NaN
+            raise ValueError
+        return max(0, int(min(value, 2.0 ** 40) * 1024 * 1024))
+    except (ValueError, OverflowError):
+        raise ConfigurationError(f"{ENV_CACHE_MAX_MB} must be a number of megabytes; got {max_mb!r}.") from None
+
+
+_SHARED: dict[tuple[Optional[str], int], "ResultStore"] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _forget_shared_stores() -> None:
+    """Drop the process's shared stores (tests start each case from an empty process state)."""
+    with _SHARED_LOCK:
+        _SHARED.clear()
+
+
+@dataclass
+class _Header:
+    """What a ``.result`` file's header line says, plus where the image bytes start."""
+
+    key: str
+    aliases: tuple[str, ...]
+    seed: int
+    format: str
+    size: int
+    sha256: str
+    paid_at: float
+    label: str
+    offset: int
+
+
+class ResultStore:
+    """Paid results in one folder (or only in memory), shared safely by threads and processes."""
+
+    def __init__(self, directory: Optional[Path], max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self.max_bytes = max_bytes
+        self._lock = threading.RLock()
+        self._memory: dict[str, tuple[StoredResult, tuple[str, ...]]] = {}  # entry_id -> (entry, aliases)
+        self._handed_out: set[str] = set()       # entry ids in use by a caller of this process
+        self._delivered_here: set[str] = set()   # delivered, but the marker could not be written
+        self._headers: dict[str, tuple[int, int, Optional[_Header]]] = {}  # name -> (mtime_ns, size, header)
+        self._key_locks: dict[str, threading.Lock] = {}
+        self._disk_ok: Optional[bool] = None if self.directory is not None and max_bytes > 0 else False
+        self._swept = False
+        self._warned = False
+
+    def __repr__(self) -> str:
+        where = str(self.directory) if self.directory is not None else "memory"
+        return f"ResultStore({where!r}, persistent={self.persistent})"
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "ResultStore":
+        """The store AITHRIVING_CACHE_DIR / _CACHE_MAX_MB configure; one object per process and folder."""
+        env = os.environ if environ is None else environ
+        directory = default_store_dir(env)
+        max_bytes = max_bytes_from_env(env)
+        if directory is None:
+            max_bytes = 0
+        ident = (str(directory.resolve()) if directory is not None else None, max_bytes)
+        with _SHARED_LOCK:
+            store = _SHARED.get(ident)
+            if store is None:
+                store = _SHARED[ident] = cls(directory, max_bytes)
+            return store
+
+    # -- where results go ---------------------------------------------------------
+
+    @property
+    def persistent(self) -> bool:
+        """True only while results actually reach disk."""
+        with self._lock:
+            if self._disk_ok is None:
+                self._disk_ok = self._probe()
+            return bool(self._disk_ok)
+
+    def on_disk(self, entry: StoredResult) -> bool:
+        """True when this entry is in the folder (it outlives the process), False when only in memory."""
+        with self._lock:
+            return self.directory is not None and entry.entry_id not in self._memory
+
+    @property
+    def location(self) -> str:
+        """Where kept results live, for messages: the folder, or 'memory'."""
+        return str(self.directory) if self.persistent else "memory"
+
+    def _probe(self) -> bool:
+        assert self.directory is not None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = _mkstemp(self.directory)
+            os.close(fd)
+            os.unlink(tmp)
+            return True
+        except OSError as error:
+            self._warn_memory(error)
+            return False
+
+    def _warn_memory(self, error: OSError) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("The result store %s cannot be written (%s); paid results are kept in memory until "
+                        "this process exits.", self.directory, error.strerror or type(error).__name__)
+
+    # -- identity -----------------------------------------------------------------
+
+    def key_for(self, request: "StructureRequest", endpoint: str) -> str:
+        """The request's identity: upload bytes, every form field, the endpoint; never the key."""
+        return request_key(request.image.data, request.form_fields(), endpoint)
+
+    # -- taking results out -------------------------------------------------------
+
+    def claim(self, key: str, seed: int) -> Optional[StoredResult]:
+        """What to deliver instead of paying: fixed seed -> the stored result, every time; seed 0 ->
+        one undelivered result, handed out once (until :meth:`release` gives it back)."""
+        with self._lock:
+            candidates = self._entries_for(key, include_aliases=seed != 0)
+            if seed != 0:
+                # An undelivered one first, so it counts as delivered when this one is.
+                candidates.sort(key=lambda item: (item[1].delivered, -item[1].paid_at))
+                for entry_id, _ in candidates:
+                    found = self._load(entry_id)
+                    if found is not None:
+                        self._touch(entry_id)
+                        return found
+                return None
+            candidates.sort(key=lambda item: item[1].paid_at)
+            for entry_id, meta in candidates:
+                if meta.delivered or entry_id in self._handed_out:
+                    continue
+                found = self._load(entry_id)
+                if found is not None:
+                    self._handed_out.add(entry_id)
+                    return found
+            return None
+
+    def release(self, entry: StoredResult) -> None:
+        """Give a claimed or kept result back undelivered (its batch failed): a re-run may claim it."""
+        with self._lock:
+            self._handed_out.discard(entry.entry_id)
+
+    def undelivered(self) -> list[StoredResult]:
+        """Paid, never delivered, oldest first: what ``structure-api results`` lists."""
+        with self._lock:
+            entries = [self._load(entry_id) for entry_id, meta in self._all_meta().items() if not meta.delivered]
+        found = [entry for entry in entries if entry is not None]
+        return sorted(found, key=lambda entry: entry.paid_at)
+
+    # -- putting results in -------------------------------------------------------
+
+    def keep(self, key: str, data: bytes, *, seed: int, format: str, label: str = "",
+             aliases: tuple[str, ...] = ()) -> StoredResult:
+        """Keep a paid answer, durable (fsync'd) before return; in memory when the disk fails; never
+        raises for disk trouble. ``aliases``: more keys it answers (a seed-0 result under the seed it
+        got). The result is handed out to the caller until delivered or released."""
+        entry = StoredResult(key=key, entry_id=uuid.uuid4().hex, data=data, seed=int(seed), format=format,
+                             delivered=False, paid_at=time.time(), label=label)
+        with self._lock:
+            self._handed_out.add(entry.entry_id)
+        if self._write(entry, aliases):
+            return entry
+        with self._lock:
+            self._memory[entry.entry_id] = (entry, tuple(aliases))
+        return entry
+
+    def mark_delivered(self, entry: StoredResult) -> None:
+        """Record that the caller delivered this result (wrote it, returned it)."""
+        with self._lock:
+            self._handed_out.discard(entry.entry_id)
+            held = self._memory.get(entry.entry_id)
+            if held is not None:
+                self._memory[entry.entry_id] = (dataclasses.replace(held[0], delivered=True), held[1])
+                self._trim_memory()
+                return
+            self._delivered_here.add(entry.entry_id)
+        if self.directory is None:
+            return
+        try:
+            fd = os.open(self.directory / (entry.entry_id + DELIVERED_SUFFIX),
+                         os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+            os.close(fd)
+        except OSError:
+            pass  # remembered in memory above; a read-only store cannot record more
+
+    def discard(self, entry: StoredResult) -> None:
+        """Remove an entry whose bytes turned out to be unusable (the image does not decode)."""
+        with self._lock:
+            self._handed_out.discard(entry.entry_id)
+            self._memory.pop(entry.entry_id, None)
+            self._headers.pop(entry.entry_id + RESULT_SUFFIX, None)
+        if self.directory is not None:
+            for suffix in (RESULT_SUFFIX, DELIVERED_SUFFIX):
+                _unlink_quietly(self.directory / (entry.entry_id + suffix))
+
+    @contextlib.contextmanager
+    def paying(self, key: str) -> Iterator[None]:
+        """Hold a lock per key while paying, across threads and processes (for fixed seeds: whoever
+        waits then finds the result in the store instead of paying again)."""
+        with self._lock:
+            thread_lock = self._key_locks.setdefault(key, threading.Lock())
+        with thread_lock:
+            handle = self._open_lock_file(key)
+            try:
+                if handle is not None:
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                yield
+            finally:
+                if handle is not None:
+                    os.close(handle)  # closing drops the flock
+
+    def _open_lock_file(self, key: str) -> Optional[int]:
+        if fcntl is None or self.directory is None or not _is_key(key) or not self.persistent:
+            return None
+        try:
+            lock_dir = self.directory / LOCK_DIR
+            lock_dir.mkdir(exist_ok=True)
+            return os.open(lock_dir / key, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                           0o644)
+        except OSError:
+            return None
+
+    # -- disk ---------------------------------------------------------------------
+
+    def _write(self, entry: StoredResult, aliases: tuple[str, ...]) -> bool:
+        if self.directory is None or self.max_bytes <= 0:
+            return False
+        header = {
+            "key": entry.key, "aliases": list(aliases), "entry_id": entry.entry_id, "seed": entry.seed,
+            "format": entry.format, "size": len(entry.data), "sha256": hashlib.sha256(entry.data).hexdigest(),
+            "paid_at": entry.paid_at, "label": entry.label[:1000],
+        }
+        head = _MAGIC + json.dumps(header, ensure_ascii=True).encode() + b"\n"
+        if len(head) + len(entry.data) > self.max_bytes or len(entry.data) > MAX_ENTRY_BYTES:
+            log.warning("A result of %d bytes is larger than the result store's limit (%s); it is kept in "
+                        "memory until this process exits.", len(entry.data), ENV_CACHE_MAX_MB)
+            with self._lock:
+                self._disk_ok = False
+            return False
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._sweep_once()
+            _durable_write(self.directory / (entry.entry_id + RESULT_SUFFIX), head, entry.data)
+        except OSError as error:
+            with self._lock:
+                self._disk_ok = False
+            self._warn_memory(error)
+            return False
+        with self._lock:
+            self._disk_ok = True
+        self._trim()
+        return True
+
+    def _scan(self) -> tuple[dict[str, tuple[int, int]], set[str]]:
+        """Regular ``.result`` files (name -> (mtime_ns, size)) and delivered markers, by one listing."""
+        results: dict[str, tuple[int, int]] = {}
+        markers: set[str] = set()
+        if self.directory is None:
+            return results, markers
+        self._sweep_once()
+        try:
+            with os.scandir(self.directory) as listing:
+                for item in listing:
+                    name = item.name
+                    if name.endswith(DELIVERED_SUFFIX):
+                        markers.add(name[: -len(DELIVERED_SUFFIX)])
+                    elif name.endswith(RESULT_SUFFIX):
+                        try:
+                            info = item.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        # Links, pipes, devices and folders are not entries: never opened.
+                        if stat.S_ISREG(info.st_mode) and info.st_size <= MAX_ENTRY_BYTES + _MAX_HEADER_BYTES:
+                            results[name] = (info.st_mtime_ns, info.st_size)
+        except OSError:
+            pass
+        return results, markers
+
+    def _disk_meta(self) -> dict[str, tuple[_Header, bool]]:
+        files, markers = self._scan()
+        found: dict[str, tuple[_Header, bool]] = {}
+        for name, (mtime, size) in files.items():
+            cached = self._headers.get(name)
+            if cached is not None and cached[0] == mtime and cached[1] == size:
+                header = cached[2]
+            else:
+                header = self._read_header(self.directory / name)
+                self._headers[name] = (mtime, size, header)
+            if header is None:
+                continue
+            entry_id = name[: -len(RESULT_SUFFIX)]
+            found[entry_id] = (header, entry_id in markers or entry_id in self._delivered_here)
+        for name in [n for n in self._headers if n not in files]:
+            del self._headers[name]
+        return found
+
+    def _all_meta(self) -> dict[str, "_Meta"]:
+        metas: dict[str, _Meta] = {}
+        for entry_id, (header, delivered) in self._disk_meta().items():
+            metas[entry_id] = _Meta(header.key, header.aliases, header.paid_at, delivered)
+        for entry_id, (entry, aliases) in self._memory.items():
+            metas[entry_id] = _Meta(entry.key, aliases, entry.paid_at, entry.delivered)
+        return metas
+
+    def _entries_for(self, key: str, *, include_aliases: bool) -> list[tuple[str, "_Meta"]]:
+        return [(entry_id, meta) for entry_id, meta in self._all_meta().items()
+                if meta.key == key or (include_aliases and key in meta.aliases)]
+
+    def _read_header(self, path: Path) -> Optional[_Header]:
+        try:
+            with _open_regular(path) as handle:
+                head = handle.read(_MAX_HEADER_BYTES)
+        except OSError:
+            return None
+        if not head.startswith(_MAGIC):
+            return None
+        end = head.find(b"\n", len(_MAGIC))
+        if end < 0:
+            return None
+        try:
+            meta = json.loads(head[len(_MAGIC):end])
+            header = _Header(
+                key=str(meta["key"]), aliases=tuple(str(a) for a in meta.get("aliases", ())),
+                seed=int(meta["seed"]), format=str(meta["format"]), size=int(meta["size"]),
+                sha256=str(meta["sha256"]), paid_at=float(meta["paid_at"]), label=str(meta.get("label", "")),
+                offset=end + 1)
+        except (ValueError, KeyError, TypeError):
+            return None
+        return header if 0 < header.size <= MAX_ENTRY_BYTES else None
+
+    def _load(self, entry_id: str) -> Optional[StoredResult]:
+        held = self._memory.get(entry_id)
+        if held is not None:
+            return held[0]
+        if self.directory is None:
+            return None
+        name = entry_id + RESULT_SUFFIX
+        cached = self._headers.get(name)
+        header = cached[2] if cached is not None else self._read_header(self.directory / name)
+        if header is None:
+            return None
+        try:
+            with _open_regular(self.directory / name) as handle:
+                handle.seek(header.offset)
+                data = handle.read(header.size + 1)
+        except OSError:
+            return None
+        if len(data) != header.size or hashlib.sha256(data).hexdigest() != header.sha256:
+            return None  # damaged: counts as absent
+        delivered = entry_id in self._delivered_here or (self.directory / (entry_id + DELIVERED_SUFFIX)).exists()
+        return StoredResult(key=header.key, entry_id=entry_id, data=data, seed=header.seed, format=header.format,
+                            delivered=delivered, paid_at=header.paid_at, label=header.label)
+
+    def _touch(self, entry_id: str) -> None:
+        # Recently used entries survive trimming; a read-only store simply cannot record it.
+        if self.directory is not None and entry_id not in self._memory:
+            try:
+                os.utime(self.directory / (entry_id + RESULT_SUFFIX))
+            except OSError:
+                pass
+
+    def _trim(self) -> None:
+        """Remove delivered results, least recently used first, while the folder is over ``max_bytes``.
+
+        Undelivered results are never trimmed: they are paid for and nobody has them yet.
+        """
+        with self._lock:
+            files, markers = self._scan()
+            total = sum(size for _, size in files.values())
+            if total <= self.max_bytes:
+                return
+            delivered = sorted((mtime, name, size) for name, (mtime, size) in files.items()
+                               if name[: -len(RESULT_SUFFIX)] in markers
+                               or name[: -len(RESULT_SUFFIX)] in self._delivered_here)
+            for _, name, size in delivered:
+                if total <= self.max_bytes:
+                    break
+                entry_id = name[: -len(RESULT_SUFFIX)]
+                if entry_id in self._handed_out:
+                    continue
+                _unlink_quietly(self.directory / name)
+                _unlink_quietly(self.directory / (entry_id + DELIVERED_SUFFIX))
+                self._headers.pop(name, None)
+                total -= size
+
+    def _trim_memory(self) -> None:
+        delivered = sorted((entry.paid_at, entry_id, len(entry.data))
+                           for entry_id, (entry, _) in self._memory.items() if entry.delivered)
+        total = sum(size for _, _, size in delivered)
+        for _, entry_id, size in delivered:
+            if total <= MEMORY_CACHE_BYTES:
+                break
+            del self._memory[entry_id]
+            total -= size
+
+    def _sweep_once(self) -> None:
+        """Remove what crashed writers left: temp files, delivered markers without a result, and the
+        half entries of the old cache layout (``<key>.img`` without ``<key>.json`` and the reverse)."""
+        if self._swept or self.directory is None:
+            return
+        self._swept = True
+        now = time.time()
+        try:
+            with os.scandir(self.directory) as listing:
+                items = list(listing)
+        except OSError:
+            return
+        names = {item.name for item in items}
+        for item in items:
+            try:
+                info = item.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            old = now - info.st_mtime > ORPHAN_AGE_SECONDS
+            name = item.name
+            orphan = False
+            if name.startswith(TEMP_PREFIX):
+                orphan = old
+            elif name.endswith(DELIVERED_SUFFIX):
+                orphan = name[: -len(DELIVERED_SUFFIX)] + RESULT_SUFFIX not in names
+            elif name.endswith(".img") and _is_key(name[:-4]):
+                orphan = old and name[:-4] + ".json" not in names
+            elif name.endswith(".json") and _is_key(name[:-5]):
+                orphan = old and name[:-5] + ".img" not in names
+            if orphan:
+                _unlink_quietly(self.directory / name)
+        # The old cache's complete entries (delivered results, fixed seed) move into the new layout.
+        for item in items:
+            name = item.name
+            if name.endswith(".json") and _is_key(name[:-5]) and name[:-5] + ".img" in names:
+                self._migrate_legacy(name[:-5])
+
+    def _migrate_legacy(self, key: str) -> None:
+        assert self.directory is not None
+        meta_path, image_path = self.directory / f"{key}.json", self.directory / f"{key}.img"
+        try:
+            with _open_regular(meta_path) as handle:
+                meta = json.loads(handle.read(_MAX_HEADER_BYTES))
+            with _open_regular(image_path) as handle:
+                data = handle.read(MAX_ENTRY_BYTES + 1)
+            if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                raise ValueError("damaged")
+            entry_id = uuid.uuid4().hex
+            header = {"key": key, "aliases": [], "entry_id": entry_id, "seed": int(meta["seed"]),
+                      "format": str(meta["format"]), "size": len(data), "sha256": meta["sha256"],
+                      "paid_at": image_path.stat().st_mtime, "label": "kept by an earlier version"}
+            head = _MAGIC + json.dumps(header).encode() + b"\n"
+            _durable_write(self.directory / (entry_id + RESULT_SUFFIX), head, data)
+            os.close(os.open(self.directory / (entry_id + DELIVERED_SUFFIX), os.O_WRONLY | os.O_CREAT, 0o644))
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # left as it is: a read-only old cache simply is not migrated
+        _unlink_quietly(meta_path)
+        _unlink_quietly(image_path)
+
+
+@dataclass(frozen=True)
+class _Meta:
+    key: str
+    aliases: tuple[str, ...]
+    paid_at: float
+    delivered: bool
+
+
+def _is_key(text: str) -> bool:
+    return len(text) == _KEY_HEX and all(ch in "0123456789abcdef" for ch in text)
+
+
+def _mkstemp(directory: Path) -> tuple[int, str]:
+    import tempfile
+
+    return tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX)
+
+
+@contextlib.contextmanager
+def _open_regular(path: Path) -> Iterator["os.FileIO"]:
+    """Open for reading without following links or blocking on a pipe; refuse anything not a regular file."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        handle = os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
+        yield handle
+
+
+def _durable_write(path: Path, head: bytes, data: bytes) -> None:
+    """Write head+data to a temp file, fsync it, rename it to ``path`` and fsync the folder."""
+    fd, tmp = _mkstemp(path.parent)
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as handle:
+            for piece in (head, data):
+                view = memoryview(piece)
+                while view:  # a raw write may be short
+                    written = handle.write(view)
+                    view = view[written:]
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(Path(tmp))
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
