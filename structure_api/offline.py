@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional
 
-from .cache import ResultCache
+from .store import ResultStore
 from .client import StructureClient
 from .config import load_api_key, resolve_base_url
 from .settings import local_mode
@@ -73,10 +73,10 @@ class LocalStandIn:
 
 @dataclass
 class RunSetup:
-    """What one node run talks to: the client, the paid-result cache (None offline) and whether it is offline."""
+    """What one node run talks to: the client, the result store (memory-only, per run, offline) and whether it is offline."""
 
     client: StructureClient
-    cache: Optional[ResultCache]
+    store: ResultStore
     local: bool
 
 
@@ -85,19 +85,19 @@ def client_for_run(standin: LocalStandIn, environ: Optional[Mapping[str, str]] =
     """The paid service as configured, or the in-process stand-in when offline mode is on; closed afterwards.
 
     Configuration errors (no key, bad base URL) surface here, before any image is encoded.
-    Offline results skip the cache: they are free to make again and must never mix with paid ones.
+    Offline results skip the configured store: they are free to make again and must never mix with paid ones.
     """
     if local_mode(environ):
         with standin.use() as url:
             client = StructureClient(api_key=LOCAL_STANDIN_KEY, base_url=url)
             try:
-                yield RunSetup(client=client, cache=None, local=True)
+                yield RunSetup(client=client, store=ResultStore(None), local=True)
             finally:
                 client.close()
         return
-    cache = ResultCache.from_env(environ)
+    store = ResultStore.from_env(environ)
     client = StructureClient(api_key=load_api_key(environ), base_url=resolve_base_url(environ))
     try:
-        yield RunSetup(client=client, cache=cache, local=False)
+        yield RunSetup(client=client, store=store, local=False)
     finally:
         client.close()

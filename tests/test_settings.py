@@ -145,7 +145,7 @@ def test_offline_run_needs_no_key_and_skips_the_cache(env):
     set_local_mode(True, env)
     standin = LocalStandIn()
     with client_for_run(standin, env) as run:
-        assert run.local and run.cache is None
+        assert run.local and run.store.directory is None and not run.store.persistent
         assert standin.running
         result = run.client.generate(_one_request())
         assert result.credits == 0 and result.pixels.shape == (96, 96, 3)
@@ -176,6 +176,6 @@ def test_online_run_reads_a_key_saved_since_the_last_run(env, standin):
     env = {**env, "AITHRIVING_BASE_URL": standin.url, "AITHRIVING_CACHE_DIR": "off"}
     save_api_key(TEST_KEY, env)
     with client_for_run(LocalStandIn(), env) as run:
-        assert not run.local and run.cache is None
+        assert not run.local and run.store.directory is None
         assert run.client.generate(_one_request()).credits == 6
     assert standin.requests[-1].headers["authorization"] == TEST_KEY and standin.requests[-1].status == 200
