@@ -226,7 +226,7 @@ class _BatchRun:
             request = self.make_request(index)
 
             def relay(event: ProgressEvent) -> None:
-                if event.stage in ("uploading", "waiting", "retrying"):
+                if event.stage in ("pacing", "uploading", "waiting", "retrying"):
                     with self.lock:
                         progress = self.snapshot(f"image {index + 1}: {event.message}", index)
                     self.progress.put(progress)

@@ -271,7 +271,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"  export AITHRIVING_BASE_URL={url}", flush=True)
         print("  (answers like the real service, with generated images; no credits are spent)", flush=True)
 
-    serve(host=args.host, port=args.port, api_key=api_key, latency=args.latency, ready=ready)
+    server = serve(host=args.host, port=args.port, api_key=api_key, latency=args.latency, ready=ready,
+                   rate_limit=args.rate_limit, lockout=args.lockout)
+    limited = server.rate_limit
+    refused = f", {limited.refused} refused with 429 in {limited.lockouts} lock-out(s)" if limited else ""
+    print(f"stopped: {server.credits_spent // 6} image(s) generated{refused}", flush=True)
     return 0
 
 
@@ -292,6 +296,25 @@ def _seed(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+
+
+def _rate_limit(text: str):
+    from .ratelimit import parse_rate_limit
+
+    try:
+        return parse_rate_limit(text, source="--rate-limit")
+    except StructureError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _lockout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
+    if not 0.0 <= value <= 86400.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 86400 seconds, not {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     srv.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     srv.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
+    srv.add_argument("--rate-limit", type=_rate_limit, default=None, metavar="N/SECONDS",
+                     help="model the service's limit, e.g. 150/10: past N requests in SECONDS, 429s (default: none)")
+    srv.add_argument("--lockout", type=_lockout, default=60.0, metavar="SECONDS",
+                     help="how long 429s last once --rate-limit is passed (default %(default)g, as the service)")
     srv.add_argument("--require-key", action="store_true",
                      help="check the authorization header against your configured key")
     srv.set_defaults(run=cmd_serve)

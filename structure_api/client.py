@@ -60,6 +60,7 @@ from .images import (
     detect_format,
     image_header_size,
 )
+from .ratelimit import Pacer, PacerSlot, rate_limit_from_env, shared_pacer
 from .retry import RetryPolicy, next_delay, parse_retry_after
 from .store import ResultStore, StoredResult
 
@@ -190,7 +191,7 @@ class StructureResult:
 class ProgressEvent:
     """What a request is doing now, for progress displays."""
 
-    stage: str  # "uploading" | "waiting" | "retrying" | "done"
+    stage: str  # "pacing" (waiting to start, under the rate limit) | "uploading" | "waiting" | "retrying" | "done"
     attempt: int
     message: str
     delay: Optional[float] = None
@@ -375,10 +376,11 @@ def _error_for_status(
             f"The request is over the service's 10 MiB limit (HTTP 413){said}; use a smaller image.", **kwargs)
     if status == 429:
         retry_after = parse_retry_after(headers.get("retry-after"), now)
+        # parse_retry_after never returns more than a day, so the ceiling cannot overflow.
         wait = f"wait {math.ceil(retry_after)} s" if retry_after else "wait a minute"
         return RateLimitError(
             f"The service is limiting the request rate (HTTP 429){said}; {wait} and run again, "
-            "or lower AITHRIVING_MAX_CONCURRENCY.", retry_after=retry_after, **kwargs)
+            "or lower AITHRIVING_RATE_LIMIT if other programs use the same key.", retry_after=retry_after, **kwargs)
     if status >= 500:
         return ServiceError(
             f"The service failed (HTTP {status}){said}; nothing was charged, try again in a few minutes.",
@@ -404,6 +406,7 @@ class StructureClient:
         jitter: Callable[[], float] = random.random,
         sleep: Optional[Callable[[float], None]] = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
+        pacer: Optional[Pacer] = None,
     ) -> None:
         # Configuration problems surface here, before any socket is opened.
         self.base_url = (base_url or resolve_base_url()).rstrip("/")
@@ -426,6 +429,15 @@ class StructureClient:
         self._sleep = sleep
         self._max_response_bytes = max_response_bytes
         self._redact = _Redactor(self._key)
+        if pacer is None:
+            limit = rate_limit_from_env()
+            if sleep is None and clock is time.monotonic:
+                pacer = shared_pacer(self.endpoint, limit)
+            else:
+                # A client on injected time (tests) cannot share the process's real-time window;
+                # with real waits its pacer keeps real time whatever the client's clock says.
+                pacer = Pacer(limit, clock=clock if sleep is not None else time.monotonic)
+        self.pacer = pacer
         self._connections: "weakref.WeakSet[HTTPConnection]" = weakref.WeakSet()
         self._aborted = threading.Event()
         self._session = requests.Session()
@@ -492,22 +504,37 @@ class StructureClient:
         while True:
             attempt += 1
             self._check_cancel(cancel)
+            slot = self._start_slot(attempt, notify, cancel)
             notify(ProgressEvent("uploading", attempt, "uploading"))
             try:
-                result = self._attempt(request, attempt, notify, store, label)
+                result = self._attempt(request, attempt, _marking_sent(notify, slot), store, label)
             except StructureError as error:
+                rate_limited = isinstance(error, RateLimitError)
+                slot.finish(rate_limited=rate_limited)
                 if self._aborted.is_set() or (cancel is not None and cancel.is_set()):
                     raise CancelledError("The request was cancelled.") from error
+                streak, limited_for = self.pacer.note_rate_limited() if rate_limited else (None, 0.0)
                 delay = next_delay(
                     self.retry_policy, error, attempt, self._clock() - started,
                     now=self._wall_clock(), jitter=self._jitter,
+                    rate_limit_streak=streak, rate_limited_for=limited_for,
                 )
                 if delay is None:
+                    if rate_limited:
+                        self.pacer.give_up(limited_for)
                     raise
                 log.info("attempt %d failed (%s); retrying in %.1f s", attempt, type(error).__name__, delay)
                 notify(ProgressEvent("retrying", attempt, _retry_message(error, delay), delay))
-                self._wait(delay, cancel)
+                if rate_limited:
+                    # Every request of the process waits this out in its next _start_slot, this one too.
+                    self.pacer.pause(delay)
+                else:
+                    self._wait(delay, cancel)
                 continue
+            except BaseException:
+                slot.finish(rate_limited=False)
+                raise
+            slot.finish(rate_limited=False)
             notify(ProgressEvent("done", attempt, "done"))
             return result
 
@@ -520,11 +547,23 @@ class StructureClient:
     def _wait(self, delay: float, cancel: Optional[threading.Event]) -> None:
         if self._sleep is not None:
             self._sleep(delay)
-        elif cancel is not None:
-            cancel.wait(delay)
         else:
-            self._aborted.wait(delay)
+            # Slices, so that abort() and the caller's cancel both end the wait within a quarter second.
+            until = time.monotonic() + delay
+            event = cancel if cancel is not None else self._aborted
+            while not self._aborted.is_set() and not event.is_set():
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                event.wait(min(left, 0.25))
         self._check_cancel(cancel)
+
+    def _start_slot(self, attempt: int, notify: ProgressCallback, cancel: Optional[threading.Event]) -> PacerSlot:
+        """Wait for the pacer to let this attempt start (the rate limit's window, a pause after a 429)."""
+        return self.pacer.acquire(
+            wait=lambda seconds: self._wait(seconds, cancel),
+            check_cancel=lambda: self._check_cancel(cancel),
+            on_wait=lambda message, seconds: notify(ProgressEvent("pacing", attempt, message, seconds)))
 
     def _attempt(self, request: StructureRequest, attempt: int, notify: ProgressCallback,
                  store: Optional[ResultStore], label: str) -> StructureResult:
@@ -721,6 +760,15 @@ def _near_size(answer: ImageSize, sent: ImageSize) -> bool:
         return False
     return all(abs(got - want) <= max(MIN_SIDE, want // 8)
                for got, want in ((answer.width, sent.width), (answer.height, sent.height)))
+
+
+def _marking_sent(notify: ProgressCallback, slot: PacerSlot) -> ProgressCallback:
+    """``notify``, also telling the pacer when the upload is out (the "waiting" event)."""
+    def relay(event: ProgressEvent) -> None:
+        if event.stage == "waiting":
+            slot.sent()
+        notify(event)
+    return relay
 
 
 def _is_blank(body: bytes) -> bool:

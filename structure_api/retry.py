@@ -7,7 +7,10 @@ upload completed may already have been charged, so that is never sent again.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
+import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -24,8 +27,16 @@ class RetryPolicy:
     max_total_seconds: float = 300.0  # give up when the next wait would pass this (from the first try)
     base_delay: float = 1.0
     max_delay: float = 30.0
-    # The upstream locks a caller out for 60 s after a burst; a hint longer than this is not waited out.
+    # A Retry-After longer than this is waited for this long, then the request is tried again.
     max_retry_after: float = 90.0
+    # A 429 is never billed, so 429s are waited out for longer than other failures: a streak of
+    # them (process-wide) is given up only after this long, which outlasts the upstream's 60 s
+    # lock-out; max_attempts does not apply to them, max_total_seconds does.
+    max_rate_limited_seconds: float = 150.0
+    max_rate_limited_attempts: int = 30
+    # Retry-After waits are lengthened by up to this fraction (at least 0.5 s, at most 5 s) at
+    # random, so clients told the same instant do not all come back at it.
+    retry_after_jitter: float = 0.2
 
 
 NO_RETRIES = RetryPolicy(max_attempts=1)
@@ -42,32 +53,35 @@ def is_retryable(error: StructureError) -> bool:
     return False
 
 
-def parse_retry_after(value: Optional[str], now: float) -> Optional[float]:
-    """Seconds to wait from a Retry-After header (seconds or HTTP date); ``now`` is Unix time."""
-    if value is None:
+# Any Retry-After is read as at most a day: enough to say "much later", small enough that nothing
+# computed from it (a message's "wait N s", a deadline) can overflow.
+MAX_RETRY_AFTER_SECONDS = 86400.0
+_DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)")
+
+
+def parse_retry_after(value: object, now: float) -> Optional[float]:
+    """Seconds to wait from a Retry-After header (seconds or HTTP date), 0 to a day; None when unusable.
+
+    ``now`` is Unix time. Never raises: a hostile or broken value (inf, NaN, garbage, a date
+    out of range) is ignored, a huge one is read as a day, a past or negative one as 0.
+    """
+    if not isinstance(value, str):
         return None
     value = value.strip()
-    if not value:
+    if not value or len(value) > 100:
         return None
-    if value.isdigit():
-        return float(value)
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = None
-    if seconds is not None:
-        return max(0.0, seconds) if seconds == seconds else None  # NaN is not a delay
+    if _DECIMAL.fullmatch(value):  # ASCII digits only: float() would also take "1e999", "inf", "١٢"
+        return min(max(0.0, float(value)), MAX_RETRY_AFTER_SECONDS)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:  # HTTP dates are GMT by definition
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = when.timestamp() - now
+    except (TypeError, ValueError, IndexError, OverflowError, AttributeError):
         return None
-    if when is None:
+    if not math.isfinite(seconds):
         return None
-    if when.tzinfo is None:  # HTTP dates are GMT by definition
-        import datetime as _dt
-
-        when = when.replace(tzinfo=_dt.timezone.utc)
-    return max(0.0, when.timestamp() - now)
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_SECONDS)
 
 
 def backoff_delay(policy: RetryPolicy, attempt: int, jitter: Callable[[], float]) -> float:
@@ -75,6 +89,21 @@ def backoff_delay(policy: RetryPolicy, attempt: int, jitter: Callable[[], float]
     ceiling = min(policy.max_delay, policy.base_delay * (2 ** (attempt - 1)))
     # Half fixed, half random: spreads out a batch that failed together without waiting nothing.
     return ceiling * (0.5 + 0.5 * jitter())
+
+
+def rate_limited_delay(
+    policy: RetryPolicy, retry_after: Optional[float], streak: int, jitter: Callable[[], float]
+) -> float:
+    """The pause after the ``streak``-th 429 in a row: Retry-After capped and jittered, else backoff.
+
+    Without Retry-After the backoff doubles up to ``max_delay`` per 429 of the streak, so that
+    waiting out a 60 s lock-out takes a handful of requests, not dozens.
+    """
+    if retry_after is not None and math.isfinite(retry_after):
+        hinted = min(max(retry_after, 0.0), policy.max_retry_after)
+        spread = min(5.0, max(0.5, policy.retry_after_jitter * hinted))
+        return hinted + spread * jitter()
+    return backoff_delay(policy, streak, jitter)
 
 
 def next_delay(
@@ -85,23 +114,32 @@ def next_delay(
     *,
     now: float,
     jitter: Callable[[], float],
+    rate_limit_streak: Optional[int] = None,
+    rate_limited_for: float = 0.0,
 ) -> Optional[float]:
     """Seconds to wait before the next attempt, or None to give up and raise ``error``.
 
     ``attempt`` is the number of attempts made so far, ``elapsed`` the seconds since the
     first began, ``now`` the Unix time (for Retry-After dates), ``jitter`` returns 0..1.
+    For a 429, ``rate_limit_streak`` counts the 429s in a row (of the whole process, defaults
+    to ``attempt``) and ``rate_limited_for`` the seconds since the first of them.
     """
-    if not is_retryable(error) or attempt >= policy.max_attempts:
+    if not is_retryable(error):
         return None
-    delay = backoff_delay(policy, attempt, jitter)
     if isinstance(error, RateLimitError):
+        streak = attempt if rate_limit_streak is None else rate_limit_streak
+        if streak >= policy.max_rate_limited_attempts:
+            return None
         hinted = error.retry_after
         if hinted is None:
             hinted = parse_retry_after(error.headers.get("retry-after"), now)
-        if hinted is not None:
-            if hinted > policy.max_retry_after:
-                return None
-            delay = max(hinted, 0.0)
+        delay = rate_limited_delay(policy, hinted, streak, jitter)
+        if rate_limited_for + delay > policy.max_rate_limited_seconds:
+            return None
+    else:
+        if attempt >= policy.max_attempts:
+            return None
+        delay = backoff_delay(policy, attempt, jitter)
     if elapsed + delay > policy.max_total_seconds:
         return None
     return delay

@@ -37,6 +37,9 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image
 
+from .ratelimit import RateLimit
+from .standin_ratelimit import UpstreamRateLimit
+
 __all__ = ["Fault", "RecordedRequest", "StandInServer", "serve", "ENDPOINT_PATH", "FAULT_KINDS"]
 
 log = logging.getLogger("structure_api.standin")
@@ -528,6 +531,12 @@ class _Handler(BaseHTTPRequestHandler):
             if is_health:
                 self._send(entry, 200, _json_bytes({"status": "ok"}), "application/json")
                 return
+            if owner.rate_limit is not None and self.command == "POST" and route == ENDPOINT_PATH \
+                    and not owner.rate_limit.admit():
+                # Over the limit or locked out: 429 at once, no Retry-After, nothing charged (as upstream).
+                body_bytes, content_type = default_body(429)
+                self._send(entry, 429, body_bytes, content_type, {"x-request-id": uuid.uuid4().hex})
+                return
             try:
                 status, payload, extra = owner._answer(self.command, route, headers, body, form)
             except Exception:
@@ -765,6 +774,7 @@ class StandInServer:
         self, *, api_key: Optional[str] = None, host: str = "127.0.0.1", port: int = 0,
         latency: float = 0.0, fault_rate: float = 0.0, fault_seed: int = 0, max_records: Optional[int] = None,
         free: bool = False,
+        rate_limit: Union[RateLimit, str, UpstreamRateLimit, None] = None, lockout: float = 60.0,
     ) -> None:
         """Bind to host:port at once (port 0 picks a free one); start() begins answering.
 
@@ -773,6 +783,8 @@ class StandInServer:
 
         max_records keeps only the newest N recorded requests (each holds its upload, up to
         10 MiB); None keeps all, as tests want, 0 keeps none, as a long-running `serve` wants.
+        rate_limit (such as "150/10") and lockout model the upstream's limit: past it, 429s
+        without Retry-After for ``lockout`` seconds, never charged (``rate_limit.refused`` counts them).
         """
         if latency < 0 or not math.isfinite(latency):
             raise ValueError(f"latency must be a finite number of seconds >= 0; got {latency!r}.")
@@ -785,6 +797,10 @@ class StandInServer:
         self.free = bool(free)
         self.latency = float(latency)
         self.fault_rate = float(fault_rate)
+        if rate_limit is None or isinstance(rate_limit, UpstreamRateLimit):
+            self.rate_limit = rate_limit
+        else:
+            self.rate_limit = UpstreamRateLimit(rate_limit, lockout)
         self._random = random.Random(fault_seed)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -967,11 +983,13 @@ class _Labelled(Fault):
 
 def serve(
     host: str = "127.0.0.1", port: int = 0, api_key: Optional[str] = None, latency: float = 0.0,
-    ready: Optional[Callable[[str], None]] = None,
-) -> None:
-    """Run the stand-in until interrupted (Ctrl-C); calls ready(url) once it is listening."""
+    ready: Optional[Callable[[str], None]] = None, rate_limit: Union[RateLimit, str, None] = None,
+    lockout: float = 60.0,
+) -> "StandInServer":
+    """Run the stand-in until interrupted (Ctrl-C); calls ready(url) once it is listening; returns it, stopped."""
     # Nobody reads the records of a long-running stand-in, and each would hold an upload.
-    server = StandInServer(api_key=api_key, host=host, port=port, latency=latency, max_records=0, free=True)
+    server = StandInServer(api_key=api_key, host=host, port=port, latency=latency, max_records=0, free=True,
+                           rate_limit=rate_limit, lockout=lockout)
     try:
         server.start()
         if ready is not None:
@@ -982,3 +1000,4 @@ def serve(
         pass
     finally:
         server.stop()
+    return server

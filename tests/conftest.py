@@ -10,7 +10,7 @@ _CLEARED = (
     "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy",
     "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
     "AITHRIVING_API_KEY", "AITHRIVING_API_KEY_FILE", "AITHRIVING_BASE_URL", "AITHRIVING_CACHE_DIR",
-    "AITHRIVING_CACHE_MAX_MB", "AITHRIVING_MAX_CONCURRENCY",
+    "AITHRIVING_CACHE_MAX_MB", "AITHRIVING_MAX_CONCURRENCY", "AITHRIVING_RATE_LIMIT",
 )
 
 
@@ -23,6 +23,9 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.
     # A key file path that does not exist, so ~/.config/aithriving/api_key is never read.
     monkeypatch.setenv("AITHRIVING_API_KEY_FILE", str(home / "no-such-key-file"))
     monkeypatch.setenv("AITHRIVING_CACHE_DIR", "off")
+    # No pacing unless a test asks for it (the pacer's own tests set a limit or pass a Pacer);
+    # the shared pause after a 429 still applies.
+    monkeypatch.setenv("AITHRIVING_RATE_LIMIT", "off")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
     # The process-wide stores (memory-only ones too) start empty for every test.

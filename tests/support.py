@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -40,7 +41,7 @@ def write_png(path: Path, pixels: np.ndarray) -> Path:
 
 
 class RecordingSleep:
-    """An injected sleep that records each wait and returns at once."""
+    """An injected sleep that records each wait and returns at once; ``clock`` moves by the waits."""
 
     def __init__(self) -> None:
         self.calls: list[float] = []
@@ -52,16 +53,20 @@ class RecordingSleep:
     def total(self) -> float:
         return sum(self.calls)
 
+    def clock(self) -> float:
+        """Real monotonic time plus every wait recorded so far: waits take no real time, yet time passes."""
+        return time.monotonic() + self.total
+
 
 @contextlib.contextmanager
 def client_factory(api_key: str, base_url: str, sleep: RecordingSleep) -> Iterator[Callable[..., object]]:
-    """Yields ``factory(**overrides)`` making clients with recorded waits and zero jitter; closes them after."""
+    """Yields ``factory(**overrides)`` making clients with recorded waits (on their clock) and zero jitter."""
     from structure_api import StructureClient
 
     clients = []
 
     def factory(**overrides):
-        options = dict(api_key=api_key, base_url=base_url, sleep=sleep, jitter=lambda: 0.0)
+        options = dict(api_key=api_key, base_url=base_url, sleep=sleep, clock=sleep.clock, jitter=lambda: 0.0)
         options.update(overrides)
         client = StructureClient(**options)
         clients.append(client)
