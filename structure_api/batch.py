@@ -23,7 +23,9 @@ from .images import decode_image
 from .store import ResultStore, StoredResult
 
 ENV_MAX_CONCURRENCY = "AITHRIVING_MAX_CONCURRENCY"
-DEFAULT_MAX_CONCURRENCY = 4
+# 8 in flight: a batch of 8 takes about one image's time, and 8 is far below the service's rate
+# limit (150 requests in 10 s), which the pacer enforces on its own.
+DEFAULT_MAX_CONCURRENCY = 8
 # Errors that every later request would hit as well: stop sending rather than pile them up.
 _FATAL_FOR_BATCH = (AuthenticationError, InsufficientCreditsError, ConfigurationError)
 

@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("input_dir", type=Path, metavar="INPUT_DIR")
     bat.add_argument("-o", "--output-dir", type=Path, required=True, metavar="OUTPUT_DIR")
     bat.add_argument("--concurrency", type=int, default=None,
-                     help="requests at once (default: AITHRIVING_MAX_CONCURRENCY or 4)")
+                     help="requests at once (default: AITHRIVING_MAX_CONCURRENCY or 8)")
     add_generation_options(bat)
     bat.set_defaults(run=cmd_batch)
 

@@ -349,3 +349,24 @@ def test_upstream_rate_limit_model():
     clock.now += 1.0
     assert model.admit() is True
     assert (model.admitted, model.refused) == (7, 2)
+
+
+# --- the defaults that go with the pacer ------------------------------------------------------------
+
+def test_concurrency_defaults_to_8(monkeypatch):
+    from structure_api.batch import DEFAULT_MAX_CONCURRENCY, max_concurrency_from_env
+
+    monkeypatch.delenv("AITHRIVING_MAX_CONCURRENCY", raising=False)
+    assert DEFAULT_MAX_CONCURRENCY == 8 and max_concurrency_from_env() == 8
+    monkeypatch.setenv("AITHRIVING_MAX_CONCURRENCY", "32")
+    assert max_concurrency_from_env() == 32
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "33", "100", "four", "1.5"])
+def test_max_concurrency_outside_1_to_32_is_one_clear_error(monkeypatch, value):
+    from structure_api.batch import max_concurrency_from_env
+
+    monkeypatch.setenv("AITHRIVING_MAX_CONCURRENCY", value)
+    with pytest.raises(ConfigurationError, match="AITHRIVING_MAX_CONCURRENCY must be .*from 1 to 32") as info:
+        max_concurrency_from_env()
+    assert str(info.value).count(".") <= 2 and "\n" not in str(info.value)

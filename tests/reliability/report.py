@@ -24,7 +24,8 @@ SECTIONS = {
 INTROS = {
     "faults": (
         "`StructureClient` with its default retry policy (5 attempts, backoff from 1 s doubling to at most 30 s,"
-        " jitter injected as 0 so waits are exact) against `StandInServer` scripted with `Fault`s. Each row"
+        " jitter injected as 0 so waits are exact; 429s, never billed, are waited out for 150 s of 429s in a row"
+        " instead, Retry-After capped at 90 s) against `StandInServer` scripted with `Fault`s. Each row"
         " asserts the outcome class, the words of the one-line message (no key, no HTML), the requests the"
         " stand-in saw, the retry waits and a time bound (5 s; the read-timeout rows 2 s)."),
     "hostile": (
