@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
 
 import comfy.model_management
 import comfy.utils
@@ -9,7 +11,10 @@ from comfy_api.latest import io
 from server import PromptServer
 
 from .structure_api.batch import BatchProgress
-from .structure_api.client import CREDITS_PER_IMAGE, DEFAULT_CONTROL_STRENGTH, MAX_SEED, OUTPUT_FORMATS
+from .structure_api.client import (
+    CREDITS_PER_IMAGE, DEFAULT_CONTROL_STRENGTH, MAX_SEED, OUTPUT_FORMATS, validate_prompt)
+from .structure_api.errors import InputError, MissingAPIKeyError
+from .structure_api.offline import LOCAL_LABEL, RunSetup, client_for_run, process_standin
 from .structure_api.pipeline import StructureParams, generate_images
 
 CATEGORY = "image/AIThriving"
@@ -29,8 +34,9 @@ class AIThrivingStructure(io.ComfyNode):
             description=(
                 "Sends each image to the AIThriving Structure service, which generates a new image that "
                 f"keeps the input's edges and layout, guided by the prompt. Costs {CREDITS_PER_IMAGE} credits "
-                "per image; the API key comes from the AITHRIVING_API_KEY environment variable or "
-                "~/.config/aithriving/api_key, never from the workflow."
+                "per image. Set the API key in Settings → AIThriving (or the AITHRIVING_API_KEY environment "
+                "variable); it never goes into the workflow. The free local stand-in, switched on there too, "
+                "needs no key and costs nothing."
             ),
             inputs=[
                 io.Image.Input(
@@ -74,6 +80,19 @@ class AIThrivingStructure(io.ComfyNode):
         return float("nan") if seed == 0 else None
 
     @classmethod
+    def validate_inputs(cls, prompt: object = None) -> bool | str:
+        # Checked when the workflow is queued, before any node runs; a prompt fed by a link arrives
+        # as None here and is checked when the node runs. Only the prompt is named: ComfyUI then still
+        # checks every other input's range and choices itself, and a failure is reported once.
+        if prompt is None:
+            return True
+        try:
+            validate_prompt(prompt)
+        except InputError as error:
+            return str(error)
+        return True
+
+    @classmethod
     def execute(cls, image, prompt: str, control_strength: float, seed: int, output_format: str,
                 outside_limits: str, negative_prompt: str = "") -> io.NodeOutput:
         node_id = cls.hidden.unique_id
@@ -83,25 +102,44 @@ class AIThrivingStructure(io.ComfyNode):
             outside_limits=_OUTSIDE_LIMITS_MODES.get(outside_limits, outside_limits))
         total = int(image.shape[0]) if len(image.shape) == 4 else 1
         bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        with _run_setup() as run:
+            def spent(credits: int) -> str:
+                return LOCAL_LABEL if run.local else f"{credits} credits spent"
 
-        def show(progress: BatchProgress) -> None:
-            bar.update_absolute(progress.done, progress.total)
-            _status(node_id, f"{progress.message} · {progress.credits} credits spent")
+            def show(progress: BatchProgress) -> None:
+                bar.update_absolute(progress.done, progress.total)
+                _status(node_id, f"{progress.message} · {spent(progress.credits)}")
 
-        _status(node_id, f"sending {total} image{'s' if total != 1 else ''}…")
-        result = generate_images(
-            image, params, label=f"ComfyUI node {node_id}", on_progress=show,
-            should_cancel=comfy.model_management.processing_interrupted)
+            where = f" to the {LOCAL_LABEL}" if run.local else ""
+            _status(node_id, f"sending {total} image{'s' if total != 1 else ''}{where}…")
+            result = generate_images(
+                image, params, client=run.client, store=run.store, label=f"ComfyUI node {node_id}",
+                on_progress=show, should_cancel=comfy.model_management.processing_interrupted)
         if result.report.cancelled:
-            _status(node_id, f"cancelled · {result.credits} credits spent")
+            _status(node_id, f"cancelled · {spent(result.credits)}")
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise comfy.model_management.InterruptProcessingException()
         cached = f" ({result.from_cache} from the result store)" if result.from_cache else ""
-        _status(node_id, f"done {total} of {total}{cached} · {result.credits} credits spent")
+        _status(node_id, f"done {total} of {total}{cached} · {spent(result.credits)}")
         # Sent to the frontend with the "executed" message (and kept in the history): the cost shown on the node.
+        # The stand-in's answers carry its free mark, so its results already count 0 credits.
         cost = {"credits": result.credits, "images": total, "from_cache": result.from_cache,
-                "credits_per_image": CREDITS_PER_IMAGE, "seeds": result.seeds}
+                "credits_per_image": 0 if run.local else CREDITS_PER_IMAGE, "seeds": result.seeds,
+                "local": run.local}
         return io.NodeOutput(result.images, result.seeds[0], ui={"aithriving_cost": [cost]})
+
+
+@contextlib.contextmanager
+def _run_setup() -> Iterator[RunSetup]:
+    """The client for this run (closed afterwards); a missing key names the place in ComfyUI to set one."""
+    with contextlib.ExitStack() as stack:
+        try:
+            run = stack.enter_context(client_for_run(process_standin()))
+        except MissingAPIKeyError:
+            raise MissingAPIKeyError(
+                "No API key found: set it in Settings → AIThriving → API key (or in the AITHRIVING_API_KEY "
+                "environment variable), or switch on the free local stand-in there.") from None
+        yield run
 
 
 def _status(node_id: object, text: str) -> None:

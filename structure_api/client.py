@@ -100,6 +100,11 @@ def _check_text(name: str, value: object, *, required: bool) -> str:
     return value
 
 
+def validate_prompt(prompt: str) -> None:
+    """Raise InputError when the prompt is blank, over 10000 characters or holds control characters."""
+    _check_text("prompt", prompt, required=True)
+
+
 def validate_parameters(
     prompt: str, control_strength: float, negative_prompt: str, seed: int, output_format: str
 ) -> None:

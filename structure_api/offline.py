@@ -71,6 +71,19 @@ class LocalStandIn:
         return server
 
 
+_process_standin: Optional[LocalStandIn] = None
+_process_standin_lock = threading.Lock()
+
+
+def process_standin() -> LocalStandIn:
+    """The one LocalStandIn of this process (nothing starts until a run uses it)."""
+    global _process_standin
+    with _process_standin_lock:
+        if _process_standin is None:
+            _process_standin = LocalStandIn()
+        return _process_standin
+
+
 @dataclass
 class RunSetup:
     """What one node run talks to: the client, the result store (memory-only, per run, offline) and whether it is offline."""

@@ -1,0 +1,154 @@
+"""The pack's HTTP routes in ComfyUI's server: key status and entry (write-only), offline mode.
+
+Thin glue over structure_api.settings; registered from comfy_entrypoint (before ComfyUI adds its
+route table to the app), never at import. Answers hold the key's status, never the key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from .structure_api.errors import ConfigurationError
+from .structure_api.offline import process_standin
+from .structure_api.settings import (
+    KeyFileLocationError,
+    KeyFromEnvironmentError,
+    KeyRefusedError,
+    delete_api_key,
+    key_status,
+    local_mode,
+    save_api_key,
+    set_local_mode,
+)
+
+log = logging.getLogger("structure_api")
+
+KEY_ROUTE = "/aithriving/key"
+MODE_ROUTE = "/aithriving/mode"
+# A key is tens of characters; a body far past that is not a key entry.
+MAX_BODY_BYTES = 16 * 1024
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def cross_origin_refusal(request: web.Request) -> web.Response | None:
+    """403 for a change asked by another web page; ComfyUI's own check covers only loopback hosts.
+
+    A browser names the page's origin in Origin (and says cross-site in Sec-Fetch-Site); programs
+    on this machine send neither and are let through, as they can read the key file anyway.
+    """
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or parts.netloc.lower() != request.host.lower():
+            log.warning("refused %s %s from another origin", request.method, request.path)
+            return _error(403, "Refused: the request came from another web page than ComfyUI's own.")
+    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        log.warning("refused %s %s from another site", request.method, request.path)
+        return _error(403, "Refused: the request came from another web page than ComfyUI's own.")
+    return None
+
+
+async def _json_body(request: web.Request) -> dict | web.Response:
+    # JSON only: a page elsewhere cannot send this content type without the browser asking first.
+    if request.content_type != "application/json":
+        return _error(415, "Send the request as JSON (Content-Type: application/json).")
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        return _error(413, "The request is too large for a key or a setting.")
+    raw = await request.content.read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        return _error(413, "The request is too large for a key or a setting.")
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return _error(400, "The request is not valid JSON.")
+    if not isinstance(body, dict):
+        return _error(400, "The request must be a JSON object.")
+    return body
+
+
+def _user_directory() -> list[str]:
+    import folder_paths  # ComfyUI's; read at request time so --base-directory is honoured
+
+    return [folder_paths.get_user_directory()]
+
+
+async def get_key(request: web.Request) -> web.Response:
+    """GET /aithriving/key: {"set": bool, "source": "environment" | "key file" | null}."""
+    return web.json_response(key_status().as_json())
+
+
+async def post_key(request: web.Request) -> web.Response:
+    """POST /aithriving/key {"key": "..."}: write the key file; answers with the status."""
+    refusal = cross_origin_refusal(request)
+    if refusal is not None:
+        return refusal
+    body = await _json_body(request)
+    if isinstance(body, web.Response):
+        return body
+    if "key" not in body:
+        return _error(400, 'Send the key as {"key": "..."}.')
+    try:
+        status = save_api_key(body["key"], forbidden_dirs=_user_directory())
+    except KeyRefusedError as error:
+        return _error(400, str(error))
+    except (KeyFromEnvironmentError, KeyFileLocationError) as error:
+        return _error(409, str(error))
+    except ConfigurationError as error:
+        return _error(500, str(error))
+    return web.json_response(status.as_json())
+
+
+async def delete_key(request: web.Request) -> web.Response:
+    """DELETE /aithriving/key: remove the key file; answers with the status."""
+    refusal = cross_origin_refusal(request)
+    if refusal is not None:
+        return refusal
+    try:
+        status = delete_api_key()
+    except KeyFromEnvironmentError as error:
+        return _error(409, str(error))
+    except ConfigurationError as error:
+        return _error(500, str(error))
+    return web.json_response(status.as_json())
+
+
+async def get_mode(request: web.Request) -> web.Response:
+    """GET /aithriving/mode: {"local": bool}."""
+    return web.json_response({"local": local_mode()})
+
+
+async def post_mode(request: web.Request) -> web.Response:
+    """POST /aithriving/mode {"local": bool}: switch the free offline mode; kept across restarts."""
+    refusal = cross_origin_refusal(request)
+    if refusal is not None:
+        return refusal
+    body = await _json_body(request)
+    if isinstance(body, web.Response):
+        return body
+    if not isinstance(body.get("local"), bool):
+        return _error(400, 'Send {"local": true} or {"local": false}.')
+    try:
+        local = set_local_mode(body["local"])
+    except ConfigurationError as error:
+        return _error(500, str(error))
+    if not local:
+        process_standin().release()
+    return web.json_response({"local": local})
+
+
+def register_routes(routes: web.RouteTableDef) -> None:
+    """Add the pack's routes to ComfyUI's route table (ComfyUI also serves each under /api); once only."""
+    if any(getattr(route, "path", None) == KEY_ROUTE for route in routes):
+        return
+    routes.get(KEY_ROUTE)(get_key)
+    routes.post(KEY_ROUTE)(post_key)
+    routes.delete(KEY_ROUTE)(delete_key)
+    routes.get(MODE_ROUTE)(get_mode)
+    routes.post(MODE_ROUTE)(post_mode)

@@ -1,0 +1,268 @@
+"""Set-up from ComfyUI itself, in a real ComfyUI 0.3.75: key status and entry, the free offline mode, queue-time errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from structure_api.standin import StandInServer
+from tests.comfy.harness import ComfyServer, PromptRejected, execution_error, free_port, saved_images
+
+from support import TEST_KEY
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "example_workflows" / "structure_example.png"
+NODE = "AIThrivingStructure"
+JSON = {"Content-Type": "application/json"}
+
+
+def graph(prompt: object = "a watercolor cottage", seed: int = 1234, prefix: str = "setup", **node_inputs) -> dict:
+    inputs = {"image": ["1", 0], "prompt": prompt, "control_strength": 0.7, "seed": seed, "output_format": "png",
+              "outside_limits": "fit and restore size", "negative_prompt": ""}
+    inputs.update(node_inputs)
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "structure_example.png"}},
+        "3": {"class_type": NODE, "inputs": inputs},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": prefix}},
+    }
+
+
+def cost_of(entry: dict) -> dict:
+    return entry["outputs"]["3"]["aithriving_cost"][0]
+
+
+def start(comfy_install, base_dir: Path, env: dict) -> ComfyServer:
+    server = ComfyServer(comfy_install, env=env, base_dir=base_dir).start()
+    server.upload_image(EXAMPLE, "structure_example.png")
+    return server
+
+
+def everything_served_and_logged(server: ComfyServer, answers: list[str]) -> str:
+    """Every answer body seen, the log, history and queue, and every file under user/: where a key must not be."""
+    texts = [*answers, server.log_text(), json.dumps(server.history()), json.dumps(server.queue())]
+    for path in (server.base_dir / "user").rglob("*"):
+        if path.is_file():
+            texts.append(path.read_text(errors="replace"))
+    return "\n".join(texts)
+
+
+@pytest.fixture(scope="module")
+def billing_standin():
+    # Plays the paid service (no free mark): it checks the key and would charge 6 credits per image.
+    with StandInServer(api_key=TEST_KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def key_file(tmp_path) -> Path:
+    # Outside the base directory, in a folder that does not exist yet: the pack creates it 0700.
+    return tmp_path / "config" / "aithriving" / "api_key"
+
+
+def test_key_status_set_from_the_ui_used_without_restart_then_deleted(
+        comfy_install, billing_standin, tmp_path, key_file):
+    server = start(comfy_install, tmp_path / "base", {
+        "AITHRIVING_BASE_URL": billing_standin.url, "AITHRIVING_API_KEY_FILE": str(key_file),
+        "AITHRIVING_CACHE_DIR": str(tmp_path / "cache")})
+    answers: list[str] = []
+
+    def call(method: str, path: str, **kwargs):
+        response = server._request(method, path, **kwargs)
+        answers.append(response.text)
+        return response
+
+    try:
+        assert call("GET", "/aithriving/key").json() == {"set": False, "source": None}
+        assert call("GET", "/api/aithriving/key").json() == {"set": False, "source": None}
+
+        entry = server.run(graph(prefix="nokey"))
+        assert "No API key found: set it in Settings → AIThriving" in execution_error(entry)["exception_message"]
+        assert billing_standin.requests == []
+
+        # Refusals: nothing is written, and the key is never echoed.
+        for bad, words in (("", "blank"), ("   ", "blank"), ("sk-abc\ndef", "control character"),
+                           ("sk-\x07bell", "control character")):
+            response = call("POST", "/aithriving/key", json={"key": bad})
+            assert response.status_code == 400 and words in response.json()["error"], response.text
+        assert call("POST", "/aithriving/key", json={"token": TEST_KEY}).status_code == 400
+        assert call("POST", "/aithriving/key", data=json.dumps({"key": TEST_KEY}),
+                    headers={"Content-Type": "text/plain"}).status_code == 415
+        assert not key_file.parent.exists()
+
+        # Another web page: ComfyUI's own check (loopback Host) and the pack's (any Host, Sec-Fetch-Site).
+        evil = {"Origin": "http://evil.example"}
+        assert call("POST", "/aithriving/key", json={"key": TEST_KEY}, headers=evil).status_code == 403
+        lan = {"Origin": "http://evil.example", "Host": "comfy.lan:8188"}
+        response = call("POST", "/aithriving/key", json={"key": TEST_KEY}, headers=lan)
+        assert response.status_code == 403 and "another web page" in response.json()["error"]
+        assert call("DELETE", "/aithriving/key", headers=lan).status_code == 403
+        assert call("POST", "/aithriving/mode", json={"local": True}, headers=lan).status_code == 403
+        assert call("POST", "/aithriving/key", json={"key": TEST_KEY},
+                    headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+        assert not key_file.parent.exists()
+        assert call("GET", "/aithriving/mode").json() == {"local": False}
+
+        # The UI's own request: same origin.
+        same = {"Origin": server.url, "Sec-Fetch-Site": "same-origin"}
+        response = call("POST", "/aithriving/key", json={"key": f"  {TEST_KEY}  "}, headers=same)
+        assert response.status_code == 200 and response.json() == {"set": True, "source": "key file"}
+        assert key_file.read_text() == TEST_KEY + "\n"
+        assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(key_file.parent).st_mode) == 0o700
+        assert call("GET", "/aithriving/key").json() == {"set": True, "source": "key file"}
+
+        # The next run uses it, no restart; the billing stand-in charges 6 credits and the node says so.
+        entry = server.run(graph(prefix="withkey"))
+        assert execution_error(entry) is None, execution_error(entry)
+        assert [r.headers["authorization"] for r in billing_standin.requests] == [TEST_KEY]
+        assert cost_of(entry)["credits"] == 6 and cost_of(entry)["local"] is False
+
+        # A refused key leaves the saved one alone.
+        assert call("POST", "/aithriving/key", json={"key": "\x00"}).status_code == 400
+        assert key_file.read_text() == TEST_KEY + "\n"
+
+        response = call("DELETE", "/aithriving/key", headers=same)
+        assert response.status_code == 200 and response.json() == {"set": False, "source": None}
+        assert not key_file.exists()
+        entry = server.run(graph(prefix="deleted", seed=99))
+        assert "No API key found" in execution_error(entry)["exception_message"]
+
+        assert TEST_KEY not in everything_served_and_logged(server, answers)
+        assert not any(TEST_KEY in p.read_text(errors="replace")
+                       for p in (server.base_dir / "user").rglob("*") if p.is_file())
+    finally:
+        server.stop()
+
+
+def test_environment_key_wins_and_the_routes_say_so(comfy_install, tmp_path, key_file):
+    server = start(comfy_install, tmp_path / "base", {
+        "AITHRIVING_API_KEY": TEST_KEY, "AITHRIVING_API_KEY_FILE": str(key_file)})
+    try:
+        assert server._request("GET", "/aithriving/key").json() == {"set": True, "source": "environment"}
+        response = server._request("POST", "/aithriving/key", json={"key": "another-key"})
+        assert response.status_code == 409
+        assert "AITHRIVING_API_KEY environment variable is set" in response.json()["error"]
+        assert server._request("DELETE", "/aithriving/key").status_code == 409
+        assert not key_file.parent.exists()
+        assert TEST_KEY not in response.text + server.log_text()
+    finally:
+        server.stop()
+
+
+def test_key_file_under_comfyuis_user_folder_is_refused(comfy_install, tmp_path):
+    base = tmp_path / "base"
+    inside = base / "user" / "default" / "aithriving_key"
+    server = start(comfy_install, base, {"AITHRIVING_API_KEY_FILE": str(inside)})
+    try:
+        response = server._request("POST", "/aithriving/key", json={"key": TEST_KEY})
+        assert response.status_code == 409 and "serves over HTTP" in response.json()["error"]
+        assert not inside.exists()
+    finally:
+        server.stop()
+
+
+def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_restart(
+        comfy_install, tmp_path, key_file):
+    closed_port = free_port()  # nothing listens here: the paid path could not work
+    env = {"AITHRIVING_BASE_URL": f"http://127.0.0.1:{closed_port}", "AITHRIVING_API_KEY_FILE": str(key_file),
+           "AITHRIVING_CACHE_DIR": str(tmp_path / "cache")}
+    base = tmp_path / "base"
+    server = start(comfy_install, base, env)
+    try:
+        assert server._request("GET", "/aithriving/mode").json() == {"local": False}
+        entry = server.run(graph(prefix="offline-off"))
+        assert "No API key found" in execution_error(entry)["exception_message"]
+
+        for bad in ({"local": "yes"}, {"local": 1}, {}):
+            assert server._request("POST", "/aithriving/mode", json=bad).status_code == 400
+        response = server._request("POST", "/aithriving/mode", json={"local": True})
+        assert response.status_code == 200 and response.json() == {"local": True}
+        settings_file = key_file.with_name("aithriving-settings.json")
+        assert json.loads(settings_file.read_text()) == {"local": True}
+
+        entry = server.run(graph(prefix="offline-on"))
+        assert execution_error(entry) is None, execution_error(entry)
+        cost = cost_of(entry)
+        assert cost["credits"] == 0 and cost["local"] is True and cost["credits_per_image"] == 0
+        [image] = saved_images(entry)
+        png = Image.open(base / "output" / image["subfolder"] / image["filename"])
+        assert png.size == Image.open(EXAMPLE).size
+        # The mode is the machine's, not the workflow's: nothing of it in the saved PNG's metadata.
+        metadata = json.dumps(png.text)
+        assert "aithriving-settings" not in metadata and '"local"' not in metadata and "stand-in" not in metadata
+        assert "local stand-in" not in json.dumps(entry["prompt"])
+        assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.png"))
+        assert not key_file.exists()
+    finally:
+        server.stop()
+
+    restarted = start(comfy_install, base, env)
+    try:
+        assert restarted._request("GET", "/aithriving/mode").json() == {"local": True}
+        entry = restarted.run(graph(prefix="offline-again", seed=77))
+        assert execution_error(entry) is None and cost_of(entry)["credits"] == 0
+        assert restarted._request("POST", "/aithriving/mode", json={"local": False}).json() == {"local": False}
+        entry = restarted.run(graph(prefix="offline-off-again", seed=78))
+        assert "No API key found" in execution_error(entry)["exception_message"]
+    finally:
+        restarted.stop()
+
+
+@pytest.fixture(scope="module")
+def queue_server(comfy_install, billing_standin, tmp_path_factory):
+    server = start(comfy_install, tmp_path_factory.mktemp("queue-base"), {
+        "AITHRIVING_BASE_URL": billing_standin.url, "AITHRIVING_API_KEY": TEST_KEY, "AITHRIVING_CACHE_DIR": "off"})
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("prompt, words", [
+    ("", "prompt is empty"),
+    ("   \n ", "prompt is empty"),
+    ("x" * 10001, "10001 characters long"),
+    ("a cottage\x07", "control character U+0007"),
+])
+def test_bad_prompt_is_refused_when_queued_with_nothing_sent(queue_server, billing_standin, prompt, words):
+    billing_standin.clear()
+    before = set(queue_server.history())
+    with pytest.raises(PromptRejected) as caught:
+        queue_server.queue_prompt(graph(prompt=prompt))
+    errors = caught.value.node_errors["3"]["errors"]
+    assert len(errors) == 1 and words in errors[0]["details"], errors
+    assert errors[0]["extra_info"]["input_name"] == "prompt"
+    assert billing_standin.requests == []
+    assert set(queue_server.history()) == before  # nothing ran, not even the image loader
+
+
+@pytest.mark.parametrize("name, value", [("control_strength", 1.5), ("control_strength", -0.1),
+                                         ("seed", 4294967295), ("seed", -1)])
+def test_out_of_range_parameters_are_refused_when_queued(queue_server, billing_standin, name, value):
+    # ComfyUI checks the schema's min/max itself (validate_inputs names only the prompt, so it still does).
+    billing_standin.clear()
+    with pytest.raises(PromptRejected) as caught:
+        queue_server.queue_prompt(graph(**{name: value}))
+    errors = caught.value.node_errors["3"]["errors"]
+    assert [e["extra_info"]["input_name"] for e in errors] == [name]
+    assert billing_standin.requests == []
+
+
+def test_a_choice_not_offered_is_refused_before_anything_is_sent(queue_server, billing_standin):
+    # ComfyUI 0.3.75 does not check a V3 combo's options at /prompt; the node refuses it when it runs.
+    billing_standin.clear()
+    entry = queue_server.run(graph(output_format="gif"))
+    assert "output_format must be one of png, jpeg, webp; got 'gif'" in execution_error(entry)["exception_message"]
+    assert billing_standin.requests == []
+
+
+def test_a_linked_prompt_is_checked_when_the_node_runs(queue_server, billing_standin):
+    billing_standin.clear()
+    api = graph(prompt=["5", 0])
+    api["5"] = {"class_type": "PrimitiveString", "inputs": {"value": "   "}}
+    entry = queue_server.run(api)
+    assert "prompt is empty" in execution_error(entry)["exception_message"]
+    assert billing_standin.requests == []
