@@ -24,6 +24,8 @@ const ENGLISH = {
   lastRun: "Last run: {credits} credits",
   lastRunCached: "Last run: {credits} credits ({cached} from cache)",
   lastRunReused: "Last run: 0 credits (ComfyUI reused the previous result)",
+  estimateLocal: "0 credits · local stand-in · free",
+  lastRunLocal: "Last run: 0 credits (local stand-in · free)",
 };
 
 // Nodes whose IMAGE output has as many images as their first IMAGE input.
@@ -168,6 +170,8 @@ function imagesOutOf(node, depth) {
 }
 
 function estimateText(node) {
+  // Offline mode (web/aithriving_setup.js keeps the server's word): the in-process stand-in charges nothing.
+  if (globalThis.aithrivingSetup?.local) return text("estimateLocal", {});
   const images = imagesInto(node, imageInputIndex(node, "image"));
   if (images != null) return text("estimate", { credits: images * CREDITS_PER_IMAGE, images });
   const last = node.aithrivingLastCost;
@@ -181,6 +185,7 @@ function lastRunText(node) {
   const cost = node.aithrivingLastCost;
   if (!cost) return "";
   if (cost.reused) return text("lastRunReused", {});
+  if (cost.local) return text("lastRunLocal", {});
   const values = { credits: cost.credits, images: cost.images, cached: cost.from_cache };
   return text(cost.from_cache > 0 ? "lastRunCached" : "lastRun", values);
 }
@@ -192,7 +197,8 @@ function recordCost(node, cost) {
   const previous = node.aithrivingLastCost;
   node.aithrivingLastCost = reused
     ? { credits: 0, images: previous?.images ?? cost?.images ?? null, from_cache: 0, seeds: previous?.seeds ?? [], reused }
-    : { credits: cost.credits, images: cost.images, from_cache: cost.from_cache ?? 0, seeds: cost.seeds ?? [], reused };
+    : { credits: cost.credits, images: cost.images, from_cache: cost.from_cache ?? 0, seeds: cost.seeds ?? [], reused,
+        local: cost.local === true };
   node.aithrivingRuns = (node.aithrivingRuns ?? 0) + 1;
   node.setDirtyCanvas?.(true, true);
   // "Nodes 2.0" (Vue) rendering reads the badges when it refreshes the node, which it does on this event.

@@ -14,7 +14,7 @@ from PIL import Image
 from structure_api import StructureClient, StructureRequest
 from structure_api.images import encode_upload
 from structure_api.standin import Fault, StandInServer
-from tests.comfy.harness import ComfyServer, execution_error, saved_images, workflow_to_api
+from tests.comfy.harness import ComfyServer, PromptRejected, execution_error, saved_images, workflow_to_api
 
 from support import TEST_KEY
 
@@ -132,7 +132,8 @@ def test_single_image_saves_the_services_image(comfy, standin):
     assert request.fields["seed"] == "1234" and request.headers["authorization"] == TEST_KEY
     # The cost of the run travels to the frontend as the node's UI output.
     [cost] = entry["outputs"]["3"]["aithriving_cost"]
-    assert cost == {"credits": 6, "images": 1, "from_cache": 0, "credits_per_image": 6, "seeds": [1234]}
+    assert cost == {"credits": 6, "images": 1, "from_cache": 0, "credits_per_image": 6, "seeds": [1234],
+                    "local": False}
     assert_same_image(saved, expected_pixels(standin, 1234))
     # ... and that image keeps the input's structure: its edges line up with the input's.
     source = np.asarray(Image.open(EXAMPLE).convert("RGB"))
@@ -161,8 +162,9 @@ def test_service_error_reaches_comfyuis_error_report(comfy, standin):
 
 
 def test_bad_prompt_is_reported_before_any_request(comfy, standin):
-    entry = comfy.run(graph(prompt="   ", seed=32, prefix="blank"))
-    assert "prompt is empty" in execution_error(entry)["exception_message"]
+    # Refused when queued (validate_inputs), before the image loader or anything else runs.
+    with pytest.raises(PromptRejected, match="prompt is empty"):
+        comfy.queue_prompt(graph(prompt="   ", seed=32, prefix="blank"))
     assert standin.requests == []
 
 

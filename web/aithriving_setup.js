@@ -1,0 +1,265 @@
+// Set-up of the "Structure (AIThriving)" pack from ComfyUI itself: no terminal needed.
+//
+//   Settings → AIThriving → API key   whether a key is set and where it comes from (GET /aithriving/key),
+//                                      a password field that posts the key (POST /aithriving/key) and a
+//                                      button that removes the key file (DELETE). Write-only: the key is
+//                                      never read back, never kept in the settings, the workflow or a PNG.
+//   Settings → AIThriving → Offline   "Use the free local stand-in (no key, no credits)", kept by the
+//                                      server next to the key file (GET/POST /aithriving/mode).
+//   On each Structure node            a notice badge: "API key not set · Settings → AIThriving" when no
+//                                      key is set and offline mode is off; "local stand-in · free" when on.
+//   At start-up                       a toast saying the same when no key is set and offline mode is off.
+// The node's right-click menu opens a small key dialog too.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const NODE_ID = "AIThrivingStructure";
+const KEY_SETTING = "AIThriving.Setup.APIKey";
+const LOCAL_SETTING = "AIThriving.Setup.LocalStandIn";
+const LOCAL_LABEL = "local stand-in · free";
+const NO_KEY_NOTICE = "API key not set · Settings → AIThriving";
+
+// What the server last said; read by the cost badges (web/aithriving_structure.js) for offline mode.
+const state = { key: null, local: null, error: null };
+globalThis.aithrivingSetup = state;
+const listeners = new Set();
+
+function changed() {
+  for (const listener of listeners) listener();
+  for (const node of app.graph?.nodes ?? []) {
+    if ((node.comfyClass ?? node.type) === NODE_ID) {
+      node.setDirtyCanvas?.(true, true);
+      node.graph?.trigger?.("node:slot-errors:changed", { nodeId: node.id });
+    }
+  }
+}
+
+async function answerOf(response) {
+  let body = null;
+  try {
+    body = await response.json();
+  } catch {
+    body = null;
+  }
+  if (!response.ok) throw new Error(body?.error ?? `The server answered HTTP ${response.status}.`);
+  return body;
+}
+
+async function refresh() {
+  try {
+    const [key, mode] = await Promise.all([
+      api.fetchApi("/aithriving/key").then(answerOf),
+      api.fetchApi("/aithriving/mode").then(answerOf),
+    ]);
+    state.key = key;
+    state.local = mode.local === true;
+    state.error = null;
+  } catch (error) {
+    state.error = String(error?.message ?? error);
+  }
+  changed();
+}
+
+async function sendKey(key) {
+  const response = await api.fetchApi("/aithriving/key", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ key }),
+  });
+  state.key = await answerOf(response);
+  changed();
+}
+
+async function removeKey() {
+  const response = await api.fetchApi("/aithriving/key", { method: "DELETE" });
+  state.key = await answerOf(response);
+  changed();
+}
+
+async function sendMode(local) {
+  const response = await api.fetchApi("/aithriving/mode", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ local }),
+  });
+  state.local = (await answerOf(response)).local === true;
+  changed();
+}
+
+function keyStatusText() {
+  if (state.error) return `Could not ask the server: ${state.error}`;
+  const key = state.key;
+  if (!key) return "Asking the server…";
+  if (key.source === "environment") {
+    return "A key is set by the AITHRIVING_API_KEY environment variable; it takes precedence over a key saved here.";
+  }
+  if (key.set) return "A key is saved in your key file (outside ComfyUI's folders). It is never shown again.";
+  return state.local
+    ? "No API key set. Not needed now: the free local stand-in is on."
+    : "No API key set. Paste the key from your aithriving.com account and press Save.";
+}
+
+function element(tag, props = {}, children = []) {
+  const node = Object.assign(document.createElement(tag), props);
+  for (const child of children) node.append(child);
+  return node;
+}
+
+// The key form, shared by the settings panel and the dialog. The typed key goes straight to the server;
+// the setting's own value is never touched, so the frontend never stores it.
+function keyForm(onSaved) {
+  const status = element("div", { className: "aithriving-key-status" });
+  status.style.cssText = "margin-bottom:6px;white-space:normal;";
+  const message = element("div", { className: "aithriving-key-message" });
+  message.style.cssText = "margin-top:6px;white-space:normal;";
+  const input = element("input", {
+    type: "password", autocomplete: "off", spellcheck: false, placeholder: "API key",
+    className: "aithriving-key-input p-inputtext",
+  });
+  input.setAttribute("aria-label", "AIThriving API key");
+  input.style.cssText = "width:16em;margin-right:6px;";
+  const save = element("button", { type: "button", textContent: "Save", className: "aithriving-key-save p-button" });
+  const remove = element("button", {
+    type: "button", textContent: "Remove key", className: "aithriving-key-remove p-button p-button-secondary",
+  });
+  save.style.cssText = remove.style.cssText = "margin-right:6px;padding:2px 10px;";
+  const render = () => {
+    status.textContent = keyStatusText();
+    const fromEnvironment = state.key?.source === "environment";
+    input.disabled = save.disabled = fromEnvironment;
+    remove.disabled = fromEnvironment || !state.key?.set;
+  };
+  const run = async (action, done) => {
+    message.textContent = "";
+    try {
+      await action();
+      message.textContent = done;
+      onSaved?.();
+    } catch (error) {
+      message.textContent = String(error?.message ?? error);
+    }
+    render();
+  };
+  save.addEventListener("click", () => run(async () => {
+    const key = input.value;
+    input.value = ""; // not kept in the page longer than the request
+    await sendKey(key);
+  }, "Saved. The next run uses it; no restart needed."));
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") save.click();
+  });
+  remove.addEventListener("click", () => run(removeKey, "The key file was removed."));
+  listeners.add(render);
+  render();
+  const form = element("div", { className: "aithriving-key-form" }, [status, input, save, remove, message]);
+  form.dispose = () => listeners.delete(render);
+  return form;
+}
+
+function openKeyDialog() {
+  document.querySelector(".aithriving-key-dialog")?.remove();
+  const close = element("button", { type: "button", textContent: "Close", className: "p-button p-button-text" });
+  let form;
+  const dialog = element("div", { className: "aithriving-key-dialog", role: "dialog" }, [
+    element("h3", { textContent: "AIThriving API key" }),
+    (form = keyForm(() => setTimeout(() => dismiss(), 800))),
+    element("p", { textContent: "Or switch on the free local stand-in in Settings → AIThriving." }),
+    close,
+  ]);
+  dialog.setAttribute("aria-label", "AIThriving API key");
+  dialog.style.cssText = "position:fixed;top:20%;left:50%;transform:translateX(-50%);z-index:10000;"
+    + "background:var(--comfy-menu-bg,#202020);color:var(--fg-color,#fff);border:1px solid #666;"
+    + "border-radius:8px;padding:16px 20px;max-width:32em;box-shadow:0 4px 24px #0008;";
+  function dismiss() {
+    form.dispose();
+    dialog.remove();
+  }
+  close.addEventListener("click", dismiss);
+  document.body.append(dialog);
+  dialog.querySelector("input")?.focus();
+  return dialog;
+}
+state.openKeyDialog = openKeyDialog;
+
+function noticeText() {
+  if (state.local) return LOCAL_LABEL;
+  if (state.key && !state.key.set) return NO_KEY_NOTICE;
+  return "";
+}
+
+function noticeBadge(node) {
+  const text = noticeText();
+  return new window.LGraphBadge({
+    text, fgColor: "#ffffff", bgColor: state.local ? "#2F5D7C" : "#9B3B2F",
+  });
+}
+
+app.registerExtension({
+  name: "aithriving.setup",
+
+  settings: [
+    {
+      id: KEY_SETTING,
+      category: ["AIThriving", "Setup", "API key"],
+      name: "API key",
+      tooltip: "Saved in your own key file (~/.config/aithriving/api_key, mode 0600), never in ComfyUI's settings, "
+        + "workflows or images.",
+      // A custom element: the key is posted to the server and this setting's value stays empty.
+      type: () => keyForm(),
+      defaultValue: "",
+    },
+    {
+      id: LOCAL_SETTING,
+      category: ["AIThriving", "Setup", "Offline"],
+      name: "Use the free local stand-in (no key, no credits)",
+      tooltip: "Runs the Structure node against a stand-in inside ComfyUI: images drawn from the input's edges, "
+        + "coloured from the prompt; no key, no network, 0 credits. Turn off for real results.",
+      type: "boolean",
+      defaultValue: false,
+      onChange: async (value) => {
+        // The server's settings file is the truth; this setting only mirrors it.
+        if (state.local === null || value === state.local) return;
+        try {
+          await sendMode(value === true);
+        } catch (error) {
+          app.extensionManager?.toast?.add?.({
+            severity: "error", summary: "AIThriving", detail: String(error?.message ?? error), life: 8000,
+          });
+        }
+      },
+    },
+  ],
+
+  async setup() {
+    await refresh();
+    const setting = app.extensionManager?.setting;
+    if (state.local !== null && setting?.get?.(LOCAL_SETTING) !== state.local) {
+      try {
+        await setting.set(LOCAL_SETTING, state.local);
+      } catch (error) {
+        console.warn("[aithriving.setup] could not mirror the offline mode into the settings", error);
+      }
+    }
+    if (state.key && !state.key.set && !state.local) {
+      app.extensionManager?.toast?.add?.({
+        severity: "warn", summary: "AIThriving Structure: no API key set",
+        detail: "Set it in Settings → AIThriving → API key, or switch on the free local stand-in there.",
+        life: 12000,
+      });
+    }
+  },
+
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData?.name !== NODE_ID) return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      this.aithrivingNotice = () => noticeText();
+      this.badges = this.badges ?? [];
+      this.badges.push(() => noticeBadge(this));
+      return result;
+    };
+    const getExtraMenuOptions = nodeType.prototype.getExtraMenuOptions;
+    nodeType.prototype.getExtraMenuOptions = function (canvas, options) {
+      const result = getExtraMenuOptions?.apply(this, arguments);
+      options?.push?.({ content: "AIThriving: set API key…", callback: () => openKeyDialog() });
+      return result;
+    };
+  },
+});
