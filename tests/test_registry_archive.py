@@ -32,16 +32,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Exactly what may ship: anything else tracked must be listed in .comfyignore.
 RUNTIME_PATTERNS = [
-    r"__init__\.py", r"nodes\.py", r"requirements\.txt", r"pyproject\.toml", r"README\.md", r"LICENSE",
+    r"__init__\.py", r"nodes\.py", r"server_routes\.py", r"requirements\.txt", r"pyproject\.toml", r"README\.md", r"LICENSE",
     r"structure_api/[a-z_]+\.py",
     r"web/[a-z_]+\.js", r"web/docs/AIThrivingStructure\.md", r"web/docs/AIThrivingStructure/[a-z]{2}(-[A-Z]{2})?\.md",
     r"locales/[a-z]{2}(-[A-Z]{2})?/(main|nodeDefs|commands|settings)\.json",
     r"example_workflows/[a-z_]+\.(json|jpg)", r"example_workflows/structure_example\.png",
 ]
 REQUIRED = [
-    "__init__.py", "nodes.py", "requirements.txt", "pyproject.toml", "README.md", "LICENSE",
+    "__init__.py", "nodes.py", "server_routes.py", "requirements.txt", "pyproject.toml", "README.md", "LICENSE",
     "structure_api/__init__.py", "structure_api/client.py", "structure_api/standin.py",
-    "web/aithriving_structure.js", "web/docs/AIThrivingStructure.md",
+    "web/aithriving_structure.js", "web/aithriving_setup.js", "web/docs/AIThrivingStructure.md",
     "locales/en/nodeDefs.json", "locales/en/main.json", "locales/fr/nodeDefs.json",
     "example_workflows/structure_example.png",
 ]
