@@ -53,3 +53,15 @@ def make_client(standin, sleeps):
     """Factory for clients of the stand-in with no real sleeping and zero jitter."""
     with client_factory(TEST_KEY, standin.url, sleeps) as factory:
         yield factory
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Name every ComfyUI and frontend this run tested against (tests/comfy/matrix.py), as resolved."""
+    import sys
+
+    matrix = sys.modules.get("tests.comfy.matrix")
+    if matrix is None or not matrix.RESOLVED:
+        return
+    terminalreporter.section("ComfyUI matrix (versions resolved in this run)")
+    for target_id, versions in sorted(matrix.RESOLVED.items()):
+        terminalreporter.write_line(f"{target_id}: {versions}")

@@ -63,7 +63,7 @@ async function loadStrings() {
     }
     strings.en = { ...ENGLISH, ...strings.en };
   } catch (error) {
-    console.warn("[aithriving.structure] translations not loaded, showing English", error);
+    console.warn("[aithrivingstructure] translations not loaded, showing English", error);
   }
 }
 
@@ -222,7 +222,7 @@ function makeBadge(textOf, withCoin) {
 }
 
 app.registerExtension({
-  name: "aithriving.structure",
+  name: "aithrivingstructure.node",
 
   // Before the node types are registered: they take their translated names then.
   async init() {

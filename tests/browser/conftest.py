@@ -1,31 +1,61 @@
-"""Fixtures for the browser tests: the local stand-in, a real ComfyUI with the pack, headless Chromium on its UI.
+"""Fixtures for the browser tests: Playwright (pytest-playwright) on the system Chromium, a real ComfyUI
+with the pack, the local stand-in behind it.
 
-Screenshots of every run go to ``.cache/browser-screenshots/`` (git-ignored), or to
+The fixture API, for tests in this folder:
+
+- ``comfy_page`` (per test): a :class:`tests.browser.comfy_page.ComfyPage` already opened on
+  ``ui_server``, in a fresh browser context (its own localStorage). Helpers: ``load_workflow``,
+  ``load_template``, ``drop_workflow_file``, ``click_run``, ``structure_node`` (the node's cost texts
+  and badges), ``rendered_texts_of_node`` (Nodes 2.0), ``set_setting``, ``add_node``, ``log`` (console,
+  uncaught errors, responses). Tests use ``run_from_ui`` in test_web_ui.py to click Run and wait.
+- ``ui_server`` (per module): ComfyUI with the pack, pointed at ``ui_standin`` with the test key, a
+  returning user's settings (``USER_SETTINGS``), and the example image uploaded.
+- ``ui_standin`` (per module): the stand-in service (``structure_api.standin.StandInServer``).
+- ``comfy_page_factory`` (per test): ``open(env={...}, settings={...}) -> ComfyPage`` starts another
+  ComfyUI for this test (for another environment: no key, offline, ...) and opens a page on it.
+- ``ui_target`` (per session, parametrized): which ComfyUI and frontend of the matrix this run uses
+  (tests/comfy/matrix.py); its id is in every test id, e.g. ``[comfyui-0.3.75+frontend-1.58.1]``.
+
+Pictures: screenshots of every run go to ``.cache/browser-screenshots/<target>/`` (git-ignored), or
 ``$BROWSER_SCREENSHOT_DIR``. With ``UPDATE_SCREENSHOTS=1`` the run also rewrites the pictures the
-repository keeps: ``docs/screenshots/*.png`` (the README's) and ``example_workflows/<name>.jpg``
-(the template browser's thumbnails).
+repository keeps, from the README's target only: ``docs/screenshots/*.png`` and
+``example_workflows/<name>.jpg`` (the template browser's thumbnails).
 
-Without a Chromium these tests skip, except in CI (``CI`` set), where they fail: `.ci/run` installs it.
+On failure a test keeps a screenshot and the browser's console in ``.cache/browser-failures/`` (printed
+in the failure report). Without a Chromium these tests skip, except in CI (``CI`` set), where they fail.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import re
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import requests
+from playwright.sync_api import Browser, Page
 
 from structure_api.standin import StandInServer
 from support import TEST_KEY
-from tests.browser.cdp import Chromium, find_chromium
-from tests.browser.comfy_page import RETURNING_USER_SCRIPT, ComfyPage
-from tests.comfy.harness import DEFAULT_CACHE_DIR, ComfyInstall, ComfyServer, ensure_comfyui
+from tests.browser.comfy_page import RETURNING_USER_SCRIPT, BrowserLog, ComfyPage
+from tests.comfy.harness import ComfyServer
+from tests.comfy import matrix
+from tests.comfy.matrix import README_TARGET, ComfyTarget
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_IMAGE = REPO / "example_workflows" / "structure_example.png"
 VIEWPORT = (1280, 800)
+FAILURE_DIR = REPO / ".cache" / "browser-failures"
+
+# The flags that work here (2 cores, no GPU, no network but loopback): no sandbox (root in a container),
+# no GPU process, nothing that phones home.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--no-default-browser-check",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-breakpad", "--disable-dev-shm-usage", "--mute-audio", "--hide-scrollbars",
+]
 
 # Server-side settings of a user who has used ComfyUI before: no first-visit template dialog, English,
 # no minimap or frame-rate corner over the graph, and node text drawn at every zoom (the screenshots
@@ -41,51 +71,64 @@ USER_SETTINGS = {
 }
 
 
+def find_chromium() -> str | None:
+    """The system Chromium: $CHROMIUM_BIN if set, else Debian's `chromium` on PATH."""
+    configured = os.environ.get("CHROMIUM_BIN")
+    if configured:
+        return configured if Path(configured).is_file() else None
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="session", params=matrix.selected_ui_targets(), ids=lambda target: target.id)
+def ui_target(request: pytest.FixtureRequest) -> ComfyTarget:
+    """The ComfyUI and frontend of the matrix these browser tests run against (one at a time)."""
+    target: ComfyTarget = request.param
+    install = target.install()
+    if target.frontend == "pinned" and install.frontend_version != target.pinned_label:
+        pytest.fail(f"{target.id}: ComfyUI {install.version} pins frontend {install.frontend_version}, "
+                    f"not {target.pinned_label}: update tests/comfy/matrix.py", pytrace=False)
+    matrix.record(target.id, install.version, target.frontend_version())
+    return target
+
+
 @pytest.fixture(scope="session")
-def chromium_binary() -> str:
+def browser_type_launch_args(browser_type_launch_args: dict) -> dict:
+    """pytest-playwright's launch options: the system Chromium (never a downloaded browser), headless."""
     binary = find_chromium()
-    if binary:
-        return binary
-    message = "no Chromium found (install Debian's `chromium`, or set CHROMIUM_BIN)"
-    if os.environ.get("CI"):
-        pytest.fail(message + ": .ci/run should have installed it", pytrace=False)
-    pytest.skip(message)
+    if not binary:
+        message = "no Chromium found (install Debian's `chromium`, or set CHROMIUM_BIN)"
+        if os.environ.get("CI"):
+            pytest.fail(message + ": .ci/run should have installed it", pytrace=False)
+        pytest.skip(message)
+    return {**browser_type_launch_args, "executable_path": binary, "headless": True, "args": CHROMIUM_ARGS}
 
 
 @pytest.fixture(scope="session")
-def screenshot_dir() -> Path:
-    path = Path(os.environ.get("BROWSER_SCREENSHOT_DIR") or REPO / ".cache" / "browser-screenshots")
+def browser_context_args(browser_context_args: dict) -> dict:
+    return {**browser_context_args, "viewport": {"width": VIEWPORT[0], "height": VIEWPORT[1]}}
+
+
+@pytest.fixture(scope="session")
+def screenshot_dir(ui_target: ComfyTarget) -> Path:
+    base = Path(os.environ.get("BROWSER_SCREENSHOT_DIR") or REPO / ".cache" / "browser-screenshots")
+    path = base / ui_target.id
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 @pytest.fixture(scope="session")
-def update_pictures() -> bool:
-    """Whether this run rewrites docs/screenshots/ and the template thumbnails."""
-    return os.environ.get("UPDATE_SCREENSHOTS") == "1"
-
-
-@pytest.fixture(scope="session")
-def comfy_install() -> ComfyInstall:
-    """ComfyUI 0.3.75 and its venv (tests/comfy/harness.py), built once in .cache/comfyui."""
-    return ensure_comfyui(Path(os.environ.get("COMFY_HARNESS_CACHE_DIR") or DEFAULT_CACHE_DIR))
+def update_pictures(ui_target: ComfyTarget) -> bool:
+    """Whether this run rewrites docs/screenshots/ and the template thumbnails (the README's target only)."""
+    return os.environ.get("UPDATE_SCREENSHOTS") == "1" and ui_target.id == README_TARGET
 
 
 @pytest.fixture(scope="module")
 def ui_standin() -> Iterator[StandInServer]:
     with StandInServer(api_key=TEST_KEY) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def ui_server(comfy_install, ui_standin, tmp_path_factory) -> Iterator[ComfyServer]:
-    env = {"AITHRIVING_BASE_URL": ui_standin.url, "AITHRIVING_API_KEY": TEST_KEY,
-           "AITHRIVING_CACHE_DIR": str(tmp_path_factory.mktemp("ui-structure-cache"))}
-    server = ComfyServer(comfy_install, env=env, base_dir=tmp_path_factory.mktemp("comfy-ui-base"))
-    with server:
-        server.upload_image(EXAMPLE_IMAGE, EXAMPLE_IMAGE.name)
-        for setting, value in USER_SETTINGS.items():
-            set_setting(server, setting, value)
         yield server
 
 
@@ -96,36 +139,114 @@ def set_setting(server: ComfyServer, setting: str, value: object) -> None:
     response.raise_for_status()
 
 
-@pytest.fixture(scope="module")
-def browser(chromium_binary: str) -> Iterator[Chromium]:
-    with Chromium(chromium_binary) as chromium:
-        yield chromium
-
-
-@pytest.fixture(scope="module")
-def ui(browser: Chromium, ui_server: ComfyServer) -> ComfyPage:
-    page = browser.new_page(*VIEWPORT)
-    page.add_init_script(RETURNING_USER_SCRIPT)
-    return ComfyPage(page, ui_server.url)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """A failed browser test keeps a screenshot and the page's console in its report."""
-    outcome = yield
-    report = outcome.get_result()
-    if report.when != "call" or not report.failed:
-        return
-    comfy_page = item.funcargs.get("ui")
-    if not isinstance(comfy_page, ComfyPage):
-        return
-    shots = item.funcargs.get("screenshot_dir") or REPO / ".cache" / "browser-screenshots"
+def start_ui_server(target: ComfyTarget, base_dir: Path, env: dict[str, str | None],
+                    settings: dict[str, object] | None = None) -> ComfyServer:
+    """A started ComfyUI of this target, with the example image uploaded and a returning user's settings."""
+    server = ComfyServer(target.install(), env=env, base_dir=base_dir, extra_args=target.server_args())
+    server.start()
     try:
-        path = comfy_page.screenshot(Path(shots) / f"FAILED-{item.name}.png")
-        report.sections.append(("browser screenshot", str(path)))
-    except Exception as error:  # the browser may be what failed
-        report.sections.append(("browser screenshot", f"none: {error}"))
-    page = comfy_page.page
-    report.sections.append(("browser console (last 40)", "\n".join(page.console[-40:]) or "(empty)"))
-    if page.exceptions:
-        report.sections.append(("browser exceptions", "\n".join(page.exceptions[-10:])))
+        server.upload_image(EXAMPLE_IMAGE, EXAMPLE_IMAGE.name)
+        for setting, value in {**USER_SETTINGS, **(settings or {})}.items():
+            set_setting(server, setting, value)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="module")
+def ui_server(ui_target: ComfyTarget, ui_standin, tmp_path_factory) -> Iterator[ComfyServer]:
+    env = {"AITHRIVING_BASE_URL": ui_standin.url, "AITHRIVING_API_KEY": TEST_KEY,
+           "AITHRIVING_CACHE_DIR": str(tmp_path_factory.mktemp("ui-structure-cache"))}
+    server = start_ui_server(ui_target, tmp_path_factory.mktemp("comfy-ui-base"), env)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _new_comfy_page(browser: Browser, browser_context_args: dict, url: str,
+                    pages: list[ComfyPage]) -> ComfyPage:
+    context = browser.new_context(**browser_context_args)
+    context.add_init_script(RETURNING_USER_SCRIPT)
+    page: Page = context.new_page()
+    page.on("dialog", lambda dialog: dialog.accept())  # a "Leave site?" or alert never blocks a test
+    log = BrowserLog()
+    log.attach(page)
+    comfy = ComfyPage(page, url, log)
+    pages.append(comfy)
+    return comfy
+
+
+@pytest.fixture
+def _comfy_pages(request: pytest.FixtureRequest) -> Iterator[list[ComfyPage]]:
+    pages: list[ComfyPage] = []
+    request.node._comfy_pages = pages
+    yield pages
+    for comfy in pages:
+        comfy.page.context.close()
+
+
+@pytest.fixture
+def comfy_page(browser: Browser, browser_context_args: dict, ui_server: ComfyServer,
+               _comfy_pages: list[ComfyPage]) -> ComfyPage:
+    """A fresh browser context with ComfyUI (ui_server) open and the pack loaded."""
+    return _new_comfy_page(browser, browser_context_args, ui_server.url, _comfy_pages).open()
+
+
+@pytest.fixture(autouse=True)
+def _frontend_is_the_targets(request: pytest.FixtureRequest, ui_target: ComfyTarget) -> None:
+    """Every page a test opened ran the frontend its matrix entry names (checked after the test)."""
+    yield
+    for comfy in getattr(request.node, "_comfy_pages", []):
+        if comfy.page.is_closed() or not comfy.page.url.startswith("http"):
+            continue
+        served = comfy.frontend_version()
+        assert served == ui_target.frontend_version(), f"{ui_target.id} served frontend {served}"
+
+
+@pytest.fixture
+def comfy_page_factory(browser: Browser, browser_context_args: dict, ui_target: ComfyTarget,
+                       tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
+                       _comfy_pages: list[ComfyPage]) -> Iterator[Callable[..., ComfyPage]]:
+    """``open(env=None, settings=None) -> ComfyPage``: another ComfyUI (stopped after the test) and a page on it.
+
+    env is the server's environment on top of a clean one (no AITHRIVING_* variable is inherited);
+    settings are user settings on top of USER_SETTINGS.
+    """
+    servers: list[ComfyServer] = []
+    request.node._comfy_servers = servers
+
+    def open_page(env: dict[str, str | None] | None = None, settings: dict[str, object] | None = None) -> ComfyPage:
+        server = start_ui_server(ui_target, tmp_path_factory.mktemp("comfy-ui-extra"), dict(env or {}), settings)
+        servers.append(server)
+        return _new_comfy_page(browser, browser_context_args, server.url, _comfy_pages).open()
+
+    yield open_page
+    for server in servers:
+        server.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failed browser test keeps a screenshot and the page's console, and says where."""
+    report = yield
+    if report.when not in ("setup", "call") or not report.failed:
+        return report
+    pages: list[ComfyPage] = getattr(item, "_comfy_pages", [])
+    if not pages:
+        return report
+    folder = FAILURE_DIR / re.sub(r"[^\w.+-]+", "_", item.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, comfy in enumerate(pages):
+        stem = f"page{number}"
+        try:
+            shot = comfy.screenshot(folder / f"{stem}.png")
+            report.sections.append((f"browser screenshot ({stem})", str(shot)))
+        except Exception as error:  # the browser may be what failed
+            report.sections.append((f"browser screenshot ({stem})", f"none: {error}"))
+        log_file = folder / f"{stem}-console.log"
+        log_file.write_text(comfy.log.text())
+        tail = "\n".join((comfy.log.console + comfy.log.exceptions)[-40:]) or "(empty)"
+        report.sections.append((f"browser console ({stem}, last 40; all in {log_file})", tail))
+    return report

@@ -1,8 +1,9 @@
-"""The pack in ComfyUI's real web UI (frontend 1.32.9 served by ComfyUI 0.3.75), in headless Chromium.
+"""The pack in ComfyUI's real web UI, in headless Chromium (Playwright), on every entry of the matrix.
 
 A user's path: open the template browser, pick one of the pack's workflows (or drop the workflow file
 on the canvas), look at the node, press Run, see the image and the cost on the node; open the node's
-help; switch the language. Runs against the local stand-in; nothing is paid.
+help; switch the language; the same in the "Nodes 2.0" rendering. Runs against the local stand-in;
+nothing is paid. Each test id names the ComfyUI and the frontend, e.g. [comfyui-0.3.75+frontend-1.58.1].
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def free_execution_cache(server: ComfyServer) -> None:
 def run_from_ui(ui: ComfyPage, server: ComfyServer) -> dict:
     """Click Run; wait for the prompt it queued (from this page) to finish; its history entry."""
     before = set(server.history())
-    runs_before = ui.page.evaluate(f"app.graph.nodes.find(n => n.type === '{NODE}').aithrivingRuns ?? 0")
+    runs_before = ui.structure_runs()
     ui.click_run()
     deadline = time.monotonic() + RUN_TIMEOUT
     while True:
@@ -81,16 +82,16 @@ def run_from_ui(ui: ComfyPage, server: ComfyServer) -> dict:
     [entry] = finished
     assert entry["status"]["status_str"] == "success", execution_error(entry)
     assert entry["prompt"][3]["client_id"] == ui.client_id()  # queued by this page's Run button
-    ui.page.wait_for(f"(app.graph.nodes.find(n => n.type === '{NODE}').aithrivingRuns ?? 0) > {runs_before}",
-                     message="the run's cost delivered to the node")
+    ui.wait_for(f"(app.graph.nodes.find(n => n.type === '{NODE}').aithrivingRuns ?? 0) > {runs_before}",
+                message="the run's cost delivered to the node")
     return entry
 
 
 def check_graph(ui: ComfyPage, workflow: dict) -> dict:
     """The loaded graph is the workflow: every node known, no missing-node dialog, our widgets as saved."""
-    assert ui.missing_nodes_dialog() is None
+    assert not [text for text in ui.dialog_texts() if NODE in text], "a dialog names the node as missing"
     nodes = {n["id"]: n for n in ui.graph_nodes()}
-    assert {n_id: n["type"] for n_id, n in nodes.items()} == {n["id"]: n["type"] for n in workflow["nodes"]}
+    assert {n_id: n["type"] for n_id, n in nodes.items()} == {str(n["id"]): n["type"] for n in workflow["nodes"]}
     assert all(n["registered"] and not n["has_errors"] for n in nodes.values()), nodes
     structure = next(n for n in nodes.values() if n["type"] == NODE)
     assert [w["name"] for w in structure["widgets"]] == WIDGETS
@@ -101,11 +102,23 @@ def check_graph(ui: ComfyPage, workflow: dict) -> dict:
 
 
 def assert_no_pack_errors_in_console(ui: ComfyPage) -> None:
-    page = ui.page
-    ours = [line for line in page.console
-            if ("aithriving" in line.lower() or PACK_URL_PART in line) and line.startswith(("[error]", "[assert]"))]
-    ours += [line for line in page.console if line.startswith("[warning] [aithriving.structure]")]
-    ours += [e for e in page.exceptions if PACK_URL_PART in e]
+    log = ui.log
+    # The frontend looks nodes up in the Comfy Registry (api.comfy.org): there is no network here.
+    offline = re.compile(r"^\[error\] Failed to load resource: net::ERR_\w+ +\(https://api\.comfy\.org/")
+    # The help panel asks for docs/<node>/<locale>.md first, then docs/<node>.md: a 404 for a
+    # language the pack has no page in (English lives in docs/<node>.md) is that lookup, not an error.
+    help_probe = re.compile(rf"^\[error\] Failed to load resource: .*404.*{re.escape(PACK_URL_PART)}docs/{NODE}/(\w+)\.md\)$")
+    shipped = {path.stem for path in (REPO / "web" / "docs" / NODE).glob("*.md")}
+
+    def expected(line: str) -> bool:
+        probe = help_probe.match(line)
+        return bool(offline.match(line) or (probe and probe.group(1) not in shipped))
+
+    ours = [line for line in log.console
+            if ("aithriving" in line.lower() or PACK_URL_PART in line) and line.startswith(("[error]", "[assert]"))
+            and not expected(line)]
+    ours += [line for line in log.console if line.startswith("[warning] [aithrivingstructure]")]
+    ours += [e for e in log.exceptions if PACK_URL_PART in e]
     assert not ours, ours
 
 
@@ -129,20 +142,20 @@ class Pictures:
         # A square of canvas clear of the sidebar (left), the tabs and Run bar (top), the zoom menu (bottom).
         width, height, left, top, bottom = 900, 960, 64, 140, 70  # top: below the "job completed" note too
         side = min(width - left, height - top - bottom)
-        page.set_viewport(width, height)
+        page.set_viewport_size({"width": width, "height": height})
         time.sleep(0.5)
         self.ui.frame_graph(left=left + 16, top=top + 16, right=width - left - side + 16,
                             bottom=height - top - side + 16)
         shot = self.ui.screenshot(self.directory / f"thumbnail-{workflow}.png",
                                   clip={"x": left, "y": top, "width": side, "height": side})
         save_thumbnail(shot.read_bytes(), WORKFLOW_DIR / f"{workflow}.jpg")
-        page.set_viewport(*VIEWPORT)
+        page.set_viewport_size({"width": VIEWPORT[0], "height": VIEWPORT[1]})
         time.sleep(0.5)
 
 
 @pytest.fixture
-def pictures(ui, screenshot_dir, update_pictures) -> Pictures:
-    return Pictures(ui, screenshot_dir, update_pictures)
+def pictures(comfy_page, screenshot_dir, update_pictures) -> Pictures:
+    return Pictures(comfy_page, screenshot_dir, update_pictures)
 
 
 @pytest.fixture(autouse=True)
@@ -206,8 +219,8 @@ def test_translations_say_what_the_node_says_and_cover_every_input(ui_server):
 # -- in the browser ---------------------------------------------------------------------------------
 
 
-def test_template_browser_lists_the_pack_with_thumbnails(ui, pictures):
-    ui.open()
+def test_template_browser_lists_the_pack_with_thumbnails(comfy_page, pictures):
+    ui = comfy_page
     ui.open_template_browser()
     assert sorted(ui.show_pack_templates()) == WORKFLOWS
     thumbnails = ui.template_thumbnails()
@@ -223,13 +236,13 @@ def test_template_browser_lists_the_pack_with_thumbnails(ui, pictures):
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_example_workflow_from_the_template_browser_runs_and_shows_image_and_cost(
-        ui, ui_server, ui_standin, pictures, name):
+        comfy_page, ui_server, ui_standin, pictures, name):
+    ui = comfy_page
     workflow = workflow_json(name)
     images = batch_size(workflow)
     seed = structure_widgets(workflow)[2]
     free_execution_cache(ui_server)  # so the node runs, whatever ran before in this server
 
-    ui.open()
     ui.open_template_browser()
     ui.show_pack_templates()
     ui.load_template(name)
@@ -247,7 +260,7 @@ def test_example_workflow_from_the_template_browser_runs_and_shows_image_and_cos
     if paid:
         assert sorted(int(r.fields["seed"]) for r in ui_standin.requests) == list(range(seed, seed + images))
     assert cost["images"] == images and cost["from_cache"] == images - paid
-    assert cost["credits"] == CREDITS_PER_IMAGE * paid == entry["outputs"][str(structure["id"])][
+    assert cost["credits"] == CREDITS_PER_IMAGE * paid == entry["outputs"][structure["id"]][
         "aithriving_cost"][0]["credits"]
     expected_text = f"Last run: {cost['credits']} credits" + (f" ({images - paid} from cache)" if paid < images else "")
     assert cost["text"] == expected_text
@@ -258,7 +271,7 @@ def test_example_workflow_from_the_template_browser_runs_and_shows_image_and_cos
     image_nodes = [n for n in workflow["nodes"] if n["type"] in ("SaveImage", "PreviewImage")]
     for node in image_nodes:
         saved = entry["outputs"][str(node["id"])]["images"]
-        shown = ui.wait_for_node_images(node["id"], len(saved))
+        shown = ui.wait_for_node_images(str(node["id"]), len(saved))
         assert [re.search(r"filename=([^&]+)", src).group(1) for src in shown] == [i["filename"] for i in saved]
     save_node = next(n for n in image_nodes if n["type"] == "SaveImage")
     assert len(entry["outputs"][str(save_node["id"])]["images"]) == images
@@ -268,10 +281,10 @@ def test_example_workflow_from_the_template_browser_runs_and_shows_image_and_cos
     assert_no_pack_errors_in_console(ui)
 
 
-def test_dropped_workflow_file_runs_and_the_cost_follows_both_caches(ui, ui_server, ui_standin, pictures):
+def test_dropped_workflow_file_runs_and_the_cost_follows_both_caches(comfy_page, ui_server, ui_standin, pictures):
+    ui = comfy_page
     workflow = workflow_json("structure_basic")
     free_execution_cache(ui_server)
-    ui.open()
     ui.drop_workflow_file(WORKFLOW_DIR / "structure_basic.json")
     check_graph(ui, workflow)
     assert ui.structure_node()["estimate"] == "≈ 6 credits"
@@ -281,7 +294,7 @@ def test_dropped_workflow_file_runs_and_the_cost_follows_both_caches(ui, ui_serv
     cost = ui.wait_for_last_run()
     paid = len(ui_standin.requests)
     assert (cost["credits"], cost["from_cache"]) == (6 * paid, 1 - paid)
-    ui.wait_for_node_images(3, 1)
+    ui.wait_for_node_images("3", 1)
 
     # Run again, unchanged: ComfyUI reuses its output without running the node. Nothing was paid.
     ui_standin.clear()
@@ -302,26 +315,26 @@ def test_dropped_workflow_file_runs_and_the_cost_follows_both_caches(ui, ui_serv
     assert_no_pack_errors_in_console(ui)
 
 
-def test_estimate_follows_the_batch_size_when_it_changes(ui):
-    ui.open()
+def test_estimate_follows_the_batch_size_when_it_changes(comfy_page):
+    ui = comfy_page
     ui.drop_workflow_file(WORKFLOW_DIR / "structure_batch.json")
     assert ui.structure_node()["estimate"] == "≈ 24 credits"
-    ui.page.evaluate("""(() => { const n = app.graph.nodes.find(n => n.type === 'RepeatImageBatch');
+    ui.evaluate("""(() => { const n = app.graph.nodes.find(n => n.type === 'RepeatImageBatch');
         n.widgets.find(w => w.name === 'amount').value = 7; app.graph.setDirtyCanvas(true, true); })()""")
     assert ui.structure_node()["estimate"] == "≈ 42 credits"
     # Unplugged from what says the batch size: the price per image.
-    ui.page.evaluate(f"""(() => {{ const n = app.graph.nodes.find(n => n.type === '{NODE}');
+    ui.evaluate(f"""(() => {{ const n = app.graph.nodes.find(n => n.type === '{NODE}');
         n.disconnectInput(0); }})()""")
     assert ui.structure_node()["estimate"] == "≈ 6 credits per image"
 
 
-def test_help_page_opens_from_the_node(ui, pictures):
-    ui.open()
+def test_help_page_opens_from_the_node(comfy_page, pictures):
+    ui = comfy_page
     ui.drop_workflow_file(WORKFLOW_DIR / "structure_basic.json")
     ui.frame_graph(left=360)
     ui.select_node(ui.structure_node()["id"])
     help_text = ui.open_help_of_selected_node("When something goes wrong")
-    for text in ("Structure (AIThriving)", "6 credits per image", "outside_limits", "control_strength",
+    for text in ("6 credits per image", "outside_limits", "control_strength",
                  "Your account is out of credits", "AITHRIVING_API_KEY", "9,437,184 pixels"):
         assert text in help_text, text
     panel_right = ui.widen_sidebar(560)
@@ -330,14 +343,12 @@ def test_help_page_opens_from_the_node(ui, pictures):
     assert_no_pack_errors_in_console(ui)
 
 
-def test_french_shows_the_translated_node_and_help(ui, ui_server, pictures):
+def test_french_shows_the_translated_node_and_help(comfy_page, ui_server, pictures):
+    ui = comfy_page
     try:
-        ui.open()
-        ui.set_locale_in_settings("Français")
+        ui.set_setting("Comfy.Locale", "fr")
         ui.open()  # node names are translated when the page loads its node types
-        ui.open_template_browser()
-        ui.show_pack_templates()
-        ui.load_template("structure_basic")
+        ui.drop_workflow_file(WORKFLOW_DIR / "structure_basic.json")
         node = ui.structure_node()
         assert node["title"] == "Génération par structure (AIThriving)"
         assert node["estimate"] == "≈ 6 crédits"
@@ -356,20 +367,23 @@ def test_french_shows_the_translated_node_and_help(ui, ui_server, pictures):
         set_setting(ui_server, "Comfy.Locale", "en")
 
 
-def test_cost_badges_in_the_nodes_2_rendering(ui, ui_server, ui_standin):
-    """The frontend's "Nodes 2.0" mode draws nodes as HTML: the badges must show and update there too."""
-    badge_texts = ("[...document.querySelectorAll('[data-node-id] *')].filter(e => e.children.length === 0)"
-                   ".map(e => e.textContent.trim()).filter(t => /credits/.test(t))")
+def test_cost_badges_in_the_nodes_2_rendering(comfy_page, ui_server, ui_standin):
+    """The frontend's "Nodes 2.0" mode draws nodes as HTML: the badges must show there and update after a run."""
+    ui = comfy_page
     try:
-        set_setting(ui_server, "Comfy.VueNodes.Enabled", True)
+        ui.set_setting("Comfy.VueNodes.Enabled", True)
         free_execution_cache(ui_server)
         ui.open()
         ui.drop_workflow_file(WORKFLOW_DIR / "structure_batch.json")
-        ui.page.wait_for(f"{badge_texts}.includes('≈ 24 credits')", message="the estimate badge in HTML")
+        node_id = ui.structure_node()["id"]
+        ui.wait_for(f"!!document.querySelector('[data-node-id=\"{node_id}\"]')", message="the node drawn as HTML")
+        assert "≈ 24 credits" in ui.rendered_texts_of_node(node_id)
         run_from_ui(ui, ui_server)
         last_run = ui.wait_for_last_run()["text"]
-        assert ui.page.wait_for(f"{badge_texts}.includes({json.dumps(last_run)})",
-                                message="the last-run badge in HTML")
+        assert last_run.startswith("Last run: ")
+        # What the user reads on the node, without toggling the mode or reloading the page.
+        node = ui.page.locator(f'[data-node-id="{node_id}"]')
+        node.get_by_text(last_run, exact=True).wait_for(state="visible", timeout=15_000)
         assert_no_pack_errors_in_console(ui)
     finally:
         set_setting(ui_server, "Comfy.VueNodes.Enabled", False)

@@ -10,13 +10,13 @@ Import the harness as `tests.comfy.harness` everywhere (one copy of its exceptio
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.comfy.harness import DEFAULT_CACHE_DIR, ComfyInstall, ComfyServer, ensure_comfyui
+from tests.comfy import matrix
+from tests.comfy.harness import ComfyInstall, ComfyServer
 
 _HERE = Path(__file__).resolve().parent
 # First use builds a venv (about a minute here, more on a slow network); the project-wide timeout
@@ -52,10 +52,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     return report
 
 
-@pytest.fixture(scope="session")
-def comfy_install() -> ComfyInstall:
-    """ComfyUI 0.3.75 and its venv in .cache/comfyui, or $COMFY_HARNESS_CACHE_DIR (built once, then reused)."""
-    return ensure_comfyui(Path(os.environ.get("COMFY_HARNESS_CACHE_DIR") or DEFAULT_CACHE_DIR))
+@pytest.fixture(scope="session", params=matrix.selected_server_versions(),
+                ids=lambda version: f"comfyui-{version}")
+def comfy_install(request: pytest.FixtureRequest) -> ComfyInstall:
+    """Each ComfyUI of the matrix in turn (tests/comfy/matrix.py): 0.3.75, then 0.3.52, built once and reused.
+
+    0.3.75 and the venv live in .cache/comfyui (or $COMFY_HARNESS_CACHE_DIR), 0.3.52 beside it.
+    """
+    install = matrix.install_of(request.param)
+    matrix.record(f"comfyui-{install.version}", install.version)
+    return install
 
 
 @pytest.fixture

