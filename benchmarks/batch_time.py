@@ -7,10 +7,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
+from structure_api.batch import DEFAULT_MAX_CONCURRENCY
 from structure_api.store import ResultStore
 from structure_api.client import StructureClient, StructureRequest
 from structure_api.images import (
@@ -42,7 +44,7 @@ class BatchResult:
     single: float  # one image alone through the node's path: what "as long as its slowest image" means here
     concurrent: dict[int, float]
     sequential: float
-    # CPU seconds used during the median concurrent run at the highest concurrency, by each side.
+    # CPU seconds used during the median concurrent run at the default settings, by each side.
     client_cpu: float
     standin_cpu: float
 
@@ -60,12 +62,16 @@ def _sequential(client: StructureClient, images: torch.Tensor) -> torch.Tensor:
     return output
 
 
-def measure_batch(count: int = 8, side: int = 512, latency: float = 1.0, concurrency: tuple[int, ...] = (8, 4),
-                  repeats: int = 3) -> BatchResult:
-    """Time ``count`` images of ``side`` px through ``generate_images`` at each concurrency, and sequentially."""
+def measure_batch(count: int = 8, side: int = 512, latency: float = 1.0,
+                  concurrency: tuple[Optional[int], ...] = (None, 4), repeats: int = 3) -> BatchResult:
+    """Time ``count`` images of ``side`` px through ``generate_images`` at each concurrency, and sequentially.
+
+    None in ``concurrency`` is the default settings: ``max_concurrency`` not passed, so the node's
+    default (AITHRIVING_MAX_CONCURRENCY unset) applies; it is reported under its value.
+    """
     images = torch.from_numpy(np.stack([photo_like(side, side, seed) for seed in range(count)]))
-    concurrent: dict[int, list[float]] = {level: [] for level in concurrency}
-    cpu: list[tuple[float, float, float]] = []  # (wall, client CPU, stand-in CPU) at the highest concurrency
+    concurrent: dict[int, list[float]] = {level or DEFAULT_MAX_CONCURRENCY: [] for level in concurrency}
+    cpu: list[tuple[float, float, float]] = []  # (wall, client CPU, stand-in CPU) at the default settings
     single: list[float] = []
     with standin(latency) as server, tempfile.TemporaryDirectory() as cache_dir, \
             StructureClient(api_key="benchmark", base_url=server.url) as client:
@@ -81,10 +87,11 @@ def measure_batch(count: int = 8, side: int = 512, latency: float = 1.0, concurr
                 cache = ResultStore(Path(cache_dir, f"{level}-{repeat}"))
                 client_cpu, standin_cpu = time.process_time(), server.cpu_seconds()
                 started = time.perf_counter()
-                result = generate_images(images, params, client=client, store=cache, max_concurrency=level)
+                options = {} if level is None else {"max_concurrency": level}
+                result = generate_images(images, params, client=client, store=cache, **options)
                 wall = time.perf_counter() - started
-                concurrent[level].append(wall)
-                if level == max(concurrency):
+                concurrent[level or DEFAULT_MAX_CONCURRENCY].append(wall)
+                if level is None:
                     cpu.append((wall, time.process_time() - client_cpu, server.cpu_seconds() - standin_cpu))
                 if tuple(result.images.shape) != tuple(images.shape):
                     raise AssertionError("the batch came back with the wrong shape")

@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -22,6 +22,8 @@ class RunningServer:
 
     url: str
     pid: int
+    # What the process printed after it was told to stop (``serve`` sums up what it refused).
+    final_output: list[str] = field(default_factory=list)
 
     def cpu_seconds(self) -> float:
         """User plus system CPU time the process has used so far."""
@@ -37,8 +39,8 @@ def server_process(args: Sequence[str]) -> Iterator[RunningServer]:
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+    url = None
     try:
-        url = None
         assert process.stdout is not None
         for line in process.stdout:
             if _READY in line:
@@ -46,7 +48,8 @@ def server_process(args: Sequence[str]) -> Iterator[RunningServer]:
                 break
         if url is None:
             raise RuntimeError(f"the server {' '.join(args)} exited before it was listening")
-        yield RunningServer(url=url, pid=process.pid)
+        running = RunningServer(url=url, pid=process.pid)
+        yield running
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)  # both servers stop cleanly on Ctrl-C
@@ -56,12 +59,14 @@ def server_process(args: Sequence[str]) -> Iterator[RunningServer]:
                 process.kill()
                 process.wait()
         if process.stdout is not None:
+            if url is not None and process.returncode is not None:
+                running.final_output.extend(process.stdout.read().splitlines())
             process.stdout.close()
 
 
-def standin(latency: float) -> "contextlib.AbstractContextManager[RunningServer]":
+def standin(latency: float, *extra: str) -> "contextlib.AbstractContextManager[RunningServer]":
     """The pack's own stand-in (``structure-api serve``): decodes each upload, renders, answers after ``latency``."""
-    return server_process(["-m", "structure_api", "serve", "--port", "0", "--latency", repr(latency)])
+    return server_process(["-m", "structure_api", "serve", "--port", "0", "--latency", repr(latency), *extra])
 
 
 def photo_standin(side: int, answers: int, delay: float) -> "contextlib.AbstractContextManager[RunningServer]":
