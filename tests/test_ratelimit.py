@@ -280,9 +280,13 @@ def test_without_retry_after_429s_are_waited_out_past_the_lock_out():
     assert server.credits_spent == 12  # the 429s cost nothing
 
 
-def test_cancel_ends_a_wait_for_a_slot_at_once():
+@pytest.mark.parametrize("held_by", ["a full window", "a pause after a 429"])
+def test_cancel_ends_a_wait_for_a_slot_at_once(held_by):
     pacer = Pacer(RateLimit(1, 600.0))
-    pacer.next_start().slot.sent()  # the window is full for 10 minutes
+    if held_by == "a full window":
+        pacer.next_start().slot.sent()  # full for 10 minutes
+    else:
+        pacer.pause(600.0)
     client = StructureClient(api_key=TEST_KEY, base_url="http://127.0.0.1:9", pacer=pacer)
     outcome = []
     events = []
@@ -297,7 +301,8 @@ def test_cancel_ends_a_wait_for_a_slot_at_once():
     worker.start()
     while not events:
         worker.join(0.01)
-    assert events[0].stage == "pacing" and events[0].message == WAITING_FOR_SLOT
+    assert events[0].stage == "pacing"
+    assert (events[0].message == WAITING_FOR_SLOT) == (held_by == "a full window")
     client.abort()
     worker.join(5)
     assert not worker.is_alive() and isinstance(outcome[0], CancelledError)
