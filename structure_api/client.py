@@ -576,6 +576,8 @@ class StructureClient:
         body = _UploadBody(_multipart_parts(request, boundary),
                            on_sent=lambda: notify(ProgressEvent("waiting", attempt, "waiting for the service")))
         host = urlsplit(self.endpoint).hostname
+        sent_at = self._clock()
+        log.info("POST %s, attempt %d, %d bytes", self.endpoint, attempt, len(body))
         try:
             response = self._session.post(
                 self.endpoint,
@@ -586,7 +588,12 @@ class StructureClient:
                 stream=True,
             )
         except requests.exceptions.RequestException as exc:
-            raise self._transport_error(exc, body, host) from None
+            error = self._transport_error(exc, body, host)
+            log.info("attempt %d: no answer after %.2f s: %s", attempt, self._clock() - sent_at, error)
+            raise error from None
+        # The headers only: no key is ever in them, and the body may be an image.
+        log.info("attempt %d: HTTP %d after %.2f s, request id %s", attempt, response.status_code,
+                 self._clock() - sent_at, response.headers.get("x-request-id") or "-")
         try:
             return self._parse(response, request, attempt, store, label)
         finally:

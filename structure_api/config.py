@@ -53,7 +53,13 @@ class APIKey:
         raise TypeError("APIKey cannot be pickled")
 
 
-def _missing_key_message() -> str:
+def _missing_key_message(environ: Optional[Mapping[str, str]] = None) -> str:
+    env = os.environ if environ is None else environ
+    if env.get(ENV_API_KEY_FILE):
+        return (
+            f"No API key found: set the {ENV_API_KEY} environment variable, or put the key in "
+            f"{key_file_path(env)} (the file named by {ENV_API_KEY_FILE}), which does not exist."
+        )
     return (
         f"No API key found: set the {ENV_API_KEY} environment variable, "
         f"or put the key in {DEFAULT_KEY_FILE} (or in the file named by {ENV_API_KEY_FILE})."
@@ -76,7 +82,7 @@ def load_api_key(environ: Optional[Mapping[str, str]] = None) -> APIKey:
     try:
         value = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
-        raise MissingAPIKeyError(_missing_key_message()) from None
+        raise MissingAPIKeyError(_missing_key_message(env)) from None
     except (OSError, UnicodeDecodeError) as exc:
         # The path is the user's own; the exception text never holds file contents.
         raise ConfigurationError(
@@ -91,13 +97,26 @@ def resolve_base_url(environ: Optional[Mapping[str, str]] = None) -> str:
     """The service's base URL from AITHRIVING_BASE_URL, else the default, without a trailing slash."""
     env = os.environ if environ is None else environ
     url = (env.get(ENV_BASE_URL) or DEFAULT_BASE_URL).strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        # The value is not repeated: a key pasted into the wrong variable would be printed back.
+    # The value is never repeated in these messages: a key pasted into the wrong variable
+    # would be printed back.
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:  # a broken IPv6 literal such as http://[::1
+        raise ConfigurationError(
+            f"{ENV_BASE_URL} has a broken host (an IPv6 address goes in brackets, as in http://[2001:db8::5]:8765)."
+        ) from None
+    if parts.scheme not in ("http", "https") or not hostname:
         raise ConfigurationError(
             f"{ENV_BASE_URL} must be an http(s) address such as {DEFAULT_BASE_URL}; "
             f"the value set ({len(url)} characters) is not one."
         )
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigurationError(f"{ENV_BASE_URL} has a port that is not a number from 1 to 65535.")
     if parts.username or parts.password:
         raise ConfigurationError(f"{ENV_BASE_URL} must not contain a user name or password.")
     return url

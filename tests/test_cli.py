@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from PIL import Image
+from PIL import Image, ImageOps
 
 from structure_api import StructureClient, StructureRequest
 from structure_api.cli import main
@@ -51,7 +52,9 @@ def test_generate_writes_the_servers_image_and_prints_the_seed(tmp_path, standin
     with StructureClient(api_key=TEST_KEY, base_url=standin.url) as client:
         expected = client.generate(StructureRequest(image=upload, prompt="a red barn", seed=321))
     assert (tmp_path / "out.png").read_bytes() == expected.data
-    assert standin.requests[0].image_bytes == source.read_bytes()  # a valid file is sent as it is
+    # The pixels are sent, re-encoded (never the file, which may carry metadata), losslessly.
+    sent = np.asarray(Image.open(io.BytesIO(standin.requests[0].image_bytes)).convert("RGB"))
+    assert np.array_equal(sent, np.asarray(Image.open(source).convert("RGB")))
 
 
 def test_generate_format_from_extension_and_fitting(tmp_path, standin, env_for, capsys):
@@ -68,7 +71,7 @@ def test_local_needs_no_key_and_no_network(tmp_path, capsys):
     source = write_png(tmp_path / "in.png", photo_like(128, 128))
     code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / "out.png", "--local")
     assert code == 0, err
-    assert "local stand-in" in err and "· 0 credits (local stand-in) ·" in out
+    assert "local stand-in" in err and "· 0 credits (free stand-in) ·" in out
     assert Image.open(tmp_path / "out.png").size == (128, 128)
 
 
@@ -112,7 +115,7 @@ def test_bad_input_file_and_bad_arguments(tmp_path, capsys):
     assert code == 1 and "Cannot read" in err
     code, out, err = run(capsys, "generate", tmp_path / "notes.png", "--prompt", "  ", "-o", tmp_path / "o.png",
                          "--local")
-    assert code == 1 and "prompt is empty" in err
+    assert code == 2 and "prompt is empty" in err
     with pytest.raises(SystemExit) as info:
         main(["generate", "x.png", "--prompt", "p", "-o", "o.png", "--control-strength", "3"])
     assert info.value.code == 2
@@ -177,3 +180,276 @@ def test_serve_answers_like_the_service(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# --- checked before paying ------------------------------------------------------------------
+
+@pytest.mark.parametrize("output, words", [
+    ("a_folder", "is a folder"),
+    ("a_file/out.png", "is a file, not a folder"),
+    ("out.gif", "needs the extension"),
+    ("out", "needs the extension"),
+    ("out.png --format jpeg", "has the extension .png but --format is jpeg"),
+])
+def test_generate_refuses_an_unusable_output_before_sending(tmp_path, standin, env_for, capsys, output, words):
+    env_for(standin)
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("a file, not a folder")
+    source = write_png(tmp_path / "in.png", photo_like(100, 100))
+    name, *extra = output.split()
+    code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / name, *extra)
+    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert standin.requests == [] and standin.credits_spent == 0
+
+
+def test_generate_output_in_a_folder_it_cannot_write(tmp_path, standin, env_for, capsys):
+    env_for(standin)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    source = write_png(tmp_path / "in.png", photo_like(100, 100))
+    # A read-only bind mount would need privileges; a file where the folder must go is the same refusal
+    # for mkdir, and the write probe covers the rest (root ignores permission bits, so they prove nothing).
+    locked.chmod(0o500)
+    try:
+        code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", locked / "sub" / "out.png")
+    finally:
+        locked.chmod(0o700)
+    if os.geteuid() == 0:
+        assert code == 0  # root may write anywhere: the probe found the folder writable, and it was
+    else:
+        assert code == 1 and "Cannot create the folder" in err and standin.requests == []
+
+
+def test_batch_refuses_two_inputs_with_one_output(tmp_path, standin, env_for, capsys):
+    env_for(standin)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_png(inputs / "photo.png", photo_like(96, 80))
+    Image.fromarray(photo_like(96, 80, seed=1)).save(inputs / "photo.jpg")
+    write_png(inputs / "other.png", photo_like(96, 80, seed=2))
+    code, out, err = run(capsys, "batch", inputs, "--prompt", "x", "-o", tmp_path / "out")
+    assert code == 1 and err.count("\n") == 1
+    assert "photo.jpg and photo.png would both be written to" in err and "nothing was sent" in err
+    assert standin.requests == [] and standin.credits_spent == 0
+    code, out, err = run(capsys, "batch", inputs, "--prompt", "x", "-o", inputs)
+    assert code == 1 and "is the input folder" in err and standin.requests == []
+
+
+def test_batch_folder_in_use_by_another_run_is_refused(tmp_path, capsys):
+    from structure_api.files import FolderLock
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_png(inputs / "a.png", photo_like(96, 80))
+    outputs = tmp_path / "out"
+    outputs.mkdir()
+    # The lock another process holds: flock locks conflict between open files even in one process.
+    with FolderLock(outputs):
+        code, out, err = run(capsys, "batch", inputs, "--prompt", "x", "-o", outputs, "--local")
+        assert code == 1 and err.count("\n") == 1 and "in use by another structure-api batch run" in err
+        assert f"process {os.getpid()}" in err
+        assert not (outputs / "a.png").exists()
+    code, out, err = run(capsys, "batch", inputs, "--prompt", "x", "-o", outputs, "--local")
+    assert code == 0 and sorted(p.name for p in outputs.iterdir()) == ["a.png"]  # the lock file is gone
+
+
+def test_two_batch_runs_at_once_pay_once(tmp_path):
+    from structure_api.standin import StandInServer
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(3):
+        write_png(inputs / f"img{i}.png", photo_like(96, 80, seed=i))
+    outputs = tmp_path / "out"
+    with StandInServer(api_key=TEST_KEY, latency=1.0) as server:
+        env = _subprocess_env(AITHRIVING_BASE_URL=server.url, AITHRIVING_API_KEY=TEST_KEY)
+        argv = [sys.executable, "-m", "structure_api", "batch", str(inputs), "-o", str(outputs), "--prompt", "x",
+                "--seed", "5"]
+        first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            deadline = time.monotonic() + 30
+            while not server.requests and time.monotonic() < deadline and first.poll() is None:
+                time.sleep(0.05)
+            assert server.requests, "the first run never sent a request"
+            second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+            out, err = first.communicate(timeout=60)
+        finally:
+            first.kill() if first.poll() is None else None
+        assert first.returncode == 0, err
+        assert second.returncode == 1 and "in use by another structure-api batch run" in second.stderr
+        assert second.stderr.count("\n") == 1
+        assert server.credits_spent == 18 and len(server.requests) == 3  # each image paid once
+
+
+def test_outputs_follow_the_umask(tmp_path, capsys):
+    source = write_png(tmp_path / "in.png", photo_like(100, 100))
+    for mask, mode in ((0o022, 0o644), (0o002, 0o664)):
+        previous = os.umask(mask)
+        try:
+            code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / f"{mask:o}.png",
+                                 "--local")
+        finally:
+            os.umask(previous)
+        assert code == 0, err
+        assert (tmp_path / f"{mask:o}.png").stat().st_mode & 0o777 == mode
+
+
+def _camera_jpeg(path: Path, width: int, height: int, orientation: int) -> Path:
+    """A JPEG as a phone writes it: EXIF with orientation, camera and GPS position, and a comment."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010F] = "PhoneMaker"  # Make
+    exif[0x0131] = "SecretCam 1.0"  # Software
+    gps = {1: "N", 2: (51.0, 30.0, 12.5), 3: "W", 4: (0.0, 7.0, 39.9)}
+    exif[0x8825] = gps
+    Image.fromarray(photo_like(width, height)).save(path, "JPEG", quality=95, exif=exif,
+                                                    comment=b"home address, 12 Secret Lane")
+    return path
+
+
+def test_input_orientation_applied_and_metadata_never_sent(tmp_path, standin, env_for, capsys):
+    env_for(standin)
+    # Stored 160x96 landscape, orientation 6: the photo stands upright as 96x160 portrait.
+    source = _camera_jpeg(tmp_path / "phone.jpg", 160, 96, orientation=6)
+    assert b"SecretCam" in source.read_bytes() and b"12 Secret Lane" in source.read_bytes()
+    code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / "out.png")
+    assert code == 0, err
+    upload = standin.requests[0].image_bytes
+    for secret in (b"SecretCam", b"PhoneMaker", b"Secret Lane", b"Exif", b"GPS"):
+        assert secret not in upload
+    with Image.open(io.BytesIO(upload)) as sent:
+        assert sent.size == (96, 160)  # upright, as ComfyUI's LoadImage shows it
+        assert not sent.getexif() and "comment" not in sent.info and "exif" not in sent.info
+    with Image.open(tmp_path / "out.png") as written:
+        assert written.size == (96, 160)
+    with Image.open(source) as original:
+        expected = np.asarray(ImageOps.exif_transpose(original).convert("RGB"))
+    sent_pixels = np.asarray(Image.open(io.BytesIO(upload)).convert("RGB"))
+    assert np.array_equal(sent_pixels, expected)
+
+
+# --- rough edges ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["0", "-3", "33", "100", "four"])
+def test_concurrency_outside_1_to_32_is_one_line_exit_2(tmp_path, capsys, value):
+    code, out, err = run_any(capsys, "batch", tmp_path, "--prompt", "x", "-o", tmp_path / "out", "--local",
+                             "--concurrency", value)
+    assert code == 2 and err.count("\n") == 1 and "argument --concurrency: must be" in err, err
+    assert "from 1 to 32" in err, err
+
+
+def test_concurrency_default_is_the_batch_default(capsys):
+    from structure_api.batch import DEFAULT_MAX_CONCURRENCY
+    from structure_api.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["batch", "--help"])
+    assert f"AITHRIVING_MAX_CONCURRENCY or {DEFAULT_MAX_CONCURRENCY})" in " ".join(capsys.readouterr().out.split())
+
+
+def run_any(capsys, *argv):
+    """Like run(), but an argparse refusal (SystemExit) counts as its exit status."""
+    try:
+        return run(capsys, *argv)
+    except SystemExit as exit_:
+        out, err = capsys.readouterr()
+        return exit_.code, out, err
+
+
+def test_out_of_range_values_one_style_whichever_check_catches_them(tmp_path, capsys):
+    source = write_png(tmp_path / "in.png", photo_like(100, 100))
+    base = ["generate", source, "-o", tmp_path / "o.png", "--local"]
+    outcomes = [run_any(capsys, *base, "--prompt", "x", "--control-strength", "3"),  # argparse
+                run_any(capsys, *base, "--prompt", "x", "--seed", "-5"),  # argparse
+                run_any(capsys, *base, "--prompt", "x" * 10001),  # our validation
+                run_any(capsys, *base, "--prompt", "  ")]  # our validation
+    for code, out, err in outcomes:
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and out == "", err
+
+
+def test_serve_on_a_busy_or_impossible_port_is_one_line(capsys):
+    from structure_api.standin import StandInServer
+
+    with StandInServer() as busy:
+        code, out, err = run(capsys, "serve", "--port", busy.port)
+    assert code == 1 and err == f"error: Port {busy.port} is already in use; choose another with --port, " \
+                                "or leave --port out to take a free one.\n"
+    code, out, err = run_any(capsys, "serve", "--port", "70000")
+    assert code == 2 and err.count("\n") == 1 and "argument --port: must be from 0 to 65535" in err
+
+
+def test_serve_banner_names_both_variables():
+    proc = subprocess.Popen([sys.executable, "-m", "structure_api", "serve"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_subprocess_env())
+    try:
+        lines = [proc.stdout.readline() for _ in range(4)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    url = re.search(r"http://127\.0\.0\.1:\d+", lines[0]).group(0)
+    assert f"  export AITHRIVING_BASE_URL={url}\n" in lines and "  export AITHRIVING_API_KEY=local\n" in lines
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "http://127.0.0.1:port", "http://[::1", "http://[::zz]:80",
+                                 "http://127.0.0.1:0"])
+def test_base_url_with_a_bad_port_or_ipv6_literal_is_a_configuration_error(tmp_path, monkeypatch, capsys, url):
+    monkeypatch.setenv("AITHRIVING_BASE_URL", url)
+    monkeypatch.setenv("AITHRIVING_API_KEY", TEST_KEY)
+    source = write_png(tmp_path / "in.png", photo_like(100, 100))
+    code, out, err = run(capsys, "-v", "generate", source, "--prompt", "x", "-o", tmp_path / "o.png")
+    assert code == 1 and err.count("\n") == 1 and "AITHRIVING_BASE_URL has" in err, err
+    assert "POST" not in err and url not in err  # nothing sent, and the value is not echoed
+
+
+def test_missing_key_names_the_key_file_it_looked_in(tmp_path, standin, monkeypatch, capsys):
+    monkeypatch.setenv("AITHRIVING_BASE_URL", standin.url)
+    monkeypatch.setenv("AITHRIVING_API_KEY_FILE", str(tmp_path / "my-key"))
+    source = write_png(tmp_path / "in.png", photo_like(100, 100))
+    code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / "o.png")
+    assert code == 1 and err.startswith("error: No API key found") and str(tmp_path / "my-key") in err
+    assert standin.requests == []
+
+
+def test_verbose_logs_each_request_retry_and_answer_without_the_key(tmp_path, standin, env_for, capsys):
+    env_for(standin)
+    standin.script(Fault(status=503))
+    source = write_png(tmp_path / "in.png", photo_like(100, 100))
+    code, out, err = run(capsys, "-v", "generate", source, "--prompt", "x", "-o", tmp_path / "o.png", "--seed", "4")
+    assert code == 0, err
+    assert re.search(r"POST http://127\.0\.0\.1:\d+/api/control/structure, attempt 1, \d+ bytes", err)
+    assert re.search(r"attempt 1: HTTP 503 after \d+\.\d\d s, request id \S+", err)
+    assert "retrying in" in err
+    assert re.search(r"attempt 2: HTTP 200 after \d+\.\d\d s, request id \S+", err)
+    # run() has checked the key is in neither stream; no other library's records either.
+    assert "urllib3" not in err
+
+
+def test_progress_line_fits_the_terminal(tmp_path):
+    import pty
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(3):
+        write_png(inputs / f"a_rather_long_file_name_for_the_progress_line_{i}.png", photo_like(96, 80, seed=i))
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "structure_api", "batch", str(inputs), "-o", str(tmp_path / "out"),
+         "--prompt", "x", "--local"],
+        stdout=subprocess.PIPE, stderr=follower, env=_subprocess_env(COLUMNS="50"))
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the pty closes when the process ends
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    proc.wait(timeout=60)
+    os.close(leader)
+    text = b"".join(chunks).decode()
+    assert proc.returncode == 0, text
+    frames = [frame for line in text.split("\n") for frame in line.split("\r") if frame.strip()]
+    bars = [frame for frame in frames if frame.startswith("[")]
+    assert bars and all(len(frame) <= 49 for frame in bars), bars

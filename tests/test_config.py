@@ -37,8 +37,12 @@ def test_missing_key_says_how_to_set_it(tmp_path):
     with pytest.raises(MissingAPIKeyError) as info:
         load_api_key({"AITHRIVING_API_KEY_FILE": str(tmp_path / "absent")})
     message = str(info.value)
-    assert "AITHRIVING_API_KEY" in message and "~/.config/aithriving/api_key" in message
-    assert message.count(". ") == 0  # one sentence
+    # The file it looked in, the one AITHRIVING_API_KEY_FILE names, not the default it did not read.
+    assert "AITHRIVING_API_KEY " in message and str(tmp_path / "absent") in message
+    assert "~/.config" not in message and message.count(". ") == 0  # one sentence
+    with pytest.raises(MissingAPIKeyError) as info:
+        load_api_key({"HOME": str(tmp_path)})
+    assert "~/.config/aithriving/api_key" in str(info.value)
 
 
 def test_empty_key_file_is_named(tmp_path):

@@ -6,6 +6,7 @@ import _thread
 import base64
 import io
 import struct
+import signal
 import threading
 import time
 import zlib
@@ -648,7 +649,13 @@ def test_serve_calls_ready_and_stops_on_keyboard_interrupt(session):
 
     before = set(threading.enumerate())
     started = time.monotonic()
-    serve(port=0, ready=ready)
+    # interrupt_main() does nothing while SIGINT is ignored, as it is for a background job
+    # (`pytest &`): give this test Python's own Ctrl-C handler, whatever it inherited.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        serve(port=0, ready=ready)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert seen == [200]
     assert time.monotonic() - started < 5
     assert wait_for(lambda: not [t for t in set(threading.enumerate()) - before if t.is_alive()], timeout=2)
