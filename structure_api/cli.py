@@ -355,8 +355,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def ready(url: str) -> None:
         key = "<your key>" if args.require_key else "local"
-        print(f"Structure stand-in listening on {url} (answers like the real service, with generated images; "
-              "free: no credits are spent)", flush=True)
+        # The address ends the first line: scripts (benchmarks/servers.py) read it from there.
+        print(f"Structure stand-in listening on {url}", flush=True)
+        print("  (answers like the real service, with generated images; free: no credits are spent)", flush=True)
         print("Point ComfyUI or structure-api at it by setting both variables:", flush=True)
         print(f"  export AITHRIVING_BASE_URL={url}", flush=True)
         print(f"  export AITHRIVING_API_KEY={key}", flush=True)

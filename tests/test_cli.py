@@ -382,11 +382,12 @@ def test_serve_banner_names_both_variables():
     proc = subprocess.Popen([sys.executable, "-m", "structure_api", "serve"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=_subprocess_env())
     try:
-        lines = [proc.stdout.readline() for _ in range(4)]
+        lines = [proc.stdout.readline() for _ in range(5)]
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-    url = re.search(r"http://127\.0\.0\.1:\d+", lines[0]).group(0)
+    url = lines[0].split("listening on ", 1)[1].strip()  # as benchmarks/servers.py reads it
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
     assert f"  export AITHRIVING_BASE_URL={url}\n" in lines and "  export AITHRIVING_API_KEY=local\n" in lines
 
 
