@@ -31,6 +31,13 @@ class APIKey:
             raise MissingAPIKeyError(_missing_key_message())
         if any(ch in value for ch in "\r\n\0"):
             raise ConfigurationError("The API key contains a line break or NUL character; store it on one line.")
+        # A header value must be plain ASCII: anything else would fail deep in http.client, with the
+        # key in the exception's args. The message names a position, never a character of the key.
+        for position, ch in enumerate(value):
+            if not " " <= ch <= "~":
+                raise ConfigurationError(
+                    f"The API key has a character that is not plain ASCII text at position {position + 1}; "
+                    "copy the key again from your account page.")
         self._value = value
 
     def reveal(self) -> str:
@@ -79,18 +86,39 @@ def load_api_key(environ: Optional[Mapping[str, str]] = None) -> APIKey:
     if value:
         return APIKey(value)
     path = key_file_path(env)
+    return APIKey(read_key_file(path, env))
+
+
+_MAX_KEY_FILE_BYTES = 64 * 1024
+
+
+def read_key_file(path: Path, environ: Optional[Mapping[str, str]] = None) -> str:
+    """The key on the first line of ``path``; one sentence naming the file when it cannot be one."""
     try:
-        value = path.read_text(encoding="utf-8").strip()
+        with open(path, "rb") as handle:
+            raw = handle.read(_MAX_KEY_FILE_BYTES)
     except FileNotFoundError:
-        raise MissingAPIKeyError(_missing_key_message(env)) from None
-    except (OSError, UnicodeDecodeError) as exc:
+        raise MissingAPIKeyError(_missing_key_message(environ)) from None
+    except OSError as exc:
         # The path is the user's own; the exception text never holds file contents.
         raise ConfigurationError(
             f"The API key file {path} could not be read ({type(exc).__name__}); check its permissions."
         ) from None
-    if not value:
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\0" in raw:
+        raise ConfigurationError(
+            f"The API key file {path} is saved as UTF-16; save it as plain text (ASCII or UTF-8).")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise ConfigurationError(
+            f"The API key file {path} starts with a byte-order mark (saved as 'UTF-8 with BOM'); "
+            "save it as plain text without one.")
+    first_line = raw.split(b"\n", 1)[0].strip()
+    if not first_line:
         raise MissingAPIKeyError(f"The API key file {path} is empty; put the key on its first line.")
-    return APIKey(value)
+    if any(byte < 0x20 or byte > 0x7e for byte in first_line):
+        raise ConfigurationError(
+            f"The API key file {path} has characters on its first line that are not plain ASCII text; "
+            "put only the key there.")
+    return first_line.decode("ascii")
 
 
 def resolve_base_url(environ: Optional[Mapping[str, str]] = None) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 from structure_api import StructureClient
 from structure_api.config import APIKey, check_key_may_travel, load_api_key, resolve_base_url
-from structure_api.errors import ConfigurationError, InsecureURLError, MissingAPIKeyError
+from structure_api.errors import ConfigurationError, InsecureURLError, MissingAPIKeyError, StructureError
 
 from support import TEST_KEY
 
@@ -87,3 +87,43 @@ def test_base_url_default_env_and_bad_values():
     for bad in ("ftp://x", "not a url", "https://user:pw@host"):
         with pytest.raises(ConfigurationError):
             resolve_base_url({"AITHRIVING_BASE_URL": bad})
+
+
+SECRET = "sk-live-0123456789abcdef"
+
+
+def _error_from_key_file(tmp_path, content: bytes):
+    key_file = tmp_path / "api_key"
+    key_file.write_bytes(content)
+    with pytest.raises(StructureError) as info:
+        load_api_key({"AITHRIVING_API_KEY_FILE": str(key_file)})
+    error = info.value
+    # One sentence naming the file; the key is in none of the error's text, args or repr.
+    assert str(key_file) in str(error) and str(error).count(". ") == 0 and str(error).endswith(".")
+    for text in (str(error), repr(error), repr(error.args)):
+        assert SECRET not in text and "0123456789" not in text
+    return error
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\xef\xbb\xbf" + SECRET.encode() + b"\n", "byte-order mark"),
+    (("\ufeff" + SECRET + "\n").encode("utf-16-le"), "UTF-16"),
+    (("\ufeff" + SECRET + "\n").encode("utf-16-be"), "UTF-16"),
+    (SECRET.encode("utf-16-le"), "UTF-16"),
+    (("sk-liv\u00e9-0123456789abcdef\n").encode("utf-8"), "not plain ASCII"),
+    (("\u201csk-live-0123456789abcdef\u201d\n").encode("utf-8"), "not plain ASCII"),
+])
+def test_key_file_in_another_encoding_gets_one_sentence_naming_it(tmp_path, content, words):
+    assert words in str(_error_from_key_file(tmp_path, content))
+
+
+def test_key_is_the_first_line_of_the_key_file(tmp_path):
+    key_file = tmp_path / "api_key"
+    key_file.write_bytes(SECRET.encode() + b"\r\n# saved from the account page on Monday\nsecond line\n")
+    assert load_api_key({"AITHRIVING_API_KEY_FILE": str(key_file)}).reveal() == SECRET
+
+
+def test_key_with_non_ascii_characters_from_the_environment_is_refused_without_showing_it():
+    with pytest.raises(ConfigurationError) as info:
+        load_api_key({"AITHRIVING_API_KEY": SECRET + "\u00e9"})
+    assert "not plain ASCII" in str(info.value) and SECRET not in repr(info.value.args)
