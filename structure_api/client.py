@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Mapping, Optional, Union
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -76,6 +77,9 @@ DEFAULT_READ_TIMEOUT = 180.0
 # Base64 of the largest image the service can return (a 9.4 MP noisy PNG is ~28 MB) is
 # ~38 MB; anything far past that is hostile or broken, and is not read into memory.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# An answer is read for as long as it arrives at least this fast (bytes/s, over each read-timeout
+# window): 16 KiB/s brings the largest answer (~38 MB) in 40 minutes; slower than that is a stall.
+MIN_BODY_RATE = 16 * 1024
 # Every answer of the contract is one small JSON object (its one big value, the base64 image,
 # holds no JSON punctuation). Parsing makes a Python object per value, so 60 MiB of "{}," would
 # take over 1.5 GB: a body with more separators than this is not parsed at all.
@@ -283,18 +287,55 @@ class _RawKeyAuth(requests.auth.AuthBase):
         return "_RawKeyAuth('****')"
 
 
-def _tracking_adapter(registry: "weakref.WeakSet[HTTPConnection]") -> HTTPAdapter:
-    """An adapter whose connections register themselves, so a cancel can close them mid-wait."""
+def _tracking_adapter(registry: "weakref.WeakSet[HTTPConnection]", header_timeout: float) -> HTTPAdapter:
+    """An adapter whose connections register themselves, so a cancel can close them mid-wait, and whose
+    status line and headers must arrive within ``header_timeout`` s of the upload's end.
+
+    The socket's own timeout only bounds each wait for a byte: headers sent a byte at a time would
+    never end. A timer shuts the socket when the whole header deadline passes; the failure is
+    then a read timeout, like any other answer that did not come in time.
+    """
+
+    def timed_getresponse(connection: HTTPConnection, getresponse: Callable[[], object]) -> object:
+        timed_out = threading.Event()
+
+        def deadline_passed() -> None:
+            timed_out.set()
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        timer = threading.Timer(header_timeout, deadline_passed)
+        timer.daemon = True
+        timer.start()
+        try:
+            return getresponse()
+        except Exception:
+            if timed_out.is_set():
+                # urllib3 turns a socket timeout into its ReadTimeoutError, requests into ReadTimeout.
+                raise socket.timeout("no status line and headers within the read timeout") from None
+            raise
+        finally:
+            timer.cancel()
 
     class TrackedHTTPConnection(HTTPConnection):
         def connect(self) -> None:
             super().connect()
             registry.add(self)
 
+        def getresponse(self):  # type: ignore[override]
+            return timed_getresponse(self, super().getresponse)
+
     class TrackedHTTPSConnection(HTTPSConnection):
         def connect(self) -> None:
             super().connect()
             registry.add(self)
+
+        def getresponse(self):  # type: ignore[override]
+            return timed_getresponse(self, super().getresponse)
 
     class TrackedHTTPPool(HTTPConnectionPool):
         ConnectionCls = TrackedHTTPConnection
@@ -412,6 +453,7 @@ class StructureClient:
         sleep: Optional[Callable[[float], None]] = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
         pacer: Optional[Pacer] = None,
+        min_body_rate: float = MIN_BODY_RATE,
     ) -> None:
         # Configuration problems surface here, before any socket is opened.
         self.base_url = (base_url or resolve_base_url()).rstrip("/")
@@ -433,6 +475,7 @@ class StructureClient:
         self._jitter = jitter
         self._sleep = sleep
         self._max_response_bytes = max_response_bytes
+        self.min_body_rate = min_body_rate
         self._redact = _Redactor(self._key)
         if pacer is None:
             limit = rate_limit_from_env()
@@ -446,7 +489,7 @@ class StructureClient:
         self._connections: "weakref.WeakSet[HTTPConnection]" = weakref.WeakSet()
         self._aborted = threading.Event()
         self._session = requests.Session()
-        adapter = _tracking_adapter(self._connections)
+        adapter = _tracking_adapter(self._connections, read_timeout)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         self._session.headers.update({"user-agent": f"comfyui-aithriving-structure/{__version__}"})
@@ -631,35 +674,48 @@ class StructureClient:
             request_delivered=False)
 
     def _read_body(self, response: requests.Response) -> bytes:
+        """The whole body, read while it keeps arriving at ``min_body_rate``; bounded in size.
+
+        A big answer on a slow link completes; one trickling below the rate ends within about
+        twice the read timeout (one window of ``read_timeout`` s, plus the wait for a last byte).
+        """
+        status = response.status_code
         declared = response.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self._max_response_bytes:
             raise MalformedResponseError(
                 f"The service's answer is {int(declared) / 2**20:.0f} MiB, far larger than any image it "
                 f"returns (limit {self._max_response_bytes / 2**20:.0f} MiB); it was not read.",
-                http_status=response.status_code)
+                http_status=status)
         # BytesIO grows one buffer in place and getvalue() hands that buffer over without a copy,
         # so a body costs its size once (a list of chunks joined at the end costs it twice).
         buffer = io.BytesIO()
         size = 0
-        deadline = self._clock() + max(self.read_timeout, 1.0)
+        window_start = self._clock()
+        window_bytes = 0
+        raw = response.raw
         try:
-            for chunk in response.iter_content(256 * 1024):
+            while True:
+                # read1 returns what one socket read brings: the rate is checked as bytes come in,
+                # not only after a 256 KiB read that a trickle would take days to fill.
+                chunk = raw.read1(256 * 1024, decode_content=True)
+                if not chunk:
+                    break
                 size += len(chunk)
                 if size > self._max_response_bytes:
                     raise MalformedResponseError(
                         f"The service's answer passed {self._max_response_bytes / 2**20:.0f} MiB, far larger "
-                        "than any image it returns; reading stopped.", http_status=response.status_code)
-                if self._clock() > deadline:
-                    raise APITimeoutError(
-                        f"The service's answer took over {self.read_timeout:g} s to arrive; reading stopped.",
-                        http_status=response.status_code)
+                        "than any image it returns; reading stopped.", http_status=status)
                 buffer.write(chunk)
-        except requests.exceptions.RequestException as exc:
-            if response.status_code == 200:
-                raise ResultMayBeBilledError(
-                    f"The service's answer broke off before it was complete ({type(_root_cause(exc)).__name__}); "
-                    "it may have charged for the image, so the request was not sent again.",
-                    http_status=200) from None
+                window_bytes += len(chunk)
+                now = self._clock()
+                if now - window_start >= self.read_timeout:
+                    if window_bytes < self.min_body_rate * (now - window_start):
+                        raise _BodyTooSlow(window_bytes / (now - window_start))
+                    window_start, window_bytes = now, 0
+        except (_BodyTooSlow, urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError) as exc:
+            if status == 200:
+                raise ResultMayBeBilledError(_broken_answer_message(exc, size, declared, self.min_body_rate),
+                                             http_status=200) from None
             # An error status is the answer whatever its body: what arrived is enough to map it
             # (and a 5xx cut short is as unbilled, and as retryable, as a whole one).
         return buffer.getvalue()
@@ -781,6 +837,29 @@ def _marking_sent(notify: ProgressCallback, slot: PacerSlot) -> ProgressCallback
             slot.sent()
         notify(event)
     return relay
+
+
+class _BodyTooSlow(Exception):
+    """The answer's body arrived slower than the client's minimum rate."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__(rate)
+        self.rate = rate
+
+
+def _broken_answer_message(exc: BaseException, size: int, declared: Optional[str], min_rate: float) -> str:
+    """One sentence for an answer (HTTP 200) whose body could not be read whole: it may have been charged."""
+    tail = "the service may have charged for the image, so the request was not sent again."
+    if isinstance(exc, _BodyTooSlow):
+        return (f"The service's answer arrived at {exc.rate / 1024:.1f} KiB/s, below the {min_rate / 1024:.0f} KiB/s "
+                f"the client waits for, and reading stopped after {size:,} bytes; {tail}")
+    root = _root_cause(exc)
+    if isinstance(root, (socket.timeout, urllib3.exceptions.ReadTimeoutError)) or "timed out" in str(root):
+        return f"The service's answer stopped arriving after {size:,} bytes (read timeout); {tail}"
+    if declared and declared.isdigit() and size < int(declared):
+        return (f"The service's answer broke off after {size:,} of the {int(declared):,} bytes it announced "
+                f"({type(root).__name__}); {tail}")
+    return f"The service's answer broke off before it was complete ({type(root).__name__}); {tail}"
 
 
 def _is_blank(body: bytes) -> bool:

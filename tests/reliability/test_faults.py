@@ -175,7 +175,7 @@ SCENARIOS = [
              MalformedResponseError, "was not JSON"),
     Scenario("answer cut off mid-way (Content-Length announces more; connection closed)",
              [Fault(status=200, body=ok_body(), action="truncate")],
-             ResultMayBeBilledError, "broke off before it was complete"),
+             ResultMayBeBilledError, "of the 15,687 bytes it announced"),
     Scenario("`data` missing", [Fault(status=200, body={"code": 0, "message": "success"})],
              MalformedResponseError, "no image in it (data.image missing)"),
     Scenario("`image` is not base64",

@@ -22,7 +22,7 @@ import pytest
 
 from structure_api import StructureRequest
 from structure_api.client import MAX_RESPONSE_BYTES
-from structure_api.errors import APITimeoutError, MalformedResponseError, StructureError
+from structure_api.errors import MalformedResponseError, ResultMayBeBilledError, StructureError
 from structure_api.standin import Fault
 
 from .support import MiB, MemoryProbe, b64, image_file_bytes, message_problems, photo_like
@@ -217,11 +217,11 @@ def test_huge_or_deep_answers_are_refused_with_memory_bounded(scenario, service,
 
 
 def test_answer_dripping_forever_is_cut_off(service, new_client, small_upload, ledger):
-    """A server that keeps the answer alive with a byte every 20 ms never beats the whole-answer deadline.
+    """A server that keeps the answer alive with a byte every 20 ms is cut off by the minimum body rate.
 
-    Each chunk arrives well within the socket's read timeout, so only the client's own deadline
-    (max(read timeout, 1 s) for the whole body) can end it. Its clock is injected: every reading
-    advances it by 0.25 s, so the deadline passes after a few chunks instead of a real second.
+    Each chunk arrives well within the socket's read timeout, so only the client's own rate check
+    (at least min_body_rate over each read-timeout window) can end it. Its clock is injected: every
+    reading advances it by 0.25 s, so the first window closes after a few chunks instead of a real second.
     """
     def drip():
         for _ in range(1000):  # 20 s at most; the client must stop long before
@@ -235,10 +235,12 @@ def test_answer_dripping_forever_is_cut_off(service, new_client, small_upload, l
         error, seconds = generate(client, small_upload)
     observed = f"{type(error).__name__}: {error} (after {seconds:.2f} s of real time)"
     ledger.row("hostile", "answer that drips one byte every 20 ms, forever (read timeout 0.5 s, clock injected)",
-               "APITimeoutError once the whole-answer deadline (max(read timeout, 1 s)) passes; never re-sent",
+               "ResultMayBeBilledError once a read-timeout window brings less than the minimum rate (16 KiB/s); "
+               "never re-sent (a 200 may have been charged)",
                observed, requests=len(service.requests), seconds=seconds)
     ledger.count("faults_survived")
-    assert isinstance(error, APITimeoutError) and "took over 0.5 s to arrive" in str(error), observed
+    assert isinstance(error, ResultMayBeBilledError) and "below the 16 KiB/s" in str(error), observed
+    assert "may have charged" in str(error)
     assert message_problems(str(error)) == []
     assert seconds < 2, observed
     assert len(service.requests) == 1
