@@ -800,9 +800,7 @@ class StructureClient:
             return value
         if isinstance(value, str) and value.strip().isdigit() and int(value) <= MAX_SEED:
             return int(value)
-        if value is not None or requested == 0:
-            log.info("the service's answer reports the seed as %.40r; using %d (the request's) instead",
-                     value, requested)
+        log.info("the service's answer reports the seed as %.40r; using %d (the request's) instead", value, requested)
         return requested
 
     def _check_answer_image(self, raw: bytes, request: StructureRequest, kwargs: dict) -> tuple[str, ImageSize]:

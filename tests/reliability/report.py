@@ -18,6 +18,7 @@ SECTIONS = {
     "inputs": "3. Bad inputs (node logic and CLI)",
     "load": "4. Load",
     "secrets": "5. Secrets",
+    "credits": "6. Paid results: credits paid, delivered and re-paid",
 }
 
 
@@ -48,6 +49,13 @@ INTROS = {
         " alignment, and inside PNG text chunks (compressed ones inflated). *Places* are log records, exception"
         " str/repr/formatted traceback, progress messages, CLI stdout/stderr, written files, cache files, the"
         " stand-in's recorded paths/headers/fields/uploads, and ComfyUI's outputs, history, queue and logs."),
+    "credits": (
+        "Issue 9's scenarios over loopback (the stand-in, or a raw socket server for transport tricks; read-only"
+        " and full disks are real tmpfs mounts). *Paid* is what the service charged on the first run (the"
+        " stand-in's count, or answers a raw server wrote whole, 6 credits each); *delivered* is the credits'"
+        " worth of images the caller finally got; *re-paid* is what a re-run paid again for images already"
+        " paid for (the target is 0; an empty cell: no re-run in that scenario). An answer lost after its"
+        " upload may have been charged without arriving: no client can keep it, and the error says so."),
 }
 
 FINDINGS = """Bugs this suite found, fixed in `structure_api/client.py`:
@@ -81,9 +89,8 @@ Observed by this suite and fixed afterwards in the files they belong to (the tes
 Left alone, by design:
 
 - `generate_images` raises one BatchError when any image fails and returns none of the others (the node
-  never returns a partial batch); results already paid for survive through the cache when the seed is
-  fixed, and the error says so (section 4 shows the re-run fetching only the failed images). With seed 0
-  they are cached under the seed they got and are never looked up under 0.
+  never returns a partial batch); every result already paid for is kept in the result store, with seed 0
+  too, and the error says where, so a re-run pays only for the failed images (sections 4 and 6).
 - A connection dropped before the stand-in reads a *small* upload may end either way (retried, or
   ResultMayBeBilledError) depending on whether the kernel had already taken the whole body; the suite uses
   a 4 MiB upload, which is always retried."""
@@ -102,6 +109,9 @@ class Row:
     waited: Optional[float] = None  # retry waits, in (injected, never slept) seconds
     seconds: Optional[float] = None  # wall-clock time of the call
     detail: str = ""
+    paid: Optional[int] = None       # credits section: credits charged on the first run
+    delivered: Optional[int] = None  # credits' worth of images the caller got
+    repaid: Optional[int] = None     # credits a re-run paid again for images already paid
 
 
 @dataclass
@@ -256,6 +266,14 @@ def render(ledger: Ledger) -> str:
         add("")
         if not rows:
             add("(no rows: these tests did not run)")
+            add("")
+            continue
+        if section == "credits":
+            add("| # | scenario | paid | delivered | re-paid on re-run | expected | observed | result |")
+            add("|---|---|---|---|---|---|---|---|")
+            for number, row in enumerate(rows, 1):
+                add(f"| {number} | {_cell(row.scenario)} | {_cell(row.paid)} | {_cell(row.delivered)} | "
+                    f"{_cell(row.repaid)} | {_cell(row.expected)} | {_cell(row.observed)} | {ledger.status(row)} |")
             add("")
             continue
         add("| # | scenario | expected | observed | requests | waits (s, injected) | time (s) | result |")
