@@ -32,6 +32,7 @@ CONCURRENCY = 32
 # The unpaced run waits out a 60 s lock-out (its 429s, free, are retried for 150 s); past this
 # it is stopped and reported as such.
 RUN_TIMEOUT = 300.0
+_GENERATED = re.compile(r"stopped: (\d+) image\(s\) generated")
 _STOPPED = re.compile(r"stopped: (\d+) image\(s\) generated, (\d+) refused with 429 in (\d+) lock-out")
 _SUMMARY = re.compile(r"done (\d+), failed (\d+), skipped (\d+)")
 
@@ -50,6 +51,7 @@ class ThroughputRun:
     lockouts: int
     seconds: float  # wall time of the whole `structure-api batch` process, start-up included
     timed_out: bool
+    limited: bool = True  # False: the stand-in had no limit (the ceiling the batch could reach)
 
     @property
     def per_second(self) -> float:
@@ -66,10 +68,11 @@ def _inputs(folder: Path, count: int, side: int) -> None:
         Image.fromarray(pixels).save(folder / f"img{index:04d}.png", compress_level=1)
 
 
-def _run(label: str, paced: bool, inputs: Path, work: Path) -> ThroughputRun:
+def _run(label: str, paced: bool, inputs: Path, work: Path, limited: bool = True) -> ThroughputRun:
     output = work / f"out-{label}"
     limit = f"{LIMIT_REQUESTS}/{LIMIT_SECONDS:g}"
-    with standin(LATENCY, "--rate-limit", limit, "--lockout", repr(LOCKOUT_SECONDS)) as server:
+    options = ("--rate-limit", limit, "--lockout", repr(LOCKOUT_SECONDS)) if limited else ()
+    with standin(LATENCY, *options) as server:
         env = {name: value for name, value in os.environ.items() if not name.startswith("AITHRIVING_")}
         env.update(AITHRIVING_BASE_URL=server.url, AITHRIVING_API_KEY="benchmark",
                    AITHRIVING_CACHE_DIR=str(work / f"store-{label}"),
@@ -89,17 +92,19 @@ def _run(label: str, paced: bool, inputs: Path, work: Path) -> ThroughputRun:
         seconds = time.perf_counter() - started
     summary = _SUMMARY.search(stdout)
     stopped = next((m for m in map(_STOPPED.search, server.final_output) if m), None)
-    if stopped is None:
+    generated = next((m for m in map(_GENERATED.search, server.final_output) if m), None)
+    if generated is None:
         raise RuntimeError(f"the stand-in did not sum up its run: {server.final_output!r}")
     delivered = len([p for p in output.iterdir() if p.suffix == ".png"]) if output.is_dir() else 0
     return ThroughputRun(
         label=label, paced=paced, images=len(list(inputs.iterdir())), delivered=delivered,
-        failed=int(summary.group(2)) if summary else -1, generated=int(stopped.group(1)),
-        refused_429=int(stopped.group(2)), lockouts=int(stopped.group(3)), seconds=seconds, timed_out=timed_out)
+        failed=int(summary.group(2)) if summary else -1, generated=int(generated.group(1)),
+        refused_429=int(stopped.group(2)) if stopped else 0, lockouts=int(stopped.group(3)) if stopped else 0,
+        seconds=seconds, timed_out=timed_out, limited=limited)
 
 
 def measure_throughput(count: int = 300, side: int = 96, with_unpaced: bool = True) -> list[ThroughputRun]:
-    """The paced run and (``with_unpaced``) the same batch with the pacer off, one after the other."""
+    """The paced run and (``with_unpaced``) the same batch against an unlimited stand-in and with the pacer off."""
     runs = []
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
@@ -108,6 +113,7 @@ def measure_throughput(count: int = 300, side: int = 96, with_unpaced: bool = Tr
         _inputs(inputs, count, side)
         runs.append(_run("paced", True, inputs, work))
         if with_unpaced:
+            runs.append(_run("ceiling", False, inputs, work, limited=False))
             # The stand-in of the first run is gone, and its window with it: the second starts fresh.
             runs.append(_run("unpaced", False, inputs, work))
     return runs

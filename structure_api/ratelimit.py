@@ -90,8 +90,12 @@ def rate_limit_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional
 
 
 def default_margin(limit: RateLimit) -> float:
-    """Seconds added to the window: 5 % of it, at least a quarter second (10.5 s for 150/10)."""
-    return max(0.25, 0.05 * limit.seconds)
+    """Seconds added to the window: 2 % of it, at least a tenth of a second (10.2 s for 150/10).
+
+    Small, because slots already count from when each upload went out, which is after the
+    service saw the request arrive; the margin covers clocks and jitter, not the network.
+    """
+    return max(0.1, 0.02 * limit.seconds)
 
 
 class PacerSlot:

@@ -147,7 +147,7 @@ def test_never_more_than_the_limit_in_any_window_and_close_to_the_rate(limit):
     assert max_in_any_window(sent, limit.seconds) == limit.requests
     # Under the margin, as fast as the limit allows: the last 3 start 4 windows after the first.
     assert sent[-1] - sent[0] <= 4 * pacer.window_seconds + 0.01
-    assert pacer.window_seconds == pytest.approx(limit.seconds * 1.05 if limit.seconds >= 5 else limit.seconds + 0.25)
+    assert pacer.window_seconds == pytest.approx(limit.seconds * 1.02 if limit.seconds >= 5 else limit.seconds + 0.1)
 
 
 def test_no_limit_means_no_window():
