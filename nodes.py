@@ -11,8 +11,9 @@ from comfy_api.latest import io
 from server import PromptServer
 
 from .structure_api.batch import BatchProgress
-from .structure_api.client import (
-    CREDITS_PER_IMAGE, DEFAULT_CONTROL_STRENGTH, MAX_SEED, OUTPUT_FORMATS, validate_prompt)
+from .structure_api.contract import (
+    CREDITS_PER_IMAGE, DEFAULT_CONTROL_STRENGTH, DEFAULT_OUTPUT_FORMAT, LIMITS_BROKEN_TEXT, MAX_CONTROL_STRENGTH,
+    MAX_SEED, MIN_CONTROL_STRENGTH, OUTPUT_FORMATS, PROMPT_RANGE_TEXT, validate_prompt)
 from .structure_api.errors import InputError, MissingAPIKeyError
 from .structure_api.offline import LOCAL_LABEL, RunSetup, client_for_run, process_standin
 from .structure_api.pipeline import StructureParams, generate_images
@@ -45,9 +46,10 @@ class AIThrivingStructure(io.ComfyNode):
                             f"request of {CREDITS_PER_IMAGE} credits."),
                 io.String.Input(
                     "prompt", multiline=True, default="",
-                    tooltip="What the output should show: subjects, style, colours (1 to 10000 characters)."),
+                    tooltip=f"What the output should show: subjects, style, colours ({PROMPT_RANGE_TEXT})."),
                 io.Float.Input(
-                    "control_strength", default=DEFAULT_CONTROL_STRENGTH, min=0.0, max=1.0, step=0.01,
+                    "control_strength", default=DEFAULT_CONTROL_STRENGTH, min=MIN_CONTROL_STRENGTH,
+                    max=MAX_CONTROL_STRENGTH, step=0.01,
                     tooltip="How closely the output follows the input's structure: 0 loosely, 1 strictly."),
                 io.Int.Input(
                     "seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
@@ -55,13 +57,12 @@ class AIThrivingStructure(io.ComfyNode):
                             "seed + i, so a fixed seed reproduces the whole batch (and is served from the "
                             "local cache instead of being paid again)."),
                 io.Combo.Input(
-                    "output_format", options=list(OUTPUT_FORMATS), default="png",
+                    "output_format", options=list(OUTPUT_FORMATS), default=DEFAULT_OUTPUT_FORMAT,
                     tooltip="Format the service returns. png is lossless; jpeg and webp download faster."),
                 io.Combo.Input(
                     "outside_limits", options=OUTSIDE_LIMITS_OPTIONS, default=OUTSIDE_LIMITS_OPTIONS[0],
-                    tooltip="For an image the service cannot take as is (a side under 64 px, over 9.4 "
-                            "megapixels, or wider than 2.5:1): fit it (scale, pad) and bring the result back "
-                            "to the input's size, or stop with an error."),
+                    tooltip=f"For an image the service cannot take as is ({LIMITS_BROKEN_TEXT}): fit it "
+                            "(scale, pad) and bring the result back to the input's size, or stop with an error."),
                 io.String.Input(
                     "negative_prompt", multiline=True, default="", optional=True,
                     tooltip="What the output should not show. Leave empty to send none."),

@@ -26,7 +26,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from . import __version__
-from .config import ENDPOINT_PATH, STANDIN_HEADER, APIKey, check_key_may_travel, load_api_key, resolve_base_url
+from .config import STANDIN_HEADER, APIKey, check_key_may_travel, load_api_key, resolve_base_url
 from .errors import (
     APIConnectionError,
     APIError,
@@ -48,13 +48,20 @@ from .errors import (
     TransportError,
     UnexpectedRedirectError,
 )
-from .images import (
-    MAX_ASPECT,
-    MAX_PIXELS,
-    MAX_REQUEST_BYTES,
-    MIN_PIXELS,
+from .contract import (  # noqa: F401  (the contract's names stay importable from here)
+    CREDITS_PER_IMAGE,
+    DEFAULT_CONTROL_STRENGTH,
+    ENDPOINT_PATH,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
     MIN_SIDE,
-    EncodedImage,
+    OUTPUT_FORMATS,
+    StructureRequest,
+    check_image_limits,
+    validate_parameters,
+    validate_prompt,
+)
+from .images import (
     ImageSize,
     decode_base64,
     decode_image,
@@ -67,11 +74,6 @@ from .store import ResultStore, StoredResult
 
 log = logging.getLogger("structure_api")
 
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
-MAX_PROMPT_CHARS = 10000
-MAX_SEED = 4294967294
-CREDITS_PER_IMAGE = 6
-DEFAULT_CONTROL_STRENGTH = 0.7
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 180.0
 # Base64 of the largest image the service can return (a 9.4 MP noisy PNG is ~28 MB) is
@@ -84,98 +86,9 @@ MIN_BODY_RATE = 16 * 1024
 # holds no JSON punctuation). Parsing makes a Python object per value, so 60 MiB of "{}," would
 # take over 1.5 GB: a body with more separators than this is not parsed at all.
 MAX_JSON_SEPARATORS = 10_000
-_ALLOWED_CONTROL_CHARS = {"\t", "\n", "\r"}
 
 
 # --- request and result --------------------------------------------------------------
-
-def _check_text(name: str, value: object, *, required: bool) -> str:
-    if not isinstance(value, str):
-        raise InputError(f"{name} must be text, not {type(value).__name__}.")
-    if required and not value.strip():
-        raise InputError(f"{name} is empty: describe what the image should show.")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise InputError(f"{name} is {len(value)} characters long; the service accepts at most {MAX_PROMPT_CHARS}.")
-    for position, ch in enumerate(value):
-        category = unicodedata.category(ch)
-        if ch not in _ALLOWED_CONTROL_CHARS and category in ("Cc", "Cs"):
-            kind = "control character" if category == "Cc" else "invalid character (a lone surrogate)"
-            raise InputError(f"{name} contains the {kind} U+{ord(ch):04X} at position {position + 1}; remove it.")
-    return value
-
-
-def validate_prompt(prompt: str) -> None:
-    """Raise InputError when the prompt is blank, over 10000 characters or holds control characters."""
-    _check_text("prompt", prompt, required=True)
-
-
-def validate_parameters(
-    prompt: str, control_strength: float, negative_prompt: str, seed: int, output_format: str
-) -> None:
-    """Raise InputError naming the first form parameter outside what the service accepts."""
-    _check_text("prompt", prompt, required=True)
-    _check_text("negative_prompt", negative_prompt, required=False)
-    if isinstance(control_strength, bool) or not isinstance(control_strength, (int, float)) \
-            or not math.isfinite(control_strength):
-        raise InputError(f"control_strength must be a number between 0 and 1, not {control_strength!r}.")
-    if not 0.0 <= control_strength <= 1.0:
-        raise InputError(f"control_strength must be between 0 and 1; got {control_strength}.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InputError(f"seed must be a whole number between 0 and {MAX_SEED}, not {seed!r}.")
-    if not 0 <= seed <= MAX_SEED:
-        raise InputError(f"seed must be between 0 and {MAX_SEED}; got {seed}.")
-    if output_format not in OUTPUT_FORMATS:
-        raise InputError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {output_format!r}.")
-
-
-@dataclass(frozen=True)
-class StructureRequest:
-    """One generation: the encoded image and the form parameters."""
-
-    image: EncodedImage
-    prompt: str
-    control_strength: float = DEFAULT_CONTROL_STRENGTH
-    negative_prompt: str = ""
-    seed: int = 0
-    output_format: str = "png"
-
-    def validate(self) -> None:
-        """Raise InputError naming the first parameter outside what the service accepts."""
-        validate_parameters(self.prompt, self.control_strength, self.negative_prompt, self.seed, self.output_format)
-        check_image_limits(self.image)
-
-    def form_fields(self) -> list[tuple[str, str]]:
-        """The text fields of the multipart form, in the contract's order; empty optionals are left out."""
-        fields = [("prompt", self.prompt), ("control_strength", _format_number(self.control_strength))]
-        if self.negative_prompt.strip():
-            fields.append(("negative_prompt", self.negative_prompt))
-        if self.seed:
-            fields.append(("seed", str(self.seed)))
-        fields.append(("output_format", self.output_format))
-        return fields
-
-
-def _format_number(value: float) -> str:
-    text = repr(float(value))
-    return text[:-2] if text.endswith(".0") else text
-
-
-def check_image_limits(image: EncodedImage) -> None:
-    """Raise InputError when the encoded image breaks one of the service's limits."""
-    width, height = image.size.width, image.size.height
-    if width < MIN_SIDE or height < MIN_SIDE:
-        raise InputError(f"The image is {width}x{height} pixels; every side must be at least {MIN_SIDE}.")
-    if not MIN_PIXELS <= width * height <= MAX_PIXELS:
-        raise InputError(
-            f"The image has {width * height} pixels; the service accepts {MIN_PIXELS} to {MAX_PIXELS}."
-        )
-    if max(width, height) > MAX_ASPECT * min(width, height):
-        raise InputError(f"The image is {width}x{height}; its aspect ratio must be within 1:2.5 and 2.5:1.")
-    if len(image.data) > MAX_REQUEST_BYTES - 64 * 1024:
-        raise InputError(
-            f"The encoded image is {len(image.data) / 2**20:.1f} MiB; the whole request must stay under 10 MiB."
-        )
-
 
 @dataclass(frozen=True)
 class StructureResult:

@@ -20,17 +20,16 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .contract import (  # noqa: F401  (the limits stay importable from here)
+    FORM_HEADROOM_BYTES,
+    MAX_ASPECT,
+    MAX_PIXELS,
+    MAX_REQUEST_BYTES,
+    MIN_PIXELS,
+    MIN_SIDE,
+)
 from .errors import InvalidImageError, MalformedResponseError
 
-# --- the service's limits ------------------------------------------------------------
-
-MIN_SIDE = 64
-MIN_PIXELS = 4096
-MAX_PIXELS = 9_437_184
-MAX_ASPECT = 2.5
-MAX_REQUEST_BYTES = 10 * 1024 * 1024
-# The multipart form around the image (boundaries, prompt, other fields) needs room too.
-FORM_HEADROOM_BYTES = 64 * 1024
 
 _MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}

@@ -10,19 +10,20 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .batch import BatchProgress, BatchReport, max_concurrency_from_env, run_batch
-from .client import (
+from .client import StructureClient, StructureResult
+from .contract import (
     DEFAULT_CONTROL_STRENGTH,
+    DEFAULT_OUTPUT_FORMAT,
+    MAX_ASPECT,
+    MAX_PIXELS,
     MAX_SEED,
-    StructureClient,
+    MIN_SIDE,
     StructureRequest,
-    StructureResult,
     validate_parameters,
 )
 from .errors import InputError, InvalidImageError
 from .store import ResultStore
 from .images import (
-    MAX_PIXELS,
-    MIN_SIDE,
     FitPlan,
     ImageSize,
     as_numpy,
@@ -53,7 +54,7 @@ class StructureParams:
     control_strength: float = DEFAULT_CONTROL_STRENGTH
     negative_prompt: str = ""
     seed: int = 0
-    output_format: str = "png"
+    output_format: str = DEFAULT_OUTPUT_FORMAT
     outside_limits: str = "fit"  # "fit": fit, send, bring back to the input's size; "fail": refuse
 
     def validate(self) -> None:
@@ -117,8 +118,8 @@ def generate_images(
     if params.outside_limits == "fail" and plan_fit(size).changed:
         raise InvalidImageError(
             f"The images are {size.width}x{size.height} pixels, outside the service's limits (every side at "
-            f"least {MIN_SIDE}, at most {MAX_PIXELS:,} pixels, aspect ratio within 2.5:1); set outside_limits "
-            "to 'fit and restore size' to have them fitted automatically.")
+            f"least {MIN_SIDE}, at most {MAX_PIXELS:,} pixels, aspect ratio within {MAX_ASPECT:g}:1); set "
+            "outside_limits to 'fit and restore size' to have them fitted automatically.")
     seeds = batch_seeds(params.seed, count)
     if max_concurrency is None:
         max_concurrency = max_concurrency_from_env()

@@ -37,6 +37,23 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image
 
+from .contract import (  # noqa: F401  (ENDPOINT_PATH and CREDITS_PER_IMAGE stay importable from here)
+    CREDITS_PER_IMAGE,
+    DEFAULT_CONTROL_STRENGTH,
+    DEFAULT_OUTPUT_FORMAT,
+    ENDPOINT_PATH,
+    MAX_ASPECT,
+    MAX_CONTROL_STRENGTH,
+    MAX_PIXELS,
+    MAX_PROMPT_CHARS,
+    MAX_REQUEST_BYTES,
+    MAX_SEED,
+    MIN_CONTROL_STRENGTH,
+    MIN_PIXELS,
+    MIN_SIDE,
+    OUTPUT_FORMATS,
+    UPLOAD_FORMATS,
+)
 from .ratelimit import RateLimit
 from .standin_ratelimit import UpstreamRateLimit
 
@@ -44,21 +61,11 @@ __all__ = ["Fault", "RecordedRequest", "StandInServer", "serve", "ENDPOINT_PATH"
 
 log = logging.getLogger("structure_api.standin")
 
-ENDPOINT_PATH = "/api/control/structure"
 HEALTH_PATHS = ("/", "/health")
-CREDITS_PER_IMAGE = 6
 # A free stand-in marks every answer with this header (config.STANDIN_HEADER, kept in step by a test): the
 # client then counts its results as 0 credits, so nothing shown for a free image claims credits were spent.
 STANDIN_HEADER = "X-AIThriving-Stand-In"
 STANDIN_HEADER_VALUE = "free"
-MAX_REQUEST_BYTES = 10 * 1024 * 1024
-MAX_PROMPT_CHARS = 10000
-MAX_SEED = 4294967294
-OUTPUT_FORMATS = ("jpeg", "png", "webp")
-DEFAULT_CONTROL_STRENGTH = 0.7
-MIN_SIDE = 64
-MIN_PIXELS = 4096
-MAX_PIXELS = 9437184
 # An over-limit body up to this size is read and thrown away so the client sees the 413 on a
 # healthy connection; beyond it the connection is closed instead of reading the rest.
 _DRAIN_LIMIT = 32 * 1024 * 1024
@@ -170,7 +177,8 @@ _DEFAULT_ERRORS: dict[int, tuple[str, str, str]] = {
           "the prompt or image was flagged by content moderation"),
     404: ("not_found", "Not found.", "no such endpoint"),
     405: ("method_not_allowed", "Method not allowed.", "only POST is accepted"),
-    413: ("payload_too_large", "Request body is larger than 10 MiB.", "the request must be at most 10 MiB"),
+    413: ("payload_too_large", f"Request body is larger than {MAX_REQUEST_BYTES // 2**20} MiB.",
+          f"the request must be at most {MAX_REQUEST_BYTES // 2**20} MiB"),
     422: ("invalid_input", "Unsupported input.", "the input could not be processed"),
     429: ("rate_limited", "Too many requests, please slow down.", "you have exceeded the rate limit"),
     500: ("internal_error", "Internal server error.", "an unexpected error occurred"),
@@ -322,8 +330,9 @@ def validate_form(form: _Form) -> _Job:
             control_strength = float(strength_text.strip())
         except ValueError:
             control_strength = math.nan
-        if not (math.isfinite(control_strength) and 0.0 <= control_strength <= 1.0):
-            raise _BadRequest("control_strength: must be a number between 0 and 1")
+        if not (math.isfinite(control_strength) and MIN_CONTROL_STRENGTH <= control_strength <= MAX_CONTROL_STRENGTH):
+            raise _BadRequest(f"control_strength: must be a number between {MIN_CONTROL_STRENGTH:g} and "
+                              f"{MAX_CONTROL_STRENGTH:g}")
     negative_prompt = form.fields.get("negative_prompt", "")
     if len(negative_prompt) > MAX_PROMPT_CHARS:
         raise _BadRequest(f"negative_prompt: must be at most {MAX_PROMPT_CHARS} characters")
@@ -334,9 +343,10 @@ def validate_form(form: _Form) -> _Job:
         if not _SEED_TEXT.fullmatch(seed_text) or int(seed_text) > MAX_SEED:
             raise _BadRequest(f"seed: must be an integer between 0 and {MAX_SEED}")
         seed = int(seed_text)
-    output_format = form.fields.get("output_format", "png")
+    output_format = form.fields.get("output_format", DEFAULT_OUTPUT_FORMAT)
     if output_format not in OUTPUT_FORMATS:
-        raise _BadRequest(f"output_format: must be one of {', '.join(OUTPUT_FORMATS)}")
+        # Upstream lists the formats alphabetically.
+        raise _BadRequest(f"output_format: must be one of {', '.join(sorted(OUTPUT_FORMATS))}")
     if form.image_bytes is None:
         raise _BadRequest("image: is required")
     pixels = decode_upload(form.image_bytes)
@@ -350,7 +360,7 @@ def decode_upload(data: bytes) -> Image.Image:
     try:
         # Only the header is read here; the size check below runs before load(), so a small file
         # announcing a huge canvas (a decompression bomb) is refused without decoding it.
-        image = Image.open(io.BytesIO(data), formats=("PNG", "JPEG", "WEBP"))
+        image = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
     except Image.DecompressionBombError:
         raise _BadRequest(f"image: must have {MIN_PIXELS} to {MAX_PIXELS} pixels") from None
     except Exception:
@@ -360,8 +370,9 @@ def decode_upload(data: bytes) -> Image.Image:
         raise _BadRequest(f"image: every side must be at least {MIN_SIDE} pixels (got {width}x{height})")
     if not MIN_PIXELS <= width * height <= MAX_PIXELS:
         raise _BadRequest(f"image: must have {MIN_PIXELS} to {MAX_PIXELS} pixels (got {width * height})")
-    if 2 * max(width, height) > 5 * min(width, height):
-        raise _BadRequest(f"image: aspect ratio must be between 1:2.5 and 2.5:1 (got {width}x{height})")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise _BadRequest(f"image: aspect ratio must be between 1:{MAX_ASPECT:g} and {MAX_ASPECT:g}:1 "
+                          f"(got {width}x{height})")
     try:
         image.load()
     except Exception:
@@ -902,7 +913,7 @@ class StandInServer:
 
     @property
     def credits_spent(self) -> int:
-        """What the real service would have charged: 6 credits per successful generation."""
+        """What the real service would have charged: CREDITS_PER_IMAGE per successful generation."""
         with self._lock:
             return self._credits
 
@@ -942,8 +953,8 @@ class StandInServer:
                 return 401, error_payload("Invalid or missing API key.", "unauthorized",
                                           ["authorization header is missing or invalid"]), {}
         if body is None or len(body) > MAX_REQUEST_BYTES:
-            return 413, error_payload("Request body is larger than 10 MiB.", "payload_too_large",
-                                      [f"body: must be at most {MAX_REQUEST_BYTES} bytes"]), {}
+            return 413, error_payload(f"Request body is larger than {MAX_REQUEST_BYTES // 2**20} MiB.",
+                                      "payload_too_large", [f"body: must be at most {MAX_REQUEST_BYTES} bytes"]), {}
         try:
             if form is None:
                 raise _BadRequest("content-type: must be multipart/form-data")
