@@ -1,0 +1,106 @@
+"""Set-up from the web UI, as a user who never opens a terminal: the no-key notice, the key typed into
+Settings → AIThriving, then the free offline mode switched on there and a workflow run against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import requests
+
+from support import TEST_KEY
+from tests.comfy.harness import execution_error, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOW = REPO / "example_workflows" / "structure_basic.json"
+NO_KEY_NOTICE = "API key not set · Settings → AIThriving"
+LOCAL_LABEL = "local stand-in · free"
+NO_PROXY = {"http": None, "https": None}
+
+
+def get(url: str) -> dict:
+    response = requests.get(url, timeout=(5, 30), proxies=NO_PROXY)
+    response.raise_for_status()
+    return response.json()
+
+
+def wait_for_finished_prompt(url: str, before: set, timeout: float = 90.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        history = get(f"{url}/history")
+        finished = [v for k, v in history.items() if k not in before and v.get("status", {}).get("completed") is not None]
+        if finished:
+            return finished[0]
+        assert time.monotonic() < deadline, f"no prompt finished within {timeout:.0f} s of clicking Run"
+        time.sleep(0.2)
+
+
+def test_no_key_notice_then_key_and_offline_mode_from_the_settings(comfy_page_factory, tmp_path, request):
+    key_file = tmp_path / "config" / "aithriving" / "api_key"
+    # Nothing listens at the base URL: a run can only succeed through the in-process stand-in.
+    env = {"AITHRIVING_API_KEY_FILE": str(key_file), "AITHRIVING_BASE_URL": f"http://127.0.0.1:{free_port()}",
+           "AITHRIVING_CACHE_DIR": str(tmp_path / "cache")}
+    ui = comfy_page_factory(env=env)
+    server = request.node._comfy_servers[-1]  # the ComfyUI comfy_page_factory started for this page
+    page = ui.page
+    ui.load_workflow(WORKFLOW)
+
+    # No key, offline off: the node and a toast say so, and where to set one.
+    ui.wait_for(f"(globalThis.aithrivingSetup?.key?.set === false)", message="the key status from the server")
+    ui.wait_for(f"{json.dumps(NO_KEY_NOTICE)} === app.graph.nodes.find(n => n.type === 'AIThrivingStructure')"
+                ".aithrivingNotice()", message="the no-key notice on the node")
+    assert NO_KEY_NOTICE in ui.structure_node()["badges"]
+    toast = page.get_by_text("AIThriving Structure: no API key set")
+    toast.wait_for(state="visible")
+    assert "Settings → AIThriving → API key" in page.locator(".p-toast-message").first.inner_text()
+
+    # Settings → AIThriving: the status line, then the key typed and saved.
+    ui.evaluate("app.extensionManager.command.execute('Comfy.ShowSettingsDialog')")
+    ui.visible_dialog().get_by_text("AIThriving", exact=True).first.click()
+    status = page.locator(".aithriving-key-status")
+    status.wait_for(state="visible")
+    assert status.inner_text().startswith("No API key set.")
+    key_input = page.locator(".aithriving-key-input")
+    assert key_input.get_attribute("type") == "password"
+    key_input.fill(TEST_KEY)
+    page.locator(".aithriving-key-save").click()
+    page.get_by_text("Saved. The next run uses it; no restart needed.").wait_for(state="visible")
+    assert status.inner_text().startswith("A key is saved in your key file")
+    assert key_input.input_value() == ""  # not left in the page
+    assert key_file.read_text() == TEST_KEY + "\n"
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    assert get(f"{ui.url}/aithriving/key") == {"set": True, "source": "key file"}
+    assert NO_KEY_NOTICE not in ui.structure_node()["badges"]
+
+    # The offline switch: kept by the server next to the key file.
+    offline = page.locator('[id="AIThriving.Setup.LocalStandIn"]')
+    offline.click()
+    ui.wait_for("globalThis.aithrivingSetup.local === true", message="offline mode on")
+    assert get(f"{ui.url}/aithriving/mode") == {"local": True}
+    assert json.loads(key_file.with_name("aithriving-settings.json").read_text()) == {"local": True}
+    ui.close_dialogs()
+
+    node = ui.structure_node()
+    assert LOCAL_LABEL in node["badges"] and node["estimate"] == "0 credits · local stand-in · free"
+
+    # Run the workflow from the Run button: the in-process stand-in answers, for nothing.
+    before = set(get(f"{ui.url}/history"))
+    ui.click_run()
+    entry = wait_for_finished_prompt(ui.url, before)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    [cost] = [o["aithriving_cost"][0] for o in entry["outputs"].values() if "aithriving_cost" in o]
+    assert cost["credits"] == 0 and cost["local"] is True
+    last = ui.wait_for_last_run()
+    assert last["text"] == "Last run: 0 credits (local stand-in · free)"
+    assert "Last run: 0 credits (local stand-in · free)" in ui.structure_node()["badges"]
+
+    # The key is nowhere the page or ComfyUI keeps things: settings, workflow, history, browser storage.
+    user_dir_texts = [p.read_text(errors="replace") for p in (server.base_dir / "user").rglob("*") if p.is_file()]
+    storage = ui.evaluate("JSON.stringify({...localStorage}) + JSON.stringify({...sessionStorage})")
+    assert user_dir_texts  # comfy.settings.json at least: the check looked at something
+    for text in [*user_dir_texts, storage, json.dumps(entry), ui.log.text(), server.log_text()]:
+        assert TEST_KEY not in text
+    assert '"local"' not in json.dumps(entry["prompt"])  # the mode is not part of the workflow
