@@ -23,15 +23,16 @@ from typing import Iterator, NoReturn, Optional, Sequence
 from . import __version__
 from .batch import DEFAULT_MAX_CONCURRENCY, BatchProgress, BatchReport, generate_stored, \
     max_concurrency_from_env, run_batch
-from .client import (
+from .client import DEFAULT_READ_TIMEOUT, StructureClient, StructureResult
+from .contract import (
     CREDITS_PER_IMAGE,
     DEFAULT_CONTROL_STRENGTH,
-    DEFAULT_READ_TIMEOUT,
+    MAX_CONTROL_STRENGTH,
     MAX_SEED,
+    MIN_CONTROL_STRENGTH,
     OUTPUT_FORMATS,
-    StructureClient,
+    PROMPT_RANGE_TEXT,
     StructureRequest,
-    StructureResult,
     validate_parameters,
 )
 from .errors import CancelledError, InputError, StructureError
@@ -408,7 +409,8 @@ def _whole(text: str, *, low: int, high: int) -> int:
 
 
 def _strength(text: str) -> float:
-    return _number(text, low=0.0, high=1.0, what="between 0 and 1")
+    return _number(text, low=MIN_CONTROL_STRENGTH, high=MAX_CONTROL_STRENGTH,
+                   what=f"between {MIN_CONTROL_STRENGTH:g} and {MAX_CONTROL_STRENGTH:g}")
 
 
 def _seed(text: str) -> int:
@@ -458,10 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_generation_options(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--prompt", required=True, help="what the output should show (1 to 10000 characters)")
+        sub.add_argument("--prompt", required=True, help=f"what the output should show ({PROMPT_RANGE_TEXT})")
         sub.add_argument("--negative-prompt", default="", help="what the output should not show")
         sub.add_argument("--control-strength", type=_strength, default=DEFAULT_CONTROL_STRENGTH,
-                         help="0..1, how closely to follow the input's structure (default %(default)s)")
+                         help=f"{MIN_CONTROL_STRENGTH:g}..{MAX_CONTROL_STRENGTH:g}, how closely to follow the "
+                              "input's structure (default %(default)s)")
         sub.add_argument("--seed", type=_seed, default=0,
                          help=f"0..{MAX_SEED}; 0 lets the service pick (default)")
         sub.add_argument("--local", action="store_true",
