@@ -101,6 +101,11 @@ class RequestTarget:
         if result.stored is not None:
             self.store.mark_delivered(result.stored)
 
+    def undelivered(self, result: StructureResult) -> None:
+        """The result's file could not be written: the store offers it again (to a re-run, or ``results``)."""
+        if result.stored is not None:
+            self.store.release(result.stored)
+
     def kept_sentence(self, result: StructureResult) -> str:
         """What became of a result that may have been paid for but could not be written: every word true."""
         entry = result.stored
@@ -121,6 +126,7 @@ def _write_result(path: Path, image: InputImage, result: StructureResult, output
     try:
         write_atomically(path, data)
     except OSError as error:
+        target.undelivered(result)
         raise FileAccessError(f"Could not write {path} ({error.strerror or type(error).__name__}) after the "
                               f"service answered; {target.kept_sentence(result)}.") from None
     target.delivered(result)
@@ -189,34 +195,45 @@ class _ProgressLine:
             sys.stderr.flush()
 
 
-@contextlib.contextmanager
-def _first_interrupt_cancels() -> Iterator[threading.Event]:
-    """The first Ctrl-C sets the event (so the batch can say what it did); a second one stops at once."""
-    interrupted = threading.Event()
-    inherited = signal.getsignal(signal.SIGINT)
-    # A run started with SIGINT ignored (nohup, a background job) keeps it ignored.
-    if threading.current_thread() is not threading.main_thread() or inherited is signal.SIG_IGN:
-        yield interrupted
-        return
+class _Interrupts:
+    """Ctrl-C during a batch. The first stops sending: requests in flight finish, since the service is
+    already making (and charging for) them. The second drops those too; a third exits at once."""
 
-    def on_interrupt(signum: int, frame: object) -> None:
-        if interrupted.is_set():
+    def __init__(self) -> None:
+        self.stop_sending = threading.Event()
+        self.drop_in_flight = threading.Event()
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if not self.stop_sending.is_set():
+            self.stop_sending.set()
+            sys.stderr.write("\nstopping: no new requests; the ones in flight finish, because the service is already "
+                             "making them (Ctrl-C again to drop them: they may still be charged)\n")
+        elif not self.drop_in_flight.is_set():
+            self.drop_in_flight.set()
+        else:
             raise KeyboardInterrupt
-        interrupted.set()
 
-    signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        yield interrupted
-    finally:
-        signal.signal(signal.SIGINT, inherited)
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["_Interrupts"]:
+        """Handle SIGINT for the block, unless it was ignored (nohup, a background job): then it stays so."""
+        inherited = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is not threading.main_thread() or inherited is signal.SIG_IGN:
+            yield self
+            return
+        signal.signal(signal.SIGINT, self)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, inherited)
 
 
 class _BatchFiles:
     """The files side of one batch run: which inputs still need a result, reading them, writing results."""
 
     def __init__(self, args: argparse.Namespace, inputs: list[Path], targets: list[Path],
-                 output_format: str, target: RequestTarget) -> None:
+                 output_format: str, target: RequestTarget, interrupts: _Interrupts) -> None:
         self.args = args
+        self.interrupts = interrupts
         self.inputs = inputs
         self.targets = targets
         self.output_format = output_format
@@ -230,6 +247,8 @@ class _BatchFiles:
         self.not_written: dict[int, FileAccessError] = {}
 
     def make_request(self, slot: int) -> StructureRequest:
+        if self.interrupts.stop_sending.is_set():
+            raise CancelledError("not sent: the run was interrupted")
         index = self.todo[slot]
         image = read_input_image(self.inputs[index])
         with self._lock:
@@ -264,37 +283,43 @@ def cmd_batch(args: argparse.Namespace) -> int:
     check_writable_folder(args.output_dir)
     concurrency = args.concurrency or max_concurrency_from_env()
     with FolderLock(args.output_dir), RequestTarget.open(args) as target:
-        files = _BatchFiles(args, inputs, targets, output_format, target)
+        interrupts = _Interrupts()
+        files = _BatchFiles(args, inputs, targets, output_format, target, interrupts)
         skipped = len(inputs) - len(files.todo)
         if skipped:
             print(f"skipping {skipped} image(s) already in {args.output_dir}", file=sys.stderr)
         progress = _ProgressLine(len(files.todo))
-        with _first_interrupt_cancels() as interrupted:
+        with interrupts.installed():
             try:
                 report = run_batch(target.client, len(files.todo), files.make_request, on_result=files.on_result,
                                    store=target.store, label=files.label, max_concurrency=concurrency,
-                                   on_progress=progress, should_cancel=interrupted.is_set)
+                                   on_progress=progress, should_cancel=interrupts.drop_in_flight.is_set)
             finally:
                 progress.close()
     return _summarise(report, files, skipped, target)
 
 
 def _summarise(report: BatchReport, files: _BatchFiles, skipped: int, target: RequestTarget) -> int:
+    interrupted = files.interrupts.stop_sending.is_set()
+    not_sent = {slot for slot, error in report.failures.items()
+                if interrupted and isinstance(error, CancelledError) and slot not in files.started}
     for slot, error in sorted(report.failures.items()):
-        print(f"failed: {files.name(slot)}: {error}", file=sys.stderr)
+        if slot not in not_sent:
+            print(f"failed: {files.name(slot)}: {error}", file=sys.stderr)
     for slot, error in sorted(files.not_written.items()):
         print(f"not written: {files.name(slot)}: {error}", file=sys.stderr)
-    credits = report.credits
     written = report.done - len(files.not_written)
-    if report.cancelled:
-        in_flight = len(files.started - set(report.seeds) - set(report.failures))
-        stopped = (f"; {in_flight} request(s) in flight were stopped, and the service may have charged for those "
-                   "whose upload had finished" if in_flight > 0 and not target.free else "")
-        print(f"interrupted: {written} of {len(files.todo)} image(s) done and written, {credits} credits paid"
-              f"{stopped}; run the same command again to continue", file=sys.stderr)
+    if interrupted:
+        unreadable = [slot for slot in report.failures if slot not in files.started and slot not in not_sent]
+        left = len(files.todo) - len(files.started) - len(unreadable)
+        dropped = len(files.started - set(report.seeds) - set(report.failures))
+        stopped = (f"; {dropped} request(s) in flight were dropped, and the service may have charged for those "
+                   "whose upload had finished" if dropped and not target.free else "")
+        print(f"interrupted: {written} of {len(files.todo)} image(s) done and written, {report.credits} credits "
+              f"paid, {left} not sent{stopped}; run the same command again to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(f"done {written}, failed {len(report.failures) + len(files.not_written)}, skipped {skipped}, "
-          f"credits {credits}")
+          f"credits {report.credits}")
     return EXIT_FAILED if report.failures or files.not_written else 0
 
 

@@ -229,7 +229,7 @@ class FolderLock:
         """Take the lock or raise FolderInUseError at once; never waits."""
         for _ in range(10):
             try:
-                handle = open(self.path, "a+b")
+                handle = open(self.path, "a+b", buffering=0)  # unbuffered: nothing left to fail at close
             except OSError as error:
                 raise FileAccessError(f"Cannot create {self.path}: {_reason(error)}.") from None
             if not _try_lock(handle):
@@ -245,10 +245,13 @@ class FolderLock:
             handle.close()
         else:
             raise FolderInUseError(f"{self.folder} is in use by other structure-api batch runs; try again.")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()).encode())
-        handle.flush()
+        try:  # who holds it, for the refusal's message; a full disk only loses that detail
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()).encode())
+            handle.flush()
+        except OSError:
+            pass
         self._handle = handle
         return self
 
@@ -259,7 +262,10 @@ class FolderLock:
                 os.unlink(self.path)
             except OSError:
                 pass
-            self._handle.close()  # closing the file drops the lock
+            try:
+                self._handle.close()  # closing the file drops the lock
+            except OSError:
+                pass
             self._handle = None
 
     def __enter__(self) -> "FolderLock":
