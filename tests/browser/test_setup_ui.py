@@ -53,9 +53,10 @@ def test_no_key_notice_then_key_and_offline_mode_from_the_settings(comfy_page_fa
     ui.wait_for(f"{json.dumps(NO_KEY_NOTICE)} === app.graph.nodes.find(n => n.type === 'AIThrivingStructure')"
                 ".aithrivingNotice()", message="the no-key notice on the node")
     assert NO_KEY_NOTICE in ui.structure_node()["badges"]
-    toast = page.get_by_text("AIThriving Structure: no API key set")
-    toast.wait_for(state="visible")
-    assert "Settings → AIThriving → API key" in page.locator(".p-toast-message").first.inner_text()
+    # (the toast's markup differs between frontends; its texts do not)
+    page.get_by_text("AIThriving Structure: no API key set", exact=True).first.wait_for(state="visible")
+    page.get_by_text("Set it in Settings → AIThriving → API key, or switch on the free local stand-in there.",
+                     exact=True).first.wait_for(state="visible")
 
     # Settings → AIThriving: the status line, then the key typed and saved.
     ui.evaluate("app.extensionManager.command.execute('Comfy.ShowSettingsDialog')")
