@@ -23,9 +23,18 @@ const NO_KEY_NOTICE = "API key not set · Settings → AIThriving";
 const state = { key: null, local: null, error: null };
 globalThis.aithrivingSetup = state;
 const listeners = new Set();
+let noKeyToast = null; // the start-up toast, taken away once a key is set or offline mode is on
 
 function changed() {
   for (const listener of listeners) listener();
+  if (noKeyToast && (state.key?.set || state.local)) {
+    try {
+      app.extensionManager?.toast?.remove?.(noKeyToast);
+    } catch (error) {
+      console.warn("[aithriving.setup] could not take the toast away", error);
+    }
+    noKeyToast = null;
+  }
   for (const node of app.graph?.nodes ?? []) {
     if ((node.comfyClass ?? node.type) === NODE_ID) {
       node.setDirtyCanvas?.(true, true);
@@ -237,11 +246,12 @@ app.registerExtension({
       }
     }
     if (state.key && !state.key.set && !state.local) {
-      app.extensionManager?.toast?.add?.({
+      noKeyToast = {
         severity: "warn", summary: "AIThriving Structure: no API key set",
         detail: "Set it in Settings → AIThriving → API key, or switch on the free local stand-in there.",
         life: 12000,
-      });
+      };
+      app.extensionManager?.toast?.add?.(noKeyToast);
     }
   },
 

@@ -75,6 +75,7 @@ def test_no_key_notice_then_key_and_offline_mode_from_the_settings(comfy_page_fa
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
     assert get(f"{ui.url}/aithriving/key") == {"set": True, "source": "key file"}
     assert NO_KEY_NOTICE not in ui.structure_node()["badges"]
+    page.get_by_text("AIThriving Structure: no API key set", exact=True).first.wait_for(state="hidden")
 
     # The offline switch: kept by the server next to the key file.
     offline = page.locator('[id="AIThriving.Setup.LocalStandIn"]')
