@@ -563,7 +563,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with _verbose_log(args.verbose):
             return args.run(args)
     except (KeyboardInterrupt, CancelledError):
-        print("interrupted: nothing more was written", file=sys.stderr)
+        print("interrupted: nothing more was written (a request in flight may have been charged if its upload "
+              "had finished; any answer that arrived is kept: see `structure-api results`)", file=sys.stderr)
         return EXIT_INTERRUPTED
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -12,7 +12,7 @@ import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Optional, Sequence
+from typing import IO, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -194,17 +194,26 @@ def result_file_bytes(result_pixels: np.ndarray, result_data: bytes, image: Inpu
     return encode_image(restore_from_fit(result_pixels, image.plan), output_format)
 
 
-def write_atomically(path: Path, data: bytes, *, mode: int = 0o666) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename, so no half file is ever seen.
+def write_atomically(path: Path, data: Union[bytes, Sequence[bytes]], *, private: bool = False,
+                     temp_prefix: Optional[str] = None, sync_folder: bool = False) -> None:
+    """Write ``data`` (bytes, or pieces written in order) to ``path`` through a temp file, fsync and a rename.
 
-    ``mode`` passes through the umask, as for any program's files (0o666 gives the usual 0644).
+    A reader sees the old file or the whole new one, never a half. The file follows the umask, as
+    any program's files do, unless ``private``: then it is 0600 from its first byte. ``temp_prefix``
+    names the temp file for a sweeper that removes what a crash left; ``sync_folder`` also makes
+    the rename itself durable.
     """
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    tmp = path.parent / f"{temp_prefix or '.' + path.name + '.'}{secrets.token_hex(8)}.part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                 0o600 if private else 0o666)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        if private:
+            os.fchmod(fd, 0o600)  # whatever the umask, never more and never less
+        with os.fdopen(fd, "wb", buffering=0) as handle:
+            for piece in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
+                view = memoryview(piece)
+                while view:  # a raw write may be short
+                    view = view[handle.write(view):]
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -213,6 +222,21 @@ def write_atomically(path: Path, data: bytes, *, mode: int = 0o666) -> None:
         except OSError:
             pass
         raise
+    if sync_folder:
+        _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # not possible everywhere (Windows): the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # --- one batch run per output folder -----------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Iterable, Mapping, Optional
 
 from .config import DEFAULT_KEY_FILE, ENV_API_KEY, ENV_API_KEY_FILE, key_file_path, load_api_key
 from .errors import ConfigurationError, StructureError
+from .files import write_atomically
 
 log = logging.getLogger("structure_api")
 
@@ -119,20 +119,7 @@ def _is_default_folder(path: Path) -> bool:
 
 def _write_private(path: Path, text: str) -> None:
     """Write atomically, the file 0600 from its first byte (never world-readable, not even for a moment)."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomically(path, text.encode("utf-8"), private=True)
 
 
 def save_api_key(value: object, environ: Optional[Mapping[str, str]] = None, *,

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping, Optional
 
 from .errors import ConfigurationError
+from .files import write_atomically
 
 if TYPE_CHECKING:  # the client imports this module; the type is only needed for hints
     from .client import StructureRequest
@@ -607,30 +608,8 @@ def _open_regular(path: Path) -> Iterator["os.FileIO"]:
 
 
 def _durable_write(path: Path, head: bytes, data: bytes) -> None:
-    """Write head+data to a temp file, fsync it, rename it to ``path`` and fsync the folder."""
-    fd, tmp = _mkstemp(path.parent)
-    try:
-        with os.fdopen(fd, "wb", buffering=0) as handle:
-            for piece in (head, data):
-                view = memoryview(piece)
-                while view:  # a raw write may be short
-                    written = handle.write(view)
-                    view = view[written:]
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(Path(tmp))
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    """Write head+data to a temp file (the sweep knows its prefix), fsync it, rename it to ``path``, fsync the folder."""
+    write_atomically(path, (head, data), private=True, temp_prefix=TEMP_PREFIX, sync_folder=True)
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -426,3 +426,11 @@ def test_progress_line_fits_the_terminal(tmp_path):
     frames = [frame for line in text.split("\n") for frame in line.split("\r") if frame.strip()]
     bars = [frame for frame in frames if frame.startswith("[")]
     assert bars and all(len(frame) <= 49 for frame in bars), bars
+
+
+def test_results_with_the_store_off_or_empty(tmp_path, monkeypatch, capsys):
+    code, out, err = run(capsys, "results")  # the test environment turns the store off
+    assert code == 0 and "The result store is off (AITHRIVING_CACHE_DIR=off)" in out
+    monkeypatch.setenv("AITHRIVING_CACHE_DIR", str(tmp_path / "store"))
+    code, out, err = run(capsys, "results", "--export", tmp_path / "rescued")
+    assert code == 0 and out.startswith("No paid results are waiting in ")
