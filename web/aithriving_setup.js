@@ -200,7 +200,7 @@ function noticeBadge(node) {
 }
 
 app.registerExtension({
-  name: "aithriving.setup",
+  name: "aithrivingstructure.setup",
 
   settings: [
     {

@@ -11,10 +11,19 @@
 //                                          the node at all (unchanged inputs) and re-sent its old output.
 // The texts come from the pack's locales/<lang>/main.json (served by ComfyUI at /i18n), in the
 // language chosen in the settings (Comfy.Locale), with English built in as the fallback.
+//
+// Redrawing: the classic canvas redraws on setDirtyCanvas. The "Nodes 2.0" (HTML) renderer of newer
+// frontends (1.4x and later) re-reads a node's badges when that node's state changes, so the last run
+// is kept in node state with LiteGraph's own setProperty (and left out of saved workflows by
+// onSerialize). Frontends whose Nodes 2.0 renderer keeps a snapshot of each node instead (1.3x) re-read
+// it when LiteGraph reports a change to the node; that report is sent too, where the graph has one.
+// Tested on frontends 1.25, 1.32 and the newest (tests/browser); anything missing is skipped, never thrown.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const NODE_ID = "AIThrivingStructure";
+// Node state key of the last run's cost (never saved with the workflow: see onSerialize).
+const LAST_RUN_PROPERTY = "aithriving_last_run";
 const CREDITS_PER_IMAGE = 6;
 const STRINGS_KEY = "aithrivingStructure";
 const ENGLISH = {
@@ -112,9 +121,15 @@ function text(key, values) {
   return template.replace(/\{(\w+)\}/g, (_, name) => String(values[name] ?? ""));
 }
 
+function inputConnected(node, index) {
+  if (index < 0) return false;
+  if (typeof node.isInputConnected === "function") return node.isInputConnected(index);
+  return node.getInputLink?.(index) != null;
+}
+
 function widgetValue(node, name) {
-  const input = node.inputs?.find((slot) => slot.name === name);
-  if (input?.link != null) return null; // converted to an input: its value comes from elsewhere
+  const index = node.inputs?.findIndex((slot) => slot.name === name) ?? -1;
+  if (inputConnected(node, index)) return null; // converted to an input: its value comes from elsewhere
   const value = node.widgets?.find((widget) => widget.name === name)?.value;
   return Number.isFinite(value) ? value : null;
 }
@@ -174,7 +189,7 @@ function estimateText(node) {
   if (globalThis.aithrivingSetup?.local) return text("estimateLocal", {});
   const images = imagesInto(node, imageInputIndex(node, "image"));
   if (images != null) return text("estimate", { credits: images * CREDITS_PER_IMAGE, images });
-  const last = node.aithrivingLastCost;
+  const last = lastCost(node);
   if (last && Number.isFinite(last.images)) {
     return text("estimateAsLastRun", { credits: last.images * CREDITS_PER_IMAGE, images: last.images });
   }
@@ -182,7 +197,7 @@ function estimateText(node) {
 }
 
 function lastRunText(node) {
-  const cost = node.aithrivingLastCost;
+  const cost = lastCost(node);
   if (!cost) return "";
   if (cost.reused) return text("lastRunReused", {});
   if (cost.local) return text("lastRunLocal", {});
@@ -200,9 +215,16 @@ function recordCost(node, cost) {
     : { credits: cost.credits, images: cost.images, from_cache: cost.from_cache ?? 0, seeds: cost.seeds ?? [], reused,
         local: cost.local === true };
   node.aithrivingRuns = (node.aithrivingRuns ?? 0) + 1;
+  // Node state: what the Nodes 2.0 renderer of newer frontends redraws the badges from.
+  node.setProperty?.(LAST_RUN_PROPERTY, { ...node.aithrivingLastCost, run: node.aithrivingRuns });
   node.setDirtyCanvas?.(true, true);
-  // "Nodes 2.0" (Vue) rendering reads the badges when it refreshes the node, which it does on this event.
-  node.graph?.trigger?.("node:slot-errors:changed", { nodeId: node.id });
+  // Frontends whose Nodes 2.0 renderer keeps a snapshot of the node (1.3x) re-read it on this report.
+  if (typeof node.graph?.trigger === "function") node.graph.trigger("node:slot-errors:changed", { nodeId: node.id });
+}
+
+// The last run's cost: read through node state, so a renderer that tracks node state sees it change.
+function lastCost(node) {
+  return node.properties?.[LAST_RUN_PROPERTY] ?? node.aithrivingLastCost ?? null;
 }
 
 // The look of the frontend's partner-node price badge (coin icon on gold); the last-run badge has no
@@ -258,6 +280,18 @@ app.registerExtension({
       const lastRun = makeBadge(lastRunText, false);
       this.badges = this.badges ?? [];
       this.badges.push(() => estimate.call(this), () => lastRun.call(this));
+      return result;
+    };
+
+    // The last run's cost is this page's news, not part of the workflow: saved workflows, copies and the
+    // metadata of saved images leave it out (and a run does not mark the workflow as changed).
+    const onSerialize = nodeType.prototype.onSerialize;
+    nodeType.prototype.onSerialize = function (data) {
+      const result = onSerialize?.apply(this, arguments);
+      if (data?.properties && LAST_RUN_PROPERTY in data.properties) {
+        data.properties = { ...data.properties };
+        delete data.properties[LAST_RUN_PROPERTY];
+      }
       return result;
     };
 

@@ -29,6 +29,19 @@ PACK_URL_PART = f"/extensions/{PACK}/"
 # Browser-side state of a returning user: the "Nodes 2.0" banner was dismissed.
 RETURNING_USER_SCRIPT = "try { localStorage.setItem('vueNodesBannerDismissed', 'true') } catch (e) {}"
 
+# The frontend announces deprecated API use with console.warn from its own code; this names the
+# warnings whose call stack passes through this pack's files, so a test can tell ours from the core's.
+DEPRECATION_PROBE_SCRIPT = """(() => {
+  const warn = console.warn.bind(console);
+  console.warn = (...args) => {
+    const message = String(args[0] ?? '');
+    if (/deprecat/i.test(message) && (new Error().stack ?? '').includes(%s)) {
+      warn('[deprecated-by-pack] ' + message);
+    }
+    return warn(...args);
+  };
+})();""" % json.dumps(PACK_URL_PART)
+
 # JavaScript: the open graph's Structure node (the first one).
 _STRUCTURE = f"app.graph.nodes.find(n => (n.comfyClass ?? n.type) === {json.dumps(NODE)})"
 

@@ -39,7 +39,7 @@ from playwright.sync_api import Browser, Page
 
 from structure_api.standin import StandInServer
 from support import TEST_KEY
-from tests.browser.comfy_page import RETURNING_USER_SCRIPT, BrowserLog, ComfyPage
+from tests.browser.comfy_page import DEPRECATION_PROBE_SCRIPT, RETURNING_USER_SCRIPT, BrowserLog, ComfyPage
 from tests.comfy.harness import ComfyServer
 from tests.comfy import matrix
 from tests.comfy.matrix import README_TARGET, ComfyTarget
@@ -169,6 +169,7 @@ def _new_comfy_page(browser: Browser, browser_context_args: dict, url: str,
                     pages: list[ComfyPage]) -> ComfyPage:
     context = browser.new_context(**browser_context_args)
     context.add_init_script(RETURNING_USER_SCRIPT)
+    context.add_init_script(DEPRECATION_PROBE_SCRIPT)
     page: Page = context.new_page()
     page.on("dialog", lambda dialog: dialog.accept())  # a "Leave site?" or alert never blocks a test
     log = BrowserLog()
@@ -225,6 +226,33 @@ def comfy_page_factory(browser: Browser, browser_context_args: dict, ui_target: 
     yield open_page
     for server in servers:
         server.stop()
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "frontend_min(version): needs a frontend at least this new "
+                                       "(deselected on older entries of the matrix)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A feature the older frontend of the matrix does not have (Nodes 2.0 before 1.27) is deselected
+    # there (reported as deselected, never as passed); "newest" has everything.
+    keep, drop = [], []
+    for item in items:
+        marker = item.get_closest_marker("frontend_min")
+        target = getattr(item, "callspec", None) and item.callspec.params.get("ui_target")
+        if marker and isinstance(target, ComfyTarget) and target.frontend != "newest":
+            served = target.pinned_label if target.frontend == "pinned" else target.frontend
+            if _version_tuple(served) < _version_tuple(marker.args[0]):
+                drop.append(item)
+                continue
+        keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.hookimpl(wrapper=True)
