@@ -434,3 +434,17 @@ def test_results_with_the_store_off_or_empty(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("AITHRIVING_CACHE_DIR", str(tmp_path / "store"))
     code, out, err = run(capsys, "results", "--export", tmp_path / "rescued")
     assert code == 0 and out.startswith("No paid results are waiting in ")
+
+
+def test_an_answer_in_another_format_is_never_written_under_the_asked_extension(tmp_path, standin, env_for, capsys):
+    import base64
+
+    env_for(standin)
+    source = write_png(tmp_path / "in.png", photo_like(100, 100))
+    # The service answers a PNG although a JPEG was asked for.
+    answer = base64.b64encode(write_png(tmp_path / "answer.png", photo_like(100, 100, seed=3)).read_bytes()).decode()
+    standin.script(Fault(status=200, body={"code": 0, "message": "success", "data": {"image": answer, "seed": 5}}))
+    code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / "out.jpg")
+    assert code == 0, err
+    with Image.open(tmp_path / "out.jpg") as written:
+        assert written.format == "JPEG" and written.size == (100, 100)
