@@ -109,7 +109,12 @@ class RequestTarget:
     def kept_sentence(self, result: StructureResult) -> str:
         """What became of a result that may have been paid for but could not be written: every word true."""
         entry = result.stored
-        paid = f"it was paid for ({result.credits} credits)" if result.credits else "it was free"
+        if result.attempts == 0:  # served by the store: no request was made this time
+            paid = "it was paid for in an earlier run"
+        elif result.credits:
+            paid = f"it was paid for ({result.credits} credits)"
+        else:
+            paid = "it was free (a stand-in)"
         if entry is not None and self.store.on_disk(entry):
             return (f"{paid} and is kept in the result store ({self.store.directory}): "
                     "`structure-api results --export DIR` writes it out, and running the same command again "
@@ -122,13 +127,13 @@ class RequestTarget:
 
 def _write_result(path: Path, image: InputImage, result: StructureResult, output_format: str,
                   target: RequestTarget) -> None:
-    data = result_file_bytes(result.pixels, result.data, image, output_format)
     try:
-        write_atomically(path, data)
-    except OSError as error:
+        write_atomically(path, result_file_bytes(result.pixels, result.data, image, output_format))
+    except (OSError, StructureError) as error:
         target.undelivered(result)
-        raise FileAccessError(f"Could not write {path} ({error.strerror or type(error).__name__}) after the "
-                              f"service answered; {target.kept_sentence(result)}.") from None
+        reason = (error.strerror or type(error).__name__) if isinstance(error, OSError) else str(error).rstrip(".")
+        raise FileAccessError(f"Could not write {path} ({reason}) after the service answered; "
+                              f"{target.kept_sentence(result)}.") from None
     target.delivered(result)
 
 
