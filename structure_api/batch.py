@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
@@ -145,36 +146,40 @@ def generate_stored(
     on_progress: Optional[Callable[[ProgressEvent], None]] = None,
     cancel: Optional[threading.Event] = None,
     claim_only: bool = False,
+    decode: bool = True,
 ) -> tuple[Optional[StructureResult], bool]:
     """The store's result for ``request`` if it holds one (free), else a paid one the client kept there.
 
     Returns (result, from_store); (None, False) when ``claim_only`` and the store holds nothing.
     The result's ``stored`` entry is handed out to the caller: ``store.mark_delivered`` it once
-    delivered, or ``store.release`` it when giving up.
+    delivered, or ``store.release`` it when giving up. ``decode=False``: ``pixels`` stays None (the
+    caller decodes ``data`` itself, and discards the entry from the store if that fails).
     """
     request.validate()
     key = store.key_for(request, client.endpoint)
-    hit = _claim_decoded(store, key, request.seed)
+    hit = _claim_decoded(store, key, request.seed, decode)
     if hit is not None or claim_only:
         return hit, hit is not None
     if request.seed == 0:
         # Random means random: identical seed-0 requests of one batch are paid side by side.
-        return client.generate(request, on_progress=on_progress, cancel=cancel, store=store, label=label), False
+        return client.generate(request, on_progress=on_progress, cancel=cancel, store=store, label=label,
+                               decode=decode), False
     with store.paying(key):
         # Another thread or process may have paid for it while this one waited for the lock.
-        hit = _claim_decoded(store, key, request.seed)
+        hit = _claim_decoded(store, key, request.seed, decode)
         if hit is not None:
             return hit, True
-        return client.generate(request, on_progress=on_progress, cancel=cancel, store=store, label=label), False
+        return client.generate(request, on_progress=on_progress, cancel=cancel, store=store, label=label,
+                               decode=decode), False
 
 
-def _claim_decoded(store: ResultStore, key: str, seed: int) -> Optional[StructureResult]:
+def _claim_decoded(store: ResultStore, key: str, seed: int, decode: bool = True) -> Optional[StructureResult]:
     while True:
         entry = store.claim(key, seed)
         if entry is None:
             return None
         try:
-            pixels = decode_image(entry.data)
+            pixels = decode_image(entry.data) if decode else None
         except StructureError:
             store.discard(entry)  # unusable: never served again
             continue
@@ -187,13 +192,14 @@ class _BatchRun:
 
     def __init__(self, client: StructureClient, count: int, make_request: Callable[[int], StructureRequest],
                  on_result: Callable[[int, StructureResult], None], store: ResultStore,
-                 label: Callable[[int], str]) -> None:
+                 label: Callable[[int], str], decode: bool = True) -> None:
         self.client = client
         self.count = count
         self.make_request = make_request
         self.on_result = on_result
         self.store = store
         self.label = label
+        self.decode = decode
         self.report = BatchReport(total=count)
         self.lock = threading.Lock()
         self.cancel = threading.Event()
@@ -236,7 +242,9 @@ class _BatchRun:
             # After a stop, what the store holds is still served (it is free); nothing is sent.
             stopped = self.stop_sending.is_set()
             result, from_store = generate_stored(self.client, request, self.store, label=self.label(index),
-                                                 on_progress=relay, cancel=self.cancel, claim_only=stopped)
+                                                 on_progress=relay, cancel=self.cancel, claim_only=stopped,
+                                                 decode=self.decode)
+            del request  # its upload bytes are not needed any more
             if result is None:
                 with self.lock:
                     self.report.failures[index] = CancelledError(
@@ -244,8 +252,13 @@ class _BatchRun:
                     self.report.not_sent += 1
                 return
             if result.stored is not None:
+                entry = result.stored
+                if self.store.on_disk(entry):
+                    # The report only needs its identity; the bytes live on disk (a batch of 16 large
+                    # answers would otherwise hold all 16 until the batch ends).
+                    entry = dataclasses.replace(entry, data=b"")
                 with self.lock:
-                    self.report.stored[index] = result.stored  # before on_result: kept whatever it does
+                    self.report.stored[index] = entry  # before on_result: kept whatever it does
             self.on_result(index, result)
         except StructureError as error:
             if self.cancel.is_set() and isinstance(error, CancelledError):
@@ -316,6 +329,7 @@ def run_batch(
     on_progress: Optional[Callable[[BatchProgress], None]] = None,
     should_cancel: Optional[Callable[[], bool]] = None,
     poll_interval: float = 0.1,
+    decode: bool = True,
 ) -> BatchReport:
     """Run ``count`` requests, at most ``max_concurrency`` at once, through the result store; report each by index.
 
@@ -326,10 +340,12 @@ def run_batch(
     when it returns True, open connections are closed and the call returns with
     ``cancelled`` set. Every result is kept in ``store`` (default: ``ResultStore.from_env()``)
     and handed out to the caller: ``report.mark_delivered(store)`` or ``report.release(store)``.
+    ``decode=False``: results reach ``on_result`` with ``pixels`` None (see :func:`generate_stored`).
     """
     if count <= 0:
         return BatchReport(total=max(count, 0))
     if store is None:
         store = ResultStore.from_env()
-    run = _BatchRun(client, count, make_request, on_result, store, label or (lambda index: f"image {index + 1}"))
+    run = _BatchRun(client, count, make_request, on_result, store, label or (lambda index: f"image {index + 1}"),
+                    decode)
     return run.run(max_concurrency, on_progress, should_cancel, poll_interval)

@@ -452,11 +452,13 @@ class StructureClient:
         cancel: Optional[threading.Event] = None,
         store: Optional[ResultStore] = None,
         label: str = "",
+        decode: bool = True,
     ) -> StructureResult:
         """Send one request (retrying only when it cannot double-charge) and return the decoded result.
 
         With a ``store``, an answer carrying an image is kept there (under ``label``) the moment its
         bytes are read and checked, before its pixels are decoded: whatever fails later, it is not lost.
+        ``decode=False`` leaves ``pixels`` None, for a caller that decodes straight into its own buffer.
         """
         request.validate()
         notify = on_progress or (lambda event: None)
@@ -468,7 +470,7 @@ class StructureClient:
             slot = self._start_slot(attempt, notify, cancel)
             notify(ProgressEvent("uploading", attempt, "uploading"))
             try:
-                result = self._attempt(request, attempt, _marking_sent(notify, slot), store, label)
+                result = self._attempt(request, attempt, _marking_sent(notify, slot), store, label, decode)
             except StructureError as error:
                 rate_limited = isinstance(error, RateLimitError)
                 slot.finish(rate_limited=rate_limited)
@@ -527,7 +529,7 @@ class StructureClient:
             on_wait=lambda message, seconds: notify(ProgressEvent("pacing", attempt, message, seconds)))
 
     def _attempt(self, request: StructureRequest, attempt: int, notify: ProgressCallback,
-                 store: Optional[ResultStore], label: str) -> StructureResult:
+                 store: Optional[ResultStore], label: str, decode: bool = True) -> StructureResult:
         boundary = uuid.uuid4().hex
         body = _UploadBody(_multipart_parts(request, boundary),
                            on_sent=lambda: notify(ProgressEvent("waiting", attempt, "waiting for the service")))
@@ -551,7 +553,7 @@ class StructureClient:
         log.info("attempt %d: HTTP %d after %.2f s, request id %s", attempt, response.status_code,
                  self._clock() - sent_at, response.headers.get("x-request-id") or "-")
         try:
-            return self._parse(response, request, attempt, store, label)
+            return self._parse(response, request, attempt, store, label, decode)
         finally:
             response.close()
 
@@ -599,8 +601,11 @@ class StructureClient:
                 f"The service's answer is {int(declared) / 2**20:.0f} MiB, far larger than any image it "
                 f"returns (limit {self._max_response_bytes / 2**20:.0f} MiB); it was not read.",
                 http_status=status)
-        # BytesIO grows one buffer in place and getvalue() hands that buffer over without a copy,
-        # so a body costs its size once (a list of chunks joined at the end costs it twice).
+        # One buffer, sized from Content-Length when there is one: a body costs its size once, in
+        # one allocation (a growing buffer is copied as it grows, and leaves freed pieces behind).
+        # Without a length, BytesIO grows in place and getvalue() hands its buffer over uncopied.
+        expected = int(declared) if declared and declared.isdigit() else 0
+        presized = bytearray(expected) if expected else None
         buffer = io.BytesIO()
         size = 0
         window_start = self._clock()
@@ -618,7 +623,13 @@ class StructureClient:
                     raise MalformedResponseError(
                         f"The service's answer passed {self._max_response_bytes / 2**20:.0f} MiB, far larger "
                         "than any image it returns; reading stopped.", http_status=status)
-                buffer.write(chunk)
+                if presized is not None and size <= expected:
+                    presized[size - len(chunk):size] = chunk
+                else:
+                    if presized is not None:  # more than announced: carry on in the growing buffer
+                        buffer.write(presized[:size - len(chunk)])
+                        presized = None
+                    buffer.write(chunk)
                 window_bytes += len(chunk)
                 now = self._clock()
                 if now - window_start >= self.read_timeout:
@@ -631,10 +642,14 @@ class StructureClient:
                                              http_status=200) from None
             # An error status is the answer whatever its body: what arrived is enough to map it
             # (and a 5xx cut short is as unbilled, and as retryable, as a whole one).
+        if presized is not None:
+            if size < expected:
+                del presized[size:]  # an error status cut short: what arrived
+            return bytes(presized) if status != 200 else presized
         return buffer.getvalue()
 
     def _parse(self, response: requests.Response, request: StructureRequest, attempt: int,
-               store: Optional[ResultStore] = None, label: str = "") -> StructureResult:
+               store: Optional[ResultStore] = None, label: str = "", decode: bool = True) -> StructureResult:
         status = response.status_code
         headers = {k.lower(): v for k, v in response.headers.items()}
         if 300 <= status < 400:
@@ -644,7 +659,13 @@ class StructureClient:
                 "key was not sent there: check AITHRIVING_BASE_URL.", http_status=status, headers=headers)
         body = self._read_body(response)
         separators = _json_separators(body)
-        payload = _parse_json(body) if separators <= MAX_JSON_SEPARATORS else None
+        image_text: Optional[memoryview] = None
+        if separators > MAX_JSON_SEPARATORS:
+            payload = None
+        elif status == 200:
+            payload, image_text = _parse_answer(body)
+        else:
+            payload = _parse_json(body)
         request_id = headers.get("x-request-id") or (
             payload.get("id") if isinstance(payload, dict) and isinstance(payload.get("id"), str) else None)
         if status != 200:
@@ -675,13 +696,13 @@ class StructureClient:
             raise MalformedResponseError("The service's answer has no image in it (data.image missing).", **kwargs)
         seed = self._answer_seed(data.get("seed"), request.seed)
         try:
-            raw = decode_base64(data["image"])
+            raw = decode_base64(image_text if image_text is not None else data["image"])
         except MalformedResponseError as error:
             raise MalformedResponseError(
                 f"{error.message.rstrip('.')}; the service may have charged for it.", **kwargs) from None
         # The answer's text (the body, and the parsed copy of its base64) is not needed any more:
         # let it go before the pixels are decoded, the moment this request needs the most memory.
-        del payload, data, body
+        del payload, data, body, image_text
         kwargs.pop("body", None)
         actual_format, answer_size = self._check_answer_image(raw, request, kwargs)
         stored = None
@@ -693,7 +714,7 @@ class StructureClient:
             stored = store.keep(store.key_for(request, self.endpoint), raw, seed=seed, format=actual_format,
                                 label=label, aliases=aliases)
         try:
-            pixels = decode_image(raw)
+            pixels = decode_image(raw) if decode else None
         except MalformedResponseError as error:
             if stored is not None:
                 store.discard(stored)  # unusable bytes would only be served again
@@ -803,6 +824,29 @@ def _parse_json(body: bytes) -> object:
         return json.loads(body)
     except (ValueError, RecursionError):
         return None
+
+
+_IMAGE_VALUE_START = re.compile(rb'"image"[ \t\r\n]*:[ \t\r\n]*"')
+
+
+def _parse_answer(body: bytes) -> tuple[object, Optional[memoryview]]:
+    """A success answer parsed without a text copy of its image: (payload, the base64 bytes or None).
+
+    json.loads would turn the base64 (a third larger than the image) into a str of the same size;
+    instead the value is cut out of the body, the small rest parsed, and the base64 decoded straight
+    from the body. Anything unusual (an escape in the value, more than one image key, a rest that
+    is not the expected shape) takes the plain json path.
+    """
+    match = _IMAGE_VALUE_START.search(body)
+    if match is not None and _IMAGE_VALUE_START.search(body, match.end()) is None:
+        start = match.end()
+        end = body.find(b'"', start)
+        if end > start and body.find(b"\\", start, end) < 0:
+            rest = _parse_json(body[:start] + body[end:])
+            data = rest.get("data") if isinstance(rest, dict) else None
+            if isinstance(data, dict) and data.get("image") == "":
+                return rest, memoryview(body)[start:end]
+    return _parse_json(body), None
 
 
 def _root_cause(exc: BaseException) -> BaseException:

@@ -535,29 +535,46 @@ _PILLOW_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Inde
                   ZeroDivisionError)
 
 
-def _rgb_pixels(image: Image.Image) -> np.ndarray:
-    """An RGB-mode image's pixels as a new writable ``[H, W, 3]`` uint8 array, copied out of Pillow once."""
-    # What Image.tobytes does, without its list of pieces, their join and the copy that
-    # np.array(image) then makes of the result: for a 2048x2048 answer 25 MB less held at
-    # once, and half the time.
+def _copy_rgb(image: Image.Image, flat: np.ndarray) -> bool:
+    """Copy an RGB-mode image's pixels into ``flat`` (uint8, or float32 scaled to 0..1) piece by piece.
+
+    What Image.tobytes does, without its list of pieces, their join and the copy np.array(image)
+    then makes: the pixels go from Pillow's buffer to their destination once. Returns False
+    when this Pillow lacks the encoder interface.
+    """
     getencoder = getattr(Image, "_getencoder", None)
-    if getencoder is None:  # a future Pillow without it: the plain, slower way
-        return np.array(image, dtype=np.uint8)
+    if getencoder is None:
+        return False
     width, height = image.size
-    pixels = np.empty((height, width, 3), dtype=np.uint8)
-    flat = pixels.reshape(-1)
     encoder = getencoder("RGB", "raw", "RGB")
+    scale = flat.dtype != np.uint8
     try:
         encoder.setimage(image.im, (0, 0, width, height))
         position, status = 0, 0
         while not status:
             _, status, chunk = encoder.encode(max(_PNG_BLOCK_BYTES, width * 4))
-            flat[position:position + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
-            position += len(chunk)
+            piece = np.frombuffer(chunk, dtype=np.uint8)
+            if position + len(piece) > flat.size:
+                raise MalformedResponseError(_NOT_AN_IMAGE)
+            if scale:
+                # Division (not multiplication by 1/255): v/255 correctly rounded, as uint8_to_float does.
+                np.divide(piece, np.float32(255), out=flat[position:position + len(piece)], dtype=np.float32)
+            else:
+                flat[position:position + len(piece)] = piece
+            position += len(piece)
     finally:
         encoder.cleanup()
     if status < 0 or position != flat.size:
         raise MalformedResponseError(_NOT_AN_IMAGE)
+    return True
+
+
+def _rgb_pixels(image: Image.Image) -> np.ndarray:
+    """An RGB-mode image's pixels as a new writable ``[H, W, 3]`` uint8 array, copied out of Pillow once."""
+    width, height = image.size
+    pixels = np.empty((height, width, 3), dtype=np.uint8)
+    if not _copy_rgb(image, pixels.reshape(-1)):  # a future Pillow without it: the plain, slower way
+        return np.array(image, dtype=np.uint8)
     return pixels
 
 
@@ -633,8 +650,34 @@ def image_header_size(data: bytes, *, max_pixels: int = 4 * MAX_PIXELS) -> Image
 _NOT_BASE64 = "The service's answer held an image that is not valid base64."
 
 
-def decode_base64(b64: Union[str, bytes]) -> bytes:
+def decode_image_into(data: bytes, out: np.ndarray, *, max_pixels: int = 4 * MAX_PIXELS) -> None:
+    """Decode image bytes straight into ``out``, a float32 ``[H, W, 3]`` slice of size the image's own.
+
+    No uint8 copy of the image is made: an RGB image's pixels go from Pillow's buffer to ``out``
+    (for a 2048x2048 answer, 12 MB less per image than decode_image + uint8_to_float).
+    """
+    size = image_header_size(data, max_pixels=max_pixels)
+    if out.shape != (size.height, size.width, 3) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out has shape {list(out.shape)}; expected [{size.height}, {size.width}, 3] float32.")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode != "RGB" or not _copy_rgb(image, out.reshape(-1)):
+                uint8_to_float(_to_rgb_array(image), out=out)
+    except Image.DecompressionBombError:
+        raise _bomb_error(_png_declared_size(data)) from None
+    except UnidentifiedImageError:
+        raise MalformedResponseError(_NOT_AN_IMAGE) from None
+    except MemoryError:
+        raise MalformedResponseError("The service's answer held an image too large to decode.") from None
+    except _PILLOW_ERRORS:
+        raise MalformedResponseError(_NOT_AN_IMAGE) from None
+
+
+def decode_base64(b64: Union[str, bytes, memoryview]) -> bytes:
     """Strict base64 (optionally a ``data:image/...;base64,`` URL, with line breaks) to bytes."""
+    if isinstance(b64, memoryview) and bytes(b64[:5]).lower() == b"data:":
+        b64 = bytes(b64)  # rare: a data URL is cut apart as bytes
     if (b64[:5].lower() if isinstance(b64, str) else bytes(b64[:5]).lower()) in ("data:", b"data:"):
         head, comma, b64 = b64.partition("," if isinstance(b64, str) else b",")
         if not comma or not head.lower().endswith(";base64" if isinstance(head, str) else b";base64"):
@@ -644,7 +687,8 @@ def decode_base64(b64: Union[str, bytes]) -> bytes:
             # Decoded where it lies; only base64 broken into lines pays for a copy without them.
             raw = binascii.a2b_base64(b64, strict_mode=True)
         except binascii.Error:
-            raw = binascii.a2b_base64("".join(b64.split()) if isinstance(b64, str) else b"".join(b64.split()),
+            text = bytes(b64) if isinstance(b64, memoryview) else b64
+            raw = binascii.a2b_base64("".join(text.split()) if isinstance(text, str) else b"".join(text.split()),
                                       strict_mode=True)
     except (binascii.Error, ValueError):
         raise MalformedResponseError(_NOT_BASE64) from None
