@@ -43,7 +43,9 @@ class AIThrivingStructure(io.ComfyNode):
                 io.Image.Input(
                     "image",
                     tooltip="The image (or batch) whose structure to keep. Each image of a batch is one "
-                            f"request of {CREDITS_PER_IMAGE} credits."),
+                            f"request of {CREDITS_PER_IMAGE} credits.",
+                    # The web extension's cost badge reads the price from here (it is in /object_info).
+                    extra_dict={"credits_per_image": CREDITS_PER_IMAGE}),
                 io.String.Input(
                     "prompt", multiline=True, default="",
                     tooltip=f"What the output should show: subjects, style, colours ({PROMPT_RANGE_TEXT})."),

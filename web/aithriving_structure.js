@@ -1,9 +1,9 @@
 // Cost on the "Structure (AIThriving)" node: what a run will cost, and what the last run did cost.
 //
 // Two badges above the node, drawn like the frontend's own partner-node price badges:
-//   before a run  "≈ 24 credits"           6 credits per image times the batch size, when the graph
+//   before a run  "≈ 24 credits"           credits per image times the batch size, when the graph
 //                                          upstream tells it (LoadImage, RepeatImageBatch, ...);
-//                 "≈ 6 credits per image"  when it does not;
+//                 "≈ N credits per image"  when it does not (N from the node's schema: see below);
 //   after a run   "Last run: 24 credits"   from the node's UI output `aithriving_cost` (sent by the
 //                                          server with the "executed" message), "(k from cache)" added
 //                                          when images came from the local cache and were not paid;
@@ -24,7 +24,8 @@ import { api } from "../../scripts/api.js";
 const NODE_ID = "AIThrivingStructure";
 // Node state key of the last run's cost (never saved with the workflow: see onSerialize).
 const LAST_RUN_PROPERTY = "aithriving_last_run";
-const CREDITS_PER_IMAGE = 6;
+// Credits per image, from the server (structure_api/contract.py, in the node's schema): see creditsPerImage.
+let CREDITS_PER_IMAGE = null;
 const STRINGS_KEY = "aithrivingStructure";
 const ENGLISH = {
   estimate: "≈ {credits} credits",
@@ -103,6 +104,23 @@ function restoreTranslations(locale) {
     i18n.mergeLocaleMessage(locale, mine);
   }
   return true;
+}
+
+// The price the server states in the node's schema (the image input's `credits_per_image`), so this file
+// never restates it. nodeData is the frontend's copy of /object_info; a frontend that drops unknown
+// options from it gets the server's own answer.
+async function creditsPerImage(nodeData) {
+  const fromDefinition = nodeData?.input?.required?.image?.[1]?.credits_per_image;
+  if (Number.isFinite(fromDefinition)) return fromDefinition;
+  try {
+    const response = await api.fetchApi(`/object_info/${NODE_ID}`);
+    const definition = response.ok ? (await response.json())?.[NODE_ID] : null;
+    const value = definition?.input?.required?.image?.[1]?.credits_per_image;
+    if (Number.isFinite(value)) return value;
+  } catch (error) {
+    console.warn("[aithrivingstructure] price not loaded from the node's schema", error);
+  }
+  return null;
 }
 
 async function restoreTranslationsWhenLoaded(timeoutMs = 5000) {
@@ -269,6 +287,7 @@ app.registerExtension({
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData?.name !== NODE_ID) return;
+    CREDITS_PER_IMAGE = await creditsPerImage(nodeData);
 
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
