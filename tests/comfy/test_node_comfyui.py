@@ -197,6 +197,28 @@ def test_repeated_fixed_seed_run_is_not_paid_twice_even_after_restart(comfy_inst
         assert len(standin.requests) == 2  # the first round paid for two; the second sent nothing
 
 
+def test_seed_0_batch_with_a_failing_image_queued_twice_pays_only_for_that_image(comfy, standin):
+    """Seed 0, a batch of 4 with one failure: the 3 paid results are kept, and the re-queue pays for 1."""
+    workflow = graph(prompt="a seed-0 batch that fails once", seed=0, repeat=4, prefix="seed0retry")
+    credits_before = standin.credits_spent
+    standin.script(Fault(status=200, body={"code": -1, "message": "Generation failed, please try again."}))
+    first = comfy.run(workflow)
+    assert first["status"]["status_str"] == "error"
+    message = execution_error(first)["exception_message"]
+    assert message.startswith("1 of 4 images failed: image ") and "Generation failed" in message
+    assert "3 images were paid for (18 credits); all 3 are kept in the result store" in message
+    assert "so queuing again pays only for the failed ones" in message
+    assert standin.credits_spent - credits_before == 18 and len(standin.requests) == 4
+    standin.clear()
+
+    second = comfy.run(workflow)  # the same request queued again, seed still 0
+    assert second["status"]["status_str"] == "success", execution_error(second)
+    assert len(standin.requests) == 1 and standin.credits_spent - credits_before == 18 + 6
+    assert len(saved_images(second)) == 4
+    cost = next(iter(second["outputs"]["3"]["aithriving_cost"]))
+    assert (cost["credits"], cost["from_cache"], cost["images"]) == (6, 3, 4)
+
+
 def test_no_trace_of_the_key_in_saved_files_or_history(comfy, standin):
     workflow = json.loads((REPO / "example_workflows" / "structure_basic.json").read_text())
     entry = comfy.run(graph(seed=34, prefix="secret"), workflow=workflow)
