@@ -6,7 +6,6 @@ import io
 import json
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -210,11 +209,13 @@ def test_setup_waits_for_the_lock(comfy_install):
                str(comfy_install.cache_dir)]
     with _exclusive_lock(comfy_install.cache_dir / ".lock"):
         other = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(2.0)
+        # Read what the set-up says when it reaches the lock, rather than sleeping a fixed time: on a
+        # busy machine Python's start alone can outlast a sleep, and the lock was then free again.
+        first = other.stderr.readline()
+        assert "waiting for another process" in first, first
         assert other.poll() is None, "set-up ran although the lock was held"
     out, err = other.communicate(timeout=60)
-    assert other.returncode == 0, err
-    assert "waiting for another process" in err
+    assert other.returncode == 0, first + err
     assert Path(out.strip()) == comfy_install.comfy_dir
 
 
