@@ -15,7 +15,7 @@ import struct
 import sys
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -66,33 +66,6 @@ def _is_torch_tensor(obj: object) -> bool:
 
 def _who(index: Optional[int]) -> str:
     return "The image" if index is None else f"Image {index + 1} of the batch"
-
-
-def batch_size(images: Any) -> int:
-    """Number of images in a ``[B, H, W, C]`` batch; a ``[H, W, C]`` image counts as a batch of 1."""
-    shape = tuple(getattr(images, "shape", ()))
-    if len(shape) == 3:
-        return 1
-    if len(shape) != 4:
-        raise InvalidImageError(
-            f"Expected an image batch shaped [batch, height, width, channels]; got shape {list(shape)}.")
-    if shape[0] == 0:
-        raise InvalidImageError("The image batch is empty; it needs at least one image.")
-    return int(shape[0])
-
-
-def batch_item(images: Any, index: int) -> Any:
-    """Image ``index`` of a batch as a view (same type as the batch, nothing copied)."""
-    count = batch_size(images)
-    if not 0 <= index < count:
-        raise IndexError(f"Image index {index} is outside a batch of {count}.")
-    return images if len(images.shape) == 3 else images[index]
-
-
-def iter_batch(images: Any) -> Iterator[Any]:
-    """Each image of a batch in order, as views of the batch."""
-    for index in range(batch_size(images)):
-        yield batch_item(images, index)
 
 
 # Float images are quantized a block of rows of about this many bytes at a time: the float32
@@ -215,23 +188,6 @@ class FitPlan:
     def changed(self) -> bool:
         """True when the sent image differs from the original in any way."""
         return self.padded or self.scaled
-
-    def describe(self) -> str:
-        """One line saying what was done, for logs."""
-        if not self.changed:
-            return f"sent as it is ({self.original})"
-        steps = []
-        if self.scaled:
-            steps.append(f"resized {self.original} to {self.content}")
-        if self.padded:
-            steps.append(f"padded to {self.sent}")
-        return ", ".join(steps)
-
-
-def _sides_within_aspect(width: int, height: int) -> bool:
-    # Integer form of 1/2.5 <= width/height <= 2.5, so no float rounding can let 1 px through.
-    return 2 * width <= 5 * height and 2 * height <= 5 * width
-
 
 def _canvas_size(width: int, height: int) -> ImageSize:
     """Scale a canvas whose aspect is already within limits so its side and pixel counts are too."""
@@ -695,11 +651,6 @@ def decode_base64(b64: Union[str, bytes, memoryview]) -> bytes:
     if not raw:
         raise MalformedResponseError("The service's answer held an empty image.")
     return raw
-
-
-def decode_base64_image(b64: Union[str, bytes], **kw: Any) -> np.ndarray:
-    """Strict base64 (optionally a data URL, with line breaks) to ``[H, W, 3]`` uint8."""
-    return decode_image(decode_base64(b64), **kw)
 
 
 # --- back to float batches -------------------------------------------------------------

@@ -39,9 +39,6 @@ class RetryPolicy:
     retry_after_jitter: float = 0.2
 
 
-NO_RETRIES = RetryPolicy(max_attempts=1)
-
-
 def is_retryable(error: StructureError) -> bool:
     """True when sending the same request again can neither double-charge nor be pointless."""
     if isinstance(error, RateLimitError):

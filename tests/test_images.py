@@ -29,21 +29,54 @@ from structure_api.images import (
     FitPlan,
     ImageSize,
     as_numpy,
-    batch_item,
-    batch_size,
-    decode_base64_image,
+    decode_base64,
     decode_image,
     detect_format,
     encode_png,
     encode_upload,
     fit_to_limits,
-    iter_batch,
     new_output_batch,
     plan_fit,
     restore_from_fit,
     to_uint8_rgb,
     uint8_to_float,
 )
+
+
+
+# --- batch and base64 helpers the product no longer needs; kept here with the tests that pin them --
+
+def batch_size(images) -> int:
+    """Number of images in a ``[B, H, W, C]`` batch; a ``[H, W, C]`` image counts as a batch of 1."""
+    shape = tuple(getattr(images, "shape", ()))
+    if len(shape) == 3:
+        return 1
+    if len(shape) != 4:
+        raise InvalidImageError(
+            f"Expected an image batch shaped [batch, height, width, channels]; got shape {list(shape)}.")
+    if shape[0] == 0:
+        raise InvalidImageError("The image batch is empty; it needs at least one image.")
+    return int(shape[0])
+
+
+def batch_item(images, index: int):
+    """Image ``index`` of a batch as a view (same type as the batch, nothing copied)."""
+    count = batch_size(images)
+    if not 0 <= index < count:
+        raise IndexError(f"Image index {index} is outside a batch of {count}.")
+    return images if len(images.shape) == 3 else images[index]
+
+
+def iter_batch(images):
+    """Each image of a batch in order, as views of the batch."""
+    for index in range(batch_size(images)):
+        yield batch_item(images, index)
+
+
+def decode_base64_image(b64, **kw) -> np.ndarray:
+    """Strict base64 (optionally a data URL, with line breaks) to ``[H, W, 3]`` uint8."""
+    return decode_image(decode_base64(b64), **kw)
+
 
 EXTREME_SIZES = [(1, 1), (20000, 10), (10, 20000), (64, 160), (3073, 3073), (4000, 1000)]
 
