@@ -321,7 +321,7 @@ def _summarise(report: BatchReport, files: _BatchFiles, skipped: int, target: Re
         stopped = (f"; {dropped} request(s) in flight were dropped, and the service may have charged for those "
                    "whose upload had finished" if dropped and not target.free else "")
         print(f"interrupted: {written} of {len(files.todo)} image(s) done and written, {report.credits} credits "
-              f"paid, {left} not sent{stopped}; run the same command again to continue", file=sys.stderr)
+              f"paid for them, {left} not sent{stopped}; run the same command again to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(f"done {written}, failed {len(report.failures) + len(files.not_written)}, skipped {skipped}, "
           f"credits {report.credits}")
@@ -479,6 +479,23 @@ def _port(text: str) -> int:
     return _whole(text, low=0, high=65535)
 
 
+def _add_generation_options(sub: argparse.ArgumentParser) -> None:
+    """The options generate and batch share."""
+    sub.add_argument("--prompt", required=True, help=f"what the output should show ({PROMPT_RANGE_TEXT})")
+    sub.add_argument("--negative-prompt", default="", help="what the output should not show")
+    sub.add_argument("--control-strength", type=_strength, default=DEFAULT_CONTROL_STRENGTH,
+                     help=f"{MIN_CONTROL_STRENGTH:g}..{MAX_CONTROL_STRENGTH:g}, how closely to follow the "
+                          "input's structure (default %(default)s)")
+    sub.add_argument("--seed", type=_seed, default=0,
+                     help=f"0..{MAX_SEED}; 0 lets the service pick (default)")
+    sub.add_argument("--local", action="store_true",
+                     help="use an in-process local stand-in instead of the paid service (no key needed)")
+    sub.add_argument("--no-cache", action="store_true",
+                     help="keep paid results in memory for this command only, not in the result store")
+    sub.add_argument("--timeout", type=_seconds, default=DEFAULT_READ_TIMEOUT,
+                     help="seconds to wait for each answer (default %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``structure-api``."""
     parser = _Parser(
@@ -489,28 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log each request, retry and answer (status, request id, time) to stderr")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add_generation_options(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--prompt", required=True, help=f"what the output should show ({PROMPT_RANGE_TEXT})")
-        sub.add_argument("--negative-prompt", default="", help="what the output should not show")
-        sub.add_argument("--control-strength", type=_strength, default=DEFAULT_CONTROL_STRENGTH,
-                         help=f"{MIN_CONTROL_STRENGTH:g}..{MAX_CONTROL_STRENGTH:g}, how closely to follow the "
-                              "input's structure (default %(default)s)")
-        sub.add_argument("--seed", type=_seed, default=0,
-                         help=f"0..{MAX_SEED}; 0 lets the service pick (default)")
-        sub.add_argument("--local", action="store_true",
-                         help="use an in-process local stand-in instead of the paid service (no key needed)")
-        sub.add_argument("--no-cache", action="store_true",
-                         help="do not reuse or store paid results in the local cache")
-        sub.add_argument("--timeout", type=_seconds, default=DEFAULT_READ_TIMEOUT,
-                         help="seconds to wait for each answer (default %(default)s)")
-
     gen = commands.add_parser("generate", help="generate one image")
     gen.add_argument("input", type=Path, metavar="INPUT", help="input image (PNG, JPEG or WebP)")
     gen.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT",
                      help="where to write the result: a .png, .jpg or .webp file")
     gen.add_argument("--format", choices=OUTPUT_FORMATS, default=None,
                      help="output format (default: from the output file's extension, which must agree)")
-    add_generation_options(gen)
+    _add_generation_options(gen)
     gen.set_defaults(run=cmd_generate)
 
     bat = commands.add_parser("batch", help="generate one image per file in a folder (resumable)")
@@ -520,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--concurrency", type=_concurrency, default=None,
                      help=f"requests at once, 1 to {MAX_CONCURRENCY} "
                           f"(default: AITHRIVING_MAX_CONCURRENCY or {DEFAULT_MAX_CONCURRENCY})")
-    add_generation_options(bat)
+    _add_generation_options(bat)
     bat.set_defaults(run=cmd_batch)
 
     res = commands.add_parser("results", help="list paid results never written out, or --export them")

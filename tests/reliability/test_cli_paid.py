@@ -230,7 +230,7 @@ def test_ctrl_c_lets_the_requests_in_flight_finish_and_says_what_was_done_and_pa
             if proc.poll() is None:
                 proc.kill()
         first_paid = server.credits_spent
-        summary = re.search(r"interrupted: (\d+) of 8 image\(s\) done and written, (\d+) credits paid, (\d+) not sent",
+        summary = re.search(r"interrupted: (\d+) of 8 image\(s\) done and written, (\d+) credits paid for them, (\d+) not sent",
                             err)
         assert proc.returncode == 130 and summary, err
         done, paid, not_sent = (int(group) for group in summary.groups())
@@ -247,3 +247,43 @@ def test_ctrl_c_lets_the_requests_in_flight_finish_and_says_what_was_done_and_pa
         assert done + not_sent == 8
         assert again.returncode == 0 and f"skipped {done}" in again.stdout
         assert len(list(outputs.glob("*.png"))) == 8 and server.credits_spent == CREDITS_PER_IMAGE * 8
+
+
+def test_a_second_ctrl_c_drops_the_requests_in_flight_and_says_they_may_be_charged(tmp_path, ledger):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):
+        _image(folder / f"img{i}.png", i)
+    outputs = tmp_path / "out"
+    with StandInServer(api_key=CANARY_KEY, latency=3.0) as server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AITHRIVING_")}
+        env.update(AITHRIVING_BASE_URL=server.url, AITHRIVING_API_KEY=CANARY_KEY, PYTHONPATH=str(REPO),
+                   AITHRIVING_CACHE_DIR=str(tmp_path / "store"))
+        argv = [sys.executable, "-m", "structure_api", "batch", str(folder), "-o", str(outputs), "--prompt", PROMPT,
+                "--seed", "9", "--concurrency", "2"]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        try:
+            deadline = time.monotonic() + 60
+            while len(server.requests) < 2 and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        # The stand-in, like the service, finishes (and charges for) what it was already making.
+        deadline = time.monotonic() + 10
+        while server.credits_spent < 12 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        charged = server.credits_spent
+    record(ledger, "CLI: Ctrl-C twice in a batch of 4 (2 at once) while 2 answers are being made",
+           "the 2 in flight are dropped; the line says 0 done and that those 2 may "
+           "have been charged (they were: why the first Ctrl-C lets them finish)",
+           next(line for line in err.splitlines() if line.startswith("interrupted:"))[:220],
+           paid=charged, delivered=0, repaid=None)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted: 0 of 4 image(s) done and written, 0 credits paid for them, 2 not sent; 2 request(s) in flight " \
+           "were dropped, and the service may have charged for those whose upload had finished" in err
+    assert charged == 12 and not list(outputs.glob("*.png"))
