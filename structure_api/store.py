@@ -63,6 +63,8 @@ _MAX_HEADER_BYTES = 64 * 1024
 # A crashed writer leaves a temp file (or an old cache's half entry); one this old is nobody's
 # write in progress (a write takes well under a second).
 ORPHAN_AGE_SECONDS = 600.0
+# A lock file not used for a day, and held by nobody, is swept.
+LOCK_AGE_SECONDS = 86400.0
 # Delivered results of a memory-only store are a convenience cache: bounded, unlike undelivered ones.
 MEMORY_CACHE_BYTES = 256 * 1024 * 1024
 _KEY_HEX = 64
@@ -322,6 +324,10 @@ class ResultStore:
             try:
                 if handle is not None:
                     fcntl.flock(handle, fcntl.LOCK_EX)
+                    try:
+                        os.utime(handle)  # in use: the sweep leaves it alone
+                    except OSError:
+                        pass
                 yield
             finally:
                 if handle is not None:
@@ -544,11 +550,38 @@ class ResultStore:
                 orphan = old and name[:-5] + ".img" not in names
             if orphan:
                 _unlink_quietly(self.directory / name)
+        self._sweep_locks(now)
         # The old cache's complete entries (delivered results, fixed seed) move into the new layout.
         for item in items:
             name = item.name
             if name.endswith(".json") and _is_key(name[:-5]) and name[:-5] + ".img" in names:
                 self._migrate_legacy(name[:-5])
+
+    def _sweep_locks(self, now: float) -> None:
+        """Remove per-key lock files unused for a day that nobody holds (one is left per key ever paid)."""
+        if fcntl is None or self.directory is None:
+            return
+        try:
+            with os.scandir(self.directory / LOCK_DIR) as listing:
+                items = list(listing)
+        except OSError:
+            return
+        for item in items:
+            try:
+                info = item.stat(follow_symlinks=False)
+                if not _is_key(item.name) or not stat.S_ISREG(info.st_mode) \
+                        or now - info.st_mtime <= LOCK_AGE_SECONDS:
+                    continue
+                fd = os.open(item.path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while someone is paying under it
+                os.unlink(item.path)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def _migrate_legacy(self, key: str) -> None:
         assert self.directory is not None

@@ -498,9 +498,21 @@ def test_store_sweeps_orphans_and_ignores_what_is_not_a_regular_file(tmp_path, l
         huge.truncate(200 * 1024 * 1024)
     (folder / f"{'c' * 32}{RESULT_SUFFIX}").write_bytes(b"AITHRIVING-RESULT-1\n{not json")
 
+    locks = folder / ".locks"
+    locks.mkdir()
+    stale_lock, held_lock = locks / ("1" * 64), locks / ("2" * 64)
+    for lock in (stale_lock, held_lock):
+        lock.touch()
+        os.utime(lock, (time.time() - 3 * 86400,) * 2)
+    import fcntl
+
+    holder = os.open(held_lock, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another process paying under this key right now
+
     store = ResultStore(folder)
     started = time.monotonic()
     undelivered = store.undelivered()
+    os.close(holder)
     seconds = time.monotonic() - started
     kept = store.keep("9" * 64, image_file_bytes(photo_like(96, 64)), seed=5, format="png")
     names = sorted(p.name for p in folder.iterdir())
@@ -510,6 +522,7 @@ def test_store_sweeps_orphans_and_ignores_what_is_not_a_regular_file(tmp_path, l
            paid=0, delivered=0, repaid=None, seconds=seconds)
     assert undelivered == []
     assert not stale_temp.exists() and fresh_temp.exists() and not orphan_marker.exists() and not legacy_half.exists()
+    assert not stale_lock.exists() and held_lock.exists()
     assert [entry.entry_id for entry in ResultStore(folder).undelivered()] == [kept.entry_id]
     assert seconds < 2
 
