@@ -123,12 +123,15 @@ class AIThrivingStructure(io.ComfyNode):
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise comfy.model_management.InterruptProcessingException()
         cached = f" ({result.from_cache} from the result store)" if result.from_cache else ""
-        _status(node_id, f"done {total} of {total}{cached} · {spent(result.credits)}")
+        # Answers of a stand-in (offline mode, or `serve` at AITHRIVING_BASE_URL) carry its free mark and
+        # count 0 credits: fresh results that cost nothing came from one.
+        free = run.local or (result.credits == 0 and result.from_cache < total)
+        done = spent(result.credits) if run.local or not free else f"0 credits ({LOCAL_LABEL})"
+        _status(node_id, f"done {total} of {total}{cached} · {done}")
         # Sent to the frontend with the "executed" message (and kept in the history): the cost shown on the node.
-        # The stand-in's answers carry its free mark, so its results already count 0 credits.
         cost = {"credits": result.credits, "images": total, "from_cache": result.from_cache,
-                "credits_per_image": 0 if run.local else CREDITS_PER_IMAGE, "seeds": result.seeds,
-                "local": run.local}
+                "credits_per_image": 0 if free else CREDITS_PER_IMAGE, "seeds": result.seeds,
+                "local": run.local, "free": free}
         return io.NodeOutput(result.images, result.seeds[0], ui={"aithriving_cost": [cost]})
 
 

@@ -205,6 +205,8 @@ function imagesOutOf(node, depth) {
 function estimateText(node) {
   // Offline mode (web/aithriving_setup.js keeps the server's word): the in-process stand-in charges nothing.
   if (globalThis.aithrivingSetup?.local) return text("estimateLocal", {});
+  // The last run was answered by a free stand-in (`serve` at AITHRIVING_BASE_URL): so is the next one.
+  if (node.aithrivingLastCost?.free && !node.aithrivingLastCost.reused) return text("estimateLocal", {});
   const images = imagesInto(node, imageInputIndex(node, "image"));
   if (images != null) return text("estimate", { credits: images * CREDITS_PER_IMAGE, images });
   const last = lastCost(node);
@@ -218,7 +220,7 @@ function lastRunText(node) {
   const cost = lastCost(node);
   if (!cost) return "";
   if (cost.reused) return text("lastRunReused", {});
-  if (cost.local) return text("lastRunLocal", {});
+  if (cost.local || cost.free) return text("lastRunLocal", {});
   const values = { credits: cost.credits, images: cost.images, cached: cost.from_cache };
   return text(cost.from_cache > 0 ? "lastRunCached" : "lastRun", values);
 }
@@ -231,7 +233,7 @@ function recordCost(node, cost) {
   node.aithrivingLastCost = reused
     ? { credits: 0, images: previous?.images ?? cost?.images ?? null, from_cache: 0, seeds: previous?.seeds ?? [], reused }
     : { credits: cost.credits, images: cost.images, from_cache: cost.from_cache ?? 0, seeds: cost.seeds ?? [], reused,
-        local: cost.local === true };
+        local: cost.local === true, free: cost.free === true };
   node.aithrivingRuns = (node.aithrivingRuns ?? 0) + 1;
   // Node state: what the Nodes 2.0 renderer of newer frontends redraws the badges from.
   node.setProperty?.(LAST_RUN_PROPERTY, { ...node.aithrivingLastCost, run: node.aithrivingRuns });

@@ -133,7 +133,7 @@ def test_single_image_saves_the_services_image(comfy, standin):
     # The cost of the run travels to the frontend as the node's UI output.
     [cost] = entry["outputs"]["3"]["aithriving_cost"]
     assert cost == {"credits": 6, "images": 1, "from_cache": 0, "credits_per_image": 6, "seeds": [1234],
-                    "local": False}
+                    "local": False, "free": False}
     assert_same_image(saved, expected_pixels(standin, 1234))
     # ... and that image keeps the input's structure: its edges line up with the input's.
     source = np.asarray(Image.open(EXAMPLE).convert("RGB"))

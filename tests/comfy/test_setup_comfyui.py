@@ -188,7 +188,7 @@ def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_res
         entry = server.run(graph(prefix="offline-on"))
         assert execution_error(entry) is None, execution_error(entry)
         cost = cost_of(entry)
-        assert cost["credits"] == 0 and cost["local"] is True and cost["credits_per_image"] == 0
+        assert cost["credits"] == 0 and cost["local"] is True and cost["free"] is True and cost["credits_per_image"] == 0
         [image] = saved_images(entry)
         png = Image.open(base / "output" / image["subfolder"] / image["filename"])
         assert png.size == Image.open(EXAMPLE).size
@@ -211,6 +211,21 @@ def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_res
         assert "No API key found" in execution_error(entry)["exception_message"]
     finally:
         restarted.stop()
+
+
+def test_a_serve_standin_at_the_base_url_is_reported_free(comfy_install, tmp_path):
+    # `structure-api serve` (free=True) with the two variables its banner shows: 0 credits on every figure.
+    with StandInServer(free=True) as serve:
+        server = start(comfy_install, tmp_path / "base", {
+            "AITHRIVING_BASE_URL": serve.url, "AITHRIVING_API_KEY": "local", "AITHRIVING_CACHE_DIR": "off"})
+        try:
+            entry = server.run(graph(prefix="serve"))
+            assert execution_error(entry) is None, execution_error(entry)
+            cost = cost_of(entry)
+            assert (cost["credits"], cost["credits_per_image"], cost["free"], cost["local"]) == (0, 0, True, False)
+            assert len(serve.requests) == 1
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="module")
