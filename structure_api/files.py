@@ -207,7 +207,7 @@ def write_atomically(path: Path, data: Union[bytes, Sequence[bytes]], *, private
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
                  0o600 if private else 0o666)
     try:
-        if private:
+        if private and hasattr(os, "fchmod"):  # POSIX; Windows has no such modes
             os.fchmod(fd, 0o600)  # whatever the umask, never more and never less
         with os.fdopen(fd, "wb", buffering=0) as handle:
             for piece in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
