@@ -33,14 +33,14 @@ REPO = Path(__file__).resolve().parents[1]
 # Exactly what may ship: anything else tracked must be listed in .comfyignore.
 RUNTIME_PATTERNS = [
     r"__init__\.py", r"nodes\.py", r"server_routes\.py", r"requirements\.txt", r"pyproject\.toml", r"README\.md", r"LICENSE",
-    r"structure_api/[a-z_]+\.py",
+    r"structure_api/[a-z_]+\.py", r"structure_api/standin/[a-z_]+\.py",
     r"web/[a-z_]+\.js", r"web/docs/AIThrivingStructure\.md", r"web/docs/AIThrivingStructure/[a-z]{2}(-[A-Z]{2})?\.md",
     r"locales/[a-z]{2}(-[A-Z]{2})?/(main|nodeDefs|commands|settings)\.json",
     r"example_workflows/[a-z_]+\.(json|jpg)", r"example_workflows/structure_example\.png",
 ]
 REQUIRED = [
     "__init__.py", "nodes.py", "server_routes.py", "requirements.txt", "pyproject.toml", "README.md", "LICENSE",
-    "structure_api/__init__.py", "structure_api/client.py", "structure_api/standin.py",
+    "structure_api/__init__.py", "structure_api/client.py", "structure_api/standin/__init__.py",
     "web/aithriving_structure.js", "web/aithriving_setup.js", "web/docs/AIThrivingStructure.md",
     "locales/en/nodeDefs.json", "locales/en/main.json", "locales/fr/nodeDefs.json",
     "example_workflows/structure_example.png",
@@ -143,7 +143,7 @@ def test_archive_holds_the_runtime_files(archive):
     missing = [n for n in REQUIRED if n not in names]
     assert not missing, f"missing from the Registry archive: {missing}"
     # Every module of the client, every workflow with its thumbnail, every help page and language.
-    for path in [*REPO.glob("structure_api/*.py"), *REPO.glob("web/**/*.md"), *REPO.glob("web/*.js"),
+    for path in [*REPO.glob("structure_api/**/*.py"), *REPO.glob("web/**/*.md"), *REPO.glob("web/*.js"),
                  *REPO.glob("locales/*/*.json"), *REPO.glob("example_workflows/*.json")]:
         assert path.relative_to(REPO).as_posix() in names, path
     for workflow in REPO.glob("example_workflows/*.json"):

@@ -1,24 +1,14 @@
-"""A local stand-in for the Structure endpoint: same contract, generated images, scriptable faults.
-
-It serves ``POST /api/control/structure`` on loopback so workflows can be tried offline without
-spending credits, and so tests can talk real HTTP to something that can also misbehave on cue
-(``StandInServer.script``). The images it returns are not AI generations: they are the input's
-edge map painted in two colours derived from the prompt and seed, so the structure is visibly kept.
-"""
+"""The stand-in's HTTP server: recording, the handler, the life cycle (start, stop, scripted faults)."""
 
 from __future__ import annotations
 
 import base64
 import collections
-import hashlib
 import hmac
-import io
 import ipaddress
-import json
 import logging
 import math
 import random
-import re
 import secrets
 import socket
 import socketserver
@@ -26,38 +16,23 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from email.message import Message
-from email.parser import BytesHeaderParser
-from email import policy as email_policy
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable, Optional, Union
+from typing import Iterable, Optional, Union
 from urllib.parse import urlsplit
 
-import numpy as np
-from PIL import Image
-
-from .contract import (  # noqa: F401  (ENDPOINT_PATH and CREDITS_PER_IMAGE stay importable from here)
+from ..contract import (
     CREDITS_PER_IMAGE,
-    DEFAULT_CONTROL_STRENGTH,
-    DEFAULT_OUTPUT_FORMAT,
     ENDPOINT_PATH,
-    MAX_ASPECT,
-    MAX_CONTROL_STRENGTH,
-    MAX_PIXELS,
-    MAX_PROMPT_CHARS,
     MAX_REQUEST_BYTES,
     MAX_SEED,
-    MIN_CONTROL_STRENGTH,
-    MIN_PIXELS,
-    MIN_SIDE,
-    OUTPUT_FORMATS,
-    UPLOAD_FORMATS,
 )
-from .ratelimit import RateLimit
-from .standin_ratelimit import UpstreamRateLimit
-
-__all__ = ["Fault", "RecordedRequest", "StandInServer", "serve", "ENDPOINT_PATH", "FAULT_KINDS"]
+from ..ratelimit import RateLimit
+from ..standin_ratelimit import UpstreamRateLimit
+from .answers import _body_bytes, _json_bytes, default_body, error_payload
+from .faults import FAULT_KINDS, Fault, _random_fault
+from .multipart import _BadRequest, _Form, parse_multipart
+from .render import render_structure
+from .validation import validate_form
 
 log = logging.getLogger("structure_api.standin")
 
@@ -76,43 +51,7 @@ _JOIN_TIMEOUT = 2.0
 # Idle keep-alive connections are closed after this long, so `serve` does not pile up threads.
 _IDLE_TIMEOUT = 300.0
 
-# The faults a fault_rate draw picks from: retryable statuses or a failed generation.
-FAULT_KINDS = ("429", "500", "502", "503", "504", "code-1")
-
-_ACTIONS = ("respond", "drop", "drop_before_read", "truncate", "hang", "stream")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
-
-
-@dataclass
-class Fault:
-    """One scripted answer, used for the next request instead of the normal behaviour."""
-
-    status: int = 200
-    body: Union[bytes, str, dict, None] = None  # dict -> JSON; None -> default body for the status
-    headers: dict[str, str] = field(default_factory=dict)
-    delay: float = 0.0  # seconds to wait before answering (after reading the request)
-    # "respond" | "drop" (close after reading the request, no answer) | "drop_before_read" (close
-    # before reading the body) | "truncate" (announce the full Content-Length, send half, close)
-    # | "hang" (read the request, never answer until the server stops) | "stream" (send
-    # body_chunks() chunked, or raw under a Content-Length given in headers)
-    action: str = "respond"
-    body_chunks: Optional[Callable[[], Iterable[bytes]]] = None  # for action="stream"
-    passthrough: bool = False  # answer normally (generate the image), but after `delay`
-
-    def __post_init__(self) -> None:
-        if self.action not in _ACTIONS:
-            raise ValueError(f"Fault action must be one of {', '.join(_ACTIONS)}; got {self.action!r}.")
-        if not 100 <= int(self.status) <= 599:
-            raise ValueError(f"Fault status must be an HTTP status 100..599; got {self.status!r}.")
-        if self.delay < 0 or not math.isfinite(self.delay):
-            raise ValueError(f"Fault delay must be a finite number of seconds >= 0; got {self.delay!r}.")
-
-    @property
-    def label(self) -> str:
-        """What RecordedRequest.fault says for this fault."""
-        if self.passthrough:
-            return "passthrough"
-        return str(self.status) if self.action == "respond" else self.action
 
 
 @dataclass(frozen=True)
@@ -154,319 +93,6 @@ class _Entry:
             image_bytes=self.image_bytes, image_filename=self.image_filename,
             image_content_type=self.image_content_type, body_size=self.body_size,
             received_at=self.received_at, status=self.status, fault=self.fault)
-
-
-class _BadRequest(Exception):
-    """A request the stand-in answers with 400 and this reason."""
-
-
-# --- answer bodies -------------------------------------------------------------------
-
-_GATEWAY_PAGE = (
-    "<html>\r\n<head><title>{status} {phrase}</title></head>\r\n<body>\r\n"
-    "<center><h1>{status} {phrase}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
-)
-
-_DEFAULT_ERRORS: dict[int, tuple[str, str, str]] = {
-    # status: (name, message, errors[0])
-    200: ("generation_failed", "Generation failed, please try again.", "the generation did not produce an image"),
-    400: ("bad_request", "Invalid parameters.", "the request is invalid"),
-    401: ("unauthorized", "Invalid or missing API key.", "authorization header is missing or invalid"),
-    402: ("payment_required", "Insufficient credits.", "your account does not have enough credits"),
-    403: ("content_moderation", "Your request was flagged by our content moderation system.",
-          "the prompt or image was flagged by content moderation"),
-    404: ("not_found", "Not found.", "no such endpoint"),
-    405: ("method_not_allowed", "Method not allowed.", "only POST is accepted"),
-    413: ("payload_too_large", f"Request body is larger than {MAX_REQUEST_BYTES // 2**20} MiB.",
-          f"the request must be at most {MAX_REQUEST_BYTES // 2**20} MiB"),
-    422: ("invalid_input", "Unsupported input.", "the input could not be processed"),
-    429: ("rate_limited", "Too many requests, please slow down.", "you have exceeded the rate limit"),
-    500: ("internal_error", "Internal server error.", "an unexpected error occurred"),
-    503: ("service_unavailable", "Service temporarily unavailable.", "the service is overloaded"),
-}
-
-
-def error_payload(message: str, name: str, errors: Optional[list[str]] = None) -> dict:
-    """The JSON error body the stand-in uses: vendor ``code``/``message`` plus upstream ``name``/``errors``."""
-    return {"code": -1, "message": message, "name": name, "errors": errors if errors is not None else [message]}
-
-
-def default_body(status: int) -> tuple[bytes, str]:
-    """The body and content type the stand-in sends for `status` when a Fault gives no body."""
-    if status in (204, 304) or status < 200:
-        return b"", "text/plain"
-    if status in (502, 504):
-        # What a gateway in front of the service sends: HTML, not JSON.
-        phrase = HTTPStatus(status).phrase
-        return _GATEWAY_PAGE.format(status=status, phrase=phrase).encode(), "text/html"
-    if status in _DEFAULT_ERRORS:
-        name, message, reason = _DEFAULT_ERRORS[status]
-    else:
-        try:
-            phrase = HTTPStatus(status).phrase
-        except ValueError:
-            phrase = f"HTTP {status}"
-        name = re.sub(r"[^a-z0-9]+", "_", phrase.lower()).strip("_")
-        message, reason = phrase + ".", phrase.lower()
-    return _json_bytes(error_payload(message, name, [reason])), "application/json"
-
-
-def _json_bytes(payload: object) -> bytes:
-    return json.dumps(payload, separators=(",", ":")).encode("utf-8")
-
-
-def _body_bytes(body: Union[bytes, str, dict, list, None], status: int) -> tuple[bytes, str]:
-    if body is None:
-        return default_body(status)
-    if isinstance(body, (dict, list)):
-        return _json_bytes(body), "application/json"
-    if isinstance(body, str):
-        return body.encode("utf-8"), "text/plain; charset=utf-8"
-    data = bytes(body)
-    # A guess from the first byte only: scripted bodies are often deliberately broken JSON.
-    looks_json = data.lstrip()[:1] in (b"{", b"[")
-    return data, "application/json" if looks_json else "application/octet-stream"
-
-
-# --- multipart parsing ---------------------------------------------------------------
-
-@dataclass
-class _Form:
-    fields: dict[str, str]
-    undecodable: list[str]  # text fields that were not UTF-8
-    image_bytes: Optional[bytes]
-    image_filename: Optional[str]
-    image_content_type: Optional[str]
-
-
-def _header_params(value: str) -> Message:
-    message = Message()
-    message["content-type"] = value
-    return message
-
-
-def parse_multipart(body: bytes, content_type: str) -> _Form:
-    """Split a multipart/form-data body; raise _BadRequest when it is not one."""
-    header = _header_params(content_type or "")
-    if header.get_content_type() != "multipart/form-data":
-        raise _BadRequest("content-type: must be multipart/form-data")
-    boundary = header.get_param("boundary")
-    if not isinstance(boundary, str) or not 1 <= len(boundary) <= 200:
-        raise _BadRequest("content-type: multipart/form-data needs a boundary")
-    delimiter = b"--" + boundary.encode("latin-1", "replace")
-    form = _Form({}, [], None, None, None)
-    position = body.find(delimiter)
-    if position < 0:
-        raise _BadRequest("body: malformed multipart/form-data (no boundary found)")
-    head_parser = BytesHeaderParser(policy=email_policy.HTTP)
-    while True:
-        position += len(delimiter)
-        if body[position:position + 2] == b"--":
-            return form
-        line_end = body.find(b"\r\n", position)
-        if line_end < 0:
-            raise _BadRequest("body: malformed multipart/form-data (truncated)")
-        start = line_end + 2
-        end = body.find(b"\r\n" + delimiter, start)
-        if end < 0:
-            raise _BadRequest("body: malformed multipart/form-data (missing closing boundary)")
-        head_end = body.find(b"\r\n\r\n", start, end + 2)
-        if head_end < 0:
-            raise _BadRequest("body: malformed multipart/form-data (part without headers)")
-        part_head = head_parser.parsebytes(body[start:head_end + 4])
-        content = body[head_end + 4:end]
-        _add_part(form, part_head, content)
-        position = end + 2
-
-
-def _add_part(form: _Form, head: Message, content: bytes) -> None:
-    name = head.get_param("name", header="content-disposition")
-    if not isinstance(name, str):
-        return
-    filename = head.get_filename()
-    if name == "image":
-        if form.image_bytes is None:
-            form.image_bytes = content
-            form.image_filename = filename
-            form.image_content_type = head.get("content-type")
-        return
-    if filename is not None or name in form.fields:
-        return  # other file parts are ignored; for repeated fields the first one counts
-    try:
-        form.fields[name] = content.decode("utf-8")
-    except UnicodeDecodeError:
-        form.fields[name] = content.decode("utf-8", "replace")
-        form.undecodable.append(name)
-
-
-# --- validation ------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Job:
-    pixels: Image.Image
-    prompt: str
-    negative_prompt: str
-    control_strength: float
-    seed: int  # 0 = pick one
-    output_format: str
-
-
-_SEED_TEXT = re.compile(r"[0-9]{1,10}")
-
-
-def validate_form(form: _Form) -> _Job:
-    """The checks the service makes, in a fixed order; raise _BadRequest naming the first failing field."""
-    for name in form.undecodable:
-        raise _BadRequest(f"{name}: must be UTF-8 text")
-    prompt = form.fields.get("prompt")
-    if prompt is None:
-        raise _BadRequest("prompt: is required")
-    if not 1 <= len(prompt) <= MAX_PROMPT_CHARS:
-        raise _BadRequest(f"prompt: must be 1 to {MAX_PROMPT_CHARS} characters")
-    strength_text = form.fields.get("control_strength")
-    control_strength = DEFAULT_CONTROL_STRENGTH
-    if strength_text is not None:
-        try:
-            control_strength = float(strength_text.strip())
-        except ValueError:
-            control_strength = math.nan
-        if not (math.isfinite(control_strength) and MIN_CONTROL_STRENGTH <= control_strength <= MAX_CONTROL_STRENGTH):
-            raise _BadRequest(f"control_strength: must be a number between {MIN_CONTROL_STRENGTH:g} and "
-                              f"{MAX_CONTROL_STRENGTH:g}")
-    negative_prompt = form.fields.get("negative_prompt", "")
-    if len(negative_prompt) > MAX_PROMPT_CHARS:
-        raise _BadRequest(f"negative_prompt: must be at most {MAX_PROMPT_CHARS} characters")
-    seed_text = form.fields.get("seed")
-    seed = 0
-    if seed_text is not None:
-        seed_text = seed_text.strip()
-        if not _SEED_TEXT.fullmatch(seed_text) or int(seed_text) > MAX_SEED:
-            raise _BadRequest(f"seed: must be an integer between 0 and {MAX_SEED}")
-        seed = int(seed_text)
-    output_format = form.fields.get("output_format", DEFAULT_OUTPUT_FORMAT)
-    if output_format not in OUTPUT_FORMATS:
-        # Upstream lists the formats alphabetically.
-        raise _BadRequest(f"output_format: must be one of {', '.join(sorted(OUTPUT_FORMATS))}")
-    if form.image_bytes is None:
-        raise _BadRequest("image: is required")
-    pixels = decode_upload(form.image_bytes)
-    return _Job(pixels, prompt, negative_prompt, control_strength, seed, output_format)
-
-
-def decode_upload(data: bytes) -> Image.Image:
-    """Open an uploaded image, checking the limits from its header before any pixel is decoded."""
-    if not data:
-        raise _BadRequest("image: is empty")
-    try:
-        # Only the header is read here; the size check below runs before load(), so a small file
-        # announcing a huge canvas (a decompression bomb) is refused without decoding it.
-        image = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
-    except Image.DecompressionBombError:
-        raise _BadRequest(f"image: must have {MIN_PIXELS} to {MAX_PIXELS} pixels") from None
-    except Exception:
-        raise _BadRequest("image: could not be decoded as PNG, JPEG or WebP") from None
-    width, height = image.size
-    if width < MIN_SIDE or height < MIN_SIDE:
-        raise _BadRequest(f"image: every side must be at least {MIN_SIDE} pixels (got {width}x{height})")
-    if not MIN_PIXELS <= width * height <= MAX_PIXELS:
-        raise _BadRequest(f"image: must have {MIN_PIXELS} to {MAX_PIXELS} pixels (got {width * height})")
-    if max(width, height) > MAX_ASPECT * min(width, height):
-        raise _BadRequest(f"image: aspect ratio must be between 1:{MAX_ASPECT:g} and {MAX_ASPECT:g}:1 "
-                          f"(got {width}x{height})")
-    try:
-        image.load()
-    except Exception:
-        raise _BadRequest("image: could not be decoded (damaged or truncated file)") from None
-    return image
-
-
-# --- the generated image ---------------------------------------------------------------
-
-def _hsv_to_rgb(hue: float, saturation: float, value: float) -> np.ndarray:
-    sector = (hue % 1.0) * 6.0
-    index = int(sector) % 6
-    fraction = sector - int(sector)
-    p = value * (1 - saturation)
-    q = value * (1 - saturation * fraction)
-    t = value * (1 - saturation * (1 - fraction))
-    rgb = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)][index]
-    return np.array(rgb, dtype=np.float32)
-
-
-def edge_map(luminance: np.ndarray) -> np.ndarray:
-    """Gradient magnitude of a ``[H, W]`` float image in 0..1 (central differences), same shape."""
-    gx = np.zeros_like(luminance)
-    gy = np.zeros_like(luminance)
-    gx[:, 1:-1] = luminance[:, 2:] - luminance[:, :-2]
-    gy[1:-1, :] = luminance[2:, :] - luminance[:-2, :]
-    return np.sqrt(gx * gx + gy * gy)
-
-
-def structure_edges(image: Image.Image) -> np.ndarray:
-    """The input's structure as ``[H, W]`` float32 in 0..1: the strongest colour-channel gradient, thickened."""
-    rgb = np.asarray(image.convert("RGB"))
-    strongest = None
-    for channel in range(3):
-        magnitude = edge_map(rgb[:, :, channel].astype(np.float32) * np.float32(1 / 255))
-        strongest = magnitude if strongest is None else np.maximum(strongest, magnitude, out=strongest)
-    # A step between 0 and 1 gives a central difference of 1; 0.3 already counts as a full edge.
-    # Gradients under 0.08 (sensor noise and JPEG ringing; the max over channels and the dilation
-    # below both raise the noise floor) are dropped so flat areas stay flat.
-    strongest -= np.float32(0.08)
-    edges = np.clip(strongest * np.float32(1 / 0.22), 0, 1)
-    # One pixel of dilation, so outlines stay visible when a large output is viewed scaled down.
-    thick = edges.copy()
-    np.maximum(thick[1:, :], edges[:-1, :], out=thick[1:, :])
-    np.maximum(thick[:-1, :], edges[1:, :], out=thick[:-1, :])
-    np.maximum(thick[:, 1:], edges[:, :-1], out=thick[:, 1:])
-    np.maximum(thick[:, :-1], edges[:, 1:], out=thick[:, :-1])
-    return thick
-
-
-def render_structure(
-    image: Image.Image, prompt: str, negative_prompt: str, control_strength: float, seed: int, output_format: str
-) -> bytes:
-    """The stand-in's "generation": the input's edges in prompt/seed colours, encoded in `output_format`.
-
-    Deterministic for its arguments; the output has the input's width and height.
-    """
-    edges = structure_edges(image)
-    luminance = np.asarray(image.convert("L"), dtype=np.float32) * np.float32(1 / 255)
-    height, width = luminance.shape
-
-    digest = hashlib.sha256(f"{prompt}\x00{seed}".encode("utf-8", "surrogatepass")).digest()
-    hue = int.from_bytes(digest[0:2], "big") / 65536
-    if negative_prompt:
-        shift = hashlib.sha256(negative_prompt.encode("utf-8", "surrogatepass")).digest()
-        hue += (shift[0] / 255 - 0.5) * 0.1  # a slight hue shift, at most +-0.05
-    background = _hsv_to_rgb(hue, 0.5 + digest[2] / 255 * 0.4, 0.15 + digest[3] / 255 * 0.2)
-    foreground = _hsv_to_rgb(hue + 0.5, 0.3 + digest[4] / 255 * 0.4, 0.85 + digest[5] / 255 * 0.15)
-
-    # The seed's own "texture": one slow diagonal wave, so low control_strength looks like a new image.
-    fx = 0.5 + digest[6] / 255 * 2.5
-    fy = 0.5 + digest[7] / 255 * 2.5
-    phase = digest[8] / 255 * 2 * math.pi
-    xs = np.sin(2 * math.pi * fx * np.arange(width, dtype=np.float32) / width + phase)
-    ys = np.cos(2 * math.pi * fy * np.arange(height, dtype=np.float32) / height)
-    texture = 0.25 + 0.25 * (0.5 * ys[:, None] + 0.5 * xs[None, :])  # 0 .. 0.5
-
-    strength = np.float32(control_strength)
-    # Everything taken from the input scales with strength: at 1 the edges reach the foreground
-    # colour (full contrast) over a faint shading of the input; at 0 only the seed's texture is left.
-    weight = strength * (edges + np.float32(0.25) * luminance) + (np.float32(1) - strength) * texture
-    levels = np.clip(weight * 255 + 0.5, 0, 255).astype(np.uint8)
-    ramp = np.linspace(0.0, 1.0, 256, dtype=np.float32)[:, None]
-    palette = np.clip((background + (foreground - background) * ramp) * 255 + 0.5, 0, 255).astype(np.uint8)
-    output = Image.fromarray(palette[levels], mode="RGB")
-
-    buffer = io.BytesIO()
-    if output_format == "jpeg":
-        output.save(buffer, format="JPEG", quality=90)
-    elif output_format == "webp":
-        output.save(buffer, format="WEBP", quality=90, method=2)
-    else:
-        output.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
 
 
 # --- the HTTP side -----------------------------------------------------------------------
@@ -609,7 +235,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.rfile.readline(8)
 
     def _wait(self, seconds: float) -> None:
-        if seconds > 0 and self.server.standin._stopping.wait(seconds):
+        if seconds > 0 and self.server.standin.wait_until_stopping(seconds):
             raise _Stopped
 
     def _drop(self) -> None:
@@ -650,7 +276,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Answer with a scripted fault instead of the normal behaviour."""
         if fault.action in ("drop", "hang"):
             if fault.action == "hang":
-                self.server.standin._stopping.wait()
+                self.server.standin.wait_until_stopping()
             else:
                 self._wait(fault.delay)
             self._drop()
@@ -690,10 +316,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Connection", "close")
         self.end_headers()
-        stopping = self.server.standin._stopping
+        owner = self.server.standin
         try:
             for chunk in chunks:
-                if stopping.is_set():
+                if owner.stopping:
                     break
                 if not chunk:
                     continue
@@ -731,7 +357,7 @@ class _HTTPServer(ThreadingHTTPServer):
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
         owner = self.standin
         with owner._lock:
-            if owner._stopping.is_set():
+            if owner.stopping:
                 self.shutdown_request(request)
                 return
             thread = threading.Thread(
@@ -759,7 +385,7 @@ class _HTTPServer(ThreadingHTTPServer):
         import sys
 
         error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, TimeoutError, _Stopped)) or self.standin._stopping.is_set():
+        if isinstance(error, (ConnectionError, TimeoutError, _Stopped)) or self.standin.stopping:
             log.debug("connection from %s ended: %r", client_address, error)
         else:
             log.exception("stand-in handler failed for %s", client_address)
@@ -879,6 +505,15 @@ class StandInServer:
         if leftover:
             log.warning("stand-in stopped with %d handler thread(s) still running", len(leftover))
 
+    @property
+    def stopping(self) -> bool:
+        """True from the moment stop() begins."""
+        return self._stopping.is_set()
+
+    def wait_until_stopping(self, timeout: Optional[float] = None) -> bool:
+        """Block until stop() begins or ``timeout`` seconds pass; True when it has begun."""
+        return self._stopping.wait(timeout)
+
     def __enter__(self) -> "StandInServer":
         return self.start()
 
@@ -969,46 +604,3 @@ class StandInServer:
                                  job.output_format)
         encoded = base64.b64encode(image).decode("ascii")
         return 200, {"code": 0, "message": "success", "data": {"image": encoded, "seed": seed}}, {}
-
-
-def _random_fault(kind: str) -> Fault:
-    if kind == "429":
-        return _Labelled(status=429, headers={"Retry-After": "0"}, label_text=kind)
-    if kind == "code-1":
-        return _Labelled(status=200, body=error_payload(
-            "Generation failed, please try again.", "generation_failed",
-            ["the generation did not produce an image"]), label_text=kind)
-    return _Labelled(status=int(kind), label_text=kind)
-
-
-@dataclass
-class _Labelled(Fault):
-    """A fault drawn by fault_rate; records its kind ("503", "code-1") as the label."""
-
-    label_text: str = ""
-
-    @property
-    def label(self) -> str:
-        return self.label_text
-
-
-def serve(
-    host: str = "127.0.0.1", port: int = 0, api_key: Optional[str] = None, latency: float = 0.0,
-    ready: Optional[Callable[[str], None]] = None, rate_limit: Union[RateLimit, str, None] = None,
-    lockout: float = 60.0,
-) -> "StandInServer":
-    """Run the stand-in until interrupted (Ctrl-C); calls ready(url) once it is listening; returns it, stopped."""
-    # Nobody reads the records of a long-running stand-in, and each would hold an upload.
-    server = StandInServer(api_key=api_key, host=host, port=port, latency=latency, max_records=0, free=True,
-                           rate_limit=rate_limit, lockout=lockout)
-    try:
-        server.start()
-        if ready is not None:
-            ready(server.url)
-        while not server._stopping.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    return server

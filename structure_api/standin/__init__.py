@@ -1,0 +1,27 @@
+"""A local stand-in for the Structure endpoint: same contract, generated images, scriptable faults.
+
+It serves ``POST /api/control/structure`` on loopback so workflows can be tried offline without
+spending credits, and so tests can talk real HTTP to something that can also misbehave on cue
+(``StandInServer.script``). The images it returns are not AI generations: they are the input's
+edge map painted in two colours derived from the prompt and seed, so the structure is visibly kept.
+
+Where each part lives: ``server`` (recording, the HTTP handler, start and stop), ``multipart`` and
+``validation`` (reading an upload as the service does, with the figures of ``structure_api.contract``),
+``render`` (the generated image), ``answers`` (error bodies), ``faults`` (what only tests script),
+``run`` (``serve``, what users run).
+"""
+
+from ..contract import CREDITS_PER_IMAGE, ENDPOINT_PATH
+from .answers import default_body, error_payload
+from .faults import FAULT_KINDS, Fault
+from .multipart import parse_multipart
+from .render import edge_map, render_structure, structure_edges
+from .run import serve
+from .server import HEALTH_PATHS, STANDIN_HEADER, STANDIN_HEADER_VALUE, RecordedRequest, StandInServer
+from .validation import decode_upload, validate_form
+
+__all__ = [
+    "Fault", "RecordedRequest", "StandInServer", "serve", "ENDPOINT_PATH", "FAULT_KINDS", "CREDITS_PER_IMAGE",
+    "HEALTH_PATHS", "STANDIN_HEADER", "STANDIN_HEADER_VALUE", "default_body", "error_payload", "parse_multipart",
+    "edge_map", "render_structure", "structure_edges", "decode_upload", "validate_form",
+]

@@ -1,0 +1,30 @@
+"""`structure-api serve`: the free stand-in users run, until Ctrl-C."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+from ..ratelimit import RateLimit
+from .server import StandInServer
+
+
+def serve(
+    host: str = "127.0.0.1", port: int = 0, api_key: Optional[str] = None, latency: float = 0.0,
+    ready: Optional[Callable[[str], None]] = None, rate_limit: Union[RateLimit, str, None] = None,
+    lockout: float = 60.0,
+) -> "StandInServer":
+    """Run the stand-in until interrupted (Ctrl-C); calls ready(url) once it is listening; returns it, stopped."""
+    # Nobody reads the records of a long-running stand-in, and each would hold an upload.
+    server = StandInServer(api_key=api_key, host=host, port=port, latency=latency, max_records=0, free=True,
+                           rate_limit=rate_limit, lockout=lockout)
+    try:
+        server.start()
+        if ready is not None:
+            ready(server.url)
+        while not server.wait_until_stopping(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return server
