@@ -106,3 +106,26 @@ def test_no_key_notice_then_key_and_offline_mode_from_the_settings(comfy_page_fa
     for text in [*user_dir_texts, storage, json.dumps(entry), ui.log.text(), server.log_text()]:
         assert TEST_KEY not in text
     assert '"local"' not in json.dumps(entry["prompt"])  # the mode is not part of the workflow
+
+
+def test_environment_key_wins_and_the_key_dialog_says_so(comfy_page_factory, tmp_path, request):
+    key_file = tmp_path / "config" / "aithriving" / "api_key"
+    ui = comfy_page_factory(env={"AITHRIVING_API_KEY": TEST_KEY, "AITHRIVING_API_KEY_FILE": str(key_file)})
+    server = request.node._comfy_servers[-1]
+    page = ui.page
+    ui.load_workflow(WORKFLOW)
+    ui.wait_for("globalThis.aithrivingSetup?.key?.source === 'environment'", message="the key status")
+    badges = ui.structure_node()["badges"]
+    assert NO_KEY_NOTICE not in badges and LOCAL_LABEL not in badges
+    assert page.get_by_text("AIThriving Structure: no API key set", exact=True).count() == 0
+
+    # The node's menu entry opens the key dialog (called as the frontend's menu calls it).
+    ui.evaluate("""(() => { const node = app.graph.nodes.find(n => n.type === 'AIThrivingStructure');
+        const options = []; node.getExtraMenuOptions(app.canvas, options);
+        options.find(o => o?.content === 'AIThriving: set API key…').callback(); })()""")
+    dialog = page.locator(".aithriving-key-dialog")
+    dialog.wait_for(state="visible")
+    assert "set by the AITHRIVING_API_KEY environment variable" in dialog.locator(".aithriving-key-status").inner_text()
+    assert dialog.locator(".aithriving-key-input").is_disabled() and dialog.locator(".aithriving-key-save").is_disabled()
+    assert TEST_KEY not in dialog.inner_text() + ui.log.text() + server.log_text()
+    assert not key_file.exists()
