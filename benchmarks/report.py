@@ -314,7 +314,7 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
         "the body and the upload are dropped; the PNG is kept in the result store before anything else. "
         "Decoding then holds Pillow's image (~17 MB, 4 bytes a pixel) and writes the pixels straight into "
         "the image's slice of the output tensor (no uint8 copy). Uploads are encoded and answers decoded by "
-        "a few threads of their own (at most 4, one per core), so only that many images are ever being "
+        "a few threads of their own (one per core, 2 to 4), so only that many images are ever being "
         "decoded at once, and glibc keeps freed memory in few arenas (8 decoding workers held ~180 MB of "
         "free-but-kept pages). Nothing is held for the whole batch: requests are built as workers need "
         "them, and the batch report keeps no bytes of results that are on disk. Memory grows with "
