@@ -17,7 +17,7 @@ import pytest
 from .report import REPORT_ENV, Ledger, _Recorder, render
 from support import RecordingSleep, client_factory
 
-from .support import CANARY_KEY, photo_like
+from .probes import CANARY_KEY, photo_like
 
 _HERE = Path(__file__).resolve().parent
 _REPO_ROOT = _HERE.parents[1]

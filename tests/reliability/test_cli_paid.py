@@ -25,7 +25,7 @@ from structure_api.files import FolderLock
 from structure_api.standin import CREDITS_PER_IMAGE, StandInServer
 from structure_api.store import _forget_shared_stores
 
-from .support import CANARY_KEY, image_file_bytes, photo_like
+from .probes import CANARY_KEY, image_file_bytes, photo_like
 from .test_paid_results import record, tmpfs
 
 PROMPT = "a harbour at dawn"

@@ -37,7 +37,7 @@ from structure_api.errors import (
 from structure_api.images import encode_upload
 from structure_api.standin import Fault, StandInServer
 
-from .support import CANARY_KEY, b64, image_file_bytes, message_problems, photo_like
+from .probes import CANARY_KEY, b64, image_file_bytes, message_problems, photo_like
 
 NOW = 1_800_000_000.0  # the injected wall clock, for Retry-After dates
 PNG_96x64 = image_file_bytes(photo_like(96, 64, seed=3), "PNG")

@@ -25,7 +25,7 @@ from structure_api.client import MAX_RESPONSE_BYTES
 from structure_api.errors import MalformedResponseError, ResultMayBeBilledError, StructureError
 from structure_api.standin import Fault
 
-from .support import MiB, MemoryProbe, b64, image_file_bytes, message_problems, photo_like
+from .probes import MiB, MemoryProbe, b64, image_file_bytes, message_problems, photo_like
 
 CAP = MAX_RESPONSE_BYTES
 REFUSED_TRACED_BOUND = CAP + 16 * MiB

@@ -32,7 +32,7 @@ from structure_api.pipeline import StructureParams, generate_images
 from structure_api.standin import StandInServer
 from structure_api.store import ResultStore
 
-from .support import CANARY_KEY, image_file_bytes, message_problems, photo_like
+from .probes import CANARY_KEY, image_file_bytes, message_problems, photo_like
 
 PROMPT = "a stone bridge over a river"
 EMOJI_PROMPT = "🏰🌉🌊 " * 300 + "👩‍👩‍👧‍👦 e\u0301 Ω ﷺ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 \u202eRTL\u202c"

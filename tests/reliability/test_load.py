@@ -31,7 +31,7 @@ from structure_api.images import decode_image, encode_upload
 from structure_api.pipeline import StructureParams, generate_images
 from structure_api.standin import CREDITS_PER_IMAGE, Fault, StandInServer, render_structure
 
-from .support import CANARY_KEY, live_threads, message_problems, open_sockets, photo_like, settle
+from .probes import CANARY_KEY, live_threads, message_problems, open_sockets, photo_like, settle
 
 LOAD_ITEMS = 1000
 CONCURRENCY = 8

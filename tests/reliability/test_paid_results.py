@@ -34,7 +34,7 @@ from structure_api.pipeline import StructureParams, generate_images
 from structure_api.standin import CREDITS_PER_IMAGE, Fault, StandInServer
 from structure_api.store import RESULT_SUFFIX, TEMP_PREFIX, ResultStore
 
-from .support import CANARY_KEY, b64, image_file_bytes, message_problems, photo_like
+from .probes import CANARY_KEY, b64, image_file_bytes, message_problems, photo_like
 
 PROMPT = "a lighthouse on a cliff"
 GENERATION_FAILED = Fault(status=200, body={"code": -1, "message": "Generation failed, please try again."})
@@ -462,7 +462,7 @@ def test_two_processes_sending_the_same_fixed_seed_request_pay_once(tmp_path, le
     env = {**os.environ, "AITHRIVING_CACHE_DIR": str(tmp_path / "store"), "PYTHONPATH": str(REPO)}
     with StandInServer(api_key=CANARY_KEY, latency=1.0) as service:
         processes = [subprocess.Popen([sys.executable, "-c", _SEND_ONE, service.url, CANARY_KEY,
-                                       str(REPO / "tests" / "reliability")],
+                                       str(REPO / "tests")],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                      for _ in range(2)]
         outputs = [process.communicate(timeout=60) for process in processes]

@@ -13,7 +13,7 @@ from structure_api.retry import RetryPolicy
 from structure_api.standin import Fault, StandInServer
 from support import RecordingSleep
 
-from .support import CANARY_KEY, photo_like
+from .probes import CANARY_KEY, photo_like
 
 # What a broken proxy or a hostile server could put in Retry-After. Before the fix, "inf" and
 # "1e999" made the client's message arithmetic raise OverflowError out of the worker, which

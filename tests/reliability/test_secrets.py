@@ -29,7 +29,7 @@ from structure_api.errors import BatchError, InsecureURLError, StructureError, U
 from structure_api.pipeline import StructureParams, generate_images
 from structure_api.standin import Fault, StandInServer
 
-from .support import CANARY_KEY, count_files, image_file_bytes, key_found_in, photo_like
+from .probes import CANARY_KEY, count_files, image_file_bytes, key_found_in, photo_like
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

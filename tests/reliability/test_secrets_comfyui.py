@@ -16,7 +16,7 @@ import requests
 
 from structure_api.standin import Fault, StandInServer
 
-from .support import CANARY_KEY, count_files, files_with_key, image_file_bytes, key_found_in, photo_like
+from .probes import CANARY_KEY, count_files, files_with_key, image_file_bytes, key_found_in, photo_like
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.timeout(900)]  # the first run may build ComfyUI's venv
 

@@ -1,4 +1,7 @@
-"""Helpers of the reliability suite: the canary key, leak search, memory and resource probes, images."""
+"""Helpers of the reliability suite: the canary key, leak search, memory and resource probes, image files.
+
+Named apart from tests/support.py (the helpers of the whole suite, photo_like among them).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import numpy as np
+
+from support import photo_like  # noqa: F401  (one copy, in tests/support.py; re-exported for this suite)
 
 # Recognisable, so a leak is easy to find; never a real key. Different from tests/conftest.py's,
 # so this suite proves its own claims.
@@ -203,18 +208,6 @@ def settle(predicate, timeout: float = 3.0) -> bool:
 
 
 # --- images -----------------------------------------------------------------------------------
-
-def photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """Gradients, two hard-edged shapes and mild noise: ``[H, W, 3]`` uint8."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    image = np.stack([x / max(1, width - 1), y / max(1, height - 1), 0.5 + 0.0 * x], axis=-1)
-    radius = min(width, height) / 4
-    image[((y - height / 2) ** 2 + (x - width / 2) ** 2) < radius * radius] = (0.9, 0.2, 0.1)
-    image[int(height * 0.1):int(height * 0.3), int(width * 0.6):int(width * 0.9)] = (0.1, 0.1, 0.8)
-    image += rng.normal(0, 0.02, image.shape).astype(np.float32)
-    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
-
 
 def image_file_bytes(pixels: np.ndarray, fmt: str = "PNG", mode: Optional[str] = None, **options) -> bytes:
     from PIL import Image
