@@ -140,7 +140,10 @@ class ComfyPage:
 
     def show_pack_templates(self) -> list[str]:
         """Pick this pack in the browser's list; the names of the template cards it shows."""
-        self.visible_dialog().get_by_text(PACK, exact=True).first.click()
+        entry = self.visible_dialog().get_by_text(PACK, exact=True).first
+        entry.wait_for(state="visible")
+        time.sleep(0.5)  # frontend 1.25 lists the custom templates before it can filter on them
+        entry.click()
         return self.wait_for(
             f"""(() => {{
                 const cards = [...document.querySelectorAll('[data-testid^="template-workflow-"]')]

@@ -330,6 +330,7 @@ def test_estimate_follows_the_batch_size_when_it_changes(comfy_page):
     assert ui.structure_node()["estimate"] == "≈ 6 credits per image"
 
 
+@pytest.mark.frontend_min("1.26")  # the selection toolbox and its info button came after 1.25
 def test_help_page_opens_from_the_node(comfy_page, pictures):
     ui = comfy_page
     ui.drop_workflow_file(WORKFLOW_DIR / "structure_basic.json")
@@ -345,6 +346,7 @@ def test_help_page_opens_from_the_node(comfy_page, pictures):
     assert_no_pack_errors_in_console(ui)
 
 
+@pytest.mark.frontend_min("1.26")  # the selection toolbox and its info button came after 1.25
 def test_french_shows_the_translated_node_and_help(comfy_page, ui_server, pictures):
     ui = comfy_page
     try:

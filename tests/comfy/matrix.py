@@ -95,9 +95,9 @@ ALL_UI_TARGETS = (
     ComfyTarget(OLDEST_COMFYUI, "pinned", "1.25.10"),
 )
 ALL_SERVER_VERSIONS = (COMFYUI_VERSION, OLDEST_COMFYUI)
-# The entries a plain run (CI) covers; the others run when $COMFY_MATRIX names them.
-UI_TARGETS = ALL_UI_TARGETS[:1]
-SERVER_VERSIONS = ALL_SERVER_VERSIONS[:1]
+# The entries a plain run (CI) covers: all of them.
+UI_TARGETS = ALL_UI_TARGETS
+SERVER_VERSIONS = ALL_SERVER_VERSIONS
 
 # What this process resolved, for the report: id -> "ComfyUI X, frontend Y".
 RESOLVED: dict[str, str] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -184,7 +185,8 @@ def test_server_env_is_scrubbed_and_extended(comfy_server_factory, monkeypatch):
     assert environ["AITHRIVING_BASE_URL"] == "http://127.0.0.1:1"
     assert environ["AITHRIVING_API_KEY"] == "test-key"
     assert "HTTPS_PROXY" not in environ
-    assert environ["PYTHONPATH"] == str(TORCHVISION_STUB_DIR)
+    # Another version's pinned packages (0.3.52's frontend) come first, then the torchvision stand-in.
+    assert environ["PYTHONPATH"].split(os.pathsep) == [*map(str, server.install.python_path), str(TORCHVISION_STUB_DIR)]
     assert Path(environ["HOME"]).is_relative_to(server.base_dir)
     assert server.custom_node_import_status() in ("loaded", "failed")
 
@@ -205,8 +207,9 @@ def test_start_failure_reports_log_tail(comfy_server_factory):
 
 def test_setup_waits_for_the_lock(comfy_install):
     """A second set-up blocks while another process holds the cache lock, then finishes."""
+    # The shared cache (0.3.75 and the venv) is the venv's folder; another version sits beside it.
     command = [sys.executable, str(Path(__file__).with_name("harness.py")), "setup", "--cache-dir",
-               str(comfy_install.cache_dir)]
+               str(comfy_install.venv_dir.parent), "--comfyui", comfy_install.version]
     with _exclusive_lock(comfy_install.cache_dir / ".lock"):
         other = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # Read what the set-up says when it reaches the lock, rather than sleeping a fixed time: on a
