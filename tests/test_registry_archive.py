@@ -27,12 +27,14 @@ from pathlib import Path
 
 import pathspec
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Exactly what may ship: anything else tracked must be listed in .comfyignore.
 RUNTIME_PATTERNS = [
     r"__init__\.py", r"nodes\.py", r"server_routes\.py", r"requirements\.txt", r"pyproject\.toml", r"README\.md", r"LICENSE",
+    r"CHANGELOG\.md", r"icon\.png", r"node_list\.json",
     r"structure_api/[a-z_]+\.py", r"structure_api/standin/[a-z_]+\.py",
     r"web/[a-z_]+\.js", r"web/docs/AIThrivingStructure\.md", r"web/docs/AIThrivingStructure/[a-z]{2}(-[A-Z]{2})?\.md",
     r"locales/[a-z]{2}(-[A-Z]{2})?/(main|nodeDefs|commands|settings)\.json",
@@ -40,6 +42,7 @@ RUNTIME_PATTERNS = [
 ]
 REQUIRED = [
     "__init__.py", "nodes.py", "server_routes.py", "requirements.txt", "pyproject.toml", "README.md", "LICENSE",
+    "CHANGELOG.md", "icon.png", "node_list.json",
     "structure_api/__init__.py", "structure_api/client.py", "structure_api/standin/__init__.py",
     "web/aithriving_structure.js", "web/aithriving_setup.js", "web/docs/AIThrivingStructure.md",
     "locales/en/nodeDefs.json", "locales/en/main.json", "locales/fr/nodeDefs.json",
@@ -196,7 +199,12 @@ def test_registry_metadata():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
     comfy, project = config["tool"]["comfy"], config["project"]
     assert comfy["PublisherId"] == "aithriving" and comfy["DisplayName"] == "AIThriving Structure"
-    assert comfy["Icon"].startswith("https://")
+    # The icon ships in the pack (the publish workflow turns the path into its raw URL): a format and a
+    # size the Registry takes.
+    icon = REPO / comfy["Icon"]
+    with Image.open(icon) as picture:
+        assert picture.format in ("PNG", "JPEG", "GIF") and picture.width <= 800 and picture.height <= 400
+    assert project["license"] == "MIT"  # a plain SPDX string (the table form stops building in 2027)
     # comfy-cli's accepted form: [operator]major.minor.patch, comma-separated.
     assert re.fullmatch(r"(==|>=|<=|!=|~=|>|<)?\d+\.\d+\.\d+(,\s*(==|>=|<=|!=|~=|>|<)?\d+\.\d+\.\d+)*",
                         comfy["requires-comfyui"])
@@ -206,3 +214,16 @@ def test_registry_metadata():
     requirements = [ln.strip() for ln in (REPO / "requirements.txt").read_text().splitlines() if ln.strip()]
     assert sorted(requirements) == sorted(project["dependencies"])
     assert not [d for d in project["dependencies"] if re.match(r"(torch|torchvision|torchaudio)\b", d)]
+
+
+def test_node_list_names_every_node_of_the_pack():
+    # ComfyUI-Manager's missing-node scan reads NODE_CLASS_MAPPINGS, which a V3-only pack does not have;
+    # node_list.json (node id -> display name) is what it reads instead. It must match the schemas.
+    import json
+
+    listed = json.loads((REPO / "node_list.json").read_text())
+    source = (REPO / "nodes.py").read_text()
+    node_ids = set(re.findall(r"""node_id\s*=\s*["']([^"']+)["']""", source))
+    assert node_ids and set(listed) == node_ids
+    english = json.loads((REPO / "locales" / "en" / "nodeDefs.json").read_text())
+    assert all(listed[node] == english[node]["display_name"] for node in node_ids)

@@ -242,6 +242,18 @@ function recordCost(node, cost) {
   if (typeof node.graph?.trigger === "function") node.graph.trigger("node:slot-errors:changed", { nodeId: node.id });
 }
 
+// A node the user adds starts with seed 0 and "control after generate" on "fixed" (the frontend's own
+// default is "randomize"): seed 0 already asks the service for a new random image on every run, and a
+// re-queue after a failure must be the same request, so that it gets what was already paid. A workflow
+// being loaded sets its saved values after this, so only new nodes are affected.
+function startSeedFixed(node) {
+  const control = node.widgets?.find((widget) => widget.name === "control_after_generate");
+  const seed = node.widgets?.find((widget) => widget.name === "seed");
+  if (!control || !Array.isArray(control.options?.values) || !control.options.values.includes("fixed")) return;
+  control.value = "fixed";
+  if (seed && seed.value !== 0) seed.value = 0;
+}
+
 // The last run's cost: read through node state, so a renderer that tracks node state sees it change.
 function lastCost(node) {
   return node.properties?.[LAST_RUN_PROPERTY] ?? node.aithrivingLastCost ?? null;
@@ -295,6 +307,7 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       this.aithrivingLastCost = null;
+      startSeedFixed(this);
       this.aithrivingEstimate = () => estimateText(this);
       this.aithrivingLastRun = () => lastRunText(this);
       const estimate = makeBadge(estimateText, true);

@@ -337,7 +337,7 @@ def test_help_page_opens_from_the_node(comfy_page, pictures):
     ui.frame_graph(left=360)
     ui.select_node(ui.structure_node()["id"])
     help_text = ui.open_help_of_selected_node("When something goes wrong")
-    for text in ("6 credits per image", "outside_limits", "control_strength",
+    for text in ("6 credits per image", "outside_limits", "control_strength", "each queue is a new request",
                  "Your account is out of credits", "AITHRIVING_API_KEY", "9,437,184 pixels"):
         assert text in help_text, text
     panel_right = ui.widen_sidebar(560)
@@ -395,3 +395,46 @@ def test_cost_badges_in_the_nodes_2_rendering(comfy_page, ui_server, ui_standin)
         assert_no_pack_errors_in_console(ui)
     finally:
         set_setting(ui_server, "Comfy.VueNodes.Enabled", False)
+
+
+def test_a_new_node_starts_at_seed_0_fixed_and_randomize_makes_each_queue_a_new_request(
+        comfy_page, ui_server, ui_standin):
+    """Issue 9: seed 0 with "fixed" is the default of a node the user adds; "randomize", when the user
+    picks it, changes the seed after each queue, so each queue is a new (paid) request, while "fixed"
+    repeats the same request, which the result store answers for free."""
+    ui = comfy_page
+    ui.drop_workflow_file(WORKFLOW_DIR / "structure_basic.json")
+    saved_control = structure_widgets(workflow_json("structure_basic"))[3]
+    assert ui.structure_widget("control_after_generate") == saved_control  # a loaded workflow keeps its own
+
+    # A node added to the graph (as the node search adds it): seed 0, control on "fixed".
+    added = ui.add_node(NODE)
+    values = ui.evaluate(f"""Object.fromEntries((app.graph.getNodeById({json.dumps(added)}) ?? app.graph.getNodeById(
+        Number({json.dumps(added)}))).widgets.map(w => [w.name, w.value]))""")
+    assert values["seed"] == 0 and values["control_after_generate"] == "fixed", values
+    ui.evaluate(f"""(() => {{ const n = app.graph.getNodeById({json.dumps(added)}) ?? app.graph.getNodeById(
+        Number({json.dumps(added)})); app.graph.remove(n); }})()""")
+
+    # "fixed" with a seed: queued twice, one request; the second run is served by the result store.
+    ui.set_structure_widget("control_after_generate", "fixed")
+    ui.set_structure_widget("seed", 4242)
+    for _ in range(2):
+        free_execution_cache(ui_server)  # so ComfyUI runs the node each time instead of reusing its output
+        run_from_ui(ui, ui_server)
+    assert [int(r.fields["seed"]) for r in ui_standin.requests] in ([4242], [])  # [] if paid earlier
+    assert ui.structure_widget("seed") == 4242
+    ui_standin.clear()
+
+    # "randomize": the frontend picks a new seed after each queue ("control after generate"), so the
+    # first queue still sends 4242 (already paid: from the store) and every later one is a new request.
+    ui.set_structure_widget("control_after_generate", "randomize")
+    seeds_queued = []
+    for _ in range(3):
+        free_execution_cache(ui_server)
+        entry = run_from_ui(ui, ui_server)
+        structure_id = ui.structure_node()["id"]
+        seeds_queued.append(entry["prompt"][2][structure_id]["inputs"]["seed"])
+    assert seeds_queued[0] == 4242 and len(set(seeds_queued)) == 3, seeds_queued
+    sent = [int(r.fields.get("seed", 0)) for r in ui_standin.requests]
+    assert sent == seeds_queued[1:], (sent, seeds_queued)  # one new paid request per later queue
+    assert_no_pack_errors_in_console(ui)
