@@ -468,7 +468,7 @@ class ComfyServer:
         base_dir: Path | None = None,
         pack_dir: Path | None = REPO_ROOT,
         extra_args: Sequence[str] = (),
-        boot_timeout: float = 90.0,
+        boot_timeout: float = 240.0,  # 5-8 s on an idle machine; a loaded shared one can take minutes
     ) -> None:
         self.install = install
         self.extra_env = dict(env or {})
