@@ -675,12 +675,14 @@ class StructureClient:
             if separators > MAX_JSON_SEPARATORS:
                 raise MalformedResponseError(
                     f"The service's answer was not JSON of any shape the service sends ({separators:,} separators "
-                    "where a real answer has a handful); it was not parsed and no image came back.", **kwargs)
+                    f"where a real answer has a handful); it was not parsed and no image came back; {_MAY_BE_CHARGED}",
+                    **kwargs)
             kind = "empty" if _is_blank(body) else "not JSON"
-            raise MalformedResponseError(f"The service's answer was {kind}; no image came back.", **kwargs)
-        if not isinstance(payload, dict):
-            raise MalformedResponseError("The service's answer was JSON but not an object; no image came back.",
+            raise MalformedResponseError(f"The service's answer was {kind}; no image came back; {_MAY_BE_CHARGED}",
                                          **kwargs)
+        if not isinstance(payload, dict):
+            raise MalformedResponseError(
+                f"The service's answer was JSON but not an object; no image came back; {_MAY_BE_CHARGED}", **kwargs)
         code = payload.get("code")
         if code != 0:
             reason = _server_reason(payload)
@@ -693,7 +695,8 @@ class StructureClient:
             raise GenerationFailedError(f"The service could not generate the image{said}.", reason=reason, **kwargs)
         data = payload.get("data")
         if not isinstance(data, dict) or not isinstance(data.get("image"), str):
-            raise MalformedResponseError("The service's answer has no image in it (data.image missing).", **kwargs)
+            raise MalformedResponseError(
+                f"The service's answer has no image in it (data.image missing); {_MAY_BE_CHARGED}", **kwargs)
         seed = self._answer_seed(data.get("seed"), request.seed)
         try:
             raw = decode_base64(image_text if image_text is not None else data["image"])
@@ -769,6 +772,10 @@ def _marking_sent(notify: ProgressCallback, slot: PacerSlot) -> ProgressCallback
             slot.sent()
         notify(event)
     return relay
+
+
+# Every failure of an HTTP 200 answer after the upload: nobody can tell whether it was billed.
+_MAY_BE_CHARGED = "the service may have charged for it (HTTP 200), so the request was not sent again."
 
 
 class _BodyTooSlow(Exception):
