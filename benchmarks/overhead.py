@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 import requests
+import urllib3
 import torch
 from PIL import Image
 from requests.structures import CaseInsensitiveDict
@@ -87,7 +88,9 @@ def http_response(body: bytes) -> requests.Response:
     response = requests.Response()
     response.status_code = 200
     response.headers = CaseInsensitiveDict({"content-type": "application/json", "content-length": str(len(body))})
-    response.raw = io.BytesIO(body)
+    # The client reads the body through urllib3's response (read1), as from a socket.
+    response.raw = urllib3.HTTPResponse(body=io.BytesIO(body), headers=dict(response.headers), status=200,
+                                        preload_content=False, decode_content=False)
     response.encoding = None
     return response
 
