@@ -10,31 +10,7 @@ from typing import Any  # noqa: E402
 
 from .config import APIKey, load_api_key, resolve_base_url  # noqa: E402
 from .contract import CREDITS_PER_IMAGE, ENDPOINT_PATH, validate_parameters  # noqa: E402
-from .errors import (  # noqa: E402
-    APIConnectionError,
-    APIError,
-    APITimeoutError,
-    AuthenticationError,
-    BatchError,
-    CancelledError,
-    ConfigurationError,
-    ContentModerationError,
-    GenerationFailedError,
-    InputError,
-    InsecureURLError,
-    InsufficientCreditsError,
-    InvalidImageError,
-    InvalidRequestError,
-    MalformedResponseError,
-    MissingAPIKeyError,
-    RateLimitError,
-    RequestTooLargeError,
-    ResultMayBeBilledError,
-    ServiceError,
-    StructureError,
-    TransportError,
-    UnexpectedRedirectError,
-)
+from .errors import *  # noqa: E402,F401,F403  (every error class; __all__ below names them)
 from .retry import RetryPolicy  # noqa: E402
 from .client import (  # noqa: E402
     ProgressEvent,
