@@ -207,6 +207,15 @@ def test_batch_onto_a_full_disk_then_resume_delivers_every_paid_image_free(tmp_p
 
 # --- Ctrl-C --------------------------------------------------------------------------------------
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child before exec: SIGINT back to its default, so the CLI gets Ctrl-C as in a terminal.
+
+    A test run started as a background job (nohup, `&`, some CI runners) ignores SIGINT, every child
+    inherits that, and Python then never turns SIGINT into KeyboardInterrupt: the signal would be lost.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_lets_the_requests_in_flight_finish_and_says_what_was_done_and_paid(tmp_path, ledger):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -219,7 +228,8 @@ def test_ctrl_c_lets_the_requests_in_flight_finish_and_says_what_was_done_and_pa
                    AITHRIVING_CACHE_DIR=str(tmp_path / "store"))
         argv = [sys.executable, "-m", "structure_api", "batch", str(folder), "-o", str(outputs), "--prompt", PROMPT,
                 "--seed", "9", "--concurrency", "2"]
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                                preexec_fn=_ctrl_c_as_in_a_terminal)
         try:
             deadline = time.monotonic() + 60
             while not list(outputs.glob("*.png")) and time.monotonic() < deadline and proc.poll() is None:
@@ -261,7 +271,8 @@ def test_a_second_ctrl_c_drops_the_requests_in_flight_and_says_they_may_be_charg
                    AITHRIVING_CACHE_DIR=str(tmp_path / "store"))
         argv = [sys.executable, "-m", "structure_api", "batch", str(folder), "-o", str(outputs), "--prompt", PROMPT,
                 "--seed", "9", "--concurrency", "2"]
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                                preexec_fn=_ctrl_c_as_in_a_terminal)
         try:
             deadline = time.monotonic() + 60
             while len(server.requests) < 2 and time.monotonic() < deadline and proc.poll() is None:
