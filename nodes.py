@@ -57,7 +57,7 @@ class AIThrivingStructure(io.ComfyNode):
                     "seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                     tooltip="Fixes the randomness. 0 lets the service pick one. In a batch, image i uses "
                             "seed + i, so a fixed seed reproduces the whole batch (and is served from the "
-                            "local cache instead of being paid again)."),
+                            "result store instead of being paid again)."),
                 io.Combo.Input(
                     "output_format", options=list(OUTPUT_FORMATS), default=DEFAULT_OUTPUT_FORMAT,
                     tooltip="Format the service returns. png is lossless; jpeg and webp download faster."),

@@ -6,7 +6,7 @@
 //                 "≈ N credits per image"  when it does not (N from the node's schema: see below);
 //   after a run   "Last run: 24 credits"   from the node's UI output `aithriving_cost` (sent by the
 //                                          server with the "executed" message), "(k from cache)" added
-//                                          when images came from the local cache and were not paid;
+//                                          when images came from the result store and were not paid;
 //                 "Last run: 0 credits (ComfyUI reused the previous result)" when ComfyUI did not run
 //                                          the node at all (unchanged inputs) and re-sent its old output.
 // The texts come from the pack's locales/<lang>/main.json (served by ComfyUI at /i18n), in the
