@@ -3,49 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import math
 import random
 import re
-import socket
 import threading
 import time
 import unicodedata
-import uuid
-import weakref
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Optional, Union
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Union
 from urllib.parse import urlsplit
 
 import requests
-import urllib3
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from . import __version__
 from .config import STANDIN_HEADER, APIKey, check_key_may_travel, load_api_key, resolve_base_url
 from .errors import (
-    APIConnectionError,
     APIError,
-    APITimeoutError,
     AuthenticationError,
     CancelledError,
-    ConfigurationError,
     ContentModerationError,
     GenerationFailedError,
-    InputError,
     InsufficientCreditsError,
     InvalidRequestError,
     MalformedResponseError,
     RateLimitError,
     RequestTooLargeError,
-    ResultMayBeBilledError,
     ServiceError,
     StructureError,
-    TransportError,
     UnexpectedRedirectError,
 )
 from .contract import (  # noqa: F401  (the contract's names stay importable from here)
@@ -71,17 +56,17 @@ from .images import (
 from .ratelimit import Pacer, PacerSlot, rate_limit_from_env, shared_pacer
 from .retry import RetryPolicy, next_delay, parse_retry_after
 from .store import ResultStore, StoredResult
+from .transport import (  # noqa: F401  (the limits' defaults stay importable from here)
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_READ_TIMEOUT,
+    MAX_RESPONSE_BYTES,
+    MIN_BODY_RATE,
+    Transport,
+    TransportLimits,
+)
 
 log = logging.getLogger("structure_api")
 
-DEFAULT_CONNECT_TIMEOUT = 10.0
-DEFAULT_READ_TIMEOUT = 180.0
-# Base64 of the largest image the service can return (a 9.4 MP noisy PNG is ~28 MB) is
-# ~38 MB; anything far past that is hostile or broken, and is not read into memory.
-MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-# An answer is read for as long as it arrives at least this fast (bytes/s, over each read-timeout
-# window): 16 KiB/s brings the largest answer (~38 MB) in 40 minutes; slower than that is a stall.
-MIN_BODY_RATE = 16 * 1024
 # Every answer of the contract is one small JSON object (its one big value, the base64 image,
 # holds no JSON punctuation). Parsing makes a Python object per value, so 60 MiB of "{}," would
 # take over 1.5 GB: a body with more separators than this is not parsed at all.
@@ -120,145 +105,6 @@ class ProgressEvent:
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
-
-
-# --- transport plumbing --------------------------------------------------------------
-
-class _UploadBody:
-    """The multipart body as a readable stream that knows when the last byte went out.
-
-    Knowing it is what makes retries safe: a failure before the last byte left cannot
-    have produced (or billed) a result; a failure after it may have.
-    """
-
-    def __init__(self, parts: list[Union[bytes, memoryview]], on_sent: Optional[Callable[[], None]] = None) -> None:
-        self._parts = parts
-        self._on_sent = on_sent
-        self._length = sum(len(p) for p in parts)
-        self._index = 0
-        self._offset = 0
-        self.bytes_read = 0
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __iter__(self) -> Iterator[bytes]:
-        while True:
-            chunk = self.read(256 * 1024)
-            if not chunk:
-                return
-            yield chunk
-
-    @property
-    def fully_read(self) -> bool:
-        return self.bytes_read >= self._length
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            size = self._length
-        out = []
-        while size > 0 and self._index < len(self._parts):
-            part = self._parts[self._index]
-            piece = part[self._offset:self._offset + size]
-            out.append(bytes(piece))
-            self._offset += len(piece)
-            size -= len(piece)
-            if self._offset >= len(part):
-                self._index += 1
-                self._offset = 0
-        chunk = b"".join(out)
-        self.bytes_read += len(chunk)
-        if not chunk and self._on_sent is not None:
-            on_sent, self._on_sent = self._on_sent, None
-            on_sent()
-        return chunk
-
-
-def _multipart_parts(request: StructureRequest, boundary: str) -> list[Union[bytes, memoryview]]:
-    head = bytearray()
-    for name, value in request.form_fields():
-        head += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
-        head += value.encode("utf-8") + b"\r\n"
-    head += (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{request.image.filename}"\r\n'
-        f"Content-Type: {request.image.mime_type}\r\n\r\n"
-    ).encode()
-    return [bytes(head), memoryview(request.image.data), f"\r\n--{boundary}--\r\n".encode()]
-
-
-class _RawKeyAuth(requests.auth.AuthBase):
-    """Puts the raw key in the `authorization` header; passing auth also stops .netrc from overriding it."""
-
-    def __init__(self, key: APIKey) -> None:
-        self._key = key
-
-    def __call__(self, prepared: requests.PreparedRequest) -> requests.PreparedRequest:
-        prepared.headers["authorization"] = self._key.reveal()
-        return prepared
-
-    def __repr__(self) -> str:
-        return "_RawKeyAuth('****')"
-
-
-def _tracking_adapter(registry: "weakref.WeakSet[HTTPConnection]", header_timeout: float) -> HTTPAdapter:
-    """An adapter whose connections register themselves, so a cancel can close them mid-wait, and whose
-    status line and headers must arrive within ``header_timeout`` s of the upload's end.
-
-    The socket's own timeout only bounds each wait for a byte: headers sent a byte at a time would
-    never end. A timer shuts the socket when the whole header deadline passes; the failure is
-    then a read timeout, like any other answer that did not come in time.
-    """
-
-    def timed_getresponse(connection: HTTPConnection, getresponse: Callable[[], object]) -> object:
-        timed_out = threading.Event()
-
-        def deadline_passed() -> None:
-            timed_out.set()
-            sock = getattr(connection, "sock", None)
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-        timer = threading.Timer(header_timeout, deadline_passed)
-        timer.daemon = True
-        timer.start()
-        try:
-            return getresponse()
-        except Exception:
-            if timed_out.is_set():
-                # urllib3 turns a socket timeout into its ReadTimeoutError, requests into ReadTimeout.
-                raise socket.timeout("no status line and headers within the read timeout") from None
-            raise
-        finally:
-            timer.cancel()
-
-    class TrackedHTTPConnection(HTTPConnection):
-        def connect(self) -> None:
-            super().connect()
-            registry.add(self)
-
-        def getresponse(self):  # type: ignore[override]
-            return timed_getresponse(self, super().getresponse)
-
-    class TrackedHTTPSConnection(HTTPSConnection):
-        def connect(self) -> None:
-            super().connect()
-            registry.add(self)
-
-        def getresponse(self):  # type: ignore[override]
-            return timed_getresponse(self, super().getresponse)
-
-    class TrackedHTTPPool(HTTPConnectionPool):
-        ConnectionCls = TrackedHTTPConnection
-
-    class TrackedHTTPSPool(HTTPSConnectionPool):
-        ConnectionCls = TrackedHTTPSConnection
-
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
-    adapter.poolmanager.pool_classes_by_scheme = {"http": TrackedHTTPPool, "https": TrackedHTTPSPool}
-    return adapter
 
 
 # --- answer parsing ------------------------------------------------------------------
@@ -370,43 +216,20 @@ class StructureClient:
     ) -> None:
         # Configuration problems surface here, before any socket is opened.
         self.base_url = (base_url or resolve_base_url()).rstrip("/")
-        if api_key is None:
-            api_key = load_api_key()
-        self._key = api_key if isinstance(api_key, APIKey) else APIKey(api_key)
+        key = load_api_key() if api_key is None else api_key
+        key = key if isinstance(key, APIKey) else APIKey(key)
         check_key_may_travel(self.base_url)
         self.endpoint = self.base_url + ENDPOINT_PATH
-        # Checked here: urllib3 would refuse a zero, negative or NaN timeout only mid-request, with its own error.
-        for what, seconds in (("connect", connect_timeout), ("read", read_timeout)):
-            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
-                    or seconds <= 0:
-                raise ConfigurationError(f"The {what} timeout must be a positive number of seconds; got {seconds!r}.")
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
+        limits = TransportLimits(connect_timeout, read_timeout, max_response_bytes, min_body_rate)
         self.retry_policy = retry_policy
         self._clock = clock
         self._wall_clock = wall_clock
         self._jitter = jitter
         self._sleep = sleep
-        self._max_response_bytes = max_response_bytes
-        self.min_body_rate = min_body_rate
-        self._redact = _Redactor(self._key)
-        if pacer is None:
-            limit = rate_limit_from_env()
-            if sleep is None and clock is time.monotonic:
-                pacer = shared_pacer(self.endpoint, limit)
-            else:
-                # A client on injected time (tests) cannot share the process's real-time window;
-                # with real waits its pacer keeps real time whatever the client's clock says.
-                pacer = Pacer(limit, clock=clock if sleep is not None else time.monotonic)
-        self.pacer = pacer
-        self._connections: "weakref.WeakSet[HTTPConnection]" = weakref.WeakSet()
+        self.pacer = pacer if pacer is not None else _default_pacer(self.endpoint, clock, sleep)
+        self._redact = _Redactor(key)
         self._aborted = threading.Event()
-        self._session = requests.Session()
-        adapter = _tracking_adapter(self._connections, read_timeout)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
-        self._session.headers.update({"user-agent": f"comfyui-aithriving-structure/{__version__}"})
-        self._session.auth = _RawKeyAuth(self._key)
+        self._transport = Transport(key, limits, clock)
 
     @classmethod
     def from_env(cls, **kwargs) -> "StructureClient":
@@ -423,24 +246,13 @@ class StructureClient:
         self.close()
 
     def close(self) -> None:
-        """Release the session's connections."""
-        self._session.close()
-        # urllib3 2 leaves closing pooled connections to the garbage collector, which never runs
-        # for them while the caller keeps an error (a batch report does) whose traceback holds a
-        # response and so the pool: close every connection this client opened, now.
-        for connection in list(self._connections):
-            connection.close()
+        """Release the session and close every connection this client opened."""
+        self._transport.close()
 
     def abort(self) -> None:
         """Cancel: break every open connection so waiting calls end now with CancelledError."""
         self._aborted.set()
-        for connection in list(self._connections):
-            sock = getattr(connection, "sock", None)
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        self._transport.abort()
 
     # -- public call -------------------------------------------------------------
 
@@ -530,123 +342,13 @@ class StructureClient:
 
     def _attempt(self, request: StructureRequest, attempt: int, notify: ProgressCallback,
                  store: Optional[ResultStore], label: str, decode: bool = True) -> StructureResult:
-        boundary = uuid.uuid4().hex
-        body = _UploadBody(_multipart_parts(request, boundary),
-                           on_sent=lambda: notify(ProgressEvent("waiting", attempt, "waiting for the service")))
-        host = urlsplit(self.endpoint).hostname
-        sent_at = self._clock()
-        log.info("POST %s, attempt %d, %d bytes", self.endpoint, attempt, len(body))
-        try:
-            response = self._session.post(
-                self.endpoint,
-                data=body,
-                headers={"content-type": f"multipart/form-data; boundary={boundary}"},
-                timeout=(self.connect_timeout, self.read_timeout),
-                allow_redirects=False,
-                stream=True,
-            )
-        except requests.exceptions.RequestException as exc:
-            error = self._transport_error(exc, body, host)
-            log.info("attempt %d: no answer after %.2f s: %s", attempt, self._clock() - sent_at, error)
-            raise error from None
-        # The headers only: no key is ever in them, and the body may be an image.
-        log.info("attempt %d: HTTP %d after %.2f s, request id %s", attempt, response.status_code,
-                 self._clock() - sent_at, response.headers.get("x-request-id") or "-")
+        response = self._transport.post(
+            self.endpoint, request, attempt,
+            on_sent=lambda: notify(ProgressEvent("waiting", attempt, "waiting for the service")))
         try:
             return self._parse(response, request, attempt, store, label, decode)
         finally:
             response.close()
-
-    def _transport_error(self, exc: Exception, body: _UploadBody, host: Optional[str]) -> TransportError:
-        delivered = body.fully_read
-        cause = type(_root_cause(exc)).__name__
-        if isinstance(exc, requests.exceptions.ConnectTimeout):
-            return APITimeoutError(
-                f"Could not connect to {host} within {self.connect_timeout:g} s; check your network "
-                "or AITHRIVING_BASE_URL.", request_delivered=False)
-        if delivered and isinstance(exc, (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError)):
-            if isinstance(exc, requests.exceptions.ReadTimeout):
-                return ResultMayBeBilledError(
-                    f"No answer came within {self.read_timeout:g} s after the upload finished; the service may "
-                    "have generated and charged for the image, so the request was not sent again.")
-            return ResultMayBeBilledError(
-                f"The connection to {host} broke after the upload finished and before the answer ({cause}); "
-                "the service may have charged for a result, so the request was not sent again.")
-        if isinstance(exc, requests.exceptions.ReadTimeout):
-            return APITimeoutError(
-                f"{host} stopped accepting the upload for {self.read_timeout:g} s; nothing was charged.",
-                request_delivered=False)
-        if isinstance(exc, requests.exceptions.SSLError):
-            return APIConnectionError(
-                f"The secure connection to {host} failed ({cause}); check the system clock and certificates.",
-                request_delivered=False)
-        if isinstance(exc, requests.exceptions.ProxyError):
-            return APIConnectionError(
-                f"The proxy refused the connection to {host}; check HTTPS_PROXY/HTTP_PROXY.",
-                request_delivered=False)
-        return APIConnectionError(
-            f"Could not reach {host} ({cause}); check your network or AITHRIVING_BASE_URL.",
-            request_delivered=False)
-
-    def _read_body(self, response: requests.Response) -> bytes:
-        """The whole body, read while it keeps arriving at ``min_body_rate``; bounded in size.
-
-        A big answer on a slow link completes; one trickling below the rate ends within about
-        twice the read timeout (one window of ``read_timeout`` s, plus the wait for a last byte).
-        """
-        status = response.status_code
-        declared = response.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self._max_response_bytes:
-            raise MalformedResponseError(
-                f"The service's answer is {int(declared) / 2**20:.0f} MiB, far larger than any image it "
-                f"returns (limit {self._max_response_bytes / 2**20:.0f} MiB); it was not read.",
-                http_status=status)
-        # One buffer, sized from Content-Length when there is one: a body costs its size once, in
-        # one allocation (a growing buffer is copied as it grows, and leaves freed pieces behind).
-        # Without a length, BytesIO grows in place and getvalue() hands its buffer over uncopied.
-        expected = int(declared) if declared and declared.isdigit() else 0
-        presized = bytearray(expected) if expected else None
-        buffer = io.BytesIO()
-        size = 0
-        window_start = self._clock()
-        window_bytes = 0
-        raw = response.raw
-        try:
-            while True:
-                # read1 returns what one socket read brings: the rate is checked as bytes come in,
-                # not only after a 256 KiB read that a trickle would take days to fill.
-                chunk = raw.read1(256 * 1024, decode_content=True)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > self._max_response_bytes:
-                    raise MalformedResponseError(
-                        f"The service's answer passed {self._max_response_bytes / 2**20:.0f} MiB, far larger "
-                        "than any image it returns; reading stopped.", http_status=status)
-                if presized is not None and size <= expected:
-                    presized[size - len(chunk):size] = chunk
-                else:
-                    if presized is not None:  # more than announced: carry on in the growing buffer
-                        buffer.write(presized[:size - len(chunk)])
-                        presized = None
-                    buffer.write(chunk)
-                window_bytes += len(chunk)
-                now = self._clock()
-                if now - window_start >= self.read_timeout:
-                    if window_bytes < self.min_body_rate * (now - window_start):
-                        raise _BodyTooSlow(window_bytes / (now - window_start))
-                    window_start, window_bytes = now, 0
-        except (_BodyTooSlow, urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError) as exc:
-            if status == 200:
-                raise ResultMayBeBilledError(_broken_answer_message(exc, size, declared, self.min_body_rate),
-                                             http_status=200) from None
-            # An error status is the answer whatever its body: what arrived is enough to map it
-            # (and a 5xx cut short is as unbilled, and as retryable, as a whole one).
-        if presized is not None:
-            if size < expected:
-                del presized[size:]  # an error status cut short: what arrived
-            return bytes(presized) if status != 200 else presized
-        return buffer.getvalue()
 
     def _parse(self, response: requests.Response, request: StructureRequest, attempt: int,
                store: Optional[ResultStore] = None, label: str = "", decode: bool = True) -> StructureResult:
@@ -657,7 +359,7 @@ class StructureClient:
             raise UnexpectedRedirectError(
                 f"The service answered with a redirect (HTTP {status}) to {target}; it was not followed, so the "
                 "key was not sent there: check AITHRIVING_BASE_URL.", http_status=status, headers=headers)
-        body = self._read_body(response)
+        body = self._transport.read_body(response)
         separators = _json_separators(body)
         image_text: Optional[memoryview] = None
         if separators > MAX_JSON_SEPARATORS:
@@ -765,6 +467,16 @@ def _near_size(answer: ImageSize, sent: ImageSize) -> bool:
                for got, want in ((answer.width, sent.width), (answer.height, sent.height)))
 
 
+def _default_pacer(endpoint: str, clock: Callable[[], float], sleep: Optional[Callable[[float], None]]) -> Pacer:
+    """The process's pacer for ``endpoint``; a client on injected time gets one of its own."""
+    limit = rate_limit_from_env()
+    if sleep is None and clock is time.monotonic:
+        return shared_pacer(endpoint, limit)
+    # A client on injected time (tests) cannot share the process's real-time window;
+    # with real waits its pacer keeps real time whatever the client's clock says.
+    return Pacer(limit, clock=clock if sleep is not None else time.monotonic)
+
+
 def _marking_sent(notify: ProgressCallback, slot: PacerSlot) -> ProgressCallback:
     """``notify``, also telling the pacer when the upload is out (the "waiting" event)."""
     def relay(event: ProgressEvent) -> None:
@@ -776,29 +488,6 @@ def _marking_sent(notify: ProgressCallback, slot: PacerSlot) -> ProgressCallback
 
 # Every failure of an HTTP 200 answer after the upload: nobody can tell whether it was billed.
 _MAY_BE_CHARGED = "the service may have charged for it (HTTP 200), so the request was not sent again."
-
-
-class _BodyTooSlow(Exception):
-    """The answer's body arrived slower than the client's minimum rate."""
-
-    def __init__(self, rate: float) -> None:
-        super().__init__(rate)
-        self.rate = rate
-
-
-def _broken_answer_message(exc: BaseException, size: int, declared: Optional[str], min_rate: float) -> str:
-    """One sentence for an answer (HTTP 200) whose body could not be read whole: it may have been charged."""
-    tail = "the service may have charged for the image, so the request was not sent again."
-    if isinstance(exc, _BodyTooSlow):
-        return (f"The service's answer arrived at {exc.rate / 1024:.1f} KiB/s, below the {min_rate / 1024:.0f} KiB/s "
-                f"the client waits for, and reading stopped after {size:,} bytes; {tail}")
-    root = _root_cause(exc)
-    if isinstance(root, (socket.timeout, urllib3.exceptions.ReadTimeoutError)) or "timed out" in str(root):
-        return f"The service's answer stopped arriving after {size:,} bytes (read timeout); {tail}"
-    if declared and declared.isdigit() and size < int(declared):
-        return (f"The service's answer broke off after {size:,} of the {int(declared):,} bytes it announced "
-                f"({type(root).__name__}); {tail}")
-    return f"The service's answer broke off before it was complete ({type(root).__name__}); {tail}"
 
 
 def _is_blank(body: bytes) -> bool:
@@ -854,22 +543,6 @@ def _parse_answer(body: bytes) -> tuple[object, Optional[memoryview]]:
             if isinstance(data, dict) and data.get("image") == "":
                 return rest, memoryview(body)[start:end]
     return _parse_json(body), None
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = exc.__cause__ or exc.__context__
-        if inner is None and exc.args and isinstance(exc.args[0], BaseException):
-            inner = exc.args[0]
-        if inner is None:
-            # urllib3 keeps the socket error in .reason
-            inner = getattr(exc, "reason", None) if isinstance(getattr(exc, "reason", None), BaseException) else None
-        if inner is None:
-            return exc
-        exc = inner
-    return exc
 
 
 def _retry_message(error: StructureError, delay: float) -> str:

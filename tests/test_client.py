@@ -93,7 +93,7 @@ def test_one_session_reuses_its_connection(make_client, standin, small_image):
     for _ in range(3):
         client.generate(make_request(small_image))
     assert len(standin.requests) == 3
-    assert len({id(c) for c in client._connections}) == 1
+    assert len({id(c) for c in client._transport.connections}) == 1
 
 
 # --- validation before any request ------------------------------------------------------

@@ -1,0 +1,418 @@
+"""The transport under StructureClient: one session, the upload body, connection tracking, the body read.
+
+This is the one place where transport exceptions (requests, urllib3, socket) become the library's
+errors. It knows HTTP, not the service's answers: those are read in ``answers.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import socket
+import threading
+import uuid
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Union
+from urllib.parse import urlsplit
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from . import __version__
+from .config import APIKey
+from .contract import StructureRequest
+from .errors import APIConnectionError, APITimeoutError, ConfigurationError, MalformedResponseError
+from .errors import ResultMayBeBilledError, TransportError
+
+log = logging.getLogger("structure_api")
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 180.0
+# Base64 of the largest image the service can return (a 9.4 MP noisy PNG is ~28 MB) is
+# ~38 MB; anything far past that is hostile or broken, and is not read into memory.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# An answer is read for as long as it arrives at least this fast (bytes/s, over each read-timeout
+# window): 16 KiB/s brings the largest answer (~38 MB) in 40 minutes; slower than that is a stall.
+MIN_BODY_RATE = 16 * 1024
+_READ_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class TransportLimits:
+    """How long the transport waits and how much it reads; the timeouts are checked when it is made."""
+
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    max_response_bytes: int = MAX_RESPONSE_BYTES
+    min_body_rate: float = MIN_BODY_RATE
+
+    def __post_init__(self) -> None:
+        # Checked here: urllib3 would refuse a zero, negative or NaN timeout only mid-request, with its own error.
+        for what, seconds in (("connect", self.connect_timeout), ("read", self.read_timeout)):
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
+                    or seconds <= 0:
+                raise ConfigurationError(f"The {what} timeout must be a positive number of seconds; got {seconds!r}.")
+
+
+# --- the upload ----------------------------------------------------------------------
+
+class UploadBody:
+    """The multipart body as a readable stream that knows when the last byte went out.
+
+    Knowing it is what makes retries safe: a failure before the last byte left cannot
+    have produced (or billed) a result; a failure after it may have.
+    """
+
+    def __init__(self, parts: list[Union[bytes, memoryview]], on_sent: Optional[Callable[[], None]] = None) -> None:
+        self._parts = parts
+        self._on_sent = on_sent
+        self._length = sum(len(p) for p in parts)
+        self._index = 0
+        self._offset = 0
+        self.bytes_read = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            chunk = self.read(_READ_BYTES)
+            if not chunk:
+                return
+            yield chunk
+
+    @property
+    def fully_read(self) -> bool:
+        return self.bytes_read >= self._length
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self._length
+        out = []
+        while size > 0 and self._index < len(self._parts):
+            part = self._parts[self._index]
+            piece = part[self._offset:self._offset + size]
+            out.append(bytes(piece))
+            self._offset += len(piece)
+            size -= len(piece)
+            if self._offset >= len(part):
+                self._index += 1
+                self._offset = 0
+        chunk = b"".join(out)
+        self.bytes_read += len(chunk)
+        if not chunk and self._on_sent is not None:
+            on_sent, self._on_sent = self._on_sent, None
+            on_sent()
+        return chunk
+
+
+def multipart_parts(request: StructureRequest, boundary: str) -> list[Union[bytes, memoryview]]:
+    """The form fields, then the image (not copied: a view of its bytes), framed by ``boundary``."""
+    head = bytearray()
+    for name, value in request.form_fields():
+        head += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+        head += value.encode("utf-8") + b"\r\n"
+    head += (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{request.image.filename}"\r\n'
+        f"Content-Type: {request.image.mime_type}\r\n\r\n"
+    ).encode()
+    return [bytes(head), memoryview(request.image.data), f"\r\n--{boundary}--\r\n".encode()]
+
+
+class RawKeyAuth(requests.auth.AuthBase):
+    """Puts the raw key in the `authorization` header; passing auth also stops .netrc from overriding it."""
+
+    def __init__(self, key: APIKey) -> None:
+        self._key = key
+
+    def __call__(self, prepared: requests.PreparedRequest) -> requests.PreparedRequest:
+        prepared.headers["authorization"] = self._key.reveal()
+        return prepared
+
+    def __repr__(self) -> str:
+        return "RawKeyAuth('****')"
+
+
+# --- connections -----------------------------------------------------------------------
+
+def shutdown_socket(connection: HTTPConnection) -> None:
+    """Break a connection's socket, so that whoever waits on it (a read, a send) fails now."""
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _TrackedConnection:
+    """Mixed into urllib3's HTTP and HTTPS connections: each registers itself when it connects, so a
+    cancel can close it mid-wait, and its status line and headers must arrive within the header deadline.
+
+    The socket's own timeout only bounds each wait for a byte: headers sent a byte at a time would
+    never end. A timer shuts the socket when the whole header deadline passes; the failure is
+    then a read timeout, like any other answer that did not come in time.
+    """
+
+    # Set by tracking_adapter on the classes it makes: where connections register, and the deadline.
+    _registry: "weakref.WeakSet[HTTPConnection]"
+    _header_deadline: float
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        self._registry.add(self)
+
+    def getresponse(self):  # type: ignore[no-untyped-def]
+        timed_out = threading.Event()
+
+        def deadline_passed() -> None:
+            timed_out.set()
+            shutdown_socket(self)  # type: ignore[arg-type]
+
+        timer = threading.Timer(self._header_deadline, deadline_passed)
+        timer.daemon = True
+        timer.start()
+        try:
+            return super().getresponse()  # type: ignore[misc]
+        except Exception:
+            if timed_out.is_set():
+                # urllib3 turns a socket timeout into its ReadTimeoutError, requests into ReadTimeout.
+                raise socket.timeout("no status line and headers within the read timeout") from None
+            raise
+        finally:
+            timer.cancel()
+
+
+def tracking_adapter(registry: "weakref.WeakSet[HTTPConnection]", header_timeout: float) -> HTTPAdapter:
+    """An adapter whose connections register in ``registry`` and whose status line and headers must
+    arrive within ``header_timeout`` s of the upload's end (see ``_TrackedConnection``)."""
+    settings = {"_registry": registry, "_header_deadline": header_timeout}
+    pools = {}
+    for scheme, connection_cls, pool_cls in (("http", HTTPConnection, HTTPConnectionPool),
+                                             ("https", HTTPSConnection, HTTPSConnectionPool)):
+        tracked = type(f"Tracked{connection_cls.__name__}", (_TrackedConnection, connection_cls), settings)
+        pools[scheme] = type(f"Tracked{pool_cls.__name__}", (pool_cls,), {"ConnectionCls": tracked})
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
+    adapter.poolmanager.pool_classes_by_scheme = pools
+    return adapter
+
+
+# --- the transport -----------------------------------------------------------------------
+
+class Transport:
+    """One ``requests.Session`` with the raw-key auth and tracked connections, within ``limits``."""
+
+    def __init__(self, key: APIKey, limits: TransportLimits, clock: Callable[[], float]) -> None:
+        self.limits = limits
+        self._clock = clock
+        # Every connection opened, while it lives: close() and abort() reach them all.
+        self.connections: "weakref.WeakSet[HTTPConnection]" = weakref.WeakSet()
+        self.session = requests.Session()
+        adapter = tracking_adapter(self.connections, limits.read_timeout)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.headers.update({"user-agent": f"comfyui-aithriving-structure/{__version__}"})
+        self.session.auth = RawKeyAuth(key)
+
+    def close(self) -> None:
+        """Release the session and close every connection it opened."""
+        self.session.close()
+        # urllib3 2 leaves closing pooled connections to the garbage collector, which never runs
+        # for them while the caller keeps an error (a batch report does) whose traceback holds a
+        # response and so the pool: close every connection this transport opened, now.
+        for connection in list(self.connections):
+            connection.close()
+
+    def abort(self) -> None:
+        """Break every open connection, so that calls waiting on one end now."""
+        for connection in list(self.connections):
+            shutdown_socket(connection)
+
+    def post(self, url: str, request: StructureRequest, attempt: int,
+             on_sent: Callable[[], None]) -> requests.Response:
+        """Upload ``request`` and return the answer with its headers read and its body still to read."""
+        boundary = uuid.uuid4().hex
+        body = UploadBody(multipart_parts(request, boundary), on_sent=on_sent)
+        sent_at = self._clock()
+        log.info("POST %s, attempt %d, %d bytes", url, attempt, len(body))
+        try:
+            response = self.session.post(
+                url,
+                data=body,
+                headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+                timeout=(self.limits.connect_timeout, self.limits.read_timeout),
+                allow_redirects=False,
+                stream=True,
+            )
+        except requests.exceptions.RequestException as exc:
+            error = transport_error(exc, body.fully_read, urlsplit(url).hostname, self.limits)
+            log.info("attempt %d: no answer after %.2f s: %s", attempt, self._clock() - sent_at, error)
+            raise error from None
+        # The headers only: no key is ever in them, and the body may be an image.
+        log.info("attempt %d: HTTP %d after %.2f s, request id %s", attempt, response.status_code,
+                 self._clock() - sent_at, response.headers.get("x-request-id") or "-")
+        return response
+
+    def read_body(self, response: requests.Response) -> bytes:
+        """The whole body, read while it keeps arriving at ``min_body_rate``; bounded in size.
+
+        A big answer on a slow link completes; one trickling below the rate ends within about
+        twice the read timeout (one window of ``read_timeout`` s, plus the wait for a last byte).
+        """
+        status = response.status_code
+        limit = self.limits.max_response_bytes
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise MalformedResponseError(
+                f"The service's answer is {int(declared) / 2**20:.0f} MiB, far larger than any image it "
+                f"returns (limit {limit / 2**20:.0f} MiB); it was not read.", http_status=status)
+        buffer = _BodyBuffer(int(declared) if declared and declared.isdigit() else 0)
+        pace = _RateWindow(self._clock, self.limits.read_timeout, self.limits.min_body_rate)
+        try:
+            while True:
+                # read1 returns what one socket read brings: the rate is checked as bytes come in,
+                # not only after a 256 KiB read that a trickle would take days to fill.
+                chunk = response.raw.read1(_READ_BYTES, decode_content=True)
+                if not chunk:
+                    break
+                if buffer.size + len(chunk) > limit:
+                    raise MalformedResponseError(
+                        f"The service's answer passed {limit / 2**20:.0f} MiB, far larger "
+                        "than any image it returns; reading stopped.", http_status=status)
+                buffer.add(chunk)
+                pace.count(len(chunk))
+        except (_BodyTooSlow, urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError) as exc:
+            if status == 200:
+                raise ResultMayBeBilledError(
+                    _broken_answer_message(exc, buffer.size, declared, self.limits.min_body_rate),
+                    http_status=200) from None
+            # An error status is the answer whatever its body: what arrived is enough to map it
+            # (and a 5xx cut short is as unbilled, and as retryable, as a whole one).
+        return buffer.value(keep_mutable=status == 200)
+
+
+class _BodyBuffer:
+    """One buffer, sized from Content-Length when there is one: a body costs its size once, in one
+    allocation (a growing buffer is copied as it grows, and leaves freed pieces behind). Without a
+    length, BytesIO grows in place and getvalue() hands its buffer over uncopied."""
+
+    def __init__(self, expected: int) -> None:
+        self._expected = expected
+        self._presized: Optional[bytearray] = bytearray(expected) if expected else None
+        self._growing = io.BytesIO()
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        start, self.size = self.size, self.size + len(chunk)
+        if self._presized is not None and self.size <= self._expected:
+            self._presized[start:self.size] = chunk
+            return
+        if self._presized is not None:  # more than announced: carry on in the growing buffer
+            self._growing.write(self._presized[:start])
+            self._presized = None
+        self._growing.write(chunk)
+
+    def value(self, keep_mutable: bool) -> bytes:
+        """What arrived; ``keep_mutable`` hands a presized buffer over as it is (no copy)."""
+        if self._presized is None:
+            return self._growing.getvalue()
+        if self.size < self._expected:
+            del self._presized[self.size:]  # an error status cut short: what arrived
+        return self._presized if keep_mutable else bytes(self._presized)  # type: ignore[return-value]
+
+
+class _RateWindow:
+    """Counts bytes per window of ``seconds`` and raises _BodyTooSlow when one came below ``min_rate``."""
+
+    def __init__(self, clock: Callable[[], float], seconds: float, min_rate: float) -> None:
+        self._clock = clock
+        self._seconds = seconds
+        self._min_rate = min_rate
+        self._start = clock()
+        self._bytes = 0
+
+    def count(self, received: int) -> None:
+        self._bytes += received
+        now = self._clock()
+        if now - self._start >= self._seconds:
+            if self._bytes < self._min_rate * (now - self._start):
+                raise _BodyTooSlow(self._bytes / (now - self._start))
+            self._start, self._bytes = now, 0
+
+
+# --- transport failures as our errors ------------------------------------------------------
+
+def transport_error(exc: Exception, delivered: bool, host: Optional[str], limits: TransportLimits) -> TransportError:
+    """The library's error for a request that got no answer; ``delivered``: the upload's last byte went out."""
+    cause = type(_root_cause(exc)).__name__
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return APITimeoutError(
+            f"Could not connect to {host} within {limits.connect_timeout:g} s; check your network "
+            "or AITHRIVING_BASE_URL.", request_delivered=False)
+    if delivered and isinstance(exc, (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError)):
+        if isinstance(exc, requests.exceptions.ReadTimeout):
+            return ResultMayBeBilledError(
+                f"No answer came within {limits.read_timeout:g} s after the upload finished; the service may "
+                "have generated and charged for the image, so the request was not sent again.")
+        return ResultMayBeBilledError(
+            f"The connection to {host} broke after the upload finished and before the answer ({cause}); "
+            "the service may have charged for a result, so the request was not sent again.")
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return APITimeoutError(
+            f"{host} stopped accepting the upload for {limits.read_timeout:g} s; nothing was charged.",
+            request_delivered=False)
+    if isinstance(exc, requests.exceptions.SSLError):
+        return APIConnectionError(
+            f"The secure connection to {host} failed ({cause}); check the system clock and certificates.",
+            request_delivered=False)
+    if isinstance(exc, requests.exceptions.ProxyError):
+        return APIConnectionError(
+            f"The proxy refused the connection to {host}; check HTTPS_PROXY/HTTP_PROXY.",
+            request_delivered=False)
+    return APIConnectionError(
+        f"Could not reach {host} ({cause}); check your network or AITHRIVING_BASE_URL.",
+        request_delivered=False)
+
+
+class _BodyTooSlow(Exception):
+    """The answer's body arrived slower than the client's minimum rate."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__(rate)
+        self.rate = rate
+
+
+def _broken_answer_message(exc: BaseException, size: int, declared: Optional[str], min_rate: float) -> str:
+    """One sentence for an answer (HTTP 200) whose body could not be read whole: it may have been charged."""
+    tail = "the service may have charged for the image, so the request was not sent again."
+    if isinstance(exc, _BodyTooSlow):
+        return (f"The service's answer arrived at {exc.rate / 1024:.1f} KiB/s, below the {min_rate / 1024:.0f} KiB/s "
+                f"the client waits for, and reading stopped after {size:,} bytes; {tail}")
+    root = _root_cause(exc)
+    if isinstance(root, (socket.timeout, urllib3.exceptions.ReadTimeoutError)) or "timed out" in str(root):
+        return f"The service's answer stopped arriving after {size:,} bytes (read timeout); {tail}"
+    if declared and declared.isdigit() and size < int(declared):
+        return (f"The service's answer broke off after {size:,} of the {int(declared):,} bytes it announced "
+                f"({type(root).__name__}); {tail}")
+    return f"The service's answer broke off before it was complete ({type(root).__name__}); {tail}"
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = exc.__cause__ or exc.__context__
+        if inner is None and exc.args and isinstance(exc.args[0], BaseException):
+            inner = exc.args[0]
+        if inner is None:
+            # urllib3 keeps the socket error in .reason
+            inner = getattr(exc, "reason", None) if isinstance(getattr(exc, "reason", None), BaseException) else None
+        if inner is None:
+            return exc
+        exc = inner
+    return exc
