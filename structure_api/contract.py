@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import unicodedata
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Union
 
 from .errors import InputError
 
@@ -38,7 +38,11 @@ DEFAULT_OUTPUT_FORMAT = "png"
 
 @dataclass(frozen=True)
 class FormField:
-    """One text field of the multipart form: its name, whether it is required, its range and default."""
+    """One text field of the multipart form: its name, whether it is required, its range and default.
+
+    ``omit_when_empty``: an optional field left out of the form when its value says "none" (blank text,
+    seed 0), so the service applies its own default.
+    """
 
     name: str
     kind: str  # "text" | "number" | "integer" | "choice"
@@ -48,16 +52,28 @@ class FormField:
     maximum: Union[float, int, None] = None
     choices: tuple[str, ...] = ()
     max_chars: Optional[int] = None
+    omit_when_empty: bool = False
+
+    def check(self, value: object) -> None:
+        """Raise InputError when `value` is outside what the service accepts for this field."""
+        _CHECKS[self.kind](self, value)
+
+    def form_value(self, value: object) -> Optional[str]:
+        """The field's text in the form, or None when it is left out."""
+        if self.omit_when_empty and not (value.strip() if isinstance(value, str) else value):
+            return None
+        return _format_number(value) if self.kind == "number" else str(value)
 
 
 FORM_FIELDS = (
     FormField("prompt", "text", True, None, max_chars=MAX_PROMPT_CHARS),
     FormField("control_strength", "number", False, DEFAULT_CONTROL_STRENGTH,
               minimum=MIN_CONTROL_STRENGTH, maximum=MAX_CONTROL_STRENGTH),
-    FormField("negative_prompt", "text", False, "", max_chars=MAX_PROMPT_CHARS),
-    FormField("seed", "integer", False, 0, minimum=0, maximum=MAX_SEED),
+    FormField("negative_prompt", "text", False, "", max_chars=MAX_PROMPT_CHARS, omit_when_empty=True),
+    FormField("seed", "integer", False, 0, minimum=0, maximum=MAX_SEED, omit_when_empty=True),
     FormField("output_format", "choice", False, DEFAULT_OUTPUT_FORMAT, choices=OUTPUT_FORMATS),
 )
+FIELD_NAMES = tuple(field.name for field in FORM_FIELDS)
 
 # --- the input image's limits ----------------------------------------------------------
 
@@ -82,45 +98,60 @@ SEED_RANGE_TEXT = f"0..{MAX_SEED}"
 _ALLOWED_CONTROL_CHARS = {"\t", "\n", "\r"}
 
 
-def _check_text(name: str, value: object, *, required: bool) -> str:
+def _check_text(field: FormField, value: object) -> None:
+    name = field.name
     if not isinstance(value, str):
         raise InputError(f"{name} must be text, not {type(value).__name__}.")
-    if required and not value.strip():
+    if field.required and not value.strip():
         raise InputError(f"{name} is empty: describe what the image should show.")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise InputError(f"{name} is {len(value)} characters long; the service accepts at most {MAX_PROMPT_CHARS}.")
+    if field.max_chars is not None and len(value) > field.max_chars:
+        raise InputError(f"{name} is {len(value)} characters long; the service accepts at most {field.max_chars}.")
     for position, ch in enumerate(value):
         category = unicodedata.category(ch)
         if ch not in _ALLOWED_CONTROL_CHARS and category in ("Cc", "Cs"):
             kind = "control character" if category == "Cc" else "invalid character (a lone surrogate)"
             raise InputError(f"{name} contains the {kind} U+{ord(ch):04X} at position {position + 1}; remove it.")
-    return value
+
+
+def _check_number(field: FormField, value: object) -> None:
+    low, high = f"{field.minimum:g}", f"{field.maximum:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{field.name} must be a number between {low} and {high}, not {value!r}.")
+    if not field.minimum <= value <= field.maximum:
+        raise InputError(f"{field.name} must be between {low} and {high}; got {value}.")
+
+
+def _check_integer(field: FormField, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{field.name} must be a whole number between {field.minimum} and {field.maximum}, "
+                         f"not {value!r}.")
+    if not field.minimum <= value <= field.maximum:
+        raise InputError(f"{field.name} must be between {field.minimum} and {field.maximum}; got {value}.")
+
+
+def _check_choice(field: FormField, value: object) -> None:
+    if value not in field.choices:
+        raise InputError(f"{field.name} must be one of {', '.join(field.choices)}; got {value!r}.")
+
+
+_CHECKS = {"text": _check_text, "number": _check_number, "integer": _check_integer, "choice": _check_choice}
 
 
 def validate_prompt(prompt: str) -> None:
     """Raise InputError when the prompt is blank, over MAX_PROMPT_CHARS characters or holds control characters."""
-    _check_text("prompt", prompt, required=True)
+    FORM_FIELDS[0].check(prompt)
 
 
-def validate_parameters(
-    prompt: str, control_strength: float, negative_prompt: str, seed: int, output_format: str
-) -> None:
-    """Raise InputError naming the first form parameter outside what the service accepts."""
-    _check_text("prompt", prompt, required=True)
-    _check_text("negative_prompt", negative_prompt, required=False)
-    if isinstance(control_strength, bool) or not isinstance(control_strength, (int, float)) \
-            or not math.isfinite(control_strength):
-        raise InputError(f"control_strength must be a number between {MIN_CONTROL_STRENGTH:g} and "
-                         f"{MAX_CONTROL_STRENGTH:g}, not {control_strength!r}.")
-    if not MIN_CONTROL_STRENGTH <= control_strength <= MAX_CONTROL_STRENGTH:
-        raise InputError(f"control_strength must be between {MIN_CONTROL_STRENGTH:g} and {MAX_CONTROL_STRENGTH:g}; "
-                         f"got {control_strength}.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InputError(f"seed must be a whole number between 0 and {MAX_SEED}, not {seed!r}.")
-    if not 0 <= seed <= MAX_SEED:
-        raise InputError(f"seed must be between 0 and {MAX_SEED}; got {seed}.")
-    if output_format not in OUTPUT_FORMATS:
-        raise InputError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {output_format!r}.")
+def validate_form(values: Mapping[str, object]) -> None:
+    """Raise InputError naming the first form field (in FORM_FIELDS order) outside what the service accepts."""
+    for field in FORM_FIELDS:
+        field.check(values[field.name])
+
+
+def validate_parameters(*args: object, **kwargs: object) -> None:
+    """validate_form for values given in FORM_FIELDS order (prompt, control_strength, negative_prompt,
+    seed, output_format) or by name."""
+    validate_form({**dict(zip(FIELD_NAMES, args)), **kwargs})
 
 
 def check_image_limits(image: "EncodedImage") -> None:
@@ -144,31 +175,44 @@ def check_image_limits(image: "EncodedImage") -> None:
 
 # --- the request -----------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class StructureRequest:
-    """One generation: the encoded image and the form parameters."""
+@dataclass(frozen=True, kw_only=True)
+class FormParameters:
+    """The form's values, one attribute per FORM_FIELDS entry (tests/test_contract.py keeps them in step)."""
 
-    image: "EncodedImage"
     prompt: str
     control_strength: float = DEFAULT_CONTROL_STRENGTH
     negative_prompt: str = ""
     seed: int = 0
     output_format: str = DEFAULT_OUTPUT_FORMAT
 
-    def validate(self) -> None:
-        """Raise InputError naming the first parameter outside what the service accepts."""
-        validate_parameters(self.prompt, self.control_strength, self.negative_prompt, self.seed, self.output_format)
-        check_image_limits(self.image)
+    def form_values(self) -> dict[str, object]:
+        """The form's values by field name."""
+        return {name: getattr(self, name) for name in FIELD_NAMES}
+
+    def validate_form(self) -> None:
+        """Raise InputError naming the first form value outside what the service accepts."""
+        validate_form(self.form_values())
 
     def form_fields(self) -> list[tuple[str, str]]:
         """The text fields of the multipart form, in the contract's order; empty optionals are left out."""
-        fields = [("prompt", self.prompt), ("control_strength", _format_number(self.control_strength))]
-        if self.negative_prompt.strip():
-            fields.append(("negative_prompt", self.negative_prompt))
-        if self.seed:
-            fields.append(("seed", str(self.seed)))
-        fields.append(("output_format", self.output_format))
+        fields = []
+        for field in FORM_FIELDS:
+            text = field.form_value(getattr(self, field.name))
+            if text is not None:
+                fields.append((field.name, text))
         return fields
+
+
+@dataclass(frozen=True, kw_only=True)
+class StructureRequest(FormParameters):
+    """One generation: the encoded image and the form parameters."""
+
+    image: "EncodedImage"
+
+    def validate(self) -> None:
+        """Raise InputError naming the first parameter outside what the service accepts."""
+        self.validate_form()
+        check_image_limits(self.image)
 
 
 def _format_number(value: float) -> str:

@@ -5,7 +5,6 @@ IMAGE batches are ``[B, H, W, C]`` float in 0..1 (torch tensor or numpy array).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,14 +13,12 @@ from typing import Callable, Optional
 from .batch import BatchProgress, BatchReport, max_concurrency_from_env, run_batch
 from .client import StructureClient, StructureResult
 from .contract import (
-    DEFAULT_CONTROL_STRENGTH,
-    DEFAULT_OUTPUT_FORMAT,
     MAX_ASPECT,
     MAX_PIXELS,
     MAX_SEED,
     MIN_SIDE,
+    FormParameters,
     StructureRequest,
-    validate_parameters,
 )
 from .errors import InputError, InvalidImageError, MalformedResponseError
 from .store import ResultStore
@@ -59,23 +56,18 @@ def batch_seeds(seed: int, count: int) -> list[int]:
     return [(seed - 1 + i) % MAX_SEED + 1 for i in range(count)]
 
 
-@dataclass(frozen=True)
-class StructureParams:
-    """The node's parameters, shared by every image of a batch."""
+@dataclass(frozen=True, kw_only=True)
+class StructureParams(FormParameters):
+    """The node's parameters, shared by every image of a batch: the form's values and what to do with an
+    image outside the service's limits."""
 
-    prompt: str
-    control_strength: float = DEFAULT_CONTROL_STRENGTH
-    negative_prompt: str = ""
-    seed: int = 0
-    output_format: str = DEFAULT_OUTPUT_FORMAT
     outside_limits: str = "fit"  # "fit": fit, send, bring back to the input's size; "fail": refuse
 
     def validate(self) -> None:
         """Check everything but the image before any work starts."""
         if self.outside_limits not in FIT_MODES:
             raise InputError(f"outside_limits must be one of {', '.join(FIT_MODES)}; got {self.outside_limits!r}.")
-        validate_parameters(self.prompt, self.control_strength, self.negative_prompt, self.seed,
-                            self.output_format)
+        self.validate_form()
 
 
 @dataclass
@@ -164,9 +156,7 @@ def generate_images(
 
     def make_request(index: int) -> StructureRequest:
         upload = cpu.submit(encode, index).result()
-        return StructureRequest(
-            image=upload, prompt=params.prompt, control_strength=params.control_strength,
-            negative_prompt=params.negative_prompt, seed=seeds[index], output_format=params.output_format)
+        return StructureRequest(image=upload, **{**params.form_values(), "seed": seeds[index]})
 
     def on_result(index: int, result: StructureResult) -> None:
         try:

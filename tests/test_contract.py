@@ -7,6 +7,7 @@ the contract: a changed figure that a text did not follow fails here.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -66,6 +67,21 @@ def test_form_fields_hold_the_figures() -> None:
     assert fields["seed"].maximum == contract.MAX_SEED
     assert fields["control_strength"].default == contract.DEFAULT_CONTROL_STRENGTH
     assert fields["output_format"].choices == contract.OUTPUT_FORMATS
+
+
+def test_every_form_field_is_a_parameter_of_the_request_and_the_node() -> None:
+    # A field added to FORM_FIELDS without its attribute (or the other way round) fails here.
+    from structure_api.pipeline import StructureParams
+
+    def names(cls: type) -> list[str]:
+        return [field.name for field in dataclasses.fields(cls)]
+
+    assert names(contract.FormParameters) == list(contract.FIELD_NAMES)
+    assert names(contract.StructureRequest) == list(contract.FIELD_NAMES) + ["image"]
+    assert names(StructureParams) == list(contract.FIELD_NAMES) + ["outside_limits"]
+    for field in contract.FORM_FIELDS:
+        if not field.required:
+            assert getattr(contract.FormParameters, field.name) == field.default, field.name
 
 
 def test_the_web_extension_takes_the_price_from_the_server() -> None:
