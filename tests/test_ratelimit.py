@@ -22,7 +22,7 @@ from structure_api.ratelimit import (
 )
 from structure_api.retry import RetryPolicy
 from structure_api.standin import Fault, StandInServer
-from structure_api.standin_ratelimit import UpstreamRateLimit
+from structure_api.standin.ratelimit import UpstreamRateLimit
 from support import TEST_KEY, RecordingSleep, photo_like
 
 

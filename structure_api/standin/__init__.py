@@ -7,7 +7,8 @@ edge map painted in two colours derived from the prompt and seed, so the structu
 
 Where each part lives: ``server`` (recording, the HTTP handler, start and stop), ``multipart`` and
 ``validation`` (reading an upload as the service does, with the figures of ``structure_api.contract``),
-``render`` (the generated image), ``answers`` (error bodies), ``faults`` (what only tests script),
+``render`` (the generated image), ``answers`` (error bodies), ``ratelimit`` (the upstream's rate limit
+and lock-out), ``faults`` (what only tests script),
 ``run`` (``serve``, what users run).
 """
 

@@ -27,7 +27,7 @@ from ..contract import (
     MAX_SEED,
 )
 from ..ratelimit import RateLimit
-from ..standin_ratelimit import UpstreamRateLimit
+from .ratelimit import UpstreamRateLimit
 from .answers import _body_bytes, _json_bytes, default_body, error_payload
 from .faults import FAULT_KINDS, Fault, _random_fault
 from .multipart import _BadRequest, _Form, parse_multipart

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Callable, Optional, Union
 
-from .ratelimit import RateLimit, parse_rate_limit
+from ..ratelimit import RateLimit, parse_rate_limit
 
 DEFAULT_LOCKOUT_SECONDS = 60.0
 
