@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import requests
+from urllib3.connection import HTTPConnection
 
 from .answers import Redactor, StructureResult, image_answer, keep_and_decode, refuse_redirect
 from .config import APIKey, check_key_may_travel, load_api_key, resolve_base_url
@@ -109,6 +110,30 @@ class StructureClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def limits(self) -> TransportLimits:
+        """The timeouts, the answer's size cap and the minimum rate its body must arrive at."""
+        return self._transport.limits
+
+    @property
+    def session(self) -> requests.Session:
+        """The one ``requests.Session`` this client sends through: for proxies, certificates, extra headers.
+
+        The key is never in it as text: it is added to each request by the session's ``auth``, whose
+        repr hides it. Mounting another adapter loses what the client's own gives: a cancel that breaks
+        a waiting connection, and the deadline for the answer's headers.
+        """
+        return self._transport.session
+
+    @property
+    def connections(self) -> tuple[HTTPConnection, ...]:
+        """The HTTP connections this client opened that are still alive (pooled or in use), a snapshot.
+
+        For diagnostics, such as checking that requests reuse one keep-alive connection; ``close()``
+        closes them, ``abort()`` breaks them.
+        """
+        return tuple(self._transport.connections)
 
     def close(self) -> None:
         """Release the session and close every connection this client opened."""

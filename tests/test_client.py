@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from structure_api import StructureClient, StructureRequest
+from structure_api import ConfigurationError, StructureClient, StructureRequest
 from structure_api.errors import (
     APIConnectionError,
     AuthenticationError,
@@ -93,7 +93,7 @@ def test_one_session_reuses_its_connection(make_client, standin, small_image):
     for _ in range(3):
         client.generate(make_request(small_image))
     assert len(standin.requests) == 3
-    assert len({id(c) for c in client._transport.connections}) == 1
+    assert len(client.connections) == 1
 
 
 # --- validation before any request ------------------------------------------------------
@@ -130,6 +130,21 @@ def test_image_outside_limits_fails_before_any_request(make_client, standin, wid
     with pytest.raises(InputError, match=words):
         make_client().generate(make_request(encode_upload(photo_like(width, height))))
     assert standin.requests == []
+
+
+@pytest.mark.parametrize("timeouts", [{"connect_timeout": 0}, {"read_timeout": -1}, {"read_timeout": float("nan")},
+                                      {"connect_timeout": True}, {"read_timeout": "5"}])
+def test_a_bad_timeout_is_refused_when_the_client_is_made(standin, timeouts):
+    [(what, value)] = timeouts.items()
+    with pytest.raises(ConfigurationError, match=f"The {what.split('_')[0]} timeout must be a positive number") as info:
+        StructureClient(api_key=TEST_KEY, base_url=standin.url, **timeouts)
+    assert_clean(info.value)
+    assert repr(value) in str(info.value)
+
+
+def test_limits_hold_what_the_client_was_given(make_client):
+    limits = make_client(connect_timeout=2, read_timeout=5).limits
+    assert (limits.connect_timeout, limits.read_timeout) == (2, 5)
 
 
 # --- each error class ----------------------------------------------------------------------

@@ -111,7 +111,7 @@ def test_client_flows_never_show_the_key(service, new_client, small_upload, sear
     client = new_client(read_timeout=0.3)
     search.check("client repr", repr(client))
     search.check("client attributes", repr(vars(client)))
-    search.check("session attributes", repr(vars(client._transport.session)))
+    search.check("session attributes", repr(vars(client.session)))
     search.check("APIKey str and repr", f"{APIKey(CANARY_KEY)} {APIKey(CANARY_KEY)!r}")
     for number, fault in enumerate(CLIENT_FAULTS):
         if fault is not None:
