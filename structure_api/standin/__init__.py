@@ -5,11 +5,12 @@ spending credits, and so tests can talk real HTTP to something that can also mis
 (``StandInServer.script``). The images it returns are not AI generations: they are the input's
 edge map painted in two colours derived from the prompt and seed, so the structure is visibly kept.
 
-Where each part lives: ``server`` (recording, the HTTP handler, start and stop), ``multipart`` and
+Where each part lives: ``server`` (start, stop, connections, the normal answer), ``handler`` (one
+request: read, recorded, answered or a fault played), ``records`` (recorded requests, queued faults,
+credits), ``multipart`` and
 ``validation`` (reading an upload as the service does, with the figures of ``structure_api.contract``),
 ``render`` (the generated image), ``answers`` (error bodies), ``ratelimit`` (the upstream's rate limit
-and lock-out), ``faults`` (what only tests script),
-``run`` (``serve``, what users run).
+and lock-out), ``faults`` (what only tests script), ``run`` (``serve``, what users run).
 """
 
 from ..contract import CREDITS_PER_IMAGE, ENDPOINT_PATH
@@ -17,8 +18,10 @@ from .answers import default_body, error_payload
 from .faults import FAULT_KINDS, Fault
 from .multipart import parse_multipart
 from .render import edge_map, render_structure, structure_edges
+from .handler import HEALTH_PATHS, STANDIN_HEADER, STANDIN_HEADER_VALUE
+from .records import RecordedRequest
 from .run import serve
-from .server import HEALTH_PATHS, STANDIN_HEADER, STANDIN_HEADER_VALUE, RecordedRequest, StandInServer
+from .server import StandInServer
 from .validation import decode_upload, validate_form
 
 __all__ = [

@@ -60,18 +60,18 @@ def default_body(status: int) -> tuple[bytes, str]:
             phrase = f"HTTP {status}"
         name = re.sub(r"[^a-z0-9]+", "_", phrase.lower()).strip("_")
         message, reason = phrase + ".", phrase.lower()
-    return _json_bytes(error_payload(message, name, [reason])), "application/json"
+    return json_bytes(error_payload(message, name, [reason])), "application/json"
 
 
-def _json_bytes(payload: object) -> bytes:
+def json_bytes(payload: object) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode("utf-8")
 
 
-def _body_bytes(body: Union[bytes, str, dict, list, None], status: int) -> tuple[bytes, str]:
+def body_bytes(body: Union[bytes, str, dict, list, None], status: int) -> tuple[bytes, str]:
     if body is None:
         return default_body(status)
     if isinstance(body, (dict, list)):
-        return _json_bytes(body), "application/json"
+        return json_bytes(body), "application/json"
     if isinstance(body, str):
         return body.encode("utf-8"), "text/plain; charset=utf-8"
     data = bytes(body)

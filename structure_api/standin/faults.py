@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Union
 
-from .answers import error_payload
+from .answers import body_bytes, error_payload
 
 
 # The faults a fault_rate draw picks from: retryable statuses or a failed generation.
@@ -46,8 +46,43 @@ class Fault:
             return "passthrough"
         return str(self.status) if self.action == "respond" else self.action
 
+    def play(self, exchange) -> None:
+        """Answer through the handler (``handler.StandInHandler``) as this fault says."""
+        if self.passthrough:
+            exchange.answer_normally(self.delay, self.headers)
+            return
+        if self.action == "drop_before_read":
+            exchange.record()
+            exchange.drop()
+            return
+        exchange.read_request()
+        if self.action == "hang":
+            exchange.wait_until_stopped()
+            exchange.drop()
+            return
+        exchange.wait(self.delay)
+        if self.action == "drop":
+            exchange.drop()
+            return
+        if self.action == "stream":
+            if self.body_chunks is not None:
+                chunks = self.body_chunks()
+            elif self.body is None or isinstance(self.body, (bytes, str, dict)):
+                chunks = [body_bytes(self.body, self.status)[0]]
+            else:
+                chunks = self.body
+            exchange.stream(self.status, self.headers, chunks)
+            return
+        body, content_type = body_bytes(self.body, self.status)
+        if self.action == "truncate":
+            exchange.send(self.status, body[: len(body) // 2], content_type, self.headers, announced_length=len(body))
+            exchange.drop()
+            return
+        exchange.send(self.status, body, content_type, self.headers)
 
-def _random_fault(kind: str) -> Fault:
+
+def random_fault(kind: str) -> Fault:
+    """The fault a fault_rate draw of `kind` (one of FAULT_KINDS) plays."""
     if kind == "429":
         return _Labelled(status=429, headers={"Retry-After": "0"}, label_text=kind)
     if kind == "code-1":
