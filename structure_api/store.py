@@ -8,10 +8,11 @@ used, the format detected from the bytes, when it was kept and whether it has be
 - a fixed seed is served from the store every time (delivered or not);
 - seed 0 hands each undelivered result out once; after that seed 0 pays for fresh images.
 
-On disk an entry is ONE file ``<entry_id>.result`` (a header line of JSON, then the image bytes)
-written to a temp file, fsync'd and renamed into place, so a crash leaves either the whole entry
-or a temp file the next sweep removes. Delivery is an empty ``<entry_id>.delivered`` marker, so a
-store that can be read but not written still serves what it holds. When the folder cannot be
+On disk (``store_disk.py`` owns the format) an entry is ONE file ``<entry_id>.result`` (a header
+line of JSON, then the image bytes) written to a temp file, fsync'd and renamed into place, so a
+crash leaves either the whole entry or a temp file the next sweep removes. Delivery is an empty
+``<entry_id>.delivered`` marker, so a store that can be read but not written still serves what it
+holds. When the folder cannot be
 written (read-only, full, not a folder, smaller than one result) results are kept in memory for
 the life of the process; :meth:`ResultStore.from_env` hands every caller of one process the same
 store object, so a ComfyUI re-run after a failed batch still finds them.
@@ -21,12 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import hashlib
-import json
 import logging
 import os
-import stat
 import threading
 import time
 import uuid
@@ -35,15 +33,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping, Optional
 
 from .errors import ConfigurationError
-from .files import write_atomically
+from .store_disk import (  # noqa: F401  (the file names stay importable from here)
+    DELIVERED_SUFFIX,
+    MAX_ENTRY_BYTES,
+    RESULT_SUFFIX,
+    TEMP_PREFIX,
+    EntryHeader,
+    can_lock_across_processes,
+    durable_write,
+    entry_head,
+    hold_key_lock,
+    mark_delivered_on_disk,
+    open_key_lock,
+    probe_writable,
+    read_entry_data,
+    read_header,
+    remove_entry,
+    scan_folder,
+    sweep_folder,
+    touch_entry,
+)
 
 if TYPE_CHECKING:  # the client imports this module; the type is only needed for hints
     from .client import StructureRequest
-
-try:  # POSIX; elsewhere the per-key lock is per process only
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("structure_api")
 
@@ -51,23 +63,8 @@ ENV_CACHE_DIR = "AITHRIVING_CACHE_DIR"
 ENV_CACHE_MAX_MB = "AITHRIVING_CACHE_MAX_MB"
 DEFAULT_MAX_BYTES = 1024 * 1024 * 1024
 _DISABLED_VALUES = {"", "0", "off", "none", "false", "no"}
-
-RESULT_SUFFIX = ".result"
-DELIVERED_SUFFIX = ".delivered"
-TEMP_PREFIX = ".tmp-"
-LOCK_DIR = ".locks"
-_MAGIC = b"AITHRIVING-RESULT-1\n"
-# The largest image the service returns is ~28 MB; a file far past that is not one of ours.
-MAX_ENTRY_BYTES = 64 * 1024 * 1024
-_MAX_HEADER_BYTES = 64 * 1024
-# A crashed writer leaves a temp file (or an old cache's half entry); one this old is nobody's
-# write in progress (a write takes well under a second).
-ORPHAN_AGE_SECONDS = 600.0
-# A lock file not used for a day, and held by nobody, is swept.
-LOCK_AGE_SECONDS = 86400.0
 # Delivered results of a memory-only store are a convenience cache: bounded, unlike undelivered ones.
 MEMORY_CACHE_BYTES = 256 * 1024 * 1024
-_KEY_HEX = 64
 
 
 @dataclass(frozen=True)
@@ -135,20 +132,6 @@ def _forget_shared_stores() -> None:
         _SHARED.clear()
 
 
-@dataclass
-class _Header:
-    """What a ``.result`` file's header line says, plus where the image bytes start."""
-
-    key: str
-    aliases: tuple[str, ...]
-    seed: int
-    format: str
-    size: int
-    sha256: str
-    paid_at: float
-    label: str
-    offset: int
-
 
 class ResultStore:
     """Paid results in one folder (or only in memory), shared safely by threads and processes."""
@@ -160,7 +143,7 @@ class ResultStore:
         self._memory: dict[str, tuple[StoredResult, tuple[str, ...]]] = {}  # entry_id -> (entry, aliases)
         self._handed_out: set[str] = set()       # entry ids in use by a caller of this process
         self._delivered_here: set[str] = set()   # delivered, but the marker could not be written
-        self._headers: dict[str, tuple[int, int, Optional[_Header]]] = {}  # name -> (mtime_ns, size, header)
+        self._headers: dict[str, tuple[int, int, Optional[EntryHeader]]] = {}  # name -> (mtime_ns, size, header)
         self._key_locks: dict[str, threading.Lock] = {}
         self._disk_ok: Optional[bool] = None if self.directory is not None and max_bytes > 0 else False
         self._swept = False
@@ -208,10 +191,7 @@ class ResultStore:
     def _probe(self) -> bool:
         assert self.directory is not None
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = _mkstemp(self.directory)
-            os.close(fd)
-            os.unlink(tmp)
+            probe_writable(self.directory)
             return True
         except OSError as error:
             self._warn_memory(error)
@@ -294,14 +274,9 @@ class ResultStore:
                 self._trim_memory()
                 return
             self._delivered_here.add(entry.entry_id)
-        if self.directory is None:
-            return
-        try:
-            fd = os.open(self.directory / (entry.entry_id + DELIVERED_SUFFIX),
-                         os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
-            os.close(fd)
-        except OSError:
-            pass  # remembered in memory above; a read-only store cannot record more
+        if self.directory is not None:
+            # Remembered in memory above, so a store that cannot write the marker still knows.
+            mark_delivered_on_disk(self.directory, entry.entry_id)
 
     def discard(self, entry: StoredResult) -> None:
         """Remove an entry whose bytes turned out to be unusable (the image does not decode)."""
@@ -310,8 +285,7 @@ class ResultStore:
             self._memory.pop(entry.entry_id, None)
             self._headers.pop(entry.entry_id + RESULT_SUFFIX, None)
         if self.directory is not None:
-            for suffix in (RESULT_SUFFIX, DELIVERED_SUFFIX):
-                _unlink_quietly(self.directory / (entry.entry_id + suffix))
+            remove_entry(self.directory, entry.entry_id)
 
     @contextlib.contextmanager
     def paying(self, key: str) -> Iterator[None]:
@@ -323,38 +297,24 @@ class ResultStore:
             handle = self._open_lock_file(key)
             try:
                 if handle is not None:
-                    fcntl.flock(handle, fcntl.LOCK_EX)
-                    try:
-                        os.utime(handle)  # in use: the sweep leaves it alone
-                    except OSError:
-                        pass
+                    hold_key_lock(handle)
                 yield
             finally:
                 if handle is not None:
                     os.close(handle)  # closing drops the flock
 
     def _open_lock_file(self, key: str) -> Optional[int]:
-        if fcntl is None or self.directory is None or not _is_key(key) or not self.persistent:
+        if self.directory is None or not can_lock_across_processes(key) or not self.persistent:
             return None
-        try:
-            lock_dir = self.directory / LOCK_DIR
-            lock_dir.mkdir(exist_ok=True)
-            return os.open(lock_dir / key, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-                           0o644)
-        except OSError:
-            return None
+        return open_key_lock(self.directory, key)
 
     # -- disk ---------------------------------------------------------------------
 
     def _write(self, entry: StoredResult, aliases: tuple[str, ...]) -> bool:
         if self.directory is None or self.max_bytes <= 0:
             return False
-        header = {
-            "key": entry.key, "aliases": list(aliases), "entry_id": entry.entry_id, "seed": entry.seed,
-            "format": entry.format, "size": len(entry.data), "sha256": hashlib.sha256(entry.data).hexdigest(),
-            "paid_at": entry.paid_at, "label": entry.label[:1000],
-        }
-        head = _MAGIC + json.dumps(header, ensure_ascii=True).encode() + b"\n"
+        head = entry_head(key=entry.key, aliases=aliases, entry_id=entry.entry_id, seed=entry.seed,
+                          format=entry.format, data=entry.data, paid_at=entry.paid_at, label=entry.label)
         if len(head) + len(entry.data) > self.max_bytes or len(entry.data) > MAX_ENTRY_BYTES:
             log.warning("A result of %d bytes is larger than the result store's limit (%s); it is kept in "
                         "memory until this process exits.", len(entry.data), ENV_CACHE_MAX_MB)
@@ -364,7 +324,7 @@ class ResultStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._sweep_once()
-            _durable_write(self.directory / (entry.entry_id + RESULT_SUFFIX), head, entry.data)
+            durable_write(self.directory / (entry.entry_id + RESULT_SUFFIX), head, entry.data)
         except OSError as error:
             with self._lock:
                 self._disk_ok = False
@@ -377,38 +337,20 @@ class ResultStore:
 
     def _scan(self) -> tuple[dict[str, tuple[int, int]], set[str]]:
         """Regular ``.result`` files (name -> (mtime_ns, size)) and delivered markers, by one listing."""
-        results: dict[str, tuple[int, int]] = {}
-        markers: set[str] = set()
         if self.directory is None:
-            return results, markers
+            return {}, set()
         self._sweep_once()
-        try:
-            with os.scandir(self.directory) as listing:
-                for item in listing:
-                    name = item.name
-                    if name.endswith(DELIVERED_SUFFIX):
-                        markers.add(name[: -len(DELIVERED_SUFFIX)])
-                    elif name.endswith(RESULT_SUFFIX):
-                        try:
-                            info = item.stat(follow_symlinks=False)
-                        except OSError:
-                            continue
-                        # Links, pipes, devices and folders are not entries: never opened.
-                        if stat.S_ISREG(info.st_mode) and info.st_size <= MAX_ENTRY_BYTES + _MAX_HEADER_BYTES:
-                            results[name] = (info.st_mtime_ns, info.st_size)
-        except OSError:
-            pass
-        return results, markers
+        return scan_folder(self.directory)
 
-    def _disk_meta(self) -> dict[str, tuple[_Header, bool]]:
+    def _disk_meta(self) -> dict[str, tuple[EntryHeader, bool]]:
         files, markers = self._scan()
-        found: dict[str, tuple[_Header, bool]] = {}
+        found: dict[str, tuple[EntryHeader, bool]] = {}
         for name, (mtime, size) in files.items():
             cached = self._headers.get(name)
             if cached is not None and cached[0] == mtime and cached[1] == size:
                 header = cached[2]
             else:
-                header = self._read_header(self.directory / name)
+                header = read_header(self.directory / name)
                 self._headers[name] = (mtime, size, header)
             if header is None:
                 continue
@@ -430,58 +372,26 @@ class ResultStore:
         return [(entry_id, meta) for entry_id, meta in self._all_meta().items()
                 if meta.key == key or (include_aliases and key in meta.aliases)]
 
-    def _read_header(self, path: Path) -> Optional[_Header]:
-        try:
-            with _open_regular(path) as handle:
-                head = handle.read(_MAX_HEADER_BYTES)
-        except OSError:
-            return None
-        if not head.startswith(_MAGIC):
-            return None
-        end = head.find(b"\n", len(_MAGIC))
-        if end < 0:
-            return None
-        try:
-            meta = json.loads(head[len(_MAGIC):end])
-            header = _Header(
-                key=str(meta["key"]), aliases=tuple(str(a) for a in meta.get("aliases", ())),
-                seed=int(meta["seed"]), format=str(meta["format"]), size=int(meta["size"]),
-                sha256=str(meta["sha256"]), paid_at=float(meta["paid_at"]), label=str(meta.get("label", "")),
-                offset=end + 1)
-        except (ValueError, KeyError, TypeError):
-            return None
-        return header if 0 < header.size <= MAX_ENTRY_BYTES else None
-
     def _load(self, entry_id: str) -> Optional[StoredResult]:
         held = self._memory.get(entry_id)
         if held is not None:
             return held[0]
         if self.directory is None:
             return None
-        name = entry_id + RESULT_SUFFIX
-        cached = self._headers.get(name)
-        header = cached[2] if cached is not None else self._read_header(self.directory / name)
-        if header is None:
-            return None
-        try:
-            with _open_regular(self.directory / name) as handle:
-                handle.seek(header.offset)
-                data = handle.read(header.size + 1)
-        except OSError:
-            return None
-        if len(data) != header.size or hashlib.sha256(data).hexdigest() != header.sha256:
-            return None  # damaged: counts as absent
+        path = self.directory / (entry_id + RESULT_SUFFIX)
+        cached = self._headers.get(path.name)
+        header = cached[2] if cached is not None else read_header(path)
+        data = read_entry_data(path, header) if header is not None else None
+        if data is None:
+            return None  # absent, or damaged: counts as absent
         delivered = entry_id in self._delivered_here or (self.directory / (entry_id + DELIVERED_SUFFIX)).exists()
         return StoredResult(key=header.key, entry_id=entry_id, data=data, seed=header.seed, format=header.format,
                             delivered=delivered, paid_at=header.paid_at, label=header.label)
 
     def _touch(self, entry_id: str) -> None:
-        # Recently used entries survive trimming; a read-only store simply cannot record it.
+        # Recently used entries survive trimming.
         if self.directory is not None and entry_id not in self._memory:
-            try:
-                os.utime(self.directory / (entry_id + RESULT_SUFFIX))
-            except OSError:
-                pass
+            touch_entry(self.directory, entry_id)
 
     def _trim(self) -> None:
         """Remove delivered results, least recently used first, while the folder is over ``max_bytes``.
@@ -502,8 +412,7 @@ class ResultStore:
                 entry_id = name[: -len(RESULT_SUFFIX)]
                 if entry_id in self._handed_out:
                     continue
-                _unlink_quietly(self.directory / name)
-                _unlink_quietly(self.directory / (entry_id + DELIVERED_SUFFIX))
+                remove_entry(self.directory, entry_id)
                 self._headers.pop(name, None)
                 total -= size
 
@@ -518,92 +427,11 @@ class ResultStore:
             total -= size
 
     def _sweep_once(self) -> None:
-        """Remove what crashed writers left: temp files, delivered markers without a result, and the
-        half entries of the old cache layout (``<key>.img`` without ``<key>.json`` and the reverse)."""
+        """Sweep the folder of what crashed writers left, once per store object."""
         if self._swept or self.directory is None:
             return
         self._swept = True
-        now = time.time()
-        try:
-            with os.scandir(self.directory) as listing:
-                items = list(listing)
-        except OSError:
-            return
-        names = {item.name for item in items}
-        for item in items:
-            try:
-                info = item.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if not stat.S_ISREG(info.st_mode):
-                continue
-            old = now - info.st_mtime > ORPHAN_AGE_SECONDS
-            name = item.name
-            orphan = False
-            if name.startswith(TEMP_PREFIX):
-                orphan = old
-            elif name.endswith(DELIVERED_SUFFIX):
-                orphan = name[: -len(DELIVERED_SUFFIX)] + RESULT_SUFFIX not in names
-            elif name.endswith(".img") and _is_key(name[:-4]):
-                orphan = old and name[:-4] + ".json" not in names
-            elif name.endswith(".json") and _is_key(name[:-5]):
-                orphan = old and name[:-5] + ".img" not in names
-            if orphan:
-                _unlink_quietly(self.directory / name)
-        self._sweep_locks(now)
-        # The old cache's complete entries (delivered results, fixed seed) move into the new layout.
-        for item in items:
-            name = item.name
-            if name.endswith(".json") and _is_key(name[:-5]) and name[:-5] + ".img" in names:
-                self._migrate_legacy(name[:-5])
-
-    def _sweep_locks(self, now: float) -> None:
-        """Remove per-key lock files unused for a day that nobody holds (one is left per key ever paid)."""
-        if fcntl is None or self.directory is None:
-            return
-        try:
-            with os.scandir(self.directory / LOCK_DIR) as listing:
-                items = list(listing)
-        except OSError:
-            return
-        for item in items:
-            try:
-                info = item.stat(follow_symlinks=False)
-                if not _is_key(item.name) or not stat.S_ISREG(info.st_mode) \
-                        or now - info.st_mtime <= LOCK_AGE_SECONDS:
-                    continue
-                fd = os.open(item.path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while someone is paying under it
-                os.unlink(item.path)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-
-    def _migrate_legacy(self, key: str) -> None:
-        assert self.directory is not None
-        meta_path, image_path = self.directory / f"{key}.json", self.directory / f"{key}.img"
-        try:
-            with _open_regular(meta_path) as handle:
-                meta = json.loads(handle.read(_MAX_HEADER_BYTES))
-            with _open_regular(image_path) as handle:
-                data = handle.read(MAX_ENTRY_BYTES + 1)
-            if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
-                raise ValueError("damaged")
-            entry_id = uuid.uuid4().hex
-            header = {"key": key, "aliases": [], "entry_id": entry_id, "seed": int(meta["seed"]),
-                      "format": str(meta["format"]), "size": len(data), "sha256": meta["sha256"],
-                      "paid_at": image_path.stat().st_mtime, "label": "kept by an earlier version"}
-            head = _MAGIC + json.dumps(header).encode() + b"\n"
-            _durable_write(self.directory / (entry_id + RESULT_SUFFIX), head, data)
-            os.close(os.open(self.directory / (entry_id + DELIVERED_SUFFIX), os.O_WRONLY | os.O_CREAT, 0o644))
-        except (OSError, ValueError, KeyError, TypeError):
-            return  # left as it is: a read-only old cache simply is not migrated
-        _unlink_quietly(meta_path)
-        _unlink_quietly(image_path)
+        sweep_folder(self.directory)
 
 
 @dataclass(frozen=True)
@@ -612,41 +440,3 @@ class _Meta:
     aliases: tuple[str, ...]
     paid_at: float
     delivered: bool
-
-
-def _is_key(text: str) -> bool:
-    return len(text) == _KEY_HEX and all(ch in "0123456789abcdef" for ch in text)
-
-
-def _mkstemp(directory: Path) -> tuple[int, str]:
-    import tempfile
-
-    return tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX)
-
-
-@contextlib.contextmanager
-def _open_regular(path: Path) -> Iterator["os.FileIO"]:
-    """Open for reading without following links or blocking on a pipe; refuse anything not a regular file."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        handle = os.fdopen(fd, "rb", buffering=0)
-    except BaseException:
-        os.close(fd)
-        raise
-    with handle:
-        yield handle
-
-
-def _durable_write(path: Path, head: bytes, data: bytes) -> None:
-    """Write head+data to a temp file (the sweep knows its prefix), fsync it, rename it to ``path``, fsync the folder."""
-    write_atomically(path, (head, data), private=True, temp_prefix=TEMP_PREFIX, sync_folder=True)
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
