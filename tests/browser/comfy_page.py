@@ -15,9 +15,12 @@ import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from playwright.sync_api import ConsoleMessage, Locator, Page, Response
+
+if TYPE_CHECKING:
+    from tests.comfy.harness import ComfyServer
 
 NODE = "AIThrivingStructure"
 PACK = "comfyui-aithriving-structure"
@@ -80,9 +83,11 @@ class BrowserLog:
 class ComfyPage:
     """The ComfyUI tab: open it, use the template browser, load, drop and run workflows, read the graph."""
 
-    def __init__(self, page: Page, url: str, log: BrowserLog | None = None) -> None:
+    def __init__(self, page: Page, url: str, log: BrowserLog | None = None, *,
+                 server: ComfyServer | None = None) -> None:
         self.page = page
         self.url = url
+        self.server = server  # the ComfyUI this page is open on, when the fixtures started it
         self.log = log or BrowserLog()
         if log is None:
             self.log.attach(page)

@@ -12,7 +12,8 @@ The fixture API, for tests in this folder:
   returning user's settings (``USER_SETTINGS``), and the example image uploaded.
 - ``ui_standin`` (per module): the stand-in service (``structure_api.standin.StandInServer``).
 - ``comfy_page_factory`` (per test): ``open(env={...}, settings={...}) -> ComfyPage`` starts another
-  ComfyUI for this test (for another environment: no key, offline, ...) and opens a page on it.
+  ComfyUI for this test (for another environment: no key, offline, ...) and opens a page on it; the
+  page's ``server`` is that ComfyUI (``comfy_page.server`` is ``ui_server``).
 - ``ui_target`` (per session, parametrized): which ComfyUI and frontend of the matrix this run uses
   (tests/comfy/matrix.py); its id is in every test id, e.g. ``[comfyui-0.3.75+frontend-1.58.1]``.
 
@@ -165,7 +166,7 @@ def ui_server(ui_target: ComfyTarget, ui_standin, tmp_path_factory) -> Iterator[
         server.stop()
 
 
-def _new_comfy_page(browser: Browser, browser_context_args: dict, url: str,
+def _new_comfy_page(browser: Browser, browser_context_args: dict, server: ComfyServer,
                     pages: list[ComfyPage]) -> ComfyPage:
     context = browser.new_context(**browser_context_args)
     context.add_init_script(RETURNING_USER_SCRIPT)
@@ -174,15 +175,15 @@ def _new_comfy_page(browser: Browser, browser_context_args: dict, url: str,
     page.on("dialog", lambda dialog: dialog.accept())  # a "Leave site?" or alert never blocks a test
     log = BrowserLog()
     log.attach(page)
-    comfy = ComfyPage(page, url, log)
+    comfy = ComfyPage(page, server.url, log, server=server)
     pages.append(comfy)
     return comfy
 
 
 @pytest.fixture
-def _comfy_pages(request: pytest.FixtureRequest) -> Iterator[list[ComfyPage]]:
+def _comfy_pages() -> Iterator[list[ComfyPage]]:
+    """Every page this test opened (the failure report and the frontend check read it from funcargs)."""
     pages: list[ComfyPage] = []
-    request.node._comfy_pages = pages
     yield pages
     for comfy in pages:
         comfy.page.context.close()
@@ -192,14 +193,14 @@ def _comfy_pages(request: pytest.FixtureRequest) -> Iterator[list[ComfyPage]]:
 def comfy_page(browser: Browser, browser_context_args: dict, ui_server: ComfyServer,
                _comfy_pages: list[ComfyPage]) -> ComfyPage:
     """A fresh browser context with ComfyUI (ui_server) open and the pack loaded."""
-    return _new_comfy_page(browser, browser_context_args, ui_server.url, _comfy_pages).open()
+    return _new_comfy_page(browser, browser_context_args, ui_server, _comfy_pages).open()
 
 
 @pytest.fixture(autouse=True)
 def _frontend_is_the_targets(request: pytest.FixtureRequest, ui_target: ComfyTarget) -> None:
     """Every page a test opened ran the frontend its matrix entry names (checked after the test)."""
     yield
-    for comfy in getattr(request.node, "_comfy_pages", []):
+    for comfy in request.node.funcargs.get("_comfy_pages") or []:
         if comfy.page.is_closed() or not comfy.page.url.startswith("http"):
             continue
         served = comfy.frontend_version()
@@ -208,20 +209,21 @@ def _frontend_is_the_targets(request: pytest.FixtureRequest, ui_target: ComfyTar
 
 @pytest.fixture
 def comfy_page_factory(browser: Browser, browser_context_args: dict, ui_target: ComfyTarget,
-                       tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
+                       tmp_path_factory: pytest.TempPathFactory,
                        _comfy_pages: list[ComfyPage]) -> Iterator[Callable[..., ComfyPage]]:
     """``open(env=None, settings=None) -> ComfyPage``: another ComfyUI (stopped after the test) and a page on it.
+
+    The page's ``server`` is that ComfyUI (its log, base directory, HTTP).
 
     env is the server's environment on top of a clean one (no AITHRIVING_* variable is inherited);
     settings are user settings on top of USER_SETTINGS.
     """
     servers: list[ComfyServer] = []
-    request.node._comfy_servers = servers
 
     def open_page(env: dict[str, str | None] | None = None, settings: dict[str, object] | None = None) -> ComfyPage:
         server = start_ui_server(ui_target, tmp_path_factory.mktemp("comfy-ui-extra"), dict(env or {}), settings)
         servers.append(server)
-        return _new_comfy_page(browser, browser_context_args, server.url, _comfy_pages).open()
+        return _new_comfy_page(browser, browser_context_args, server, _comfy_pages).open()
 
     yield open_page
     for server in servers:
@@ -261,7 +263,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     if report.when not in ("setup", "call") or not report.failed:
         return report
-    pages: list[ComfyPage] = getattr(item, "_comfy_pages", [])
+    pages: list[ComfyPage] = getattr(item, "funcargs", {}).get("_comfy_pages") or []
     if not pages:
         return report
     folder = FAILURE_DIR / re.sub(r"[^\w.+-]+", "_", item.name)

@@ -38,13 +38,13 @@ def wait_for_finished_prompt(url: str, before: set, timeout: float = 90.0) -> di
         time.sleep(0.2)
 
 
-def test_no_key_notice_then_key_and_offline_mode_from_the_settings(comfy_page_factory, tmp_path, request):
+def test_no_key_notice_then_key_and_offline_mode_from_the_settings(comfy_page_factory, tmp_path):
     key_file = tmp_path / "config" / "aithriving" / "api_key"
     # Nothing listens at the base URL: a run can only succeed through the in-process stand-in.
     env = {"AITHRIVING_API_KEY_FILE": str(key_file), "AITHRIVING_BASE_URL": f"http://127.0.0.1:{free_port()}",
            "AITHRIVING_CACHE_DIR": str(tmp_path / "cache")}
     ui = comfy_page_factory(env=env)
-    server = request.node._comfy_servers[-1]  # the ComfyUI comfy_page_factory started for this page
+    server = ui.server  # the ComfyUI comfy_page_factory started for this page
     page = ui.page
     ui.load_workflow(WORKFLOW)
 
@@ -108,10 +108,10 @@ def test_no_key_notice_then_key_and_offline_mode_from_the_settings(comfy_page_fa
     assert '"local"' not in json.dumps(entry["prompt"])  # the mode is not part of the workflow
 
 
-def test_environment_key_wins_and_the_key_dialog_says_so(comfy_page_factory, tmp_path, request):
+def test_environment_key_wins_and_the_key_dialog_says_so(comfy_page_factory, tmp_path):
     key_file = tmp_path / "config" / "aithriving" / "api_key"
     ui = comfy_page_factory(env={"AITHRIVING_API_KEY": TEST_KEY, "AITHRIVING_API_KEY_FILE": str(key_file)})
-    server = request.node._comfy_servers[-1]
+    server = ui.server
     page = ui.page
     ui.load_workflow(WORKFLOW)
     ui.wait_for("globalThis.aithrivingSetup?.key?.source === 'environment'", message="the key status")

@@ -43,8 +43,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     # A failed test's report carries the tail of every ComfyUI log it used: the server's side of it.
     report = yield
     if report.failed and report.when in ("setup", "call"):
-        servers = list(getattr(item, "_comfy_servers", []))
-        session_server = getattr(item, "funcargs", {}).get("comfy_server")
+        funcargs = getattr(item, "funcargs", {})
+        servers = list(funcargs.get("comfy_servers") or [])
+        session_server = funcargs.get("comfy_server")
         if isinstance(session_server, ComfyServer):
             servers.append(session_server)
         for server in servers:
@@ -65,16 +66,22 @@ def comfy_install(request: pytest.FixtureRequest) -> ComfyInstall:
 
 
 @pytest.fixture
+def comfy_servers() -> list[ComfyServer]:
+    """The ComfyUI servers this test started with comfy_server_factory, in the order it started them."""
+    return []
+
+
+@pytest.fixture
 def comfy_server_factory(
-    comfy_install: ComfyInstall, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+    comfy_install: ComfyInstall, tmp_path_factory: pytest.TempPathFactory, comfy_servers: list[ComfyServer]
 ) -> Iterator[Callable[..., ComfyServer]]:
     """Start ComfyUI servers for one test: ``start(env={...}, **ComfyServer kwargs) -> ComfyServer``.
 
     Each gets a fresh base directory under the test's tmp folder and the pack linked in; all are
-    stopped after the test; a failed test's report shows the tail of each one's log.
+    stopped after the test; a failed test's report shows the tail of each one's log (``comfy_servers``
+    lists them).
     """
-    servers: list[ComfyServer] = []
-    request.node._comfy_servers = servers
+    servers = comfy_servers
 
     def start(env: dict[str, str | None] | None = None, **kwargs) -> ComfyServer:
         kwargs.setdefault("base_dir", tmp_path_factory.mktemp("comfy-base"))

@@ -20,7 +20,7 @@ from tests.comfy.harness import (
     TORCHVISION_STUB_DIR,
     ComfyServerError,
     PromptRejected,
-    _exclusive_lock,
+    exclusive_lock,
     execution_error,
     saved_images,
     workflow_to_api,
@@ -208,10 +208,11 @@ def test_start_failure_reports_log_tail(comfy_server_factory):
 def test_setup_waits_for_the_lock(comfy_install):
     """A second set-up blocks while another process holds the cache lock, then finishes."""
     # The shared cache (0.3.75 and the venv) is the venv's folder; another version sits beside it.
-    command = [sys.executable, str(Path(__file__).with_name("harness.py")), "setup", "--cache-dir",
+    command = [sys.executable, "-m", "tests.comfy.harness", "setup", "--cache-dir",
                str(comfy_install.venv_dir.parent), "--comfyui", comfy_install.version]
-    with _exclusive_lock(comfy_install.cache_dir / ".lock"):
-        other = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with exclusive_lock(comfy_install.cache_dir / ".lock"):
+        # As .ci/run calls it: a module run from the repository root.
+        other = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # Read what the set-up says when it reaches the lock, rather than sleeping a fixed time: on a
         # busy machine Python's start alone can outlast a sleep, and the lock was then free again.
         first = other.stderr.readline()

@@ -72,7 +72,7 @@ def test_key_status_set_from_the_ui_used_without_restart_then_deleted(
     answers: list[str] = []
 
     def call(method: str, path: str, **kwargs):
-        response = server._request(method, path, **kwargs)
+        response = server.request(method, path, **kwargs)
         answers.append(response.text)
         return response
 
@@ -143,11 +143,11 @@ def test_environment_key_wins_and_the_routes_say_so(comfy_install, tmp_path, key
     server = start(comfy_install, tmp_path / "base", {
         "AITHRIVING_API_KEY": TEST_KEY, "AITHRIVING_API_KEY_FILE": str(key_file)})
     try:
-        assert server._request("GET", "/aithriving/key").json() == {"set": True, "source": "environment"}
-        response = server._request("POST", "/aithriving/key", json={"key": "another-key"})
+        assert server.request("GET", "/aithriving/key").json() == {"set": True, "source": "environment"}
+        response = server.request("POST", "/aithriving/key", json={"key": "another-key"})
         assert response.status_code == 409
         assert "AITHRIVING_API_KEY environment variable is set" in response.json()["error"]
-        assert server._request("DELETE", "/aithriving/key").status_code == 409
+        assert server.request("DELETE", "/aithriving/key").status_code == 409
         assert not key_file.parent.exists()
         assert TEST_KEY not in response.text + server.log_text()
     finally:
@@ -159,7 +159,7 @@ def test_key_file_under_comfyuis_user_folder_is_refused(comfy_install, tmp_path)
     inside = base / "user" / "default" / "aithriving_key"
     server = start(comfy_install, base, {"AITHRIVING_API_KEY_FILE": str(inside)})
     try:
-        response = server._request("POST", "/aithriving/key", json={"key": TEST_KEY})
+        response = server.request("POST", "/aithriving/key", json={"key": TEST_KEY})
         assert response.status_code == 409 and "serves over HTTP" in response.json()["error"]
         assert not inside.exists()
     finally:
@@ -174,13 +174,13 @@ def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_res
     base = tmp_path / "base"
     server = start(comfy_install, base, env)
     try:
-        assert server._request("GET", "/aithriving/mode").json() == {"local": False}
+        assert server.request("GET", "/aithriving/mode").json() == {"local": False}
         entry = server.run(graph(prefix="offline-off"))
         assert "No API key found" in execution_error(entry)["exception_message"]
 
         for bad in ({"local": "yes"}, {"local": 1}, {}):
-            assert server._request("POST", "/aithriving/mode", json=bad).status_code == 400
-        response = server._request("POST", "/aithriving/mode", json={"local": True})
+            assert server.request("POST", "/aithriving/mode", json=bad).status_code == 400
+        response = server.request("POST", "/aithriving/mode", json={"local": True})
         assert response.status_code == 200 and response.json() == {"local": True}
         settings_file = key_file.with_name("aithriving-settings.json")
         assert json.loads(settings_file.read_text()) == {"local": True}
@@ -203,10 +203,10 @@ def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_res
 
     restarted = start(comfy_install, base, env)
     try:
-        assert restarted._request("GET", "/aithriving/mode").json() == {"local": True}
+        assert restarted.request("GET", "/aithriving/mode").json() == {"local": True}
         entry = restarted.run(graph(prefix="offline-again", seed=77))
         assert execution_error(entry) is None and cost_of(entry)["credits"] == 0
-        assert restarted._request("POST", "/aithriving/mode", json={"local": False}).json() == {"local": False}
+        assert restarted.request("POST", "/aithriving/mode", json={"local": False}).json() == {"local": False}
         entry = restarted.run(graph(prefix="offline-off-again", seed=78))
         assert "No API key found" in execution_error(entry)["exception_message"]
     finally:

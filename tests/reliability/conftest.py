@@ -25,7 +25,7 @@ _LEDGER = pytest.StashKey[Ledger]()
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_LEDGER] = Ledger()
-    # The ComfyUI test uses tests/comfy/harness.py, imported as tests.comfy.harness.
+    # The ComfyUI test uses the harness of tests/comfy, imported as tests.comfy.harness.
     if str(_REPO_ROOT) not in sys.path:
         sys.path.append(str(_REPO_ROOT))
     config.addinivalue_line("markers", "comfyui: runs a real ComfyUI server (tests/comfy harness)")
