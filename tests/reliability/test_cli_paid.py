@@ -10,11 +10,14 @@ skipped, where the machine does not allow mounting).
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,6 +59,14 @@ def cli(monkeypatch, service, tmp_path, capsys):
 def _image(path: Path, seed: int = 0) -> Path:
     path.write_bytes(image_file_bytes(photo_like(96, 80, seed=seed)))
     return path
+
+
+def _images(folder: Path, count: int) -> Path:
+    """A new folder of ``count`` different pictures, img0.png, img1.png, ..."""
+    folder.mkdir()
+    for i in range(count):
+        _image(folder / f"img{i}.png", i)
+    return folder
 
 
 def _fill(folder: Path) -> None:
@@ -105,10 +116,7 @@ def test_batch_with_photo_png_and_photo_jpg_refuses_before_paying(tmp_path, cli,
 
 
 def test_two_batch_runs_on_one_output_folder_pay_once(tmp_path, cli, service, ledger):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(3):
-        _image(folder / f"img{i}.png", i)
+    folder = _images(tmp_path / "in", 3)
     outputs = tmp_path / "out"
     outputs.mkdir()
     # The other run, in another process, holds the folder's lock (flock conflicts across open files).
@@ -183,10 +191,7 @@ def test_results_export_writes_what_a_full_disk_refused(tmp_path, cli, service, 
 
 
 def test_batch_onto_a_full_disk_then_resume_delivers_every_paid_image_free(tmp_path, cli, service, ledger):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(3):
-        _image(folder / f"img{i}.png", i)
+    folder = _images(tmp_path / "in", 3)
     outputs = tmp_path / "out"
     with tmpfs(outputs, size="64k"):
         _fill(outputs)
@@ -216,36 +221,90 @@ def _ctrl_c_as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+class _BatchInATerminal:
+    """``structure-api batch`` in a child process against a stand-in, stopped with Ctrl-C as in a terminal.
+
+    Its stderr is read line by line as it comes, so a test times its signals on what the CLI says (a
+    progress line, "stopping: ...") rather than on sleeps measured against the stand-in's latency.
+    """
+
+    def __init__(self, tmp_path: Path, server: StandInServer, images: int) -> None:
+        folder = _images(tmp_path / "in", images)
+        self.outputs = tmp_path / "out"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("AITHRIVING_")}
+        self.env.update(AITHRIVING_BASE_URL=server.url, AITHRIVING_API_KEY=CANARY_KEY, PYTHONPATH=str(REPO),
+                        AITHRIVING_CACHE_DIR=str(tmp_path / "store"))
+        self.argv = [sys.executable, "-m", "structure_api", "batch", str(folder), "-o", str(self.outputs),
+                     "--prompt", PROMPT, "--seed", "9", "--concurrency", "2"]
+        self.proc: subprocess.Popen | None = None
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._err: list[str] = []
+        self._out = ""
+
+    def __enter__(self) -> _BatchInATerminal:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=self.env, cwd=REPO, preexec_fn=_ctrl_c_as_in_a_terminal)
+        self._readers = [threading.Thread(target=self._read_err, daemon=True),
+                         threading.Thread(target=self._read_out, daemon=True)]
+        for reader in self._readers:
+            reader.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=60)
+
+    def _read_err(self) -> None:
+        for line in self.proc.stderr:
+            self._err.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _read_out(self) -> None:
+        self._out = self.proc.stdout.read()
+
+    def wait_for_line(self, wanted: Callable[[str], bool], what: str, timeout: float = 60.0) -> str:
+        """The next stderr line for which wanted() is true; fails if the CLI ends or stays silent first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"the CLI did not say {what} within {timeout:.0f} s; it said: {''.join(self._err)}")
+            if line is None:
+                pytest.fail(f"the CLI ended before saying {what}; it said: {''.join(self._err)}")
+            if wanted(line):
+                return line
+
+    def ctrl_c(self) -> None:
+        """Ctrl-C, then wait until the CLI says it stopped sending (the signal was handled, not just sent)."""
+        self.proc.send_signal(signal.SIGINT)
+        self.wait_for_line(lambda line: line.startswith("stopping: no new requests"), "that it stops sending")
+
+    def finish(self, timeout: float = 60.0) -> tuple[str, str]:
+        """Wait for the exit; (stdout, stderr) in full."""
+        self.proc.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout=10)
+        return self._out, "".join(self._err)
+
+
 def test_ctrl_c_lets_the_requests_in_flight_finish_and_says_what_was_done_and_paid(tmp_path, ledger):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(8):
-        _image(folder / f"img{i}.png", i)
-    outputs = tmp_path / "out"
     with StandInServer(api_key=CANARY_KEY, latency=1.0) as server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AITHRIVING_")}
-        env.update(AITHRIVING_BASE_URL=server.url, AITHRIVING_API_KEY=CANARY_KEY, PYTHONPATH=str(REPO),
-                   AITHRIVING_CACHE_DIR=str(tmp_path / "store"))
-        argv = [sys.executable, "-m", "structure_api", "batch", str(folder), "-o", str(outputs), "--prompt", PROMPT,
-                "--seed", "9", "--concurrency", "2"]
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
-                                preexec_fn=_ctrl_c_as_in_a_terminal)
-        try:
-            deadline = time.monotonic() + 60
-            while not list(outputs.glob("*.png")) and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        with _BatchInATerminal(tmp_path, server, images=8) as batch:
+            # The CLI's progress line says an image is done (and written): Ctrl-C in the middle of the run.
+            batch.wait_for_line(lambda line: re.search(r"\] [1-7]/8 · ", line) is not None, "that one image is done")
+            batch.ctrl_c()
+            out, err = batch.finish()
+        outputs = batch.outputs
         first_paid = server.credits_spent
         summary = re.search(r"interrupted: (\d+) of 8 image\(s\) done and written, (\d+) credits paid for them, (\d+) not sent",
                             err)
-        assert proc.returncode == 130 and summary, err
+        assert batch.proc.returncode == 130 and summary, err
         done, paid, not_sent = (int(group) for group in summary.groups())
         written = len(list(outputs.glob("*.png")))
-        again = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+        again = subprocess.run(batch.argv, capture_output=True, text=True, env=batch.env, cwd=REPO, timeout=120)
         record(ledger, "CLI: Ctrl-C in a batch of 8 (2 at once), then the same command again",
                "the requests in flight finish and are written; the line says done and paid; the re-run pays "
                "only for the images never sent",
@@ -260,30 +319,16 @@ def test_ctrl_c_lets_the_requests_in_flight_finish_and_says_what_was_done_and_pa
 
 
 def test_a_second_ctrl_c_drops_the_requests_in_flight_and_says_they_may_be_charged(tmp_path, ledger):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(4):
-        _image(folder / f"img{i}.png", i)
-    outputs = tmp_path / "out"
     with StandInServer(api_key=CANARY_KEY, latency=3.0) as server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AITHRIVING_")}
-        env.update(AITHRIVING_BASE_URL=server.url, AITHRIVING_API_KEY=CANARY_KEY, PYTHONPATH=str(REPO),
-                   AITHRIVING_CACHE_DIR=str(tmp_path / "store"))
-        argv = [sys.executable, "-m", "structure_api", "batch", str(folder), "-o", str(outputs), "--prompt", PROMPT,
-                "--seed", "9", "--concurrency", "2"]
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
-                                preexec_fn=_ctrl_c_as_in_a_terminal)
-        try:
+        with _BatchInATerminal(tmp_path, server, images=4) as batch:
             deadline = time.monotonic() + 60
-            while len(server.requests) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            while len(server.requests) < 2 and time.monotonic() < deadline and batch.proc.poll() is None:
                 time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            time.sleep(0.3)
-            proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+            # The second Ctrl-C only once the CLI has handled the first: two signals sent before its
+            # handler runs arrive as one, and the run would then wait for the answers instead.
+            batch.ctrl_c()
+            batch.proc.send_signal(signal.SIGINT)
+            out, err = batch.finish()
         # The stand-in, like the service, finishes (and charges for) what it was already making.
         deadline = time.monotonic() + 10
         while server.credits_spent < 12 and time.monotonic() < deadline:
@@ -294,7 +339,7 @@ def test_a_second_ctrl_c_drops_the_requests_in_flight_and_says_they_may_be_charg
            "have been charged (they were: why the first Ctrl-C lets them finish)",
            next(line for line in err.splitlines() if line.startswith("interrupted:"))[:220],
            paid=charged, delivered=0, repaid=None)
-    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert batch.proc.returncode == 130 and "Traceback" not in err, err
     assert "interrupted: 0 of 4 image(s) done and written, 0 credits paid for them, 2 not sent; 2 request(s) in flight " \
            "were dropped, and the service may have charged for those whose upload had finished" in err
-    assert charged == 12 and not list(outputs.glob("*.png"))
+    assert charged == 12 and not list(batch.outputs.glob("*.png"))
