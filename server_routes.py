@@ -6,24 +6,16 @@ route table to the app), never at import. Answers hold the key's status, never t
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from .structure_api import settings
 from .structure_api.errors import ConfigurationError
-from .structure_api.offline import process_standin
-from .structure_api.settings import (
-    KeyFileLocationError,
-    KeyFromEnvironmentError,
-    KeyRefusedError,
-    delete_api_key,
-    key_status,
-    local_mode,
-    save_api_key,
-    set_local_mode,
-)
 
 log = logging.getLogger("structure_api")
 
@@ -31,6 +23,21 @@ KEY_ROUTE = "/aithriving/key"
 MODE_ROUTE = "/aithriving/mode"
 # A key is tens of characters; a body far past that is not a key entry.
 MAX_BODY_BYTES = 16 * 1024
+# The answer to a change the settings refused; the first class that matches wins (all are ConfigurationErrors).
+_REFUSAL_STATUS = (
+    (settings.KeyRefusedError, 400),
+    (settings.KeyFromEnvironmentError, 409),
+    (settings.KeyFileLocationError, 409),
+    (ConfigurationError, 500),
+)
+
+
+class _BadRequest(Exception):
+    """A change request this route answers with an error before doing anything."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -55,22 +62,45 @@ def cross_origin_refusal(request: web.Request) -> web.Response | None:
     return None
 
 
-async def _json_body(request: web.Request) -> dict | web.Response:
+async def _json_body(request: web.Request) -> dict:
+    """The request's JSON object; _BadRequest if it is not JSON, too large or not an object."""
     # JSON only: a page elsewhere cannot send this content type without the browser asking first.
     if request.content_type != "application/json":
-        return _error(415, "Send the request as JSON (Content-Type: application/json).")
+        raise _BadRequest(415, "Send the request as JSON (Content-Type: application/json).")
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        return _error(413, "The request is too large for a key or a setting.")
+        raise _BadRequest(413, "The request is too large for a key or a setting.")
     raw = await request.content.read(MAX_BODY_BYTES + 1)
     if len(raw) > MAX_BODY_BYTES:
-        return _error(413, "The request is too large for a key or a setting.")
+        raise _BadRequest(413, "The request is too large for a key or a setting.")
     try:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        return _error(400, "The request is not valid JSON.")
+        raise _BadRequest(400, "The request is not valid JSON.") from None
     if not isinstance(body, dict):
-        return _error(400, "The request must be a JSON object.")
+        raise _BadRequest(400, "The request must be a JSON object.")
     return body
+
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _change(handler: Handler) -> Handler:
+    """A route that changes a setting: refused from other pages; a bad request or a refusal is a JSON error."""
+
+    @functools.wraps(handler)
+    async def route(request: web.Request) -> web.Response:
+        refusal = cross_origin_refusal(request)
+        if refusal is not None:
+            return refusal
+        try:
+            return await handler(request)
+        except _BadRequest as error:
+            return _error(error.status, str(error))
+        except ConfigurationError as error:
+            status = next(code for kind, code in _REFUSAL_STATUS if isinstance(error, kind))
+            return _error(status, str(error))
+
+    return route
 
 
 def _user_directory() -> list[str]:
@@ -81,64 +111,41 @@ def _user_directory() -> list[str]:
 
 async def get_key(request: web.Request) -> web.Response:
     """GET /aithriving/key: {"set": bool, "source": "environment" | "key file" | null}."""
-    return web.json_response(key_status().as_json())
+    return web.json_response(settings.key_status().as_json())
 
 
+@_change
 async def post_key(request: web.Request) -> web.Response:
     """POST /aithriving/key {"key": "..."}: write the key file; answers with the status."""
-    refusal = cross_origin_refusal(request)
-    if refusal is not None:
-        return refusal
     body = await _json_body(request)
-    if isinstance(body, web.Response):
-        return body
     if "key" not in body:
-        return _error(400, 'Send the key as {"key": "..."}.')
-    try:
-        status = save_api_key(body["key"], forbidden_dirs=_user_directory())
-    except KeyRefusedError as error:
-        return _error(400, str(error))
-    except (KeyFromEnvironmentError, KeyFileLocationError) as error:
-        return _error(409, str(error))
-    except ConfigurationError as error:
-        return _error(500, str(error))
+        raise _BadRequest(400, 'Send the key as {"key": "..."}.')
+    status = settings.save_api_key(body["key"], forbidden_dirs=_user_directory())
     return web.json_response(status.as_json())
 
 
+@_change
 async def delete_key(request: web.Request) -> web.Response:
     """DELETE /aithriving/key: remove the key file; answers with the status."""
-    refusal = cross_origin_refusal(request)
-    if refusal is not None:
-        return refusal
-    try:
-        status = delete_api_key()
-    except KeyFromEnvironmentError as error:
-        return _error(409, str(error))
-    except ConfigurationError as error:
-        return _error(500, str(error))
-    return web.json_response(status.as_json())
+    return web.json_response(settings.delete_api_key().as_json())
 
 
 async def get_mode(request: web.Request) -> web.Response:
     """GET /aithriving/mode: {"local": bool}."""
-    return web.json_response({"local": local_mode()})
+    return web.json_response({"local": settings.local_mode()})
 
 
+@_change
 async def post_mode(request: web.Request) -> web.Response:
     """POST /aithriving/mode {"local": bool}: switch the free offline mode; kept across restarts."""
-    refusal = cross_origin_refusal(request)
-    if refusal is not None:
-        return refusal
     body = await _json_body(request)
-    if isinstance(body, web.Response):
-        return body
     if not isinstance(body.get("local"), bool):
-        return _error(400, 'Send {"local": true} or {"local": false}.')
-    try:
-        local = set_local_mode(body["local"])
-    except ConfigurationError as error:
-        return _error(500, str(error))
+        raise _BadRequest(400, 'Send {"local": true} or {"local": false}.')
+    local = settings.set_local_mode(body["local"])
     if not local:
+        # Here, not at the top: the stand-in pulls in the client and the renderer, which only this needs.
+        from .structure_api.offline import process_standin
+
         process_standin().release()
     return web.json_response({"local": local})
 
