@@ -19,9 +19,10 @@ const LOCAL_SETTING = "AIThriving.Setup.LocalStandIn";
 const LOCAL_LABEL = "local stand-in · free";
 const NO_KEY_NOTICE = "API key not set · Settings → AIThriving";
 
-// What the server last said; read by the cost badges (web/aithriving_structure.js) for offline mode.
+// What the server last said. The cost badges (web/aithriving_structure.js) import it for offline mode;
+// other code in the page reads it as this extension's `state` (app.extensions): no page global.
 const state = { key: null, local: null, error: null };
-globalThis.aithrivingSetup = state;
+export const setupState = state;
 const listeners = new Set();
 let noKeyToast = null; // the start-up toast, taken away once a key is set or offline mode is on
 
@@ -184,7 +185,6 @@ function openKeyDialog() {
   dialog.querySelector("input")?.focus();
   return dialog;
 }
-state.openKeyDialog = openKeyDialog;
 
 function noticeText() {
   if (state.local) return LOCAL_LABEL;
@@ -201,6 +201,8 @@ function noticeBadge(node) {
 
 app.registerExtension({
   name: "aithrivingstructure.setup",
+  state,
+  openKeyDialog,
 
   settings: [
     {

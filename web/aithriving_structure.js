@@ -20,6 +20,7 @@
 // Tested on frontends 1.25, 1.32 and the newest (tests/browser); anything missing is skipped, never thrown.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { setupState } from "./aithriving_setup.js";
 
 const NODE_ID = "AIThrivingStructure";
 // Node state key of the last run's cost (never saved with the workflow: see onSerialize).
@@ -204,7 +205,7 @@ function imagesOutOf(node, depth) {
 
 function estimateText(node) {
   // Offline mode (web/aithriving_setup.js keeps the server's word): the in-process stand-in charges nothing.
-  if (globalThis.aithrivingSetup?.local) return text("estimateLocal", {});
+  if (setupState.local) return text("estimateLocal", {});
   // The last run was answered by a free stand-in (`serve` at AITHRIVING_BASE_URL): so is the next one.
   if (node.aithrivingLastCost?.free && !node.aithrivingLastCost.reused) return text("estimateLocal", {});
   const images = imagesInto(node, imageInputIndex(node, "image"));

@@ -19,6 +19,8 @@ WORKFLOW = REPO / "example_workflows" / "structure_basic.json"
 NO_KEY_NOTICE = "API key not set · Settings → AIThriving"
 LOCAL_LABEL = "local stand-in · free"
 NO_PROXY = {"http": None, "https": None}
+# JavaScript: what web/aithriving_setup.js last heard from the server (its extension's `state`).
+SETUP_STATE = "app.extensions.find(e => e.name === 'aithrivingstructure.setup')?.state"
 
 
 def get(url: str) -> dict:
@@ -49,7 +51,7 @@ def test_no_key_notice_then_key_and_offline_mode_from_the_settings(comfy_page_fa
     ui.load_workflow(WORKFLOW)
 
     # No key, offline off: the node and a toast say so, and where to set one.
-    ui.wait_for(f"(globalThis.aithrivingSetup?.key?.set === false)", message="the key status from the server")
+    ui.wait_for(f"({SETUP_STATE}?.key?.set === false)", message="the key status from the server")
     ui.wait_for(f"{json.dumps(NO_KEY_NOTICE)} === app.graph.nodes.find(n => n.type === 'AIThrivingStructure')"
                 ".aithrivingNotice()", message="the no-key notice on the node")
     assert NO_KEY_NOTICE in ui.structure_node()["badges"]
@@ -80,7 +82,7 @@ def test_no_key_notice_then_key_and_offline_mode_from_the_settings(comfy_page_fa
     # The offline switch: kept by the server next to the key file.
     offline = page.locator('[id="AIThriving.Setup.LocalStandIn"]')
     offline.click()
-    ui.wait_for("globalThis.aithrivingSetup.local === true", message="offline mode on")
+    ui.wait_for(f"{SETUP_STATE}?.local === true", message="offline mode on")
     assert get(f"{ui.url}/aithriving/mode") == {"local": True}
     assert json.loads(key_file.with_name("aithriving-settings.json").read_text()) == {"local": True}
     ui.close_dialogs()
@@ -114,7 +116,7 @@ def test_environment_key_wins_and_the_key_dialog_says_so(comfy_page_factory, tmp
     server = ui.server
     page = ui.page
     ui.load_workflow(WORKFLOW)
-    ui.wait_for("globalThis.aithrivingSetup?.key?.source === 'environment'", message="the key status")
+    ui.wait_for(f"{SETUP_STATE}?.key?.source === 'environment'", message="the key status")
     badges = ui.structure_node()["badges"]
     assert NO_KEY_NOTICE not in badges and LOCAL_LABEL not in badges
     assert page.get_by_text("AIThriving Structure: no API key set", exact=True).count() == 0
