@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 import sys
 from dataclasses import dataclass
@@ -324,3 +325,19 @@ def _try_lock(handle: IO[bytes]) -> bool:
         return True
     except OSError:
         return False
+
+
+def is_finished_output(path: Path) -> bool:
+    """True when a batch's output exists and is not empty: that input is done."""
+    return path.is_file() and path.stat().st_size > 0
+
+
+def export_path(folder: Path, *, label: str, format: str, entry_id: str, taken: set[str]) -> Path:
+    """A file name for an exported result: its intended output's name, with the extension of its real format."""
+    stem = re.sub(r"[^\w.-]+", "_", Path(label).stem).strip("._")[:80] if label else ""
+    suffix = FORMAT_SUFFIXES.get(format, "." + format)
+    name = f"{stem or 'result'}{suffix}"
+    if name.lower() in taken or (folder / name).exists():
+        name = f"{stem or 'result'}-{entry_id[:8]}{suffix}"
+    taken.add(name.lower())
+    return folder / name

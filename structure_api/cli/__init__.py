@@ -1,0 +1,58 @@
+"""The ``structure-api`` command: generate, batch, results, serve.
+
+``args`` builds the command line, ``target`` is where requests go and how results are written,
+``commands`` holds generate, results and serve, ``batch`` the batch command.
+
+Exit status: 0 done, 1 something failed while running, 2 a bad command line (argparse's or
+ours: the same one ``error:`` line either way), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from typing import Iterator, Optional, Sequence
+
+from ..errors import CancelledError, StructureError
+from .args import build_parser
+from .exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
+
+__all__ = ["main", "build_parser", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "UsageError"]
+
+
+@contextlib.contextmanager
+def _verbose_log(verbose: bool) -> Iterator[None]:
+    """With -v, this package's records (never another library's) go to stderr for the command's life."""
+    if not verbose:
+        yield
+        return
+    logger = logging.getLogger("structure_api")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; expected failures print one line on stderr and return non-zero."""
+    args = build_parser().parse_args(argv)
+    try:
+        with _verbose_log(args.verbose):
+            return args.run(args)
+    except (KeyboardInterrupt, CancelledError):
+        print("interrupted: nothing more was written (a request in flight may have been charged if its upload "
+              "had finished; any answer that arrived is kept: see `structure-api results`)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except StructureError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED

@@ -1,0 +1,108 @@
+"""Where the command's requests go (RequestTarget), and writing each paid result to its file."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from ..batch import generate_stored
+from ..client import StructureClient, StructureResult
+from ..contract import StructureRequest, validate_parameters
+from ..errors import InputError, StructureError
+from ..files import FileAccessError, InputImage, result_file_bytes, write_atomically
+from ..store import ResultStore
+from .exits import UsageError
+
+
+class RequestTarget:
+    """Where requests go (the paid service, or a stand-in in this process) and the store that keeps what they paid."""
+
+    def __init__(self, client: StructureClient, store: ResultStore, *, free: bool = False) -> None:
+        self.client = client
+        self.store = store
+        self.free = free  # a stand-in: nothing it does can cost anything
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, args: argparse.Namespace) -> Iterator["RequestTarget"]:
+        """The target the options choose: ``--local`` for an in-process stand-in, else the configured service."""
+        if args.local:
+            from ..standin import StandInServer
+
+            # free=True: its answers say so, and the client counts them as 0 credits.
+            with StandInServer(free=True) as server:
+                print(f"using the local stand-in at {server.url} (no key, no credits)", file=sys.stderr)
+                with StructureClient(api_key="local-stand-in", base_url=server.url,
+                                     read_timeout=args.timeout) as client:
+                    # Kept for this run only: the next run's stand-in has another address anyway.
+                    yield cls(client, ResultStore(None), free=True)
+            return
+        with StructureClient.from_env(read_timeout=args.timeout) as client:
+            yield cls(client, ResultStore(None) if args.no_cache else ResultStore.from_env())
+
+    def generate(self, request: StructureRequest, label: str) -> tuple[StructureResult, bool]:
+        """One request through the store: a result paid before and not delivered (or a fixed seed's) is free."""
+        result, from_store = generate_stored(self.client, request, self.store, label=label)
+        assert result is not None  # only claim_only can come back empty
+        return result, from_store
+
+    def delivered(self, result: StructureResult) -> None:
+        """The result's file is written: the store stops offering it."""
+        if result.stored is not None:
+            self.store.mark_delivered(result.stored)
+
+    def undelivered(self, result: StructureResult) -> None:
+        """The result's file could not be written: the store offers it again (to a re-run, or ``results``)."""
+        if result.stored is not None:
+            self.store.release(result.stored)
+
+    def kept_sentence(self, result: StructureResult) -> str:
+        """What became of a result that may have been paid for but could not be written: every word true."""
+        entry = result.stored
+        if result.attempts == 0:  # served by the store: no request was made this time
+            paid = "it was paid for in an earlier run"
+        elif result.credits:
+            paid = f"it was paid for ({result.credits} credits)"
+        else:
+            paid = "it was free (a stand-in)"
+        if entry is not None and self.store.on_disk(entry):
+            return (f"{paid} and is kept in the result store ({self.store.directory}): "
+                    "`structure-api results --export DIR` writes it out, and running the same command again "
+                    "delivers it without paying")
+        if entry is not None:
+            return (f"{paid} and is kept in memory only (the result store is off or cannot be written), so it is "
+                    f"lost when this command ends; its seed was {result.seed}")
+        return f"{paid} and was not kept; its seed was {result.seed}"
+
+
+def write_result(path: Path, image: InputImage, result: StructureResult, output_format: str,
+                  target: RequestTarget) -> None:
+    try:
+        write_atomically(path, result_file_bytes(result.pixels, result.data, image, output_format))
+    except (OSError, StructureError) as error:
+        target.undelivered(result)
+        reason = (error.strerror or type(error).__name__) if isinstance(error, OSError) else str(error).rstrip(".")
+        raise FileAccessError(f"Could not write {path} ({reason}) after the service answered; "
+                              f"{target.kept_sentence(result)}.") from None
+    target.delivered(result)
+
+
+def check_parameters(args: argparse.Namespace, output_format: str) -> None:
+    try:
+        validate_parameters(args.prompt, args.control_strength, args.negative_prompt, args.seed, output_format)
+    except InputError as error:
+        raise UsageError(str(error)) from None
+
+
+def structure_request(args: argparse.Namespace, image: InputImage, seed: int, output_format: str) -> StructureRequest:
+    return StructureRequest(image=image.upload, prompt=args.prompt, control_strength=args.control_strength,
+                            negative_prompt=args.negative_prompt, seed=seed, output_format=output_format)
+
+
+def credits_text(result: StructureResult, from_store: bool) -> str:
+    if from_store:
+        return "0 credits (kept from an earlier run)"
+    return f"{result.credits} credits" if result.credits else "0 credits (free stand-in)"
