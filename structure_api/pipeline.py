@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
+
+import numpy as np
 
 from .batch import BatchProgress, BatchReport, max_concurrency_from_env, run_batch
 from .client import StructureClient, StructureResult
@@ -98,6 +100,79 @@ def _batch_dims(images: object) -> tuple[int, ImageSize]:
     return count, ImageSize(width=width, height=height)
 
 
+def _refuse_outside_limits(params: StructureParams, size: ImageSize) -> None:
+    if params.outside_limits == "fail" and plan_fit(size).changed:
+        raise InvalidImageError(
+            f"The images are {size.width}x{size.height} pixels, outside the service's limits (every side at "
+            f"least {MIN_SIDE}, at most {MAX_PIXELS:,} pixels, aspect ratio within {MAX_ASPECT:g}:1); set "
+            "outside_limits to 'fit and restore size' to have them fitted automatically.")
+
+
+@dataclass(eq=False)
+class _ImageWork:
+    """The per-image work of one batch: each upload encoded (fitted if need be), each answer decoded into
+    its slice of the output, on a few CPU threads of their own (see CPU_THREADS)."""
+
+    batch: object  # [B, H, W, C]
+    params: StructureParams
+    seeds: list[int]
+    size: ImageSize
+    output_pixels: np.ndarray  # [B, H, W, 3] float32, a view of the output batch
+    store: ResultStore
+    plans: dict[int, FitPlan] = field(default_factory=dict)
+    cpu: ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cpu = ThreadPoolExecutor(max_workers=min(CPU_THREADS, len(self.seeds)),
+                                      thread_name_prefix="aithriving-cpu")
+
+    def encode(self, index: int) -> EncodedImage:
+        pixels = to_uint8_rgb(self.batch[index])
+        if self.params.outside_limits == "fit":
+            pixels, plan = fit_to_limits(pixels)
+            self.plans[index] = plan
+        return encode_upload(pixels)
+
+    def decode_into_output(self, index: int, result: StructureResult) -> None:
+        plan = self.plans.get(index) or FitPlan.identity(self.size)
+        if not plan.changed and image_header_size(result.data) == self.size:
+            # The common case: pixels go from the decoder straight into the output slice.
+            decode_image_into(result.data, self.output_pixels[index])
+            return
+        pixels = restore_from_fit(decode_image(result.data), plan)
+        uint8_to_float(pixels, out=self.output_pixels[index])
+
+    def make_request(self, index: int) -> StructureRequest:
+        upload = self.cpu.submit(self.encode, index).result()
+        return StructureRequest(image=upload, **{**self.params.form_values(), "seed": self.seeds[index]})
+
+    def on_result(self, index: int, result: StructureResult) -> None:
+        try:
+            self.cpu.submit(self.decode_into_output, index, result).result()
+        except MalformedResponseError:
+            if result.stored is not None:
+                self.store.discard(result.stored)  # bytes that do not decode would only be served again
+            raise
+
+    def close(self) -> None:
+        self.cpu.shutdown(wait=False, cancel_futures=True)
+
+
+def _finish(report: BatchReport, store: ResultStore, output: object) -> BatchResult:
+    """Release what a failed or cancelled batch got; else raise for failures, or mark all delivered."""
+    if report.cancelled or report.failures:
+        # Not delivered: a re-run of this batch takes these results instead of paying again.
+        report.release(store)
+    if report.cancelled:
+        return BatchResult(images=None, seeds=[], credits=report.credits, from_cache=len(report.from_cache),
+                           report=report)
+    report.raise_for_failures(store=store)
+    report.mark_delivered(store)
+    used = [report.seeds[index] for index in range(report.total)]
+    return BatchResult(images=output, seeds=used, credits=report.credits, from_cache=len(report.from_cache),
+                       report=report)
+
+
 def generate_images(
     images: object,
     params: StructureParams,
@@ -120,11 +195,7 @@ def generate_images(
     """
     params.validate()
     count, size = _batch_dims(images)
-    if params.outside_limits == "fail" and plan_fit(size).changed:
-        raise InvalidImageError(
-            f"The images are {size.width}x{size.height} pixels, outside the service's limits (every side at "
-            f"least {MIN_SIDE}, at most {MAX_PIXELS:,} pixels, aspect ratio within {MAX_ASPECT:g}:1); set "
-            "outside_limits to 'fit and restore size' to have them fitted automatically.")
+    _refuse_outside_limits(params, size)
     seeds = batch_seeds(params.seed, count)
     if max_concurrency is None:
         max_concurrency = max_concurrency_from_env()
@@ -134,56 +205,16 @@ def generate_images(
     if client is None:
         client = StructureClient.from_env()
     output = new_output_batch(count, size, like=images)
-    output_pixels = as_numpy(output)
     batch = images if len(getattr(images, "shape", ())) == 4 else images[None]
-    plans: dict[int, FitPlan] = {}
-
-    def encode(index: int) -> EncodedImage:
-        pixels = to_uint8_rgb(batch[index])
-        if params.outside_limits == "fit":
-            pixels, plan = fit_to_limits(pixels)
-            plans[index] = plan
-        return encode_upload(pixels)
-
-    def decode_into_output(index: int, result: StructureResult) -> None:
-        plan = plans.get(index) or FitPlan.identity(size)
-        if not plan.changed and image_header_size(result.data) == size:
-            # The common case: pixels go from the decoder straight into the output slice.
-            decode_image_into(result.data, output_pixels[index])
-            return
-        pixels = restore_from_fit(decode_image(result.data), plan)
-        uint8_to_float(pixels, out=output_pixels[index])
-
-    def make_request(index: int) -> StructureRequest:
-        upload = cpu.submit(encode, index).result()
-        return StructureRequest(image=upload, **{**params.form_values(), "seed": seeds[index]})
-
-    def on_result(index: int, result: StructureResult) -> None:
-        try:
-            cpu.submit(decode_into_output, index, result).result()
-        except MalformedResponseError:
-            if result.stored is not None:
-                store.discard(result.stored)  # bytes that do not decode would only be served again
-            raise
-
-    cpu = ThreadPoolExecutor(max_workers=min(CPU_THREADS, count), thread_name_prefix="aithriving-cpu")
+    work = _ImageWork(batch=batch, params=params, seeds=seeds, size=size, output_pixels=as_numpy(output),
+                      store=store)
     try:
         report = run_batch(
-            client, count, make_request, on_result=on_result, store=store,
+            client, count, work.make_request, on_result=work.on_result, store=store,
             label=lambda index: f"{label or 'batch'}, image {index + 1} of {count}",
             max_concurrency=max_concurrency, on_progress=on_progress, should_cancel=should_cancel, decode=False)
     finally:
-        cpu.shutdown(wait=False, cancel_futures=True)
+        work.close()
         if own_client:
             client.close()
-    if report.cancelled or report.failures:
-        # Not delivered: a re-run of this batch takes these results instead of paying again.
-        report.release(store)
-    if report.cancelled:
-        return BatchResult(images=None, seeds=[], credits=report.credits, from_cache=len(report.from_cache),
-                           report=report)
-    report.raise_for_failures(store=store)
-    report.mark_delivered(store)
-    used = [report.seeds[index] for index in range(count)]
-    return BatchResult(images=output, seeds=used, credits=report.credits, from_cache=len(report.from_cache),
-                       report=report)
+    return _finish(report, store, output)
