@@ -103,7 +103,7 @@ class BatchReport:
         shown = "; ".join(f"{noun} {index + 1}: {str(error).rstrip('.')}" for index, error in items[:5])
         more = f"; and {len(items) - 5} more" if len(items) > 5 else ""
         raise BatchError(f"{len(items)} of {self.total} {noun}s failed: {shown}{more}. {self.kept_sentence(noun, store)}",
-                         failures=self.failures)
+                         failures=dict(self.failures))
 
     def kept_sentence(self, noun: str = "image", store: Optional[ResultStore] = None) -> str:
         """What was paid, what was kept where, and what a re-run will pay: every word true."""
@@ -187,27 +187,29 @@ def _claim_decoded(store: ResultStore, key: str, seed: int, decode: bool = True)
                                request_id=None, attempts=0, credits=0, stored=entry)
 
 
+@dataclass(eq=False)
 class _BatchRun:
     """One run of :func:`run_batch`: the shared state of its workers, behind one lock."""
 
-    def __init__(self, client: StructureClient, count: int, make_request: Callable[[int], StructureRequest],
-                 on_result: Callable[[int, StructureResult], None], store: ResultStore,
-                 label: Callable[[int], str], decode: bool = True) -> None:
-        self.client = client
-        self.count = count
-        self.make_request = make_request
-        self.on_result = on_result
-        self.store = store
-        self.label = label
-        self.decode = decode
-        self.report = BatchReport(total=count)
-        self.lock = threading.Lock()
-        self.cancel = threading.Event()
-        self.stop_sending = threading.Event()  # set with stop_reason: later requests would fail (or charge) too
-        self.stop_reason: Optional[StructureError] = None
-        # Workers queue progress; the caller's thread delivers it, because UI hooks (ComfyUI's
-        # progress bar, terminal output) expect to be called from the thread that runs the job.
-        self.progress: "queue.SimpleQueue[BatchProgress]" = queue.SimpleQueue()
+    client: StructureClient
+    count: int
+    make_request: Callable[[int], StructureRequest]
+    on_result: Callable[[int, StructureResult], None]
+    store: ResultStore
+    label: Callable[[int], str]
+    decode: bool = True
+    report: BatchReport = field(init=False)
+    lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    cancel: threading.Event = field(init=False, default_factory=threading.Event)
+    # Set with stop_reason: later requests would fail (or charge) too.
+    stop_sending: threading.Event = field(init=False, default_factory=threading.Event)
+    stop_reason: Optional[StructureError] = field(init=False, default=None)
+    # Workers queue progress; the caller's thread delivers it, because UI hooks (ComfyUI's
+    # progress bar, terminal output) expect to be called from the thread that runs the job.
+    progress: "queue.SimpleQueue[BatchProgress]" = field(init=False, default_factory=queue.SimpleQueue)
+
+    def __post_init__(self) -> None:
+        self.report = BatchReport(total=self.count)
 
     def snapshot(self, message: str, index: Optional[int] = None) -> BatchProgress:
         return BatchProgress(done=self.report.done, total=self.count, credits=self.report.credits,

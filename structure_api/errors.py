@@ -6,11 +6,16 @@ body, headers, request id) lives in attributes. The API key never appears in any
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from types import MappingProxyType
+from typing import Any, Mapping, Optional
 
 
 class StructureError(Exception):
-    """Root of every error this package raises."""
+    """Root of every error this package raises.
+
+    A subclass with details of its own declares each as a class attribute holding its default
+    (``retry_after: Optional[float] = None``); the constructor takes them as keywords.
+    """
 
     def __init__(
         self,
@@ -21,6 +26,7 @@ class StructureError(Exception):
         headers: Optional[Mapping[str, str]] = None,
         request_id: Optional[str] = None,
         reason: Optional[str] = None,
+        **details: Any,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -29,6 +35,10 @@ class StructureError(Exception):
         self.headers = dict(headers or {})
         self.request_id = request_id
         self.reason = reason  # the server's own words, when it gave any
+        for name, value in details.items():
+            if not _declares(type(self), name):
+                raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}")
+            setattr(self, name, value)
 
     def __str__(self) -> str:
         return self.message
@@ -36,6 +46,12 @@ class StructureError(Exception):
     def __repr__(self) -> str:
         status = f", http_status={self.http_status}" if self.http_status is not None else ""
         return f"{type(self).__name__}({self.message!r}{status})"
+
+
+def _declares(cls: type, name: str) -> bool:
+    """True when a subclass of StructureError (``cls`` or one of its bases) declares the detail ``name``."""
+    return not name.startswith("_") and any(
+        name in vars(base) for base in cls.__mro__ if issubclass(base, StructureError) and base is not StructureError)
 
 
 # --- before any request -------------------------------------------------------------
@@ -89,9 +105,7 @@ class RequestTooLargeError(APIError):
 class RateLimitError(APIError):
     """429: too many requests; ``retry_after`` holds the server's hint in seconds."""
 
-    def __init__(self, message: str, *, retry_after: Optional[float] = None, **kwargs) -> None:
-        super().__init__(message, **kwargs)
-        self.retry_after = retry_after
+    retry_after: Optional[float] = None
 
 
 class ServiceError(APIError):
@@ -119,9 +133,7 @@ class TransportError(StructureError):
     service (so sending it again cannot charge twice), True when it may have.
     """
 
-    def __init__(self, message: str, *, request_delivered: bool = True, **kwargs) -> None:
-        super().__init__(message, **kwargs)
-        self.request_delivered = request_delivered
+    request_delivered: bool = True
 
 
 class APIConnectionError(TransportError):
@@ -143,6 +155,4 @@ class CancelledError(StructureError):
 class BatchError(StructureError):
     """Some images of a batch failed; ``failures`` maps each image index (0-based) to its error."""
 
-    def __init__(self, message: str, *, failures: Optional[dict] = None, **kwargs) -> None:
-        super().__init__(message, **kwargs)
-        self.failures = dict(failures or {})
+    failures: Mapping[int, StructureError] = MappingProxyType({})
