@@ -86,13 +86,13 @@ def _serve_photos(argv: Sequence[str]) -> None:
     parser.add_argument("--delay", type=float, required=True)
     args = parser.parse_args(argv)
 
-    from structure_api.standin import Fault, StandInServer
+    from structure_api.standin import Respond, StandInServer
 
     from .content import response_json, service_png
 
     body = response_json(service_png(args.side, args.side, seed=4242))
     server = StandInServer(max_records=0)
-    server.script(*(Fault(status=200, body=body, delay=args.delay, headers={"content-type": "application/json"})
+    server.script(*(Respond(200, body=body, delay=args.delay, headers={"content-type": "application/json"})
                     for _ in range(args.answers)))
     try:
         server.start()

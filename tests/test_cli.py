@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from structure_api import StructureClient, StructureRequest
 from structure_api.cli import main
 from structure_api.images import EncodedImage, ImageSize
-from structure_api.standin import Fault
+from structure_api.standin import Hang, Respond
 
 from support import TEST_KEY, photo_like, write_png
 
@@ -86,13 +86,13 @@ def test_no_key_means_nothing_is_sent(tmp_path, standin, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("fault, words", [
-    (Fault(status=401), "rejected the API key"),
-    (Fault(status=402), "out of credits"),
-    (Fault(status=400, body={"code": -1, "message": "prompt: too odd"}), "prompt: too odd"),
-    (Fault(status=413), "10 MiB"),
-    (Fault(status=200, body={"code": -1, "message": "upstream failed"}), "upstream failed"),
-    (Fault(status=200, body=b"<html>oops</html>"), "not JSON"),
-    (Fault(action="hang"), "may have"),
+    (Respond(401), "rejected the API key"),
+    (Respond(402), "out of credits"),
+    (Respond(400, body={"code": -1, "message": "prompt: too odd"}), "prompt: too odd"),
+    (Respond(413), "10 MiB"),
+    (Respond(200, body={"code": -1, "message": "upstream failed"}), "upstream failed"),
+    (Respond(200, body=b"<html>oops</html>"), "not JSON"),
+    (Hang(), "may have"),
 ])
 def test_each_error_is_one_line_and_non_zero(tmp_path, standin, env_for, capsys, fault, words):
     env_for(standin)
@@ -385,7 +385,7 @@ def test_missing_key_names_the_key_file_it_looked_in(tmp_path, standin, monkeypa
 
 def test_verbose_logs_each_request_retry_and_answer_without_the_key(tmp_path, standin, env_for, capsys):
     env_for(standin)
-    standin.script(Fault(status=503))
+    standin.script(Respond(503))
     source = write_png(tmp_path / "in.png", photo_like(100, 100))
     code, out, err = run(capsys, "-v", "generate", source, "--prompt", "x", "-o", tmp_path / "o.png", "--seed", "4")
     assert code == 0, err
@@ -443,7 +443,7 @@ def test_an_answer_in_another_format_is_never_written_under_the_asked_extension(
     source = write_png(tmp_path / "in.png", photo_like(100, 100))
     # The service answers a PNG although a JPEG was asked for.
     answer = base64.b64encode(write_png(tmp_path / "answer.png", photo_like(100, 100, seed=3)).read_bytes()).decode()
-    standin.script(Fault(status=200, body={"code": 0, "message": "success", "data": {"image": answer, "seed": 5}}))
+    standin.script(Respond(200, body={"code": 0, "message": "success", "data": {"image": answer, "seed": 5}}))
     code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / "out.jpg")
     assert code == 0, err
     with Image.open(tmp_path / "out.jpg") as written:

@@ -28,7 +28,7 @@ from structure_api.errors import (
 )
 from structure_api.images import encode_upload
 from structure_api.retry import RetryPolicy
-from structure_api.standin import Fault
+from structure_api.standin import Drop, Hang, Passthrough, Respond, Stream
 
 from support import TEST_KEY, photo_like
 
@@ -164,7 +164,7 @@ UPSTREAM = {"id": "req-123", "name": "bad_request", "errors": ["prompt: cannot b
     (418, {"code": -1, "message": "teapot"}, StructureError, "HTTP 418"),
 ])
 def test_error_statuses_map_to_classes(make_client, standin, small_image, status, body, error_class, words):
-    standin.script(Fault(status=status, body=body, headers={"x-request-id": "rid-9"}))
+    standin.script(Respond(status, body=body, headers={"x-request-id": "rid-9"}))
     with pytest.raises(error_class, match=words) as info:
         make_client().generate(make_request(small_image))
     error = info.value
@@ -174,7 +174,7 @@ def test_error_statuses_map_to_classes(make_client, standin, small_image, status
 
 
 def test_upstream_id_is_kept_as_request_id(make_client, standin, small_image):
-    standin.script(Fault(status=400, body=UPSTREAM))
+    standin.script(Respond(400, body=UPSTREAM))
     with pytest.raises(InvalidRequestError) as info:
         make_client().generate(make_request(small_image))
     assert info.value.request_id == "req-123"
@@ -182,7 +182,7 @@ def test_upstream_id_is_kept_as_request_id(make_client, standin, small_image):
 
 
 def test_code_minus_one_with_http_200(make_client, standin, small_image):
-    standin.script(Fault(status=200, body={"code": -1, "message": "generation failed upstream"}))
+    standin.script(Respond(200, body={"code": -1, "message": "generation failed upstream"}))
     with pytest.raises(GenerationFailedError, match="generation failed upstream") as info:
         make_client().generate(make_request(small_image))
     assert_clean(info.value)
@@ -190,7 +190,7 @@ def test_code_minus_one_with_http_200(make_client, standin, small_image):
 
 def test_html_error_page_from_a_proxy(make_client, standin, small_image):
     page = "<html><body><h1>502 Bad Gateway</h1><p>nginx</p></body></html>"
-    standin.script(*[Fault(status=502, body=page, headers={"content-type": "text/html"})] * 5)
+    standin.script(*[Respond(502, body=page, headers={"content-type": "text/html"})] * 5)
     with pytest.raises(ServiceError, match="not JSON") as info:
         make_client().generate(make_request(small_image))
     assert "<html>" not in str(info.value)
@@ -208,7 +208,7 @@ def test_html_error_page_from_a_proxy(make_client, standin, small_image):
     (b"[" * 100000 + b"]" * 100000, "not JSON"),
 ])
 def test_malformed_success_answers(make_client, standin, small_image, body, words):
-    standin.script(Fault(status=200, body=body))
+    standin.script(Respond(200, body=body))
     with pytest.raises(MalformedResponseError, match=words) as info:
         make_client().generate(make_request(small_image))
     assert_clean(info.value)
@@ -216,7 +216,7 @@ def test_malformed_success_answers(make_client, standin, small_image, body, word
 
 
 def test_server_echoing_the_key_is_redacted(make_client, standin, small_image):
-    standin.script(Fault(status=401, body={"code": -1, "message": f"bad key {TEST_KEY}"}))
+    standin.script(Respond(401, body={"code": -1, "message": f"bad key {TEST_KEY}"}))
     with pytest.raises(AuthenticationError) as info:
         make_client().generate(make_request(small_image))
     assert_clean(info.value)
@@ -226,14 +226,14 @@ def test_server_echoing_the_key_is_redacted(make_client, standin, small_image):
 # --- retries -------------------------------------------------------------------------------
 
 def test_503_then_success_is_retried_with_backoff(make_client, standin, sleeps, small_image):
-    standin.script(Fault(status=503), Fault(status=503))
+    standin.script(Respond(503), Respond(503))
     result = make_client().generate(make_request(small_image))
     assert result.attempts == 3 and len(standin.requests) == 3
     assert sleeps.calls == [0.5, 1.0]  # jitter 0 -> half of 1 s, 2 s
 
 
 def test_429_honours_retry_after_seconds(make_client, standin, sleeps, small_image):
-    standin.script(Fault(status=429, headers={"Retry-After": "7"}, body={"code": -1, "message": "slow down"}))
+    standin.script(Respond(429, headers={"Retry-After": "7"}, body={"code": -1, "message": "slow down"}))
     make_client().generate(make_request(small_image))
     # The pause is waited out in the pacer, from when it was set: exact but for the microseconds between.
     assert sleeps.calls == [pytest.approx(7.0, abs=0.01)]
@@ -242,13 +242,13 @@ def test_429_honours_retry_after_seconds(make_client, standin, sleeps, small_ima
 def test_429_honours_retry_after_http_date(make_client, standin, sleeps, small_image):
     now = 1_800_000_000.0
     when = email.utils.formatdate(now + 20, usegmt=True)
-    standin.script(Fault(status=429, headers={"Retry-After": when}))
+    standin.script(Respond(429, headers={"Retry-After": when}))
     make_client(wall_clock=lambda: now).generate(make_request(small_image))
     assert sleeps.calls == [pytest.approx(20.0, abs=0.01)]
 
 
 def test_429_exhausted_raises_rate_limit_error(make_client, standin, sleeps, small_image):
-    standin.script(*[Fault(status=429, headers={"Retry-After": "1"})] * 3)
+    standin.script(*[Respond(429, headers={"Retry-After": "1"})] * 3)
     with pytest.raises(RateLimitError, match="HTTP 429") as info:
         make_client(retry_policy=RetryPolicy(max_rate_limited_attempts=3)).generate(make_request(small_image))
     assert info.value.retry_after == 1.0
@@ -257,14 +257,14 @@ def test_429_exhausted_raises_rate_limit_error(make_client, standin, sleeps, sma
 
 @pytest.mark.parametrize("status", [400, 401, 402, 403, 413, 422])
 def test_no_retry_for_other_4xx(make_client, standin, sleeps, small_image, status):
-    standin.script(Fault(status=status))
+    standin.script(Respond(status))
     with pytest.raises(StructureError):
         make_client().generate(make_request(small_image))
     assert len(standin.requests) == 1 and sleeps.calls == []
 
 
 def test_read_timeout_after_upload_is_never_resent(make_client, standin, small_image):
-    standin.script(Fault(action="hang"))
+    standin.script(Hang())
     started = time.monotonic()
     with pytest.raises(ResultMayBeBilledError, match="may have") as info:
         make_client(read_timeout=0.5).generate(make_request(small_image))
@@ -286,14 +286,14 @@ def test_connection_refused_is_retried_then_reported(sleeps, small_image):
 
 
 def test_drop_after_full_upload_is_not_resent(make_client, standin, small_image):
-    standin.script(Fault(action="drop"))
+    standin.script(Drop())
     with pytest.raises(ResultMayBeBilledError):
         make_client().generate(make_request(small_image))
     assert len(standin.requests) == 1
 
 
 def test_redirect_to_another_host_is_not_followed(make_client, standin, small_image):
-    standin.script(Fault(status=307, headers={"Location": "http://evil.example.net/steal"}, body=b""))
+    standin.script(Respond(307, headers={"Location": "http://evil.example.net/steal"}, body=b""))
     with pytest.raises(UnexpectedRedirectError, match="evil.example.net") as info:
         make_client().generate(make_request(small_image))
     assert_clean(info.value)
@@ -301,7 +301,7 @@ def test_redirect_to_another_host_is_not_followed(make_client, standin, small_im
 
 
 def test_slow_but_successful_answer(make_client, standin, small_image):
-    standin.script(Fault(passthrough=True, delay=0.3))
+    standin.script(Passthrough(delay=0.3))
     result = make_client(read_timeout=5).generate(make_request(small_image))
     assert result.pixels.shape == (64, 96, 3)
 
@@ -313,7 +313,7 @@ def test_wrong_key_is_refused_by_the_stand_in(make_client, standin, small_image)
 
 
 def test_oversized_declared_response_is_not_read(make_client, standin, small_image):
-    standin.script(Fault(status=200, action="stream", headers={"Content-Length": str(500 * 2**20)},
-                         body_chunks=lambda: iter([b"x" * 2**20] * 500)))
+    standin.script(Stream(status=200, headers={"Content-Length": str(500 * 2**20)},
+                          chunks=lambda: iter([b"x" * 2**20] * 500)))
     with pytest.raises(MalformedResponseError, match="MiB"):
         make_client().generate(make_request(small_image))

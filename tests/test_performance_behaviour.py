@@ -27,7 +27,7 @@ from structure_api import pipeline
 from structure_api.client import StructureClient, StructureRequest
 from structure_api.images import decode_image, encode_upload, to_uint8_rgb
 from structure_api.pipeline import StructureParams, generate_images
-from structure_api.standin import Fault
+from structure_api.standin import Respond
 
 from support import TEST_KEY, photo_like
 
@@ -200,7 +200,7 @@ def test_answer_with_base64_broken_into_lines_still_decodes(standin, make_client
     pixels = photo_like(64, 64)
     text = base64.encodebytes(encode_upload(pixels).data).decode()  # a line break every 76 characters
     assert "\n" in text
-    standin.script(Fault(status=200, body={"code": 0, "message": "success", "data": {"image": text, "seed": 5}}))
+    standin.script(Respond(200, body={"code": 0, "message": "success", "data": {"image": text, "seed": 5}}))
     request = StructureRequest(image=encode_upload(pixels), prompt="p")
     result = make_client().generate(request)
     assert np.array_equal(result.pixels, pixels) and result.seed == 5

@@ -22,7 +22,7 @@ from structure_api.errors import (
 from structure_api.images import encode_upload
 from structure_api.pipeline import StructureParams, batch_seeds, generate_images
 from structure_api.client import StructureRequest
-from structure_api.standin import Fault, StandInServer
+from structure_api.standin import Hang, Respond, StandInServer
 
 from support import TEST_KEY, photo_like
 
@@ -151,7 +151,7 @@ def test_nan_and_out_of_range_values_are_cleaned(client, standin):
 
 def test_failure_names_the_failed_images_and_no_placeholder(client, standin):
     # Every request of image 3 (seed 1002) fails with 400; the others succeed.
-    standin.script(Fault(status=400, body={"code": -1, "message": "image 3 is bad"}))
+    standin.script(Respond(400, body={"code": -1, "message": "image 3 is bad"}))
     with pytest.raises(BatchError) as info:
         generate_images(distinct_batch(4), params(), client=client, max_concurrency=1)
     message = str(info.value)
@@ -160,7 +160,7 @@ def test_failure_names_the_failed_images_and_no_placeholder(client, standin):
 
 
 def test_single_image_failure_raises_its_own_error(client, standin):
-    standin.script(Fault(status=503), Fault(status=503), Fault(status=503), Fault(status=503), Fault(status=503))
+    standin.script(Respond(503), Respond(503), Respond(503), Respond(503), Respond(503))
     with pytest.raises(ServiceError, match="HTTP 503"):
         generate_images(distinct_batch(1), params(), client=client)
 
@@ -190,7 +190,7 @@ def test_concurrency_is_bounded_and_used():
 
 
 def test_cancel_returns_within_a_second_with_requests_in_flight(standin, make_client):
-    standin.script(*[Fault(action="hang")] * 4)
+    standin.script(*[Hang()] * 4)
     cancel_at = time.monotonic() + 0.3
     started = time.monotonic()
     result = generate_images(distinct_batch(4), params(), client=make_client(), max_concurrency=4,
@@ -285,7 +285,7 @@ def test_progress_callback_raising_aborts_in_flight_requests(standin, make_clien
     class Interrupted(Exception):
         pass
 
-    standin.script(*[Fault(action="hang")] * 2)
+    standin.script(*[Hang()] * 2)
     calls = []
 
     def hook(progress):

@@ -21,7 +21,7 @@ from structure_api.ratelimit import (
     shared_pacer,
 )
 from structure_api.retry import RetryPolicy
-from structure_api.standin import Fault, StandInServer
+from structure_api.standin import Respond, StandInServer
 from structure_api.standin.ratelimit import UpstreamRateLimit
 from support import TEST_KEY, RecordingSleep, photo_like
 
@@ -252,7 +252,7 @@ def test_a_429_to_one_client_pauses_another_client_of_the_same_pacer(standin):
 
     a = StructureClient(api_key=TEST_KEY, base_url=standin.url, sleep=a_sleep, clock=clock, jitter=lambda: 0.0,
                         pacer=pacer)
-    standin.script(Fault(status=429, headers={"Retry-After": "7"}))
+    standin.script(Respond(429, headers={"Retry-After": "7"}))
     result = a.generate(small_request(1))
     a.close()
     b.close()

@@ -16,7 +16,10 @@ import pytest
 import requests
 from PIL import Image, ImageFilter
 
-from structure_api.standin import ENDPOINT_PATH, FAULT_KINDS, Fault, StandInServer, serve
+from structure_api.standin import (
+    ENDPOINT_PATH, FAULT_KINDS, Drop, DropBeforeRead, Hang, Passthrough, Respond, StandInServer, Stream,
+    Truncate, serve,
+)
 
 KEY = "sk-standin-test-4d1e0b"
 MIB = 1024 * 1024
@@ -336,11 +339,11 @@ def test_the_key_never_reaches_the_log(server, session, caplog):
 
 def test_scripted_responses_come_in_order_then_normal_behaviour(server, session):
     server.script(
-        Fault(status=503, headers={"Retry-After": "7", "X-Custom": "yes"}),
-        Fault(status=200, body={"code": -1, "message": "busy"}),
-        Fault(status=502),
-        Fault(status=418, body="teapot", headers={"Content-Type": "text/x-tea"}),
-        Fault(status=500, body=b"<html>oops</html>"),
+        Respond(503, headers={"Retry-After": "7", "X-Custom": "yes"}),
+        Respond(200, body={"code": -1, "message": "busy"}),
+        Respond(502),
+        Respond(418, body="teapot", headers={"Content-Type": "text/x-tea"}),
+        Respond(500, body=b"<html>oops</html>"),
     )
     first = post(session, server)
     assert first.status_code == 503 and first.headers["retry-after"] == "7" and first.headers["x-custom"] == "yes"
@@ -361,13 +364,13 @@ def test_scripted_responses_come_in_order_then_normal_behaviour(server, session)
 
 def test_hostile_scripted_bodies_are_sent_verbatim(server, session):
     nested = b"[" * 100_000  # would blow the recursion limit of anything that parsed it
-    server.script(Fault(status=200, body=nested), Fault(status=200, body=b"\xff\xfe not text"))
+    server.script(Respond(200, body=nested), Respond(200, body=b"\xff\xfe not text"))
     assert post(session, server).content == nested
     assert post(session, server).content == b"\xff\xfe not text"
 
 
 def test_scripted_faults_apply_before_auth_and_skip_health_checks(server, session):
-    server.script(Fault(status=402))
+    server.script(Respond(402))
     assert session.get(server.url + "/health", timeout=10).status_code == 200
     assert post(session, server, key=None).status_code == 402
     assert server.pending_faults == 0
@@ -375,24 +378,24 @@ def test_scripted_faults_apply_before_auth_and_skip_health_checks(server, sessio
 
 def test_default_bodies_are_json_except_gateway_pages(server, session):
     statuses = [200, 400, 401, 402, 403, 404, 413, 422, 429, 500, 503, 507]
-    server.script(*(Fault(status=s) for s in statuses))
+    server.script(*(Respond(s) for s in statuses))
     for status in statuses:
         payload = post(session, server).json()
         assert payload["code"] == -1 and isinstance(payload["message"], str) and payload["errors"], status
     assert post(session, server).status_code == 200  # script exhausted
-    server.script(Fault(status=504))
+    server.script(Respond(504))
     assert "<html>" in post(session, server).text
 
 
 def test_respond_with_delay(server, session):
-    server.script(Fault(status=429, delay=0.3, headers={"Retry-After": "0"}))
+    server.script(Respond(429, delay=0.3, headers={"Retry-After": "0"}))
     started = time.monotonic()
     response = post(session, server)
     assert response.status_code == 429 and time.monotonic() - started >= 0.3
 
 
 def test_drop_closes_after_reading_the_request(server, session):
-    server.script(Fault(action="drop"))
+    server.script(Drop())
     with pytest.raises(requests.exceptions.ConnectionError):
         post(session, server, seed="3")
     recorded = server.requests[0]
@@ -402,7 +405,7 @@ def test_drop_closes_after_reading_the_request(server, session):
 
 
 def test_drop_before_read_closes_without_reading_the_body(server, session):
-    server.script(Fault(action="drop_before_read"))
+    server.script(DropBeforeRead())
     with pytest.raises(requests.exceptions.ConnectionError):
         # Large enough that the upload cannot fit in socket buffers before the close.
         post(session, server, image=b"\0" * (8 * MIB))
@@ -413,7 +416,7 @@ def test_drop_before_read_closes_without_reading_the_body(server, session):
 
 def test_truncate_announces_the_full_length_and_sends_half(server, session):
     body = {"code": 0, "message": "success", "data": {"image": "A" * 10000, "seed": 1}}
-    server.script(Fault(action="truncate", body=body))
+    server.script(Truncate(body=body))
     response = session.post(server.url + ENDPOINT_PATH, files={"image": ("a.png", IMAGE)}, data={"prompt": "x"},
                             headers={"authorization": KEY}, timeout=10, stream=True)
     assert response.status_code == 200
@@ -426,7 +429,7 @@ def test_truncate_announces_the_full_length_and_sends_half(server, session):
 def test_hang_never_answers_and_stop_releases_it_fast():
     outcome: list[object] = []
     server = StandInServer().start()
-    server.script(Fault(action="hang"), Fault(action="hang"))
+    server.script(Hang(), Hang())
 
     def client() -> None:
         with requests.Session() as http:
@@ -451,7 +454,7 @@ def test_hang_never_answers_and_stop_releases_it_fast():
 
 
 def test_hang_meets_the_client_read_timeout(server, session):
-    server.script(Fault(action="hang"))
+    server.script(Hang())
     with pytest.raises(requests.exceptions.ReadTimeout):
         post(session, server, timeout=(5, 0.3))
     assert post(session, server).status_code == 200
@@ -467,7 +470,7 @@ def test_stream_sends_a_huge_body_until_the_client_stops_reading(server, session
             yield b"{" * MIB
 
     headers = {"Content-Length": declared_length} if declared_length else {}
-    server.script(Fault(action="stream", body_chunks=endless, headers=headers))
+    server.script(Stream(chunks=endless, headers=headers))
     response = session.post(server.url + ENDPOINT_PATH, files={"image": ("a.png", IMAGE)}, data={"prompt": "x"},
                             headers={"authorization": KEY}, timeout=10, stream=True)
     if declared_length:
@@ -487,13 +490,13 @@ def test_stream_sends_a_huge_body_until_the_client_stops_reading(server, session
 
 
 def test_stream_with_a_finite_body_ends_cleanly(server, session):
-    server.script(Fault(action="stream", body_chunks=lambda: [b'{"code": 0,', b' "message": "x"}']))
+    server.script(Stream(chunks=lambda: [b'{"code": 0,', b' "message": "x"}']))
     response = post(session, server)
     assert response.json() == {"code": 0, "message": "x"}
 
 
 def test_passthrough_answers_normally_after_the_delay(server, session):
-    server.script(Fault(passthrough=True, delay=0.4, headers={"X-Slow": "1"}))
+    server.script(Passthrough(delay=0.4, headers={"X-Slow": "1"}))
     started = time.monotonic()
     response = post(session, server, seed="8")
     elapsed = time.monotonic() - started
@@ -504,9 +507,13 @@ def test_passthrough_answers_normally_after_the_delay(server, session):
     assert server.credits_spent == 6
 
 
-def test_fault_rejects_unknown_actions():
+def test_faults_reject_what_they_cannot_play(server):
     with pytest.raises(ValueError):
-        Fault(action="explode")
+        Respond(42)
+    with pytest.raises(ValueError):
+        Drop(delay=-1)
+    with pytest.raises(TypeError):
+        server.script("explode")
 
 
 # --- recording ------------------------------------------------------------------------------
@@ -526,7 +533,7 @@ def test_requests_are_recorded_with_fields_image_headers_and_status(server, sess
     assert before <= first.received_at <= second.received_at <= time.monotonic()
     assert (first.status, first.fault, second.status) == (200, None, 400)
     assert server.credits_spent == 6
-    server.script(Fault(status=500))
+    server.script(Respond(500))
     server.clear()
     assert server.requests == [] and server.pending_faults == 0
     assert post(session, server).status_code == 200
@@ -602,7 +609,7 @@ def test_stop_leaves_no_threads_behind():
     idle.trust_env = False
     # A keep-alive connection left open, a hung request and a slow one are all in flight at stop().
     assert post(idle, server, key=None).status_code == 200
-    server.script(Fault(action="hang"), Fault(status=200, delay=30))
+    server.script(Hang(), Respond(200, delay=30))
     stuck = [threading.Thread(target=lambda: pytest.raises(requests.exceptions.RequestException, post,
                                                            requests.Session(), server, key=None))
              for _ in range(2)]

@@ -2,8 +2,9 @@
 
 It serves ``POST /api/control/structure`` on loopback so workflows can be tried offline without
 spending credits, and so tests can talk real HTTP to something that can also misbehave on cue
-(``StandInServer.script``). The images it returns are not AI generations: they are the input's
-edge map painted in two colours derived from the prompt and seed, so the structure is visibly kept.
+(``StandInServer.script(Respond(503), Drop(), ...)``, the fault types in ``faults``). The images it
+returns are not AI generations: they are the input's edge map painted in two colours derived from
+the prompt and seed, so the structure is visibly kept.
 
 Where each part lives: ``server`` (start, stop, connections, the normal answer), ``handler`` (one
 request: read, recorded, answered or a fault played), ``records`` (recorded requests, queued faults,
@@ -15,17 +16,20 @@ and lock-out), ``faults`` (what only tests script), ``run`` (``serve``, what use
 
 from ..contract import CREDITS_PER_IMAGE, ENDPOINT_PATH
 from .answers import default_body, error_payload
-from .faults import FAULT_KINDS, Fault
+from .faults import (
+    FAULT_KINDS, Drop, DropBeforeRead, Exchange, Fault, GenerationFailed, Hang, Passthrough, Respond, Stream, Truncate,
+)
+from .handler import HEALTH_PATHS, STANDIN_HEADER, STANDIN_HEADER_VALUE
 from .multipart import parse_multipart
 from .render import edge_map, render_structure, structure_edges
-from .handler import HEALTH_PATHS, STANDIN_HEADER, STANDIN_HEADER_VALUE
 from .records import RecordedRequest
 from .run import serve
 from .server import StandInServer
 from .validation import decode_upload, validate_form
 
 __all__ = [
-    "Fault", "RecordedRequest", "StandInServer", "serve", "ENDPOINT_PATH", "FAULT_KINDS", "CREDITS_PER_IMAGE",
+    "Fault", "Respond", "GenerationFailed", "Truncate", "Stream", "Drop", "DropBeforeRead", "Hang", "Passthrough",
+    "Exchange", "RecordedRequest", "StandInServer", "serve", "ENDPOINT_PATH", "FAULT_KINDS", "CREDITS_PER_IMAGE",
     "HEALTH_PATHS", "STANDIN_HEADER", "STANDIN_HEADER_VALUE", "default_body", "error_payload", "parse_multipart",
     "edge_map", "render_structure", "structure_edges", "decode_upload", "validate_form",
 ]

@@ -1,103 +1,199 @@
-"""Scripted faults (what tests and fault_rate play instead of the normal answer)."""
+"""Scripted faults: what tests (and fault_rate draws) play instead of the normal answer.
+
+Each fault is a small type that plays itself through the handler's narrow interface, ``Exchange``:
+
+    server.script(Respond(503), Respond(200, body=b"{not json"), Drop(), Hang(), Passthrough(delay=0.4))
+
+``RecordedRequest.fault`` says which fault answered a request: the status for ``Respond`` ("503"),
+"code-1" for ``GenerationFailed``, otherwise the fault's kind ("drop", "drop_before_read",
+"truncate", "hang", "stream", "passthrough").
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, ClassVar, Iterable, Optional, Protocol, Union
 
 from .answers import body_bytes, error_payload
-
 
 # The faults a fault_rate draw picks from: retryable statuses or a failed generation.
 FAULT_KINDS = ("429", "500", "502", "503", "504", "code-1")
 
-_ACTIONS = ("respond", "drop", "drop_before_read", "truncate", "hang", "stream")
+Body = Union[bytes, str, dict, list, None]  # dict or list -> JSON; None -> the default body for the status
 
 
-@dataclass
+class Exchange(Protocol):
+    """What a fault acts through: one request on the stand-in's handler."""
+
+    def read_request(self) -> None:
+        """Read the body (up to 64 MiB) and record the request."""
+
+    def record(self) -> None:
+        """Record the request without reading its body."""
+
+    def wait(self, seconds: float) -> None:
+        """Sleep; the connection is dropped if the server stops meanwhile."""
+
+    def wait_until_stopped(self) -> None:
+        """Block until the server begins to stop."""
+
+    def send(self, status: int, body: bytes, content_type: str, headers: Optional[dict[str, str]] = None, *,
+             announced_length: Optional[int] = None) -> None:
+        """Write one answer (the caller's headers win)."""
+
+    def stream(self, status: int, headers: dict[str, str], chunks: Iterable[bytes]) -> None:
+        """Write an answer whose body comes in chunks, then close."""
+
+    def drop(self) -> None:
+        """Close the connection without an answer."""
+
+    def answer_normally(self, delay: float = 0.0, headers: Optional[dict[str, str]] = None) -> None:
+        """Answer as the stand-in normally does, `delay` later, with `headers` added."""
+
+
 class Fault:
-    """One scripted answer, used for the next request instead of the normal behaviour."""
+    """One scripted answer, used for the next request instead of the normal behaviour.
 
-    status: int = 200
-    body: Union[bytes, str, dict, None] = None  # dict -> JSON; None -> default body for the status
-    headers: dict[str, str] = field(default_factory=dict)
-    delay: float = 0.0  # seconds to wait before answering (after reading the request)
-    # "respond" | "drop" (close after reading the request, no answer) | "drop_before_read" (close
-    # before reading the body) | "truncate" (announce the full Content-Length, send half, close)
-    # | "hang" (read the request, never answer until the server stops) | "stream" (send
-    # body_chunks() chunked, or raw under a Content-Length given in headers)
-    action: str = "respond"
-    body_chunks: Optional[Callable[[], Iterable[bytes]]] = None  # for action="stream"
-    passthrough: bool = False  # answer normally (generate the image), but after `delay`
+    A subclass names its kind (``class Hang(Fault, kind="hang")``), what RecordedRequest.fault says.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init_subclass__(cls, kind: str = "", **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if kind:
+            cls.kind = kind
 
     def __post_init__(self) -> None:
-        if self.action not in _ACTIONS:
-            raise ValueError(f"Fault action must be one of {', '.join(_ACTIONS)}; got {self.action!r}.")
-        if not 100 <= int(self.status) <= 599:
-            raise ValueError(f"Fault status must be an HTTP status 100..599; got {self.status!r}.")
-        if self.delay < 0 or not math.isfinite(self.delay):
-            raise ValueError(f"Fault delay must be a finite number of seconds >= 0; got {self.delay!r}.")
+        # The dataclasses below call this: a status and a delay, where a fault has them, are checked once here.
+        status, delay = getattr(self, "status", 200), getattr(self, "delay", 0.0)
+        if not 100 <= int(status) <= 599:
+            raise ValueError(f"A fault's status must be an HTTP status 100..599; got {status!r}.")
+        if delay < 0 or not math.isfinite(delay):
+            raise ValueError(f"A fault's delay must be a finite number of seconds >= 0; got {delay!r}.")
 
     @property
     def label(self) -> str:
         """What RecordedRequest.fault says for this fault."""
-        if self.passthrough:
-            return "passthrough"
-        return str(self.status) if self.action == "respond" else self.action
+        return self.kind
 
-    def play(self, exchange) -> None:
-        """Answer through the handler (``handler.StandInHandler``) as this fault says."""
-        if self.passthrough:
-            exchange.answer_normally(self.delay, self.headers)
-            return
-        if self.action == "drop_before_read":
-            exchange.record()
-            exchange.drop()
-            return
+    def play(self, exchange: Exchange) -> None:
+        """Answer the request (or not) through `exchange`."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Respond(Fault):
+    """Answer `status` with `body` (the status's default body when None) and `headers`, `delay` s later."""
+
+    status: int
+    body: Body = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return str(self.status)
+
+    def play(self, exchange: Exchange) -> None:
         exchange.read_request()
-        if self.action == "hang":
-            exchange.wait_until_stopped()
-            exchange.drop()
-            return
         exchange.wait(self.delay)
-        if self.action == "drop":
-            exchange.drop()
-            return
-        if self.action == "stream":
-            if self.body_chunks is not None:
-                chunks = self.body_chunks()
-            elif self.body is None or isinstance(self.body, (bytes, str, dict)):
-                chunks = [body_bytes(self.body, self.status)[0]]
-            else:
-                chunks = self.body
-            exchange.stream(self.status, self.headers, chunks)
-            return
         body, content_type = body_bytes(self.body, self.status)
-        if self.action == "truncate":
-            exchange.send(self.status, body[: len(body) // 2], content_type, self.headers, announced_length=len(body))
-            exchange.drop()
-            return
         exchange.send(self.status, body, content_type, self.headers)
+
+
+@dataclass(frozen=True)
+class GenerationFailed(Respond):
+    """HTTP 200 with the service's ``code: -1`` "Generation failed" body (a fault_rate draw's "code-1")."""
+
+    status: int = 200
+    body: Body = field(default_factory=lambda: error_payload(
+        "Generation failed, please try again.", "generation_failed", ["the generation did not produce an image"]))
+
+    @property
+    def label(self) -> str:
+        return "code-1"
+
+
+@dataclass(frozen=True)
+class Truncate(Fault, kind="truncate"):
+    """Announce the whole body's Content-Length, send half of it, close."""
+
+    status: int = 200
+    body: Body = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+    def play(self, exchange: Exchange) -> None:
+        exchange.read_request()
+        exchange.wait(self.delay)
+        body, content_type = body_bytes(self.body, self.status)
+        exchange.send(self.status, body[: len(body) // 2], content_type, self.headers, announced_length=len(body))
+        exchange.drop()
+
+
+@dataclass(frozen=True)
+class Stream(Fault, kind="stream"):
+    """Send ``chunks()`` as they come: chunked, or raw under a Content-Length given in `headers`."""
+
+    chunks: Callable[[], Iterable[bytes]]
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+    def play(self, exchange: Exchange) -> None:
+        exchange.read_request()
+        exchange.wait(self.delay)
+        exchange.stream(self.status, self.headers, self.chunks())
+
+
+@dataclass(frozen=True)
+class Drop(Fault, kind="drop"):
+    """Read the request, then close the connection `delay` s later without an answer."""
+
+    delay: float = 0.0
+
+    def play(self, exchange: Exchange) -> None:
+        exchange.read_request()
+        exchange.wait(self.delay)
+        exchange.drop()
+
+
+@dataclass(frozen=True)
+class DropBeforeRead(Fault, kind="drop_before_read"):
+    """Close the connection before reading the request's body."""
+
+    def play(self, exchange: Exchange) -> None:
+        exchange.record()
+        exchange.drop()
+
+
+@dataclass(frozen=True)
+class Hang(Fault, kind="hang"):
+    """Read the request, then never answer until the server stops."""
+
+    def play(self, exchange: Exchange) -> None:
+        exchange.read_request()
+        exchange.wait_until_stopped()
+        exchange.drop()
+
+
+@dataclass(frozen=True)
+class Passthrough(Fault, kind="passthrough"):
+    """Answer normally (generate the image, charge it), but `delay` s later and with `headers` added."""
+
+    delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def play(self, exchange: Exchange) -> None:
+        exchange.answer_normally(self.delay, self.headers)
 
 
 def random_fault(kind: str) -> Fault:
     """The fault a fault_rate draw of `kind` (one of FAULT_KINDS) plays."""
-    if kind == "429":
-        return _Labelled(status=429, headers={"Retry-After": "0"}, label_text=kind)
     if kind == "code-1":
-        return _Labelled(status=200, body=error_payload(
-            "Generation failed, please try again.", "generation_failed",
-            ["the generation did not produce an image"]), label_text=kind)
-    return _Labelled(status=int(kind), label_text=kind)
-
-
-@dataclass
-class _Labelled(Fault):
-    """A fault drawn by fault_rate; records its kind ("503", "code-1") as the label."""
-
-    label_text: str = ""
-
-    @property
-    def label(self) -> str:
-        return self.label_text
+        return GenerationFailed()
+    if kind == "429":
+        return Respond(429, headers={"Retry-After": "0"})
+    return Respond(int(kind))

@@ -13,7 +13,7 @@ from PIL import Image
 
 from structure_api import StructureClient, StructureRequest
 from structure_api.images import encode_upload
-from structure_api.standin import Fault, StandInServer
+from structure_api.standin import Hang, Respond, StandInServer
 from tests.comfy.harness import ComfyServer, PromptRejected, execution_error, saved_images, workflow_to_api
 
 from support import TEST_KEY
@@ -152,7 +152,7 @@ def test_batch_of_8_in_order_with_seeds_s_to_s_plus_7(comfy, standin):
 
 
 def test_service_error_reaches_comfyuis_error_report(comfy, standin):
-    standin.script(Fault(status=402))
+    standin.script(Respond(402))
     entry = comfy.run(graph(seed=31, prefix="err"))
     assert entry["status"]["status_str"] == "error"
     error = execution_error(entry)
@@ -169,7 +169,7 @@ def test_bad_prompt_is_reported_before_any_request(comfy, standin):
 
 
 def test_interrupt_ends_a_slow_request_within_a_second(comfy, standin):
-    standin.script(Fault(action="hang"))
+    standin.script(Hang())
     prompt_id = comfy.queue_prompt(graph(seed=33, prefix="cancel"))
     deadline = time.monotonic() + 30
     while not standin.requests:  # the request is in flight, waiting on the service
@@ -201,7 +201,7 @@ def test_seed_0_batch_with_a_failing_image_queued_twice_pays_only_for_that_image
     """Seed 0, a batch of 4 with one failure: the 3 paid results are kept, and the re-queue pays for 1."""
     workflow = graph(prompt="a seed-0 batch that fails once", seed=0, repeat=4, prefix="seed0retry")
     credits_before = standin.credits_spent
-    standin.script(Fault(status=200, body={"code": -1, "message": "Generation failed, please try again."}))
+    standin.script(Respond(200, body={"code": -1, "message": "Generation failed, please try again."}))
     first = comfy.run(workflow)
     assert first["status"]["status_str"] == "error"
     message = execution_error(first)["exception_message"]

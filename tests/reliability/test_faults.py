@@ -35,7 +35,9 @@ from structure_api.errors import (
     UnexpectedRedirectError,
 )
 from structure_api.images import encode_upload
-from structure_api.standin import Fault, StandInServer
+from structure_api.standin import (
+    Drop, DropBeforeRead, Fault, Hang, Passthrough, Respond, StandInServer, Truncate,
+)
 
 from .probes import CANARY_KEY, b64, image_file_bytes, message_problems, photo_like
 
@@ -101,96 +103,96 @@ def _retry_after_said(seconds: int):
 SCENARIOS = [
     # --- rate limits -------------------------------------------------------------------------------------------
     Scenario("429 with Retry-After: 7 (seconds)",
-             [Fault(status=429, headers={"Retry-After": "7"}, body=service_shape("Too many requests"))],
+             [Respond(429, headers={"Retry-After": "7"}, body=service_shape("Too many requests"))],
              RECOVERED, requests=2, waits=[7.0]),
     Scenario("429 with Retry-After as an HTTP date 20 s ahead",
-             [Fault(status=429, headers={"Retry-After": email.utils.formatdate(NOW + 20, usegmt=True)})],
+             [Respond(429, headers={"Retry-After": email.utils.formatdate(NOW + 20, usegmt=True)})],
              RECOVERED, requests=2, waits=[20.0], client={"wall_clock": lambda: NOW}),
-    Scenario("429 without Retry-After", [Fault(status=429)], RECOVERED, requests=2, waits=[0.5]),
+    Scenario("429 without Retry-After", [Respond(429)], RECOVERED, requests=2, waits=[0.5]),
     # A 429 is never billed: 429s in a row are waited out for 150 s (past the upstream's 60 s lock-out),
     # backing off to 15 s (jitter 0), and only then given up.
     Scenario("429 without Retry-After on every attempt (waited out past a 60 s lock-out, then given up)",
-             [Fault(status=429)] * 14, RateLimitError, "limiting the request rate (HTTP 429)",
+             [Respond(429)] * 14, RateLimitError, "limiting the request rate (HTTP 429)",
              requests=14, waits=[0.5, 1.0, 2.0, 4.0, 8.0] + [15.0] * 8),
-    Scenario("429 without Retry-After 8 times, then success", [Fault(status=429)] * 8, RECOVERED, requests=9,
+    Scenario("429 without Retry-After 8 times, then success", [Respond(429)] * 8, RECOVERED, requests=9,
              waits=[0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0]),
     Scenario("429 with Retry-After: 3600, twice (waited the 90 s cap, then given up)",
-             [Fault(status=429, headers={"Retry-After": "3600"})] * 2, RateLimitError, "wait 3600 s", requests=2,
+             [Respond(429, headers={"Retry-After": "3600"})] * 2, RateLimitError, "wait 3600 s", requests=2,
              waits=[90.0], check=_retry_after_said(3600)),
     # --- 5xx ---------------------------------------------------------------------------------------------------
-    Scenario("500 (JSON), then success", [Fault(status=500)], RECOVERED, requests=2, waits=[0.5]),
-    Scenario("502 (nginx HTML page), then success", [Fault(status=502)], RECOVERED, requests=2, waits=[0.5]),
-    Scenario("503 (JSON), then success", [Fault(status=503)], RECOVERED, requests=2, waits=[0.5]),
-    Scenario("504 (nginx HTML page), then success", [Fault(status=504)], RECOVERED, requests=2, waits=[0.5]),
+    Scenario("500 (JSON), then success", [Respond(500)], RECOVERED, requests=2, waits=[0.5]),
+    Scenario("502 (nginx HTML page), then success", [Respond(502)], RECOVERED, requests=2, waits=[0.5]),
+    Scenario("503 (JSON), then success", [Respond(503)], RECOVERED, requests=2, waits=[0.5]),
+    Scenario("504 (nginx HTML page), then success", [Respond(504)], RECOVERED, requests=2, waits=[0.5]),
     Scenario("500, 502, 503, 504 in a row, then success",
-             [Fault(status=500), Fault(status=502), Fault(status=503), Fault(status=504)], RECOVERED, requests=5,
+             [Respond(500), Respond(502), Respond(503), Respond(504)], RECOVERED, requests=5,
              waits=[0.5, 1.0, 2.0, 4.0]),
-    Scenario("503 on all 5 attempts", [Fault(status=503)] * 5, ServiceError, "nothing was charged", requests=5,
+    Scenario("503 on all 5 attempts", [Respond(503)] * 5, ServiceError, "nothing was charged", requests=5,
              waits=[0.5, 1.0, 2.0, 4.0]),
     # --- 4xx, service shape and upstream shape -----------------------------------------------------------------
-    Scenario("400, service shape", [Fault(status=400, body=service_shape("prompt: is required"))],
+    Scenario("400, service shape", [Respond(400, body=service_shape("prompt: is required"))],
              InvalidRequestError, "(HTTP 400); the service said: prompt: is required"),
     Scenario("400, upstream shape",
-             [Fault(status=400, body=upstream_shape("bad_request", "control_strength: must be between 0 and 1"))],
+             [Respond(400, body=upstream_shape("bad_request", "control_strength: must be between 0 and 1"))],
              InvalidRequestError, "control_strength: must be between 0 and 1", check=_same_request_id("req-up-1")),
-    Scenario("401, service shape", [Fault(status=401, body=service_shape("Invalid or missing API key."))],
+    Scenario("401, service shape", [Respond(401, body=service_shape("Invalid or missing API key."))],
              AuthenticationError, "rejected the API key (HTTP 401)"),
     Scenario("401, upstream shape",
-             [Fault(status=401, body=upstream_shape("unauthorized", "authorization header is missing or invalid"))],
+             [Respond(401, body=upstream_shape("unauthorized", "authorization header is missing or invalid"))],
              AuthenticationError, "check AITHRIVING_API_KEY"),
-    Scenario("402, service shape", [Fault(status=402, body=service_shape("Insufficient credits."))],
+    Scenario("402, service shape", [Respond(402, body=service_shape("Insufficient credits."))],
              InsufficientCreditsError, "out of credits (HTTP 402)"),
     Scenario("402, upstream shape",
-             [Fault(status=402, body=upstream_shape("payment_required", "your account does not have enough credits"))],
+             [Respond(402, body=upstream_shape("payment_required", "your account does not have enough credits"))],
              InsufficientCreditsError, "not have enough credits"),
-    Scenario("403, service shape (key revoked)", [Fault(status=403, body=service_shape("API key revoked"))],
+    Scenario("403, service shape (key revoked)", [Respond(403, body=service_shape("API key revoked"))],
              AuthenticationError, "API key revoked"),
     Scenario("403, upstream shape (content moderation)",
-             [Fault(status=403, body=upstream_shape("content_moderation", "the prompt was flagged"))],
+             [Respond(403, body=upstream_shape("content_moderation", "the prompt was flagged"))],
              ContentModerationError, "content-moderation grounds (HTTP 403)"),
-    Scenario("413, service shape", [Fault(status=413, body=service_shape("Request body is larger than 10 MiB."))],
+    Scenario("413, service shape", [Respond(413, body=service_shape("Request body is larger than 10 MiB."))],
              RequestTooLargeError, "over the service's 10 MiB limit (HTTP 413)"),
     Scenario("413, upstream shape",
-             [Fault(status=413, body=upstream_shape("payload_too_large", "the request must be at most 10 MiB"))],
+             [Respond(413, body=upstream_shape("payload_too_large", "the request must be at most 10 MiB"))],
              RequestTooLargeError, "use a smaller image"),
-    Scenario("422, service shape", [Fault(status=422, body=service_shape("Unsupported input."))],
+    Scenario("422, service shape", [Respond(422, body=service_shape("Unsupported input."))],
              InvalidRequestError, "(HTTP 422); the service said: Unsupported input"),
     Scenario("422, upstream shape",
-             [Fault(status=422, body=upstream_shape("invalid_input", "image: unsupported colour space"))],
+             [Respond(422, body=upstream_shape("invalid_input", "image: unsupported colour space"))],
              InvalidRequestError, "image: unsupported colour space"),
     # --- failures inside a 200 ---------------------------------------------------------------------------------
-    Scenario("code -1 with HTTP 200", [Fault(status=200, body=service_shape("Generation failed, please try again."))],
+    Scenario("code -1 with HTTP 200", [Respond(200, body=service_shape("Generation failed, please try again."))],
              GenerationFailedError, "could not generate the image: Generation failed"),
     Scenario("HTML error page from a proxy (HTTP 403, Cloudflare)",
-             [Fault(status=403, body=HTML_403, headers={"Content-Type": "text/html"})],
+             [Respond(403, body=HTML_403, headers={"Content-Type": "text/html"})],
              AuthenticationError, "not JSON (an error page from a proxy or gateway?)"),
     Scenario("HTML page with HTTP 200 (captive portal)",
-             [Fault(status=200, body=HTML_200, headers={"Content-Type": "text/html"})],
+             [Respond(200, body=HTML_200, headers={"Content-Type": "text/html"})],
              MalformedResponseError, "was not JSON"),
-    Scenario("502 HTML page on all 5 attempts", [Fault(status=502)] * 5, ServiceError, "not JSON", requests=5,
+    Scenario("502 HTML page on all 5 attempts", [Respond(502)] * 5, ServiceError, "not JSON", requests=5,
              waits=[0.5, 1.0, 2.0, 4.0]),
-    Scenario("empty body with HTTP 200", [Fault(status=200, body=b"")], MalformedResponseError, "was empty"),
+    Scenario("empty body with HTTP 200", [Respond(200, body=b"")], MalformedResponseError, "was empty"),
     Scenario("JSON truncated mid-way (complete HTTP message)",
-             [Fault(status=200, body=b'{"code": 0, "message": "success", "data": {"image": "iVBORw0KGgoAAA')],
+             [Respond(200, body=b'{"code": 0, "message": "success", "data": {"image": "iVBORw0KGgoAAA')],
              MalformedResponseError, "was not JSON"),
     Scenario("answer cut off mid-way (Content-Length announces more; connection closed)",
-             [Fault(status=200, body=ok_body(), action="truncate")],
+             [Truncate(status=200, body=ok_body())],
              ResultMayBeBilledError, "of the 15,687 bytes it announced"),
-    Scenario("`data` missing", [Fault(status=200, body={"code": 0, "message": "success"})],
+    Scenario("`data` missing", [Respond(200, body={"code": 0, "message": "success"})],
              MalformedResponseError, "no image in it (data.image missing)"),
     Scenario("`image` is not base64",
-             [Fault(status=200, body={"code": 0, "message": "success", "data": {"image": "%%not*base64%%", "seed": 1}})],
+             [Respond(200, body={"code": 0, "message": "success", "data": {"image": "%%not*base64%%", "seed": 1}})],
              MalformedResponseError, "not valid base64"),
     Scenario("base64 of bytes that are not an image",
-             [Fault(status=200, body={"code": 0, "message": "success",
-                                      "data": {"image": b64(b"GIF89 this is no image at all" * 10), "seed": 1}})],
+             [Respond(200, body={"code": 0, "message": "success",
+                                 "data": {"image": b64(b"GIF89 this is no image at all" * 10), "seed": 1}})],
              MalformedResponseError, "bytes that are not an image"),
-    Scenario("image in another format than asked (JPEG for PNG)", [Fault(status=200, body=ok_body(JPEG_96x64))],
+    Scenario("image in another format than asked (JPEG for PNG)", [Respond(200, body=ok_body(JPEG_96x64))],
              RECOVERED, check=_format_is("jpeg")),
     # --- transport ---------------------------------------------------------------------------------------------
-    Scenario("connection dropped after the upload, before the answer", [Fault(action="drop")],
+    Scenario("connection dropped after the upload, before the answer", [Drop()],
              ResultMayBeBilledError, "broke after the upload finished and before the answer"),
-    Scenario("slow but successful answer (0.4 s; read timeout 3 s)", [Fault(passthrough=True, delay=0.4)],
+    Scenario("slow but successful answer (0.4 s; read timeout 3 s)", [Passthrough(delay=0.4)],
              RECOVERED, client={"read_timeout": 3.0}),
 ]
 
@@ -238,7 +240,7 @@ def test_fault_matrix(scenario: Scenario, service, new_client, waits, small_uplo
         assert scenario.words in str(outcome), _describe(outcome)
         assert message_problems(str(outcome)) == [], (message_problems(str(outcome)), str(outcome))
         last = scenario.faults[-1]
-        if last.action == "respond":  # the raw material stays available on the error
+        if isinstance(last, Respond):  # the raw material stays available on the error
             assert outcome.http_status == last.status
     assert seen == scenario.requests, f"the stand-in saw {seen} requests"
     if scenario.waits is not None:
@@ -281,7 +283,7 @@ def test_connection_dropped_while_a_large_upload_is_still_going(service, new_cli
     noise = np.random.default_rng(5).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)
     upload = encode_upload(noise)
     assert len(upload.data) > 4 * 2**20
-    service.script(Fault(action="drop_before_read"))
+    service.script(DropBeforeRead())
     started = time.monotonic()
     result = new_client().generate(StructureRequest(image=upload, prompt="static", seed=11))
     seconds = time.monotonic() - started
@@ -298,7 +300,7 @@ def test_connection_dropped_while_a_large_upload_is_still_going(service, new_cli
 
 
 def test_answer_that_never_finishes_is_not_sent_twice(service, new_client, waits, small_upload, ledger):
-    service.script(Fault(action="hang"))
+    service.script(Hang())
     client = new_client(read_timeout=0.4)
     started = time.monotonic()
     with pytest.raises(StructureError) as caught:
@@ -322,7 +324,7 @@ def test_redirect_to_another_host_takes_no_key_there(status, where, service, new
                                                      ledger):
     other_host = "127.0.0.2" if status == 307 else "127.0.0.1"
     with StandInServer(host=other_host) as other:  # would accept anything, and records it
-        service.script(Fault(status=status, headers={"Location": other.endpoint}, body=b""))
+        service.script(Respond(status, headers={"Location": other.endpoint}, body=b""))
         started = time.monotonic()
         with pytest.raises(StructureError) as caught:
             new_client().generate(StructureRequest(image=small_upload, prompt="a lighthouse in fog", seed=7))

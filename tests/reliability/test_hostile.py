@@ -23,7 +23,7 @@ import pytest
 from structure_api import StructureRequest
 from structure_api.client import MAX_RESPONSE_BYTES
 from structure_api.errors import MalformedResponseError, ResultMayBeBilledError, StructureError
-from structure_api.standin import Fault
+from structure_api.standin import Respond, Stream
 
 from .probes import MiB, MemoryProbe, b64, image_file_bytes, message_problems, photo_like
 
@@ -105,7 +105,7 @@ def test_decompression_bomb_is_refused_from_its_header(scenario, service, new_cl
     kind, words = BOMBS[scenario]
     image = {"real": real_bomb, "forged-png": png_bomb(100000, 100000, real=False),
              "forged-jpeg": jpeg_with_size(9000, 9000), "forged-jpeg-huge": jpeg_with_size(65000, 65000)}[kind]
-    service.script(Fault(status=200, body=success_body(image)))
+    service.script(Respond(200, body=success_body(image)))
     client = new_client()
     with MemoryProbe() as memory:
         error, seconds = generate(client, small_upload)
@@ -159,37 +159,37 @@ def _distinct_keys(count: int):
 
 
 HUGE = {
-    # scenario: (Fault kwargs, words in the message, traced bound, RSS bound)
+    # scenario: (the fault, words in the message, traced bound, RSS bound)
     "body of 500 MiB, chunked, no Content-Length": (
-        dict(status=200, action="stream", body_chunks=_repeat(b"x", 500 * MiB)),
+        Stream(status=200, chunks=_repeat(b"x", 500 * MiB)),
         "passed 64 MiB", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
     "body of 500 MiB announced by Content-Length": (
-        dict(status=200, action="stream", headers={"Content-Length": str(500 * MiB)},
-             body_chunks=_repeat(b"x", 500 * MiB)),
+        Stream(status=200, headers={"Content-Length": str(500 * MiB)},
+               chunks=_repeat(b"x", 500 * MiB)),
         "500 MiB", 1 * MiB, 16 * MiB),
     "error page of 500 MiB on HTTP 502": (
-        dict(status=502, action="stream", headers={"Content-Type": "text/html"},
-             body_chunks=_repeat(b"<p>bad gateway</p>", 500 * MiB)),
+        Stream(status=502, headers={"Content-Type": "text/html"},
+               chunks=_repeat(b"<p>bad gateway</p>", 500 * MiB)),
         "passed 64 MiB", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
     "JSON array of 20 million empty objects (60 MiB)": (
-        dict(status=200, action="stream", body_chunks=_json_chunks(b"[", b"{},", 60 * MiB, b"{}]")),
+        Stream(status=200, chunks=_json_chunks(b"[", b"{},", 60 * MiB, b"{}]")),
         "JSON", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
     "JSON object with 2 million distinct keys (32 MiB)": (
-        dict(status=200, action="stream", body_chunks=_distinct_keys(2_000_000)),
+        Stream(status=200, chunks=_distinct_keys(2_000_000)),
         "JSON", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
     "60 MiB of text that is not JSON (under the 64 MiB cap)": (
-        dict(status=200, action="stream", body_chunks=_repeat(b"lorem ipsum ", 60 * MiB)),
+        Stream(status=200, chunks=_repeat(b"lorem ipsum ", 60 * MiB)),
         "not JSON", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
     "JSON nested 10 million levels deep (10 MiB of '[')": (
-        dict(status=200, action="stream", body_chunks=_repeat(b"[", 10 * MiB)),
+        Stream(status=200, chunks=_repeat(b"[", 10 * MiB)),
         "JSON", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
     "JSON nested 5000 levels deep (10 KB)": (
-        dict(status=200, body=b"[" * 5000 + b"]" * 5000),
+        Respond(200, body=b"[" * 5000 + b"]" * 5000),
         "JSON", 16 * MiB, 64 * MiB),
     "well-formed answer whose image is 60 MiB of base64 that is no image": (
-        dict(status=200, action="stream",
-             body_chunks=_json_chunks(b'{"code":0,"message":"success","data":{"seed":7,"image":"', b"AAAA",
-                                      60 * MiB, b'"}}')),
+        Stream(status=200,
+               chunks=_json_chunks(b'{"code":0,"message":"success","data":{"seed":7,"image":"', b"AAAA",
+                                   60 * MiB, b'"}}')),
         "not an image", WELL_FORMED_BOUND, WELL_FORMED_BOUND),
 }
 
@@ -198,7 +198,7 @@ HUGE = {
 def test_huge_or_deep_answers_are_refused_with_memory_bounded(scenario, service, new_client, small_upload,
                                                                ledger):
     fault, words, traced_bound, rss_bound = HUGE[scenario]
-    service.script(Fault(**fault))
+    service.script(fault)
     client = new_client()
     with MemoryProbe() as memory:
         error, seconds = generate(client, small_upload)
@@ -229,7 +229,7 @@ def test_answer_dripping_forever_is_cut_off(service, new_client, small_upload, l
             yield b" "
 
     ticks = iter(range(10**6))
-    service.script(Fault(status=200, action="stream", body_chunks=drip))
+    service.script(Stream(status=200, chunks=drip))
     client = new_client(read_timeout=0.5, clock=lambda: next(ticks) * 0.25)
     with MemoryProbe() as memory:
         error, seconds = generate(client, small_upload)

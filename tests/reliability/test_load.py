@@ -29,7 +29,10 @@ from structure_api.errors import (
 )
 from structure_api.images import decode_image, encode_upload
 from structure_api.pipeline import StructureParams, generate_images
-from structure_api.standin import CREDITS_PER_IMAGE, Fault, StandInServer, render_structure
+from structure_api.standin import (
+    CREDITS_PER_IMAGE, Drop, Fault, Hang, Passthrough, Respond, StandInServer, Truncate,
+    render_structure,
+)
 
 from .probes import CANARY_KEY, live_threads, message_problems, open_sockets, photo_like, settle
 
@@ -186,13 +189,13 @@ def test_1000_requests_through_run_batch_with_10_percent_faults(ledger):
 def _mixed_faults(count: int, rng: random.Random) -> list[Fault]:
     """Answers for the first ``count`` requests: normal, or (10%) a fault of any kind, transport ones included."""
     kinds = [
-        Fault(status=429, headers={"Retry-After": "2"}), Fault(status=500), Fault(status=502), Fault(status=503),
-        Fault(status=504), Fault(status=200, body={"code": -1, "message": "Generation failed, please try again."}),
-        Fault(action="drop"), Fault(status=503, action="truncate"), Fault(action="hang"),
+        Respond(429, headers={"Retry-After": "2"}), Respond(500), Respond(502), Respond(503),
+        Respond(504), Respond(200, body={"code": -1, "message": "Generation failed, please try again."}),
+        Drop(), Truncate(status=503), Hang(),
     ]
     labelled = []
     for _ in range(count):
-        labelled.append(rng.choice(kinds) if rng.random() < FAULT_RATE else Fault(passthrough=True))
+        labelled.append(rng.choice(kinds) if rng.random() < FAULT_RATE else Passthrough())
     return labelled
 
 

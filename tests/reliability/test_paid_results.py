@@ -31,13 +31,13 @@ from structure_api.batch import generate_stored
 from structure_api.errors import BatchError, MalformedResponseError, ResultMayBeBilledError
 from structure_api.images import encode_upload
 from structure_api.pipeline import StructureParams, generate_images
-from structure_api.standin import CREDITS_PER_IMAGE, Fault, StandInServer
+from structure_api.standin import CREDITS_PER_IMAGE, Drop, Fault, Passthrough, Respond, StandInServer
 from structure_api.store import RESULT_SUFFIX, TEMP_PREFIX, ResultStore
 
 from .probes import CANARY_KEY, b64, image_file_bytes, message_problems, photo_like
 
 PROMPT = "a lighthouse on a cliff"
-GENERATION_FAILED = Fault(status=200, body={"code": -1, "message": "Generation failed, please try again."})
+GENERATION_FAILED = Respond(200, body={"code": -1, "message": "Generation failed, please try again."})
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -80,7 +80,7 @@ def tmpfs(target: Path, size: str = "4m") -> Iterator[Callable[[], None]]:
 
 def _fail_image(count: int, failing: int) -> list[Fault]:
     """At concurrency 1 requests arrive in image order: image ``failing`` (1-based) fails, unbilled."""
-    return [Fault(passthrough=True)] * (failing - 1) + [GENERATION_FAILED]
+    return [Passthrough()] * (failing - 1) + [GENERATION_FAILED]
 
 
 @pytest.mark.parametrize("seed", [0, 4242])
@@ -143,7 +143,7 @@ def test_answers_lost_after_upload_stop_the_batch_and_say_how_many_may_be_charge
     with StandInServer(api_key=CANARY_KEY) as service, \
             StructureClient(api_key=CANARY_KEY, base_url=service.url, read_timeout=5) as client:
         # Image 2's answer is lost after its upload: the stand-in reads it and drops the connection.
-        service.script(Fault(passthrough=True), Fault(action="drop"))
+        service.script(Passthrough(), Drop())
         with pytest.raises(BatchError) as caught:
             generate_images(images, params, client=client, store=store, max_concurrency=1)
         sent_first = len(service.requests)

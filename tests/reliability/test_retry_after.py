@@ -10,7 +10,7 @@ from structure_api.batch import run_batch
 from structure_api.images import encode_upload
 from structure_api.ratelimit import Pacer
 from structure_api.retry import RetryPolicy
-from structure_api.standin import Fault, StandInServer
+from structure_api.standin import Passthrough, Respond, StandInServer
 from support import RecordingSleep
 
 from .probes import CANARY_KEY, photo_like
@@ -30,9 +30,9 @@ def test_a_batch_survives_any_retry_after_and_keeps_every_paid_answer(ledger):
     waits = RecordingSleep()
     delivered: dict[int, int] = {}
     # Paid answers first, then the hostile 429s interleaved with more paid answers.
-    script = [Fault(passthrough=True)] * 3
+    script = [Passthrough()] * 3
     for value in HOSTILE:
-        script += [Fault(status=429, headers={"Retry-After": value}), Fault(passthrough=True)]
+        script += [Respond(429, headers={"Retry-After": value}), Passthrough()]
     with StandInServer(api_key=CANARY_KEY) as server:
         server.script(*script)
         client = StructureClient(api_key=CANARY_KEY, base_url=server.url, sleep=waits, clock=waits.clock,

@@ -27,7 +27,7 @@ from structure_api.cli import main
 from structure_api.config import APIKey
 from structure_api.errors import BatchError, InsecureURLError, StructureError, UnexpectedRedirectError
 from structure_api.pipeline import StructureParams, generate_images
-from structure_api.standin import Fault, StandInServer
+from structure_api.standin import Drop, Hang, Passthrough, Respond, StandInServer
 
 from .probes import CANARY_KEY, count_files, image_file_bytes, key_found_in, photo_like
 
@@ -92,17 +92,17 @@ def search() -> LeakSearch:
 
 CLIENT_FAULTS = [
     None,  # success
-    Fault(status=401, body={"code": -1, "message": f"Invalid API key {CANARY_KEY}"}),  # the server echoes it
-    Fault(status=403, body={"id": "x", "name": "forbidden", "errors": [f"key {CANARY_KEY} revoked"]}),
-    Fault(status=400, body=f"<html><body>bad request for key={CANARY_KEY}</body></html>",
-          headers={"Content-Type": "text/html"}),
-    Fault(status=200, body={"code": -1, "message": f"failed for authorization: {CANARY_KEY}"}),
-    Fault(status=429, headers={"Retry-After": "1"}),
-    Fault(status=503),
-    Fault(status=200, body=b'{"code": 0, "data": {"ima'),
-    Fault(action="drop"),
-    Fault(action="hang"),
-    Fault(status=302, headers={"Location": "http://127.0.0.2:9/steal"}, body=b""),
+    Respond(401, body={"code": -1, "message": f"Invalid API key {CANARY_KEY}"}),  # the server echoes it
+    Respond(403, body={"id": "x", "name": "forbidden", "errors": [f"key {CANARY_KEY} revoked"]}),
+    Respond(400, body=f"<html><body>bad request for key={CANARY_KEY}</body></html>",
+            headers={"Content-Type": "text/html"}),
+    Respond(200, body={"code": -1, "message": f"failed for authorization: {CANARY_KEY}"}),
+    Respond(429, headers={"Retry-After": "1"}),
+    Respond(503),
+    Respond(200, body=b'{"code": 0, "data": {"ima'),
+    Drop(),
+    Hang(),
+    Respond(302, headers={"Location": "http://127.0.0.2:9/steal"}, body=b""),
 ]
 
 
@@ -134,7 +134,7 @@ def test_client_flows_never_show_the_key(service, new_client, small_upload, sear
 
 def test_node_logic_batch_with_cache_and_failures(service, new_client, tmp_path, search, ledger, caplog):
     caplog.set_level(logging.DEBUG)
-    service.script(Fault(status=200, body={"code": -1, "message": f"nope {CANARY_KEY}"}))
+    service.script(Respond(200, body={"code": -1, "message": f"nope {CANARY_KEY}"}))
     cache = ResultStore(tmp_path / "cache")
     images = np.stack([photo_like(80, 64, seed=i) for i in range(4)]).astype(np.float32) / 255
     progress = []
@@ -177,7 +177,7 @@ def test_cli_in_process_generate_and_batch(tmp_path, cli_env, service, capsys, s
         ["generate", source, "--prompt", "ink", "--seed", "4", "-o", tmp_path / "out" / "b.png"],  # from cache
         ["batch", folder, "--prompt", "ink", "--seed", "9", "-o", tmp_path / "out" / "batch"],
     ]
-    service.script(Fault(passthrough=True), Fault(status=200, body={"code": -1, "message": f"bad {CANARY_KEY}"}))
+    service.script(Passthrough(), Respond(200, body={"code": -1, "message": f"bad {CANARY_KEY}"}))
     for number, argv in enumerate(runs):
         code = main([str(a) for a in argv])
         out, err = capsys.readouterr()
@@ -204,7 +204,7 @@ def test_cli_subprocess_verbose_and_serve(tmp_path, service, search, ledger):
     source.write_bytes(image_file_bytes(photo_like(96, 80)))
     env = _subprocess_env(AITHRIVING_API_KEY=CANARY_KEY, AITHRIVING_BASE_URL=service.url,
                           AITHRIVING_CACHE_DIR=str(tmp_path / "cache"))
-    service.script(Fault(status=503), Fault(passthrough=True))
+    service.script(Respond(503), Passthrough())
     verbose = subprocess.run(
         [sys.executable, "-m", "structure_api", "-v", "generate", str(source), "--prompt", "ink", "--seed", "8",
          "-o", str(tmp_path / "out.png")], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
@@ -250,7 +250,7 @@ def _upload():
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 def test_redirect_never_takes_the_key_to_the_other_host(status, service, new_client, small_upload, ledger):
     with StandInServer(host="127.0.0.2") as other:
-        service.script(Fault(status=status, headers={"Location": other.endpoint}, body=b""))
+        service.script(Respond(status, headers={"Location": other.endpoint}, body=b""))
         with pytest.raises(UnexpectedRedirectError):
             new_client().generate(StructureRequest(image=small_upload, prompt="a red kite", seed=3))
         time.sleep(0.05)  # real time on purpose: a followed redirect would have arrived by now

@@ -14,7 +14,7 @@ import json
 import pytest
 import requests
 
-from structure_api.standin import Fault, StandInServer
+from structure_api.standin import Respond, StandInServer
 
 from .probes import CANARY_KEY, count_files, files_with_key, image_file_bytes, key_found_in, photo_like
 
@@ -53,9 +53,9 @@ def test_comfyui_history_queue_logs_files_and_png_hold_no_key(tmp_path_factory, 
             assert server.custom_node_import_status() == "loaded", server.log_text()[-3000:]
             server.upload_image(image_file_bytes(photo_like(96, 80)), "canary-input.png")
             ok = server.run(_graph(11, "canary/ok"), timeout=120, workflow=_WORKFLOW)
-            service.script(Fault(status=401, body={"code": -1, "message": f"Invalid API key {CANARY_KEY}"}))
+            service.script(Respond(401, body={"code": -1, "message": f"Invalid API key {CANARY_KEY}"}))
             unauthorized = server.run(_graph(12, "canary/401"), timeout=120, workflow=_WORKFLOW)
-            service.script(Fault(status=200, body={"code": -1, "message": f"failed for {CANARY_KEY}"}))
+            service.script(Respond(200, body={"code": -1, "message": f"failed for {CANARY_KEY}"}))
             failed = server.run(_graph(13, "canary/failed"), timeout=120, workflow=_WORKFLOW)
 
             assert ok["status"]["status_str"] == "success", execution_error(ok)
