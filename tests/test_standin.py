@@ -17,7 +17,7 @@ import requests
 from PIL import Image, ImageFilter
 
 from structure_api.standin import (
-    ENDPOINT_PATH, FAULT_KINDS, Drop, DropBeforeRead, Hang, Passthrough, Respond, StandInServer, Stream,
+    ENDPOINT_PATH, FAULT_KINDS, Drop, DropBeforeRead, Fault, Hang, Passthrough, Respond, StandInServer, Stream,
     Truncate, serve,
 )
 
@@ -514,6 +514,8 @@ def test_faults_reject_what_they_cannot_play(server):
         Drop(delay=-1)
     with pytest.raises(TypeError):
         server.script("explode")
+    with pytest.raises(TypeError, match="Respond"):
+        Fault(status=503)
 
 
 # --- recording ------------------------------------------------------------------------------

@@ -60,6 +60,10 @@ class Fault:
 
     kind: ClassVar[str] = ""
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        # Only the types below are played (each dataclass has its own __init__); the old Fault(...) is gone.
+        raise TypeError("Fault is the base of the fault types: script Respond(503), Drop(), Hang(), ... instead.")
+
     def __init_subclass__(cls, kind: str = "", **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         if kind:
