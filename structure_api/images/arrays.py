@@ -43,6 +43,7 @@ class ImageSize:
 
 
 def is_torch_tensor(obj: object) -> bool:
+    """True for a torch tensor, without importing torch (if it is not loaded, nothing is a tensor)."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, torch.Tensor)
 
@@ -128,6 +129,7 @@ def to_uint8_rgb(image: Any, *, index: Optional[int] = None) -> np.ndarray:
 
 
 def check_rgb8(pixels: Any, what: str = "The image") -> np.ndarray:
+    """``pixels`` if it is a non-empty ``[H, W, 3]`` uint8 array, else InvalidImageError naming ``what``."""
     if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 3 \
             or pixels.shape[2] != 3 or pixels.shape[0] == 0 or pixels.shape[1] == 0:
         shape = list(getattr(pixels, "shape", ()))
