@@ -162,28 +162,49 @@ function keyForm(onSaved) {
   return form;
 }
 
+// The key dialog is the frontend's own (app.extensionManager.dialog, frontends 1.25 and later): the pack
+// adds nothing to the page's document itself. Its content is a Vue component with no template of its own:
+// it renders a placeholder and puts the key form beside it, inside the dialog the frontend made for it.
+// Already "extension-" prefixed: the frontend files it under that, and its closeDialog() looks up the key as given.
+const KEY_DIALOG = "extension-aithriving-key";
+
+function keyDialogComponent(close) {
+  let content = null;
+  let form = null;
+  return {
+    name: "AIThrivingKeyDialog",
+    props: { maximized: Boolean }, // passed to every dialog's content
+    render: () => null,
+    mounted() {
+      form = keyForm(() => setTimeout(close, 800));
+      content = element("div", { className: "aithriving-key-dialog" }, [
+        form,
+        element("p", { textContent: "Or switch on the free local stand-in in Settings → AIThriving." }),
+      ]);
+      content.style.cssText = "max-width:32em;";
+      this.$el.parentNode.insertBefore(content, this.$el);
+      content.querySelector("input")?.focus();
+    },
+    unmounted() {
+      form?.dispose();
+      content?.remove();
+    },
+  };
+}
+
 function openKeyDialog() {
-  document.querySelector(".aithriving-key-dialog")?.remove();
-  const close = element("button", { type: "button", textContent: "Close", className: "p-button p-button-text" });
-  let form;
-  const dialog = element("div", { className: "aithriving-key-dialog", role: "dialog" }, [
-    element("h3", { textContent: "AIThriving API key" }),
-    (form = keyForm(() => setTimeout(() => dismiss(), 800))),
-    element("p", { textContent: "Or switch on the free local stand-in in Settings → AIThriving." }),
-    close,
-  ]);
-  dialog.setAttribute("aria-label", "AIThriving API key");
-  dialog.style.cssText = "position:fixed;top:20%;left:50%;transform:translateX(-50%);z-index:10000;"
-    + "background:var(--comfy-menu-bg,#202020);color:var(--fg-color,#fff);border:1px solid #666;"
-    + "border-radius:8px;padding:16px 20px;max-width:32em;box-shadow:0 4px 24px #0008;";
-  function dismiss() {
-    form.dispose();
-    dialog.remove();
+  const dialogs = app.extensionManager?.dialog;
+  if (!dialogs?.showExtensionDialog) {
+    app.extensionManager?.toast?.add?.({
+      severity: "info", summary: "AIThriving", detail: "Set the API key in Settings → AIThriving → API key.",
+      life: 8000,
+    });
+    return;
   }
-  close.addEventListener("click", dismiss);
-  document.body.append(dialog);
-  dialog.querySelector("input")?.focus();
-  return dialog;
+  let opened = null;
+  opened = dialogs.showExtensionDialog({
+    key: KEY_DIALOG, title: "AIThriving API key", component: keyDialogComponent(() => opened?.closeDialog()),
+  });
 }
 
 function noticeText() {
