@@ -24,14 +24,16 @@ EXAMPLE = REPO / "example_workflows" / "structure_example.png"
 NODE = "AIThrivingStructure"
 
 
+# Both depend on comfy_install so that each ComfyUI of the matrix gets its own: a store shared
+# across versions would serve the second version's fixed-seed runs from the first one's results.
 @pytest.fixture(scope="module")
-def standin():
+def standin(comfy_install):
     with StandInServer(api_key=TEST_KEY) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
+def cache_dir(comfy_install, tmp_path_factory):
     return tmp_path_factory.mktemp("structure-cache")
 
 
