@@ -99,7 +99,7 @@ class InvalidRequestError(APIError):
 
 
 class RequestTooLargeError(APIError):
-    """413: the request is over the service's 10 MiB limit."""
+    """413: the request is over the service's size limit (``contract.MAX_REQUEST_BYTES``)."""
 
 
 class RateLimitError(APIError):

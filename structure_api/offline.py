@@ -43,7 +43,7 @@ class LocalStandIn:
         with self._lock:
             self._wanted = True
             if self._server is None:
-                # No records: nobody reads them here, and each would hold an upload of up to 10 MiB.
+                # No records: nobody reads them here, and each would hold an upload of up to MAX_REQUEST_BYTES.
                 self._server = StandInServer(host="127.0.0.1", port=0, max_records=0, free=True).start()
             self._users += 1
             url = self._server.url

@@ -141,3 +141,32 @@ def test_field_figures_agree() -> None:
                                          ("9 437 184", 9437184), ("6", 6)])
 def test_numbers_are_read_as_written(text: str, value: float) -> None:
     assert _value(text) == value
+
+
+PRODUCT_SOURCES = sorted(
+    path for path in [*REPO.glob("structure_api/**/*.py"), REPO / "nodes.py", REPO / "server_routes.py",
+                      REPO / "__init__.py"]
+    if path != REPO / "structure_api" / "contract.py")
+
+
+def test_no_product_source_restates_a_figure() -> None:
+    """Code, messages, comments and docstrings name the contract's constants instead of their values.
+
+    (Other figures with the same units, such as 0 credits or a 64 MiB reading limit, are not the contract's.)
+    """
+    figures = {
+        rf"{NUMBER}\s*px\b": contract.MIN_SIDE,
+        rf"{NUMBER}\s*pixels\b": contract.MAX_PIXELS,
+        rf"{NUMBER}\s*megapixels\b": round(contract.MAX_PIXELS / 1e6, 1),
+        rf"{NUMBER}\s*MiB\b": contract.MAX_REQUEST_BYTES / 2**20,
+        rf"{NUMBER}\s*credits?\b": contract.CREDITS_PER_IMAGE,
+        rf"{NUMBER}\s*characters\b": contract.MAX_PROMPT_CHARS,
+        rf"{NUMBER}\s*:\s*1\b": contract.MAX_ASPECT,
+        r"\b(\d[\d_]{8,})\b": contract.MAX_SEED,
+    }
+    found = [(where, said) for pattern, figure in figures.items()
+             for where, value, said in _mentions(pattern, PRODUCT_SOURCES) if value == figure]
+    found += [(where, said) for where, value, said in _mentions(r"\b(\d[\d_]{6,})\b", PRODUCT_SOURCES)
+              if value in (contract.MAX_PIXELS, contract.MAX_REQUEST_BYTES)]
+    assert len(PRODUCT_SOURCES) > 20
+    assert not found, f"figures of structure_api/contract.py written again: {found}"

@@ -10,7 +10,7 @@ from typing import Iterator
 
 from ..batch import generate_stored
 from ..client import StructureClient, StructureResult
-from ..contract import StructureRequest, validate_parameters
+from ..contract import FIELD_NAMES, StructureRequest, validate_form
 from ..errors import InputError, StructureError
 from ..files import FileAccessError, InputImage, result_file_bytes, write_atomically
 from ..store import ResultStore
@@ -90,16 +90,22 @@ def write_result(path: Path, image: InputImage, result: StructureResult, output_
     target.delivered(result)
 
 
+def form_values(args: argparse.Namespace, seed: int, output_format: str) -> dict[str, object]:
+    """The form's values from the command line: each of the contract's FORM_FIELDS is the option of the
+    same name, but the seed (each image's own) and the format (--format or the output file's suffix)."""
+    given = {"seed": seed, "output_format": output_format}
+    return {name: given[name] if name in given else getattr(args, name) for name in FIELD_NAMES}
+
+
 def check_parameters(args: argparse.Namespace, output_format: str) -> None:
     try:
-        validate_parameters(args.prompt, args.control_strength, args.negative_prompt, args.seed, output_format)
+        validate_form(form_values(args, args.seed, output_format))
     except InputError as error:
         raise UsageError(str(error)) from None
 
 
 def structure_request(args: argparse.Namespace, image: InputImage, seed: int, output_format: str) -> StructureRequest:
-    return StructureRequest(image=image.upload, prompt=args.prompt, control_strength=args.control_strength,
-                            negative_prompt=args.negative_prompt, seed=seed, output_format=output_format)
+    return StructureRequest(image=image.upload, **form_values(args, seed, output_format))
 
 
 def credits_text(result: StructureResult, from_store: bool) -> str:

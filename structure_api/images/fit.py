@@ -121,8 +121,8 @@ def _resize(pixels: np.ndarray, size: ImageSize, box: Optional[tuple[float, floa
 def fit_to_limits(pixels: np.ndarray) -> tuple[np.ndarray, FitPlan]:
     """Fit ``[H, W, 3]`` uint8 into the service's limits; returns the image to send and the plan to undo it.
 
-    An aspect beyond 2.5:1 is padded (never cropped, so no content is lost) symmetrically to
-    exactly 2.5:1 by replicating the edge pixels: the service keeps the input's edges, and a
+    An aspect beyond MAX_ASPECT is padded (never cropped, so no content is lost) symmetrically to
+    exactly MAX_ASPECT by replicating the edge pixels: the service keeps the input's edges, and a
     flat colour band would hand it a hard artificial edge to build on. Then an image over
     MAX_PIXELS is scaled down (Lanczos) and one with a side under MIN_SIDE scaled up (bicubic),
     keeping the aspect. An image that already fits is returned as the same object.

@@ -125,7 +125,7 @@ class StandInServer:
         node's offline mode want; without it the stand-in plays the paid service, as billing tests want.
 
         max_records keeps only the newest N recorded requests (each holds its upload, up to
-        10 MiB); None keeps all, as tests want, 0 keeps none, as a long-running `serve` wants.
+        MAX_REQUEST_BYTES); None keeps all, as tests want, 0 keeps none, as a long-running `serve` wants.
         rate_limit (such as "150/10") and lockout model the upstream's limit: past it, 429s
         without Retry-After for ``lockout`` seconds, never charged (``rate_limit.refused`` counts them).
         """
