@@ -271,8 +271,7 @@ class StandInServer:
         except BadRequest as problem:
             reason = str(problem)
             return 400, error_payload(reason, "bad_request", [reason]), {}
-        seed = job.seed or secrets.randbelow(MAX_SEED) + 1
-        image = render_structure(job.pixels, job.prompt, job.negative_prompt, job.control_strength, seed,
-                                 job.output_format)
+        seed = job.form.seed or secrets.randbelow(MAX_SEED) + 1
+        image = render_structure(job.pixels, **{**job.form.form_values(), "seed": seed})
         encoded = base64.b64encode(image).decode("ascii")
         return 200, {"code": 0, "message": "success", "data": {"image": encoded, "seed": seed}}, {}

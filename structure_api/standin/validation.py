@@ -10,18 +10,14 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ..contract import (
-    DEFAULT_CONTROL_STRENGTH,
-    DEFAULT_OUTPUT_FORMAT,
+    FORM_FIELDS,
     MAX_ASPECT,
-    MAX_CONTROL_STRENGTH,
     MAX_PIXELS,
-    MAX_PROMPT_CHARS,
-    MAX_SEED,
-    MIN_CONTROL_STRENGTH,
     MIN_PIXELS,
     MIN_SIDE,
-    OUTPUT_FORMATS,
     UPLOAD_FORMATS,
+    FormField,
+    FormParameters,
 )
 from .multipart import BadRequest, Form
 
@@ -30,54 +26,63 @@ from .multipart import BadRequest, Form
 
 @dataclass(frozen=True)
 class Job:
+    """A request the stand-in will answer: the decoded upload and the form's values (seed 0: pick one)."""
+
     pixels: Image.Image
-    prompt: str
-    negative_prompt: str
-    control_strength: float
-    seed: int  # 0 = pick one
-    output_format: str
+    form: FormParameters
 
 
-_SEED_TEXT = re.compile(r"[0-9]{1,10}")
+def _read_text(field: FormField, text: str) -> str:
+    if field.required and not 1 <= len(text) <= field.max_chars:
+        raise BadRequest(f"{field.name}: must be 1 to {field.max_chars} characters")
+    if len(text) > field.max_chars:
+        raise BadRequest(f"{field.name}: must be at most {field.max_chars} characters")
+    return text
+
+
+def _read_number(field: FormField, text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and field.minimum <= value <= field.maximum):
+        raise BadRequest(f"{field.name}: must be a number between {field.minimum:g} and {field.maximum:g}")
+    return value
+
+
+def _read_integer(field: FormField, text: str) -> int:
+    # Digits only (no sign, no exponent), no more of them than the largest value has.
+    text = text.strip()
+    if not re.fullmatch(rf"[0-9]{{1,{len(str(field.maximum))}}}", text) \
+            or not field.minimum <= int(text) <= field.maximum:
+        raise BadRequest(f"{field.name}: must be an integer between {field.minimum} and {field.maximum}")
+    return int(text)
+
+
+def _read_choice(field: FormField, text: str) -> str:
+    if text not in field.choices:
+        # Upstream lists the choices alphabetically.
+        raise BadRequest(f"{field.name}: must be one of {', '.join(sorted(field.choices))}")
+    return text
+
+
+_READERS = {"text": _read_text, "number": _read_number, "integer": _read_integer, "choice": _read_choice}
 
 
 def validate_form(form: Form) -> Job:
-    """The checks the service makes, in a fixed order; raise BadRequest naming the first failing field."""
+    """The checks the service makes, in the contract's field order, then the image; raise BadRequest naming
+    the first failing field."""
     for name in form.undecodable:
         raise BadRequest(f"{name}: must be UTF-8 text")
-    prompt = form.fields.get("prompt")
-    if prompt is None:
-        raise BadRequest("prompt: is required")
-    if not 1 <= len(prompt) <= MAX_PROMPT_CHARS:
-        raise BadRequest(f"prompt: must be 1 to {MAX_PROMPT_CHARS} characters")
-    strength_text = form.fields.get("control_strength")
-    control_strength = DEFAULT_CONTROL_STRENGTH
-    if strength_text is not None:
-        try:
-            control_strength = float(strength_text.strip())
-        except ValueError:
-            control_strength = math.nan
-        if not (math.isfinite(control_strength) and MIN_CONTROL_STRENGTH <= control_strength <= MAX_CONTROL_STRENGTH):
-            raise BadRequest(f"control_strength: must be a number between {MIN_CONTROL_STRENGTH:g} and "
-                              f"{MAX_CONTROL_STRENGTH:g}")
-    negative_prompt = form.fields.get("negative_prompt", "")
-    if len(negative_prompt) > MAX_PROMPT_CHARS:
-        raise BadRequest(f"negative_prompt: must be at most {MAX_PROMPT_CHARS} characters")
-    seed_text = form.fields.get("seed")
-    seed = 0
-    if seed_text is not None:
-        seed_text = seed_text.strip()
-        if not _SEED_TEXT.fullmatch(seed_text) or int(seed_text) > MAX_SEED:
-            raise BadRequest(f"seed: must be an integer between 0 and {MAX_SEED}")
-        seed = int(seed_text)
-    output_format = form.fields.get("output_format", DEFAULT_OUTPUT_FORMAT)
-    if output_format not in OUTPUT_FORMATS:
-        # Upstream lists the formats alphabetically.
-        raise BadRequest(f"output_format: must be one of {', '.join(sorted(OUTPUT_FORMATS))}")
+    values = {}
+    for field in FORM_FIELDS:
+        text = form.fields.get(field.name)
+        if text is None and field.required:
+            raise BadRequest(f"{field.name}: is required")
+        values[field.name] = field.default if text is None else _READERS[field.kind](field, text)
     if form.image_bytes is None:
         raise BadRequest("image: is required")
-    pixels = decode_upload(form.image_bytes)
-    return Job(pixels, prompt, negative_prompt, control_strength, seed, output_format)
+    return Job(decode_upload(form.image_bytes), FormParameters(**values))
 
 
 def decode_upload(data: bytes) -> Image.Image:
