@@ -143,9 +143,12 @@ def validate_prompt(prompt: str) -> None:
 
 
 def validate_form(values: Mapping[str, object]) -> None:
-    """Raise InputError naming the first form field (in FORM_FIELDS order) outside what the service accepts."""
+    """Raise InputError naming the first form field (in FORM_FIELDS order) outside what the service accepts.
+
+    A field missing from `values` counts as its default (for the prompt: none, refused).
+    """
     for field in FORM_FIELDS:
-        field.check(values[field.name])
+        field.check(values.get(field.name, field.default))
 
 
 def validate_parameters(*args: object, **kwargs: object) -> None:
