@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+from pathlib import Path
 from typing import Iterator
 
 import comfy.model_management
@@ -15,10 +17,13 @@ from .structure_api.contract import (
     CREDITS_PER_IMAGE, DEFAULT_CONTROL_STRENGTH, DEFAULT_OUTPUT_FORMAT, LIMITS_BROKEN_TEXT, MAX_CONTROL_STRENGTH,
     MAX_SEED, MIN_CONTROL_STRENGTH, OUTPUT_FORMATS, PROMPT_RANGE_TEXT, validate_prompt)
 from .structure_api.errors import InputError, MissingAPIKeyError
+from .structure_api.files import write_atomically
 from .structure_api.offline import LOCAL_LABEL, RunSetup, client_for_run, process_standin
 from .structure_api.pipeline import StructureParams, generate_images
 
 CATEGORY = "image/AIThriving"
+# The picture the example workflows (the template browser's entries) load with LoadImage.
+EXAMPLE_INPUT = Path(__file__).resolve().parent / "example_workflows" / "structure_example.png"
 OUTSIDE_LIMITS_OPTIONS = ["fit and restore size", "fail"]
 _OUTSIDE_LIMITS_MODES = {"fit and restore size": "fit", "fail": "fail"}
 
@@ -154,3 +159,24 @@ def _status(node_id: object, text: str) -> None:
 
 
 NODES = [AIThrivingStructure]
+
+
+def provide_example_input(input_dir: str) -> None:
+    """Put the templates' picture into ComfyUI's input folder, so a template runs as it opens.
+
+    Never replaces a file of that name (the user's own picture stays); a folder that cannot be
+    written only costs a line in the log: the user can still pick an image of their own.
+    """
+    target = Path(input_dir) / EXAMPLE_INPUT.name
+    if target.exists():
+        return
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write_atomically(target, EXAMPLE_INPUT.read_bytes(), replace=False)
+        except FileExistsError:
+            pass  # put there meanwhile (another ComfyUI on the same folder): theirs stays
+    except OSError as error:
+        logging.warning("[AIThriving] Could not copy %s into ComfyUI's input folder (%s); the example "
+                        "workflows need an image picked in their Load Image node.", EXAMPLE_INPUT.name,
+                        error.strerror or error)

@@ -196,13 +196,14 @@ def result_file_bytes(result_pixels: np.ndarray, result_data: bytes, image: Inpu
 
 
 def write_atomically(path: Path, data: Union[bytes, Sequence[bytes]], *, private: bool = False,
-                     temp_prefix: Optional[str] = None, sync_folder: bool = False) -> None:
+                     temp_prefix: Optional[str] = None, sync_folder: bool = False, replace: bool = True) -> None:
     """Write ``data`` (bytes, or pieces written in order) to ``path`` through a temp file, fsync and a rename.
 
     A reader sees the old file or the whole new one, never a half. The file follows the umask, as
     any program's files do, unless ``private``: then it is 0600 from its first byte. ``temp_prefix``
     names the temp file for a sweeper that removes what a crash left; ``sync_folder`` also makes
-    the rename itself durable.
+    the rename itself durable. ``replace=False`` never replaces a file at ``path``: FileExistsError
+    (the temp file is hard-linked into place, which fails when the name is taken).
     """
     tmp = path.parent / f"{temp_prefix or '.' + path.name + '.'}{secrets.token_hex(8)}.part"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
@@ -216,7 +217,11 @@ def write_atomically(path: Path, data: Union[bytes, Sequence[bytes]], *, private
                 while view:  # a raw write may be short
                     view = view[handle.write(view):]
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -30,6 +30,15 @@ def test_a_failed_write_leaves_neither_a_temp_file_nor_a_half_target(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
+def test_write_atomically_without_replace_never_touches_a_file_that_is_there(tmp_path):
+    write_atomically(tmp_path / "new.png", b"first", replace=False)
+    assert (tmp_path / "new.png").read_bytes() == b"first"
+    with pytest.raises(FileExistsError):
+        write_atomically(tmp_path / "new.png", b"second", replace=False)
+    assert (tmp_path / "new.png").read_bytes() == b"first"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["new.png"]  # no temp file left
+
+
 def test_folder_lock_is_exclusive_released_and_removed(tmp_path):
     with FolderLock(tmp_path):
         with pytest.raises(FolderInUseError) as refused:

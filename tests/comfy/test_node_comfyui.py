@@ -47,7 +47,9 @@ def comfy(comfy_install, standin, cache_dir, tmp_path_factory):
     server = ComfyServer(comfy_install, env=_env(standin, cache_dir),
                          base_dir=tmp_path_factory.mktemp("comfy-node-base"))
     with server:
-        server.upload_image(EXAMPLE, "structure_example.png")
+        # Nothing uploaded: the pack put the templates' picture into the (fresh) input folder when it
+        # loaded, which every graph here and every example workflow loads.
+        assert (server.input_dir / EXAMPLE.name).read_bytes() == EXAMPLE.read_bytes()
         yield server
 
 

@@ -281,3 +281,19 @@ def test_a_linked_prompt_is_checked_when_the_node_runs(queue_server, billing_sta
     entry = queue_server.run(api)
     assert "prompt is empty" in execution_error(entry)["exception_message"]
     assert billing_standin.requests == []
+
+
+def test_the_templates_picture_never_replaces_a_users_own(comfy_install, tmp_path):
+    # A picture of the user's own under the same name in ComfyUI's input folder stays as it is.
+    base = tmp_path / "base"
+    (base / "input").mkdir(parents=True)
+    Image.new("RGB", (80, 80), (200, 10, 10)).save(base / "input" / EXAMPLE.name)
+    before = (base / "input" / EXAMPLE.name).read_bytes()
+    assert before != EXAMPLE.read_bytes()
+    server = ComfyServer(comfy_install, base_dir=base).start()
+    try:
+        assert server.custom_node_import_status() == "loaded"
+        assert (server.input_dir / EXAMPLE.name).read_bytes() == before
+        assert [path.name for path in server.input_dir.iterdir() if path.name.startswith(".")] == []  # no temp file
+    finally:
+        server.stop()
