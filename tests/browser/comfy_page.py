@@ -160,19 +160,30 @@ class ComfyPage:
     def template_thumbnails(self) -> dict[str, dict]:
         """For each template card: its picture once loaded (size, whether it is the frontend's placeholder)
         and the URL and HTTP status of the thumbnail the page fetched for it."""
+        # Each card's picture as seen loaded at some poll: frontend 1.25 loads a card's picture only while
+        # the card is in view and unloads it when it leaves (its dialog shows two cards a row, so the
+        # third is below the fold), so the polls scroll to each card not seen loaded yet in turn.
+        self.evaluate("window.__templateThumbnails = {}")
         pictures = self.wait_for(
             """(() => {
+                const seen = window.__templateThumbnails;
                 const cards = [...document.querySelectorAll('[data-testid^="template-workflow-"]')];
-                const result = {};
+                const nameOf = card => card.dataset.testid.slice('template-workflow-'.length);
                 for (const card of cards) {
-                    const name = card.dataset.testid.slice('template-workflow-'.length);
+                    const name = nameOf(card);
                     const img = [...card.querySelectorAll('img')].find(i => i.src.includes(name) || i.alt === name)
                         ?? card.querySelector('img');
-                    if (!img || !img.complete || !img.naturalWidth) return null;
-                    result[name] = {placeholder: img.src.includes('default-template'),
-                                    width: img.naturalWidth, height: img.naturalHeight};
+                    if (img && img.complete && img.naturalWidth) {
+                        seen[name] = {placeholder: img.src.includes('default-template'),
+                                      width: img.naturalWidth, height: img.naturalHeight};
+                    }
                 }
-                return Object.keys(result).length ? result : null;
+                const waiting = cards.find(card => !(nameOf(card) in seen));
+                if (waiting) {
+                    waiting.scrollIntoView({block: 'center'});
+                    return null;
+                }
+                return cards.length ? seen : null;
             })()""", timeout=20, message="every template thumbnail loaded")
         for name, picture in pictures.items():
             fetched = [(url, status) for url, status in self.log.responses

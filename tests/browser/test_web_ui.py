@@ -221,9 +221,6 @@ def test_translations_say_what_the_node_says_and_cover_every_input(ui_server):
 # -- in the browser ---------------------------------------------------------------------------------
 
 
-# On frontend 1.25 this listing failed twice in CI runs (the pack's cards never showed on the first open of
-# the browser; not understood yet), while the three tests below that open each template from it pass there.
-@pytest.mark.frontend_min("1.26")
 def test_template_browser_lists_the_pack_with_thumbnails(comfy_page, pictures):
     ui = comfy_page
     ui.open_template_browser()
