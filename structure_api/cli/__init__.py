@@ -1,10 +1,11 @@
 """The ``structure-api`` command: generate, batch, results, serve.
 
 ``args`` builds the command line, ``target`` is where requests go and how results are written,
-``commands`` holds generate, results and serve, ``batch`` the batch command.
+``commands`` holds generate, results and serve, ``batch`` the batch command, ``exits`` the exit statuses.
 
-Exit status: 0 done, 1 something failed while running, 2 a bad command line (argparse's or
-ours: the same one ``error:`` line either way), 130 interrupted.
+Exit status: 0 done, 1 something failed while running or a file cannot work (input, output, port),
+2 an option's value cannot work (argparse's check or ours: the same one ``error:`` line either way),
+130 interrupted.
 """
 
 from __future__ import annotations
