@@ -8,14 +8,13 @@ used, the format detected from the bytes, when it was kept and whether it has be
 - a fixed seed is served from the store every time (delivered or not);
 - seed 0 hands each undelivered result out once; after that seed 0 pays for fresh images.
 
-On disk (``store_disk.py`` owns the format) an entry is ONE file ``<entry_id>.result`` (a header
-line of JSON, then the image bytes) written to a temp file, fsync'd and renamed into place, so a
+On disk (``store_disk.py`` owns the format) an entry is ONE file ``<entry_id>.result`` (a magic line, a
+header line of JSON, then the image bytes) written to a temp file, fsync'd and renamed into place, so a
 crash leaves either the whole entry or a temp file the next sweep removes. Delivery is an empty
-``<entry_id>.delivered`` marker, so a store that can be read but not written still serves what it
-holds. When the folder cannot be
-written (read-only, full, not a folder, smaller than one result) results are kept in memory for
-the life of the process; :meth:`ResultStore.from_env` hands every caller of one process the same
-store object, so a ComfyUI re-run after a failed batch still finds them.
+``<entry_id>.delivered`` marker, so a store that can be read but not written still serves what it holds.
+When the folder cannot be written (read-only, full, not a folder, smaller than one result) results are
+kept in memory for the life of the process; :meth:`ResultStore.from_env` hands every caller of one
+process the same store object, so a ComfyUI re-run after a failed batch still finds them.
 """
 
 from __future__ import annotations
