@@ -448,3 +448,25 @@ def test_an_answer_in_another_format_is_never_written_under_the_asked_extension(
     assert code == 0, err
     with Image.open(tmp_path / "out.jpg") as written:
         assert written.format == "JPEG" and written.size == (100, 100)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["serve"], "interrupted: the stand-in stopped (it charges nothing)"),
+    (["results"], "this command sends no request, so nothing was charged"),
+    (["generate", "in.png", "-o", "out.png", "--prompt", "x", "--local"], "the local stand-in charges nothing"),
+    (["batch", "in", "-o", "out", "--prompt", "x", "--local"], "the local stand-in charges nothing"),
+    (["generate", "in.png", "-o", "out.png", "--prompt", "x"], "a request in flight may have been charged"),
+])
+def test_a_ctrl_c_says_truly_what_it_may_have_cost(monkeypatch, capsys, argv, says):
+    # Only a request to the paid service can be charged: serve, results and --local say so, not "may have".
+    from structure_api.cli import EXIT_INTERRUPTED, args as cli_args, main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    for name in ("cmd_generate", "cmd_batch", "cmd_results", "cmd_serve"):
+        monkeypatch.setattr(cli_args, name, interrupted)
+    assert main(argv) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert says in err
+    assert ("may have been charged" in err) == ("--local" not in argv and argv[0] in ("generate", "batch"))

@@ -10,6 +10,7 @@ Exit status: 0 done, 1 something failed while running or a file cannot work (inp
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import sys
@@ -41,6 +42,18 @@ def _verbose_log(verbose: bool) -> Iterator[None]:
         logger.setLevel(previous)
 
 
+def _what_an_interrupt_left(args: argparse.Namespace) -> str:
+    """What a Ctrl-C cost, truly for each command: only a request to the paid service can be charged."""
+    if args.command == "serve":
+        return "the stand-in stopped (it charges nothing)"
+    if args.command == "results":
+        return "this command sends no request, so nothing was charged; what was not exported yet stays kept"
+    if getattr(args, "local", False):
+        return "nothing more was written (the local stand-in charges nothing)"
+    return ("nothing more was written (a request in flight may have been charged if its upload had finished; "
+            "any answer that arrived is kept: see `structure-api results`)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; expected failures print one line on stderr and return non-zero."""
     args = build_parser().parse_args(argv)
@@ -48,8 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with _verbose_log(args.verbose):
             return args.run(args)
     except (KeyboardInterrupt, CancelledError):
-        print("interrupted: nothing more was written (a request in flight may have been charged if its upload "
-              "had finished; any answer that arrived is kept: see `structure-api results`)", file=sys.stderr)
+        print(f"interrupted: {_what_an_interrupt_left(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
