@@ -91,7 +91,6 @@ UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
 LIMITS_BROKEN_TEXT = (
     f"a side under {MIN_SIDE} px, over {MAX_PIXELS / 1e6:.1f} megapixels, or wider than {MAX_ASPECT:g}:1")
 PROMPT_RANGE_TEXT = f"1 to {MAX_PROMPT_CHARS} characters"
-SEED_RANGE_TEXT = f"0..{MAX_SEED}"
 
 # --- validation ------------------------------------------------------------------------
 

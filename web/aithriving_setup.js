@@ -201,8 +201,7 @@ function openKeyDialog() {
     });
     return;
   }
-  let opened = null;
-  opened = dialogs.showExtensionDialog({
+  const opened = dialogs.showExtensionDialog({
     key: KEY_DIALOG, title: "AIThriving API key", component: keyDialogComponent(() => opened?.closeDialog()),
   });
 }
