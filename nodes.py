@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Iterator
@@ -26,6 +27,9 @@ CATEGORY = "image/AIThriving"
 EXAMPLE_INPUT = Path(__file__).resolve().parent / "example_workflows" / "structure_example.png"
 OUTSIDE_LIMITS_OPTIONS = ["fit and restore size", "fail"]
 _OUTSIDE_LIMITS_MODES = {"fit and restore size": "fit", "fail": "fail"}
+# What a user may type into the node search to find this node (besides its name). ComfyUI 0.11 and
+# later read them from the schema; older servers' io.Schema has no such field (see _search_aliases).
+SEARCH_ALIASES = ["controlnet", "structure", "sketch to image", "depth", "edges", "img2img", "aithriving"]
 
 
 class AIThrivingStructure(io.ComfyNode):
@@ -34,13 +38,14 @@ class AIThrivingStructure(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
+            **_search_aliases(io.Schema),
             node_id="AIThrivingStructure",
             display_name="Structure (AIThriving)",
             category=CATEGORY,
             description=(
                 "Sends each image to the AIThriving Structure service, which generates a new image that "
                 f"keeps the input's edges and layout, guided by the prompt. Costs {CREDITS_PER_IMAGE} credits "
-                "per image. Set the API key in Settings → AIThriving (or the AITHRIVING_API_KEY environment "
+                "per image. Set the API key in Settings > AIThriving (or the AITHRIVING_API_KEY environment "
                 "variable); it never goes into the workflow. The free local stand-in, switched on there too, "
                 "needs no key and costs nothing."
             ),
@@ -140,6 +145,14 @@ class AIThrivingStructure(io.ComfyNode):
         return io.NodeOutput(result.images, result.seeds[0], ui={"aithriving_cost": [cost]})
 
 
+def _search_aliases(schema: type) -> dict[str, list[str]]:
+    """Return the search_aliases argument for this server's Schema, or nothing where it lacks the field."""
+    # A feature check, not a version check: the field is there or it is not.
+    if dataclasses.is_dataclass(schema) and "search_aliases" in {f.name for f in dataclasses.fields(schema)}:
+        return {"search_aliases": list(SEARCH_ALIASES)}
+    return {}
+
+
 @contextlib.contextmanager
 def _run_setup() -> Iterator[RunSetup]:
     """The client for this run (closed afterwards); a missing key names the place in ComfyUI to set one."""
@@ -148,7 +161,7 @@ def _run_setup() -> Iterator[RunSetup]:
             run = stack.enter_context(client_for_run(process_standin()))
         except MissingAPIKeyError:
             raise MissingAPIKeyError(
-                "No API key found: set it in Settings → AIThriving → API key (or in the AITHRIVING_API_KEY "
+                "No API key found: set it in Settings > AIThriving > API key (or in the AITHRIVING_API_KEY "
                 "environment variable), or switch on the free local stand-in there.") from None
         yield run
 

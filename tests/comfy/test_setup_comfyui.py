@@ -81,7 +81,7 @@ def test_key_status_set_from_the_ui_used_without_restart_then_deleted(
         assert call("GET", "/api/aithriving/key").json() == {"set": False, "source": None}
 
         entry = server.run(graph(prefix="nokey"))
-        assert "No API key found: set it in Settings → AIThriving" in execution_error(entry)["exception_message"]
+        assert "No API key found: set it in Settings > AIThriving" in execution_error(entry)["exception_message"]
         assert billing_standin.requests == []
 
         # Refusals: nothing is written, and the key is never echoed.
