@@ -23,8 +23,9 @@ I18N_SCRIPT = WEB / "aithriving_i18n.js"
 LANGUAGES = ["en", "fr", "es"]
 TRANSLATED = ["fr", "es"]
 STRINGS_KEY = "aithrivingStructure"
+NODE_TEXTS_KEY = "aithrivingStructureNode"  # nodes.py's texts (progress on the node, errors)
 # The same in every language: the brand.
-SAME_EVERYWHERE = {f"{STRINGS_KEY}.toastSummary", "settingsCategories.AIThriving"}
+SAME_EVERYWHERE = {f"{STRINGS_KEY}.toastSummary", "settingsCategories.AIThriving", f"{NODE_TEXTS_KEY}.progress"}
 
 BLOCK = re.compile(r"// ENGLISH BEGIN\nexport const ENGLISH = (\{.*?\n\});\n// ENGLISH END\n", re.S)
 STRING_LITERAL = re.compile(r"""(["'`])((?:\\.|(?!\1).)*)\1""", re.S)
@@ -54,11 +55,17 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def messages(language: str) -> dict[str, str]:
-    """What this pack adds to the frontend's messages in one language (main.json's keys and settings.json)."""
+def messages(language: str, *, node: bool = False) -> dict[str, str]:
+    """What this pack adds to the frontend's messages in one language (main.json's keys and settings.json).
+
+    node: also the node's own texts (progress and errors, shown by nodes.py through the server).
+    """
     main = locale(language, "main")
-    return flatten({STRINGS_KEY: main[STRINGS_KEY], "settingsCategories": main["settingsCategories"],
-                    "settings": locale(language, "settings")})
+    tree = {STRINGS_KEY: main[STRINGS_KEY], "settingsCategories": main["settingsCategories"],
+            "settings": locale(language, "settings")}
+    if node:
+        tree[NODE_TEXTS_KEY] = main[NODE_TEXTS_KEY]
+    return flatten(tree)
 
 
 def code_of(path: Path) -> str:
@@ -94,7 +101,7 @@ def test_the_english_block_is_what_locales_en_says():
 
 @pytest.mark.parametrize("language", TRANSLATED)
 def test_every_text_is_translated_with_the_same_placeholders(language):
-    theirs, ours = messages(language), messages("en")
+    theirs, ours = messages(language, node=True), messages("en", node=True)
     assert sorted(theirs) == sorted(ours), f"{language}: keys differ from English"
     for key, text in theirs.items():
         assert text.strip(), (language, key)
@@ -148,3 +155,13 @@ def test_the_check_finds_a_text_written_into_the_code(tmp_path):
                       'toast({summary: t("toastSummary"), detail: "Set it in Settings now."});\n')
     found = [m.group(2) for m in STRING_LITERAL.finditer(code_of(sample)) if not unshown(m.group(2))]
     assert found == ["Set it in Settings now."]
+
+
+def test_every_node_text_nodes_py_asks_for_is_in_english():
+    source = (REPO / "nodes.py").read_text(encoding="utf-8")
+    asked = set(re.findall(r"\bwords(?:\.progress)?\(\s*\"(\w+)\"", source))
+    asked |= set(re.findall(r"\bself\(\s*\"(\w+)\"", source)) | set(re.findall(r"\"(\w+)\" if total == 1 else \"(\w+)\"", source)[0])
+    asked |= {"stage" + stage.capitalize() for stage in ("pacing", "uploading", "waiting", "retrying")}
+    english = locale("en", "main")[NODE_TEXTS_KEY]
+    assert len(asked) > 10 and not asked - set(english), sorted(asked - set(english))
+    assert not set(english) - asked, f"never used: {sorted(set(english) - asked)}"
