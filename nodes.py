@@ -128,7 +128,8 @@ class AIThrivingStructure(io.ComfyNode):
 
             def show(progress: BatchProgress) -> None:
                 bar.update_absolute(progress.done, progress.total)
-                _status(node_id, words("progress", detail=words.progress(progress), spent=spent(progress.credits)))
+                detail = words.progress(progress)
+                _status(node_id, words("progress", detail=detail, spent=spent(progress.credits)))
 
             where = words("toLocal") if run.local else ""
             _status(node_id, words("sendingOne" if total == 1 else "sendingMany", count=total, where=where))
@@ -182,7 +183,8 @@ def _user_language() -> str:
         locale = json.loads(path.read_text(encoding="utf-8")).get("Comfy.Locale")
     except (OSError, ValueError, AttributeError):
         return "en"
-    return locale if isinstance(locale, str) and re.fullmatch(r"[A-Za-z]{2,3}(-[A-Za-z0-9]+)?", locale) else "en"
+    valid = isinstance(locale, str) and re.fullmatch(r"[A-Za-z]{2,3}(-[A-Za-z0-9]+)?", locale)
+    return locale if valid else "en"
 
 
 class _Words:

@@ -79,7 +79,8 @@ def main() -> int:
             opened.extractall(shipped_dir)
             shipped = set(opened.namelist())
         answer = lint(binary, shipped_dir)
-    print(json.dumps({name: {k: v for k, v in result.items() if k in ("passed", "error", "details", "summary")}
+    shown = ("passed", "error", "details", "summary")
+    print(json.dumps({name: {k: v for k, v in result.items() if k in shown}
                       for name, result in answer["results"].items()}, indent=2))
     if answer["returncode"] != 0 or not answer["passed"]:
         print("comfy-test lint: the shipped files fail (see above)", file=sys.stderr)
@@ -87,7 +88,8 @@ def main() -> int:
     whole = lint(binary, REPO)
     not_applicable = flagged_files(whole)
     in_archive = sorted(name for name in not_applicable if name.replace(os.sep, "/") in shipped)
-    outside = [name for name in not_applicable if not name.replace(os.sep, "/").startswith(("tests/", "benchmarks/"))]
+    outside = [name for name in not_applicable
+               if not name.replace(os.sep, "/").startswith(("tests/", "benchmarks/"))]
     if in_archive or outside:
         print(f"comfy-test lint flags shipped or unexplained files in the checkout: {in_archive or outside}",
               file=sys.stderr)

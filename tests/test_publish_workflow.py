@@ -35,7 +35,8 @@ def index_of(found: list[dict], what, label: str) -> int:
 
 
 def is_checkout(step: dict) -> bool:
-    # actions/checkout, an action that runs it inside (publish-node-action), or a git command that resets files.
+    # actions/checkout, an action that runs it inside (publish-node-action), or a git command that
+    # resets files.
     uses = step.get("uses", "")
     run = step.get("run", "")
     return uses.startswith(("actions/checkout", "Comfy-Org/publish-node-action")) or any(
@@ -78,7 +79,8 @@ def run_script(tmp_path: Path, text: str, *args: str) -> tuple[subprocess.Comple
 
 
 def test_rewrite_writes_the_registry_urls_of_the_repository_and_commit(tmp_path):
-    done, text = run_script(tmp_path, (REPO / "pyproject.toml").read_text(encoding="utf-8"), "someone/some-pack", SHA)
+    committed = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    done, text = run_script(tmp_path, committed, "someone/some-pack", SHA)
     assert done.returncode == 0, done.stderr
     config = tomllib.loads(text)
     icon = config["tool"]["comfy"]["Icon"]

@@ -25,7 +25,8 @@ TRANSLATED = ["fr", "es"]
 STRINGS_KEY = "aithrivingStructure"
 NODE_TEXTS_KEY = "aithrivingStructureNode"  # nodes.py's texts (progress on the node, errors)
 # The same in every language: the brand.
-SAME_EVERYWHERE = {f"{STRINGS_KEY}.toastSummary", "settingsCategories.AIThriving", f"{NODE_TEXTS_KEY}.progress"}
+SAME_EVERYWHERE = {f"{STRINGS_KEY}.toastSummary", "settingsCategories.AIThriving",
+                   f"{NODE_TEXTS_KEY}.progress"}
 
 BLOCK = re.compile(r"// ENGLISH BEGIN\nexport const ENGLISH = (\{.*?\n\});\n// ENGLISH END\n", re.S)
 STRING_LITERAL = re.compile(r"""(["'`])((?:\\.|(?!\1).)*)\1""", re.S)
@@ -82,7 +83,8 @@ def code_of(path: Path) -> str:
         elif text.startswith("/*", i):
             i = text.index("*/", i) + 2
         elif text[i] == "/" and re.search(r"[(,=:!&|?{};]\s*$", "".join(out[-1:]) or "("):
-            match = re.compile(r"/(?:\\.|\[(?:\\.|[^\]])*\]|[^/\n])+/[a-z]*").match(text, i)  # a regex literal
+            # a regex literal
+            match = re.compile(r"/(?:\\.|\[(?:\\.|[^\]])*\]|[^/\n])+/[a-z]*").match(text, i)
             out.append('""' if match else "/")
             i = match.end() if match else i + 1
         else:
@@ -105,7 +107,8 @@ def test_every_text_is_translated_with_the_same_placeholders(language):
     assert sorted(theirs) == sorted(ours), f"{language}: keys differ from English"
     for key, text in theirs.items():
         assert text.strip(), (language, key)
-        assert set(re.findall(r"\{(\w+)\}", text)) == set(re.findall(r"\{(\w+)\}", ours[key])), (language, key)
+        placeholders = set(re.findall(r"\{(\w+)\}", text))
+        assert placeholders == set(re.findall(r"\{(\w+)\}", ours[key])), (language, key)
         if key not in SAME_EVERYWHERE:
             assert text != ours[key], f"{language}: {key} is the English text"
 
@@ -160,7 +163,8 @@ def test_the_check_finds_a_text_written_into_the_code(tmp_path):
 def test_every_node_text_nodes_py_asks_for_is_in_english():
     source = (REPO / "nodes.py").read_text(encoding="utf-8")
     asked = set(re.findall(r"\bwords(?:\.progress)?\(\s*\"(\w+)\"", source))
-    asked |= set(re.findall(r"\bself\(\s*\"(\w+)\"", source)) | set(re.findall(r"\"(\w+)\" if total == 1 else \"(\w+)\"", source)[0])
+    asked |= set(re.findall(r"\bself\(\s*\"(\w+)\"", source))
+    asked |= set(re.findall(r"\"(\w+)\" if total == 1 else \"(\w+)\"", source)[0])
     asked |= {"stage" + stage.capitalize() for stage in ("pacing", "uploading", "waiting", "retrying")}
     english = locale("en", "main")[NODE_TEXTS_KEY]
     assert len(asked) > 10 and not asked - set(english), sorted(asked - set(english))

@@ -136,9 +136,12 @@ function keyForm(onSaved) {
   });
   input.setAttribute("aria-label", t("keyInputLabel"));
   input.style.cssText = "width:16em;margin-right:6px;";
-  const save = element("button", { type: "button", textContent: t("keySave"), className: "aithriving-key-save p-button" });
+  const save = element("button", {
+    type: "button", textContent: t("keySave"), className: "aithriving-key-save p-button",
+  });
   const remove = element("button", {
-    type: "button", textContent: t("keyRemove"), className: "aithriving-key-remove p-button p-button-secondary",
+    type: "button", textContent: t("keyRemove"),
+    className: "aithriving-key-remove p-button p-button-secondary",
   });
   save.style.cssText = remove.style.cssText = "margin-right:6px;padding:2px 10px;";
   const render = () => {
@@ -323,6 +326,7 @@ app.registerExtension({
 
   // The frontend's node menu hook: entries for the node right-clicked (frontends that lack it never call it).
   getNodeMenuItems(node) {
-    return (node?.constructor?.comfyClass ?? node?.comfyClass ?? node?.type) === NODE_ID ? [keyMenuItem()] : [];
+    const type = node?.constructor?.comfyClass ?? node?.comfyClass ?? node?.type;
+    return type === NODE_ID ? [keyMenuItem()] : [];
   },
 });

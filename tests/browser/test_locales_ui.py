@@ -34,8 +34,10 @@ def english_pieces(language: str) -> list[str]:
     english, theirs = messages("en"), messages(language)
     texts = [text for key, text in english.items() if theirs[key] != text]
     english_node, their_node = node_defs("en"), node_defs(language)
-    texts += [english_node[field] for field in ("display_name", "description") if their_node[field] != english_node[field]]
-    return sorted({piece for text in texts for piece in re.split(r"\{\w+\}", text) if len(piece.strip()) >= 6})
+    texts += [english_node[field] for field in ("display_name", "description")
+              if their_node[field] != english_node[field]]
+    pieces = {piece for text in texts for piece in re.split(r"\{\w+\}", text)}
+    return sorted(piece for piece in pieces if len(piece.strip()) >= 6)
 
 
 def mine(language: str, key: str, **values) -> str:
@@ -60,7 +62,8 @@ def test_no_english_of_ours_in_the_ui(comfy_page_factory, tmp_path, language):
     ui.load_workflow(WORKFLOW)
     ui.wait_for(f"({SETUP_STATE}?.key?.set === false)", message="the key status from the server")
     notice = mine(language, "noticeNoKey")
-    ui.wait_for(f"{STRUCTURE}.aithrivingNotice() === {json.dumps(notice)}", message="the translated no-key notice")
+    ui.wait_for(f"{STRUCTURE}.aithrivingNotice() === {json.dumps(notice)}",
+                message="the translated no-key notice")
     node = ui.structure_node()
     assert read(node["title"]) == node_defs(language)["display_name"]
     badges = [read(text) for text in node["badges"]]
@@ -80,8 +83,8 @@ def test_no_english_of_ours_in_the_ui(comfy_page_factory, tmp_path, language):
     assert read(status.inner_text()) == mine(language, "keyStatusNone")
     their_settings = messages(language)
     for setting in ("AIThriving_Setup_APIKey", "AIThriving_Setup_LocalStandIn"):
-        ui.visible_dialog().get_by_text(their_settings[f"settings.{setting}.name"], exact=True).first.wait_for(
-            state="visible")
+        name = their_settings[f"settings.{setting}.name"]
+        ui.visible_dialog().get_by_text(name, exact=True).first.wait_for(state="visible")
     ui.visible_dialog().get_by_text(their_settings["settingsCategories.Setup"], exact=True).first.wait_for(
         state="visible")
     key_input = page.locator(".aithriving-key-input")
