@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from structure_api.settings import MAX_KEY_CHARS
 from tests.comfy.harness import free_port
 from tests.test_web_translations import messages
 
@@ -92,6 +93,10 @@ def test_no_english_of_ours_in_the_ui(comfy_page_factory, tmp_path, language):
     assert read(key_input.get_attribute("aria-label")) == mine(language, "keyInputLabel")
     page.locator(".aithriving-key-save").click()  # nothing typed: said in the user's language, nothing sent
     page.get_by_text(mine(language, "keyEmpty"), exact=True).wait_for(state="visible")
+    # A refusal by the server (it words it in English) is said in the user's language.
+    key_input.fill("k" * (MAX_KEY_CHARS + 1))
+    page.locator(".aithriving-key-save").click()
+    page.get_by_text(mine(language, "keyRefused"), exact=True).wait_for(state="visible")
     assert not key_file.exists()
     # The tooltips, as the frontend's own translation function gives them to the panel on hover.
     for setting in ("AIThriving_Setup_APIKey", "AIThriving_Setup_LocalStandIn"):
