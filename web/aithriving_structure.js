@@ -10,8 +10,7 @@
 //                 "Last run: 0 credits (ComfyUI reused the previous result)" when ComfyUI did not run
 //                                          the node at all (unchanged inputs) and re-sent its old output.
 // The texts come from the pack's locales/<lang>/main.json (served by ComfyUI at /i18n), in the
-// language chosen in the settings (Comfy.Locale), with English built in as the fallback
-// (web/aithriving_i18n.js).
+// language chosen in the settings (Comfy.Locale), with English built in as the fallback.
 //
 // Redrawing: the classic canvas redraws on setDirtyCanvas. The "Nodes 2.0" (HTML) renderer of newer
 // frontends (1.4x and later) re-reads a node's badges when that node's state changes, so the last run
