@@ -2,6 +2,32 @@
 
 ``str(err)`` is always one sentence a person can act on; raw material (HTTP status,
 body, headers, request id) lives in attributes. The API key never appears in any of it.
+
+The tree:
+
+* StructureError
+  + ConfigurationError - the client is not set up to make requests.
+    - MissingAPIKeyError
+    - InsecureURLError
+  + InputError (also a ValueError) - nothing was sent.
+    - InvalidImageError
+  + APIError - the service answered with an error.
+    - AuthenticationError (401/403)
+    - ContentModerationError
+    - InsufficientCreditsError (402)
+    - InvalidRequestError (400/422)
+    - RequestTooLargeError (413)
+    - RateLimitError (429)
+    - ServiceError (5xx)
+    - GenerationFailedError (``code: -1``)
+    - UnexpectedRedirectError
+    - MalformedResponseError
+  + TransportError - no complete answer arrived.
+    - APIConnectionError
+    - APITimeoutError
+    - ResultMayBeBilledError
+  + CancelledError
+  + BatchError - some images of a batch failed.
 """
 
 from __future__ import annotations

@@ -22,3 +22,20 @@ def test_architecture_lists_the_public_api() -> None:
     # Names given only as what comes from structure_api.standin are not top-level exports.
     listed -= {"Respond", "Drop", "Hang"}
     assert listed == set(structure_api.__all__)
+
+
+def test_errors_docstring_draws_the_exception_tree() -> None:
+    from structure_api import errors
+
+    # Each line "- Name" or "+ Name" sits one level (2 spaces) below its parent's line.
+    drawn: dict[str, str] = {}
+    parents = ["StructureError"]
+    for indent, name in re.findall(r"^( *)[-+] (\w+)", errors.__doc__, re.M):
+        depth = len(indent) // 2
+        del parents[depth:]
+        drawn[name] = parents[-1]
+        parents.append(name)
+    classes = {name: cls for name, cls in vars(errors).items()
+               if isinstance(cls, type) and issubclass(cls, errors.StructureError) and cls is not errors.StructureError}
+    assert set(drawn) == set(classes)
+    assert {name: cls.__bases__[0].__name__ for name, cls in classes.items()} == drawn
