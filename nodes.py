@@ -52,7 +52,7 @@ class AIThrivingStructure(io.ComfyNode):
                 "Sends each image to the AIThriving Structure service, which generates a new image that "
                 f"keeps the input's edges and layout, guided by the prompt. Costs {CREDITS_PER_IMAGE} credits "
                 "per image. Set the API key in Settings > AIThriving (or the AITHRIVING_API_KEY environment "
-                "variable); it never goes into the workflow. The free local stand-in, switched on there too, "
+                "variable); it never goes into the workflow. The free stand-in, switched on there too, "
                 "needs no key and costs nothing."
             ),
             inputs=[
@@ -124,14 +124,14 @@ class AIThrivingStructure(io.ComfyNode):
         words = _Words(_user_language())
         with _run_setup(words) as run:
             def spent(credits: int) -> str:
-                return words("local") if run.local else words("spent", credits=credits)
+                return words("standIn") if run.offline else words("spent", credits=credits)
 
             def show(progress: BatchProgress) -> None:
                 bar.update_absolute(progress.done, progress.total)
                 detail = words.progress(progress)
                 _status(node_id, words("progress", detail=detail, spent=spent(progress.credits)))
 
-            where = words("toLocal") if run.local else ""
+            where = words("toStandIn") if run.offline else ""
             _status(node_id, words("sendingOne" if total == 1 else "sendingMany", count=total, where=where))
             result = generate_images(
                 image, params, client=run.client, store=run.store, label=f"ComfyUI node {node_id}",
@@ -140,16 +140,16 @@ class AIThrivingStructure(io.ComfyNode):
             _status(node_id, words("cancelled", spent=spent(result.credits)))
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise comfy.model_management.InterruptProcessingException()
-        cached = words("fromStore", count=result.from_cache) if result.from_cache else ""
+        cached = words("fromStore", count=result.from_store) if result.from_store else ""
         # Answers of a stand-in (offline mode, or `serve` at AITHRIVING_BASE_URL) carry its free mark and
         # count 0 credits: fresh results that cost nothing came from one.
-        free = run.local or (result.credits == 0 and result.from_cache < total)
-        done = spent(result.credits) if run.local or not free else words("freeStandIn")
+        free = run.offline or (result.credits == 0 and result.from_store < total)
+        done = spent(result.credits) if run.offline or not free else words("freeStandIn")
         _status(node_id, words("done", total=total, cached=cached, spent=done))
         # Sent to the frontend with the "executed" message (and kept in the history): the cost shown on the node.
-        cost = {"credits": result.credits, "images": total, "from_cache": result.from_cache,
+        cost = {"credits": result.credits, "images": total, "from_store": result.from_store,
                 "credits_per_image": 0 if free else CREDITS_PER_IMAGE, "seeds": result.seeds,
-                "local": run.local, "free": free}
+                "offline": run.offline, "free": free}
         return io.NodeOutput(result.images, result.seeds[0], ui={"aithriving_cost": [cost]})
 
 

@@ -32,7 +32,7 @@ _REFUSAL_STATUS = (
 )
 
 
-class _BadRequest(Exception):
+class _RouteError(Exception):
     """A change request this route answers with an error before doing anything."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -63,21 +63,21 @@ def cross_origin_refusal(request: web.Request) -> web.Response | None:
 
 
 async def _json_body(request: web.Request) -> dict:
-    """The request's JSON object; _BadRequest if it is not JSON, too large or not an object."""
+    """The request's JSON object; _RouteError if it is not JSON, too large or not an object."""
     # JSON only: a page elsewhere cannot send this content type without the browser asking first.
     if request.content_type != "application/json":
-        raise _BadRequest(415, "Send the request as JSON (Content-Type: application/json).")
+        raise _RouteError(415, "Send the request as JSON (Content-Type: application/json).")
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise _BadRequest(413, "The request is too large for a key or a setting.")
+        raise _RouteError(413, "The request is too large for a key or a setting.")
     raw = await request.content.read(MAX_BODY_BYTES + 1)
     if len(raw) > MAX_BODY_BYTES:
-        raise _BadRequest(413, "The request is too large for a key or a setting.")
+        raise _RouteError(413, "The request is too large for a key or a setting.")
     try:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise _BadRequest(400, "The request is not valid JSON.") from None
+        raise _RouteError(400, "The request is not valid JSON.") from None
     if not isinstance(body, dict):
-        raise _BadRequest(400, "The request must be a JSON object.")
+        raise _RouteError(400, "The request must be a JSON object.")
     return body
 
 
@@ -94,7 +94,7 @@ def _change(handler: Handler) -> Handler:
             return refusal
         try:
             return await handler(request)
-        except _BadRequest as error:
+        except _RouteError as error:
             return _error(error.status, str(error))
         except ConfigurationError as error:
             status = next(code for kind, code in _REFUSAL_STATUS if isinstance(error, kind))
@@ -119,7 +119,7 @@ async def post_key(request: web.Request) -> web.Response:
     """POST /aithriving/key {"key": "..."}: write the key file; answers with the status."""
     body = await _json_body(request)
     if "key" not in body:
-        raise _BadRequest(400, 'Send the key as {"key": "..."}.')
+        raise _RouteError(400, 'Send the key as {"key": "..."}.')
     status = settings.save_api_key(body["key"], forbidden_dirs=_user_directory())
     return web.json_response(status.as_json())
 
@@ -131,23 +131,25 @@ async def delete_key(request: web.Request) -> web.Response:
 
 
 async def get_mode(request: web.Request) -> web.Response:
-    """GET /aithriving/mode: {"local": bool}."""
-    return web.json_response({"local": settings.local_mode()})
+    """Answer GET /aithriving/mode with {"offline": bool}."""
+    return web.json_response({"offline": settings.offline_mode()})
 
 
 @_change
 async def post_mode(request: web.Request) -> web.Response:
-    """POST /aithriving/mode {"local": bool}: switch the free offline mode; kept across restarts."""
+    """Switch the offline mode (POST /aithriving/mode {"offline": bool}); kept across restarts."""
     body = await _json_body(request)
-    if not isinstance(body.get("local"), bool):
-        raise _BadRequest(400, 'Send {"local": true} or {"local": false}.')
-    local = settings.set_local_mode(body["local"])
-    if not local:
+    # {"local": bool} is the old spelling, accepted for one release.
+    value = body.get("offline", body.get("local"))
+    if not isinstance(value, bool):
+        raise _RouteError(400, 'Send {"offline": true} or {"offline": false}.')
+    offline = settings.set_offline_mode(value)
+    if not offline:
         # Here, not at the top: the stand-in pulls in the client and the renderer, which only this needs.
         from .structure_api.offline import process_standin
 
         process_standin().release()
-    return web.json_response({"local": local})
+    return web.json_response({"offline": offline})
 
 
 def register_routes(routes: web.RouteTableDef) -> None:

@@ -73,24 +73,24 @@ def measure_batch(count: int = 8, side: int = 512, latency: float = 1.0,
     concurrent: dict[int, list[float]] = {level or DEFAULT_MAX_CONCURRENCY: [] for level in concurrency}
     cpu: list[tuple[float, float, float]] = []  # (wall, client CPU, stand-in CPU) at the default settings
     single: list[float] = []
-    with standin(latency) as server, tempfile.TemporaryDirectory() as cache_dir, \
+    with standin(latency) as server, tempfile.TemporaryDirectory() as store_dir, \
             StructureClient(api_key="benchmark", base_url=server.url) as client:
-        # As the node runs it: with a result cache (a fresh, empty one, so nothing is a hit).
+        # As the node runs it: with a result store (a fresh, empty one, so nothing is a hit).
         params = StructureParams(prompt=PROMPT, seed=1)
         # Warm-up (imports, connection), into a store of its own so nothing lands in the user's real one.
-        generate_images(images[:1], params, client=client, store=ResultStore(Path(cache_dir, "warm-up")),
+        generate_images(images[:1], params, client=client, store=ResultStore(Path(store_dir, "warm-up")),
                         max_concurrency=1)
         for repeat in range(repeats):
-            cache = ResultStore(Path(cache_dir, f"single-{repeat}"))
+            store = ResultStore(Path(store_dir, f"single-{repeat}"))
             started = time.perf_counter()
-            generate_images(images[:1], params, client=client, store=cache, max_concurrency=1)
+            generate_images(images[:1], params, client=client, store=store, max_concurrency=1)
             single.append(time.perf_counter() - started)
             for level in concurrency:
-                cache = ResultStore(Path(cache_dir, f"{level}-{repeat}"))
+                store = ResultStore(Path(store_dir, f"{level}-{repeat}"))
                 client_cpu, standin_cpu = time.process_time(), server.cpu_seconds()
                 started = time.perf_counter()
                 options = {} if level is None else {"max_concurrency": level}
-                result = generate_images(images, params, client=client, store=cache, **options)
+                result = generate_images(images, params, client=client, store=store, **options)
                 wall = time.perf_counter() - started
                 concurrent[level or DEFAULT_MAX_CONCURRENCY].append(wall)
                 if level is None:

@@ -120,15 +120,15 @@ def _probe(url: str, count: int, side: int, concurrency: int) -> MemoryResult:
     except OSError:
         pass
     params = StructureParams(prompt="a benchmark picture", seed=1)
-    with tempfile.TemporaryDirectory() as cache_dir, \
+    with tempfile.TemporaryDirectory() as store_dir, \
             StructureClient(api_key="benchmark", base_url=url) as client:
-        cache = ResultStore(Path(cache_dir))
+        store = ResultStore(Path(store_dir))
         sampler = _Sampler()
         baseline = _status_kib("VmRSS")
         exact = _reset_peak()
         sampler.start()
         started = time.perf_counter()
-        result = generate_images(images, params, client=client, store=cache, max_concurrency=concurrency)
+        result = generate_images(images, params, client=client, store=store, max_concurrency=concurrency)
         seconds = time.perf_counter() - started
         sampled = sampler.stop()
         peak = _status_kib("VmHWM") if exact else sampled

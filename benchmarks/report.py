@@ -234,7 +234,7 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
         f"{batch.count} photo-like images of {batch.side}² against the pack's stand-in (`python -m structure_api "
         f"serve --latency {batch.latency:g}`, in a separate process), which answers each request "
         f"{batch.latency:g} s after it has read and rendered it. Median of {batch.repeats} runs (sequential: 1 run). "
-        "The node's path (`generate_images`) runs with a fresh result cache, as the node does.",
+        "The node's path (`generate_images`) runs with a fresh result store, as the node does.",
         "",
         "| run | wall time (s) |",
         "|---|---:|",
@@ -287,7 +287,7 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
         f"(input {_mb(at_target.input_bytes)} MB of float32, output {_mb(at_target.output_bytes)} MB), in a "
         "fresh process, against the stand-in in another process scripted to answer every request with a "
         f"photo-like {at_target.side}² PNG (as large as a real result; the stand-in's own edge maps compress "
-        "to a fraction of that) after 0.5 s, with a fresh result cache as the node uses.",
+        "to a fraction of that) after 0.5 s, with a fresh result store as the node uses.",
         "",
         "| max_concurrency | beyond input + output (MB) | per image in flight (MB) | peak RSS (MB) | "
         "baseline RSS (MB) | RSS sampled every 2 ms: beyond (MB) | run (s) |",

@@ -1,4 +1,4 @@
-"""Client, local stand-in and CLI for the AIThriving Structure endpoint; usable without ComfyUI.
+"""Client, stand-in and CLI for the AIThriving Structure endpoint; usable without ComfyUI.
 
 What other code should import is exported here (``__all__``); the modules behind it may move.
 docs/architecture.md shows which module owns each step from an IMAGE tensor to a request and back.
@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 from typing import Any  # noqa: E402
 
 from .config import APIKey, load_api_key, resolve_base_url  # noqa: E402
-from .contract import CREDITS_PER_IMAGE, ENDPOINT_PATH, validate_parameters  # noqa: E402
+from .contract import CREDITS_PER_IMAGE, ENDPOINT_PATH, validate_params  # noqa: E402
 from .errors import *  # noqa: E402,F401,F403  (every error class; __all__ below names them)
 from .retry import RetryPolicy  # noqa: E402
 from .client import (  # noqa: E402
@@ -36,14 +36,14 @@ from .pipeline import BatchResult, StructureParams, generate_images  # noqa: E40
 __all__ = [
     # configuration and the contract
     "APIKey", "load_api_key", "resolve_base_url", "RetryPolicy", "CREDITS_PER_IMAGE", "ENDPOINT_PATH",
-    "validate_parameters",
+    "validate_params",
     # the client and its request types
     "StructureClient", "StructureRequest", "StructureResult", "ProgressEvent",
     # a batch of images, as the node runs it
     "generate_images", "StructureParams", "BatchResult", "BatchProgress", "BatchReport",
     # the result store
     "ResultStore", "StoredResult",
-    # the local stand-in (imported on first use: it is a whole HTTP server)
+    # the stand-in (imported on first use: it is a whole HTTP server)
     "StandInServer", "Fault",
     # image conversions
     "EncodedImage", "ImageSize", "as_numpy", "to_uint8_rgb", "uint8_to_float", "encode_upload", "decode_image",
@@ -57,10 +57,16 @@ __all__ = [
 ]
 
 _LAZY = {"StandInServer": "standin", "Fault": "standin"}
+_RENAMED = {"validate_parameters": "validate_params"}  # old spelling: new name, for one release
 
 
 def __getattr__(name: str) -> Any:
-    """The stand-in's names, imported when first asked for (the node and client never need them)."""
+    """Import the stand-in's names when first asked for (the node and client never need them)."""
+    if name in _RENAMED:
+        from ._renamed import warn_renamed
+
+        warn_renamed(f"structure_api.{name}", f"structure_api.{_RENAMED[name]}")
+        return globals()[_RENAMED[name]]
     if name in _LAZY:
         import importlib
 

@@ -123,7 +123,7 @@ def image_answer(status: int, headers: Mapping[str, str], body: bytes, request: 
     del payload, data, body, image_text
     fields.pop("body", None)
     actual_format, size = check_answer_image(raw, request, fields)
-    # The local stand-in charges nothing and says so; the real service sends no such header.
+    # The stand-in charges nothing and says so; the real service sends no such header.
     credits = 0 if STANDIN_HEADER.lower() in headers else CREDITS_PER_IMAGE
     return ImageAnswer(raw=raw, seed=seed, format=actual_format, size=size, request_id=request_id,
                        credits=credits, error_fields=fields)

@@ -20,6 +20,7 @@ from .errors import (
     ResultMayBeBilledError,
     StructureError,
 )
+from ._renamed import warn_renamed
 from .images import decode_image
 from .store import ResultStore, StoredResult
 
@@ -66,12 +67,18 @@ class BatchReport:
     total: int
     seeds: dict[int, int] = field(default_factory=dict)
     failures: dict[int, StructureError] = field(default_factory=dict)
-    from_cache: set[int] = field(default_factory=set)  # served by the result store, free
+    from_store: set[int] = field(default_factory=set)  # served by the result store, free
     stored: dict[int, StoredResult] = field(default_factory=dict)  # the store's entry of each finished image
     credits: int = 0
     cancelled: bool = False
     may_be_charged: int = 0  # answers lost after their upload completed
     not_sent: int = 0        # left unsent after an error every later request would share
+
+    @property
+    def from_cache(self) -> set[int]:  # old spelling, for one release
+        """Return ``from_store`` (the old spelling of its name)."""
+        warn_renamed("BatchReport.from_cache", "BatchReport.from_store")
+        return self.from_store
 
     @property
     def done(self) -> int:
@@ -80,7 +87,7 @@ class BatchReport:
     @property
     def paid(self) -> int:
         """Images paid for in this run."""
-        return self.done - len(self.from_cache)
+        return self.done - len(self.from_store)
 
     def release(self, store: ResultStore) -> None:
         """Give every kept or claimed result back undelivered (the batch is not delivered): a re-run takes them."""
@@ -113,14 +120,14 @@ class BatchReport:
         parts = []
         plural = lambda n, word=noun: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
         if self.paid and not self.credits:
-            parts.append(f"{plural(self.paid)} {'was' if self.paid == 1 else 'were'} made free by the local stand-in")
+            parts.append(f"{plural(self.paid)} {'was' if self.paid == 1 else 'were'} made free by the stand-in")
         elif self.paid:
             parts.append(f"{plural(self.paid)} {'was' if self.paid == 1 else 'were'} paid for "
                          f"({self.credits} credits)")
         else:
             parts.append("Nothing was paid for")
-        if self.from_cache:
-            parts.append(f"{plural(len(self.from_cache))} came free from the result store")
+        if self.from_store:
+            parts.append(f"{plural(len(self.from_store))} came free from the result store")
         sentence = ", ".join(parts)
         if self.done and store is not None and len(self.stored) == self.done:
             if all(store.on_disk(entry) for entry in self.stored.values()):
@@ -281,7 +288,7 @@ class _BatchRun:
             self.report.seeds[index] = result.seed
             self.report.credits += result.credits
             if from_store:
-                self.report.from_cache.add(index)
+                self.report.from_store.add(index)
             progress = self.snapshot(f"done {self.report.done} of {self.count}", index, "done")
         self.progress.put(progress)
 

@@ -30,7 +30,7 @@ from .contract import (  # noqa: F401  (the contract's names stay importable fro
     OUTPUT_FORMATS,
     StructureRequest,
     check_image_limits,
-    validate_parameters,
+    validate_params,
     validate_prompt,
 )
 from .ratelimit import Pacer, PacerSlot, rate_limit_from_env, shared_pacer

@@ -15,7 +15,7 @@ ENV_API_KEY_FILE = "AITHRIVING_API_KEY_FILE"
 ENV_BASE_URL = "AITHRIVING_BASE_URL"
 DEFAULT_BASE_URL = "https://www.aithriving.com"
 DEFAULT_KEY_FILE = "~/.config/aithriving/api_key"
-# The local stand-in marks every answer with this header; results carrying it cost nothing.
+# The stand-in marks every answer with this header; results carrying it cost nothing.
 STANDIN_HEADER = "X-AIThriving-Stand-In"
 
 

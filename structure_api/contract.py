@@ -150,7 +150,7 @@ def validate_form(values: Mapping[str, object]) -> None:
         field.check(values.get(field.name, field.default))
 
 
-def validate_parameters(*args: object, **kwargs: object) -> None:
+def validate_params(*args: object, **kwargs: object) -> None:
     """validate_form for values given in FORM_FIELDS order (prompt, control_strength, negative_prompt,
     seed, output_format) or by name."""
     validate_form({**dict(zip(FIELD_NAMES, args)), **kwargs})
@@ -178,7 +178,7 @@ def check_image_limits(image: "EncodedImage") -> None:
 # --- the request -----------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
-class FormParameters:
+class FormParams:
     """The form's values, one attribute per FORM_FIELDS entry (tests/test_contract.py keeps them in step)."""
 
     prompt: str
@@ -206,7 +206,7 @@ class FormParameters:
 
 
 @dataclass(frozen=True, kw_only=True)
-class StructureRequest(FormParameters):
+class StructureRequest(FormParams):
     """One generation: the encoded image and the form parameters."""
 
     image: "EncodedImage"

@@ -14,15 +14,15 @@ from typing import Iterator, Mapping, Optional
 from .store import ResultStore
 from .client import StructureClient
 from .config import load_api_key, resolve_base_url
-from .settings import local_mode
+from .settings import offline_mode
 from .standin import StandInServer
 
 # The stand-in checks no key; the client still wants one to put in the header.
-LOCAL_STANDIN_KEY = "local-stand-in"
-LOCAL_LABEL = "local stand-in · free"
+STANDIN_KEY = "stand-in"
+STANDIN_LABEL = "stand-in · free"
 
 
-class LocalStandIn:
+class InProcessStandIn:
     """One stand-in for the process, started when a run first needs it and stopped when idle and not wanted."""
 
     def __init__(self) -> None:
@@ -71,46 +71,46 @@ class LocalStandIn:
         return server
 
 
-_process_standin: Optional[LocalStandIn] = None
+_process_standin: Optional[InProcessStandIn] = None
 _process_standin_lock = threading.Lock()
 
 
-def process_standin() -> LocalStandIn:
-    """The one LocalStandIn of this process (nothing starts until a run uses it)."""
+def process_standin() -> InProcessStandIn:
+    """The one InProcessStandIn of this process (nothing starts until a run uses it)."""
     global _process_standin
     with _process_standin_lock:
         if _process_standin is None:
-            _process_standin = LocalStandIn()
+            _process_standin = InProcessStandIn()
         return _process_standin
 
 
 @dataclass
 class RunSetup:
-    """What one node run talks to: the client, the result store (memory-only, per run, offline) and whether it is offline."""
+    """What one node run talks to: the client, the result store (memory-only per run in offline mode) and the mode."""
 
     client: StructureClient
     store: ResultStore
-    local: bool
+    offline: bool
 
 
 @contextlib.contextmanager
-def client_for_run(standin: LocalStandIn, environ: Optional[Mapping[str, str]] = None) -> Iterator[RunSetup]:
-    """The paid service as configured, or the in-process stand-in when offline mode is on; closed afterwards.
+def client_for_run(standin: InProcessStandIn, environ: Optional[Mapping[str, str]] = None) -> Iterator[RunSetup]:
+    """Yield the paid service as configured, or the in-process stand-in in offline mode; close it afterwards.
 
     Configuration errors (no key, bad base URL) surface here, before any image is encoded.
-    Offline results skip the configured store: they are free to make again and must never mix with paid ones.
+    The stand-in's results skip the configured store: they are free to make again and must never mix with paid ones.
     """
-    if local_mode(environ):
+    if offline_mode(environ):
         with standin.use() as url:
-            client = StructureClient(api_key=LOCAL_STANDIN_KEY, base_url=url)
+            client = StructureClient(api_key=STANDIN_KEY, base_url=url)
             try:
-                yield RunSetup(client=client, store=ResultStore(None), local=True)
+                yield RunSetup(client=client, store=ResultStore(None), offline=True)
             finally:
                 client.close()
         return
     store = ResultStore.from_env(environ)
     client = StructureClient(api_key=load_api_key(environ), base_url=resolve_base_url(environ))
     try:
-        yield RunSetup(client=client, store=store, local=False)
+        yield RunSetup(client=client, store=store, offline=False)
     finally:
         client.close()

@@ -19,10 +19,11 @@ from .contract import (
     MAX_PIXELS,
     MAX_SEED,
     MIN_SIDE,
-    FormParameters,
+    FormParams,
     StructureRequest,
 )
 from .errors import InputError, InvalidImageError, MalformedResponseError
+from ._renamed import warn_renamed
 from .store import ResultStore
 from .images import (
     EncodedImage,
@@ -59,7 +60,7 @@ def batch_seeds(seed: int, count: int) -> list[int]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class StructureParams(FormParameters):
+class StructureParams(FormParams):
     """The node's parameters, shared by every image of a batch: the form's values and what to do with an
     image outside the service's limits."""
 
@@ -79,8 +80,14 @@ class BatchResult:
     images: object
     seeds: list[int]
     credits: int
-    from_cache: int
+    from_store: int
     report: BatchReport
+
+    @property
+    def from_cache(self) -> int:  # old spelling, for one release
+        """Return ``from_store`` (the old spelling of its name)."""
+        warn_renamed("BatchResult.from_cache", "BatchResult.from_store")
+        return self.from_store
 
 
 def _batch_dims(images: object) -> tuple[int, ImageSize]:
@@ -164,12 +171,12 @@ def _finish(report: BatchReport, store: ResultStore, output: object) -> BatchRes
         # Not delivered: a re-run of this batch takes these results instead of paying again.
         report.release(store)
     if report.cancelled:
-        return BatchResult(images=None, seeds=[], credits=report.credits, from_cache=len(report.from_cache),
+        return BatchResult(images=None, seeds=[], credits=report.credits, from_store=len(report.from_store),
                            report=report)
     report.raise_for_failures(store=store)
     report.mark_delivered(store)
     used = [report.seeds[index] for index in range(report.total)]
-    return BatchResult(images=output, seeds=used, credits=report.credits, from_cache=len(report.from_cache),
+    return BatchResult(images=output, seeds=used, credits=report.credits, from_store=len(report.from_store),
                        report=report)
 
 

@@ -177,19 +177,22 @@ def _read_settings(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def local_mode(environ: Optional[Mapping[str, str]] = None) -> bool:
+def offline_mode(environ: Optional[Mapping[str, str]] = None) -> bool:
     """True when the node runs against the free in-process stand-in instead of the paid service."""
-    return _read_settings(settings_file_path(environ)).get("local") is True
+    data = _read_settings(settings_file_path(environ))
+    # "local" is the key's old spelling: a settings file written with it still counts, for one release.
+    return data.get("offline", data.get("local")) is True
 
 
-def set_local_mode(local: object, environ: Optional[Mapping[str, str]] = None) -> bool:
+def set_offline_mode(offline: object, environ: Optional[Mapping[str, str]] = None) -> bool:
     """Switch the offline mode on or off, kept in the settings file so it survives a restart."""
-    if not isinstance(local, bool):
-        raise ConfigurationError("local must be true or false.")
+    if not isinstance(offline, bool):
+        raise ConfigurationError("offline must be true or false.")
     env = _env(environ)
     path = settings_file_path(env)
     data = _read_settings(path)
-    data["local"] = local
+    data.pop("local", None)
+    data["offline"] = offline
     try:
         _private_folder(path.parent, own=_is_default_folder(key_file_path(env)))
         _write_private(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -197,5 +200,5 @@ def set_local_mode(local: object, environ: Optional[Mapping[str, str]] = None) -
         raise ConfigurationError(
             f"The settings file {path} could not be written ({type(exc).__name__}); check the folder's permissions."
         ) from None
-    log.info("local stand-in mode %s", "on" if local else "off")
-    return local
+    log.info("offline mode %s", "on" if offline else "off")
+    return offline

@@ -58,12 +58,12 @@ if TYPE_CHECKING:  # the client imports this module; the type is only needed for
 
 log = logging.getLogger("structure_api")
 
-ENV_CACHE_DIR = "AITHRIVING_CACHE_DIR"
-ENV_CACHE_MAX_MB = "AITHRIVING_CACHE_MAX_MB"
+ENV_STORE_DIR = "AITHRIVING_CACHE_DIR"
+ENV_STORE_MAX_MB = "AITHRIVING_CACHE_MAX_MB"
 DEFAULT_MAX_BYTES = 1024 * 1024 * 1024
 _DISABLED_VALUES = {"", "0", "off", "none", "false", "no"}
-# Delivered results of a memory-only store are a convenience cache: bounded, unlike undelivered ones.
-MEMORY_CACHE_BYTES = 256 * 1024 * 1024
+# Delivered results of a memory-only store are a convenience: bounded, unlike undelivered ones.
+MEMORY_STORE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,8 @@ class StoredResult:
 
 def request_key(image_bytes: bytes, fields: list[tuple[str, str]], endpoint: str) -> str:
     """Hex digest identifying one request; the form fields are hashed in order."""
-    # The same digest as the old cache's, so its entries keep serving fixed-seed re-runs.
+    # The digest's label stays as first written, so entries kept by earlier versions keep serving
+    # fixed-seed re-runs.
     digest = hashlib.sha256()
     digest.update(b"structure-cache-v1\0")
     digest.update(endpoint.encode() + b"\0")
@@ -99,8 +100,8 @@ def request_key(image_bytes: bytes, fields: list[tuple[str, str]], endpoint: str
 def default_store_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
     """The folder from AITHRIVING_CACHE_DIR (``off`` = none), else the user cache folder."""
     env = os.environ if environ is None else environ
-    if ENV_CACHE_DIR in env:
-        value = env[ENV_CACHE_DIR].strip()
+    if ENV_STORE_DIR in env:
+        value = env[ENV_STORE_DIR].strip()
         return None if value.lower() in _DISABLED_VALUES else Path(value).expanduser()
     base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "aithriving" / "structure"
@@ -109,7 +110,7 @@ def default_store_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[P
 def max_bytes_from_env(environ: Optional[Mapping[str, str]] = None) -> int:
     """AITHRIVING_CACHE_MAX_MB in bytes (0 or less: nothing kept on disk), else the default."""
     env = os.environ if environ is None else environ
-    max_mb = env.get(ENV_CACHE_MAX_MB, "").strip()
+    max_mb = env.get(ENV_STORE_MAX_MB, "").strip()
     if not max_mb:
         return DEFAULT_MAX_BYTES
     try:
@@ -118,7 +119,7 @@ def max_bytes_from_env(environ: Optional[Mapping[str, str]] = None) -> int:
             raise ValueError
         return max(0, int(min(value, 2.0 ** 40) * 1024 * 1024))
     except (ValueError, OverflowError):
-        raise ConfigurationError(f"{ENV_CACHE_MAX_MB} must be a number of megabytes; got {max_mb!r}.") from None
+        raise ConfigurationError(f"{ENV_STORE_MAX_MB} must be a number of megabytes; got {max_mb!r}.") from None
 
 
 _SHARED: dict[tuple[Optional[str], int], "ResultStore"] = {}
@@ -316,7 +317,7 @@ class ResultStore:
                           format=entry.format, data=entry.data, paid_at=entry.paid_at, label=entry.label)
         if len(head) + len(entry.data) > self.max_bytes or len(entry.data) > MAX_ENTRY_BYTES:
             log.warning("A result of %d bytes is larger than the result store's limit (%s); it is kept in "
-                        "memory until this process exits.", len(entry.data), ENV_CACHE_MAX_MB)
+                        "memory until this process exits.", len(entry.data), ENV_STORE_MAX_MB)
             with self._lock:
                 self._disk_ok = False
             return False
@@ -420,7 +421,7 @@ class ResultStore:
                            for entry_id, (entry, _) in self._memory.items() if entry.delivered)
         total = sum(size for _, _, size in delivered)
         for _, entry_id, size in delivered:
-            if total <= MEMORY_CACHE_BYTES:
+            if total <= MEMORY_STORE_BYTES:
                 break
             del self._memory[entry_id]
             total -= size

@@ -37,7 +37,7 @@ _MAGIC = b"AITHRIVING-RESULT-1\n"
 # The largest image the service returns is ~28 MB; a file far past that is not one of ours.
 MAX_ENTRY_BYTES = 64 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
-# A crashed writer leaves a temp file (or an old cache's half entry); one this old is nobody's
+# A crashed writer leaves a temp file (or a half entry of the two-file layout); one this old is nobody's
 # write in progress (a write takes well under a second).
 ORPHAN_AGE_SECONDS = 600.0
 # A lock file not used for a day, and held by nobody, is swept.
@@ -197,7 +197,7 @@ def hold_key_lock(fd: int) -> None:
 
 def sweep_folder(directory: Path) -> None:
     """Remove what crashed writers left: temp files, delivered markers without a result, and the
-    half entries of the old cache layout (``<key>.img`` without ``<key>.json`` and the reverse)."""
+    half entries of the two-file layout (``<key>.img`` without ``<key>.json`` and the reverse)."""
     now = time.time()
     try:
         with os.scandir(directory) as listing:
@@ -213,7 +213,7 @@ def sweep_folder(directory: Path) -> None:
         if stat.S_ISREG(info.st_mode) and _is_orphan(item.name, names, old=now - info.st_mtime > ORPHAN_AGE_SECONDS):
             _unlink_quietly(directory / item.name)
     _sweep_locks(directory, now)
-    # The old cache's complete entries (delivered results, fixed seed) move into the new layout.
+    # Complete entries of the two-file layout (delivered results, fixed seed) move into one file each.
     for item in items:
         name = item.name
         if name.endswith(".json") and _is_key(name[:-5]) and name[:-5] + ".img" in names:
@@ -274,7 +274,7 @@ def _migrate_legacy(directory: Path, key: str) -> None:
         durable_write(directory / (entry_id + RESULT_SUFFIX), head, data)
         os.close(os.open(directory / (entry_id + DELIVERED_SUFFIX), os.O_WRONLY | os.O_CREAT, 0o644))
     except (OSError, ValueError, KeyError, TypeError):
-        return  # left as it is: a read-only old cache simply is not migrated
+        return  # left as it is: a read-only folder simply is not migrated
     _unlink_quietly(meta_path)
     _unlink_quietly(image_path)
 

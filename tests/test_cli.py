@@ -67,11 +67,11 @@ def test_generate_format_from_extension_and_fitting(tmp_path, standin, env_for, 
     assert standin.requests[0].fields["output_format"] == "webp"
 
 
-def test_local_needs_no_key_and_no_network(tmp_path, capsys):
+def test_offline_needs_no_key_and_no_network(tmp_path, capsys):
     source = write_png(tmp_path / "in.png", photo_like(128, 128))
-    code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / "out.png", "--local")
+    code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / "out.png", "--offline")
     assert code == 0, err
-    assert "local stand-in" in err and "· 0 credits (free stand-in) ·" in out
+    assert "stand-in" in err and "· 0 credits (free stand-in) ·" in out
     assert Image.open(tmp_path / "out.png").size == (128, 128)
 
 
@@ -108,13 +108,13 @@ def test_each_error_is_one_line_and_non_zero(tmp_path, standin, env_for, capsys,
 def test_bad_input_file_and_bad_arguments(tmp_path, capsys):
     (tmp_path / "notes.png").write_text("not an image")
     code, out, err = run(capsys, "generate", tmp_path / "notes.png", "--prompt", "x", "-o", tmp_path / "o.png",
-                         "--local")
+                         "--offline")
     assert code == 1 and "not an image" in err
     code, out, err = run(capsys, "generate", tmp_path / "missing.png", "--prompt", "x", "-o", tmp_path / "o.png",
-                         "--local")
+                         "--offline")
     assert code == 1 and "Cannot read" in err
     code, out, err = run(capsys, "generate", tmp_path / "notes.png", "--prompt", "  ", "-o", tmp_path / "o.png",
-                         "--local")
+                         "--offline")
     assert code == 2 and "prompt is empty" in err
     with pytest.raises(SystemExit) as info:
         main(["generate", "x.png", "--prompt", "p", "-o", "o.png", "--control-strength", "3"])
@@ -147,7 +147,7 @@ def test_batch_resumes_and_summarises(tmp_path, standin, env_for, capsys):
 
 def test_batch_of_an_empty_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code, out, err = run(capsys, "batch", tmp_path / "empty", "--prompt", "x", "-o", tmp_path / "out", "--local")
+    code, out, err = run(capsys, "batch", tmp_path / "empty", "--prompt", "x", "-o", tmp_path / "out", "--offline")
     assert code == 1 and "no .png" in err
 
 
@@ -157,11 +157,11 @@ def _subprocess_env(**extra):
     return env
 
 
-def test_python_dash_m_entry_point_runs_local(tmp_path):
+def test_python_dash_m_entry_point_runs_offline(tmp_path):
     source = write_png(tmp_path / "in.png", photo_like(120, 90))
     proc = subprocess.run(
         [sys.executable, "-m", "structure_api", "generate", str(source), "--prompt", "a lighthouse",
-         "-o", str(tmp_path / "out.png"), "--local", "--seed", "5"],
+         "-o", str(tmp_path / "out.png"), "--offline", "--seed", "5"],
         capture_output=True, text=True, timeout=60, env=_subprocess_env())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("seed 5 ")
@@ -245,11 +245,11 @@ def test_batch_folder_in_use_by_another_run_is_refused(tmp_path, capsys):
     outputs.mkdir()
     # The lock another process holds: flock locks conflict between open files even in one process.
     with FolderLock(outputs):
-        code, out, err = run(capsys, "batch", inputs, "--prompt", "x", "-o", outputs, "--local")
+        code, out, err = run(capsys, "batch", inputs, "--prompt", "x", "-o", outputs, "--offline")
         assert code == 1 and err.count("\n") == 1 and "in use by another structure-api batch run" in err
         assert f"process {os.getpid()}" in err
         assert not (outputs / "a.png").exists()
-    code, out, err = run(capsys, "batch", inputs, "--prompt", "x", "-o", outputs, "--local")
+    code, out, err = run(capsys, "batch", inputs, "--prompt", "x", "-o", outputs, "--offline")
     assert code == 0 and sorted(p.name for p in outputs.iterdir()) == ["a.png"]  # the lock file is gone
 
 
@@ -259,7 +259,7 @@ def test_outputs_follow_the_umask(tmp_path, capsys):
         previous = os.umask(mask)
         try:
             code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / f"{mask:o}.png",
-                                 "--local")
+                                 "--offline")
         finally:
             os.umask(previous)
         assert code == 0, err
@@ -304,7 +304,7 @@ def test_input_orientation_applied_and_metadata_never_sent(tmp_path, standin, en
 
 @pytest.mark.parametrize("value", ["0", "-3", "33", "100", "four"])
 def test_concurrency_outside_1_to_32_is_one_line_exit_2(tmp_path, capsys, value):
-    code, out, err = run_any(capsys, "batch", tmp_path, "--prompt", "x", "-o", tmp_path / "out", "--local",
+    code, out, err = run_any(capsys, "batch", tmp_path, "--prompt", "x", "-o", tmp_path / "out", "--offline",
                              "--concurrency", value)
     assert code == 2 and err.count("\n") == 1 and "argument --concurrency: must be" in err, err
     assert "from 1 to 32" in err, err
@@ -330,7 +330,7 @@ def run_any(capsys, *argv):
 
 def test_out_of_range_values_one_style_whichever_check_catches_them(tmp_path, capsys):
     source = write_png(tmp_path / "in.png", photo_like(100, 100))
-    base = ["generate", source, "-o", tmp_path / "o.png", "--local"]
+    base = ["generate", source, "-o", tmp_path / "o.png", "--offline"]
     outcomes = [run_any(capsys, *base, "--prompt", "x", "--control-strength", "3"),  # argparse
                 run_any(capsys, *base, "--prompt", "x", "--seed", "-5"),  # argparse
                 run_any(capsys, *base, "--prompt", "x" * 10001),  # our validation
@@ -360,7 +360,7 @@ def test_serve_banner_names_both_variables():
         proc.wait(timeout=10)
     url = lines[0].split("listening on ", 1)[1].strip()  # as benchmarks/servers.py reads it
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
-    assert f"  export AITHRIVING_BASE_URL={url}\n" in lines and "  export AITHRIVING_API_KEY=local\n" in lines
+    assert f"  export AITHRIVING_BASE_URL={url}\n" in lines and "  export AITHRIVING_API_KEY=stand-in\n" in lines
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "http://127.0.0.1:port", "http://[::1", "http://[::zz]:80",
@@ -407,7 +407,7 @@ def test_progress_line_fits_the_terminal(tmp_path):
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "structure_api", "batch", str(inputs), "-o", str(tmp_path / "out"),
-         "--prompt", "x", "--local"],
+         "--prompt", "x", "--offline"],
         stdout=subprocess.PIPE, stderr=follower, env=_subprocess_env(COLUMNS="50"))
     os.close(follower)
     chunks = []
@@ -453,12 +453,12 @@ def test_an_answer_in_another_format_is_never_written_under_the_asked_extension(
 @pytest.mark.parametrize("argv, says", [
     (["serve"], "interrupted: the stand-in stopped (it charges nothing)"),
     (["results"], "this command sends no request, so nothing was charged"),
-    (["generate", "in.png", "-o", "out.png", "--prompt", "x", "--local"], "the local stand-in charges nothing"),
-    (["batch", "in", "-o", "out", "--prompt", "x", "--local"], "the local stand-in charges nothing"),
+    (["generate", "in.png", "-o", "out.png", "--prompt", "x", "--offline"], "the stand-in charges nothing"),
+    (["batch", "in", "-o", "out", "--prompt", "x", "--offline"], "the stand-in charges nothing"),
     (["generate", "in.png", "-o", "out.png", "--prompt", "x"], "a request in flight may have been charged"),
 ])
 def test_a_ctrl_c_says_truly_what_it_may_have_cost(monkeypatch, capsys, argv, says):
-    # Only a request to the paid service can be charged: serve, results and --local say so, not "may have".
+    # Only a request to the paid service can be charged: serve, results and --offline say so, not "may have".
     from structure_api.cli import EXIT_INTERRUPTED, args as cli_args, main
 
     def interrupted(args):
@@ -469,4 +469,16 @@ def test_a_ctrl_c_says_truly_what_it_may_have_cost(monkeypatch, capsys, argv, sa
     assert main(argv) == EXIT_INTERRUPTED
     err = capsys.readouterr().err
     assert says in err
-    assert ("may have been charged" in err) == ("--local" not in argv and argv[0] in ("generate", "batch"))
+    assert ("may have been charged" in err) == ("--offline" not in argv and argv[0] in ("generate", "batch"))
+
+
+@pytest.mark.parametrize("old, new", [("--local", "--offline"), ("--no-cache", "--no-store")])  # old spellings
+def test_old_option_names_still_work_and_say_the_new_one(tmp_path, capsys, old, new):
+    source = write_png(tmp_path / "in.png", photo_like(96, 96))
+    argv = ["generate", source, "--prompt", "x", "-o", tmp_path / "out.png", "--local"]  # old spelling
+    if old != "--local":  # old spelling
+        argv.append(old)
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert f"{old} is now {new}" in err
+    assert "· 0 credits (free stand-in) ·" in out

@@ -54,7 +54,7 @@ def _assert_all(pattern: str, files: list[Path], allowed, what: str, *, at_least
 def test_old_names_are_the_contract_itself() -> None:
     """Modules that used to define the figures re-export the contract's objects, not copies."""
     assert client.StructureRequest is contract.StructureRequest
-    assert client.validate_parameters is contract.validate_parameters
+    assert client.validate_params is contract.validate_params
     assert client.CREDITS_PER_IMAGE == standin.CREDITS_PER_IMAGE == contract.CREDITS_PER_IMAGE
     assert client.MAX_SEED == contract.MAX_SEED and client.OUTPUT_FORMATS is contract.OUTPUT_FORMATS
     assert standin.ENDPOINT_PATH == client.ENDPOINT_PATH == contract.ENDPOINT_PATH
@@ -79,12 +79,12 @@ def test_every_form_field_is_a_parameter_of_the_request_and_the_node() -> None:
     def names(cls: type) -> list[str]:
         return [field.name for field in dataclasses.fields(cls)]
 
-    assert names(contract.FormParameters) == list(contract.FIELD_NAMES)
+    assert names(contract.FormParams) == list(contract.FIELD_NAMES)
     assert names(contract.StructureRequest) == list(contract.FIELD_NAMES) + ["image"]
     assert names(StructureParams) == list(contract.FIELD_NAMES) + ["outside_limits"]
     for field in contract.FORM_FIELDS:
         if not field.required:
-            assert getattr(contract.FormParameters, field.name) == field.default, field.name
+            assert getattr(contract.FormParams, field.name) == field.default, field.name
 
 
 def test_the_web_extension_takes_the_price_from_the_server() -> None:
@@ -105,7 +105,7 @@ def test_no_js_file_states_a_limit() -> None:
 
 
 def test_credit_figures_agree() -> None:
-    # Per image: exactly the price. Any other sum: nothing (free, cached, offline) or a whole number of images.
+    # Per image: exactly the price. Any other sum: nothing (free, from the store, offline) or a whole number of images.
     per_image = rf"{NUMBER}\s*(?:credits?|crédits?|créditos?)\s*(?:per image|par image|por imagen)"
     _assert_all(per_image, ALL_FILES, lambda value: value == contract.CREDITS_PER_IMAGE,
                 "the price per image", at_least=3)

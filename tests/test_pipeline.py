@@ -1,4 +1,4 @@
-"""The node's logic without ComfyUI: batches, seeds, order, fitting, failures, cancel, cache."""
+"""The node's logic without ComfyUI: batches, seeds, order, fitting, failures, cancel, result store."""
 
 from __future__ import annotations
 
@@ -213,13 +213,13 @@ def test_progress_is_reported_on_the_callers_thread(client):
     assert (caller, 3, 3) in seen
 
 
-def test_fixed_seed_result_comes_from_cache_after_restart(standin, make_client, tmp_path):
+def test_fixed_seed_result_comes_from_the_store_after_restart(standin, make_client, tmp_path):
     images = distinct_batch(3)
     first = generate_images(images, params(seed=77), client=make_client(), store=ResultStore(tmp_path))
     assert len(standin.requests) == 3 and first.credits == 18
-    # A new cache object on the same folder stands for a restart.
+    # A new store object on the same folder stands for a restart.
     second = generate_images(images, params(seed=77), client=make_client(), store=ResultStore(tmp_path))
-    assert len(standin.requests) == 3 and second.credits == 0 and second.from_cache == 3
+    assert len(standin.requests) == 3 and second.credits == 0 and second.from_store == 3
     assert torch.equal(first.images, second.images)
     # A changed parameter is a new request.
     generate_images(images, params(seed=77, control_strength=0.5), client=make_client(),
@@ -227,20 +227,20 @@ def test_fixed_seed_result_comes_from_cache_after_restart(standin, make_client, 
     assert len(standin.requests) == 6
 
 
-def test_random_seed_is_never_served_from_cache(standin, make_client, tmp_path):
-    cache = ResultStore(tmp_path)
-    first = generate_images(distinct_batch(1), params(seed=0), client=make_client(), store=cache)
-    generate_images(distinct_batch(1), params(seed=0), client=make_client(), store=cache)
+def test_random_seed_is_never_served_from_the_store(standin, make_client, tmp_path):
+    store = ResultStore(tmp_path)
+    first = generate_images(distinct_batch(1), params(seed=0), client=make_client(), store=store)
+    generate_images(distinct_batch(1), params(seed=0), client=make_client(), store=store)
     assert len(standin.requests) == 2
     # ... but the paid result is kept under the seed it got, so fixing that seed costs nothing.
-    again = generate_images(distinct_batch(1), params(seed=first.seeds[0]), client=make_client(), store=cache)
+    again = generate_images(distinct_batch(1), params(seed=first.seeds[0]), client=make_client(), store=store)
     assert len(standin.requests) == 2 and again.credits == 0
 
 
-def test_cache_files_hold_no_key_and_stay_bounded(standin, make_client, tmp_path):
-    cache = ResultStore(tmp_path, max_bytes=40_000)
+def test_store_files_hold_no_key_and_stay_bounded(standin, make_client, tmp_path):
+    store = ResultStore(tmp_path, max_bytes=40_000)
     for seed in range(1, 8):
-        generate_images(distinct_batch(1), params(seed=seed), client=make_client(), store=cache)
+        generate_images(distinct_batch(1), params(seed=seed), client=make_client(), store=store)
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     total = sum(p.stat().st_size for p in files)
     assert 0 < total <= 40_000
@@ -248,7 +248,7 @@ def test_cache_files_hold_no_key_and_stay_bounded(standin, make_client, tmp_path
         assert TEST_KEY.encode() not in path.read_bytes()
 
 
-def test_cache_turned_off_by_environment(monkeypatch):
+def test_result_store_turned_off_by_environment(monkeypatch):
     monkeypatch.setenv("AITHRIVING_CACHE_DIR", "off")
     off = ResultStore.from_env()
     assert off.directory is None and not off.persistent and ResultStore.from_env() is off

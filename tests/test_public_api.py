@@ -39,3 +39,22 @@ def test_errors_docstring_draws_the_exception_tree() -> None:
                if isinstance(cls, type) and issubclass(cls, errors.StructureError) and cls is not errors.StructureError}
     assert set(drawn) == set(classes)
     assert {name: cls.__bases__[0].__name__ for name, cls in classes.items()} == drawn
+
+
+def test_old_spellings_still_work_and_warn() -> None:
+    import pytest
+
+    from structure_api import standin
+    from structure_api.batch import BatchReport
+    from structure_api.pipeline import BatchResult
+
+    with pytest.warns(DeprecationWarning, match="validate_params"):
+        assert structure_api.validate_parameters is structure_api.validate_params  # old spelling
+    with pytest.warns(DeprecationWarning, match="form_to_job"):
+        assert standin.validate_form is standin.form_to_job  # old spelling
+    report = BatchReport(total=2, from_store={1})
+    with pytest.warns(DeprecationWarning, match="from_store"):
+        assert report.from_cache == {1}  # old spelling
+    result = BatchResult(images=None, seeds=[], credits=0, from_store=1, report=report)
+    with pytest.warns(DeprecationWarning, match="from_store"):
+        assert result.from_cache == 1  # old spelling

@@ -22,7 +22,7 @@ from structure_api.ratelimit import (
 )
 from structure_api.retry import RetryPolicy
 from structure_api.standin import Respond, StandInServer
-from structure_api.standin.ratelimit import UpstreamRateLimit
+from structure_api.standin.upstream_limit import UpstreamRateLimit
 from support import TEST_KEY, RecordingSleep, photo_like
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -9,16 +10,16 @@ import pytest
 
 from structure_api import StructureClient, StructureRequest, config, standin as standin_module
 from structure_api.images import encode_upload
-from structure_api.offline import LocalStandIn, client_for_run
+from structure_api.offline import InProcessStandIn, client_for_run
 from structure_api.settings import (
     KeyFileLocationError,
     KeyFromEnvironmentError,
     KeyRefusedError,
     delete_api_key,
     key_status,
-    local_mode,
+    offline_mode,
     save_api_key,
-    set_local_mode,
+    set_offline_mode,
     settings_file_path,
 )
 from structure_api.standin import StandInServer
@@ -103,26 +104,36 @@ def test_empty_key_file_is_not_set(env, tmp_path):
     assert key_status(env).set is False
 
 
-def test_local_mode_is_off_by_default_and_kept_next_to_the_key_file(env, tmp_path):
-    assert local_mode(env) is False
-    assert set_local_mode(True, env) is True
+def test_offline_mode_is_off_by_default_and_kept_next_to_the_key_file(env, tmp_path):
+    assert offline_mode(env) is False
+    assert set_offline_mode(True, env) is True
     path = settings_file_path(env)
     assert path == tmp_path / "conf" / "aithriving" / "aithriving-settings.json"
-    assert local_mode(env) is True and mode_of(path) == 0o600
-    set_local_mode(False, env)
-    assert local_mode(env) is False
+    assert offline_mode(env) is True and mode_of(path) == 0o600
+    set_offline_mode(False, env)
+    assert offline_mode(env) is False
 
 
-def test_local_mode_takes_only_booleans(env):
+def test_a_settings_file_with_the_old_key_still_counts(env):
+    path = settings_file_path(env)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"local": true}')  # the key's old spelling
+    assert offline_mode(env) is True
+    set_offline_mode(False, env)
+    assert json.loads(path.read_text()) == {"offline": False}
+    assert offline_mode(env) is False
+
+
+def test_offline_mode_takes_only_booleans(env):
     with pytest.raises(Exception, match="true or false"):
-        set_local_mode("yes", env)
+        set_offline_mode("yes", env)
 
 
 def test_broken_settings_file_means_defaults(env):
     path = settings_file_path(env)
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
-    assert local_mode(env) is False
+    assert offline_mode(env) is False
 
 
 def test_header_names_agree():
@@ -141,11 +152,11 @@ def test_free_standin_results_cost_nothing_and_billing_standin_results_cost_six(
             assert client.generate(_one_request()).credits == 6
 
 
-def test_offline_run_needs_no_key_and_skips_the_cache(env):
-    set_local_mode(True, env)
-    standin = LocalStandIn()
+def test_offline_run_needs_no_key_and_skips_the_result_store(env):
+    set_offline_mode(True, env)
+    standin = InProcessStandIn()
     with client_for_run(standin, env) as run:
-        assert run.local and run.store.directory is None and not run.store.persistent
+        assert run.offline and run.store.directory is None and not run.store.persistent
         assert standin.running
         result = run.client.generate(_one_request())
         assert result.credits == 0 and result.pixels.shape == (96, 96, 3)
@@ -155,8 +166,8 @@ def test_offline_run_needs_no_key_and_skips_the_cache(env):
 
 
 def test_release_during_a_run_stops_the_standin_when_the_run_ends(env):
-    set_local_mode(True, env)
-    standin = LocalStandIn()
+    set_offline_mode(True, env)
+    standin = InProcessStandIn()
     with client_for_run(standin, env) as run:
         standin.release()
         assert standin.running
@@ -168,14 +179,14 @@ def test_online_run_needs_the_key(env):
     from structure_api.errors import MissingAPIKeyError
 
     with pytest.raises(MissingAPIKeyError):
-        with client_for_run(LocalStandIn(), env):
+        with client_for_run(InProcessStandIn(), env):
             pass
 
 
 def test_online_run_reads_a_key_saved_since_the_last_run(env, standin):
     env = {**env, "AITHRIVING_BASE_URL": standin.url, "AITHRIVING_CACHE_DIR": "off"}
     save_api_key(TEST_KEY, env)
-    with client_for_run(LocalStandIn(), env) as run:
-        assert not run.local and run.store.directory is None
+    with client_for_run(InProcessStandIn(), env) as run:
+        assert not run.offline and run.store.directory is None
         assert run.client.generate(_one_request()).credits == 6
     assert standin.requests[-1].headers["authorization"] == TEST_KEY and standin.requests[-1].status == 200

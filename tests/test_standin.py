@@ -1,4 +1,4 @@
-"""The local stand-in, over real HTTP on 127.0.0.1: contract, validation, auth, faults, threads."""
+"""The stand-in, over real HTTP on 127.0.0.1: contract, validation, auth, faults, threads."""
 
 from __future__ import annotations
 

@@ -48,8 +48,8 @@ def _what_an_interrupt_left(args: argparse.Namespace) -> str:
         return "the stand-in stopped (it charges nothing)"
     if args.command == "results":
         return "this command sends no request, so nothing was charged; what was not exported yet stays kept"
-    if getattr(args, "local", False):
-        return "nothing more was written (the local stand-in charges nothing)"
+    if getattr(args, "offline", False):
+        return "nothing more was written (the stand-in charges nothing)"
     return ("nothing more was written (a request in flight may have been charged if its upload had finished; "
             "any answer that arrived is kept: see `structure-api results`)")
 

@@ -6,7 +6,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, Optional, Sequence
 
 from .. import __version__
 from ..batch import DEFAULT_MAX_CONCURRENCY
@@ -96,6 +96,20 @@ def _port(text: str) -> int:
     return _whole(text, low=0, high=65535)
 
 
+class _OldSpelling(argparse.Action):
+    """Set a flag given by its old name, and say its new name on stderr."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: Optional[str] = None) -> None:
+        print(f"structure-api: {option_string} is now {self.new}; the old name goes in the next release",
+              file=sys.stderr)
+        setattr(namespace, self.dest, True)
+
+
 def _add_generation_options(sub: argparse.ArgumentParser) -> None:
     """The options generate and batch share."""
     sub.add_argument("--prompt", required=True, help=f"what the output should show ({PROMPT_RANGE_TEXT})")
@@ -105,10 +119,13 @@ def _add_generation_options(sub: argparse.ArgumentParser) -> None:
                           "input's structure (default %(default)s)")
     sub.add_argument("--seed", type=_seed, default=0,
                      help=f"0..{MAX_SEED}; 0 lets the service pick (default)")
-    sub.add_argument("--local", action="store_true",
-                     help="use an in-process local stand-in instead of the paid service (no key needed)")
-    sub.add_argument("--no-cache", action="store_true",
+    sub.add_argument("--offline", action="store_true",
+                     help="use an in-process stand-in instead of the paid service (no key needed)")
+    sub.add_argument("--no-store", action="store_true",
                      help="keep paid results in memory for this command only, not in the result store")
+    # The old spellings, for one release.
+    sub.add_argument("--local", action=_OldSpelling, dest="offline", new="--offline", help=argparse.SUPPRESS)
+    sub.add_argument("--no-cache", action=_OldSpelling, dest="no_store", new="--no-store", help=argparse.SUPPRESS)
     sub.add_argument("--timeout", type=_seconds, default=DEFAULT_READ_TIMEOUT,
                      help="seconds to wait for each answer (default %(default)s)")
 
@@ -147,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write every paid result not yet delivered into DIR, exactly as the service sent it")
     res.set_defaults(run=cmd_results)
 
-    srv = commands.add_parser("serve", help="run the local stand-in server for offline work and tests")
+    srv = commands.add_parser("serve", help="run the stand-in server for offline work and tests")
     srv.add_argument("--port", type=_port, default=0, help="port, 0 to 65535 (default 0: a free one)")
     srv.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     srv.add_argument("--latency", type=_latency, default=0.0, help="seconds to wait before each answer")

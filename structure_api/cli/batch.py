@@ -20,7 +20,7 @@ from ..files import FileAccessError, FolderLock, InputImage, batch_outputs, chec
     is_finished_output, list_input_images, read_input_image
 from ..pipeline import batch_seeds
 from .exits import EXIT_FAILED, EXIT_INTERRUPTED
-from .target import RequestTarget, check_parameters, structure_request, write_result
+from .target import RequestTarget, check_params, structure_request, write_result
 
 
 class _ProgressLine:
@@ -138,7 +138,7 @@ class _BatchFiles:
 def cmd_batch(args: argparse.Namespace) -> int:
     """One request per image of a folder; everything that can be checked is checked before the first."""
     output_format = args.format or "png"
-    check_parameters(args, output_format)
+    check_params(args, output_format)
     inputs = list_input_images(args.input_dir)
     targets = batch_outputs(inputs, args.input_dir, args.output_dir, output_format)
     check_writable_folder(args.output_dir)

@@ -10,12 +10,12 @@ from ..contract import CREDITS_PER_IMAGE
 from ..files import FileAccessError, check_output_file, check_writable_folder, export_path, read_input_image, \
     write_atomically
 from ..store import ResultStore
-from .target import RequestTarget, check_parameters, credits_text, structure_request, write_result
+from .target import RequestTarget, check_params, credits_text, structure_request, write_result
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Everything about the files is checked before the request, because the answer is paid for."""
-    check_parameters(args, "png" if args.format is None else args.format)
+    check_params(args, "png" if args.format is None else args.format)
     output_format = check_output_file(args.output, args.format)
     image = read_input_image(args.input)
     with RequestTarget.open(args) as target:
@@ -73,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key = load_api_key().reveal()
 
     def ready(url: str) -> None:
-        key = "<your key>" if args.require_key else "local"
+        key = "<your key>" if args.require_key else "stand-in"
         # The address ends the first line: scripts (benchmarks/servers.py) read it from there.
         print(f"Structure stand-in listening on {url}", flush=True)
         print("  (answers like the real service, with generated images; free: no credits are spent)", flush=True)

@@ -28,20 +28,20 @@ class RequestTarget:
     @classmethod
     @contextlib.contextmanager
     def open(cls, args: argparse.Namespace) -> Iterator["RequestTarget"]:
-        """The target the options choose: ``--local`` for an in-process stand-in, else the configured service."""
-        if args.local:
+        """The target the options choose: ``--offline`` for an in-process stand-in, else the configured service."""
+        if args.offline:
             from ..standin import StandInServer
 
             # free=True: its answers say so, and the client counts them as 0 credits.
             with StandInServer(free=True) as server:
-                print(f"using the local stand-in at {server.url} (no key, no credits)", file=sys.stderr)
-                with StructureClient(api_key="local-stand-in", base_url=server.url,
+                print(f"using the stand-in at {server.url} (no key, no credits)", file=sys.stderr)
+                with StructureClient(api_key="stand-in", base_url=server.url,
                                      read_timeout=args.timeout) as client:
                     # Kept for this run only: the next run's stand-in has another address anyway.
                     yield cls(client, ResultStore(None), free=True)
             return
         with StructureClient.from_env(read_timeout=args.timeout) as client:
-            yield cls(client, ResultStore(None) if args.no_cache else ResultStore.from_env())
+            yield cls(client, ResultStore(None) if args.no_store else ResultStore.from_env())
 
     def generate(self, request: StructureRequest, label: str) -> tuple[StructureResult, bool]:
         """One request through the store: a result paid before and not delivered (or a fixed seed's) is free."""
@@ -97,7 +97,7 @@ def form_values(args: argparse.Namespace, seed: int, output_format: str) -> dict
     return {name: given[name] if name in given else getattr(args, name) for name in FIELD_NAMES}
 
 
-def check_parameters(args: argparse.Namespace, output_format: str) -> None:
+def check_params(args: argparse.Namespace, output_format: str) -> None:
     try:
         validate_form(form_values(args, args.seed, output_format))
     except InputError as error:

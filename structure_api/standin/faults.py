@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable, Optional, Protocol, Union
 
-from .answers import body_bytes, error_payload
+from .bodies import body_bytes, error_payload
 
 # The faults a fault_rate draw picks from: retryable statuses or a failed generation.
 FAULT_KINDS = ("429", "500", "502", "503", "504", "code-1")

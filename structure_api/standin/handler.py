@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Iterable, Optional, Union
 from urllib.parse import urlsplit
 
 from ..contract import ENDPOINT_PATH
-from .answers import default_body, error_payload, json_bytes
-from .multipart import BadRequest, Form, parse_multipart
+from .bodies import default_body, error_payload, json_bytes
+from .multipart import InvalidUpload, Form, parse_multipart
 from .records import Entry
 
 if TYPE_CHECKING:
@@ -125,17 +125,17 @@ class StandInHandler(BaseHTTPRequestHandler):
         """Record the request as it stands (a fault that never reads the body)."""
         self._standin.books.record(self._entry)
 
-    def _read(self, limit: int) -> tuple[Optional[bytes], Union[Form, BadRequest, None]]:
+    def _read(self, limit: int) -> tuple[Optional[bytes], Union[Form, InvalidUpload, None]]:
         """The body (None when over `limit`) and its form, if multipart; the request is recorded."""
         body = self._read_body(limit)
         entry = self._entry
         entry.body_size = len(body) if body is not None else 0
-        form: Union[Form, BadRequest, None] = None
+        form: Union[Form, InvalidUpload, None] = None
         content_type = entry.headers.get("content-type", "")
         if body is not None and content_type.lower().startswith("multipart/"):
             try:
                 form = parse_multipart(body, content_type)
-            except BadRequest as problem:
+            except InvalidUpload as problem:
                 form = problem
             if isinstance(form, Form):
                 entry.fields = dict(form.fields)

@@ -18,14 +18,14 @@ from typing import Optional, Union
 
 from ..contract import ENDPOINT_PATH, MAX_REQUEST_BYTES, MAX_SEED
 from ..ratelimit import RateLimit
-from .answers import error_payload
+from .bodies import error_payload
 from .faults import Fault
 from .handler import StandInHandler, Stopped
-from .multipart import BadRequest, Form
-from .ratelimit import UpstreamRateLimit
+from .multipart import InvalidUpload, Form
+from .upstream_limit import UpstreamRateLimit
 from .records import Books, RecordedRequest
 from .render import render_structure
-from .validation import validate_form
+from .validation import form_to_job
 
 log = logging.getLogger("structure_api.standin")
 
@@ -121,7 +121,7 @@ class StandInServer:
     ) -> None:
         """Bind to host:port at once (port 0 picks a free one); start() begins answering.
 
-        free marks every answer as free of charge (STANDIN_HEADER), as `serve`, `--local` and the
+        free marks every answer as free of charge (STANDIN_HEADER), as `serve`, `--offline` and the
         node's offline mode want; without it the stand-in plays the paid service, as billing tests want.
 
         max_records keeps only the newest N recorded requests (each holds its upload, up to
@@ -245,7 +245,7 @@ class StandInServer:
 
     def answer(
         self, method: str, route: str, headers: dict[str, str], body: Optional[bytes],
-        form: Union[Form, BadRequest, None],
+        form: Union[Form, InvalidUpload, None],
     ) -> tuple[int, dict, dict[str, str]]:
         """What the service answers to one request: (status, JSON payload, extra headers)."""
         if route != ENDPOINT_PATH:
@@ -264,11 +264,11 @@ class StandInServer:
                                       "payload_too_large", [f"body: must be at most {MAX_REQUEST_BYTES} bytes"]), {}
         try:
             if form is None:
-                raise BadRequest("content-type: must be multipart/form-data")
-            if isinstance(form, BadRequest):
+                raise InvalidUpload("content-type: must be multipart/form-data")
+            if isinstance(form, InvalidUpload):
                 raise form
-            job = validate_form(form)
-        except BadRequest as problem:
+            job = form_to_job(form)
+        except InvalidUpload as problem:
             reason = str(problem)
             return 400, error_payload(reason, "bad_request", [reason]), {}
         seed = job.form.seed or secrets.randbelow(MAX_SEED) + 1

@@ -1,5 +1,5 @@
 """Fixtures for the browser tests: Playwright (pytest-playwright) on the system Chromium, a real ComfyUI
-with the pack, the local stand-in behind it.
+with the pack, the stand-in behind it.
 
 The fixture API, for tests in this folder:
 

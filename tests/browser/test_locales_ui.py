@@ -106,15 +106,15 @@ def test_no_english_of_ours_in_the_ui(comfy_page_factory, tmp_path, language):
 
     # The offline switch, then a run against the in-process stand-in.
     page.locator('[id="AIThriving.Setup.LocalStandIn"]').click()
-    ui.wait_for(f"{SETUP_STATE}?.local === true", message="offline mode on")
+    ui.wait_for(f"{SETUP_STATE}?.offline === true", message="offline mode on")
     ui.close_dialogs()
     node = ui.structure_node()
     badges = [read(text) for text in node["badges"]]
-    assert mine(language, "estimateLocal") in badges and mine(language, "noticeLocal") in badges
+    assert mine(language, "estimateStandIn") in badges and mine(language, "noticeStandIn") in badges
     page.get_by_text(mine(language, "toastNoKeySummary"), exact=True).first.wait_for(state="hidden")
     ui.evaluate("app.queuePrompt(0, 1)")
     last = ui.wait_for_last_run(timeout=60)
-    assert read(last["text"]) == mine(language, "lastRunLocal")
+    assert read(last["text"]) == mine(language, "lastRunStandIn")
 
     # The node's menu entry, then the key dialog it opens.
     ui.frame_graph()

@@ -2,7 +2,7 @@
 
 A user's path: open the template browser, pick one of the pack's workflows (or drop the workflow file
 on the canvas), look at the node, press Run, see the image and the cost on the node; open the node's
-help; switch the language; the same in the "Nodes 2.0" rendering. Runs against the local stand-in;
+help; switch the language; the same in the "Nodes 2.0" rendering. Runs against the stand-in;
 nothing is paid. Each test id names the ComfyUI and the frontend, e.g. [comfyui-0.3.75+frontend-1.58.1].
 """
 
@@ -259,13 +259,13 @@ def test_example_workflow_from_the_template_browser_runs_and_shows_image_and_cos
     # What the service was asked, what it cost, and what the node says it cost.
     cost = ui.wait_for_last_run()
     paid = len(ui_standin.requests)
-    assert paid in (0, images)  # 0: this seed was paid for earlier in the session and came from the cache
+    assert paid in (0, images)  # 0: this seed was paid for earlier in the session and came from the result store
     if paid:
         assert sorted(int(r.fields["seed"]) for r in ui_standin.requests) == list(range(seed, seed + images))
-    assert cost["images"] == images and cost["from_cache"] == images - paid
+    assert cost["images"] == images and cost["from_store"] == images - paid
     assert cost["credits"] == CREDITS_PER_IMAGE * paid == entry["outputs"][structure["id"]][
         "aithriving_cost"][0]["credits"]
-    expected_text = f"Last run: {cost['credits']} credits" + (f" ({images - paid} from cache)" if paid < images else "")
+    expected_text = f"Last run: {cost['credits']} credits" + (f" ({images - paid} from the result store)" if paid < images else "")
     assert cost["text"] == expected_text
     assert expected_text in ui.structure_node()["badges"]
 
@@ -292,11 +292,11 @@ def test_dropped_workflow_file_runs_and_the_cost_follows_both_caches(comfy_page,
     check_graph(ui, workflow)
     assert ui.structure_node()["estimate"] == "≈ 6 credits"
 
-    # First run: paid, or served by the pack's cache if this seed was paid earlier in this session.
+    # First run: paid, or served by the pack's result store if this seed was paid earlier in this session.
     run_from_ui(ui, ui_server)
     cost = ui.wait_for_last_run()
     paid = len(ui_standin.requests)
-    assert (cost["credits"], cost["from_cache"]) == (6 * paid, 1 - paid)
+    assert (cost["credits"], cost["from_store"]) == (6 * paid, 1 - paid)
     ui.wait_for_node_images("3", 1)
 
     # Run again, unchanged: ComfyUI reuses its output without running the node. Nothing was paid.
@@ -306,13 +306,13 @@ def test_dropped_workflow_file_runs_and_the_cost_follows_both_caches(comfy_page,
     assert ui_standin.requests == []
     assert cost["reused"] and cost["text"] == "Last run: 0 credits (ComfyUI reused the previous result)"
 
-    # After ComfyUI forgot its outputs the node runs, and the pack's own cache answers for free.
+    # After ComfyUI forgot its outputs the node runs, and the pack's result store answers for free.
     free_execution_cache(ui_server)
     run_from_ui(ui, ui_server)
     cost = ui.wait_for_last_run()
     assert ui_standin.requests == []
-    assert not cost["reused"] and (cost["credits"], cost["from_cache"]) == (0, 1)
-    assert cost["text"] == "Last run: 0 credits (1 from cache)"
+    assert not cost["reused"] and (cost["credits"], cost["from_store"]) == (0, 1)
+    assert cost["text"] == "Last run: 0 credits (1 from the result store)"
     ui.frame_graph()
     pictures.shoot("dropped-from-cache")
     assert_no_pack_errors_in_console(ui)

@@ -158,8 +158,8 @@ def test_single_image_saves_the_services_image(comfy, standin):
     assert request.fields["seed"] == "1234" and request.headers["authorization"] == TEST_KEY
     # The cost of the run travels to the frontend as the node's UI output.
     [cost] = entry["outputs"]["3"]["aithriving_cost"]
-    assert cost == {"credits": 6, "images": 1, "from_cache": 0, "credits_per_image": 6, "seeds": [1234],
-                    "local": False, "free": False}
+    assert cost == {"credits": 6, "images": 1, "from_store": 0, "credits_per_image": 6, "seeds": [1234],
+                    "offline": False, "free": False}
     assert_same_image(saved, expected_pixels(standin, 1234))
     # ... and that image keeps the input's structure: its edges line up with the input's.
     source = np.asarray(Image.open(EXAMPLE).convert("RGB"))
@@ -242,7 +242,7 @@ def test_seed_0_batch_with_a_failing_image_queued_twice_pays_only_for_that_image
     assert len(standin.requests) == 1 and standin.credits_spent - credits_before == 18 + 6
     assert len(saved_images(second)) == 4
     cost = next(iter(second["outputs"]["3"]["aithriving_cost"]))
-    assert (cost["credits"], cost["from_cache"], cost["images"]) == (6, 3, 4)
+    assert (cost["credits"], cost["from_store"], cost["images"]) == (6, 3, 4)
 
 
 def test_no_trace_of_the_key_in_saved_files_or_history(comfy, standin):

@@ -107,11 +107,11 @@ def test_key_status_set_from_the_ui_used_without_restart_then_deleted(
         response = call("POST", "/aithriving/key", json={"key": TEST_KEY}, headers=lan)
         assert response.status_code == 403 and "another web page" in response.json()["error"]
         assert call("DELETE", "/aithriving/key", headers=lan).status_code == 403
-        assert call("POST", "/aithriving/mode", json={"local": True}, headers=lan).status_code == 403
+        assert call("POST", "/aithriving/mode", json={"offline": True}, headers=lan).status_code == 403
         assert call("POST", "/aithriving/key", json={"key": TEST_KEY},
                     headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
         assert not key_file.parent.exists()
-        assert call("GET", "/aithriving/mode").json() == {"local": False}
+        assert call("GET", "/aithriving/mode").json() == {"offline": False}
 
         # The UI's own request: same origin.
         same = {"Origin": server.url, "Sec-Fetch-Site": "same-origin"}
@@ -126,7 +126,7 @@ def test_key_status_set_from_the_ui_used_without_restart_then_deleted(
         entry = server.run(graph(prefix="withkey"))
         assert execution_error(entry) is None, execution_error(entry)
         assert [r.headers["authorization"] for r in billing_standin.requests] == [TEST_KEY]
-        assert cost_of(entry)["credits"] == 6 and cost_of(entry)["local"] is False
+        assert cost_of(entry)["credits"] == 6 and cost_of(entry)["offline"] is False
 
         # A refused key leaves the saved one alone.
         assert call("POST", "/aithriving/key", json={"key": "\x00"}).status_code == 400
@@ -180,28 +180,28 @@ def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_res
     base = tmp_path / "base"
     server = start(comfy_install, base, env)
     try:
-        assert server.request("GET", "/aithriving/mode").json() == {"local": False}
+        assert server.request("GET", "/aithriving/mode").json() == {"offline": False}
         entry = server.run(graph(prefix="offline-off"))
         assert "No API key found" in execution_error(entry)["exception_message"]
 
-        for bad in ({"local": "yes"}, {"local": 1}, {}):
+        for bad in ({"offline": "yes"}, {"offline": 1}, {"local": "yes"}, {}):
             assert server.request("POST", "/aithriving/mode", json=bad).status_code == 400
-        response = server.request("POST", "/aithriving/mode", json={"local": True})
-        assert response.status_code == 200 and response.json() == {"local": True}
+        response = server.request("POST", "/aithriving/mode", json={"offline": True})
+        assert response.status_code == 200 and response.json() == {"offline": True}
         settings_file = key_file.with_name("aithriving-settings.json")
-        assert json.loads(settings_file.read_text()) == {"local": True}
+        assert json.loads(settings_file.read_text()) == {"offline": True}
 
         entry = server.run(graph(prefix="offline-on"))
         assert execution_error(entry) is None, execution_error(entry)
         cost = cost_of(entry)
-        assert cost["credits"] == 0 and cost["local"] is True and cost["free"] is True and cost["credits_per_image"] == 0
+        assert cost["credits"] == 0 and cost["offline"] is True and cost["free"] is True and cost["credits_per_image"] == 0
         [image] = saved_images(entry)
         png = Image.open(base / "output" / image["subfolder"] / image["filename"])
         assert png.size == Image.open(EXAMPLE).size
         # The mode is the machine's, not the workflow's: nothing of it in the saved PNG's metadata.
         metadata = json.dumps(png.text)
-        assert "aithriving-settings" not in metadata and '"local"' not in metadata and "stand-in" not in metadata
-        assert "local stand-in" not in json.dumps(entry["prompt"])
+        assert "aithriving-settings" not in metadata and '"offline"' not in metadata and "stand-in" not in metadata
+        assert "stand-in" not in json.dumps(entry["prompt"])
         assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.png"))
         assert not key_file.exists()
     finally:
@@ -209,10 +209,11 @@ def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_res
 
     restarted = start(comfy_install, base, env)
     try:
-        assert restarted.request("GET", "/aithriving/mode").json() == {"local": True}
+        assert restarted.request("GET", "/aithriving/mode").json() == {"offline": True}
         entry = restarted.run(graph(prefix="offline-again", seed=77))
         assert execution_error(entry) is None and cost_of(entry)["credits"] == 0
-        assert restarted.request("POST", "/aithriving/mode", json={"local": False}).json() == {"local": False}
+        # {"local": bool} is the old spelling of the field, still accepted.
+        assert restarted.request("POST", "/aithriving/mode", json={"offline": False}).json() == {"offline": False}
         entry = restarted.run(graph(prefix="offline-off-again", seed=78))
         assert "No API key found" in execution_error(entry)["exception_message"]
     finally:
@@ -223,12 +224,12 @@ def test_a_serve_standin_at_the_base_url_is_reported_free(comfy_install, tmp_pat
     # `structure-api serve` (free=True) with the two variables its banner shows: 0 credits on every figure.
     with StandInServer(free=True) as serve:
         server = start(comfy_install, tmp_path / "base", {
-            "AITHRIVING_BASE_URL": serve.url, "AITHRIVING_API_KEY": "local", "AITHRIVING_CACHE_DIR": "off"})
+            "AITHRIVING_BASE_URL": serve.url, "AITHRIVING_API_KEY": "stand-in", "AITHRIVING_CACHE_DIR": "off"})
         try:
             entry = server.run(graph(prefix="serve"))
             assert execution_error(entry) is None, execution_error(entry)
             cost = cost_of(entry)
-            assert (cost["credits"], cost["credits_per_image"], cost["free"], cost["local"]) == (0, 0, True, False)
+            assert (cost["credits"], cost["credits_per_image"], cost["free"], cost["offline"]) == (0, 0, True, False)
             assert len(serve.requests) == 1
         finally:
             server.stop()

@@ -13,7 +13,7 @@ REPORT_ENV = "RELIABILITY_REPORT"
 REPRODUCE = f"{REPORT_ENV}=docs/reliability.md python -m pytest tests/reliability -q"
 
 SECTIONS = {
-    "faults": "1. Fault matrix (client against the local stand-in)",
+    "faults": "1. Fault matrix (client against the stand-in)",
     "hostile": "2. Hostile responses (memory bounded)",
     "inputs": "3. Bad inputs (node logic and CLI)",
     "load": "4. Load",
@@ -47,7 +47,7 @@ INTROS = {
     "secrets": (
         "Flows run with a recognisable canary key; the search looks for it as is, as base64 at every"
         " alignment, and inside PNG text chunks (compressed ones inflated). *Places* are log records, exception"
-        " str/repr/formatted traceback, progress messages, CLI stdout/stderr, written files, cache files, the"
+        " str/repr/formatted traceback, progress messages, CLI stdout/stderr, written files, result store files, the"
         " stand-in's recorded paths/headers/fields/uploads, and ComfyUI's outputs, history, queue and logs."),
     "credits": (
         "Issue 9's scenarios over loopback (the stand-in, or a raw socket server for transport tricks; read-only"

@@ -25,7 +25,7 @@ from PIL import Image
 
 from structure_api import StructureClient
 from structure_api.cli import main
-from structure_api.client import MAX_SEED, validate_parameters
+from structure_api.client import MAX_SEED, validate_params
 from structure_api.errors import InputError, InvalidImageError, StructureError
 from structure_api.images import MAX_ASPECT, MAX_PIXELS, MIN_SIDE, decode_image
 from structure_api.pipeline import StructureParams, generate_images
@@ -300,7 +300,7 @@ def test_property_numbers_are_accepted_exactly_within_the_contract(strength, see
               and 0 <= strength <= 1 and isinstance(seed, int) and not isinstance(seed, bool)
               and 0 <= seed <= MAX_SEED and output_format in ("png", "jpeg", "webp"))
     try:
-        validate_parameters(PROMPT, strength, "", seed, output_format)
+        validate_params(PROMPT, strength, "", seed, output_format)
     except InputError as error:
         assert not within, f"refused a valid combination: {error}"
         assert message_problems(str(error)) == [], str(error)

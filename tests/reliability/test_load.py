@@ -199,18 +199,18 @@ def _mixed_faults(count: int, rng: random.Random) -> list[Fault]:
     return labelled
 
 
-def test_node_path_under_mixed_faults_loses_nothing_thanks_to_the_cache(tmp_path, ledger):
+def test_node_path_under_mixed_faults_loses_nothing_thanks_to_the_result_store(tmp_path, ledger):
     """generate_images (the node's logic) with transport faults too; a re-run fetches only what failed.
 
     A batch with any failure raises BatchError (the node shows one error); the results already paid
-    for are not lost, because a fixed seed puts them in the cache and the re-run takes them from there.
+    for are not lost, because a fixed seed puts them in the result store and the re-run takes them from there.
     """
     count = 120
     threads_before, sockets_before = live_threads(), open_sockets()
     batch = np.stack([item_pixels(1000 + i) for i in range(count)]).astype(np.float32) / 255
     uploads = [encode_upload(item_pixels(1000 + i)).data for i in range(count)]
     params = StructureParams(prompt=PROMPT, control_strength=STRENGTH, seed=5000, output_format="png")
-    cache = ResultStore(tmp_path / "cache")
+    store = ResultStore(tmp_path / "cache")
     waits: list[float] = []
     rng = random.Random(FAULT_SEED)
     with StandInServer(api_key=CANARY_KEY) as server:
@@ -219,13 +219,13 @@ def test_node_path_under_mixed_faults_loses_nothing_thanks_to_the_cache(tmp_path
                                  read_timeout=0.5)
         started = time.monotonic()
         try:
-            first = generate_images(batch, params, client=client, store=cache, max_concurrency=CONCURRENCY)
+            first = generate_images(batch, params, client=client, store=store, max_concurrency=CONCURRENCY)
             failures = {}
         except BatchError as error:
             first, failures = None, error.failures
         first_records = [r for r in server.requests if r.path == "/api/control/structure"]
         server.clear()
-        second = generate_images(batch, params, client=client, store=cache, max_concurrency=CONCURRENCY)
+        second = generate_images(batch, params, client=client, store=store, max_concurrency=CONCURRENCY)
         seconds = time.monotonic() - started
         second_records = server.requests
         client.close()
@@ -233,7 +233,7 @@ def test_node_path_under_mixed_faults_loses_nothing_thanks_to_the_cache(tmp_path
     seed_of = lambda i: 5000 + i  # noqa: E731
     succeeded_first = {i: None for i in range(count) if i not in failures}
     figures = account(first_records, succeeded_first, failures, items=count, seed_of=seed_of)
-    # The re-run sends exactly the failed items, once each, and takes the rest from the cache.
+    # The re-run sends exactly the failed items, once each, and takes the rest from the result store.
     resent = sorted(int(r.fields["seed"]) - 5000 for r in second_records)
     misplaced = sum(
         1 for i in range(count)
@@ -254,13 +254,13 @@ def test_node_path_under_mixed_faults_loses_nothing_thanks_to_the_cache(tmp_path
     ledger.fact("load run (node path, mixed faults)", (
         f"{count} images through generate_images, faults {dict(sorted(kinds.items()))}, first run "
         f"{len(first_records)} requests, {len(failures)} items failed {dict(reasons)}; re-run sent {len(resent)} "
-        f"requests (the failed items only), {second.from_cache} from the cache; {seconds:.1f} s"))
+        f"requests (the failed items only), {second.from_store} from the result store; {seconds:.1f} s"))
     ledger.row("load", f"{count} images through generate_images (the node's logic) with 10% mixed faults incl. "
                "dropped, cut-off and hung answers; then the same run again",
-               "first run: BatchError naming each failed image, the rest paid once and cached; re-run: only the "
+               "first run: BatchError naming each failed image, the rest paid once and kept; re-run: only the "
                "failed images are sent; every image at its index",
                f"first run {len(first_records)} requests, {len(failures)} failed {dict(reasons)}; re-run sent "
-               f"{len(resent)}, {second.from_cache} from cache; lost {figures['results_lost']}, misplaced "
+               f"{len(resent)}, {second.from_store} from the result store; lost {figures['results_lost']}, misplaced "
                f"{misplaced}, paid duplicates {figures['paid_duplicates']}",
                requests=len(first_records) + len(second_records), waited=sum(waits), seconds=seconds)
 
@@ -269,7 +269,7 @@ def test_node_path_under_mixed_faults_loses_nothing_thanks_to_the_cache(tmp_path
     assert figures["paid_duplicates"] == 0
     assert figures["requests"] == figures["succeeded"] + figures["failed"] + figures["retries"]
     assert resent == sorted(failures), "the re-run must send exactly the items that failed"
-    assert second.from_cache == count - len(failures)
+    assert second.from_store == count - len(failures)
     assert second.seeds == [seed_of(i) for i in range(count)]
     assert misplaced == 0
     assert threads_settled and sockets_settled

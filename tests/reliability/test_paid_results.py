@@ -104,7 +104,7 @@ def test_batch_of_8_with_image_7_failing_rerun_pays_only_for_image_7(seed, tmp_p
            "error names image 7, says 7 paid and kept and that a re-run pays only for the failed one; the re-run "
            "pays for image 7 only",
            f"{message[:160]}...; {undelivered} undelivered in the store; re-run paid {repaid} credits, "
-           f"{again.from_cache} from the store", paid=paid, delivered=6 * 8, repaid=repaid - CREDITS_PER_IMAGE)
+           f"{again.from_store} from the store", paid=paid, delivered=6 * 8, repaid=repaid - CREDITS_PER_IMAGE)
     # The stand-in answers scripted faults in arrival order: at concurrency 1 that is image order, unless a
     # reused connection had to be opened again first; the failed image is read from the error.
     (failed,) = caught.value.failures
@@ -112,7 +112,7 @@ def test_batch_of_8_with_image_7_failing_rerun_pays_only_for_image_7(seed, tmp_p
     assert message.startswith(f"1 of 8 images failed: image {failed + 1}: The service could not generate")
     assert "7 images were paid for (42 credits); all 7 are kept in the result store" in message
     assert "so queuing again pays only for the failed ones" in message and message_problems(message) == []
-    assert repaid == CREDITS_PER_IMAGE and again.from_cache == 7 and again.images.shape == (8, 64, 96, 3)
+    assert repaid == CREDITS_PER_IMAGE and again.from_store == 7 and again.images.shape == (8, 64, 96, 3)
     assert store.undelivered() == [] and ResultStore(tmp_path / "store").undelivered() == []
 
 
@@ -130,10 +130,10 @@ def test_seed_0_results_are_handed_out_once_then_paid_fresh(tmp_path, ledger):
         credits = service.credits_spent
     record(ledger, "seed 0: batch of 3 fails on image 3; queued again; then queued a third time",
            "second run delivers the 2 kept images free and pays for 1; the third run (random means random) pays "
-           "for 3 fresh images", f"second run {second.credits} credits ({second.from_cache} from the store); third "
+           "for 3 fresh images", f"second run {second.credits} credits ({second.from_store} from the store); third "
            f"run {third.credits} credits", paid=12, delivered=18, repaid=second.credits - 6)
-    assert (second.credits, second.from_cache) == (6, 2)
-    assert (third.credits, third.from_cache) == (18, 0) and credits == 12 + 6 + 18
+    assert (second.credits, second.from_store) == (6, 2)
+    assert (third.credits, third.from_store) == (18, 0) and credits == 12 + 6 + 18
 
 
 def test_answers_lost_after_upload_stop_the_batch_and_say_how_many_may_be_charged(tmp_path, ledger):
@@ -155,12 +155,12 @@ def test_answers_lost_after_upload_stop_the_batch_and_say_how_many_may_be_charge
     lost = [index for index, error in caught.value.failures.items() if isinstance(error, ResultMayBeBilledError)]
     record(ledger, "batch of 6, seed 0: image 2's answer lost after its upload (connection dropped)",
            "images 3-6 are not sent; the error says 1 request may have been charged; the re-run takes image 1 "
-           "from the store", f"first run sent {sent_first} requests; re-run sent {resent}, {again.from_cache} from "
-           "the store", paid=paid, delivered=36, repaid=paid - 6 * again.from_cache)
+           "from the store", f"first run sent {sent_first} requests; re-run sent {resent}, {again.from_store} from "
+           "the store", paid=paid, delivered=36, repaid=paid - 6 * again.from_store)
     assert len(lost) == 1 and sent_first == lost[0] + 1 and paid == 6 * lost[0]
     assert "1 request may have been charged without an answer arriving" in message
     assert f"{5 - lost[0]} images were not sent" in message and f"image {lost[0] + 2}: not sent" in message
-    assert resent == 6 - lost[0] and again.from_cache == lost[0]
+    assert resent == 6 - lost[0] and again.from_store == lost[0]
 
 
 # --- stores that cannot be written ---------------------------------------------------------------
@@ -177,7 +177,7 @@ def _failing_run_then_rerun(store_dir: Path, monkeypatch, count: int = 4, seed: 
             generate_images(images, params, client=client, max_concurrency=1)
         paid = service.credits_spent
         again = generate_images(images, params, client=client, max_concurrency=1)
-        return str(caught.value), paid, service.credits_spent - paid, again.from_cache
+        return str(caught.value), paid, service.credits_spent - paid, again.from_store
 
 
 @pytest.mark.parametrize("kind", ["read-only mount", "full disk", "a file where the folder should be",
@@ -242,12 +242,12 @@ def test_read_only_store_still_serves_what_it_holds(tmp_path, ledger):
         persistent = store.persistent
     record(ledger, "read-only store holding 4 fixed-seed results and 3 undelivered seed-0 ones; both batches "
            "queued again", "fixed seed: all 4 served free; seed 0: the 3 undelivered served, image 4 paid",
-           f"fixed {fixed.credits} credits ({fixed.from_cache} from the store); seed 0 {random_seed.credits} credits "
-           f"({random_seed.from_cache} from the store); store persistent: {persistent}",
+           f"fixed {fixed.credits} credits ({fixed.from_store} from the store); seed 0 {random_seed.credits} credits "
+           f"({random_seed.from_store} from the store); store persistent: {persistent}",
            paid=paid, delivered=48, repaid=repaid - CREDITS_PER_IMAGE)
     assert paid == 24 + 18 and not persistent
-    assert (fixed.credits, fixed.from_cache) == (0, 4)
-    assert (random_seed.credits, random_seed.from_cache) == (6, 3)
+    assert (fixed.credits, fixed.from_store) == (0, 4)
+    assert (random_seed.credits, random_seed.from_store) == (6, 3)
 
 
 # --- transport: deadlines over a raw socket ------------------------------------------------------
@@ -527,8 +527,8 @@ def test_store_sweeps_orphans_and_ignores_what_is_not_a_regular_file(tmp_path, l
     assert seconds < 2
 
 
-def test_old_cache_entries_keep_serving_fixed_seed_requests(tmp_path):
-    """Results kept by the old cache (``<key>.img`` + ``<key>.json``) move into the store and stay free."""
+def test_old_layout_entries_keep_serving_fixed_seed_requests(tmp_path):
+    """Results kept in the two-file layout (``<key>.img`` + ``<key>.json``) move into the store and stay free."""
     import hashlib
 
     from structure_api.store import request_key

@@ -2,7 +2,7 @@
 
 The key may appear in exactly one place: the ``authorization`` header of requests to the
 configured service. It must not reach log records, exception text (message, repr, formatted
-traceback), CLI output, written images, cache files, progress messages, any other recorded
+traceback), CLI output, written images, result store files, progress messages, any other recorded
 request field, a host a redirect points to, or a plain-http connection to another machine.
 """
 
@@ -132,26 +132,26 @@ def test_client_flows_never_show_the_key(service, new_client, small_upload, sear
     assert search.leaks == []
 
 
-def test_node_logic_batch_with_cache_and_failures(service, new_client, tmp_path, search, ledger, caplog):
+def test_node_logic_batch_with_result_store_and_failures(service, new_client, tmp_path, search, ledger, caplog):
     caplog.set_level(logging.DEBUG)
     service.script(Respond(200, body={"code": -1, "message": f"nope {CANARY_KEY}"}))
-    cache = ResultStore(tmp_path / "cache")
+    store = ResultStore(tmp_path / "cache")
     images = np.stack([photo_like(80, 64, seed=i) for i in range(4)]).astype(np.float32) / 255
     progress = []
     params = StructureParams(prompt="a tiled roof", seed=77)
     with pytest.raises(BatchError) as caught:
-        generate_images(images, params, client=new_client(), store=cache, max_concurrency=2,
+        generate_images(images, params, client=new_client(), store=store, max_concurrency=2,
                         on_progress=progress.append)
     search.check_error("node batch error", caught.value)
-    result = generate_images(images, params, client=new_client(), store=cache, on_progress=progress.append)
+    result = generate_images(images, params, client=new_client(), store=store, on_progress=progress.append)
     search.check("node result seeds", repr(result.seeds))
     search.check("node output pixels", np.asarray(result.images).tobytes())
     search.check("node progress messages", " ".join(p.message for p in progress))
     for path in sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file()):
-        search.check(f"cache file {path.suffix}", path.read_bytes())
+        search.check(f"store file {path.suffix}", path.read_bytes())
     search.check_logs("node", caplog.records)
     search.check_records("node", service.requests)
-    search.book(ledger, "node logic: batch of 4 with a failure echoing the key, cache written and read")
+    search.book(ledger, "node logic: batch of 4 with a failure echoing the key, result store written and read")
     assert count_files(tmp_path / "cache") >= 6 and search.leaks == []
 
 
@@ -174,7 +174,7 @@ def test_cli_in_process_generate_and_batch(tmp_path, cli_env, service, capsys, s
         (folder / f"p{i}.png").write_bytes(image_file_bytes(photo_like(96, 80, seed=i)))
     runs = [
         ["generate", source, "--prompt", "ink", "--seed", "4", "-o", tmp_path / "out" / "a.png"],
-        ["generate", source, "--prompt", "ink", "--seed", "4", "-o", tmp_path / "out" / "b.png"],  # from cache
+        ["generate", source, "--prompt", "ink", "--seed", "4", "-o", tmp_path / "out" / "b.png"],  # from the result store
         ["batch", folder, "--prompt", "ink", "--seed", "9", "-o", tmp_path / "out" / "batch"],
     ]
     service.script(Passthrough(), Respond(200, body={"code": -1, "message": f"bad {CANARY_KEY}"}))
@@ -189,7 +189,7 @@ def test_cli_in_process_generate_and_batch(tmp_path, cli_env, service, capsys, s
             search.check(f"file {path.relative_to(tmp_path)}", path.read_bytes())
     search.check_logs("cli", caplog.records)
     search.check_records("cli", service.requests)
-    search.book(ledger, "CLI in process: generate, generate from cache, batch with a failure echoing the key")
+    search.book(ledger, "CLI in process: generate, generate from the result store, batch with a failure echoing the key")
     assert search.leaks == []
 
 
@@ -214,7 +214,7 @@ def test_cli_subprocess_verbose_and_serve(tmp_path, service, search, ledger):
     search.check("generate -v: stderr (INFO log)", verbose.stderr)
     search.check("generate -v: output file", (tmp_path / "out.png").read_bytes())
     for path in sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file()):
-        search.check(f"generate -v: cache file {path.suffix}", path.read_bytes())
+        search.check(f"generate -v: store file {path.suffix}", path.read_bytes())
 
     key_file = tmp_path / "key"
     key_file.write_text(CANARY_KEY + "\n")

@@ -4,7 +4,7 @@ Uses the harness of tests/comfy (ComfyUI is fetched into .cache/comfyui on first
 prompts run: a success, a 401 whose body echoes the key, and a code -1 answer echoing it. Then
 the key is searched for in the saved PNGs (every byte, text chunks decoded), /history, /queue,
 /internal/logs, the ComfyUI log file, every file under ComfyUI's base directory (user/, output/,
-temp/, input/, ...) and the result cache.
+temp/, input/, ...) and the result store.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def test_comfyui_history_queue_logs_files_and_png_hold_no_key(tmp_path_factory, 
     ledger.row("secrets", "real ComfyUI 0.3.75: LoadImage -> Structure -> SaveImage, a success and two failures "
                "whose answers echo the key",
                "key in none of: saved PNG, workflow/prompt in it, /history, /queue, /internal/logs, log file, "
-               "files under ComfyUI's base directory, cache; only in the authorization header",
+               "files under ComfyUI's base directory, result store; only in the authorization header",
                f"{searched} places searched ({count_files(base_dir)} files under the base directory, "
                f"{count_files(cache_dir)} in the cache, {len(recorded)} recorded requests); key found in "
                f"{len(leaks) + len(leaked_files) + len(other_fields)}", requests=len(recorded))
