@@ -216,7 +216,7 @@ class _Words:
 
 @contextlib.contextmanager
 def _run_setup(words: _Words) -> Iterator[RunSetup]:
-    """The client for this run (closed afterwards); a missing key names the place in ComfyUI to set one."""
+    """Open this run's client (closed afterwards); a missing key names the place in ComfyUI to set one."""
     with contextlib.ExitStack() as stack:
         try:
             run = stack.enter_context(client_for_run(process_standin()))

@@ -63,7 +63,7 @@ def cross_origin_refusal(request: web.Request) -> web.Response | None:
 
 
 async def _json_body(request: web.Request) -> dict:
-    """The request's JSON object; _RouteError if it is not JSON, too large or not an object."""
+    """Read the request's JSON object; raise _RouteError if it is not JSON, too large or not an object."""
     # JSON only: a page elsewhere cannot send this content type without the browser asking first.
     if request.content_type != "application/json":
         raise _RouteError(415, "Send the request as JSON (Content-Type: application/json).")
@@ -85,7 +85,7 @@ Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 def _change(handler: Handler) -> Handler:
-    """A route that changes a setting: refused from other pages; a bad request or a refusal is a JSON error."""
+    """Guard a route that changes a setting: refuse other pages; answer a bad request or a refusal as JSON."""
 
     @functools.wraps(handler)
     async def route(request: web.Request) -> web.Response:

@@ -89,7 +89,7 @@ class Redactor:
 # --- the steps, in the order they run ----------------------------------------------------
 
 def refuse_redirect(status: int, headers: Mapping[str, str]) -> None:
-    """A redirect is never followed: the key would travel to wherever it points."""
+    """Refuse a redirect: following it would send the key to wherever it points."""
     if 300 <= status < 400:
         target = urlsplit(headers.get("location", "")).hostname or "another address"
         raise errors.UnexpectedRedirectError(
@@ -99,7 +99,7 @@ def refuse_redirect(status: int, headers: Mapping[str, str]) -> None:
 
 def image_answer(status: int, headers: Mapping[str, str], body: bytes, request: StructureRequest,
                  redact: Redactor, now: float) -> ImageAnswer:
-    """The answer's image bytes, checked; or the error the answer stands for.
+    """Return the answer's image bytes, checked, or raise the error the answer stands for.
 
     ``headers`` are lower-cased; ``now`` is the wall clock, for a Retry-After date. Once this returns,
     the body is no longer needed: the caller passes it straight in, so nothing holds it while the
@@ -131,7 +131,7 @@ def image_answer(status: int, headers: Mapping[str, str], body: bytes, request: 
 
 def keep_and_decode(answer: ImageAnswer, request: StructureRequest, attempt: int, *, endpoint: str,
                     store: Optional[ResultStore] = None, label: str = "", decode: bool = True) -> StructureResult:
-    """The answer kept in ``store`` (under ``label``) first, then its pixels decoded (unless ``decode`` is False)."""
+    """Keep the answer in ``store`` (as ``label``), then decode its pixels (unless ``decode`` is False)."""
     stored = None
     if store is not None:
         aliases = ()
@@ -155,7 +155,7 @@ def keep_and_decode(answer: ImageAnswer, request: StructureRequest, attempt: int
 
 
 def _payload(status: int, body: bytes, separators: int) -> tuple[object, Optional[memoryview]]:
-    """The answer's JSON (None: not JSON, or too many values to parse) and a success's base64, cut out."""
+    """Parse the answer's JSON (None: not JSON, or too many values) and cut a success's base64 out."""
     if separators > MAX_JSON_SEPARATORS:
         return None, None
     if status == 200:
@@ -164,7 +164,7 @@ def _payload(status: int, body: bytes, separators: int) -> tuple[object, Optiona
 
 
 def _image_data(payload: object, separators: int, redact: Redactor, fields: dict) -> dict:
-    """A success answer's ``data``, holding its image; or the error its shape or ``code`` stands for."""
+    """Return a success answer's ``data`` (its image), or raise the error its shape or ``code`` stands for."""
     if payload is None:
         if separators > MAX_JSON_SEPARATORS:
             raise errors.MalformedResponseError(
@@ -195,7 +195,7 @@ def _image_data(payload: object, separators: int, redact: Redactor, fields: dict
 
 
 def answer_seed(value: object, requested: int) -> int:
-    """The seed the answer reports; a missing or odd one (null, text, negative) costs the image nothing."""
+    """Read the answer's seed; a missing or odd one (null, text, negative) costs the image nothing."""
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SEED:
         return value
     if isinstance(value, str) and value.strip().isdigit() and int(value) <= MAX_SEED:
@@ -205,7 +205,7 @@ def answer_seed(value: object, requested: int) -> int:
 
 
 def check_answer_image(raw: bytes, request: StructureRequest, fields: dict) -> tuple[str, ImageSize]:
-    """The answer's format and declared size, refusing what is not an image near the request's size."""
+    """Read the answer's format and declared size, refusing what is not an image near the request's size."""
     try:
         size = image_header_size(raw)
     except errors.MalformedResponseError as error:
@@ -222,7 +222,7 @@ def check_answer_image(raw: bytes, request: StructureRequest, fields: dict) -> t
 
 
 def _near_size(answer: ImageSize, sent: ImageSize) -> bool:
-    """True when an answer's size is the request's up to rounding (the service works in multiples of 64)."""
+    """Tell whether an answer's size is the request's up to rounding (the service rounds to 64)."""
     if answer.width < MIN_SIDE or answer.height < MIN_SIDE:
         return False
     return all(abs(got - want) <= max(MIN_SIDE, want // 8)
@@ -262,7 +262,7 @@ def error_for_status(
     status: int, payload: object, body: bytes, headers: Mapping[str, str], request_id: Optional[str],
     redact: Redactor, now: float,
 ) -> errors.APIError:
-    """The error an answer with an error status stands for, with its sentence from the table."""
+    """Build the error an answer with an error status stands for, with its sentence from the table."""
     reason = _server_reason(payload)
     reason = redact(reason) if reason else None
     said = f"; the service said: {reason}" if reason else ""
@@ -289,7 +289,7 @@ def _mentions_moderation(reason: Optional[str]) -> bool:
 
 
 def _server_reason(payload: object) -> Optional[str]:
-    """The service's own words from either error shape (vendor ``message`` or upstream ``errors``)."""
+    """Return the service's own words from either error shape (vendor ``message`` or upstream ``errors``)."""
     if not isinstance(payload, dict):
         return None
     pieces: list[str] = []
@@ -350,7 +350,7 @@ _IMAGE_VALUE_START = re.compile(rb'"image"[ \t\r\n]*:[ \t\r\n]*"')
 
 
 def _parse_answer(body: bytes) -> tuple[object, Optional[memoryview]]:
-    """A success answer parsed without a text copy of its image: (payload, the base64 bytes or None).
+    """Parse a success answer without a text copy of its image: return (payload, the base64 bytes or None).
 
     json.loads would turn the base64 (a third larger than the image) into a str of the same size;
     instead the value is cut out of the body, the small rest parsed, and the base64 decoded straight

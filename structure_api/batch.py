@@ -116,7 +116,7 @@ class BatchReport:
                          failures=dict(self.failures))
 
     def kept_sentence(self, noun: str = "image", store: Optional[ResultStore] = None) -> str:
-        """What was paid, what was kept where, and what a re-run will pay: every word true."""
+        """Say what was paid, what was kept where, and what a re-run will pay: every word true."""
         parts = []
         plural = lambda n, word=noun: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
         if self.paid and not self.credits:
@@ -158,7 +158,7 @@ def generate_stored(
     claim_only: bool = False,
     decode: bool = True,
 ) -> tuple[Optional[StructureResult], bool]:
-    """The store's result for ``request`` if it holds one (free), else a paid one the client kept there.
+    """Return the store's result for ``request`` if it holds one (free), else pay for one kept there.
 
     Returns (result, from_store); (None, False) when ``claim_only`` and the store holds nothing.
     The result's ``stored`` entry is handed out to the caller: ``store.mark_delivered`` it once

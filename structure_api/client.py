@@ -99,7 +99,7 @@ class StructureClient:
 
     @classmethod
     def from_env(cls, **kwargs) -> "StructureClient":
-        """A client configured from AITHRIVING_API_KEY / _API_KEY_FILE / _BASE_URL."""
+        """Build a client configured from AITHRIVING_API_KEY / _API_KEY_FILE / _BASE_URL."""
         return cls(**kwargs)
 
     def __repr__(self) -> str:
@@ -254,7 +254,7 @@ class StructureClient:
 
     def _parse(self, response: requests.Response, request: StructureRequest, attempt: int,
                store: Optional[ResultStore] = None, label: str = "", decode: bool = True) -> StructureResult:
-        """The answer checked in steps (``answers.py``), its image kept in ``store``, then decoded."""
+        """Check the answer in steps (``answers.py``), keep its image in ``store``, then decode it."""
         status = response.status_code
         headers = {k.lower(): v for k, v in response.headers.items()}
         refuse_redirect(status, headers)
@@ -267,7 +267,7 @@ class StructureClient:
 
 
 def _default_pacer(endpoint: str, clock: Callable[[], float], sleep: Optional[Callable[[float], None]]) -> Pacer:
-    """The process's pacer for ``endpoint``; a client on injected time gets one of its own."""
+    """Return the process's pacer for ``endpoint``; a client on injected time gets one of its own."""
     limit = rate_limit_from_env()
     if sleep is None and clock is time.monotonic:
         return shared_pacer(endpoint, limit)

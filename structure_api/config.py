@@ -40,7 +40,7 @@ class APIKey:
         self._value = value
 
     def reveal(self) -> str:
-        """The raw key, for the one place that puts it in the request header."""
+        """Return the raw key, for the one place that puts it in the request header."""
         return self._value
 
     def __repr__(self) -> str:
@@ -73,13 +73,13 @@ def _missing_key_message(environ: Optional[Mapping[str, str]] = None) -> str:
 
 
 def key_file_path(environ: Optional[Mapping[str, str]] = None) -> Path:
-    """The key file this environment points at."""
+    """Return the key file this environment points at."""
     env = os.environ if environ is None else environ
     return Path(env.get(ENV_API_KEY_FILE) or DEFAULT_KEY_FILE).expanduser()
 
 
 def load_api_key(environ: Optional[Mapping[str, str]] = None) -> APIKey:
-    """The key from AITHRIVING_API_KEY, else from the key file; fails before any network I/O."""
+    """Load the key from AITHRIVING_API_KEY, else from the key file; fail before any network I/O."""
     env = os.environ if environ is None else environ
     value = env.get(ENV_API_KEY, "").strip()
     if value:
@@ -92,7 +92,7 @@ _MAX_KEY_FILE_BYTES = 64 * 1024
 
 
 def read_key_file(path: Path, environ: Optional[Mapping[str, str]] = None) -> str:
-    """The key on the first line of ``path``; one sentence naming the file when it cannot be one."""
+    """Read the key on the first line of ``path``; an error naming the file when it cannot be one."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read(_MAX_KEY_FILE_BYTES)
@@ -121,7 +121,7 @@ def read_key_file(path: Path, environ: Optional[Mapping[str, str]] = None) -> st
 
 
 def resolve_base_url(environ: Optional[Mapping[str, str]] = None) -> str:
-    """The service's base URL from AITHRIVING_BASE_URL, else the default, without a trailing slash."""
+    """Return the service's base URL from AITHRIVING_BASE_URL, else the default, without a trailing slash."""
     env = os.environ if environ is None else environ
     url = (env.get(ENV_BASE_URL) or DEFAULT_BASE_URL).strip().rstrip("/")
     # The value is never repeated in these messages: a key pasted into the wrong variable
@@ -150,7 +150,7 @@ def resolve_base_url(environ: Optional[Mapping[str, str]] = None) -> str:
 
 
 def is_loopback_host(host: str) -> bool:
-    """True for localhost and loopback addresses, which never leave this machine."""
+    """Tell whether ``host`` is localhost or a loopback address, which never leaves this machine."""
     host = host.strip("[]").lower()
     # Only the exact name: *.localhost is loopback only where the resolver pins it.
     if host == "localhost":

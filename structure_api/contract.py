@@ -59,7 +59,7 @@ class FormField:
         _CHECKS[self.kind](self, value)
 
     def form_value(self, value: object) -> Optional[str]:
-        """The field's text in the form, or None when it is left out."""
+        """Return the field's text in the form, or None when it is left out."""
         if self.omit_when_empty and not (value.strip() if isinstance(value, str) else value):
             return None
         return _format_number(value) if self.kind == "number" else str(value)
@@ -188,7 +188,7 @@ class FormParams:
     output_format: str = DEFAULT_OUTPUT_FORMAT
 
     def form_values(self) -> dict[str, object]:
-        """The form's values by field name."""
+        """Return the form's values by field name."""
         return {name: getattr(self, name) for name in FIELD_NAMES}
 
     def validate_form(self) -> None:
@@ -196,7 +196,7 @@ class FormParams:
         validate_form(self.form_values())
 
     def form_fields(self) -> list[tuple[str, str]]:
-        """The text fields of the multipart form, in the contract's order; empty optionals are left out."""
+        """List the multipart form's text fields, in the contract's order; empty optionals are left out."""
         fields = []
         for field in FORM_FIELDS:
             text = field.form_value(getattr(self, field.name))

@@ -75,7 +75,7 @@ class StructureError(Exception):
 
 
 def _declares(cls: type, name: str) -> bool:
-    """True when a subclass of StructureError (``cls`` or one of its bases) declares the detail ``name``."""
+    """Tell whether ``cls`` or one of its StructureError bases declares the detail ``name``."""
     return not name.startswith("_") and any(
         name in vars(base) for base in cls.__mro__ if issubclass(base, StructureError) and base is not StructureError)
 

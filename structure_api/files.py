@@ -109,7 +109,7 @@ def _upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def list_input_images(folder: Path) -> list[Path]:
-    """The image files of a folder (by extension), sorted by name."""
+    """List the image files of a folder (by extension), sorted by name."""
     if not folder.is_dir():
         raise InputError(f"{folder} is not a folder.")
     try:
@@ -124,7 +124,7 @@ def list_input_images(folder: Path) -> list[Path]:
 # --- outputs -----------------------------------------------------------------------------
 
 def check_output_file(path: Path, requested_format: Optional[str]) -> str:
-    """The output file's format, after refusing a path that is a folder, whose extension disagrees with
+    """Return the output file's format, after refusing a path that is a folder, whose extension disagrees with
     ``requested_format`` or is not an image's, or whose folder cannot be created or written."""
     if path.is_dir():
         raise InputError(f"The output {path} is a folder; give a file name, such as {path / 'result.png'}.")
@@ -134,7 +134,7 @@ def check_output_file(path: Path, requested_format: Optional[str]) -> str:
 
 
 def output_format_for(path: Path, requested: Optional[str]) -> str:
-    """The format an output file gets: its extension decides, and ``requested``, if given, must agree."""
+    """Choose an output file's format: its extension decides; ``requested``, if given, must agree."""
     suffix = path.suffix.lower()
     found = SUFFIX_FORMATS.get(suffix)
     if found is None:
@@ -168,7 +168,7 @@ def check_writable_folder(folder: Path) -> None:
 
 
 def batch_outputs(inputs: Sequence[Path], input_dir: Path, output_dir: Path, output_format: str) -> list[Path]:
-    """The output file of each input; refuses, before anything is sent, any two inputs that would share one."""
+    """Map each input to its output file; refuse, before any request, two inputs that would share one."""
     if output_dir.resolve() == input_dir.resolve():
         raise InputError(f"The output folder is the input folder ({input_dir}); the results would be taken "
                          "for inputs on the next run. Choose another output folder.")
@@ -187,7 +187,7 @@ def batch_outputs(inputs: Sequence[Path], input_dir: Path, output_dir: Path, out
 
 
 def result_file_bytes(result_pixels: np.ndarray, result_data: bytes, image: InputImage, output_format: str) -> bytes:
-    """The bytes of the output file: the service's own when they already fit, else restored and encoded."""
+    """Return the output file's bytes: the service's own when they already fit, else restored and encoded."""
     if not image.plan.changed and ImageSize.of(result_pixels) == image.size \
             and detect_format(result_data) == output_format:
         return result_data
@@ -333,12 +333,12 @@ def _try_lock(handle: IO[bytes]) -> bool:
 
 
 def is_finished_output(path: Path) -> bool:
-    """True when a batch's output exists and is not empty: that input is done."""
+    """Tell whether a batch's output exists and is not empty: that input is done."""
     return path.is_file() and path.stat().st_size > 0
 
 
 def export_path(folder: Path, *, label: str, format: str, entry_id: str, taken: set[str]) -> Path:
-    """A file name for an exported result: its intended output's name, with the extension of its real format."""
+    """Name an exported result's file: its intended output's name, with the extension of its real format."""
     stem = re.sub(r"[^\w.-]+", "_", Path(label).stem).strip("._")[:80] if label else ""
     suffix = FORMAT_SUFFIXES.get(format, "." + format)
     name = f"{stem or 'result'}{suffix}"

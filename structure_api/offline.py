@@ -39,7 +39,7 @@ class InProcessStandIn:
 
     @contextlib.contextmanager
     def use(self) -> Iterator[str]:
-        """The stand-in's URL, kept running for the duration of the block."""
+        """Yield the stand-in's URL, keeping it running for the duration of the block."""
         with self._lock:
             self._wanted = True
             if self._server is None:
@@ -76,7 +76,7 @@ _process_standin_lock = threading.Lock()
 
 
 def process_standin() -> InProcessStandIn:
-    """The one InProcessStandIn of this process (nothing starts until a run uses it)."""
+    """Return the one InProcessStandIn of this process (nothing starts until a run uses it)."""
     global _process_standin
     with _process_standin_lock:
         if _process_standin is None:

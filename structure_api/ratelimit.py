@@ -110,11 +110,11 @@ class PacerSlot:
         self.finished = False
 
     def sent(self) -> None:
-        """The upload is out: the window counts this request from now."""
+        """Count this request in the window from now (its upload is out)."""
         self._pacer._slot_sent(self)
 
     def finish(self, *, rate_limited: bool) -> None:
-        """The attempt ended; ``rate_limited`` when its answer was a 429. Idempotent."""
+        """End the attempt; ``rate_limited`` when its answer was a 429. Idempotent."""
         self._pacer._slot_finished(self, rate_limited)
 
 
@@ -173,7 +173,7 @@ class Pacer:
     # -- the decision (no waiting): what the unit tests drive with an injected clock ------
 
     def next_start(self, now: Optional[float] = None) -> PacerDecision:
-        """A slot if a request may start at ``now``, else how long to wait; raises after giving up."""
+        """Return a slot if a request may start at ``now``, else how long to wait; raise after giving up."""
         with self._lock:
             return self._decide(self._clock() if now is None else now)
 
@@ -251,7 +251,7 @@ class Pacer:
     # -- what the client reports -----------------------------------------------------------
 
     def note_rate_limited(self) -> tuple[int, float]:
-        """A 429 came back: returns (429s in a row in this process, seconds since the first of them)."""
+        """Count a 429: return (429s in a row in this process, seconds since the first of them)."""
         with self._lock:
             now = self._clock()
             self._streak += 1
@@ -268,7 +268,7 @@ class Pacer:
             self._changed.notify_all()
 
     def give_up(self, seconds_limited: float) -> None:
-        """The service kept answering 429: refuse to send anything for a while (nothing is charged)."""
+        """Refuse to send anything for a while, since the service kept answering 429 (nothing is charged)."""
         with self._lock:
             self._refused_until = self._clock() + REFUSE_AFTER_GIVING_UP_SECONDS
             self._refused_reason = (
@@ -320,7 +320,7 @@ _shared_lock = threading.Lock()
 
 
 def shared_pacer(endpoint: str, limit: Optional[RateLimit]) -> Pacer:
-    """The one pacer of this process for ``endpoint``; the newest configured limit applies."""
+    """Return the one pacer of this process for ``endpoint``; the newest configured limit applies."""
     with _shared_lock:
         pacer = _shared.get(endpoint)
         if pacer is None:

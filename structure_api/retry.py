@@ -40,7 +40,7 @@ class RetryPolicy:
 
 
 def is_retryable(error: StructureError) -> bool:
-    """True when sending the same request again can neither double-charge nor be pointless."""
+    """Tell whether sending the same request again can neither double-charge nor be pointless."""
     if isinstance(error, RateLimitError):
         return True
     if isinstance(error, ServiceError):
@@ -91,7 +91,7 @@ def backoff_delay(policy: RetryPolicy, attempt: int, jitter: Callable[[], float]
 def rate_limited_delay(
     policy: RetryPolicy, retry_after: Optional[float], streak: int, jitter: Callable[[], float]
 ) -> float:
-    """The pause after the ``streak``-th 429 in a row: Retry-After capped and jittered, else backoff.
+    """Return the pause after the ``streak``-th 429 in a row: Retry-After capped and jittered, else backoff.
 
     Without Retry-After the backoff doubles up to ``max_delay`` per 429 of the streak, so that
     waiting out a 60 s lock-out takes a handful of requests, not dozens.

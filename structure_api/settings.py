@@ -49,7 +49,7 @@ class KeyStatus:
     source: Optional[str]  # "environment" | "key file" | None
 
     def as_json(self) -> dict:
-        """The answer of GET /aithriving/key."""
+        """Return the answer of GET /aithriving/key."""
         return {"set": self.set, "source": self.source}
 
 
@@ -71,7 +71,7 @@ def key_status(environ: Optional[Mapping[str, str]] = None) -> KeyStatus:
 
 
 def check_key_text(value: object) -> str:
-    """The key as it will be stored (surrounding blanks removed), or KeyRefusedError saying what is wrong."""
+    """Return the key as it will be stored (blanks around it removed), or raise KeyRefusedError saying why."""
     if not isinstance(value, str):
         raise KeyRefusedError("The API key must be text.")
     key = value.strip()
@@ -162,7 +162,7 @@ def delete_api_key(environ: Optional[Mapping[str, str]] = None) -> KeyStatus:
 # --- offline mode ---------------------------------------------------------------------
 
 def settings_file_path(environ: Optional[Mapping[str, str]] = None) -> Path:
-    """The pack's settings file, next to the key file."""
+    """Return the pack's settings file, next to the key file."""
     return key_file_path(environ).with_name(SETTINGS_FILE_NAME)
 
 
@@ -178,7 +178,7 @@ def _read_settings(path: Path) -> dict:
 
 
 def offline_mode(environ: Optional[Mapping[str, str]] = None) -> bool:
-    """True when the node runs against the free in-process stand-in instead of the paid service."""
+    """Tell whether offline mode is on (the node runs against the free in-process stand-in)."""
     data = _read_settings(settings_file_path(environ))
     # "local" is the key's old spelling: a settings file written with it still counts, for one release.
     return data.get("offline", data.get("local")) is True

@@ -98,7 +98,7 @@ def request_key(image_bytes: bytes, fields: list[tuple[str, str]], endpoint: str
 
 
 def default_store_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
-    """The folder from AITHRIVING_CACHE_DIR (``off`` = none), else the user cache folder."""
+    """Return the folder from AITHRIVING_CACHE_DIR (``off`` = none), else the user cache folder."""
     env = os.environ if environ is None else environ
     if ENV_STORE_DIR in env:
         value = env[ENV_STORE_DIR].strip()
@@ -155,7 +155,7 @@ class ResultStore:
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "ResultStore":
-        """The store AITHRIVING_CACHE_DIR / _CACHE_MAX_MB configure; one object per process and folder."""
+        """Return the store AITHRIVING_CACHE_DIR / _CACHE_MAX_MB set; one object per process and folder."""
         env = os.environ if environ is None else environ
         directory = default_store_dir(env)
         max_bytes = max_bytes_from_env(env)
@@ -179,7 +179,7 @@ class ResultStore:
             return bool(self._disk_ok)
 
     def on_disk(self, entry: StoredResult) -> bool:
-        """True when this entry is in the folder (it outlives the process), False when only in memory."""
+        """Tell whether this entry is in the folder (it outlives the process) rather than only in memory."""
         with self._lock:
             return self.directory is not None and entry.entry_id not in self._memory
 
@@ -206,13 +206,13 @@ class ResultStore:
     # -- identity -----------------------------------------------------------------
 
     def key_for(self, request: "StructureRequest", endpoint: str) -> str:
-        """The request's identity: upload bytes, every form field, the endpoint; never the key."""
+        """Return the request's identity: upload bytes, every form field, the endpoint; never the key."""
         return request_key(request.image.data, request.form_fields(), endpoint)
 
     # -- taking results out -------------------------------------------------------
 
     def claim(self, key: str, seed: int) -> Optional[StoredResult]:
-        """What to deliver instead of paying: fixed seed -> the stored result, every time; seed 0 ->
+        """Return what to deliver instead of paying: fixed seed -> the stored result, every time; seed 0 ->
         one undelivered result, handed out once (until :meth:`release` gives it back)."""
         with self._lock:
             candidates = self._entries_for(key, include_aliases=seed != 0)

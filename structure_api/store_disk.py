@@ -62,7 +62,7 @@ class EntryHeader:
 
 def entry_head(*, key: str, aliases: tuple[str, ...], entry_id: str, seed: int, format: str, data: bytes,
                paid_at: float, label: str) -> bytes:
-    """The bytes a ``.result`` file starts with: the magic line and the header line for ``data``."""
+    """Return the bytes a ``.result`` file starts with: the magic line and the header line for ``data``."""
     header = {
         "key": key, "aliases": list(aliases), "entry_id": entry_id, "seed": seed, "format": format,
         "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "paid_at": paid_at, "label": label[:1000],
@@ -84,7 +84,7 @@ def probe_writable(directory: Path) -> None:
 
 
 def read_header(path: Path) -> Optional[EntryHeader]:
-    """The header of a ``.result`` file, or None when it is not one of ours (or cannot be read)."""
+    """Read the header of a ``.result`` file, or None when it is not one of ours (or cannot be read)."""
     try:
         with open_regular(path) as handle:
             head = handle.read(MAX_HEADER_BYTES)
@@ -108,7 +108,7 @@ def read_header(path: Path) -> Optional[EntryHeader]:
 
 
 def read_entry_data(path: Path, header: EntryHeader) -> Optional[bytes]:
-    """The image bytes of a ``.result`` file, or None when they are missing or damaged (they count as absent)."""
+    """Read a ``.result`` file's image bytes, or None when missing or damaged (they count as absent)."""
     try:
         with open_regular(path) as handle:
             handle.seek(header.offset)
@@ -170,12 +170,12 @@ def touch_entry(directory: Path, entry_id: str) -> None:
 # --- the per-key lock file ---------------------------------------------------------------
 
 def can_lock_across_processes(key: str) -> bool:
-    """True when ``key`` can have a lock file (POSIX, and a request key, so a safe file name)."""
+    """Tell whether ``key`` can have a lock file (POSIX, and a request key, so a safe file name)."""
     return fcntl is not None and _is_key(key)
 
 
 def open_key_lock(directory: Path, key: str) -> Optional[int]:
-    """The descriptor of ``key``'s lock file under ``.locks``, or None when it cannot be opened."""
+    """Open ``key``'s lock file under ``.locks``: its descriptor, or None when it cannot be opened."""
     try:
         lock_dir = directory / LOCK_DIR
         lock_dir.mkdir(exist_ok=True)

@@ -112,7 +112,7 @@ class UploadBody:
 
 
 def multipart_parts(request: StructureRequest, boundary: str) -> list[Union[bytes, memoryview]]:
-    """The form fields, then the image (not copied: a view of its bytes), framed by ``boundary``."""
+    """Frame the form fields, then the image (not copied: a view of its bytes), with ``boundary``."""
     head = bytearray()
     for name, value in request.form_fields():
         head += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
@@ -189,7 +189,7 @@ class _TrackedConnection:
 
 
 def tracking_adapter(registry: "weakref.WeakSet[HTTPConnection]", header_timeout: float) -> HTTPAdapter:
-    """An adapter whose connections register in ``registry`` and whose status line and headers must
+    """Build an adapter whose connections register in ``registry`` and whose status line and headers must
     arrive within ``header_timeout`` s of the upload's end (see ``_TrackedConnection``)."""
     settings = {"_registry": registry, "_header_deadline": header_timeout}
     pools = {}
@@ -259,7 +259,7 @@ class Transport:
         return response
 
     def read_body(self, response: requests.Response) -> bytes:
-        """The whole body, read while it keeps arriving at ``min_body_rate``; bounded in size.
+        """Read the whole body while it keeps arriving at ``min_body_rate``; bounded in size.
 
         A big answer on a slow link completes; one trickling below the rate ends within about
         twice the read timeout (one window of ``read_timeout`` s, plus the wait for a last byte).
@@ -318,7 +318,7 @@ class _BodyBuffer:
         self._growing.write(chunk)
 
     def value(self, keep_mutable: bool) -> bytes:
-        """What arrived; ``keep_mutable`` hands a presized buffer over as it is (no copy)."""
+        """Return what arrived; ``keep_mutable`` hands a presized buffer over as it is (no copy)."""
         if self._presized is None:
             return self._growing.getvalue()
         if self.size < self._expected:
@@ -348,7 +348,7 @@ class _RateWindow:
 # --- transport failures as our errors ------------------------------------------------------
 
 def transport_error(exc: Exception, delivered: bool, host: Optional[str], limits: TransportLimits) -> TransportError:
-    """The library's error for a request that got no answer; ``delivered``: the upload's last byte went out."""
+    """Build our error for a request that got no answer; ``delivered``: the upload's last byte went out."""
     cause = type(_root_cause(exc)).__name__
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return APITimeoutError(

@@ -43,7 +43,7 @@ def _verbose_log(verbose: bool) -> Iterator[None]:
 
 
 def _what_an_interrupt_left(args: argparse.Namespace) -> str:
-    """What a Ctrl-C cost, truly for each command: only a request to the paid service can be charged."""
+    """Say what a Ctrl-C cost, truly for each command: only a request to the paid service can be charged."""
     if args.command == "serve":
         return "the stand-in stopped (it charges nothing)"
     if args.command == "results":

@@ -111,7 +111,7 @@ class _OldSpelling(argparse.Action):
 
 
 def _add_generation_options(sub: argparse.ArgumentParser) -> None:
-    """The options generate and batch share."""
+    """Add the options generate and batch share."""
     sub.add_argument("--prompt", required=True, help=f"what the output should show ({PROMPT_RANGE_TEXT})")
     sub.add_argument("--negative-prompt", default="", help="what the output should not show")
     sub.add_argument("--control-strength", type=_strength, default=DEFAULT_CONTROL_STRENGTH,
@@ -131,7 +131,7 @@ def _add_generation_options(sub: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``structure-api``."""
+    """Build the argument parser of ``structure-api``."""
     parser = _Parser(
         prog="structure-api",
         description="Generate images that keep the structure of an input image (AIThriving Structure).")

@@ -131,7 +131,7 @@ class _BatchFiles:
         return self.inputs[self.todo[slot]].name
 
     def label(self, slot: int) -> str:
-        """What the store records with a result: the output it was meant for."""
+        """Label a result for the store with the output it was meant for."""
         return str(self.targets[self.todo[slot]])
 
 

@@ -28,7 +28,7 @@ class RequestTarget:
     @classmethod
     @contextlib.contextmanager
     def open(cls, args: argparse.Namespace) -> Iterator["RequestTarget"]:
-        """The target the options choose: ``--offline`` for an in-process stand-in, else the configured service."""
+        """Open the target the options choose: ``--offline``'s in-process stand-in, else the service."""
         if args.offline:
             from ..standin import StandInServer
 
@@ -50,17 +50,17 @@ class RequestTarget:
         return result, from_store
 
     def delivered(self, result: StructureResult) -> None:
-        """The result's file is written: the store stops offering it."""
+        """Mark the result delivered (its file is written): the store stops offering it."""
         if result.stored is not None:
             self.store.mark_delivered(result.stored)
 
     def undelivered(self, result: StructureResult) -> None:
-        """The result's file could not be written: the store offers it again (to a re-run, or ``results``)."""
+        """Give the result back (its file was not written): the store offers it again."""
         if result.stored is not None:
             self.store.release(result.stored)
 
     def kept_sentence(self, result: StructureResult) -> str:
-        """What became of a result that may have been paid for but could not be written: every word true."""
+        """Say what became of a result maybe paid for but not written: every word true."""
         entry = result.stored
         if result.attempts == 0:  # served by the store: no request was made this time
             paid = "it was paid for in an earlier run"
@@ -91,8 +91,8 @@ def write_result(path: Path, image: InputImage, result: StructureResult, output_
 
 
 def form_values(args: argparse.Namespace, seed: int, output_format: str) -> dict[str, object]:
-    """The form's values from the command line: each of the contract's FORM_FIELDS is the option of the
-    same name, but the seed (each image's own) and the format (--format or the output file's suffix)."""
+    """Collect the form's values from the command line: each of the contract's FORM_FIELDS is the option of
+    the same name, but the seed (each image's own) and the format (--format or the output file's suffix)."""
     given = {"seed": seed, "output_format": output_format}
     return {name: given[name] if name in given else getattr(args, name) for name in FIELD_NAMES}
 

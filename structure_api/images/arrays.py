@@ -31,7 +31,7 @@ class ImageSize:
 
     @classmethod
     def of(cls, pixels: Any) -> "ImageSize":
-        """The size of an ``[H, W, ...]`` array or tensor."""
+        """Return the size of an ``[H, W, ...]`` array or tensor."""
         height, width = (int(side) for side in tuple(pixels.shape)[:2])
         return cls(width=width, height=height)
 
@@ -43,7 +43,7 @@ class ImageSize:
 
 
 def is_torch_tensor(obj: object) -> bool:
-    """True for a torch tensor, without importing torch (if it is not loaded, nothing is a tensor)."""
+    """Tell whether ``obj`` is a torch tensor, without importing torch (not loaded: nothing is one)."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, torch.Tensor)
 
@@ -155,7 +155,7 @@ def uint8_to_float(pixels: np.ndarray, out: Optional[np.ndarray] = None) -> np.n
 
 
 def new_output_batch(count: int, size: ImageSize, like: Any = None) -> Any:
-    """A zeroed float32 ``[count, H, W, 3]`` batch: a CPU torch tensor when ``like`` is one, else numpy."""
+    """Allocate a zeroed float32 ``[count, H, W, 3]`` batch: torch (CPU) when ``like`` is, else numpy."""
     shape = (count, size.height, size.width, 3)
     if is_torch_tensor(like):
         import torch
@@ -165,7 +165,7 @@ def new_output_batch(count: int, size: ImageSize, like: Any = None) -> Any:
 
 
 def as_numpy(batch: Any) -> np.ndarray:
-    """A writable numpy view of a batch from ``new_output_batch`` (shares memory with a tensor)."""
+    """Return a writable numpy view of a batch from ``new_output_batch`` (shares memory with a tensor)."""
     if is_torch_tensor(batch):
         return batch.detach().numpy()
     array = np.asarray(batch)

@@ -101,7 +101,7 @@ def _copy_rgb(image: Image.Image, flat: np.ndarray) -> bool:
 
 
 def _rgb_pixels(image: Image.Image) -> np.ndarray:
-    """An RGB-mode image's pixels as a new writable ``[H, W, 3]`` uint8 array, copied out of Pillow once."""
+    """Copy an RGB-mode image's pixels out of Pillow once, into a new writable ``[H, W, 3]`` uint8 array."""
     width, height = image.size
     pixels = np.empty((height, width, 3), dtype=np.uint8)
     if not _copy_rgb(image, pixels.reshape(-1)):  # a future Pillow without it: the plain, slower way
@@ -126,7 +126,7 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
 
 @contextlib.contextmanager
 def _opened(data: bytes) -> Iterator[Image.Image]:
-    """The bytes opened by Pillow (nothing decoded until ``load``); what Pillow raises becomes MalformedResponseError."""
+    """Open the bytes with Pillow (nothing decoded until ``load``); errors become MalformedResponseError."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             yield image
@@ -147,7 +147,7 @@ def _refuse_cut_short(data: bytes, fmt: Optional[str]) -> None:
 
 
 def _declared_size(image: Image.Image, max_pixels: int) -> ImageSize:
-    """The size in the header (Image.open decodes no pixels), refused when empty or over ``max_pixels``."""
+    """Read the header's size (Image.open decodes no pixels); refuse it when empty or over ``max_pixels``."""
     width, height = image.size
     if width < 1 or height < 1:
         raise MalformedResponseError(_NOT_AN_IMAGE)
@@ -172,7 +172,7 @@ def decode_image(data: bytes, *, max_pixels: int = 4 * MAX_PIXELS) -> np.ndarray
 
 
 def image_header_size(data: bytes, *, max_pixels: int = 4 * MAX_PIXELS) -> ImageSize:
-    """The size a PNG, JPEG or WebP declares, after checking it is one, not cut short and not a bomb; no pixel is decoded."""
+    """Read the size a PNG, JPEG or WebP declares, checking it is one, whole and no bomb; decode no pixel."""
     fmt = detect_format(data)
     if fmt is None:
         raise MalformedResponseError("The service's answer held bytes that are not an image (not PNG, JPEG or WebP).")

@@ -30,7 +30,7 @@ class FitPlan:
 
     @classmethod
     def identity(cls, size: ImageSize) -> "FitPlan":
-        """The plan for an image sent as it is."""
+        """Plan to send an image as it is."""
         return cls(original=size, sent=size, content_left=0, content_top=0, content=size)
 
     @property
@@ -79,7 +79,7 @@ def _canvas_size(width: int, height: int) -> ImageSize:
 
 
 def plan_fit(size: ImageSize) -> FitPlan:
-    """The plan ``fit_to_limits`` follows for an image of ``size``, computed without pixels."""
+    """Plan what ``fit_to_limits`` does to an image of ``size``, without pixels."""
     width, height = size.width, size.height
     if width < 1 or height < 1:
         raise InvalidImageError(f"The image is {size} pixels; it needs at least one pixel each side.")

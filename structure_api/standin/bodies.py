@@ -39,12 +39,12 @@ _DEFAULT_ERRORS: dict[int, tuple[str, str, str]] = {
 
 
 def error_payload(message: str, name: str, errors: Optional[list[str]] = None) -> dict:
-    """The JSON error body the stand-in uses: vendor ``code``/``message`` plus upstream ``name``/``errors``."""
+    """Build the stand-in's JSON error body: vendor ``code``/``message`` plus upstream ``name``/``errors``."""
     return {"code": -1, "message": message, "name": name, "errors": errors if errors is not None else [message]}
 
 
 def default_body(status: int) -> tuple[bytes, str]:
-    """The body and content type the stand-in sends for `status` when a Fault gives no body."""
+    """Return the body and content type the stand-in sends for `status` when a Fault gives no body."""
     if status in (204, 304) or status < 200:
         return b"", "text/plain"
     if status in (502, 504):

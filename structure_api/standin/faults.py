@@ -195,7 +195,7 @@ class Passthrough(Fault, kind="passthrough"):
 
 
 def random_fault(kind: str) -> Fault:
-    """The fault a fault_rate draw of `kind` (one of FAULT_KINDS) plays."""
+    """Return the fault a fault_rate draw of `kind` (one of FAULT_KINDS) plays."""
     if kind == "code-1":
         return GenerationFailed()
     if kind == "429":

@@ -93,7 +93,7 @@ class StandInHandler(BaseHTTPRequestHandler):
             self.drop()
 
     def answer_normally(self, delay: float = 0.0, headers: Optional[dict[str, str]] = None) -> None:
-        """What the service does (health, rate limit, the answer), `delay` later and with `headers` added."""
+        """Do what the service does (health, rate limit, answer), `delay` later, with `headers` added."""
         owner = self._standin
         body, form = self._read(_DRAIN_LIMIT)
         if self._is_health:
@@ -126,7 +126,7 @@ class StandInHandler(BaseHTTPRequestHandler):
         self._standin.books.record(self._entry)
 
     def _read(self, limit: int) -> tuple[Optional[bytes], Union[Form, InvalidUpload, None]]:
-        """The body (None when over `limit`) and its form, if multipart; the request is recorded."""
+        """Read the body (None when over `limit`) and its form, if multipart; record the request."""
         body = self._read_body(limit)
         entry = self._entry
         entry.body_size = len(body) if body is not None else 0
@@ -146,7 +146,7 @@ class StandInHandler(BaseHTTPRequestHandler):
         return body, form
 
     def _read_body(self, limit: int) -> Optional[bytes]:
-        """The whole request body, or None (and the connection marked for closing) when over `limit`."""
+        """Read the whole request body; None (the connection marked for closing) when over `limit`."""
         if "chunked" in self.headers.get("transfer-encoding", "").lower():
             return self._read_chunked(limit)
         declared = self.headers.get("content-length")

@@ -46,7 +46,7 @@ class Entry:
     status: int = 0
 
     def freeze(self) -> RecordedRequest:
-        """A snapshot of the entry as it stands."""
+        """Return a snapshot of the entry as it stands."""
         return RecordedRequest(
             method=self.method, path=self.path, headers=dict(self.headers), fields=dict(self.fields),
             image_bytes=self.image_bytes, image_filename=self.image_filename,
@@ -85,7 +85,7 @@ class Books:
             return len(self._faults)
 
     def take_fault(self, *, api_call: bool) -> Optional[Fault]:
-        """The next scripted fault, else (for a call to the endpoint) a fault_rate draw, else None."""
+        """Take the next scripted fault, else (for a call to the endpoint) a fault_rate draw, else None."""
         with self._lock:
             if self._faults:
                 return self._faults.popleft()

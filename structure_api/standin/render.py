@@ -33,7 +33,7 @@ def edge_map(luminance: np.ndarray) -> np.ndarray:
 
 
 def structure_edges(image: Image.Image) -> np.ndarray:
-    """The input's structure as ``[H, W]`` float32 in 0..1: the strongest colour-channel gradient, thickened."""
+    """Extract the input's structure, ``[H, W]`` float32 in 0..1: the strongest channel gradient, widened."""
     rgb = np.asarray(image.convert("RGB"))
     strongest = None
     for channel in range(3):
@@ -56,7 +56,7 @@ def structure_edges(image: Image.Image) -> np.ndarray:
 def render_structure(
     image: Image.Image, prompt: str, negative_prompt: str, control_strength: float, seed: int, output_format: str
 ) -> bytes:
-    """The stand-in's "generation": the input's edges in prompt/seed colours, encoded in `output_format`.
+    """Make the stand-in's "generation": the input's edges in prompt/seed colours, encoded in `output_format`.
 
     Deterministic for its arguments; the output has the input's width and height.
     """

@@ -247,7 +247,7 @@ class StandInServer:
         self, method: str, route: str, headers: dict[str, str], body: Optional[bytes],
         form: Union[Form, InvalidUpload, None],
     ) -> tuple[int, dict, dict[str, str]]:
-        """What the service answers to one request: (status, JSON payload, extra headers)."""
+        """Answer one request as the service does: (status, JSON payload, extra headers)."""
         if route != ENDPOINT_PATH:
             return 404, error_payload("Not found.", "not_found", [f"{route}: no such endpoint"]), {}
         if method != "POST":

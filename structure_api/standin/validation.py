@@ -70,7 +70,7 @@ _READERS = {"text": _read_text, "number": _read_number, "integer": _read_integer
 
 
 def form_to_job(form: Form) -> Job:
-    """The checks the service makes, in the contract's field order, then the image; raise InvalidUpload naming
+    """Check as the service does, in the contract's field order, then the image; raise InvalidUpload naming
     the first failing field."""
     for name in form.undecodable:
         raise InvalidUpload(f"{name}: must be UTF-8 text")
