@@ -46,6 +46,8 @@ from .transport import (  # noqa: F401  (the limits' defaults stay importable fr
 )
 
 log = logging.getLogger("structure_api")
+# One shared default: RetryPolicy is frozen.
+DEFAULT_RETRY_POLICY = RetryPolicy()
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class StructureClient:
         *,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
-        retry_policy: RetryPolicy = RetryPolicy(),
+        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
