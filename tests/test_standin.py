@@ -422,7 +422,7 @@ def test_truncate_announces_the_full_length_and_sends_half(server, session):
     assert response.status_code == 200
     assert int(response.headers["content-length"]) > 10000
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
-        response.content
+        _ = response.content
     assert server.requests[0].status == 200
 
 
@@ -590,7 +590,7 @@ def test_fault_rate_gives_the_expected_share_of_seeded_faults(session):
     # 200 draws at p=0.3: the standard deviation is ~0.032, so +-0.1 is three of them.
     assert 0.2 <= share <= 0.4, share
     assert set(faults) - {None} <= set(FAULT_KINDS) and len(set(faults) - {None}) >= 4
-    for fault, response in zip(faults, responses):
+    for fault, response in zip(faults, responses, strict=True):
         if fault is None:
             assert response.status_code == 200 and response.json()["code"] == 0
         elif fault == "code-1":

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterable, Optional, Protocol, Union
+from typing import Callable, ClassVar, Iterable, Optional, Protocol
 
 from .bodies import body_bytes, error_payload
 
 # The faults a fault_rate draw picks from: retryable statuses or a failed generation.
 FAULT_KINDS = ("429", "500", "502", "503", "504", "code-1")
 
-Body = Union[bytes, str, dict, list, None]  # dict or list -> JSON; None -> the default body for the status
+Body = bytes | str | dict | list | None  # dict or list -> JSON; None -> the default body for the status
 
 
 class Exchange(Protocol):

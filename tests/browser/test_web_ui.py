@@ -202,7 +202,7 @@ def test_translations_say_what_the_node_says_and_cover_every_input(ui_server):
         name: options["tooltip"] for name, options in inputs.items()}
     assert all(entry["name"] == name for name, entry in english["inputs"].items())
     assert english["outputs"] == {str(i): {"name": n, "tooltip": t} for i, (n, t) in
-                                  enumerate(zip(info["output_name"], info["output_tooltips"]))}
+                                  enumerate(zip(info["output_name"], info["output_tooltips"], strict=True))}
     languages = sorted(translations)
     assert {"en", "fr"} <= set(languages)
     badge_keys = set(translations["en"]["aithrivingStructure"])

@@ -87,7 +87,7 @@ def key_found_in(data: Union[bytes, str, None]) -> bool:
 def files_with_key(root: Path) -> list[Path]:
     """Every file under ``root`` (symlinks not followed) that holds the key."""
     found = []
-    for directory, dirs, files in os.walk(root, followlinks=False):
+    for directory, _dirs, files in os.walk(root, followlinks=False):
         for name in files:
             path = Path(directory) / name
             if path.is_symlink():
