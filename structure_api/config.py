@@ -85,13 +85,13 @@ def load_api_key(environ: Optional[Mapping[str, str]] = None) -> APIKey:
     if value:
         return APIKey(value)
     path = key_file_path(env)
-    return APIKey(read_key_file(path, env))
+    return APIKey(_read_key_file(path, env))
 
 
 _MAX_KEY_FILE_BYTES = 64 * 1024
 
 
-def read_key_file(path: Path, environ: Optional[Mapping[str, str]] = None) -> str:
+def _read_key_file(path: Path, environ: Optional[Mapping[str, str]] = None) -> str:
     """Read the key on the first line of ``path``; an error naming the file when it cannot be one."""
     try:
         with open(path, "rb") as handle:
@@ -149,7 +149,7 @@ def resolve_base_url(environ: Optional[Mapping[str, str]] = None) -> str:
     return url
 
 
-def is_loopback_host(host: str) -> bool:
+def _is_loopback_host(host: str) -> bool:
     """Tell whether ``host`` is localhost or a loopback address, which never leaves this machine."""
     host = host.strip("[]").lower()
     # Only the exact name: *.localhost is loopback only where the resolver pins it.
@@ -166,7 +166,7 @@ def check_key_may_travel(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme == "https":
         return
-    if parts.scheme == "http" and parts.hostname and is_loopback_host(parts.hostname):
+    if parts.scheme == "http" and parts.hostname and _is_loopback_host(parts.hostname):
         return
     raise InsecureURLError(
         f"Refusing to send the API key over plain http to {parts.hostname}; "

@@ -70,7 +70,7 @@ def key_status(environ: Optional[Mapping[str, str]] = None) -> KeyStatus:
     return KeyStatus(set=True, source=SOURCE_KEY_FILE)
 
 
-def check_key_text(value: object) -> str:
+def _check_key_text(value: object) -> str:
     """Return the key as it will be stored (blanks around it removed), or raise KeyRefusedError saying why."""
     if not isinstance(value, str):
         raise KeyRefusedError("The API key must be text.")
@@ -126,7 +126,7 @@ def save_api_key(value: object, environ: Optional[Mapping[str, str]] = None, *,
                  forbidden_dirs: Iterable[os.PathLike] = ()) -> KeyStatus:
     """Check the key, then write it to the key file (0600, folder 0700); nothing is written if it is refused."""
     env = _env(environ)
-    key = check_key_text(value)
+    key = _check_key_text(value)
     _refuse_if_environment_wins(env, "saving a key file")
     path = key_file_path(env)
     _refuse_if_inside(path, forbidden_dirs)

@@ -97,7 +97,7 @@ def request_key(image_bytes: bytes, fields: list[tuple[str, str]], endpoint: str
     return digest.hexdigest()
 
 
-def default_store_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
+def _default_store_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
     """Return the folder from AITHRIVING_CACHE_DIR (``off`` = none), else the user cache folder."""
     env = os.environ if environ is None else environ
     if ENV_STORE_DIR in env:
@@ -107,7 +107,7 @@ def default_store_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[P
     return Path(base) / "aithriving" / "structure"
 
 
-def max_bytes_from_env(environ: Optional[Mapping[str, str]] = None) -> int:
+def _max_bytes_from_env(environ: Optional[Mapping[str, str]] = None) -> int:
     """AITHRIVING_CACHE_MAX_MB in bytes (0 or less: nothing kept on disk), else the default."""
     env = os.environ if environ is None else environ
     max_mb = env.get(ENV_STORE_MAX_MB, "").strip()
@@ -157,8 +157,8 @@ class ResultStore:
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "ResultStore":
         """Return the store AITHRIVING_CACHE_DIR / _CACHE_MAX_MB set; one object per process and folder."""
         env = os.environ if environ is None else environ
-        directory = default_store_dir(env)
-        max_bytes = max_bytes_from_env(env)
+        directory = _default_store_dir(env)
+        max_bytes = _max_bytes_from_env(env)
         if directory is None:
             max_bytes = 0
         ident = (str(directory.resolve()) if directory is not None else None, max_bytes)

@@ -86,7 +86,7 @@ def probe_writable(directory: Path) -> None:
 def read_header(path: Path) -> Optional[EntryHeader]:
     """Read the header of a ``.result`` file, or None when it is not one of ours (or cannot be read)."""
     try:
-        with open_regular(path) as handle:
+        with _open_regular(path) as handle:
             head = handle.read(MAX_HEADER_BYTES)
     except OSError:
         return None
@@ -110,7 +110,7 @@ def read_header(path: Path) -> Optional[EntryHeader]:
 def read_entry_data(path: Path, header: EntryHeader) -> Optional[bytes]:
     """Read a ``.result`` file's image bytes, or None when missing or damaged (they count as absent)."""
     try:
-        with open_regular(path) as handle:
+        with _open_regular(path) as handle:
             handle.seek(header.offset)
             data = handle.read(header.size + 1)
     except OSError:
@@ -262,9 +262,9 @@ def _sweep_locks(directory: Path, now: float) -> None:
 def _migrate_legacy(directory: Path, key: str) -> None:
     meta_path, image_path = directory / f"{key}.json", directory / f"{key}.img"
     try:
-        with open_regular(meta_path) as handle:
+        with _open_regular(meta_path) as handle:
             meta = json.loads(handle.read(MAX_HEADER_BYTES))
-        with open_regular(image_path) as handle:
+        with _open_regular(image_path) as handle:
             data = handle.read(MAX_ENTRY_BYTES + 1)
         if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
             raise ValueError("damaged")
@@ -286,7 +286,7 @@ def _is_key(text: str) -> bool:
 
 
 @contextlib.contextmanager
-def open_regular(path: Path) -> Iterator["os.FileIO"]:
+def _open_regular(path: Path) -> Iterator["os.FileIO"]:
     """Open for reading without following links or blocking on a pipe; refuse anything not a regular file."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags)

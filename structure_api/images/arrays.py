@@ -42,7 +42,7 @@ class ImageSize:
 # --- tensors and arrays in, uint8 RGB out ----------------------------------------------
 
 
-def is_torch_tensor(obj: object) -> bool:
+def _is_torch_tensor(obj: object) -> bool:
     """Tell whether ``obj`` is a torch tensor, without importing torch (not loaded: nothing is one)."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, torch.Tensor)
@@ -85,7 +85,7 @@ def to_uint8_rgb(image: Any, *, index: Optional[int] = None) -> np.ndarray:
     ``index`` (0-based) only names the image in error messages. A uint8 RGB input that is
     already contiguous comes back as is (sharing memory), since nothing here writes to it.
     """
-    if is_torch_tensor(image):
+    if _is_torch_tensor(image):
         import torch
 
         tensor = image.detach()
@@ -157,7 +157,7 @@ def uint8_to_float(pixels: np.ndarray, out: Optional[np.ndarray] = None) -> np.n
 def new_output_batch(count: int, size: ImageSize, like: Any = None) -> Any:
     """Allocate a zeroed float32 ``[count, H, W, 3]`` batch: torch (CPU) when ``like`` is, else numpy."""
     shape = (count, size.height, size.width, 3)
-    if is_torch_tensor(like):
+    if _is_torch_tensor(like):
         import torch
 
         return torch.zeros(shape, dtype=torch.float32)
@@ -166,7 +166,7 @@ def new_output_batch(count: int, size: ImageSize, like: Any = None) -> Any:
 
 def as_numpy(batch: Any) -> np.ndarray:
     """Return a writable numpy view of a batch from ``new_output_batch`` (shares memory with a tensor)."""
-    if is_torch_tensor(batch):
+    if _is_torch_tensor(batch):
         return batch.detach().numpy()
     array = np.asarray(batch)
     if not array.flags.writeable:
