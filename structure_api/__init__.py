@@ -18,17 +18,7 @@ from .client import (  # noqa: E402
     StructureRequest,
     StructureResult,
 )
-from .images import (  # noqa: E402
-    EncodedImage,
-    ImageSize,
-    as_numpy,
-    decode_image,
-    encode_upload,
-    fit_to_limits,
-    restore_from_fit,
-    to_uint8_rgb,
-    uint8_to_float,
-)
+from .images import EncodedImage, ImageSize, encode_upload  # noqa: E402
 from .store import ResultStore, StoredResult  # noqa: E402
 from .batch import BatchProgress, BatchReport  # noqa: E402
 from .pipeline import BatchResult, StructureParams, generate_images  # noqa: E402
@@ -45,9 +35,8 @@ __all__ = [
     "ResultStore", "StoredResult",
     # the stand-in (imported on first use: it is a whole HTTP server)
     "StandInServer", "Fault",
-    # image conversions
-    "EncodedImage", "ImageSize", "as_numpy", "to_uint8_rgb", "uint8_to_float", "encode_upload", "decode_image",
-    "fit_to_limits", "restore_from_fit",
+    # the image a request carries
+    "EncodedImage", "ImageSize", "encode_upload",
     # errors
     "StructureError", "ConfigurationError", "MissingAPIKeyError", "InsecureURLError", "InputError",
     "InvalidImageError", "APIError", "AuthenticationError", "ContentModerationError", "InsufficientCreditsError",
@@ -58,6 +47,9 @@ __all__ = [
 
 _LAZY = {"StandInServer": "standin", "Fault": "standin"}
 _RENAMED = {"validate_parameters": "validate_params"}  # old spelling: new name, for one release
+# Image internals once exported here: still importable from structure_api.images, and from here for one release.
+_MOVED = {name: "images" for name in (
+    "as_numpy", "to_uint8_rgb", "uint8_to_float", "decode_image", "fit_to_limits", "restore_from_fit")}
 
 
 def __getattr__(name: str) -> Any:
@@ -67,6 +59,13 @@ def __getattr__(name: str) -> Any:
 
         warn_renamed(f"structure_api.{name}", f"structure_api.{_RENAMED[name]}")
         return globals()[_RENAMED[name]]
+    if name in _MOVED:
+        import importlib
+
+        from ._renamed import warn_renamed
+
+        warn_renamed(f"structure_api.{name}", f"structure_api.{_MOVED[name]}.{name}")
+        return getattr(importlib.import_module(f".{_MOVED[name]}", __name__), name)
     if name in _LAZY:
         import importlib
 

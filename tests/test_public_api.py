@@ -58,3 +58,13 @@ def test_old_spellings_still_work_and_warn() -> None:
     result = BatchResult(images=None, seeds=[], credits=0, from_store=1, report=report)
     with pytest.warns(DeprecationWarning, match="from_store"):
         assert result.from_cache == 1  # old spelling
+
+
+def test_image_internals_moved_to_structure_api_images_still_import_with_a_warning() -> None:
+    import pytest
+
+    from structure_api import images
+
+    assert "as_numpy" not in structure_api.__all__
+    with pytest.warns(DeprecationWarning, match="structure_api.images.as_numpy"):
+        assert structure_api.as_numpy is images.as_numpy  # old spelling
