@@ -322,7 +322,11 @@ def read_some(raw: urllib3.response.HTTPResponse, size: int) -> bytes:
     fp = getattr(raw, "_fp", None)
     if fp is None or fp.closed:
         return b""
-    return fp.read1(size)
+    data = fp.read1(size)
+    if not data and getattr(fp, "length", None):
+        # http.client's read1 ends a body cut short quietly; its read would raise this.
+        raise http.client.IncompleteRead(b"", fp.length)
+    return data
 
 
 class _UndecodableBody(Exception):
