@@ -166,6 +166,72 @@ def test_key_file_under_comfyuis_user_folder_is_refused(comfy_install, tmp_path)
         server.stop()
 
 
+def test_key_routes_refuse_rebound_hosts_unusable_keys_and_every_served_folder(comfy_install, tmp_path):
+    # The config folder is a link to a shared folder (mode 2775): saving must not change the target's mode.
+    shared = tmp_path / "shared-config"
+    shared.mkdir()
+    os.chmod(shared, 0o2775)
+    linked = tmp_path / "home" / "aithriving"
+    linked.parent.mkdir()
+    linked.symlink_to(shared, target_is_directory=True)
+    key_file = linked / "api_key"
+    base = tmp_path / "base"
+    server = start(comfy_install, base, {"AITHRIVING_API_KEY_FILE": str(key_file)})
+    try:
+        response = server.request("POST", "/aithriving/key", json={"key": TEST_KEY})
+        assert response.status_code == 200 and response.json() == {"set": True, "source": "key file"}
+        assert stat.S_IMODE(os.stat(shared).st_mode) == 0o2775 and linked.is_symlink()
+        assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+
+        # DNS rebinding: a page's own name resolving to this machine; Host and Origin agree, both foreign.
+        port = server.port
+        for name in ("evil.example", "localhost.evil.example", "127.0.0.1.nip.io"):
+            rebound = {"Host": f"{name}:{port}", "Origin": f"http://{name}:{port}"}
+            for method, path, body in (("POST", "/aithriving/key", {"key": "attacker-key"}),
+                                       ("DELETE", "/aithriving/key", None),
+                                       ("POST", "/aithriving/mode", {"local": True})):
+                response = server.request(method, path, json=body, headers=rebound)
+                assert response.status_code == 403, (name, method, path, response.text)
+                assert "another host name" in response.json()["error"]
+        assert key_file.read_text() == TEST_KEY + "\n"
+        assert server.request("GET", "/aithriving/mode").json() == {"local": False}
+        # This machine's own names still work, from the page (Origin) or a script (none).
+        for host in ("localhost", "127.0.0.1", "[::1]"):
+            own = {"Host": f"{host}:{port}", "Origin": f"http://{host}:{port}"}
+            response = server.request("POST", "/aithriving/mode", json={"local": False}, headers=own)
+            assert response.status_code == 200, (host, response.text)
+
+        # Unusable keys: 400 with one sentence, and the working key stays.
+        for bad, words in (("sk-live\u200bkey", "U+200B"), ("\ufeffsk-live-key", "U+FEFF"),
+                           ("sk-live\u00a0key", "U+00A0"), ("sk-livé-key", "U+00E9")):
+            response = server.request("POST", "/aithriving/key", json={"key": bad})
+            error = response.json()["error"]
+            assert response.status_code == 400 and words in error and "not plain ASCII" in error, response.text
+            assert "sk-live" not in error and "\n" not in error
+            assert key_file.read_text() == TEST_KEY + "\n"
+            assert server.request("GET", "/aithriving/key").json() == {"set": True, "source": "key file"}
+    finally:
+        server.stop()
+
+    # Every folder ComfyUI serves: input (/view?type=input), output, temp, user/, the custom nodes' web folders.
+    # One server: its key file's folder is a link re-pointed at each served folder in turn (the check
+    # resolves links, so this is the same as naming the folder itself).
+    switch = tmp_path / "switch"
+    server = start(comfy_install, base, {"AITHRIVING_API_KEY_FILE": str(switch / "aithriving_key")})
+    try:
+        pack_web = base / "custom_nodes" / REPO.name / "web"
+        for folder in (base / "input", base / "output", base / "temp", base / "user" / "default", pack_web):
+            folder.mkdir(parents=True, exist_ok=True)
+            switch.unlink(missing_ok=True)
+            switch.symlink_to(folder, target_is_directory=True)
+            response = server.request("POST", "/aithriving/key", json={"key": TEST_KEY})
+            assert response.status_code == 409 and "serves over HTTP" in response.json()["error"], (folder, response.text)
+            assert not (folder / "aithriving_key").exists()
+        assert server.request("GET", "/view?filename=aithriving_key&type=input").status_code == 404
+    finally:
+        server.stop()
+
+
 def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_restart(
         comfy_install, tmp_path, key_file):
     closed_port = free_port()  # nothing listens here: the paid path could not work
