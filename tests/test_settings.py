@@ -219,3 +219,17 @@ def test_online_run_reads_a_key_saved_since_the_last_run(env, standin):
         assert not run.local and run.store.directory is None
         assert run.client.generate(_one_request()).credits == 6
     assert standin.requests[-1].headers["authorization"] == TEST_KEY and standin.requests[-1].status == 200
+
+
+def test_request_destination_changes_with_the_mode_and_the_address_never_with_the_key(env):
+    from structure_api.offline import request_destination
+
+    service = request_destination({**env, "AITHRIVING_API_KEY": TEST_KEY})
+    assert service == "https://www.aithriving.com" and TEST_KEY not in service
+    other = request_destination({**env, "AITHRIVING_BASE_URL": "http://127.0.0.1:9"})
+    assert other == "http://127.0.0.1:9"
+    assert request_destination({**env, "AITHRIVING_BASE_URL": "ftp://x"}) not in (service, other)
+    set_local_mode(True, env)
+    assert request_destination(env) not in (service, other)
+    set_local_mode(False, env)
+    assert request_destination(env) == service

@@ -279,6 +279,35 @@ def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_res
         restarted.stop()
 
 
+def test_switching_offline_mode_off_runs_a_fixed_seed_again_against_the_service(
+        comfy_install, billing_standin, tmp_path, key_file):
+    # The same fixed-seed graph, queued with the stand-in on and then off: ComfyUI must not reuse the
+    # stand-in's drawing as if it were the service's result (the node's fingerprint names where requests go).
+    server = start(comfy_install, tmp_path / "base", {
+        "AITHRIVING_BASE_URL": billing_standin.url, "AITHRIVING_API_KEY": TEST_KEY,
+        "AITHRIVING_API_KEY_FILE": str(key_file), "AITHRIVING_CACHE_DIR": "off"})
+    try:
+        sent_before = len(billing_standin.requests)
+        assert server.request("POST", "/aithriving/mode", json={"local": True}).json() == {"local": True}
+        entry = server.run(graph(prefix="fixed", seed=4242))
+        assert execution_error(entry) is None and cost_of(entry)["local"] is True
+        assert len(billing_standin.requests) == sent_before
+
+        assert server.request("POST", "/aithriving/mode", json={"local": False}).json() == {"local": False}
+        entry = server.run(graph(prefix="fixed", seed=4242))
+        assert execution_error(entry) is None, execution_error(entry)
+        assert len(billing_standin.requests) == sent_before + 1, "the service received nothing"
+        assert billing_standin.requests[-1].fields["seed"] == "4242"
+        cost = cost_of(entry)
+        assert (cost["local"], cost["credits"], cost["free"]) == (False, 6, False)
+
+        # Unchanged since: a fixed seed's output is reused as before, nothing more is sent.
+        server.run(graph(prefix="fixed", seed=4242))
+        assert len(billing_standin.requests) == sent_before + 1
+    finally:
+        server.stop()
+
+
 def test_a_serve_standin_at_the_base_url_is_reported_free(comfy_install, tmp_path):
     # `structure-api serve` (free=True) with the two variables its banner shows: 0 credits on every figure.
     with StandInServer(free=True) as serve:
