@@ -12,6 +12,7 @@ from PIL import Image
 
 from structure_api.standin import StandInServer
 from tests.comfy.harness import ComfyServer, PromptRejected, execution_error, free_port, saved_images
+from tests.comfy.install import PACK_LINK_NAME
 
 from support import TEST_KEY
 
@@ -219,7 +220,8 @@ def test_key_routes_refuse_rebound_hosts_unusable_keys_and_every_served_folder(c
     switch = tmp_path / "switch"
     server = start(comfy_install, base, {"AITHRIVING_API_KEY_FILE": str(switch / "aithriving_key")})
     try:
-        pack_web = base / "custom_nodes" / REPO.name / "web"
+        pack_web = base / "custom_nodes" / PACK_LINK_NAME / "web"  # this pack's own web folder, linked in
+        assert pack_web.resolve() == REPO / "web"
         for folder in (base / "input", base / "output", base / "temp", base / "user" / "default", pack_web):
             folder.mkdir(parents=True, exist_ok=True)
             switch.unlink(missing_ok=True)
@@ -230,6 +232,7 @@ def test_key_routes_refuse_rebound_hosts_unusable_keys_and_every_served_folder(c
         assert server.request("GET", "/view?filename=aithriving_key&type=input").status_code == 404
     finally:
         server.stop()
+        (REPO / "web" / "aithriving_key").unlink(missing_ok=True)  # never left in the repository, even on failure
 
 
 def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_restart(
