@@ -154,7 +154,7 @@ def _change(handler: Handler) -> Handler:
 
 
 def _served_folders() -> list[str]:
-    """Every folder ComfyUI serves files from over HTTP, read at request time (--base-directory etc. honoured)."""
+    """Every folder ComfyUI serves files from over HTTP, read at request time (so --base-directory counts)."""
     import importlib
 
     import folder_paths  # ComfyUI's

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "min-versions"
 TORCH = "torch==2.13.0"
 TEST_TOOLS = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"]
-SUITES = ["tests/test_client.py", "tests/test_cli.py", "tests/test_config.py", "tests/reliability",
+SUITES = ["tests/test_client.py", "tests/test_cli.py", "tests/test_config.py", "tests/test_settings.py",
+          "tests/reliability",
           "-m", "not comfyui"]
 _FLOOR = re.compile(r"^([A-Za-z0-9_.-]+)\s*>=\s*([0-9][0-9A-Za-z.]*)$")
 
@@ -104,10 +105,11 @@ def main() -> int:
         [str(python), "-c", "import importlib.metadata as m, json, sys; "
          "print(json.dumps({n: m.version(n) for n in json.loads(sys.argv[1])}))", json.dumps(list(floors))],
         check=True, capture_output=True, text=True).stdout
-    if {n: _release(v) for n, v in json.loads(installed).items()} != {n: _release(v) for n, v in floors.items()}:
+    found = {name: _release(version) for name, version in json.loads(installed).items()}
+    if found != {name: _release(version) for name, version in floors.items()}:
         sys.exit(f"the venv holds {installed.strip()}, not the floors {floors}")
-    return subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUITES, *sys.argv[1:]],
-                          cwd=ROOT).returncode
+    pytest = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUITES, *sys.argv[1:]]
+    return subprocess.run(pytest, cwd=ROOT).returncode
 
 
 if __name__ == "__main__":

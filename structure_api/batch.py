@@ -128,7 +128,8 @@ class BatchReport:
                 again = "so queuing again in this same process pays only for the failed ones"
             if self.paid and not self.credits and not self.from_cache:
                 again = ""  # a stand-in made them: nothing was paid, so nothing about paying again is true
-            sentence += f"; {'it is' if self.done == 1 else f'all {self.done} are'} kept {where}{again and ', '}{again}"
+            kept = f"; {'it is' if self.done == 1 else f'all {self.done} are'} kept {where}"
+            sentence += f"{kept}, {again}" if again else kept
         elif self.done:
             sentence += "; they were not kept, so queuing again pays for them again"
         if self.may_be_charged:

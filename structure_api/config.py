@@ -127,7 +127,7 @@ def resolve_base_url(environ: Optional[Mapping[str, str]] = None) -> str:
 
 
 def check_base_url(value: str, source: str = "base_url") -> str:
-    """``value`` as a base URL without a trailing slash; a ConfigurationError naming ``source`` if it cannot be one."""
+    """``value`` as a base URL (no trailing slash), or a ConfigurationError naming ``source``."""
     if not isinstance(value, str):
         raise ConfigurationError(f"{source} must be an http(s) address given as text.")
     url = value.strip().rstrip("/")

@@ -39,7 +39,7 @@ class KeyFromEnvironmentError(ConfigurationError):
 
 
 class KeyFileLocationError(ConfigurationError):
-    """The key file would land in a folder ComfyUI serves over HTTP (input, output, temp, user, web folders)."""
+    """The key file would land in a folder ComfyUI serves over HTTP (input, output, temp, user, web)."""
 
 
 @dataclass(frozen=True)

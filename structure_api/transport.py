@@ -358,7 +358,7 @@ class _ContentDecoder:
         self._first = True
 
     def decode(self, data: bytes) -> Iterator[bytes]:
-        """The decoded bytes ``data`` brings, a piece at a time; _UndecodableBody past the limit or on broken data."""
+        """The decoded bytes ``data`` brings, piece by piece; _UndecodableBody past the limit or if broken."""
         if self._inflater is None:
             yield data
             return
@@ -372,8 +372,8 @@ class _ContentDecoder:
                     # Some servers send raw deflate (no zlib header) for "deflate".
                     self._inflater, self._first = zlib.decompressobj(-zlib.MAX_WBITS), False
                     continue
-                raise _UndecodableBody(
-                    f"The service's answer is not valid {self._coding} data, so it could not be read.") from None
+                raise _UndecodableBody(f"The service's answer is not valid {self._coding} data, "
+                                       "so it could not be read.") from None
             self._first = False
             self._produced += len(piece)
             if self._produced > self._limit:

@@ -76,7 +76,7 @@ async function sendKey(key) {
   });
   state.key = await answerOf(response);
   changed();
-  // A refused key is a 400 whose sentence answerOf throws; an answer that still has no key is no "Saved" either.
+  // A refused key is a 400 whose sentence answerOf throws; an answer still without a key is not "Saved".
   if (!state.key?.set) {
     throw new Error("The server kept no usable key; paste the key again from your aithriving.com account.");
   }

@@ -27,7 +27,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    """List the results kept and never delivered (paid, or free from a stand-in), or write them out with --export."""
+    """List the results kept and never delivered (paid, or free from a stand-in), or --export them."""
     store = ResultStore.from_env()
     if store.directory is None:
         print("The result store is off (AITHRIVING_CACHE_DIR=off), so nothing is kept between runs.")
@@ -68,7 +68,8 @@ def _count_by_cost(entries: list) -> str:
     """'3 paid result(s)', '2 free result(s) from a stand-in', or both: what the store's entries cost."""
     free = sum(1 for entry in entries if entry.free)
     paid = len(entries) - free
-    parts = ([f"{paid} paid result(s)"] if paid else []) + ([f"{free} free result(s) from a stand-in"] if free else [])
+    parts = [f"{paid} paid result(s)"] if paid else []
+    parts += [f"{free} free result(s) from a stand-in"] if free else []
     return " and ".join(parts)
 
 

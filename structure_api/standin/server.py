@@ -100,7 +100,7 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 def check_listen_address(host: str) -> int:
-    """The socket family to listen on ``host`` with; ValueError (one sentence) for an address of every interface.
+    """The socket family to listen on ``host`` with; ValueError (one sentence) for all interfaces.
 
     Every spelling of "all interfaces" is refused, not only the usual ones: "0", "0.0.0.0", "::",
     "::ffff:0.0.0.0" and names that resolve to such an address all open the stand-in to the network.

@@ -207,14 +207,15 @@ def test_key_routes_refuse_rebound_hosts_unusable_keys_and_every_served_folder(c
                            ("sk-live\u00a0key", "U+00A0"), ("sk-livé-key", "U+00E9")):
             response = server.request("POST", "/aithriving/key", json={"key": bad})
             error = response.json()["error"]
-            assert response.status_code == 400 and words in error and "not plain ASCII" in error, response.text
+            assert response.status_code == 400 and words in error, response.text
+            assert "not plain ASCII" in error
             assert "sk-live" not in error and "\n" not in error
             assert key_file.read_text() == TEST_KEY + "\n"
             assert server.request("GET", "/aithriving/key").json() == {"set": True, "source": "key file"}
     finally:
         server.stop()
 
-    # Every folder ComfyUI serves: input (/view?type=input), output, temp, user/, the custom nodes' web folders.
+    # Every folder ComfyUI serves: input (/view?type=input), output, temp, user/, the custom nodes' web.
     # One server: its key file's folder is a link re-pointed at each served folder in turn (the check
     # resolves links, so this is the same as naming the folder itself).
     switch = tmp_path / "switch"
@@ -227,12 +228,13 @@ def test_key_routes_refuse_rebound_hosts_unusable_keys_and_every_served_folder(c
             switch.unlink(missing_ok=True)
             switch.symlink_to(folder, target_is_directory=True)
             response = server.request("POST", "/aithriving/key", json={"key": TEST_KEY})
-            assert response.status_code == 409 and "serves over HTTP" in response.json()["error"], (folder, response.text)
+            assert response.status_code == 409, (folder, response.text)
+            assert "serves over HTTP" in response.json()["error"]
             assert not (folder / "aithriving_key").exists()
         assert server.request("GET", "/view?filename=aithriving_key&type=input").status_code == 404
     finally:
         server.stop()
-        (REPO / "web" / "aithriving_key").unlink(missing_ok=True)  # never left in the repository, even on failure
+        (REPO / "web" / "aithriving_key").unlink(missing_ok=True)  # never left in the repository
 
 
 def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_restart(

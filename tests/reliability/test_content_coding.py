@@ -39,7 +39,8 @@ def gigabyte_gzip() -> bytes:
 
 def _answer(seed: int = 7) -> bytes:
     image = image_file_bytes(photo_like(96, 64), "PNG")
-    return (b'{"code":0,"message":"success","data":{"seed":%d,"image":"' % seed) + b64(image).encode() + b'"}}'
+    head = b'{"code":0,"message":"success","data":{"seed":%d,"image":"' % seed
+    return head + b64(image).encode() + b'"}}'
 
 
 def _generate(client, upload):
@@ -55,7 +56,8 @@ def hostile_bodies(gigabyte: bytes) -> dict[str, tuple[str, bytes, str]]:
             "gzip", gigabyte, "grows past 64 MiB when decompressed"),
         "answer coded 'br' (never asked for)": ("br", b"\x1b\x00\x00", "cannot undo"),
         "answer coded 'gzip' that is not gzip data": ("gzip", b"plain text, not gzip", "not valid gzip data"),
-        "gzip answer cut off in its middle": ("gzip", gzip.compress(_answer())[:60], "ends before its gzip data"),
+        "gzip answer cut off in its middle": (
+            "gzip", gzip.compress(_answer())[:60], "ends before its gzip data"),
     }
 
 
@@ -63,8 +65,8 @@ CASES = ["triple", "bomb", "br", "garbage", "cut"]
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_hostile_content_coding_is_refused_with_memory_bounded(case, service, new_client, small_upload, ledger,
-                                                               gigabyte_gzip):
+def test_hostile_content_coding_is_refused_with_memory_bounded(case, service, new_client, small_upload,
+                                                               ledger, gigabyte_gzip):
     scenario, (coding, body, words) = list(hostile_bodies(gigabyte_gzip).items())[CASES.index(case)]
     service.script(Respond(200, body=body, headers={"Content-Encoding": coding,
                                                      "Content-Type": "application/json"}))

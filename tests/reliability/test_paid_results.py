@@ -239,9 +239,10 @@ def test_with_the_store_off_a_failed_batch_says_it_is_off(monkeypatch, ledger):
         repaid = service.credits_spent - paid
     _forget_shared_stores()
     message = str(caught.value)
-    record(ledger, "AITHRIVING_CACHE_DIR=off; batch of 4, seed 0, image 4 fails; queued again in the same process",
-           "the error says the store is off (not that it cannot be written); the re-run pays for image 4 only",
-           f"...{message[message.index('3 images'):][:150]}; re-run paid {repaid}, {again.from_cache} from memory",
+    record(ledger, "AITHRIVING_CACHE_DIR=off; batch of 4, seed 0, image 4 fails; queued again, same process",
+           "the error says the store is off (not that it cannot be written); the re-run pays for image 4",
+           f"...{message[message.index('3 images'):][:150]}; re-run paid {repaid}, "
+           f"{again.from_cache} from memory",
            paid=paid, delivered=24, repaid=repaid - CREDITS_PER_IMAGE)
     assert "all 3 are kept in memory only, because the result store is off, so queuing again in this same " \
            "process pays only for the failed ones" in message, message
