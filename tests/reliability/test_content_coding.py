@@ -95,27 +95,22 @@ def test_hostile_content_coding_is_refused_with_memory_bounded(case, service, ne
     ("deflate", lambda data: zlib.compress(data)[2:-4]),  # raw deflate, as some servers send it
     ("identity", lambda data: data),
 ], ids=["gzip", "deflate-zlib", "deflate-raw", "identity"])
-def test_one_content_coding_is_undone(coding, pack, service, new_client, small_upload, ledger):
+def test_one_content_coding_is_undone(coding, pack, service, new_client, small_upload):
     service.script(Respond(200, body=pack(_answer(seed=41)), headers={"Content-Encoding": coding,
                                                                      "Content-Type": "application/json"}))
+    # Not a row of the report: its hostile section counts refusals, and this answer is a good one.
     result = _generate(new_client(), small_upload)
-    ledger.row("hostile", f"success answer coded {coding!r}", "decoded: the image and its seed",
-               f"png {result.pixels.shape[1]}x{result.pixels.shape[0]}, seed {result.seed}",
-               requests=len(service.requests))
     assert result.seed == 41 and result.pixels.shape[:2] == (64, 96)
     # Only the codings the client undoes are asked for.
     assert service.requests[0].headers.get("accept-encoding") == "gzip, deflate"
 
 
-def test_error_status_with_a_coding_chain_is_still_the_error(service, new_client, small_upload, ledger):
+def test_error_status_with_a_coding_chain_is_still_the_error(service, new_client, small_upload):
     """A 503 whose body is coded twice: the status decides (retried, then success); nothing is decoded."""
     service.script(Respond(503, body=gzip.compress(gzip.compress(b"busy")),
                            headers={"Content-Encoding": "gzip, gzip"}), Respond(503), Respond(503),
                    Respond(503), Respond(503))
     with pytest.raises(ServiceError) as caught:
         _generate(new_client(), small_upload)
-    ledger.row("hostile", "503 whose body is coded 'gzip, gzip', on every attempt",
-               "ServiceError after 5 attempts (the status is the answer)",
-               f"{type(caught.value).__name__}: {caught.value}", requests=len(service.requests))
     assert len(service.requests) == 5
     assert "nothing was charged" in str(caught.value)
