@@ -7,6 +7,7 @@ charges nothing (its answers carry the stand-in mark, so every figure the client
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional
@@ -93,6 +94,12 @@ def request_destination(environ: Optional[Mapping[str, str]] = None) -> str:
         return resolve_base_url(environ)
     except ConfigurationError:
         return "an unusable AITHRIVING_BASE_URL"  # the run itself says what is wrong with it
+
+
+def destination_fingerprint(environ: Optional[Mapping[str, str]] = None) -> str:
+    """A digest of request_destination(): ComfyUI writes a fingerprint into every saved PNG's metadata,
+    so it names neither the mode nor the address."""
+    return hashlib.sha256(request_destination(environ).encode("utf-8")).hexdigest()[:16]
 
 
 @dataclass

@@ -233,3 +233,13 @@ def test_request_destination_changes_with_the_mode_and_the_address_never_with_th
     assert request_destination(env) not in (service, other)
     set_local_mode(False, env)
     assert request_destination(env) == service
+
+
+def test_the_destination_fingerprint_names_neither_the_mode_nor_the_address(env):
+    from structure_api.offline import destination_fingerprint
+
+    service = destination_fingerprint({**env, "AITHRIVING_BASE_URL": "http://127.0.0.1:9"})
+    assert "127.0.0.1" not in service and len(service) == 16
+    set_local_mode(True, env)
+    local = destination_fingerprint(env)
+    assert local != service and "stand-in" not in local and "local" not in local

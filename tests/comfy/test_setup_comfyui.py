@@ -305,6 +305,10 @@ def test_switching_offline_mode_off_runs_a_fixed_seed_again_against_the_service(
         assert billing_standin.requests[-1].fields["seed"] == "4242"
         cost = cost_of(entry)
         assert (cost["local"], cost["credits"], cost["free"]) == (False, 6, False)
+        # The fingerprint is kept in the prompt, and so in the PNG: it names neither the mode nor the address.
+        [image] = saved_images(entry)
+        metadata = json.dumps(Image.open(server.output_dir / image["subfolder"] / image["filename"]).text)
+        assert billing_standin.url not in metadata and "stand-in" not in metadata
 
         # Unchanged since: a fixed seed's output is reused as before, nothing more is sent.
         server.run(graph(prefix="fixed", seed=4242))
