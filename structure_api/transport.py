@@ -305,7 +305,8 @@ class Transport:
                 http.client.HTTPException) as exc:
             if status == 200:
                 raise ResultMayBeBilledError(
-                    _broken_answer_message(exc, buffer.size, declared, self.limits.min_body_rate),
+                    _broken_answer_message(exc, buffer.size, None if coding else declared,
+                                           self.limits.min_body_rate),
                     http_status=200) from None
             # An error status is the answer whatever its body: what arrived is enough to map it
             # (and a 5xx cut short is as unbilled, and as retryable, as a whole one).
