@@ -146,10 +146,26 @@ def _locked(fd: int) -> Iterator[None]:
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
 
 
-class RedisBook:
-    """A budget shared by every machine pointing at one Redis: one value, changed under WATCH/MULTI/EXEC.
+# Compare-and-set in one step: the new state is written only if the budget still holds what the
+# change was computed from; either way Redis's time comes back, and on a miss the current state.
+_COMPARE_AND_SET = """
+local current = redis.call('GET', KEYS[1]) or ''
+local now = redis.call('TIME')
+if current == ARGV[1] then
+  if ARGV[2] ~= ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
+  return {1, '', now[1], now[2]}
+end
+return {0, current, now[1], now[2]}
+"""
 
-    The time is Redis's own (``TIME``), so machines whose clocks differ still agree on the window.
+
+class RedisBook:
+    """A budget shared by every machine pointing at one Redis: one value, changed by a compare-and-set script.
+
+    A change is computed here from the state last seen and written by a Lua script only if the
+    budget still holds that state; otherwise the script returns the current one and the change is
+    computed again. Uncontended, that is one round trip. Times are Redis's own (``TIME``, carried
+    over as an offset to this machine's clock), so machines whose clocks differ agree on the window.
     """
 
     shared = True
@@ -163,39 +179,34 @@ class RedisBook:
         except ImportError:
             raise BudgetUnavailable('the redis package is not installed (pip install "aithriving-structure[redis]")')
         self._errors: tuple = (redis.RedisError, OSError)
-        self._watch_error = redis.WatchError
         self.key = REDIS_KEY_PREFIX + budget
+        self._known = b""  # the state as last seen in Redis ("": none)
         try:
             self._redis = redis.Redis.from_url(url, socket_timeout=_REDIS_TIMEOUT_SECONDS,
                                                socket_connect_timeout=_REDIS_TIMEOUT_SECONDS)
-            self._redis.ping()
+            seconds, micros = self._redis.time()
+            self._offset = seconds + micros / 1e6 - time.time()
+            self._script = self._redis.register_script(_COMPARE_AND_SET)
         except self._errors as error:
             raise BudgetUnavailable(f"{type(error).__name__}: {_short(error)}") from None
 
     def update(self, change: Callable[[PacerState, float], T], now: float) -> T:
         """Apply ``change`` to the budget at Redis's time, atomically (``now`` is not used)."""
-        try:
-            with self._redis.pipeline() as pipe:
-                for attempt in range(_REDIS_TRIES):
-                    try:
-                        pipe.watch(self.key)
-                        before = pipe.get(self.key)
-                        seconds, micros = pipe.time()
-                        state = PacerState.from_json(before)
-                        result = change(state, seconds + micros / 1e6)
-                        after = state.to_json()
-                        if after == before:
-                            pipe.unwatch()
-                            return result
-                        pipe.multi()
-                        pipe.set(self.key, after, ex=_REDIS_KEEP_SECONDS)
-                        pipe.execute()
-                        return result
-                    except self._watch_error:
-                        # Another process changed the budget between the read and the write: read again.
-                        time.sleep(random.random() * 0.002 * min(attempt + 1, 10))
-        except self._errors as error:
-            raise BudgetUnavailable(f"{type(error).__name__}: {_short(error)}") from None
+        before = self._known
+        for _ in range(_REDIS_TRIES):
+            state = PacerState.from_json(before or None)
+            result = change(state, time.time() + self._offset)
+            after = state.to_json()
+            try:
+                done, current, seconds, micros = self._script(keys=[self.key],
+                                                              args=[before, after, _REDIS_KEEP_SECONDS])
+            except self._errors as error:
+                raise BudgetUnavailable(f"{type(error).__name__}: {_short(error)}") from None
+            self._offset = int(seconds) + int(micros) / 1e6 - time.time()
+            if done:
+                self._known = after
+                return result
+            before = current  # another process changed it: compute the change again on what it holds
         raise BudgetUnavailable(f"the budget changed under every one of {_REDIS_TRIES} tries")
 
     def close(self) -> None:

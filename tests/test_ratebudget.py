@@ -215,8 +215,12 @@ def test_a_malformed_redis_url_is_one_clear_error(url, monkeypatch):
 # --- three real CLI processes -------------------------------------------------------------------------
 
 # Scaled down from the service's 150/10 s and 60 s lock-out, so the test takes seconds: three
-# processes of 8 in flight each could send far past 10/s; together they must keep to it.
+# processes of 8 in flight each could send far past 10/s; together they must keep to it. The
+# processes pace at 10 per 1.25 s: on a CI machine whose two cores run many tests, the stand-in
+# (in this process) may count a request later than the 0.25 s margin covers; the benchmark
+# (docs/benchmarks.md) runs the service's own limit with the pacer's own margin.
 LIMIT = "10/1"
+PACED_AT = "10/1.25"
 LOCKOUT = 30.0
 PER_PROCESS = 20
 
@@ -227,7 +231,8 @@ def _batch(index: int, work: Path, url: str, env_extra: dict) -> subprocess.Pope
     for n in range(PER_PROCESS):
         Image.fromarray(photo_like(64, 64, seed=100 * index + n)).save(inputs / f"img{n:03d}.png")
     env = {name: value for name, value in os.environ.items() if not name.startswith("AITHRIVING_")}
-    env.update(AITHRIVING_BASE_URL=url, AITHRIVING_API_KEY=TEST_KEY, AITHRIVING_RATE_LIMIT=LIMIT, **env_extra)
+    env.update(AITHRIVING_BASE_URL=url, AITHRIVING_API_KEY=TEST_KEY, AITHRIVING_RATE_LIMIT=PACED_AT,
+               **env_extra)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     command = [sys.executable, "-m", "structure_api", "batch", str(inputs), "-o", str(work / f"out{index}"),
                "--prompt", "a harbour", "--seed", str(1000 * (index + 1)), "--concurrency", "8"]
@@ -263,14 +268,14 @@ def test_three_cli_processes_sharing_one_store_folder_never_trip_the_lock_out(tm
     store = tmp_path / "store"
     server, outputs, seconds = _three_batches(tmp_path, lambda index: {"AITHRIVING_CACHE_DIR": str(store)})
     _check_books(server, tmp_path, outputs)
-    # One budget: 60 images at 10/s take at least 5 s, and the window did not stall them.
-    assert 5.0 < seconds < 60
+    # One budget: 60 images at 8/s take at least 6 s.
+    assert 6.0 < seconds < 60
 
 
 def test_three_cli_processes_with_separate_folders_share_a_redis_budget(tmp_path, redis_url):
     server, outputs, seconds = _three_batches(
         tmp_path, lambda index: {"AITHRIVING_CACHE_DIR": str(tmp_path / f"store{index}"), ENV_REDIS_URL: redis_url})
     _check_books(server, tmp_path, outputs)
-    assert 5.0 < seconds < 60
+    assert 6.0 < seconds < 60
     for index in range(3):  # the folders were not what was shared
         assert not (tmp_path / f"store{index}" / PACING_FOLDER).exists()
