@@ -68,8 +68,8 @@ class ProcessesRun:
                 and not self.fallbacks and self.ratio_to_limit >= RATIO_TARGET)
 
 
-def _run(label: str, work: Path, inputs: list[Path], env_for) -> ProcessesRun:
-    run = ProcessesRun(label=label, images=PROCESSES * PER_PROCESS)
+def _run(label: str, work: Path, inputs: list[Path], per_process: int, env_for) -> ProcessesRun:
+    run = ProcessesRun(label=label, images=PROCESSES * per_process)
     limit = f"{LIMIT_REQUESTS}/{LIMIT_SECONDS:g}"
     with standin(LATENCY, "--rate-limit", limit, "--lockout", repr(LOCKOUT_SECONDS)) as server:
         base = {name: value for name, value in os.environ.items() if not name.startswith("AITHRIVING_")}
@@ -80,7 +80,7 @@ def _run(label: str, work: Path, inputs: list[Path], env_for) -> ProcessesRun:
         for index, folder in enumerate(inputs):
             command = [sys.executable, "-m", "structure_api", "batch", str(folder), "-o",
                        str(work / f"out-{label}-{index}"), "--prompt", "a benchmark picture",
-                       "--seed", str(1 + index * PER_PROCESS), "--concurrency", str(CONCURRENCY)]
+                       "--seed", str(1 + index * per_process), "--concurrency", str(CONCURRENCY)]
             processes.append(subprocess.Popen(command, cwd=ROOT, env={**base, **env_for(index)},
                                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                               stderr=subprocess.PIPE, text=True))
@@ -107,8 +107,6 @@ def _run(label: str, work: Path, inputs: list[Path], env_for) -> ProcessesRun:
 
 def measure_processes(per_process: int = PER_PROCESS, with_unshared: bool = True) -> list[ProcessesRun]:
     """The one-machine row, the Redis row and (``with_unshared``) the row without sharing."""
-    global PER_PROCESS
-    PER_PROCESS = per_process
     runs = []
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
@@ -118,15 +116,15 @@ def measure_processes(per_process: int = PER_PROCESS, with_unshared: bool = True
             inputs[-1].mkdir()
             _inputs(inputs[-1], per_process, 96)
         # Each row starts from empty folders (and a fresh stand-in): nothing is served from a store.
-        runs.append(_run("machine", work, inputs, lambda i: {"AITHRIVING_CACHE_DIR": str(work / "store-machine")}))
+        runs.append(_run("machine", work, inputs, per_process, lambda i: {"AITHRIVING_CACHE_DIR": str(work / "store-machine")}))
         try:
             with redis_server() as url:
-                runs.append(_run("redis", work, inputs, lambda i: {
+                runs.append(_run("redis", work, inputs, per_process, lambda i: {
                     "AITHRIVING_CACHE_DIR": str(work / f"store-redis-{i}"), "AITHRIVING_REDIS_URL": url}))
         except (ImportError, RuntimeError) as error:
             runs.append(ProcessesRun(label="redis", images=PROCESSES * per_process, not_run=str(error)))
         if with_unshared:
-            runs.append(_run("unshared", work, inputs, lambda i: {
+            runs.append(_run("unshared", work, inputs, per_process, lambda i: {
                 "AITHRIVING_CACHE_DIR": str(work / f"store-unshared-{i}")}))
     return runs
 
@@ -181,12 +179,12 @@ def section(runs: list[ProcessesRun]) -> list[str]:
         lines.append(f"| {_NAMES[run.label]}{stopped} | {run.delivered}/{run.images} | {run.failed_processes} "
                      f"| {run.generated} | {run.refused_429} | {run.lockouts} | {run.seconds:.1f} "
                      f"| {run.per_second:.2f} | {run.ratio_to_limit:.2f}x |")
-    for run in runs:
-        for line in run.fallbacks[:3]:
-            lines.append(f"\n- {_NAMES[run.label]}: a process said: {line}")
+    said = [f"- {_NAMES[run.label]}: a process said: {line}" for run in runs for line in run.fallbacks[:3]]
+    lines += ["", *said] if said else []
     lines += [
         "",
-        "Shared, the three draw from one window of request starts (150 in any 10.2 s) and see one pause "
+        "Shared, the three draw from one window of request starts (150 in any 10.5 s: a shared budget's "
+        "margin is 5 %) and see one pause "
         "after a 429; without sharing each believes it owns the whole limit, so together they send three "
         "times the limit, trip the lock-out and wait it out.",
         "",
