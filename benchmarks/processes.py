@@ -33,7 +33,7 @@ CONCURRENCY = 16
 RUN_TIMEOUT = 400.0
 RATIO_TARGET = 0.9
 _STOPPED = re.compile(r"stopped: (\d+) image\(s\) generated(?:, (\d+) refused with 429 in (\d+) lock-out)?")
-_FALLBACK = ("counted in this process only", "cannot be reached", "stopped working")
+_FALLBACK = ("counted in this process only", "cannot be used", "stopped working")
 
 
 @dataclass

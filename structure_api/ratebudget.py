@@ -7,7 +7,7 @@ is the same for all of them) draws from one budget per key and sees one pause. W
 ``AITHRIVING_REDIS_URL`` the book is one value in Redis, shared by every machine that points at
 it; the Redis client is an optional extra (``pip install "aithriving-structure[redis]"``).
 
-A book that cannot work (the folder cannot be written, Redis cannot be reached) is never a reason
+A book that cannot work (the folder cannot be written, Redis cannot be used) is never a reason
 to send unpaced: the pacer falls back to the next one (Redis -> the folder -> this process only)
 and says so once. A budget is named by a hash of the key and the endpoint, never by the key.
 """
@@ -247,7 +247,7 @@ def make_book(key: Union[APIKey, str], endpoint: str, environ: Optional[Mapping[
         try:
             return RedisBook(redis_url, budget)
         except BudgetUnavailable as error:
-            log.warning("Redis at %s cannot be reached (%s); the rate budget is shared through the result "
+            log.warning("Redis at %s cannot be used (%s); the rate budget is shared through the result "
                         "store's folder instead, by this machine's processes only.", redis_location(redis_url), error)
     directory = default_store_dir(env)
     if directory is None:

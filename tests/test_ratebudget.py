@@ -184,7 +184,7 @@ def test_redis_that_cannot_be_reached_falls_back_to_the_folder_in_one_line(tmp_p
         book = make_book(TEST_KEY, ENDPOINT)
     assert isinstance(book, FolderBook)
     [record] = caplog.records
-    assert "cannot be reached" in record.getMessage() and "\n" not in record.getMessage()
+    assert "cannot be used" in record.getMessage() and "\n" not in record.getMessage()
 
 
 def test_redis_going_away_mid_run_leaves_the_pacer_pacing(redis_url, caplog):
@@ -261,7 +261,7 @@ def _check_books(server: StandInServer, work: Path, outputs: list) -> None:
     assert len(paid) == 3 * PER_PROCESS and set(paid.values()) == {1}  # each image paid once
     assert server.credits_spent == 6 * 3 * PER_PROCESS
     for _, stderr in outputs:
-        assert "counted in this process only" not in stderr and "cannot be reached" not in stderr
+        assert "counted in this process only" not in stderr and "cannot be used" not in stderr
 
 
 def test_three_cli_processes_sharing_one_store_folder_never_trip_the_lock_out(tmp_path):
