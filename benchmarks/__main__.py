@@ -48,15 +48,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("300 images through structure-api batch against the rate-limited stand-in, with and without the pacer "
           "(the run without waits out a 60 s lock-out)...", file=sys.stderr, flush=True)
     throughput = measure_throughput(count=60 if args.quick else 300, with_unpaced=not args.quick)
-    print("3 structure-api batch processes x 150 images at once against the rate-limited stand-in: one store "
-          "folder, Redis, and without sharing (which waits out a 60 s lock-out)...", file=sys.stderr, flush=True)
+    print("3 structure-api batch processes x 150 images at once against the rate-limited stand-in: one "
+          "store folder, Redis, and without sharing (which waits out a 60 s lock-out)...",
+          file=sys.stderr, flush=True)
     processes = measure_processes(per_process=40 if args.quick else 150, with_unshared=not args.quick)
     memory = []
     for concurrency in (4, 8):
         print(f"memory of 16 images at 2048x2048, {concurrency} at once...", file=sys.stderr, flush=True)
         memory.append(measure_memory(concurrency=concurrency))
-    text = report.render(sizes, batch, memory, throughput, seconds=time.perf_counter() - started, quick=args.quick,
-                         processes=processes)
+    text = report.render(sizes, batch, memory, throughput, seconds=time.perf_counter() - started,
+                         quick=args.quick, processes=processes)
     print(text)
     if not args.quick:
         args.output.parent.mkdir(parents=True, exist_ok=True)

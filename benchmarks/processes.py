@@ -1,4 +1,4 @@
-"""Three processes, one key: ``structure-api batch`` x 3 at once against a stand-in that locks out like the upstream.
+"""Three processes, one key: ``structure-api batch`` x 3 at once against a stand-in that locks out.
 
 Three runs of 150 small images each, all at the same moment, against ``structure-api serve
 --latency 2 --rate-limit 150/10 --lockout 60`` (a process of its own), sharing the key's rate
@@ -116,7 +116,8 @@ def measure_processes(per_process: int = PER_PROCESS, with_unshared: bool = True
             inputs[-1].mkdir()
             _inputs(inputs[-1], per_process, 96)
         # Each row starts from empty folders (and a fresh stand-in): nothing is served from a store.
-        runs.append(_run("machine", work, inputs, per_process, lambda i: {"AITHRIVING_CACHE_DIR": str(work / "store-machine")}))
+        runs.append(_run("machine", work, inputs, per_process,
+                         lambda i: {"AITHRIVING_CACHE_DIR": str(work / "store-machine")}))
         try:
             with redis_server() as url:
                 runs.append(_run("redis", work, inputs, per_process, lambda i: {
@@ -143,8 +144,8 @@ def target_rows(runs: list[ProcessesRun]) -> list[str]:
         if run.label == "unshared":
             continue
         head = (f"| {PROCESSES} processes × {run.images // PROCESSES} images at once, {_NAMES[run.label]}, "
-                f"stand-in limited to {LIMIT_REQUESTS}/{LIMIT_SECONDS:g} with a {LOCKOUT_SECONDS:g} s lock-out: "
-                f"all delivered, each paid once, no 429, ≥ {RATIO_TARGET}x of "
+                f"stand-in limited to {LIMIT_REQUESTS}/{LIMIT_SECONDS:g} with a {LOCKOUT_SECONDS:g} s "
+                f"lock-out: all delivered, each paid once, no 429, ≥ {RATIO_TARGET}x of "
                 f"{LIMIT_REQUESTS / LIMIT_SECONDS:g}/s in all")
         if run.not_run:
             rows.append(f"{head} | not run: {run.not_run} | NOT MET |")
@@ -162,9 +163,9 @@ def section(runs: list[ProcessesRun]) -> list[str]:
         "",
         f"{PROCESSES} runs of `structure-api batch --concurrency {CONCURRENCY}`, each on a folder of its own "
         f"{runs[0].images // PROCESSES} photo-like PNGs of 96² and started at the same moment, against one "
-        f"stand-in (`structure-api serve --latency {LATENCY:g} --rate-limit {LIMIT_REQUESTS}/{LIMIT_SECONDS:g} "
-        f"--lockout {LOCKOUT_SECONDS:g}`, a process of its own) with the same key. The wall time runs from "
-        "starting the three to the last one's exit (Python's start-up included); the counts of images "
+        f"stand-in (`structure-api serve --latency {LATENCY:g} --rate-limit "
+        f"{LIMIT_REQUESTS}/{LIMIT_SECONDS:g} --lockout {LOCKOUT_SECONDS:g}`, a process of its own) with the "
+        "same key. The wall time runs from starting the three to the last one's exit (Python's start-up included); the counts of images "
         "generated and of 429s are the stand-in's own.",
         "",
         "| sharing | delivered | processes failed | images generated | 429s answered | lock-outs "
@@ -176,9 +177,9 @@ def section(runs: list[ProcessesRun]) -> list[str]:
             lines.append(f"| {_NAMES[run.label]} | not run: {run.not_run} | | | | | | | |")
             continue
         stopped = " (stopped: took too long)" if run.timed_out else ""
-        lines.append(f"| {_NAMES[run.label]}{stopped} | {run.delivered}/{run.images} | {run.failed_processes} "
-                     f"| {run.generated} | {run.refused_429} | {run.lockouts} | {run.seconds:.1f} "
-                     f"| {run.per_second:.2f} | {run.ratio_to_limit:.2f}x |")
+        lines.append(f"| {_NAMES[run.label]}{stopped} | {run.delivered}/{run.images} "
+                     f"| {run.failed_processes} | {run.generated} | {run.refused_429} | {run.lockouts} "
+                     f"| {run.seconds:.1f} | {run.per_second:.2f} | {run.ratio_to_limit:.2f}x |")
     said = [f"- {_NAMES[run.label]}: a process said: {line}" for run in runs for line in run.fallbacks[:3]]
     lines += ["", *said] if said else []
     lines += [

@@ -51,7 +51,8 @@ class SqliteBook:
             result = change(state, time.time())
             after = state.to_json()
             if after != before:
-                self._db.execute("INSERT OR REPLACE INTO budget (id, state) VALUES (?, ?)", (self.budget, after))
+                self._db.execute("INSERT OR REPLACE INTO budget (id, state) VALUES (?, ?)",
+                                 (self.budget, after))
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -84,11 +85,14 @@ def _worker(kind: str, folder: str, barrier, seconds: float, results) -> None:
         latencies.append(time.perf_counter() - began)
         count += 1
     latencies.sort()
-    results.put((count, latencies[len(latencies) // 2], latencies[-1]) if latencies else (0, seconds, seconds))
+    if not latencies:
+        results.put((0, seconds, seconds))
+        return
+    results.put((count, latencies[len(latencies) // 2], latencies[-1]))
 
 
 def measure(kind: str, processes: int, seconds: float = SECONDS) -> tuple[float, float, float]:
-    """(changes per second in all, worst process's median ms, longest single wait ms) for ``processes`` at once."""
+    """(changes/s in all, the worst process's median ms, the longest single wait ms) for ``processes``."""
     with tempfile.TemporaryDirectory() as folder:
         _make(kind, Path(folder))  # created once, before the race
         context = multiprocessing.get_context("spawn")

@@ -1,4 +1,4 @@
-"""Where a key's rate budget lives: the result store's folder (every process of the machine), or Redis (a farm).
+"""Where a key's rate budget lives: the result store's folder (the machine's processes), or Redis (a farm).
 
 The pacer (``ratelimit.py``) keeps its state, the recent request starts, the pause after a 429 and
 the probe, in a book. By default the book is a small file (with a lock file) in the result store's folder, so
@@ -65,7 +65,7 @@ def budget_name(key: Union[APIKey, str], endpoint: str, environ: Optional[Mappin
 
 
 class FolderBook:
-    """A budget shared by the processes of one machine: a small file in the store's folder, changed under a lock.
+    """A budget shared by the processes of one machine: a file in the store's folder, changed under a lock.
 
     Each change reads the state, applies the change and writes it back while holding an exclusive
     lock on a lock file next to it (``flock`` on POSIX, ``msvcrt.locking`` on Windows); nothing is
@@ -177,7 +177,8 @@ class RedisBook:
         try:
             import redis  # the optional extra: imported only when a Redis URL is set
         except ImportError:
-            raise BudgetUnavailable('the redis package is not installed (pip install "aithriving-structure[redis]")')
+            raise BudgetUnavailable(
+                'the redis package is not installed (pip install "aithriving-structure[redis]")') from None
         self._errors: tuple = (redis.RedisError, OSError)
         self.key = REDIS_KEY_PREFIX + budget
         self._known = b""  # the state as last seen in Redis ("": none)
@@ -225,8 +226,8 @@ def check_redis_url(url: str) -> None:
             (parts.scheme != "unix" and not parts.hostname) or (parts.scheme == "unix" and not parts.path):
         # The value is not repeated: it may hold a password.
         raise ConfigurationError(
-            f"{ENV_REDIS_URL} must be an address such as redis://host:6379/0 (or rediss://, unix://); the value "
-            f"set ({len(url)} characters) is not one.")
+            f"{ENV_REDIS_URL} must be an address such as redis://host:6379/0 (or rediss://, unix://); "
+            f"the value set ({len(url)} characters) is not one.")
 
 
 def redis_location(url: str) -> str:
@@ -248,7 +249,8 @@ def make_book(key: Union[APIKey, str], endpoint: str, environ: Optional[Mapping[
             return RedisBook(redis_url, budget)
         except BudgetUnavailable as error:
             log.warning("Redis at %s cannot be used (%s); the rate budget is shared through the result "
-                        "store's folder instead, by this machine's processes only.", redis_location(redis_url), error)
+                        "store's folder instead, by this machine's processes only.",
+                        redis_location(redis_url), error)
     directory = default_store_dir(env)
     if directory is None:
         return MemoryBook(f"counted in this process only: {ENV_CACHE_DIR} is off")

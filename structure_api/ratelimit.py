@@ -167,7 +167,8 @@ class PacerState:
         """The state ``to_json`` wrote; an empty state for nothing or anything unreadable."""
         try:
             data = json.loads(raw) if raw else {}
-            slots = {str(k): [float(v[0]), None if v[1] is None else float(v[1])] for k, v in data.get("s", {}).items()}
+            slots = {str(k): [float(v[0]), None if v[1] is None else float(v[1])]
+                     for k, v in data.get("s", {}).items()}
             paused = data.get("p")
             return cls(slots, -math.inf if paused is None else float(paused), bool(data.get("q")),
                        None if data.get("r") is None else str(data["r"]))
@@ -338,7 +339,8 @@ class Pacer:
             raise RateLimitError(self._refused_reason)
         token = uuid.uuid4().hex[:16]
         limit, window, grace = self._limit, self.window_seconds, self._probe_grace
-        taken, wait, reason = self._update(lambda state, at: state.decide(at, limit, window, grace, token), now)
+        taken, wait, reason = self._update(
+            lambda state, at: state.decide(at, limit, window, grace, token), now)
         if not taken:
             return PacerDecision(None, wait, reason)
         self.starts += 1

@@ -217,7 +217,7 @@ class _TrackingAdapter(HTTPAdapter):
 
 
 def _tracked_pools(pools: dict, tracking: dict) -> dict:
-    """The same pool classes per scheme, each making its own connection class with ``_TrackedConnection`` mixed in."""
+    """The same pool classes per scheme, each making connections with ``_TrackedConnection`` mixed in."""
     tracked = {}
     for scheme, pool_cls in pools.items():
         connection_cls = pool_cls.ConnectionCls

@@ -40,9 +40,8 @@ class _Handler(socketserver.BaseRequestHandler):
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             kept = [line for line in header_lines
                     if not line.lower().startswith(("proxy-", "connection:", "keep-alive:"))]
-            upstream.sendall(f"{method} {path} {version}\r\n".encode("latin-1")
-                             + "".join(f"{line}\r\n" for line in kept + ["Connection: close"]).encode("latin-1")
-                             + b"\r\n" + rest)
+            lines = [f"{method} {path} {version}", *kept, "Connection: close"]
+            upstream.sendall("".join(f"{line}\r\n" for line in lines).encode("latin-1") + b"\r\n" + rest)
         upstream.settimeout(None)
         self.server.count(method, target)
         with self.server.lock:

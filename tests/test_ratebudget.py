@@ -274,7 +274,8 @@ def test_three_cli_processes_sharing_one_store_folder_never_trip_the_lock_out(tm
 
 def test_three_cli_processes_with_separate_folders_share_a_redis_budget(tmp_path, redis_url):
     server, outputs, seconds = _three_batches(
-        tmp_path, lambda index: {"AITHRIVING_CACHE_DIR": str(tmp_path / f"store{index}"), ENV_REDIS_URL: redis_url})
+        tmp_path,
+        lambda index: {"AITHRIVING_CACHE_DIR": str(tmp_path / f"store{index}"), ENV_REDIS_URL: redis_url})
     _check_books(server, tmp_path, outputs)
     assert 6.0 < seconds < 60
     for index in range(3):  # the folders were not what was shared

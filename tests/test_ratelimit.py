@@ -94,7 +94,7 @@ def test_a_client_refuses_a_malformed_rate_limit_before_any_io(monkeypatch):
 
 
 def test_one_pacer_per_endpoint_and_key_shared_by_every_client(monkeypatch):
-    """One budget per key (issue 18): clients of one endpoint and key share a pacer; another key has its own."""
+    """One budget per key: clients of one endpoint and key share a pacer; another key has its own."""
     monkeypatch.setenv("AITHRIVING_RATE_LIMIT", "150/10")
     with StructureClient(api_key=TEST_KEY, base_url="http://127.0.0.1:9") as a, \
             StructureClient(api_key=TEST_KEY, base_url="http://127.0.0.1:9/") as b, \
