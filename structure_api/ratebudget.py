@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar, Union
@@ -43,6 +44,11 @@ PACING_FOLDER = ".pacing"
 _LOCK_TIMEOUT_SECONDS = 30.0
 # The state of a full window is about 8 KB; a file far past that is not ours and counts as empty.
 _MAX_STATE_BYTES = 1024 * 1024
+# A budget unchanged this long holds nothing that still counts: its files are swept.
+_SWEEP_AFTER_SECONDS = 86400.0
+_BUDGET_NAME = re.compile(r"[0-9a-f]{16}")
+_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) \
+    | getattr(os, "O_BINARY", 0)
 # Redis: how long one command may take, and how long an unused budget is kept.
 _REDIS_TIMEOUT_SECONDS = 3.0
 _REDIS_KEEP_SECONDS = 86400
@@ -81,33 +87,46 @@ class FolderBook:
         self.name = f"the result store's folder {directory}"
         self.where = f"shared through {self.name}"
         self.path = folder / f"{budget}.json"
+        self._lock_path = folder / f"{budget}.lock"
         self._lock_fd = self._state_fd = -1
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) \
-            | getattr(os, "O_BINARY", 0)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(folder / f"{budget}.lock", flags, 0o644)
-            self._state_fd = os.open(self.path, flags, 0o644)
+            _sweep_budgets(folder, keep=budget)
+            self._open()
             self.update(lambda state, now: None, 0.0)  # a folder that reads but cannot write fails here
         except OSError as error:
             self.close()
             raise BudgetUnavailable(error.strerror or type(error).__name__) from None
 
+    def _open(self) -> None:
+        self._lock_fd = os.open(self._lock_path, _FLAGS, 0o644)
+        self._state_fd = os.open(self.path, _FLAGS, 0o644)
+
     def update(self, change: Callable[[PacerState, float], T], now: float) -> T:
         """Apply ``change`` to the budget at the wall-clock time, under the lock (``now`` is not used)."""
         try:
-            with _locked(self._lock_fd):
-                os.lseek(self._state_fd, 0, os.SEEK_SET)
-                before = os.read(self._state_fd, _MAX_STATE_BYTES)
-                state = PacerState.from_json(before)
-                result = change(state, time.time())
-                after = state.to_json()
-                if after != before or not before:
-                    os.lseek(self._state_fd, 0, os.SEEK_SET)
-                    os.write(self._state_fd, after)
-                    os.ftruncate(self._state_fd, len(after))
+            for attempt in range(3):
+                with _locked(self._lock_fd):
+                    linked = os.fstat(self._lock_fd).st_nlink and os.fstat(self._state_fd).st_nlink
+                    if linked or attempt == 2:  # (a file system that counts no links: use it as it is)
+                        return self._apply(change)
+                # Swept (unused for a day) while this process kept it open: open the budget's files anew.
+                self.close()
+                self._open()
+            raise AssertionError("unreachable")
         except OSError as error:
             raise BudgetUnavailable(error.strerror or type(error).__name__) from None
+
+    def _apply(self, change: Callable[[PacerState, float], T]) -> T:
+        os.lseek(self._state_fd, 0, os.SEEK_SET)
+        before = os.read(self._state_fd, _MAX_STATE_BYTES)
+        state = PacerState.from_json(before)
+        result = change(state, time.time())
+        after = state.to_json()
+        if after != before or not before:
+            os.lseek(self._state_fd, 0, os.SEEK_SET)
+            os.write(self._state_fd, after)
+            os.ftruncate(self._state_fd, len(after))
         return result
 
     def close(self) -> None:
@@ -118,18 +137,48 @@ class FolderBook:
         self._lock_fd = self._state_fd = -1
 
 
+def _sweep_budgets(folder: Path, keep: str) -> None:
+    """Remove the files of budgets unchanged for a day that nobody holds (a stand-in's port, an old key)."""
+    now = time.time()
+    try:
+        with os.scandir(folder) as listing:
+            names = [entry.name for entry in listing]
+    except OSError:
+        return
+    for name in names:
+        budget = name[:-5]
+        if not name.endswith(".json") or budget == keep or not _BUDGET_NAME.fullmatch(budget):
+            continue
+        try:
+            if now - os.stat(folder / name, follow_symlinks=False).st_mtime <= _SWEEP_AFTER_SECONDS:
+                continue
+            fd = os.open(folder / f"{budget}.lock", _FLAGS, 0o644)
+        except OSError:
+            continue
+        try:
+            with _locked(fd, wait=False):
+                (folder / name).unlink()
+                (folder / f"{budget}.lock").unlink()
+        except OSError:  # held by someone, or (Windows) open elsewhere: it stays
+            pass
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
-def _locked(fd: int) -> Iterator[None]:
-    """Hold an exclusive lock on the file ``fd`` for the block, across processes."""
+def _locked(fd: int, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``fd`` for the block, across processes (``wait=False``: or
+    raise OSError at once when another holds it)."""
     if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # the kernel queues waiters: nobody starves
+        # The kernel queues waiters: nobody starves.
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         try:
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
         return
     # Windows: msvcrt's blocking mode retries once a second; short tries keep a wait to milliseconds.
-    deadline = time.monotonic() + _LOCK_TIMEOUT_SECONDS
+    deadline = time.monotonic() + (_LOCK_TIMEOUT_SECONDS if wait else 0.0)
     while True:
         os.lseek(fd, 0, os.SEEK_SET)
         try:

@@ -31,7 +31,7 @@ from structure_api.ratebudget import (
     budget_id,
     make_book,
 )
-from structure_api.ratelimit import BudgetUnavailable, MemoryBook, Pacer, RateLimit
+from structure_api.ratelimit import BudgetUnavailable, MemoryBook, Pacer, PacerState, RateLimit
 from structure_api.standin import StandInServer
 from support import TEST_KEY, photo_like
 
@@ -122,6 +122,34 @@ def test_the_probe_after_a_pause_is_one_request_across_processes(tmp_path):
     assert probe is not None and two.next_start().reason == "probe"
     probe.finish(rate_limited=False)  # answered: everyone goes
     assert two.next_start().slot is not None
+
+
+def test_budgets_unchanged_for_a_day_are_swept_and_a_holder_opens_its_files_anew(tmp_path):
+    old_name, idle_name, new_name = "0" * 16, "1" * 16, "2" * 16
+    FolderBook(tmp_path, old_name).close()
+    idle = Pacer(RateLimit(5, 1.0), book=FolderBook(tmp_path, idle_name))  # kept open, unused for a day
+    folder = tmp_path / PACING_FOLDER
+    day_ago = time.time() - 2 * 86400
+    for name in (old_name, idle_name):
+        os.utime(folder / f"{name}.json", (day_ago, day_ago))
+    FolderBook(tmp_path, new_name).close()
+    assert sorted(p.name for p in folder.iterdir()) == [f"{new_name}.json", f"{new_name}.lock"]
+    idle.next_start().slot.sent()  # its files are gone: it opens them anew, and the budget works on
+    assert (folder / f"{idle_name}.json").is_file()
+    other = Pacer(RateLimit(5, 1.0), book=FolderBook(tmp_path, idle_name))
+    assert len(PacerState.from_json((folder / f"{idle_name}.json").read_bytes()).slots) == 1
+    assert other.next_start().slot is not None
+
+
+def test_a_budget_held_at_the_moment_is_not_swept(tmp_path):
+    from structure_api.ratebudget import _locked
+
+    held = FolderBook(tmp_path, "3" * 16)
+    day_ago = time.time() - 2 * 86400
+    os.utime(held.path, (day_ago, day_ago))
+    with _locked(held._lock_fd):  # a change in progress, in "another process"
+        FolderBook(tmp_path, "4" * 16).close()
+    assert held.path.is_file()
 
 
 def test_an_unwritable_folder_falls_back_to_this_process_and_says_so(tmp_path, monkeypatch, caplog):
