@@ -274,6 +274,8 @@ class Pacer:
     ) -> None:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._turn = threading.RLock()
+        self._head_message = ""  # why the thread whose turn it is waits, for the others' progress
         self._clock = clock
         self._margin = margin
         self._probe_grace = probe_grace
@@ -360,6 +362,24 @@ class Pacer:
         ``wait(seconds)`` waits (and raises on cancel); ``check_cancel()`` raises once cancelled;
         ``on_wait(message, seconds)`` is told each time the reason to wait changes.
         """
+        # One thread of the process at a time asks for a slot (the others wait for their turn):
+        # whoever waits, waits for the same slot, and a shared book is asked once per wait, not
+        # once per thread. Reentrant: a test's injected wait may start another request.
+        if not self._turn.acquire(blocking=False):
+            told_turn = False
+            while not self._turn.acquire(timeout=_EVENT_SLICE_SECONDS):
+                check_cancel()
+                if on_wait is not None and not told_turn and self._head_message:
+                    told_turn = True
+                    on_wait(self._head_message, None)
+        try:
+            return self._acquire_turn(wait, check_cancel, on_wait)
+        finally:
+            self._head_message = ""
+            self._turn.release()
+
+    def _acquire_turn(self, wait: Callable[[float], None], check_cancel: Callable[[], None],
+                      on_wait: Optional[Callable[[str, Optional[float]], None]]) -> PacerSlot:
         # Time passes at least as fast as the waits made: an injected wait that returns at once
         # (tests) still moves this call forward instead of spinning.
         virtual_now = self._clock()
@@ -371,6 +391,7 @@ class Pacer:
                 decision = self._decide(now)
                 if decision.slot is not None:
                     return decision.slot
+                self._head_message = self._message(decision)
                 if decision.wait is None and (on_wait is None or decision.reason == told):
                     # Until a slot's upload goes out or the probe is answered: both notify in this
                     # process; another process's are seen at the next slice.
@@ -378,7 +399,7 @@ class Pacer:
                     continue
             if on_wait is not None and decision.reason != told:
                 told = decision.reason
-                on_wait(self._message(decision), decision.wait)
+                on_wait(self._head_message, decision.wait)
             if decision.wait is not None:
                 wait(decision.wait)
                 virtual_now = now + decision.wait
