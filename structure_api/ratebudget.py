@@ -14,6 +14,7 @@ and says so once. A budget is named by a hash of the key and the endpoint, never
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
@@ -234,8 +235,10 @@ class RedisBook:
         try:
             self._redis = redis.Redis.from_url(url, socket_timeout=_REDIS_TIMEOUT_SECONDS,
                                                socket_connect_timeout=_REDIS_TIMEOUT_SECONDS)
+            self._offsets: collections.deque = collections.deque(maxlen=64)  # (round trip, offset)
+            asked = time.time()
             seconds, micros = self._redis.time()
-            self._offset = seconds + micros / 1e6 - time.time()
+            self._note_time(asked, seconds, micros)
             self._script = self._redis.register_script(_COMPARE_AND_SET)
         except self._errors as error:
             raise BudgetUnavailable(f"{type(error).__name__}: {_short(error)}") from None
@@ -247,17 +250,25 @@ class RedisBook:
             state = PacerState.from_json(before or None)
             result = change(state, time.time() + self._offset)
             after = state.to_json()
+            asked = time.time()
             try:
                 done, current, seconds, micros = self._script(keys=[self.key],
                                                               args=[before, after, _REDIS_KEEP_SECONDS])
             except self._errors as error:
                 raise BudgetUnavailable(f"{type(error).__name__}: {_short(error)}") from None
-            self._offset = int(seconds) + int(micros) / 1e6 - time.time()
+            self._note_time(asked, seconds, micros)
             if done:
                 self._known = after
                 return result
             before = current  # another process changed it: compute the change again on what it holds
         raise BudgetUnavailable(f"the budget changed under every one of {_REDIS_TRIES} tries")
+
+    def _note_time(self, asked: float, seconds: object, micros: object) -> None:
+        """Redis's time as an offset from this clock, from the quickest of the recent round trips
+        (a slow one, on a busy machine, would put the offset off by up to its length)."""
+        answered = time.time()
+        self._offsets.append((answered - asked, int(seconds) + int(micros) / 1e6 - (asked + answered) / 2))
+        self._offset = min(self._offsets)[1]
 
     def close(self) -> None:
         """Close the connections to Redis."""
