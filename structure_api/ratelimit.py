@@ -96,7 +96,7 @@ def rate_limit_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional
 
 def default_margin(limit: RateLimit, shared: bool = False) -> float:
     """Seconds added to the window: 2 % of it, at least a tenth of a second (10.2 s for 150/10); 5 %,
-    at least a quarter second, for a budget shared between processes (10.5 s).
+    at least a quarter second, while other processes draw from the same budget (10.5 s).
 
     Small, because slots already count from when each upload went out; the margin covers the
     time from there to when the service counts the request. Processes sharing a budget send in
@@ -151,7 +151,7 @@ class PacerState:
     data so that a budget shared between processes can keep it as one JSON value.
     """
 
-    slots: dict = field(default_factory=dict)  # token -> [started, sent_at or None (still uploading)]
+    slots: dict = field(default_factory=dict)  # token -> [started, sent_at or None (uploading), owner]
     paused_until: float = -math.inf
     probe_pending: bool = False
     probe: Optional[str] = None  # the token of the request that probes after a pause
@@ -167,7 +167,7 @@ class PacerState:
         """The state ``to_json`` wrote; an empty state for nothing or anything unreadable."""
         try:
             data = json.loads(raw) if raw else {}
-            slots = {str(k): [float(v[0]), None if v[1] is None else float(v[1])]
+            slots = {str(k): [float(v[0]), None if v[1] is None else float(v[1]), str(v[2]) if v[2:] else ""]
                      for k, v in data.get("s", {}).items()}
             paused = data.get("p")
             return cls(slots, -math.inf if paused is None else float(paused), bool(data.get("q")),
@@ -176,8 +176,10 @@ class PacerState:
             return cls()
 
     def decide(self, now: float, limit: Optional[RateLimit], window_seconds: float, probe_grace: float,
-               token: str) -> tuple[bool, Optional[float], str]:
-        """Take a slot for ``token`` at ``now`` if a request may start: (taken, wait, reason)."""
+               token: str, owner: str = "",
+               shared_window: Optional[float] = None) -> tuple[bool, Optional[float], str]:
+        """Take a slot for ``token`` (of pacer ``owner``) at ``now`` if a request may start: (taken, wait,
+        reason). ``shared_window`` is the window while the budget holds slots of other pacers."""
         if now < self.paused_until:
             return False, self.paused_until - now, "paused"
         becomes_probe = False
@@ -190,6 +192,8 @@ class PacerState:
                 self.probe = None
             else:
                 return False, (None if probe[1] is None else probe[1] + probe_grace - now), "probe"
+        if shared_window is not None and any(slot[2] != owner for slot in self.slots.values()):
+            window_seconds = shared_window
         self._forget_old(now, window_seconds if limit is not None else 0.0)
         if limit is not None:
             in_window = list(self.slots.values())
@@ -201,14 +205,14 @@ class PacerState:
                     return False, None, "window"  # waits for uploads in progress
                 return False, max(0.0, counted[surplus - 1] - (now - window_seconds)), "window"
         if limit is not None or becomes_probe:
-            self.slots[token] = [now, None]
+            self.slots[token] = [now, None, owner]
         if becomes_probe:
             self.probe = token
         return True, None, ""
 
     def _forget_old(self, now: float, window_seconds: float) -> None:
         horizon = now - window_seconds
-        for tok, (started, sent_at) in list(self.slots.items()):
+        for tok, (started, sent_at, _) in list(self.slots.items()):
             if sent_at is None:
                 gone = started <= now - UNSENT_LEASE_SECONDS
             else:
@@ -275,6 +279,7 @@ class Pacer:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._turn = threading.RLock()
+        self._owner = uuid.uuid4().hex[:8]  # this pacer's slots among a shared budget's
         self._head_message = ""  # why the thread whose turn it is waits, for the others' progress
         self._clock = clock
         self._margin = margin
@@ -300,9 +305,12 @@ class Pacer:
     @limit.setter
     def limit(self, limit: Optional[RateLimit]) -> None:
         self._limit = limit
-        margin = self._margin if self._margin is not None else \
-            (default_margin(limit, shared=self.shared) if limit else 0.0)
+        margin = self._margin if self._margin is not None else (default_margin(limit) if limit else 0.0)
         self.window_seconds = (limit.seconds + margin) if limit else 0.0
+        # While other processes draw from a shared budget too, its window has the wider margin.
+        shared_margin = self._margin if self._margin is not None else (default_margin(limit, shared=True)
+                                                                       if limit else 0.0)
+        self.shared_window_seconds = (limit.seconds + shared_margin) if limit else 0.0
 
     @property
     def sharing(self) -> str:
@@ -325,7 +333,6 @@ class Pacer:
                         "from now on.", self._book.where, error)
             self._book = MemoryBook(f"{_THIS_PROCESS}: {getattr(self._book, 'name', self._book.where)} "
                                     "stopped working")
-            self.limit = self._limit  # the margin of a budget of one process
             return self._book.update(change, self._clock() if now is None else now)
 
     # -- the decision (no waiting): what the unit tests drive with an injected clock ------
@@ -340,9 +347,10 @@ class Pacer:
         if local_now < self._refused_until:
             raise RateLimitError(self._refused_reason)
         token = uuid.uuid4().hex[:16]
-        limit, window, grace = self._limit, self.window_seconds, self._probe_grace
+        limit, window, grace, owner = self._limit, self.window_seconds, self._probe_grace, self._owner
+        shared_window = self.shared_window_seconds if self.shared else None
         taken, wait, reason = self._update(
-            lambda state, at: state.decide(at, limit, window, grace, token), now)
+            lambda state, at: state.decide(at, limit, window, grace, token, owner, shared_window), now)
         if not taken:
             return PacerDecision(None, wait, reason)
         self.starts += 1

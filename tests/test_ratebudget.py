@@ -100,8 +100,10 @@ def test_two_books_on_one_folder_share_the_window_and_the_pause(tmp_path):
     for pacer in (one, two, one):
         pacer.next_start().slot.sent()
     full = two.next_start()
-    # A shared budget's window has a wider margin (5 %, at least 0.25 s): 5.25 s here, 10.5 s for 150/10.
-    assert one.window_seconds == 5.25 and Pacer(RateLimit(150, 10.0), book=one._book).window_seconds == 10.5
+    # While other processes draw from the budget, its window has a wider margin (5 %, at least 0.25 s):
+    # 5.25 s here, 10.5 s for 150/10; a process alone keeps 2 % (10.2 s).
+    assert (one.window_seconds, one.shared_window_seconds) == (5.1, 5.25)
+    assert Pacer(RateLimit(150, 10.0), book=one._book).shared_window_seconds == 10.5
     assert full.slot is None and full.reason == "window" and 4.5 < full.wait <= 5.25
     # Another key's budget in the same folder is its own.
     assert Pacer(RateLimit(3, 5.0), book=FolderBook(tmp_path, budget_id("other", ENDPOINT))).next_start().slot
@@ -111,6 +113,15 @@ def test_two_books_on_one_folder_share_the_window_and_the_pause(tmp_path):
     three.pause(30.0)  # a 429 in one process pauses the other
     paused = four.next_start()
     assert paused.slot is None and paused.reason == "paused" and 29 < paused.wait <= 30
+
+
+def test_a_process_alone_on_a_shared_budget_keeps_the_narrow_margin(tmp_path):
+    alone = Pacer(RateLimit(2, 5.0), book=FolderBook(tmp_path, "5" * 16))
+    alone.next_start().slot.sent()
+    alone.next_start().slot.sent()
+    assert alone.next_start().wait <= 5.1  # only its own starts: 2 %
+    other = Pacer(RateLimit(2, 5.0), book=FolderBook(tmp_path, "5" * 16))
+    assert 5.1 < other.next_start().wait <= 5.25  # another process's starts in it: 5 %
 
 
 def test_the_probe_after_a_pause_is_one_request_across_processes(tmp_path):
