@@ -184,8 +184,8 @@ def section(runs: list[ProcessesRun]) -> list[str]:
     lines += ["", *said] if said else []
     lines += [
         "",
-        "Shared, the three draw from one window of request starts (150 in any 10.5 s: a shared budget's "
-        "margin is 5 %) and see one pause "
+        "Shared, the three draw from one window of request starts (150 in any 10.5 s: the margin is 5 % "
+        "while other processes' starts are in it) and see one pause "
         "after a 429; without sharing each believes it owns the whole limit, so together they send three "
         "times the limit, trip the lock-out and wait it out.",
         "",
