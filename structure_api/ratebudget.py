@@ -1,9 +1,10 @@
 """Where a key's rate budget lives: the result store's folder (the machine's processes), or Redis (a farm).
 
 The pacer (``ratelimit.py``) keeps its state, the recent request starts, the pause after a 429 and
-the probe, in a book. By default the book is a small file (with a lock file) in the result store's folder, so
-every process that uses that folder (ComfyUI instances, ``structure-api`` runs: the default folder
-is the same for all of them) draws from one budget per key and sees one pause. With
+the probe, in a book. By default the book is a small file (with a lock file) in the result
+store's folder, so every process that uses that folder (ComfyUI instances, ``structure-api``
+runs: the default folder is the same for all of them) draws from one budget per key and sees one
+pause. With
 ``AITHRIVING_REDIS_URL`` the book is one value in Redis, shared by every machine that points at
 it; the Redis client is an optional extra (``pip install "aithriving-structure[redis]"``).
 
@@ -43,8 +44,8 @@ ENV_REDIS_URL = "AITHRIVING_REDIS_URL"
 PACING_FOLDER = ".pacing"
 # A process waits this long for another's turn at the state before the budget counts as broken.
 _LOCK_TIMEOUT_SECONDS = 30.0
-# The state of a full window is about 8 KB; a file far past that is not ours and counts as empty.
-_MAX_STATE_BYTES = 1024 * 1024
+# The state of a full window of 150 is about 10 KB; a file past this is not ours and counts as empty.
+_MAX_STATE_BYTES = 256 * 1024 * 1024
 # A budget unchanged this long holds nothing that still counts: its files are swept.
 _SWEEP_AFTER_SECONDS = 86400.0
 _BUDGET_NAME = re.compile(r"[0-9a-f]{16}")
@@ -119,8 +120,18 @@ class FolderBook:
             raise BudgetUnavailable(error.strerror or type(error).__name__) from None
 
     def _apply(self, change: Callable[[PacerState, float], T]) -> T:
-        os.lseek(self._state_fd, 0, os.SEEK_SET)
-        before = os.read(self._state_fd, _MAX_STATE_BYTES)
+        size = os.fstat(self._state_fd).st_size
+        before = b""
+        if size <= _MAX_STATE_BYTES:
+            os.lseek(self._state_fd, 0, os.SEEK_SET)
+            chunks = []
+            while size > 0:  # a large limit (AITHRIVING_RATE_LIMIT) makes a large window
+                chunk = os.read(self._state_fd, size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size -= len(chunk)
+            before = b"".join(chunks)
         state = PacerState.from_json(before)
         result = change(state, time.time())
         after = state.to_json()
