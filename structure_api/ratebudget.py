@@ -6,7 +6,7 @@ store's folder, so every process that uses that folder (ComfyUI instances, ``str
 runs: the default folder is the same for all of them) draws from one budget per key and sees one
 pause. With
 ``AITHRIVING_REDIS_URL`` the book is one value in Redis, shared by every machine that points at
-it; the Redis client is an optional extra (``pip install "aithriving-structure[redis]"``).
+it; the Redis client is the package's optional ``redis`` extra (README: Running many workers).
 
 A book that cannot work (the folder cannot be written, Redis cannot be used) is never a reason
 to send unpaced: the pacer falls back to the next one (Redis -> the folder -> this process only)
@@ -239,7 +239,8 @@ class RedisBook:
             import redis  # the optional extra: imported only when a Redis URL is set
         except ImportError:
             raise BudgetUnavailable(
-                'the redis package is not installed (pip install "aithriving-structure[redis]")') from None
+                "the redis package is not installed: it is the optional redis extra of aithriving-structure, "
+                "see the README's Running many workers") from None
         self._errors: tuple = (redis.RedisError, OSError)
         self.key = REDIS_KEY_PREFIX + budget
         self._known = b""  # the state as last seen in Redis ("": none)

@@ -226,6 +226,17 @@ def test_redis_that_cannot_be_reached_falls_back_to_the_folder_in_one_line(tmp_p
     assert "cannot be used" in record.getMessage() and "\n" not in record.getMessage()
 
 
+def test_without_the_redis_extra_a_redis_url_falls_back_to_the_folder(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if the extra was not installed
+    monkeypatch.setenv("AITHRIVING_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv(ENV_REDIS_URL, "redis://127.0.0.1:6379/0")
+    with caplog.at_level(logging.WARNING, logger="structure_api"):
+        book = make_book(TEST_KEY, ENDPOINT)
+    assert isinstance(book, FolderBook)
+    [record] = caplog.records
+    assert "the redis package is not installed" in record.getMessage()
+
+
 def test_redis_going_away_mid_run_leaves_the_pacer_pacing(redis_url, caplog):
     import redis
 
