@@ -22,7 +22,7 @@ from .structure_api.contract import (
     MAX_SEED, MIN_CONTROL_STRENGTH, OUTPUT_FORMATS, PROMPT_RANGE_TEXT, validate_prompt)
 from .structure_api.errors import InputError, MissingAPIKeyError
 from .structure_api.files import write_atomically
-from .structure_api.offline import RunSetup, client_for_run, process_standin
+from .structure_api.offline import RunSetup, client_for_run, destination_fingerprint, process_standin
 from .structure_api.pipeline import StructureParams, generate_images
 
 CATEGORY = "image/AIThriving"
@@ -95,8 +95,11 @@ class AIThrivingStructure(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, seed: int = 0, **kwargs) -> object:
-        # Seed 0 asks the service for a fresh random image each run, so never reuse an output.
-        return float("nan") if seed == 0 else None
+        # Seed 0 asks the service for a fresh random image each run, so never reuse an output. A fixed
+        # seed's output is reused only while requests go to the same place: switching offline mode off
+        # (or the service's address) must not leave the stand-in's drawing passing for the service's result.
+        # A digest: ComfyUI keeps the fingerprint in the prompt, and so in every saved PNG.
+        return float("nan") if seed == 0 else destination_fingerprint()
 
     @classmethod
     def validate_inputs(cls, prompt: object = None) -> bool | str:
@@ -140,12 +143,12 @@ class AIThrivingStructure(io.ComfyNode):
             _status(node_id, words("cancelled", spent=spent(result.credits)))
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise comfy.model_management.InterruptProcessingException()
-        cached = words("fromStore", count=result.from_store) if result.from_store else ""
+        stored = words("fromStore", count=result.from_store) if result.from_store else ""
         # Answers of a stand-in (offline mode, or `serve` at AITHRIVING_BASE_URL) carry its free mark and
         # count 0 credits: fresh results that cost nothing came from one.
         free = run.offline or (result.credits == 0 and result.from_store < total)
         done = spent(result.credits) if run.offline or not free else words("freeStandIn")
-        _status(node_id, words("done", total=total, cached=cached, spent=done))
+        _status(node_id, words("done", total=total, stored=stored, spent=done))
         # Sent to the frontend with the "executed" message (and kept in the history): the cost shown on the node.
         cost = {"credits": result.credits, "images": total, "from_store": result.from_store,
                 "credits_per_image": 0 if free else CREDITS_PER_IMAGE, "seeds": result.seeds,

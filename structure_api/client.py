@@ -18,7 +18,7 @@ import requests
 from urllib3.connection import HTTPConnection
 
 from .answers import Redactor, StructureResult, image_answer, keep_and_decode, refuse_redirect
-from .config import APIKey, check_key_may_travel, load_api_key, resolve_base_url
+from .config import APIKey, check_base_url, check_key_may_travel, load_api_key, resolve_base_url
 from .errors import CancelledError, RateLimitError, StructureError
 from .contract import (  # noqa: F401  (the contract's names stay importable from here)
     CREDITS_PER_IMAGE,
@@ -33,6 +33,7 @@ from .contract import (  # noqa: F401  (the contract's names stay importable fro
     validate_params,
     validate_prompt,
 )
+from .ratebudget import budget_name, make_book
 from .ratelimit import Pacer, PacerSlot, rate_limit_from_env, shared_pacer
 from .retry import RetryPolicy, next_delay
 from .store import ResultStore
@@ -83,7 +84,8 @@ class StructureClient:
         min_body_rate: float = MIN_BODY_RATE,
     ) -> None:
         # Configuration problems surface here, before any socket is opened.
-        self.base_url = (base_url or resolve_base_url()).rstrip("/")
+        # Checked as AITHRIVING_BASE_URL is: a port out of range fails here, not after five retries.
+        self.base_url = check_base_url(base_url) if base_url else resolve_base_url()
         key = load_api_key() if api_key is None else api_key
         key = key if isinstance(key, APIKey) else APIKey(key)
         check_key_may_travel(self.base_url)
@@ -94,7 +96,7 @@ class StructureClient:
         self._wall_clock = wall_clock
         self._jitter = jitter
         self._sleep = sleep
-        self.pacer = pacer if pacer is not None else _default_pacer(self.endpoint, clock, sleep)
+        self.pacer = pacer if pacer is not None else _default_pacer(self.endpoint, key, clock, sleep)
         self._redact = Redactor(key)
         self._aborted = threading.Event()
         self._transport = Transport(key, limits, clock)
@@ -268,11 +270,13 @@ class StructureClient:
                                decode=decode)
 
 
-def _default_pacer(endpoint: str, clock: Callable[[], float], sleep: Optional[Callable[[float], None]]) -> Pacer:
-    """Return the process's pacer for ``endpoint``; a client on injected time gets one of its own."""
+def _default_pacer(endpoint: str, key: APIKey, clock: Callable[[], float],
+                   sleep: Optional[Callable[[float], None]]) -> Pacer:
+    """Return the process's pacer for ``endpoint`` and ``key``, drawing from the budget other processes share
+    (``ratebudget.py``); a client on injected time gets one of its own."""
     limit = rate_limit_from_env()
     if sleep is None and clock is time.monotonic:
-        return shared_pacer(endpoint, limit)
+        return shared_pacer(endpoint, limit, budget_name(key, endpoint), lambda: make_book(key, endpoint))
     # A client on injected time (tests) cannot share the process's real-time window;
     # with real waits its pacer keeps real time whatever the client's clock says.
     return Pacer(limit, clock=clock if sleep is not None else time.monotonic)

@@ -143,7 +143,7 @@ function lastRunText(node) {
   if (!cost) return "";
   if (cost.reused) return text("lastRunReused", {});
   if (cost.offline || cost.free) return text("lastRunStandIn", {});
-  const values = { credits: cost.credits, images: cost.images, cached: cost.from_store };
+  const values = { credits: cost.credits, images: cost.images, stored: cost.from_store };
   return text(cost.from_store > 0 ? "lastRunFromStore" : "lastRun", values);
 }
 
