@@ -118,7 +118,10 @@ class BatchReport:
     def kept_sentence(self, noun: str = "image", store: Optional[ResultStore] = None) -> str:
         """Say what was paid, what was kept where, and what a re-run will pay: every word true."""
         parts = []
-        plural = lambda n, word=noun: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
+
+        def plural(n: int, word: str = noun) -> str:
+            return f"{n} {word}{'s' if n != 1 else ''}"
+
         if self.paid and not self.credits:
             parts.append(f"{plural(self.paid)} {'was' if self.paid == 1 else 'were'} made free by the stand-in")
         elif self.paid:

@@ -291,7 +291,7 @@ def check_redis_url(url: str) -> None:
     """Refuse an AITHRIVING_REDIS_URL that is not a redis://, rediss:// or unix:// address (one sentence)."""
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018  (a port that is not a number raises here)
+        _ = parts.port  # a port that is not a number raises here
     except ValueError:
         parts = None
     if parts is None or parts.scheme not in ("redis", "rediss", "unix") or \

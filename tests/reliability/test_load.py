@@ -230,7 +230,9 @@ def test_node_path_under_mixed_faults_loses_nothing_thanks_to_the_result_store(t
         second_records = server.requests
         client.close()
 
-    seed_of = lambda i: 5000 + i  # noqa: E731
+    def seed_of(i: int) -> int:
+        return 5000 + i
+
     succeeded_first = {i: None for i in range(count) if i not in failures}
     figures = account(first_records, succeeded_first, failures, items=count, seed_of=seed_of)
     # The re-run sends exactly the failed items, once each, and takes the rest from the result store.
