@@ -87,7 +87,7 @@ def process_standin() -> InProcessStandIn:
 
 
 def request_destination(environ: Optional[Mapping[str, str]] = None) -> str:
-    """Where a run's requests go now: the offline stand-in, or the service's address (never the key)."""
+    """Say where a run's requests go now: the stand-in (offline mode), or the service's address (never the key)."""
     if offline_mode(environ):
         return "offline: the stand-in"
     try:

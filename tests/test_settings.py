@@ -252,5 +252,5 @@ def test_the_destination_fingerprint_names_neither_the_mode_nor_the_address(env)
     service = destination_fingerprint({**env, "AITHRIVING_BASE_URL": "http://127.0.0.1:9"})
     assert "127.0.0.1" not in service and len(service) == 16
     set_offline_mode(True, env)
-    local = destination_fingerprint(env)
-    assert local != service and "stand-in" not in local and "local" not in local
+    offline = destination_fingerprint(env)
+    assert offline != service and "stand-in" not in offline and "local" not in offline

@@ -196,16 +196,16 @@ def test_key_routes_refuse_rebound_hosts_unusable_keys_and_every_served_folder(c
             rebound = {"Host": f"{name}:{port}", "Origin": f"http://{name}:{port}"}
             for method, path, body in (("POST", "/aithriving/key", {"key": "attacker-key"}),
                                        ("DELETE", "/aithriving/key", None),
-                                       ("POST", "/aithriving/mode", {"local": True})):
+                                       ("POST", "/aithriving/mode", {"offline": True})):
                 response = server.request(method, path, json=body, headers=rebound)
                 assert response.status_code == 403, (name, method, path, response.text)
                 assert "another host name" in response.json()["error"]
         assert key_file.read_text() == TEST_KEY + "\n"
-        assert server.request("GET", "/aithriving/mode").json() == {"local": False}
+        assert server.request("GET", "/aithriving/mode").json() == {"offline": False}
         # This machine's own names still work, from the page (Origin) or a script (none).
         for host in ("localhost", "127.0.0.1", "[::1]"):
             own = {"Host": f"{host}:{port}", "Origin": f"http://{host}:{port}"}
-            response = server.request("POST", "/aithriving/mode", json={"local": False}, headers=own)
+            response = server.request("POST", "/aithriving/mode", json={"offline": False}, headers=own)
             assert response.status_code == 200, (host, response.text)
 
         # Unusable keys: 400 with one sentence, and the working key stays.
@@ -255,7 +255,7 @@ def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_res
         entry = server.run(graph(prefix="offline-off"))
         assert "No API key found" in execution_error(entry)["exception_message"]
 
-        for bad in ({"offline": "yes"}, {"offline": 1}, {"local": "yes"}, {}):
+        for bad in ({"offline": "yes"}, {"offline": 1}, {"local": "yes"}, {}):  # "local": the old spelling
             assert server.request("POST", "/aithriving/mode", json=bad).status_code == 400
         response = server.request("POST", "/aithriving/mode", json={"offline": True})
         assert response.status_code == 200 and response.json() == {"offline": True}
@@ -300,18 +300,18 @@ def test_switching_offline_mode_off_runs_a_fixed_seed_again_against_the_service(
         "AITHRIVING_API_KEY_FILE": str(key_file), "AITHRIVING_CACHE_DIR": "off"})
     try:
         sent_before = len(billing_standin.requests)
-        assert server.request("POST", "/aithriving/mode", json={"local": True}).json() == {"local": True}
+        assert server.request("POST", "/aithriving/mode", json={"offline": True}).json() == {"offline": True}
         entry = server.run(graph(prefix="fixed", seed=4242))
-        assert execution_error(entry) is None and cost_of(entry)["local"] is True
+        assert execution_error(entry) is None and cost_of(entry)["offline"] is True
         assert len(billing_standin.requests) == sent_before
 
-        assert server.request("POST", "/aithriving/mode", json={"local": False}).json() == {"local": False}
+        assert server.request("POST", "/aithriving/mode", json={"offline": False}).json() == {"offline": False}
         entry = server.run(graph(prefix="fixed", seed=4242))
         assert execution_error(entry) is None, execution_error(entry)
         assert len(billing_standin.requests) == sent_before + 1, "the service received nothing"
         assert billing_standin.requests[-1].fields["seed"] == "4242"
         cost = cost_of(entry)
-        assert (cost["local"], cost["credits"], cost["free"]) == (False, 6, False)
+        assert (cost["offline"], cost["credits"], cost["free"]) == (False, 6, False)
         # The fingerprint is kept in the prompt, and so in the PNG: it names neither the mode nor the address.
         [image] = saved_images(entry)
         metadata = json.dumps(Image.open(server.output_dir / image["subfolder"] / image["filename"]).text)
