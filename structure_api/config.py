@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
+from .contract import STANDIN_HEADER as STANDIN_HEADER  # the client reads it; the stand-in sends it
 from .errors import ConfigurationError, InsecureURLError, MissingAPIKeyError
 
 ENV_API_KEY = "AITHRIVING_API_KEY"
@@ -16,7 +17,6 @@ ENV_BASE_URL = "AITHRIVING_BASE_URL"
 DEFAULT_BASE_URL = "https://www.aithriving.com"
 DEFAULT_KEY_FILE = "~/.config/aithriving/api_key"
 # The local stand-in marks every answer with this header; results carrying it cost nothing.
-STANDIN_HEADER = "X-AIThriving-Stand-In"
 
 
 class APIKey:

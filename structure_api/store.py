@@ -29,16 +29,20 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
+from ._constants import DEFAULT_STORE_MAX_BYTES, ENV_CACHE_DIR, ENV_CACHE_MAX_MB, MEMORY_CACHE_BYTES
 from .errors import ConfigurationError
+from .request import StructureRequest
 from .store_disk import (  # noqa: F401  (the file names stay importable from here)
+    CLAIM_HELD_ELSEWHERE,
     DELIVERED_SUFFIX,
     MAX_ENTRY_BYTES,
     RESULT_SUFFIX,
     TEMP_PREFIX,
     EntryHeader,
     can_lock_across_processes,
+    drop_claim_lock,
     durable_write,
     entry_head,
     hold_key_lock,
@@ -51,19 +55,14 @@ from .store_disk import (  # noqa: F401  (the file names stay importable from he
     scan_folder,
     sweep_folder,
     touch_entry,
+    try_claim_lock,
 )
 
-if TYPE_CHECKING:  # the client imports this module; the type is only needed for hints
-    from .client import StructureRequest
 
 log = logging.getLogger("structure_api")
 
-ENV_CACHE_DIR = "AITHRIVING_CACHE_DIR"
-ENV_CACHE_MAX_MB = "AITHRIVING_CACHE_MAX_MB"
-DEFAULT_MAX_BYTES = 1024 * 1024 * 1024
+DEFAULT_MAX_BYTES = DEFAULT_STORE_MAX_BYTES
 _DISABLED_VALUES = {"", "0", "off", "none", "false", "no"}
-# Delivered results of a memory-only store are a convenience cache: bounded, unlike undelivered ones.
-MEMORY_CACHE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -144,6 +143,7 @@ class ResultStore:
         self._delivered_here: set[str] = set()   # delivered, but the marker could not be written
         self._headers: dict[str, tuple[int, int, Optional[EntryHeader]]] = {}  # name -> (mtime_ns, size, header)
         self._key_locks: dict[str, threading.Lock] = {}
+        self._claims: dict[str, int] = {}  # entry id -> the claim lock's descriptor, while handed out here
         self._disk_ok: Optional[bool] = None if self.directory is not None and max_bytes > 0 else False
         self._swept = False
         self._warned = False
@@ -204,9 +204,9 @@ class ResultStore:
 
     # -- identity -----------------------------------------------------------------
 
-    def key_for(self, request: "StructureRequest", endpoint: str) -> str:
-        """The request's identity: upload bytes, every form field, the endpoint; never the key."""
-        return request_key(request.image.data, request.form_fields(), endpoint)
+    def key_for(self, request: StructureRequest, endpoint: str) -> str:
+        """The request's identity: upload bytes, the form's fields (a newer one only when set), the endpoint."""
+        return request_key(request.image.data, request.key_fields(), endpoint)
 
     # -- taking results out -------------------------------------------------------
 
@@ -226,18 +226,37 @@ class ResultStore:
                 return None
             candidates.sort(key=lambda item: item[1].paid_at)
             for entry_id, meta in candidates:
-                if meta.delivered or entry_id in self._handed_out:
+                if meta.delivered or entry_id in self._handed_out or not self._take_claim(entry_id):
                     continue
+                # Read after the claim: another process may have delivered it meanwhile.
                 found = self._load(entry_id)
-                if found is not None:
+                if found is not None and not found.delivered:
                     self._handed_out.add(entry_id)
                     return found
+                self._drop_claim(entry_id, remove=False)
             return None
+
+    def _take_claim(self, entry_id: str) -> bool:
+        """Hold ``entry_id``'s claim lock (across processes); False when another process holds it."""
+        if self.directory is None or entry_id in self._memory or entry_id in self._claims:
+            return True
+        fd = try_claim_lock(self.directory, entry_id)
+        if fd == CLAIM_HELD_ELSEWHERE:
+            return False
+        if fd is not None:
+            self._claims[entry_id] = fd
+        return True  # held, or claims cannot be locked here: handed out within this process only
+
+    def _drop_claim(self, entry_id: str, *, remove: bool) -> None:
+        fd = self._claims.pop(entry_id, None)
+        if fd is not None and self.directory is not None:
+            drop_claim_lock(self.directory, entry_id, fd, remove=remove)
 
     def release(self, entry: StoredResult) -> None:
         """Give a claimed or kept result back undelivered (its batch failed): a re-run may claim it."""
         with self._lock:
             self._handed_out.discard(entry.entry_id)
+            self._drop_claim(entry.entry_id, remove=False)
 
     def undelivered(self) -> list[StoredResult]:
         """Paid, never delivered, oldest first: what ``structure-api results`` lists."""
@@ -276,6 +295,8 @@ class ResultStore:
         if self.directory is not None:
             # Remembered in memory above, so a store that cannot write the marker still knows.
             mark_delivered_on_disk(self.directory, entry.entry_id)
+        with self._lock:
+            self._drop_claim(entry.entry_id, remove=True)
 
     def discard(self, entry: StoredResult) -> None:
         """Remove an entry whose bytes turned out to be unusable (the image does not decode)."""
@@ -285,6 +306,8 @@ class ResultStore:
             self._headers.pop(entry.entry_id + RESULT_SUFFIX, None)
         if self.directory is not None:
             remove_entry(self.directory, entry.entry_id)
+        with self._lock:
+            self._drop_claim(entry.entry_id, remove=True)
 
     @contextlib.contextmanager
     def paying(self, key: str) -> Iterator[None]:
@@ -323,10 +346,13 @@ class ResultStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._sweep_once()
+            with self._lock:
+                self._take_claim(entry.entry_id)  # before the file appears: no other process may claim it
             durable_write(self.directory / (entry.entry_id + RESULT_SUFFIX), head, entry.data)
         except OSError as error:
             with self._lock:
                 self._disk_ok = False
+                self._drop_claim(entry.entry_id, remove=True)
             self._warn_memory(error)
             return False
         with self._lock:

@@ -193,6 +193,39 @@ def hold_key_lock(fd: int) -> None:
         pass
 
 
+# Held (flock) by the process an entry is handed out to, until it is delivered or released: a
+# seed-0 result is then handed out once across processes, and a crashed holder's lock goes with it.
+CLAIM_SUFFIX = ".claim"
+CLAIM_HELD_ELSEWHERE = -1
+
+
+def try_claim_lock(directory: Path, entry_id: str) -> Optional[int]:
+    """Take ``entry_id``'s claim lock without waiting: its descriptor, CLAIM_HELD_ELSEWHERE when another
+    process holds it, or None when claims cannot be locked here (no flock, the file cannot be opened)."""
+    if fcntl is None:
+        return None
+    try:
+        lock_dir = directory / LOCK_DIR
+        lock_dir.mkdir(exist_ok=True)
+        fd = os.open(lock_dir / (entry_id + CLAIM_SUFFIX),
+                     os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return CLAIM_HELD_ELSEWHERE
+    return fd
+
+
+def drop_claim_lock(directory: Path, entry_id: str, fd: int, *, remove: bool) -> None:
+    """Let go of a claim lock; ``remove`` (the entry is delivered or gone, so nobody claims it again) deletes its file."""
+    if remove:
+        _unlink_quietly(directory / LOCK_DIR / (entry_id + CLAIM_SUFFIX))
+    os.close(fd)
+
+
 # --- the sweep ---------------------------------------------------------------------------
 
 def sweep_folder(directory: Path) -> None:
@@ -244,7 +277,10 @@ def _sweep_locks(directory: Path, now: float) -> None:
     for item in items:
         try:
             info = item.stat(follow_symlinks=False)
-            if not _is_key(item.name) or not stat.S_ISREG(info.st_mode) \
+            claim = item.name.endswith(CLAIM_SUFFIX)
+            if claim and (directory / (item.name[: -len(CLAIM_SUFFIX)] + RESULT_SUFFIX)).exists():
+                continue  # its entry is still there: the claim may be taken again
+            if not (_is_key(item.name) or claim) or not stat.S_ISREG(info.st_mode) \
                     or now - info.st_mtime <= LOCK_AGE_SECONDS:
                 continue
             fd = os.open(item.path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))

@@ -23,22 +23,15 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from . import __version__
+from ._constants import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, MAX_RESPONSE_BYTES, MIN_BODY_RATE
+from ._version import __version__
 from .config import APIKey
-from .contract import StructureRequest
+from .request import StructureRequest
 from .errors import APIConnectionError, APITimeoutError, ConfigurationError, MalformedResponseError
 from .errors import ResultMayBeBilledError, TransportError
 
 log = logging.getLogger("structure_api")
 
-DEFAULT_CONNECT_TIMEOUT = 10.0
-DEFAULT_READ_TIMEOUT = 180.0
-# Base64 of the largest image the service can return (a 9.4 MP noisy PNG is ~28 MB) is
-# ~38 MB; anything far past that is hostile or broken, and is not read into memory.
-MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-# An answer is read for as long as it arrives at least this fast (bytes/s, over each read-timeout
-# window): 16 KiB/s brings the largest answer (~38 MB) in 40 minutes; slower than that is a stall.
-MIN_BODY_RATE = 16 * 1024
 _READ_BYTES = 256 * 1024
 
 

@@ -14,12 +14,12 @@ credits), ``multipart`` and
 and lock-out), ``faults`` (what only tests script), ``run`` (``serve``, what users run).
 """
 
-from ..contract import CREDITS_PER_IMAGE, ENDPOINT_PATH
+from ..contract import CREDITS_PER_IMAGE, ENDPOINT_PATH, STANDIN_HEADER, STANDIN_HEADER_VALUE
 from .answers import default_body, error_payload
 from .faults import (
     FAULT_KINDS, Drop, DropBeforeRead, Exchange, Fault, GenerationFailed, Hang, Passthrough, Respond, Stream, Truncate,
 )
-from .handler import HEALTH_PATHS, STANDIN_HEADER, STANDIN_HEADER_VALUE
+from .handler import HEALTH_PATHS
 from .multipart import parse_multipart
 from .render import edge_map, render_structure, structure_edges
 from .records import RecordedRequest

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from structure_api import StructureClient, StructureRequest
-from structure_api.batch import generate_stored
+from structure_api.paid import fetch_or_pay
 from structure_api.errors import BatchError, MalformedResponseError, ResultMayBeBilledError
 from structure_api.images import encode_upload
 from structure_api.pipeline import StructureParams, generate_images
@@ -323,7 +323,7 @@ def _generate(url: str, store: ResultStore, read_timeout: float, **kwargs):
     started = time.monotonic()
     with StructureClient(api_key=CANARY_KEY, base_url=url, read_timeout=read_timeout, **kwargs) as client:
         try:
-            result, _ = generate_stored(client, _one_request(), store)
+            result = fetch_or_pay(client, _one_request(), store).result
             return result, time.monotonic() - started
         except Exception as error:  # noqa: BLE001 - the outcome is what the test looks at
             return error, time.monotonic() - started
@@ -543,6 +543,7 @@ def test_old_cache_entries_keep_serving_fixed_seed_requests(tmp_path):
         (folder / f"{key}.img").write_bytes(data)
         (folder / f"{key}.json").write_text(json.dumps({"seed": 8, "format": "png", "size": len(data),
                                                         "sha256": hashlib.sha256(data).hexdigest()}))
-        result, from_store = generate_stored(client, request, ResultStore(folder))
+        paid = fetch_or_pay(client, request, ResultStore(folder))
+        result, from_store = paid.result, paid.from_store
         assert from_store and result.data == data and service.requests == []
     assert not (folder / f"{key}.img").exists()
