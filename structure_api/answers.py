@@ -167,6 +167,8 @@ def image_answer(status: int, headers: Mapping[str, str], body: bytes, request: 
     answer = ImageAnswer(data=raw, seed=seed, format=actual_format, size=size, request_id=fields["request_id"],
                          credits=credits, attempts=attempt, seed_known=seed_known, http_status=status,
                          headers=headers)
+    if actual_format != request.output_format:
+        log.warning("asked for %s, the service returned %s; using it as is", request.output_format, actual_format)
     sent = request.image.size
     if not _near_size(size, sent):
         raise errors.MalformedResponseError(

@@ -18,7 +18,6 @@ Every caller (the node's pipeline, ``run_batch``, the CLI) gets its results thro
 from __future__ import annotations
 
 import dataclasses
-import logging
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
@@ -33,7 +32,6 @@ from .store import ResultStore, StoredResult
 if TYPE_CHECKING:  # only the type: the client is passed in by the caller
     from .client import ProgressEvent, StructureClient
 
-log = logging.getLogger("structure_api")
 # The key prefix of an image kept but not fit to use: listed and exported, never served for a request.
 UNFIT_PREFIX = "unfit-"
 
@@ -176,8 +174,6 @@ def _pay(client: "StructureClient", request: StructureRequest, store: ResultStor
     result = StructureResult(pixels=pixels, data=answer.data, seed=answer.seed, format=answer.format,
                              request_id=answer.request_id, attempts=answer.attempts, credits=answer.credits,
                              stored=entry)
-    if answer.format != request.output_format:
-        log.warning("asked for %s, the service returned %s; using it as is", request.output_format, answer.format)
     return PaidResult(result, False, store)
 
 
