@@ -6,6 +6,7 @@ errors. It knows HTTP, not the service's answers: those are read in ``answers.py
 
 from __future__ import annotations
 
+import http.client
 import io
 import logging
 import math
@@ -33,6 +34,8 @@ from .errors import ResultMayBeBilledError, TransportError
 log = logging.getLogger("structure_api")
 
 _READ_BYTES = 256 * 1024
+_MAX_INFORMATIONAL_HEADERS = 100
+_MAX_HEADER_LINE = 65536
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,25 @@ def shutdown_socket(connection: HTTPConnection) -> None:
             pass
 
 
+class _FinalResponse(http.client.HTTPResponse):
+    """http.client's response, skipping every informational answer (102, 103, ...) before the final one.
+
+    http.client skips only a 100; a 103 Early Hints would otherwise stand for the answer, and the
+    paid 200 behind it would be left unread on the socket.
+    """
+
+    def _read_status(self):  # type: ignore[no-untyped-def]
+        while True:
+            version, status, reason = super()._read_status()
+            if not 100 < status < 200 or status == 101:
+                return version, status, reason
+            for _ in range(_MAX_INFORMATIONAL_HEADERS):
+                if self.fp.readline(_MAX_HEADER_LINE) in (b"\r\n", b"\n", b""):
+                    break
+            else:
+                raise http.client.HTTPException(f"an informational {status} answer with too many headers")
+
+
 class _TrackedConnection:
     """Mixed into urllib3's HTTP and HTTPS connections: each registers itself when it connects, so a
     cancel can close it mid-wait, and its status line and headers must arrive within the header deadline.
@@ -184,7 +206,7 @@ class _TrackedConnection:
 def tracking_adapter(registry: "weakref.WeakSet[HTTPConnection]", header_timeout: float) -> HTTPAdapter:
     """An adapter whose connections register in ``registry`` and whose status line and headers must
     arrive within ``header_timeout`` s of the upload's end (see ``_TrackedConnection``)."""
-    settings = {"_registry": registry, "_header_deadline": header_timeout}
+    settings = {"_registry": registry, "_header_deadline": header_timeout, "response_class": _FinalResponse}
     pools = {}
     for scheme, connection_cls, pool_cls in (("http", HTTPConnection, HTTPConnectionPool),
                                              ("https", HTTPSConnection, HTTPSConnectionPool)):
@@ -209,7 +231,8 @@ class Transport:
         adapter = tracking_adapter(self.connections, limits.read_timeout)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self.session.headers.update({"user-agent": f"comfyui-aithriving-structure/{__version__}"})
+        self.session.headers.update({"user-agent": f"comfyui-aithriving-structure/{__version__}",
+                                     "accept": "application/json"})
         self.session.auth = RawKeyAuth(key)
 
     def close(self) -> None:
@@ -263,7 +286,7 @@ class Transport:
         if declared and declared.isdigit() and int(declared) > limit:
             raise MalformedResponseError(
                 f"The service's answer is {int(declared) / 2**20:.0f} MiB, far larger than any image it "
-                f"returns (limit {limit / 2**20:.0f} MiB); it was not read.", http_status=status)
+                f"returns (limit {limit / 2**20:.0f} MiB); it was not read{_charged(status)}.", http_status=status)
         buffer = _BodyBuffer(int(declared) if declared and declared.isdigit() else 0)
         pace = _RateWindow(self._clock, self.limits.read_timeout, self.limits.min_body_rate)
         try:
@@ -276,17 +299,24 @@ class Transport:
                 if buffer.size + len(chunk) > limit:
                     raise MalformedResponseError(
                         f"The service's answer passed {limit / 2**20:.0f} MiB, far larger "
-                        "than any image it returns; reading stopped.", http_status=status)
+                        f"than any image it returns; reading stopped{_charged(status)}.", http_status=status)
                 buffer.add(chunk)
                 pace.count(len(chunk))
         except (_BodyTooSlow, urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError) as exc:
-            if status == 200:
+            if 200 <= status < 300:
                 raise ResultMayBeBilledError(
                     _broken_answer_message(exc, buffer.size, declared, self.limits.min_body_rate),
-                    http_status=200) from None
+                    http_status=status) from None
             # An error status is the answer whatever its body: what arrived is enough to map it
             # (and a 5xx cut short is as unbilled, and as retryable, as a whole one).
-        return buffer.value(keep_mutable=status == 200)
+        return buffer.value(keep_mutable=200 <= status < 300)
+
+
+def _charged(status: int) -> str:
+    """What a success status adds to a sentence about its answer: it may have been billed."""
+    if 200 <= status < 300:
+        return f"; the service may have charged for it (HTTP {status}), so the request was not sent again"
+    return ""
 
 
 class _BodyBuffer:

@@ -222,6 +222,18 @@ class StandInHandler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def send_raw(self, data: bytes) -> None:
+        """Write ``data`` as the whole answer, byte for byte, then close the connection."""
+        self.close_connection = True
+        final = data.rsplit(b"\r\nHTTP/", 1)[-1] if b"\r\nHTTP/" in data else data
+        status = final.split(b" ", 2)[1:2]
+        self._entry.status = int(status[0]) if status and status[0].isdigit() else 0
+        try:
+            self.wfile.write(data)
+            self.wfile.flush()
+        except OSError:
+            pass  # the client went away
+
     def send(
         self, status: int, body: bytes, content_type: str, headers: Optional[dict[str, str]] = None, *,
         announced_length: Optional[int] = None,
