@@ -171,3 +171,17 @@ def test_no_product_source_restates_a_figure() -> None:
               if value in (contract.MAX_PIXELS, contract.MAX_REQUEST_BYTES)]
     assert len(PRODUCT_SOURCES) > 20
     assert not found, f"figures of structure_api/contract.py written again: {found}"
+
+
+def test_the_rate_limit_and_lock_out_are_the_contracts() -> None:
+    """The upstream's rate limit and lock-out are written once, in contract.py; the rest name them."""
+    from structure_api import ratelimit
+    from structure_api.standin import ratelimit as standin_ratelimit
+
+    assert ratelimit.DEFAULT_RATE_LIMIT == ratelimit.RateLimit(contract.RATE_LIMIT_REQUESTS, contract.RATE_LIMIT_SECONDS)
+    assert ratelimit.UPSTREAM_LOCKOUT_SECONDS == standin_ratelimit.DEFAULT_LOCKOUT_SECONDS == contract.LOCKOUT_SECONDS
+    assert standin.STANDIN_HEADER == contract.STANDIN_HEADER and standin.STANDIN_HEADER_VALUE == contract.STANDIN_HEADER_VALUE
+    lockout = re.escape(repr(contract.LOCKOUT_SECONDS))
+    written = [(where, said) for where, _, said in _mentions(rf"\b({lockout})\b", PRODUCT_SOURCES)
+               if not where.startswith("structure_api/contract.py")]
+    assert written == [], f"the lock-out's {contract.LOCKOUT_SECONDS} written again instead of LOCKOUT_SECONDS"

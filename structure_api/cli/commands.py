@@ -21,7 +21,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with RequestTarget.open(args) as target:
         result, from_store = target.generate(structure_request(args, image, args.seed, output_format), str(args.output))
         write_result(args.output, image, result, output_format, target)
-    print(f"seed {result.seed} · {credits_text(result, from_store)} · wrote {args.output} "
+    # Seed 0 in a result: the service picked one and did not say which.
+    seed = f"seed {result.seed}" if result.seed else "seed unknown"
+    print(f"{seed} · {credits_text(result, from_store)} · wrote {args.output} "
           f"({image.size.width}x{image.size.height} {output_format})")
     return 0
 
