@@ -38,7 +38,7 @@ _BOM = b"\xef\xbb\xbf"
 
 
 def _may_be_charged(status: int) -> str:
-    """The clause every failure of a 2xx answer after the upload ends with: nobody can tell whether it was billed."""
+    """The clause ending every failure of a 2xx answer: nobody can tell whether it was billed."""
     return f"the service may have charged for it (HTTP {status}), so the request was not sent again."
 
 
@@ -63,7 +63,7 @@ class StructureResult:
 
 @dataclass(frozen=True)
 class ImageAnswer:
-    """A 2xx answer whose image bytes were read and checked to be an image near the request's size; not decoded.
+    """A 2xx answer's image: its bytes checked to be an image near the request's size, not decoded.
 
     ``seed`` is the one the service reports; when it reported none that can be read, the request's
     (0: unknown) and ``seed_known`` is False. ``pixels`` decodes the image on first use.
@@ -87,7 +87,7 @@ class ImageAnswer:
 
     @functools.cached_property
     def pixels(self) -> object:
-        """The image decoded to ``[H, W, 3]`` uint8, on first use (MalformedResponseError if it does not decode)."""
+        """Decode the image to ``[H, W, 3]`` uint8 on first use (MalformedResponseError if it cannot)."""
         return decode_answer(self)
 
     def error_fields(self) -> dict:
@@ -164,16 +164,18 @@ def image_answer(status: int, headers: Mapping[str, str], body: bytes, request: 
     actual_format, size = check_answer_image(raw, request, fields)
     # The local stand-in charges nothing and says so; the real service sends no such header.
     credits = 0 if STANDIN_HEADER.lower() in headers else CREDITS_PER_IMAGE
-    answer = ImageAnswer(data=raw, seed=seed, format=actual_format, size=size, request_id=fields["request_id"],
-                         credits=credits, attempts=attempt, seed_known=seed_known, http_status=status,
-                         headers=headers)
+    answer = ImageAnswer(data=raw, seed=seed, format=actual_format, size=size,
+                         request_id=fields["request_id"], credits=credits, attempts=attempt,
+                         seed_known=seed_known, http_status=status, headers=headers)
     if actual_format != request.output_format:
-        log.warning("asked for %s, the service returned %s; using it as is", request.output_format, actual_format)
+        log.warning("asked for %s, the service returned %s; using it as is", request.output_format,
+                    actual_format)
     sent = request.image.size
     if not _near_size(size, sent):
         raise errors.MalformedResponseError(
-            f"The service returned a {size.width}x{size.height} image for a {sent.width}x{sent.height} request, "
-            "far from the size it produces; the service may have charged for it, but it was not used.",
+            f"The service returned a {size.width}x{size.height} image for a {sent.width}x{sent.height} "
+            "request, far from the size it produces; the service may have charged for it, but it was not "
+            "used.",
             answer=answer, **fields)
     return answer
 
@@ -230,11 +232,13 @@ def _check_image_answer(payload: object, answer: Optional[AnswerBody], separator
         log.info("the service's answer holds an image under the code %.40r; reading the image", answer.code)
     if not has_image:
         raise errors.MalformedResponseError(
-            f"The service's answer has no image in it (data.image missing); {_may_be_charged(status)}", **fields)
+            f"The service's answer has no image in it (data.image missing); {_may_be_charged(status)}",
+            **fields)
 
 
 def answer_seed(value: object, requested: int) -> tuple[int, bool]:
-    """The seed the answer reports and True; for a missing or odd one (null, "²", 5000 digits), the request's and False.
+    """Return the seed the answer reports and True; for a missing or odd one (null, "²", 5000 digits),
+    the request's and False.
 
     A seed is cosmetic: it never costs the image. The request's seed stands in (0: unknown).
     """
@@ -255,8 +259,8 @@ def check_answer_image(raw: bytes, request: StructureRequest, fields: dict) -> t
         size = image_header_size(raw)
     except errors.MalformedResponseError as error:
         raise errors.MalformedResponseError(
-            f"{error.message.rstrip('.')}; the service may have charged for it (HTTP {fields['http_status']}), "
-            "but there is nothing to keep.", **fields) from None
+            f"{error.message.rstrip('.')}; the service may have charged for it "
+            f"(HTTP {fields['http_status']}), but there is nothing to keep.", **fields) from None
     return detect_format(raw) or request.output_format, size
 
 

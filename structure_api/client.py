@@ -19,7 +19,8 @@ import requests
 from urllib3.connection import HTTPConnection
 
 from ._constants import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, MAX_RESPONSE_BYTES, MIN_BODY_RATE
-from .answers import ImageAnswer, Redactor, StructureResult, image_answer, refuse_redirect
+from .answers import ImageAnswer, Redactor, image_answer, refuse_redirect
+from .answers import StructureResult as StructureResult  # importable from here too
 from .config import APIKey, check_key_may_travel, load_api_key, resolve_base_url
 from .errors import CancelledError, RateLimitError, StructureError
 from .contract import (  # noqa: F401  (the contract's names stay importable from here)
@@ -147,7 +148,7 @@ class StructureClient:
         cancel: Optional[threading.Event] = None,
         **removed: object,
     ) -> ImageAnswer:
-        """Send one request (retrying only when it cannot double-charge) and return the checked, undecoded answer.
+        """Send one request (retried only when it cannot double-charge); return the checked, undecoded answer.
 
         Nothing here keeps the answer: to keep every paid image in the result store before it is
         decoded, go through ``structure_api.paid.fetch_or_pay``. A MalformedResponseError whose
@@ -155,8 +156,8 @@ class StructureClient:
         """
         if removed:
             raise TypeError(
-                f"StructureClient.generate() no longer takes {', '.join(sorted(removed))}: keeping paid results is "
-                "structure_api.paid.fetch_or_pay(client, request, store, label=...)'s job.")
+                f"StructureClient.generate() no longer takes {', '.join(sorted(removed))}: keeping paid "
+                "results is structure_api.paid.fetch_or_pay(client, request, store, label=...)'s job.")
         request.validate()
         notify = on_progress or (lambda event: None)
         started = self._clock()

@@ -103,7 +103,7 @@ SUCCESS_MESSAGE = "success"
 
 @dataclass(frozen=True)
 class AnswerBody:
-    """The service's answer as JSON: a success carries ``image`` (base64) and ``seed``, a failure ``name`` and ``errors``."""
+    """The service's answer: ``image`` (base64) and ``seed`` on success, ``name`` and ``errors`` else."""
 
     code: object  # SUCCESS_CODE on success; read as sent, so "0" and 0.0 are seen for what they are
     message: object = None
@@ -121,7 +121,8 @@ class AnswerBody:
     @classmethod
     def failure(cls, message: str, name: str, errors: Optional[list[str]] = None) -> "AnswerBody":
         """A failure: the vendor's message, and the upstream's name and reasons."""
-        return cls(code=FAILURE_CODE, message=message, name=name, errors=errors if errors is not None else [message])
+        reasons = errors if errors is not None else [message]
+        return cls(code=FAILURE_CODE, message=message, name=name, errors=reasons)
 
     @classmethod
     def from_json(cls, payload: Mapping[str, object]) -> "AnswerBody":
@@ -135,7 +136,8 @@ class AnswerBody:
     def to_json(self) -> dict:
         """The answer as the service sends it."""
         if self.image is not None:
-            return {"code": self.code, "message": self.message, "data": {"image": self.image, "seed": self.seed}}
+            data = {"image": self.image, "seed": self.seed}
+            return {"code": self.code, "message": self.message, "data": data}
         body = {"code": self.code, "message": self.message, "name": self.name, "errors": self.errors}
         if self.request_id is not None:
             body["id"] = self.request_id
@@ -252,7 +254,7 @@ class FormParameters:
         validate_form(self.form_values())
 
     def key_fields(self) -> list[tuple[str, str]]:
-        """The fields the result store's key hashes: as the form sends them, less newer fields at their default."""
+        """Return the fields the store's key hashes: as the form sends them, less newer ones at default."""
         fields = []
         for field in FORM_FIELDS:
             value = getattr(self, field.name)

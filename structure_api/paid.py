@@ -1,4 +1,4 @@
-"""The paid-result protocol, owned here: claim, per-key lock, pay, keep, decode or discard, hand out, deliver or release.
+"""The paid-result protocol, owned here: claim, lock, pay, keep, decode or discard, hand out, deliver.
 
 Every caller (the node's pipeline, ``run_batch``, the CLI) gets its results through
 :func:`fetch_or_pay`, and nothing else touches the result store on the paid path::
@@ -104,7 +104,7 @@ def fetch_or_pay(
     claim_only: bool = False,
     decode: bool = True,
 ) -> Optional[PaidResult]:
-    """The store's result for ``request`` if it holds one (free), else one paid now and kept before its decode.
+    """Return the store's result for ``request`` (free), else pay for one and keep it before its decode.
 
     None only with ``claim_only`` when the store holds nothing. ``decode=False`` leaves ``pixels``
     None, for a caller that decodes ``data`` itself (inside :meth:`PaidResult.use`).
@@ -159,11 +159,12 @@ def _pay(client: "StructureClient", request: StructureRequest, store: ResultStor
             entry = store.keep(UNFIT_PREFIX + key, error.answer.data, seed=error.answer.seed,
                                format=error.answer.format, label=label)
             store.release(entry)
-            where = (f"it is kept in the result store ({store.directory}), where `structure-api results --export "
-                     "DIR` writes it out" if store.on_disk(entry) else
+            where = (f"it is kept in the result store ({store.directory}), where `structure-api results "
+                     "--export DIR` writes it out" if store.on_disk(entry) else
                      "it is kept in memory only (the result store is off or cannot be written)")
-            raise MalformedResponseError(f"{error.message.rstrip('.')}; {where}.", http_status=error.http_status,
-                                         headers=error.headers, request_id=error.request_id) from None
+            raise MalformedResponseError(f"{error.message.rstrip('.')}; {where}.",
+                                         http_status=error.http_status, headers=error.headers,
+                                         request_id=error.request_id) from None
         raise
     entry = keep(store, request, answer, key, client.endpoint, label)
     try:
@@ -179,7 +180,7 @@ def _pay(client: "StructureClient", request: StructureRequest, store: ResultStor
 
 def keep(store: ResultStore, request: StructureRequest, answer: ImageAnswer, key: str, endpoint: str,
          label: str) -> StoredResult:
-    """Keep ``answer``'s bytes under ``key``; a seed-0 answer with a known seed also answers that seed fixed."""
+    """Keep ``answer``'s bytes under ``key``; a seed-0 answer with a known seed also answers it fixed."""
     aliases = ()
     if request.seed == 0 and answer.seed_known and 1 <= answer.seed <= MAX_SEED:
         aliases = (store.key_for(dataclasses.replace(request, seed=answer.seed), endpoint),)

@@ -205,7 +205,7 @@ class ResultStore:
     # -- identity -----------------------------------------------------------------
 
     def key_for(self, request: StructureRequest, endpoint: str) -> str:
-        """The request's identity: upload bytes, the form's fields (a newer one only when set), the endpoint."""
+        """Return the request's identity: upload bytes, the form's fields (a newer one when set), endpoint."""
         return request_key(request.image.data, request.key_fields(), endpoint)
 
     # -- taking results out -------------------------------------------------------

@@ -207,8 +207,8 @@ def try_claim_lock(directory: Path, entry_id: str) -> Optional[int]:
     try:
         lock_dir = directory / LOCK_DIR
         lock_dir.mkdir(exist_ok=True)
-        fd = os.open(lock_dir / (entry_id + CLAIM_SUFFIX),
-                     os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(lock_dir / (entry_id + CLAIM_SUFFIX), flags, 0o644)
     except OSError:
         return None
     try:
@@ -220,7 +220,7 @@ def try_claim_lock(directory: Path, entry_id: str) -> Optional[int]:
 
 
 def drop_claim_lock(directory: Path, entry_id: str, fd: int, *, remove: bool) -> None:
-    """Let go of a claim lock; ``remove`` (the entry is delivered or gone, so nobody claims it again) deletes its file."""
+    """Let go of a claim lock; ``remove`` (delivered or gone: nobody claims it again) deletes its file."""
     if remove:
         _unlink_quietly(directory / LOCK_DIR / (entry_id + CLAIM_SUFFIX))
     os.close(fd)

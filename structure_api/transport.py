@@ -286,7 +286,8 @@ class Transport:
         if declared and declared.isdigit() and int(declared) > limit:
             raise MalformedResponseError(
                 f"The service's answer is {int(declared) / 2**20:.0f} MiB, far larger than any image it "
-                f"returns (limit {limit / 2**20:.0f} MiB); it was not read{_charged(status)}.", http_status=status)
+                f"returns (limit {limit / 2**20:.0f} MiB); it was not read{_charged(status)}.",
+                http_status=status)
         buffer = _BodyBuffer(int(declared) if declared and declared.isdigit() else 0)
         pace = _RateWindow(self._clock, self.limits.read_timeout, self.limits.min_body_rate)
         try:

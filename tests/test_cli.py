@@ -111,8 +111,8 @@ def test_an_answer_whose_seed_cannot_be_read_still_delivers_the_image(tmp_path, 
     env_for(standin)
     image = io.BytesIO()
     Image.fromarray(photo_like(100, 100)).save(image, format="PNG")
-    standin.script(Respond(200, body={"code": 0, "message": "success",
-                                      "data": {"image": base64.b64encode(image.getvalue()).decode(), "seed": "9" * 5000}}))
+    data = {"image": base64.b64encode(image.getvalue()).decode(), "seed": "9" * 5000}
+    standin.script(Respond(200, body={"code": 0, "message": "success", "data": data}))
     source = write_png(tmp_path / "in.png", photo_like(100, 100))
     code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / "out.png")
     assert code == 0, err

@@ -178,10 +178,13 @@ def test_the_rate_limit_and_lock_out_are_the_contracts() -> None:
     from structure_api import ratelimit
     from structure_api.standin import ratelimit as standin_ratelimit
 
-    assert ratelimit.DEFAULT_RATE_LIMIT == ratelimit.RateLimit(contract.RATE_LIMIT_REQUESTS, contract.RATE_LIMIT_SECONDS)
-    assert ratelimit.UPSTREAM_LOCKOUT_SECONDS == standin_ratelimit.DEFAULT_LOCKOUT_SECONDS == contract.LOCKOUT_SECONDS
-    assert standin.STANDIN_HEADER == contract.STANDIN_HEADER and standin.STANDIN_HEADER_VALUE == contract.STANDIN_HEADER_VALUE
+    limit = ratelimit.RateLimit(contract.RATE_LIMIT_REQUESTS, contract.RATE_LIMIT_SECONDS)
+    assert ratelimit.DEFAULT_RATE_LIMIT == limit
+    lockouts = (ratelimit.UPSTREAM_LOCKOUT_SECONDS, standin_ratelimit.DEFAULT_LOCKOUT_SECONDS)
+    assert lockouts == (contract.LOCKOUT_SECONDS,) * 2
+    assert (standin.STANDIN_HEADER, standin.STANDIN_HEADER_VALUE) == (contract.STANDIN_HEADER,
+                                                                      contract.STANDIN_HEADER_VALUE)
     lockout = re.escape(repr(contract.LOCKOUT_SECONDS))
     written = [(where, said) for where, _, said in _mentions(rf"\b({lockout})\b", PRODUCT_SOURCES)
                if not where.startswith("structure_api/contract.py")]
-    assert written == [], f"the lock-out's {contract.LOCKOUT_SECONDS} written again instead of LOCKOUT_SECONDS"
+    assert written == [], f"the lock-out {contract.LOCKOUT_SECONDS} is written again instead of named"

@@ -1,4 +1,4 @@
-"""The product's import graph, read from the source (AST): no circles, and no HTTP layer reaches the result store.
+"""The product's import graph, read from the AST: no circles, and no HTTP layer reaches the result store.
 
 Every import statement counts, wherever it is (module level, a function, an ``if TYPE_CHECKING:``
 block): a circle broken only by importing late is still a circle in the design.
@@ -132,7 +132,8 @@ def test_an_import_of_the_package_root_counts(tmp_path) -> None:
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "__init__.py").write_text("from .client import Client\n__version__ = '1'\n")
     (tmp_path / "pkg" / "client.py").write_text("def f():\n    from . import __version__\n")
-    graph = import_graph({"pkg": tmp_path / "pkg" / "__init__.py", "pkg.client": tmp_path / "pkg" / "client.py"})
+    graph = import_graph({"pkg": tmp_path / "pkg" / "__init__.py",
+                          "pkg.client": tmp_path / "pkg" / "client.py"})
     assert find_cycles(graph) == [["pkg", "pkg.client"]]
 
 
@@ -150,4 +151,4 @@ def test_no_import_circles() -> None:
 def test_no_http_layer_imports_the_store(layer: str) -> None:
     reached = reachable(GRAPH, layer)
     assert not reached & set(STORE_MODULES), \
-        f"{layer} reaches {sorted(reached & set(STORE_MODULES))}: HTTP and answers must not know the result store"
+        f"{layer} reaches {sorted(reached & set(STORE_MODULES))}: HTTP must not know the result store"

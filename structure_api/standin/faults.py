@@ -49,7 +49,7 @@ class Exchange(Protocol):
         """Close the connection without an answer."""
 
     def send_raw(self, data: bytes) -> None:
-        """Write ``data`` as the whole answer, byte for byte (status lines and headers included), then close."""
+        """Write ``data`` as the whole answer, byte for byte (status lines, headers), then close."""
 
     def answer_normally(self, delay: float = 0.0, headers: Optional[dict[str, str]] = None) -> None:
         """Answer as the stand-in normally does, `delay` later, with `headers` added."""
@@ -157,7 +157,7 @@ class Stream(Fault, kind="stream"):
 
 @dataclass(frozen=True)
 class Raw(Fault, kind="raw"):
-    """Answer with ``data`` written as it is: status lines, headers and body, however odd (a 103 before the 200)."""
+    """Answer with ``data`` written as it is: status lines, headers, body, however odd (a 103, then a 200)."""
 
     data: bytes
     delay: float = 0.0

@@ -256,7 +256,8 @@ def test_answer_dripping_forever_is_cut_off(service, new_client, small_upload, l
 # --- odd answers that carry a paid image: read tolerantly, kept before anything else ------------------------
 
 def _answer_json(image_text: str, seed: object = 7, code: object = 0) -> bytes:
-    return json.dumps({"code": code, "message": "success", "data": {"image": image_text, "seed": seed}}).encode()
+    data = {"image": image_text, "seed": seed}
+    return json.dumps({"code": code, "message": "success", "data": data}).encode()
 
 
 def _raw_http(*status_lines: bytes, body: bytes) -> bytes:
@@ -300,7 +301,8 @@ ODD = {
 
 
 @pytest.mark.parametrize("scenario", list(ODD))
-def test_odd_answer_with_an_image_is_kept_and_used(scenario, service, new_client, small_upload, ledger, tmp_path):
+def test_odd_answer_with_an_image_is_kept_and_used(scenario, service, new_client, small_upload, ledger,
+                                                    tmp_path):
     make, seed, expected_seed = ODD[scenario]
     image = image_file_bytes(photo_like(96, 64, seed=5))
     assert "+" in b64(image) or "/" in b64(image)  # so that the URL-safe alphabet differs
@@ -328,8 +330,8 @@ def test_odd_answer_with_an_image_is_kept_and_used(scenario, service, new_client
     assert store.undelivered() == [] and len(service.requests) == 1
 
 
-def test_image_far_from_the_request_size_is_kept_for_export_not_used(service, new_client, small_upload, ledger,
-                                                                      tmp_path):
+def test_image_far_from_the_request_size_is_kept_for_export_not_used(service, new_client, small_upload,
+                                                                      ledger, tmp_path):
     image = image_file_bytes(photo_like(600, 400, seed=5))
     service.script(Respond(200, body=_answer_json(b64(image), seed=17)))
     store = ResultStore(tmp_path / "store")
@@ -339,8 +341,8 @@ def test_image_far_from_the_request_size_is_kept_for_export_not_used(service, ne
     message = str(caught.value)
     kept = store.undelivered()
     ledger.row("hostile", "a decodable 600x400 image answering a 96x64 request",
-               "not used; kept in the store (exportable), never served for the request; the error says it may "
-               "have been charged and where it is kept", f"{type(caught.value).__name__}: {message}",
+               "not used; kept in the store (exportable), never served for the request; the error says it "
+               "may have been charged and where it is kept", f"{type(caught.value).__name__}: {message}",
                requests=len(service.requests))
     ledger.count("faults_survived")
     assert "may have charged" in message and "results --export" in message and message_problems(message) == []

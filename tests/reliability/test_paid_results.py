@@ -516,12 +516,12 @@ def test_two_processes_rerunning_a_failed_seed_0_batch_never_get_the_same_kept_r
     assert all(process.returncode == 0 for process in processes), outputs
     runs = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     served = [entry_id for run in runs for entry_id in run["from_store"]]
-    record(ledger, "two processes re-run the same failed seed-0 batch of 4 at once (3 results kept undelivered)",
+    record(ledger, "two processes re-run the same failed seed-0 batch of 4 at once (3 kept undelivered)",
            "each kept result is handed to one process only (claimed under the store's cross-process lock); "
            "everything else is paid fresh",
            f"from the store: {[len(run['from_store']) for run in runs]} (distinct: {len(set(served))}); "
-           f"credits {[run['credits'] for run in runs]}", paid=paid, delivered=8 * CREDITS_PER_IMAGE, repaid=0,
-           requests=len(service.requests))
+           f"credits {[run['credits'] for run in runs]}", paid=paid, delivered=8 * CREDITS_PER_IMAGE,
+           repaid=0, requests=len(service.requests))
     assert len(served) == len(set(served)) == 3 and set(served) == kept
     assert paid == (8 - 3) * CREDITS_PER_IMAGE == sum(run["credits"] for run in runs)
     assert ResultStore(folder).undelivered() == []
