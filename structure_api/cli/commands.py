@@ -9,6 +9,7 @@ import time
 from ..contract import CREDITS_PER_IMAGE
 from ..files import FileAccessError, check_output_file, check_writable_folder, export_path, read_input_image, \
     write_atomically
+from ..paid import deliver
 from ..store import ResultStore
 from .target import RequestTarget, check_parameters, credits_text, structure_request, write_result
 
@@ -57,7 +58,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         except OSError as error:
             raise FileAccessError(f"Could not write {path} ({error.strerror or type(error).__name__}); the result "
                                   f"stays in the result store ({store.directory}).") from None
-        store.mark_delivered(entry)
+        deliver(store, entry)
         print(f"wrote {path} (seed {entry.seed}, for {entry.label or '(no label)'})")
     # The service's own bytes: at the size that was sent, which differs from the input's when it was fitted.
     print(f"exported {len(waiting)} result(s) to {args.export}, exactly as the service sent them.")

@@ -35,7 +35,9 @@ INTROS = {
         " header, under 16 MiB traced and 64 MiB resident; a well-formed answer under the cap whose image turns"
         " out not to be one, 3 x cap + 16 MiB (body, json's decoded text and the image string live together)."
         " The stand-in runs in the same process, so its allocations are counted too (the figures are upper"
-        " bounds for the client)."),
+        " bounds for the client). Odd answers that carry a paid image (an unreadable seed, `\"code\": \"0\"`,"
+        " URL-safe base64, a raw image body, 1xx before the 200, a 203, a BOM) go through `fetch_or_pay`: the"
+        " image must be kept in the result store, then used, and the request never sent again."),
     "inputs": (
         "Named cases through `generate_images` (the node's logic, torch or numpy batches) and through"
         " `structure-api generate`/`batch` in process, then hypothesis property tests. *Requests* is what the"
