@@ -6,7 +6,9 @@ used, the format detected from the bytes, when it was kept and whether it has be
 (written by the CLI, returned by the node). A re-run takes undelivered results first:
 
 - a fixed seed is served from the store every time (delivered or not);
-- seed 0 hands each undelivered result out once; after that seed 0 pays for fresh images.
+- seed 0 hands each undelivered result out once, to one process at a time (a claim lock under
+  ``.locks`` is held until the result is delivered or released, and dies with its process); after
+  that seed 0 pays for fresh images.
 
 On disk (``store_disk.py`` owns the format) an entry is ONE file ``<entry_id>.result`` (a magic line, a
 header line of JSON, then the image bytes) written to a temp file, fsync'd and renamed into place, so a

@@ -3,7 +3,8 @@
 An entry is ONE file ``<entry_id>.result``: the magic line, a header line of JSON, then the image
 bytes, written to a ``.tmp-`` file, fsync'd and renamed into place (then the folder fsync'd), so a
 crash leaves either the whole entry or a temp file the sweep removes. Delivery is an empty
-``<entry_id>.delivered`` marker. Reads never follow links nor open anything but regular files.
+``<entry_id>.delivered`` marker; ``.locks/`` holds the per-key payment locks and the per-entry claim
+locks (``<entry_id>.claim``). Reads never follow links nor open anything but regular files.
 Nothing here holds state: :class:`~structure_api.store.ResultStore` decides what to read and write.
 """
 
