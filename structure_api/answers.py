@@ -138,9 +138,11 @@ def image_answer(status: int, headers: Mapping[str, str], body: bytes, request: 
         body = body[3:]  # a BOM before the JSON says nothing about the answer
     success = 200 <= status < 300
     fields = dict(http_status=status, body=body, headers=headers, request_id=headers.get("x-request-id"))
-    if success and headers.get("content-type", "").lower().startswith("image/"):
+    if success and detect_format(body) is not None:
+        # An image file's bytes, not JSON (whatever the Content-Type says): it has no seed to report.
         raw, seed, seed_known = bytes(body), request.seed, False
-        log.info("the service answered with a raw %s body; its seed is unknown", headers["content-type"])
+        log.info("the service answered with a raw %s body (%s); its seed is unknown", detect_format(body),
+                 headers.get("content-type", "no Content-Type"))
     else:
         separators = _json_separators(body)
         payload, image_text = _payload(success, body, separators)

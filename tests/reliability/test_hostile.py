@@ -287,6 +287,8 @@ ODD = {
         lambda image: Respond(200, body=image, headers={"Content-Type": "image/png"}), 7, 7),
     "raw PNG body with Content-Type image/png, for a seed-0 request": (
         lambda image: Respond(200, body=image, headers={"Content-Type": "image/png"}), 0, 0),
+    "raw PNG body with Content-Type application/octet-stream": (
+        lambda image: Respond(200, body=image), 7, 7),
     "103 Early Hints before the 200": (
         lambda image: Raw(_raw_http(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
                                     body=_answer_json(b64(image), seed=13))), 7, 13),
