@@ -113,8 +113,7 @@ def fetch_or_pay(
     key = store.key_for(request, client.endpoint)
     if request.seed == 0:
         # Handed out once across processes: claimed under the same lock paying uses.
-        with store.paying(key):
-            hit = _claim(store, key, 0, decode)
+        hit = _claim(store, key, 0, decode, lock=True)
         if hit is not None or claim_only:
             return hit
         # Random means random: identical seed-0 requests of one batch are paid side by side.
@@ -130,10 +129,18 @@ def fetch_or_pay(
         return _pay(client, request, store, key, label, on_progress, cancel, decode)
 
 
-def _claim(store: ResultStore, key: str, seed: int, decode: bool) -> Optional[PaidResult]:
-    """One of the store's results for ``key``, decoded; entries whose bytes do not decode are discarded."""
+def _claim(store: ResultStore, key: str, seed: int, decode: bool, *,
+           lock: bool = False) -> Optional[PaidResult]:
+    """Return one of the store's results for ``key``, decoded; entries that do not decode are discarded.
+
+    ``lock``: claim under the key's cross-process lock (decoding outside it).
+    """
     while True:
-        entry = store.claim(key, seed)
+        if lock:
+            with store.paying(key):
+                entry = store.claim(key, seed)
+        else:
+            entry = store.claim(key, seed)
         if entry is None:
             return None
         try:
