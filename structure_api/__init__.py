@@ -12,6 +12,7 @@ from .config import APIKey, load_api_key, resolve_base_url
 from .contract import CREDITS_PER_IMAGE, ENDPOINT_PATH, validate_parameters
 from .errors import *  # noqa: F401,F403  (every error class; __all__ below names them)
 from .retry import RetryPolicy
+from .answers import ImageAnswer
 from .client import ProgressEvent, StructureClient, StructureResult
 from .request import StructureRequest
 from .images import (
@@ -35,7 +36,7 @@ __all__ = [
     "APIKey", "load_api_key", "resolve_base_url", "RetryPolicy", "CREDITS_PER_IMAGE", "ENDPOINT_PATH",
     "validate_parameters",
     # the client and its request types
-    "StructureClient", "StructureRequest", "StructureResult", "ProgressEvent",
+    "StructureClient", "StructureRequest", "StructureResult", "ImageAnswer", "ProgressEvent",
     # the paid-result protocol: every paid answer kept before it is decoded, handed out once
     "fetch_or_pay", "PaidResult",
     # a batch of images, as the node runs it
