@@ -6,6 +6,7 @@ import dataclasses
 import os
 import queue
 import threading
+import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -132,6 +133,15 @@ class BatchReport:
         if self.not_sent:
             sentence += f". {plural(self.not_sent)} {'was' if self.not_sent == 1 else 'were'} not sent"
         return sentence + "."
+
+
+def generate_stored(client: StructureClient, request: StructureRequest, store: ResultStore,
+                    **options: object) -> tuple[Optional[StructureResult], bool]:
+    """Run :func:`paid.fetch_or_pay` and return ``(result, from_store)``; deprecated, for one release."""
+    warnings.warn("structure_api.batch.generate_stored is deprecated: use structure_api.fetch_or_pay, whose "
+                  "PaidResult delivers or releases the result", DeprecationWarning, stacklevel=2)
+    paid = fetch_or_pay(client, request, store, **options)  # type: ignore[arg-type]
+    return (paid.result, paid.from_store) if paid is not None else (None, False)
 
 
 @dataclass(eq=False)

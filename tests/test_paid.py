@@ -94,3 +94,11 @@ def test_bytes_that_do_not_decode_are_kept_first_then_discarded(make_client, sta
         fetch_or_pay(make_client(), _request(upload, seed=5), store)
     assert len(kept) == 1  # kept before the decode was tried ...
     assert store.undelivered() == [] and len(standin.requests) == 1  # ... and discarded: never served
+
+
+def test_the_old_generate_stored_still_works_for_one_release(make_client, upload, tmp_path):
+    from structure_api.batch import generate_stored
+
+    with pytest.warns(DeprecationWarning, match="fetch_or_pay"):
+        result, from_store = generate_stored(make_client(), _request(upload, seed=3), ResultStore(tmp_path))
+    assert result.seed == 3 and not from_store and result.stored is not None
