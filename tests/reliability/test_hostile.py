@@ -283,7 +283,7 @@ ODD = {
         lambda image: Respond(200, body=_answer_json(b64(image), seed=11, code="0")), 7, 11),
     "URL-safe base64, unpadded": (
         lambda image: Respond(200, body=_answer_json(_url_safe(image), seed=12)), 7, 12),
-    "raw PNG body with Content-Type image/png (no JSON, seed unknown)": (
+    "raw PNG body with Content-Type image/png (no JSON: the seed asked for stands)": (
         lambda image: Respond(200, body=image, headers={"Content-Type": "image/png"}), 7, 7),
     "raw PNG body with Content-Type image/png, for a seed-0 request": (
         lambda image: Respond(200, body=image, headers={"Content-Type": "image/png"}), 0, 0),
@@ -321,7 +321,7 @@ def test_odd_answer_with_an_image_is_kept_and_used(scenario, service, new_client
     observed = (f"{type(outcome).__name__}: {outcome}" if isinstance(outcome, StructureError) else
                 f"image used ({outcome.result.pixels.shape[1]}x{outcome.result.pixels.shape[0]}), seed "
                 f"{outcome.result.seed}, {len(kept)} kept undelivered until delivered")
-    ledger.row("hostile", scenario, f"the image is kept in the store, then used; seed {expected_seed}"
+    ledger.row("odd", scenario, f"the image is kept in the store, then used; seed {expected_seed}"
                f"{' (unknown)' if expected_seed == 0 else ''}; nothing re-sent", observed,
                requests=len(service.requests), seconds=seconds)
     ledger.count("faults_survived")
@@ -342,7 +342,7 @@ def test_image_far_from_the_request_size_is_kept_for_export_not_used(service, ne
         fetch_or_pay(new_client(), request, store)
     message = str(caught.value)
     kept = store.undelivered()
-    ledger.row("hostile", "a decodable 600x400 image answering a 96x64 request",
+    ledger.row("odd", "a decodable 600x400 image answering a 96x64 request",
                "not used; kept in the store (exportable), never served for the request; the error says it "
                "may have been charged and where it is kept", f"{type(caught.value).__name__}: {message}",
                requests=len(service.requests))
