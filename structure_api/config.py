@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
+from ._constants import ENV_CACHE_DIR
 from .contract import STANDIN_HEADER as STANDIN_HEADER  # the client reads it; the stand-in sends it
 from .errors import ConfigurationError, InsecureURLError, MissingAPIKeyError
 
@@ -172,3 +173,16 @@ def check_key_may_travel(url: str) -> None:
         f"Refusing to send the API key over plain http to {parts.hostname}; "
         f"use an https:// address in {ENV_BASE_URL} (plain http is allowed only for 127.0.0.1/localhost)."
     )
+
+
+_DISABLED_VALUES = {"", "0", "off", "none", "false", "no"}
+
+
+def default_store_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
+    """Return the result store's folder: AITHRIVING_CACHE_DIR (``off``, empty: none), else the user cache."""
+    env = os.environ if environ is None else environ
+    if ENV_CACHE_DIR in env:
+        value = env[ENV_CACHE_DIR].strip()
+        return None if value.lower() in _DISABLED_VALUES else Path(value).expanduser()
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "aithriving" / "structure"

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
-from ._constants import DEFAULT_STORE_MAX_BYTES, ENV_CACHE_DIR, ENV_CACHE_MAX_MB, MEMORY_CACHE_BYTES
+from ._constants import DEFAULT_STORE_MAX_BYTES, ENV_CACHE_DIR as ENV_CACHE_DIR, ENV_CACHE_MAX_MB, MEMORY_CACHE_BYTES
+from .config import default_store_dir as default_store_dir  # where the folder is: configuration
 from .errors import ConfigurationError
 from .request import StructureRequest
 from .store_disk import (  # noqa: F401  (the file names stay importable from here)
@@ -64,7 +65,6 @@ from .store_disk import (  # noqa: F401  (the file names stay importable from he
 log = logging.getLogger("structure_api")
 
 DEFAULT_MAX_BYTES = DEFAULT_STORE_MAX_BYTES
-_DISABLED_VALUES = {"", "0", "off", "none", "false", "no"}
 
 
 @dataclass(frozen=True)
@@ -95,16 +95,6 @@ def request_key(image_bytes: bytes, fields: list[tuple[str, str]], endpoint: str
         digest.update(name.encode() + b"=" + value.encode("utf-8") + b"\0")
     digest.update(hashlib.sha256(image_bytes).digest())
     return digest.hexdigest()
-
-
-def default_store_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
-    """The folder from AITHRIVING_CACHE_DIR (``off`` = none), else the user cache folder."""
-    env = os.environ if environ is None else environ
-    if ENV_CACHE_DIR in env:
-        value = env[ENV_CACHE_DIR].strip()
-        return None if value.lower() in _DISABLED_VALUES else Path(value).expanduser()
-    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "aithriving" / "structure"
 
 
 def max_bytes_from_env(environ: Optional[Mapping[str, str]] = None) -> int:
