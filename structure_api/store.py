@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
-from ._constants import DEFAULT_STORE_MAX_BYTES, ENV_CACHE_DIR as ENV_CACHE_DIR, ENV_CACHE_MAX_MB, MEMORY_CACHE_BYTES
+from ._constants import ENV_CACHE_DIR as ENV_CACHE_DIR  # importable from here too
+from ._constants import DEFAULT_STORE_MAX_BYTES, ENV_CACHE_MAX_MB, MEMORY_CACHE_BYTES
 from .config import default_store_dir as default_store_dir  # where the folder is: configuration
 from .errors import ConfigurationError
 from .request import StructureRequest
