@@ -21,7 +21,7 @@ from urllib3.connection import HTTPConnection
 from ._constants import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, MAX_RESPONSE_BYTES, MIN_BODY_RATE
 from .answers import ImageAnswer, Redactor, image_answer, refuse_redirect
 from .answers import StructureResult as StructureResult  # importable from here too
-from .config import APIKey, check_key_may_travel, load_api_key, resolve_base_url
+from .config import APIKey, check_base_url, check_key_may_travel, load_api_key, resolve_base_url
 from .errors import CancelledError, RateLimitError, StructureError
 from .contract import (  # noqa: F401  (the contract's names stay importable from here)
     CREDITS_PER_IMAGE,
@@ -76,7 +76,8 @@ class StructureClient:
         min_body_rate: float = MIN_BODY_RATE,
     ) -> None:
         # Configuration problems surface here, before any socket is opened.
-        self.base_url = (base_url or resolve_base_url()).rstrip("/")
+        # Checked as AITHRIVING_BASE_URL is: a port out of range fails here, not after five retries.
+        self.base_url = check_base_url(base_url) if base_url else resolve_base_url()
         key = load_api_key() if api_key is None else api_key
         key = key if isinstance(key, APIKey) else APIKey(key)
         check_key_may_travel(self.base_url)

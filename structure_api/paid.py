@@ -164,7 +164,7 @@ def _pay(client: "StructureClient", request: StructureRequest, store: ResultStor
             # An image not fit to use here: kept undelivered under a key no request has, so a re-run
             # never serves it but `structure-api results --export` writes it out.
             entry = store.keep(UNFIT_PREFIX + key, error.answer.data, seed=error.answer.seed,
-                               format=error.answer.format, label=label)
+                               format=error.answer.format, label=label, free=error.answer.credits == 0)
             store.release(entry)
             where = (f"it is kept in the result store ({store.directory}), where `structure-api results "
                      "--export DIR` writes it out" if store.on_disk(entry) else
@@ -191,5 +191,6 @@ def keep(store: ResultStore, request: StructureRequest, answer: ImageAnswer, key
     aliases = ()
     if request.seed == 0 and answer.seed_known and 1 <= answer.seed <= MAX_SEED:
         aliases = (store.key_for(dataclasses.replace(request, seed=answer.seed), endpoint),)
-    return store.keep(key, answer.data, seed=answer.seed, format=answer.format, label=label, aliases=aliases)
+    return store.keep(key, answer.data, seed=answer.seed, format=answer.format, label=label, aliases=aliases,
+                      free=answer.credits == 0)
 
