@@ -54,8 +54,24 @@ def _what_an_interrupt_left(args: argparse.Namespace) -> str:
             "any answer that arrived is kept: see `structure-api results`)")
 
 
+def _survive_any_console() -> None:
+    """Make stdout and stderr write what their encoding cannot hold as escapes instead of failing.
+
+    Redirected on Windows they encode with the ANSI code page (cp932, cp874...), strictly: a file name
+    or a sign outside it would end the command with UnicodeEncodeError, after it paid.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", "strict") == "strict":
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; expected failures print one line on stderr and return non-zero."""
+    _survive_any_console()
     args = build_parser().parse_args(argv)
     try:
         with _verbose_log(args.verbose):
