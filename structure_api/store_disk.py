@@ -291,16 +291,24 @@ def _sweep_locks(directory: Path, now: float) -> None:
             if not _is_key(item.name) or not stat.S_ISREG(info.st_mode) \
                     or now - info.st_mtime <= LOCK_AGE_SECONDS:
                 continue
-            if fcntl is None:
-                # Windows refuses to remove a file anyone has open: a holder (or a waiter) keeps it.
-                os.unlink(item.path)
-                continue
-            fd = os.open(item.path, os.O_RDWR | _O_NOFOLLOW | _O_CLOEXEC)
         except OSError:
             continue
+        _remove_unheld_lock(item.path)
+
+
+def _remove_unheld_lock(path: str) -> None:
+    """Remove a lock file unless someone holds (or, on Windows, has open) it."""
+    if fcntl is None:
+        # Windows refuses to remove a file anyone has open: a holder (or a waiter) keeps it.
+        _unlink_quietly(Path(path))
+    else:
+        try:
+            fd = os.open(path, os.O_RDWR | _O_NOFOLLOW | _O_CLOEXEC)
+        except OSError:
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while someone is paying under it
-            os.unlink(item.path)
+            os.unlink(path)
         except OSError:
             pass
         finally:
