@@ -1,6 +1,7 @@
 """The pack's own settings, kept outside ComfyUI: the key file (write-only from the UI) and the offline mode.
 
-Both live in the user's config folder (the key file's folder, by default ``~/.config/aithriving/``),
+Both live in the user's config folder (the key file's folder, by default ``~/.config/aithriving/``;
+``%APPDATA%\\aithriving`` on Windows, ``~/Library/Application Support/aithriving`` on macOS),
 never under ComfyUI's ``user/`` folder (readable over HTTP) and never in a workflow or a PNG.
 Nothing here reads or returns the key's value except to check it can be sent.
 """
@@ -15,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
-from .config import DEFAULT_KEY_FILE, ENV_API_KEY, ENV_API_KEY_FILE, key_file_path, load_api_key
+from .config import (
+    DEFAULT_KEY_FILE,
+    ENV_API_KEY,
+    ENV_API_KEY_FILE,
+    key_file_path,
+    load_api_key,
+    platform_config_folder,
+)
 from .errors import ConfigurationError, StructureError
 from .files import write_atomically
 
@@ -114,7 +122,7 @@ def _private_folder(folder: Path, *, own: bool) -> None:
 
 
 def _is_default_folder(path: Path) -> bool:
-    return path.parent == Path(DEFAULT_KEY_FILE).expanduser().parent
+    return path.parent in (Path(DEFAULT_KEY_FILE).expanduser().parent, platform_config_folder())
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -157,7 +157,7 @@ def wine_environment() -> dict[str, str]:
 
 def run_windows(args: list[str], *, env: dict[str, str], timeout: float) -> int:
     """Run python.exe under Wine with its stdout and stderr on a pipe (on a file it prints nothing)."""
-    command = ["wine", str(PYTHON_DIR / "python.exe"), *args]
+    command = ["wine", str(PYTHON_DIR / "python.exe"), "-u", *args]
     with subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT) as proc:
         assert proc.stdout is not None
