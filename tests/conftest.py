@@ -75,8 +75,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line(
-        "markers", "posix_only(reason): the test checks something only POSIX has (file modes, signals, mounts); "
-        "on Windows it is reported as 'POSIX only: <reason>' (the Windows lane lists each), never run.")
+        "markers", "posix_only(reason): the test checks something only POSIX has (file modes, signals, "
+        "mounts); on Windows it is reported as 'POSIX only: <reason>' (the Windows lane lists each), never run.")
 
 
 def pytest_runtest_setup(item) -> None:

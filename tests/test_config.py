@@ -28,6 +28,7 @@ def test_key_from_file_when_env_is_unset(tmp_path):
 
 def test_default_key_file_is_in_the_users_config(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("USERPROFILE", str(tmp_path))  # Windows' home; ~/.config is still read there
     (tmp_path / ".config" / "aithriving").mkdir(parents=True)
     (tmp_path / ".config" / "aithriving" / "api_key").write_text("home-key")
     assert load_api_key({}).reveal() == "home-key"

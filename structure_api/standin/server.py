@@ -98,6 +98,11 @@ class _HTTPServer(ThreadingHTTPServer):
             for connection in list(self.connections):
                 try:
                     connection.shutdown(socket.SHUT_RDWR)
+                    if sys.platform == "win32":
+                        # Windows (and Wine) do not wake a thread blocked reading a socket that was shut
+                        # down; closing the handle does (close() alone would wait for the handler's file
+                        # objects to let go of it). The handler's own close then finds it closed.
+                        connection._real_close()
                 except OSError:
                     pass
             return list(self.threads)

@@ -112,7 +112,7 @@ def setup_packages() -> None:
     site = PYTHON_DIR / "Lib" / "site-packages"
     marker = site / f".complete-{stamp}"
     if not marker.exists():
-        wheels = CACHE / "wheels"
+        wheels = CACHE / f"wheels-{stamp}"  # only what these requirements resolve to
         _pip("download", "--platform", "win_amd64", "--only-binary=:all:", "--python-version", "3.11",
              "--implementation", "cp", "-r", str(REQUIREMENTS), "-d", str(wheels))
         if site.exists():
