@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
+import threading
 from typing import Iterator, Optional, Sequence
 
 from ..errors import CancelledError, StructureError
@@ -69,9 +71,17 @@ def _survive_any_console() -> None:
                 pass
 
 
+def _ctrl_break_as_ctrl_c() -> None:
+    """On Windows, Ctrl-Break ends a program at once by default: make it a Ctrl-C, said and handled as one."""
+    if sys.platform == "win32" and threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGBREAK) is signal.SIG_DFL:
+        signal.signal(signal.SIGBREAK, signal.default_int_handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; expected failures print one line on stderr and return non-zero."""
     _survive_any_console()
+    _ctrl_break_as_ctrl_c()
     args = build_parser().parse_args(argv)
     try:
         with _verbose_log(args.verbose):
