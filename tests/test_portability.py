@@ -84,6 +84,14 @@ def test_product_code_uses_no_posix_only_name_unguarded():
     assert problems == [], "POSIX-only names used without a platform guard:\n" + "\n".join(problems)
 
 
+def test_raw_writes_go_to_binary_descriptors():
+    # os.open without O_BINARY gives Windows a text-mode descriptor: a raw os.write on it turns b"\n" into
+    # b"\r\n" (inside a PNG, say). os.fdopen(fd, "wb") is safe; a module that uses os.write must use O_BINARY.
+    offenders = [str(path.relative_to(REPO)) for path in PRODUCT
+                 if "os.write(" in (text := path.read_text(encoding="utf-8")) and "O_BINARY" not in text]
+    assert offenders == []
+
+
 @pytest.mark.parametrize("source, expected", [
     ("import os\nos.open('x', os.O_WRONLY | os.O_NOFOLLOW)\n", ["os.O_NOFOLLOW"]),
     ("import os\nos.open('x', os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))\n", []),
