@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pickle
+import sys
 
 import pytest
 
 from structure_api import StructureClient
+from structure_api import config
 from structure_api.config import APIKey, check_key_may_travel, load_api_key, resolve_base_url
 from structure_api.errors import ConfigurationError, InsecureURLError, MissingAPIKeyError, StructureError
 
@@ -43,7 +45,10 @@ def test_missing_key_says_how_to_set_it(tmp_path):
     assert "~/.config" not in message and message.count(". ") == 0  # one sentence
     with pytest.raises(MissingAPIKeyError) as info:
         load_api_key({"HOME": str(tmp_path)})
-    assert "~/.config/aithriving/api_key" in str(info.value)
+    # The default file it looked in: ~/.config on Linux, the platform's own config folder on Windows and macOS.
+    default = "~/.config/aithriving/api_key" if sys.platform not in ("win32", "darwin") \
+        else str(config.default_key_file({"HOME": str(tmp_path)}))
+    assert default in str(info.value)
 
 
 def test_empty_key_file_is_named(tmp_path):

@@ -249,7 +249,7 @@ def main(argv: list[str]) -> int:
         print(f"  POSIX only: {line}")
     for line in not_wine:
         print(f"  not under Wine: {line}")
-    log("not collected here (torch does not import under Wine; the Linux lane runs these):")
+    log("not collected here (the Linux lane runs these):")
     for path, why in NOT_HERE.items():
         print(f"  {path}: {why}")
     if code == 0 and (failed or skipped):
