@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -63,18 +65,37 @@ def _umount(target: Path) -> None:
     subprocess.run(["umount", "-l", str(target)], capture_output=True)
 
 
-# Why the tests on a real full or read-only disk are POSIX only.
-FULL_DISK_REASON = ("a real full disk is a small tmpfs mount; Windows has no size-limited folder a test can make "
-                    "without an administrator (a VHD or an NTFS quota), and Wine has neither")
+# Why the tests on a real read-only disk are POSIX only.
 READ_ONLY_REASON = ("a real read-only disk is a tmpfs remounted read-only; on Windows a folder's read-only "
                     "attribute does not stop files being made in it, and a read-only share needs a server")
+NO_TMPFS = "this machine does not allow mounting a tmpfs, so a real read-only or full disk cannot be made"
+# Windows: a real small disk is a drive the Windows lane maps to a tmpfs (tests/windows/lane.py).
+SMALL_DRIVE = "AITHRIVING_TEST_SMALL_DRIVE"
+
+
+def small_disk_path(path: Path) -> Path:
+    """Where a test's full disk goes: ``path`` itself (tmpfs mounts it), on Windows a new folder of that name
+    on the small drive that SMALL_DRIVE names (a real size-limited disk), where there is one."""
+    drive = os.environ.get(SMALL_DRIVE)
+    if sys.platform != "win32" or not drive:
+        return path
+    return Path(drive) / uuid.uuid4().hex / path.name
 
 
 @contextmanager
 def tmpfs(target: Path, size: str = "4m") -> Iterator[Callable[[], None]]:
-    """A real tmpfs at ``target``; yields ``make_read_only()`` (a remount, as a read-only share is)."""
+    """A real tmpfs at ``target``; yields ``make_read_only()`` (a remount, as a read-only share is).
+
+    On Windows ``target`` must come from small_disk_path(): a folder on the small drive (whatever
+    ``size`` says); leaving the block empties it, which frees the drive, as the unmount does. It cannot
+    be made read-only there.
+    """
+    if sys.platform == "win32":
+        with _on_the_small_drive(target) as make_read_only:
+            yield make_read_only
+        return
     if not _mount(target, f"size={size},mode=0755"):
-        pytest.skip("this machine does not allow mounting a tmpfs, so a real read-only or full disk cannot be made")
+        pytest.skip(NO_TMPFS)
     try:
         def make_read_only() -> None:
             done = subprocess.run(["mount", "-o", "remount,ro", str(target)], capture_output=True)
@@ -82,6 +103,23 @@ def tmpfs(target: Path, size: str = "4m") -> Iterator[Callable[[], None]]:
         yield make_read_only
     finally:
         _umount(target)
+
+
+@contextmanager
+def _on_the_small_drive(target: Path) -> Iterator[Callable[[], None]]:
+    drive = os.environ.get(SMALL_DRIVE)
+    if not drive:
+        pytest.skip(f"{NO_TMPFS} (on Windows: no small drive named by {SMALL_DRIVE}, which the Windows lane maps)")
+    assert Path(drive) in target.parents, f"{target} is not on the small drive: make it with small_disk_path()"
+    target.mkdir(parents=True, exist_ok=True)
+
+    def make_read_only() -> None:
+        pytest.fail("a folder on Windows cannot be made read-only for its owner (see READ_ONLY_REASON)")
+    try:
+        yield make_read_only
+    finally:
+        for item in list(target.iterdir()):  # what the unmount takes away; the folder stays, as a mount point
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
 
 
 # --- the node path: a failed batch, and the re-run ------------------------------------------------
@@ -190,10 +228,10 @@ def _failing_run_then_rerun(store_dir: Path, monkeypatch, count: int = 4, seed: 
 
 @pytest.mark.parametrize("kind", [
     pytest.param("read-only mount", marks=pytest.mark.posix_only(READ_ONLY_REASON)),
-    pytest.param("full disk", marks=pytest.mark.posix_only(FULL_DISK_REASON)),
+    "full disk",
     "a file where the folder should be", "limit smaller than one result"])
 def test_unwritable_store_keeps_results_in_memory_and_says_so(kind, tmp_path, monkeypatch, ledger):
-    target = tmp_path / "store"
+    target = small_disk_path(tmp_path / "store") if kind == "full disk" else tmp_path / "store"
     if kind == "a file where the folder should be":
         target.write_text("not a folder")
         context = None
