@@ -9,12 +9,13 @@ import time
 
 import numpy as np
 import pytest
-from pipeline_helpers import correlation, distinct_numpy_batch, edges
 
 from structure_api.errors import BatchError, InvalidImageError
 from structure_api.pipeline import StructureParams, generate_images
 from structure_api.standin import Hang, Respond
 from structure_api.store import ResultStore
+
+from pipeline_helpers import correlation, distinct_numpy_batch, edges
 
 
 @pytest.fixture
