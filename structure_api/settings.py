@@ -114,8 +114,10 @@ def _refuse_if_inside(path: Path, forbidden_dirs: Iterable[os.PathLike]) -> None
 
 
 def _private_folder(folder: Path, *, own: bool) -> None:
-    """Create the folder as 0700; tighten it to 0700 too when it is the pack's own folder (POSIX modes: on
-    Windows both calls keep only the read-only flag, and the user folder's access list is what protects it)."""
+    """Create the folder as 0700; tighten it to 0700 too when it is the pack's own folder.
+
+    These are POSIX modes: on Windows the user folder's access list is what protects it.
+    """
     existed = folder.is_dir()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not existed or own:
@@ -127,7 +129,7 @@ def _is_default_folder(path: Path) -> bool:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write atomically, the file 0600 from its first byte on POSIX (never world-readable, not even for a moment)."""
+    """Write atomically, 0600 from its first byte on POSIX (never world-readable, not even for a moment)."""
     write_atomically(path, text.encode("utf-8"), private=True)
 
 
