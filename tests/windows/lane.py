@@ -201,7 +201,8 @@ def start_prefix(env: dict[str, str]) -> None:
     found = done.stdout.split()
     if done.returncode or found[:2] != ["win32", "3.11.9"]:
         raise SystemExit(f"the Windows Python does not start as expected: {done.stdout!r} {done.stderr[-2000:]!r}")
-    log(f"Windows CPython {found[1]} ({found[0]}) under {_wine_version()}, numpy {found[2]}")
+    log(f"Windows CPython {found[1]} ({found[0]}; python.exe and python311.dll as the PSF signed them) "
+        f"under {_wine_version()}, numpy {found[2]}")
 
 
 def _wine_version() -> str:
