@@ -35,7 +35,7 @@ SMALL_DRIVE = CACHE / "small-drive"
 # What this lane does not run, and why; the Linux lane runs all of it, the windows-latest job most of it.
 NOT_HERE = {
     "tests/test_pipeline.py": "tensor batches in and out (the numpy path runs here: tests/test_pipeline_numpy.py)",
-    "tests/test_images.py": "torch and numpy conversions compared",
+    "tests/test_images_torch.py": "tensors through the conversions (tests/test_images.py runs here)",
     "tests/test_performance_behaviour.py": "tensor batches, memory and speed",
     "tests/reliability/test_inputs.py": "hostile tensors (bfloat16, inf, NaN) through the node's path",
     "tests/comfy": "a real ComfyUI (torch)",
