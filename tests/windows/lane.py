@@ -36,7 +36,7 @@ SMALL_DRIVE = CACHE / "small-drive"
 NOT_HERE = {
     "tests/test_pipeline.py": "tensor batches in and out (the numpy path runs here: tests/test_pipeline_numpy.py)",
     "tests/test_images_torch.py": "tensors through the conversions (tests/test_images.py runs here)",
-    "tests/test_performance_behaviour.py": "tensor batches, memory and speed",
+    "tests/test_performance_behaviour_torch.py": "tensor batches (the numpy ones run here)",
     "tests/reliability/test_inputs.py": "hostile tensors (bfloat16, inf, NaN) through the node's path",
     "tests/comfy": "a real ComfyUI (torch)",
     "tests/browser": "a real ComfyUI and Chromium",
