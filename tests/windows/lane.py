@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -177,15 +178,18 @@ def run_windows(args: list[str], *, env: dict[str, str], timeout: float) -> int:
     with subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT) as proc:
         assert proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        for raw in proc.stdout:
-            sys.stdout.write(raw.decode("utf-8", "replace").replace("\r\n", "\n"))
-            sys.stdout.flush()
-            if time.monotonic() > deadline:
-                proc.kill()
-                log(f"timed out after {timeout:.0f} s")
-                return 124
-        return proc.wait()
+        watchdog = threading.Timer(timeout, proc.kill)  # also when it hangs without a word
+        watchdog.start()
+        try:
+            for raw in proc.stdout:
+                sys.stdout.write(raw.decode("utf-8", "replace").replace("\r\n", "\n"))
+                sys.stdout.flush()
+            code = proc.wait()
+        finally:
+            watchdog.cancel()
+        if code == -9:
+            log(f"killed after {timeout:.0f} s")
+        return code
 
 
 def start_prefix(env: dict[str, str]) -> None:
