@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -47,6 +48,7 @@ from .store_disk import (  # noqa: F401  (the file names stay importable from he
     probe_writable,
     read_entry_data,
     read_header,
+    release_key_lock,
     remove_entry,
     scan_folder,
     sweep_folder,
@@ -98,13 +100,22 @@ def request_key(image_bytes: bytes, fields: list[tuple[str, str]], endpoint: str
 
 
 def default_store_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
-    """The folder from AITHRIVING_CACHE_DIR (``off`` = none), else the user cache folder."""
+    """The folder from AITHRIVING_CACHE_DIR (``off`` = none), else the user cache folder (the platform's own)."""
     env = os.environ if environ is None else environ
     if ENV_CACHE_DIR in env:
         value = env[ENV_CACHE_DIR].strip()
         return None if value.lower() in _DISABLED_VALUES else Path(value).expanduser()
-    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "aithriving" / "structure"
+    if env.get("XDG_CACHE_HOME"):
+        return Path(env["XDG_CACHE_HOME"]) / "aithriving" / "structure"
+    legacy = Path(os.path.expanduser("~")) / ".cache" / "aithriving" / "structure"
+    if sys.platform == "win32":
+        folder = Path(env.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "aithriving" / "structure"
+    elif sys.platform == "darwin":
+        folder = Path.home() / "Library" / "Caches" / "aithriving" / "structure"
+    else:
+        return legacy
+    # An earlier version kept results in ~/.cache on every platform: they stay where they are, and used.
+    return legacy if legacy.is_dir() and not folder.exists() else folder
 
 
 def max_bytes_from_env(environ: Optional[Mapping[str, str]] = None) -> int:
@@ -313,7 +324,7 @@ class ResultStore:
                 yield
             finally:
                 if handle is not None:
-                    os.close(handle)  # closing drops the flock
+                    release_key_lock(handle)
 
     def _open_lock_file(self, key: str) -> Optional[int]:
         if self.directory is None or not can_lock_across_processes(key) or not self.persistent:
