@@ -55,6 +55,7 @@ from .store_disk import (  # noqa: F401  (the file names stay importable from he
     probe_writable,
     read_entry_data,
     read_header,
+    release_key_lock,
     remove_entry,
     scan_folder,
     sweep_folder,
@@ -329,7 +330,7 @@ class ResultStore:
                 yield
             finally:
                 if handle is not None:
-                    os.close(handle)  # closing drops the flock
+                    release_key_lock(handle)
 
     def _open_lock_file(self, key: str) -> Optional[int]:
         if self.directory is None or not can_lock_across_processes(key) or not self.persistent:

@@ -216,6 +216,8 @@ def test_generate_refuses_an_unusable_output_before_sending(tmp_path, standin, e
     assert standin.requests == [] and standin.credits_spent == 0
 
 
+@pytest.mark.posix_only("permission bits (chmod 0500) are POSIX; on Windows a folder's read-only "
+                        "attribute does not stop files being made in it")
 def test_generate_output_in_a_folder_it_cannot_write(tmp_path, standin, env_for, capsys):
     env_for(standin)
     locked = tmp_path / "locked"
@@ -267,6 +269,7 @@ def test_batch_folder_in_use_by_another_run_is_refused(tmp_path, capsys):
     assert code == 0 and sorted(p.name for p in outputs.iterdir()) == ["a.png"]  # the lock file is gone
 
 
+@pytest.mark.posix_only("the umask and file modes do not exist on Windows (files there follow the folder's ACL)")
 def test_outputs_follow_the_umask(tmp_path, capsys):
     source = write_png(tmp_path / "in.png", photo_like(100, 100))
     for mask, mode in ((0o022, 0o644), (0o002, 0o664)):
@@ -411,6 +414,7 @@ def test_verbose_logs_each_request_retry_and_answer_without_the_key(tmp_path, st
     assert "urllib3" not in err
 
 
+@pytest.mark.posix_only("it reads the progress line through a pseudo-terminal (pty), which Windows does not have")
 def test_progress_line_fits_the_terminal(tmp_path):
     import pty
 

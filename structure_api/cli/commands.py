@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import sys
 import time
 
 from ..contract import CREDITS_PER_IMAGE
@@ -76,6 +77,20 @@ def _count_by_cost(entries: list) -> str:
     return " and ".join(parts)
 
 
+# Windows' own codes: WSAEADDRINUSE, and WSAEACCES, which a bind gets for a port another program holds
+# exclusively (SO_EXCLUSIVEADDRUSE) or that the system reserved.
+_WSAEACCES = 10013
+_WSAEADDRINUSE = 10048
+
+
+def _port_taken(error: OSError) -> bool:
+    """True when a bind failed because another program has (or the system reserved) the port."""
+    codes = {getattr(error, "winerror", None), error.errno}
+    if sys.platform == "win32":
+        return bool(codes & {errno.EADDRINUSE, _WSAEADDRINUSE, _WSAEACCES})
+    return errno.EADDRINUSE in codes
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the stand-in until Ctrl-C."""
     from ..standin import serve
@@ -99,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = serve(host=args.host, port=args.port, api_key=api_key, latency=args.latency, ready=ready,
                        rate_limit=args.rate_limit, lockout=args.lockout)
     except OSError as error:
-        if error.errno == errno.EADDRINUSE:
+        if _port_taken(error):
             raise FileAccessError(f"Port {args.port} is already in use; choose another with --port, "
                                   "or leave --port out to take a free one.") from None
         raise FileAccessError(f"Cannot listen on {args.host}:{args.port}: "
