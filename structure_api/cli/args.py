@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv = commands.add_parser("serve", help="run the local stand-in server for offline work and tests")
     srv.add_argument("--port", type=_port, default=0, help="port, 0 to 65535 (default 0: a free one)")
     srv.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
-    srv.add_argument("--latency", type=_latency, default=0.0, help="seconds to wait before each answer")
+    srv.add_argument("--latency", type=_latency, default=0.0,
+                     help="seconds from reading a request to its answer, rendering included")
     srv.add_argument("--rate-limit", type=_rate_limit, default=None, metavar="N/SECONDS",
                      help="model the service's limit, e.g. 150/10: past N requests in SECONDS, 429s (default: none)")
     srv.add_argument("--lockout", type=_lockout, default=60.0, metavar="SECONDS",
