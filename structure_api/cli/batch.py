@@ -154,7 +154,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
             try:
                 report = run_batch(target.client, len(files.todo), files.make_request, on_result=files.on_result,
                                    store=target.store, label=files.label, max_concurrency=concurrency,
-                                   on_progress=progress, should_cancel=interrupts.drop_in_flight.is_set)
+                                   on_progress=progress, should_cancel=interrupts.drop_in_flight.is_set,
+                                   keep_in_flight=False)  # the second Ctrl-C drops what is in flight
             finally:
                 progress.close()
     return _summarise(report, files, skipped, target)
