@@ -129,7 +129,8 @@ class AIThrivingStructure(io.ComfyNode):
                 bar.update_absolute(progress.done, progress.total)
                 _status(node_id, f"{progress.message} · {spent(progress.credits)}")
 
-            def work(should_cancel: Callable[[], bool], on_progress: Callable[[BatchProgress], None]) -> BatchResult:
+            def work(should_cancel: Callable[[], bool],
+                     on_progress: Callable[[BatchProgress], None]) -> BatchResult:
                 return generate_images(image, params, client=run.client, store=run.store,
                                        label=f"ComfyUI node {node_id}", on_progress=on_progress,
                                        should_cancel=should_cancel)
@@ -142,7 +143,9 @@ class AIThrivingStructure(io.ComfyNode):
                 # The requests left in flight need the client (and the local stand-in) until they end.
                 background.add_done_callback(stack.pop_all().close)
         if result.report.cancelled or torn_down is not None:
-            left = result.report.in_flight_sentence(run.store, free=run.local) if result.report.cancelled else ""
+            left = ""
+            if result.report.cancelled:
+                left = result.report.in_flight_sentence(run.store, free=run.local)
             _status(node_id, f"cancelled · {spent(result.credits)}" + (f" · {left}" if left else ""))
             if left:
                 logging.warning("[AIThriving] node %s cancelled: %s", node_id, left)
@@ -167,7 +170,7 @@ async def _off_the_loop(
     work: Callable[[Callable[[], bool], Callable[[BatchProgress], None]], BatchResult],
     show: Callable[[BatchProgress], None],
 ) -> tuple[BatchResult, Optional[BaseException]]:
-    """Run ``work(should_cancel, on_progress)`` on the loop's executor; show its progress on the loop's thread.
+    """Run ``work(should_cancel, on_progress)`` on the loop's executor; show its progress on this thread.
 
     Cancel reaches the work three ways: ComfyUI's interrupt flag (polled by the work), ComfyUI's progress
     hook raising when shown, and this task being cancelled (ComfyUI tears the prompt down when another
@@ -204,7 +207,8 @@ async def _off_the_loop(
         if future.done():
             break
     result = future.result()
-    if interrupted is not None and not isinstance(interrupted, comfy.model_management.InterruptProcessingException):
+    if interrupted is not None and not isinstance(interrupted,
+                                                  comfy.model_management.InterruptProcessingException):
         raise interrupted  # a fault of the display itself must surface
     return result, torn_down
 

@@ -48,15 +48,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("300 images through structure-api batch against the rate-limited stand-in, with and without the pacer "
           "(the run without waits out a 60 s lock-out)...", file=sys.stderr, flush=True)
     throughput = measure_throughput(count=60 if args.quick else 300, with_unpaced=not args.quick)
-    print("graphs in a real ComfyUI: four Structure nodes vs one, and beside a 2 s local node...", file=sys.stderr,
-          flush=True)
+    print("graphs in a real ComfyUI: four Structure nodes vs one, and beside a 2 s local node...",
+          file=sys.stderr, flush=True)
     graphs = measure_graphs(repeats=1 if args.quick else 3)
     memory = []
     for concurrency in (4, 8):
         print(f"memory of 16 images at 2048x2048, {concurrency} at once...", file=sys.stderr, flush=True)
         memory.append(measure_memory(concurrency=concurrency))
-    text = report.render(sizes, batch, memory, throughput, seconds=time.perf_counter() - started, quick=args.quick,
-                         graphs=graphs)
+    text = report.render(sizes, batch, memory, throughput, seconds=time.perf_counter() - started,
+                         quick=args.quick, graphs=graphs)
     print(text)
     if not args.quick:
         args.output.parent.mkdir(parents=True, exist_ok=True)

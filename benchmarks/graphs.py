@@ -21,7 +21,12 @@ LATENCY = 2.0  # the service's time per image in the issue's measurement
 LOCAL_SECONDS = 2.0  # the local node's work
 FOUR_NODES_TARGET = 1.3  # four nodes vs one node
 HYBRID_TARGET = 1.2  # hybrid vs the longer of the two alone
-PROMPTS = ("a watercolor cottage", "a neon city at night", "a pencil sketch of a barn", "a mosaic of a harbour")
+PROMPTS = (
+    "a watercolor cottage",
+    "a neon city at night",
+    "a pencil sketch of a barn",
+    "a mosaic of a harbour",
+)
 
 
 @dataclass
@@ -54,9 +59,18 @@ class GraphResult:
 
 
 def _structure(image: list, prompt: str, seed: int) -> dict:
-    return {"class_type": "AIThrivingStructure",
-            "inputs": {"image": image, "prompt": prompt, "control_strength": 0.7, "seed": seed,
-                       "output_format": "png", "outside_limits": "fit and restore size", "negative_prompt": ""}}
+    return {
+        "class_type": "AIThrivingStructure",
+        "inputs": {
+            "image": image,
+            "prompt": prompt,
+            "control_strength": 0.7,
+            "seed": seed,
+            "output_format": "png",
+            "outside_limits": "fit and restore size",
+            "negative_prompt": "",
+        },
+    }
 
 
 def _graph(kind: str, seed: int) -> dict:
@@ -64,11 +78,15 @@ def _graph(kind: str, seed: int) -> dict:
     structures = {"one": 1, "four": 4, "hybrid": 1, "local": 0}[kind]
     for number in range(structures):
         graph[str(10 + number)] = _structure(["1", 0], PROMPTS[number], seed + 1000 * number)
-        graph[str(20 + number)] = {"class_type": "SaveImage",
-                                   "inputs": {"images": [str(10 + number), 0], "filename_prefix": f"{kind}{number}"}}
+        graph[str(20 + number)] = {
+            "class_type": "SaveImage",
+            "inputs": {"images": [str(10 + number), 0], "filename_prefix": f"{kind}{number}"},
+        }
     if kind in ("hybrid", "local"):
-        graph["30"] = {"class_type": "AIThrivingTestSleep",
-                       "inputs": {"image": ["1", 0], "seconds": LOCAL_SECONDS + seed * 1e-6}}  # a new input each run
+        graph["30"] = {
+            "class_type": "AIThrivingTestSleep",
+            "inputs": {"image": ["1", 0], "seconds": LOCAL_SECONDS + seed * 1e-6},
+        }  # a new input each run
         graph["31"] = {"class_type": "SaveImage", "inputs": {"images": ["30", 0], "filename_prefix": "local"}}
     return graph
 
@@ -92,8 +110,11 @@ def measure_graphs(repeats: int = 3, version: Optional[str] = None) -> GraphResu
         base = Path(folder, "comfy")
         (base / "custom_nodes").mkdir(parents=True)
         (base / "custom_nodes" / "aithriving_test_sleep").symlink_to(ROOT / "tests" / "comfy" / "sleep_node")
-        env = {"AITHRIVING_BASE_URL": server.url, "AITHRIVING_API_KEY": "benchmark",
-               "AITHRIVING_CACHE_DIR": str(Path(folder, "store"))}
+        env = {
+            "AITHRIVING_BASE_URL": server.url,
+            "AITHRIVING_API_KEY": "benchmark",
+            "AITHRIVING_CACHE_DIR": str(Path(folder, "store")),
+        }
         requests = 0
         with ComfyServer(install, env=env, base_dir=base) as comfy:
             seed = 1
@@ -104,23 +125,31 @@ def measure_graphs(repeats: int = 3, version: Optional[str] = None) -> GraphResu
                     if repeat:  # the first round warms up (imports, connections, ComfyUI's caches)
                         times[kind].append(_seconds(entry))
                         requests += {"one": 1, "four": 4, "hybrid": 1, "local": 0}[kind]
-        return GraphResult(comfyui=install.version, repeats=repeats, latency=LATENCY, local_seconds=LOCAL_SECONDS,
-                           one_node=statistics.median(times["one"]), four_nodes=statistics.median(times["four"]),
-                           local_alone=statistics.median(times["local"]), hybrid=statistics.median(times["hybrid"]),
-                           requests=requests)
+        return GraphResult(
+            comfyui=install.version,
+            repeats=repeats,
+            latency=LATENCY,
+            local_seconds=LOCAL_SECONDS,
+            one_node=statistics.median(times["one"]),
+            four_nodes=statistics.median(times["four"]),
+            local_alone=statistics.median(times["local"]),
+            hybrid=statistics.median(times["hybrid"]),
+            requests=requests,
+        )
 
 
 def target_rows(result: GraphResult) -> list[str]:
     """The two rows of the report's Targets table."""
+
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT MET"
 
     return [
-        f"| four Structure nodes in one graph vs one node (ComfyUI {result.comfyui}, {result.latency:g} s latency), "
-        f"≤ {FOUR_NODES_TARGET}x | {result.four_ratio:.2f}x ({result.four_nodes:.2f} s vs {result.one_node:.2f} s) "
-        f"| {verdict(result.four_ok())} |",
-        f"| hybrid: a Structure node beside a {result.local_seconds:g} s local node vs the longer of the two alone, "
-        f"≤ {HYBRID_TARGET}x | {result.hybrid_ratio:.2f}x ({result.hybrid:.2f} s vs "
+        f"| four Structure nodes in one graph vs one node (ComfyUI {result.comfyui}, {result.latency:g} s "
+        f"latency), ≤ {FOUR_NODES_TARGET}x | {result.four_ratio:.2f}x ({result.four_nodes:.2f} s vs "
+        f"{result.one_node:.2f} s) | {verdict(result.four_ok())} |",
+        f"| hybrid: a Structure node beside a {result.local_seconds:g} s local node vs the longer of the two "
+        f"alone, ≤ {HYBRID_TARGET}x | {result.hybrid_ratio:.2f}x ({result.hybrid:.2f} s vs "
         f"{max(result.one_node, result.local_alone):.2f} s) | {verdict(result.hybrid_ok())} |",
     ]
 
@@ -130,12 +159,12 @@ def section(result: GraphResult) -> list[str]:
     return [
         "## Graphs in a real ComfyUI",
         "",
-        f"ComfyUI {result.comfyui} (the test harness's, CPU only) with the pack and a test-only local node "
-        f"(`tests/comfy/sleep_node`: {result.local_seconds:g} s of synchronous work, as a sampler holds the "
-        f"executor), against the stand-in in a process of its own at {result.latency:g} s latency. Each time is "
-        "ComfyUI's own, from its `execution_start` to its `execution_success` message; median of "
-        f"{result.repeats} interleaved runs after a warm-up round, each run with its own seeds (nothing comes "
-        "from ComfyUI's cache or the result store).",
+        f"ComfyUI {result.comfyui} (the test harness's, CPU only) with the pack and a test-only local "
+        f"node (`tests/comfy/sleep_node`: {result.local_seconds:g} s of synchronous work, as a sampler "
+        f"holds the executor), against the stand-in in a process of its own at {result.latency:g} s "
+        "latency. Each time is ComfyUI's own, from its `execution_start` to its `execution_success` "
+        f"message; median of {result.repeats} interleaved runs after a warm-up round, each run with its "
+        "own seeds (nothing comes from ComfyUI's cache or the result store).",
         "",
         "| graph | time (s) |",
         "|---|---:|",

@@ -238,9 +238,9 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
         "",
         f"{batch.count} photo-like images of {batch.side}² against the pack's stand-in (`python -m structure_api "
         f"serve --latency {batch.latency:g}`, in a separate process), which answers each request "
-        f"{batch.latency:g} s after it has read it, like a remote service: its own decoding and rendering are "
-        "inside that time, not added to it, so what the batch adds to one image's time is the pack's own work "
-        f"(and the machine's load). Median of {batch.repeats} runs (sequential: 1 run). "
+        f"{batch.latency:g} s after it has read it, like a remote service: its own decoding and rendering "
+        "are inside that time, not added to it, so what the batch adds to one image's time is the pack's "
+        f"work (and the machine's load). Median of {batch.repeats} runs (sequential: 1 run). "
         "The node's path (`generate_images`) runs with a fresh result cache, as the node does.",
         "",
         "| run | wall time (s) |",

@@ -205,7 +205,7 @@ class BatchReport:
                          failures=dict(self.failures))
 
     def in_flight_sentence(self, store: Optional[ResultStore] = None, *, free: bool = False) -> str:
-        """After a cancel: how many requests were left in flight, what they may cost, where their results go."""
+        """After a cancel: how many requests were left in flight, what they may cost, where answers go."""
         count = self.in_flight
         if not count:
             return ""
@@ -213,13 +213,14 @@ class BatchReport:
         requests_text = f"{count} request{'' if one else 's'}"
         they, them = ("it", "it") if one else ("they", "them")
         if free:
-            return (f"{requests_text} in flight to the local stand-in {'finishes' if one else 'finish'} in the "
-                    "background (free).")
+            verb = "finishes" if one else "finish"
+            return f"{requests_text} in flight to the local stand-in {verb} in the background (free)."
         where = ("in the result store" if store is None or store.persistent
                  else "in memory by this process (the result store cannot be written)")
-        return (f"{requests_text} {'was' if one else 'were'} in flight with the upload complete, so the service "
-                f"may charge for {them}; {'its result is' if one else 'their results are'} kept {where} when "
-                f"{they} {'arrives' if one else 'arrive'}, and queuing the same again gets {them} free.")
+        results = "its result is" if one else "their results are"
+        return (f"{requests_text} {'was' if one else 'were'} in flight with the upload complete, so the "
+                f"service may charge for {them}; {results} kept {where} when {they} "
+                f"{'arrives' if one else 'arrive'}, and queuing the same again gets {them} free.")
 
     def kept_sentence(self, noun: str = "image", store: Optional[ResultStore] = None) -> str:
         """What was paid, what was kept where, and what a re-run will pay: every word true."""
@@ -490,8 +491,8 @@ class _BatchRun:
         def settle() -> None:
             executor.shutdown(wait=True)
             if background.kept:
-                log.info("%d answer(s) that arrived after the cancel are kept in the result store for a re-run",
-                         background.kept)
+                log.info("%d answer(s) that arrived after the cancel are kept in the result store for a "
+                         "re-run", background.kept)
             background._finish()
 
         threading.Thread(target=settle, name="structure-settle", daemon=True).start()
@@ -535,6 +536,7 @@ def run_batch(
         max_concurrency = max_concurrency_from_env()
     if store is None:
         store = ResultStore.from_env()
-    run = _BatchRun(client, count, make_request, on_result, store, label or (lambda index: f"image {index + 1}"),
-                    decode, slots=in_flight or process_in_flight())
+    run = _BatchRun(client, count, make_request, on_result, store,
+                    label or (lambda index: f"image {index + 1}"), decode,
+                    slots=in_flight or process_in_flight())
     return run.run(max_concurrency, on_progress, should_cancel, poll_interval, keep_in_flight)

@@ -214,8 +214,8 @@ def generate_images(
         report = run_batch(
             client, count, work.make_request, on_result=work.on_result, store=store,
             label=lambda index: f"{label or 'batch'}, image {index + 1} of {count}",
-            max_concurrency=max_concurrency, on_progress=on_progress, should_cancel=should_cancel, decode=False,
-            keep_in_flight=keep_in_flight)
+            max_concurrency=max_concurrency, on_progress=on_progress, should_cancel=should_cancel,
+            decode=False, keep_in_flight=keep_in_flight)
     except BaseException:
         work.close()
         if own_client:

@@ -26,8 +26,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from . import __version__
 from .config import APIKey
 from .contract import StructureRequest
-from .errors import APIConnectionError, APITimeoutError, CancelledError, ConfigurationError, MalformedResponseError
-from .errors import ResultMayBeBilledError, TransportError
+from .errors import APIConnectionError, APITimeoutError, ConfigurationError, MalformedResponseError
+from .errors import CancelledError, ResultMayBeBilledError, TransportError
 
 log = logging.getLogger("structure_api")
 

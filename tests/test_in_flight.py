@@ -23,8 +23,9 @@ from support import TEST_KEY, photo_like
 
 def batch(count: int, side: int = 64, offset: int = 0) -> torch.Tensor:
     """``count`` different images (so each is its own request)."""
-    return torch.from_numpy(np.stack([photo_like(side, side, seed=offset + i) for i in range(count)])
-                            .astype(np.float32) / 255.0)
+    return torch.from_numpy(
+        np.stack([photo_like(side, side, seed=offset + i) for i in range(count)]).astype(np.float32) / 255.0
+    )
 
 
 def params(seed: int) -> StructureParams:
@@ -61,15 +62,23 @@ def test_cancel_after_the_uploads_keeps_their_answers_and_a_rerun_pays_nothing(s
     images = batch(4)
     with StructureClient(api_key=TEST_KEY, base_url=slow_standin.url) as client:
         started = time.monotonic()
-        result = generate_images(images, params(seed), client=client, store=store, max_concurrency=4,
-                                 should_cancel=cancel_after(0.5))
+        result = generate_images(
+            images,
+            params(seed),
+            client=client,
+            store=store,
+            max_concurrency=4,
+            should_cancel=cancel_after(0.5),
+        )
         returned = time.monotonic() - started
         # Control is back within a second of the cancel, the 4 requests still being made.
         assert result.report.cancelled and result.images is None and returned < 1.5, returned
         assert result.report.in_flight == 4 and result.credits == 0
         sentence = result.report.in_flight_sentence(store)
-        assert sentence.startswith("4 requests were in flight with the upload complete, so the service may charge "
-                                   "for them; their results are kept in the result store when they arrive")
+        assert sentence.startswith(
+            "4 requests were in flight with the upload complete, so the service may charge "
+            "for them; their results are kept in the result store when they arrive"
+        )
         assert "queuing the same again gets them free" in sentence
         background = result.report.background
         assert background.wait(10) and background.kept == 4
@@ -81,8 +90,9 @@ def test_cancel_after_the_uploads_keeps_their_answers_and_a_rerun_pays_nothing(s
     assert slow_standin.credits_spent == 24 and not store.undelivered()
 
 
-def test_the_client_a_batch_made_itself_stays_open_for_the_answers_left_in_flight(slow_standin, tmp_path,
-                                                                                 monkeypatch):
+def test_the_client_a_batch_made_itself_stays_open_for_the_answers_left_in_flight(
+    slow_standin, tmp_path, monkeypatch
+):
     monkeypatch.setenv("AITHRIVING_API_KEY", TEST_KEY)
     monkeypatch.setenv("AITHRIVING_BASE_URL", slow_standin.url)
     store = ResultStore(tmp_path / "store")
@@ -103,15 +113,24 @@ def test_cancel_stops_an_upload_that_is_still_going_out_and_says_nothing_is_in_f
     noise = np.random.default_rng(7).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
     images = torch.from_numpy(noise[None].astype(np.float32) / 255.0)  # a ~3 MB upload
     try:
-        with StructureClient(api_key=TEST_KEY, base_url=f"http://127.0.0.1:{listener.getsockname()[1]}") as client:
+        with StructureClient(
+            api_key=TEST_KEY, base_url=f"http://127.0.0.1:{listener.getsockname()[1]}"
+        ) as client:
             started = time.monotonic()
-            result = generate_images(images, params(4300), client=client, store=ResultStore(tmp_path),
-                                     should_cancel=cancel_after(0.5))
+            result = generate_images(
+                images,
+                params(4300),
+                client=client,
+                store=ResultStore(tmp_path),
+                should_cancel=cancel_after(0.5),
+            )
             assert result.report.cancelled and result.report.in_flight == 0
             assert result.report.background is None and result.report.in_flight_sentence() == ""
             assert time.monotonic() - started < 1.5
         deadline = time.monotonic() + 1.0
-        while any(t.name.startswith("structure") for t in threading.enumerate()) and time.monotonic() < deadline:
+        while (
+            any(t.name.startswith("structure") for t in threading.enumerate()) and time.monotonic() < deadline
+        ):
             time.sleep(0.02)
         assert not [t.name for t in threading.enumerate() if t.name.startswith("structure")]
     finally:
@@ -126,12 +145,19 @@ def test_two_batches_of_one_process_share_one_in_flight_limit(tmp_path, monkeypa
     limit.peak = 0
     results = {}
     with StandInServer(api_key=TEST_KEY, latency=0.4) as server:
+
         def node(name: str, offset: int) -> None:
             with StructureClient(api_key=TEST_KEY, base_url=server.url) as client:
-                results[name] = generate_images(batch(3, offset=offset), params(4400 + offset), client=client,
-                                                store=ResultStore(tmp_path / name))
+                results[name] = generate_images(
+                    batch(3, offset=offset),
+                    params(4400 + offset),
+                    client=client,
+                    store=ResultStore(tmp_path / name),
+                )
 
-        threads = [threading.Thread(target=node, args=(name, offset)) for name, offset in (("a", 0), ("b", 10))]
+        threads = [
+            threading.Thread(target=node, args=(name, offset)) for name, offset in (("a", 0), ("b", 10))
+        ]
         started = time.monotonic()
         for thread in threads:
             thread.start()
@@ -161,9 +187,22 @@ def test_a_slot_is_held_from_encoding_to_decoding_so_uploads_stay_bounded(standi
 
     with StructureClient(api_key=TEST_KEY, base_url=standin.url) as client:
         reports = []
-        runs = [threading.Thread(target=lambda: reports.append(
-            run_batch(client, 6, make_request, on_result=on_result, max_concurrency=3, in_flight=limit,
-                      store=ResultStore(None)))) for _ in range(2)]
+        runs = [
+            threading.Thread(
+                target=lambda: reports.append(
+                    run_batch(
+                        client,
+                        6,
+                        make_request,
+                        on_result=on_result,
+                        max_concurrency=3,
+                        in_flight=limit,
+                        store=ResultStore(None),
+                    )
+                )
+            )
+            for _ in range(2)
+        ]
         for run in runs:
             run.start()
         for run in runs:

@@ -16,7 +16,12 @@ from support import TEST_KEY
 HERE = Path(__file__).resolve().parent
 NODE = "AIThrivingStructure"
 SLEEP_NODE = "AIThrivingTestSleep"
-PROMPTS = ("a watercolor cottage", "a neon city at night", "a pencil sketch of a barn", "a mosaic of a harbour")
+PROMPTS = (
+    "a watercolor cottage",
+    "a neon city at night",
+    "a pencil sketch of a barn",
+    "a mosaic of a harbour",
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +38,19 @@ def cache_dir(comfy_install, tmp_path_factory):
 def _start(install, env: dict, base_dir: Path) -> ComfyServer:
     """A ComfyUI with the pack and the test-only sleep node linked into custom_nodes."""
     (base_dir / "custom_nodes").mkdir(parents=True, exist_ok=True)
-    (base_dir / "custom_nodes" / "aithriving_test_sleep").symlink_to(HERE / "sleep_node", target_is_directory=True)
+    (base_dir / "custom_nodes" / "aithriving_test_sleep").symlink_to(
+        HERE / "sleep_node", target_is_directory=True
+    )
     return ComfyServer(install, env=env, base_dir=base_dir).start()
 
 
 @pytest.fixture(scope="module")
 def comfy(comfy_install, standin, cache_dir, tmp_path_factory):
-    env = {"AITHRIVING_BASE_URL": standin.url, "AITHRIVING_API_KEY": TEST_KEY, "AITHRIVING_CACHE_DIR": str(cache_dir)}
+    env = {
+        "AITHRIVING_BASE_URL": standin.url,
+        "AITHRIVING_API_KEY": TEST_KEY,
+        "AITHRIVING_CACHE_DIR": str(cache_dir),
+    }
     server = _start(comfy_install, env, tmp_path_factory.mktemp("comfy-overlap"))
     try:
         assert server.object_info(SLEEP_NODE), "the test-only sleep node did not load"
@@ -57,19 +68,33 @@ def fresh_standin(standin):
 
 
 def structure(image: list, prompt: str, seed: int, **inputs) -> dict:
-    return {"class_type": NODE, "inputs": {"image": image, "prompt": prompt, "control_strength": 0.7, "seed": seed,
-                                           "output_format": "png", "outside_limits": "fit and restore size",
-                                           "negative_prompt": "", **inputs}}
+    return {
+        "class_type": NODE,
+        "inputs": {
+            "image": image,
+            "prompt": prompt,
+            "control_strength": 0.7,
+            "seed": seed,
+            "output_format": "png",
+            "outside_limits": "fit and restore size",
+            "negative_prompt": "",
+            **inputs,
+        },
+    }
 
 
 def four_nodes(seed: int, prefix: str, repeat: int = 1) -> dict:
     """One Load Image feeding four Structure nodes (four prompts), each saved."""
-    graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "structure_example.png"}},
-             "2": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": repeat}}}
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "structure_example.png"}},
+        "2": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": repeat}},
+    }
     for number, prompt in enumerate(PROMPTS):
         graph[str(10 + number)] = structure(["2", 0], prompt, seed + 100 * number)
-        graph[str(20 + number)] = {"class_type": "SaveImage",
-                                   "inputs": {"images": [str(10 + number), 0], "filename_prefix": f"{prefix}{number}"}}
+        graph[str(20 + number)] = {
+            "class_type": "SaveImage",
+            "inputs": {"images": [str(10 + number), 0], "filename_prefix": f"{prefix}{number}"},
+        }
     return graph
 
 
@@ -99,7 +124,9 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 
 def costs(entry: dict) -> list[dict]:
-    return [output["aithriving_cost"][0] for output in entry["outputs"].values() if "aithriving_cost" in output]
+    return [
+        output["aithriving_cost"][0] for output in entry["outputs"].values() if "aithriving_cost" in output
+    ]
 
 
 def test_four_structure_nodes_in_one_graph_overlap(comfy, standin):
@@ -117,11 +144,13 @@ def test_four_structure_nodes_in_one_graph_overlap(comfy, standin):
 
 def test_a_structure_node_overlaps_a_slow_local_node(comfy, standin):
     standin.latency = 2.5
-    graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "structure_example.png"}},
-             "3": structure(["1", 0], "a hybrid graph", 5200),
-             "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "hybrid-api"}},
-             "5": {"class_type": SLEEP_NODE, "inputs": {"image": ["1", 0], "seconds": 2.5}},
-             "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "hybrid-local"}}}
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "structure_example.png"}},
+        "3": structure(["1", 0], "a hybrid graph", 5200),
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "hybrid-api"}},
+        "5": {"class_type": SLEEP_NODE, "inputs": {"image": ["1", 0], "seconds": 2.5}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "hybrid-local"}},
+    }
     entry = comfy.run(graph)
     assert entry["status"]["status_str"] == "success", execution_error(entry)
     assert len(standin.requests) == 1 and len(saved_images(entry)) == 2
@@ -129,7 +158,9 @@ def test_a_structure_node_overlaps_a_slow_local_node(comfy, standin):
     assert took < 2.5 + 1.5, took  # waiting twice would take 5 s
 
 
-def test_cancel_with_four_nodes_in_flight_stops_all_at_once_and_the_same_graph_again_pays_nothing(comfy, standin):
+def test_cancel_with_four_nodes_in_flight_stops_all_at_once_and_the_same_graph_again_pays_nothing(
+    comfy, standin
+):
     standin.latency = 4.0
     graph = four_nodes(seed=5300, prefix="cancel-four")
     prompt_id = comfy.queue_prompt(graph)
@@ -145,11 +176,16 @@ def test_cancel_with_four_nodes_in_flight_stops_all_at_once_and_the_same_graph_a
     log = comfy.log_text()
     for node in ("10", "11", "12", "13"):
         # Each node's status (the same sentence goes to its status text) says what is left running.
-        assert (f"[AIThriving] node {node} cancelled: 1 request was in flight with the upload complete, so the "
-                "service may charge for it; its result is kept in the result store when it arrives") in log
+        assert (
+            f"[AIThriving] node {node} cancelled: 1 request was in flight with the upload complete, so the "
+            "service may charge for it; its result is kept in the result store when it arrives"
+        ) in log
     # The stand-in, like the service, finishes (and charges for) the four images; the pack keeps them.
-    wait_until(lambda: standin.credits_spent >= 24 and all(r.answered_at for r in standin.requests), 30,
-               "the four answers")
+    wait_until(
+        lambda: standin.credits_spent >= 24 and all(r.answered_at for r in standin.requests),
+        30,
+        "the four answers",
+    )
     credits = standin.credits_spent
     time.sleep(0.5)  # the answers are read and kept
     standin.clear()
@@ -161,19 +197,26 @@ def test_cancel_with_four_nodes_in_flight_stops_all_at_once_and_the_same_graph_a
 
 def test_cancel_after_the_uploads_of_a_seed_0_batch_then_queuing_again_pays_nothing_more(comfy, standin):
     standin.latency = 3.0
-    graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "structure_example.png"}},
-             "2": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 4}},
-             "3": structure(["2", 0], "a seed-0 batch cancelled in flight", 0),
-             "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "cancel-seed0"}}}
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "structure_example.png"}},
+        "2": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 4}},
+        "3": structure(["2", 0], "a seed-0 batch cancelled in flight", 0),
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "cancel-seed0"}},
+    }
     prompt_id = comfy.queue_prompt(graph)
     wait_until(lambda: len(standin.requests) == 4, 60, "four requests at the stand-in")
     comfy.interrupt()
     entry = comfy.wait_for(prompt_id, timeout=30, poll_interval=0.02)
     assert "execution_interrupted" in [message[0] for message in entry["status"]["messages"]]
-    assert ("[AIThriving] node 3 cancelled: 4 requests were in flight with the upload complete, so the service "
-            "may charge for them; their results are kept in the result store when they arrive") in comfy.log_text()
-    wait_until(lambda: standin.credits_spent >= 24 and all(r.answered_at for r in standin.requests), 30,
-               "the four answers")
+    assert (
+        "[AIThriving] node 3 cancelled: 4 requests were in flight with the upload complete, so the service "
+        "may charge for them; their results are kept in the result store when they arrive"
+    ) in comfy.log_text()
+    wait_until(
+        lambda: standin.credits_spent >= 24 and all(r.answered_at for r in standin.requests),
+        30,
+        "the four answers",
+    )
     time.sleep(0.5)
     credits = standin.credits_spent
     standin.clear()
@@ -186,16 +229,24 @@ def test_cancel_after_the_uploads_of_a_seed_0_batch_then_queuing_again_pays_noth
 
 def test_requests_in_flight_across_two_nodes_never_exceed_the_limit(comfy_install, standin, tmp_path_factory):
     standin.latency = 0.6
-    env = {"AITHRIVING_BASE_URL": standin.url, "AITHRIVING_API_KEY": TEST_KEY,
-           "AITHRIVING_CACHE_DIR": str(tmp_path_factory.mktemp("limit-store")), "AITHRIVING_MAX_CONCURRENCY": "2"}
+    env = {
+        "AITHRIVING_BASE_URL": standin.url,
+        "AITHRIVING_API_KEY": TEST_KEY,
+        "AITHRIVING_CACHE_DIR": str(tmp_path_factory.mktemp("limit-store")),
+        "AITHRIVING_MAX_CONCURRENCY": "2",
+    }
     server = _start(comfy_install, env, tmp_path_factory.mktemp("comfy-limit"))
     try:
-        graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "structure_example.png"}},
-                 "2": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 3}}}
+        graph = {
+            "1": {"class_type": "LoadImage", "inputs": {"image": "structure_example.png"}},
+            "2": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 3}},
+        }
         for number in range(2):
             graph[str(10 + number)] = structure(["2", 0], PROMPTS[number], 5400 + 10 * number)
-            graph[str(20 + number)] = {"class_type": "SaveImage", "inputs": {"images": [str(10 + number), 0],
-                                                                              "filename_prefix": f"limit{number}"}}
+            graph[str(20 + number)] = {
+                "class_type": "SaveImage",
+                "inputs": {"images": [str(10 + number), 0], "filename_prefix": f"limit{number}"},
+            }
         entry = server.run(graph)
         assert entry["status"]["status_str"] == "success", execution_error(entry)
     finally:

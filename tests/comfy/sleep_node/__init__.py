@@ -11,8 +11,12 @@ class AIThrivingTestSleep:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",),
-                             "seconds": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 60.0, "step": 0.1})}}
+        return {
+            "required": {
+                "image": ("IMAGE",),
+                "seconds": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 60.0, "step": 0.1}),
+            }
+        }
 
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "run"
