@@ -161,6 +161,7 @@ class BatchReport:
     cancelled: bool = False
     may_be_charged: int = 0  # answers lost after their upload completed
     not_sent: int = 0        # left unsent after an error every later request would share
+    stopped: set[int] = field(default_factory=set)  # stopped before the upload was complete: not charged
     # After a cancel: the requests left to finish on their own, their upload being complete (None: none).
     background: Optional[Background] = None
 
@@ -318,6 +319,8 @@ class _BatchRun:
     report: BatchReport = field(init=False)
     lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     cancel: threading.Event = field(init=False, default_factory=threading.Event)
+    # Set by a cancel or a stop: nothing more is sent (pacer waits and retries end, uploads stop).
+    halt: threading.Event = field(init=False, default_factory=threading.Event)
     # Set with stop_reason: later requests would fail (or charge) too.
     stop_sending: threading.Event = field(init=False, default_factory=threading.Event)
     stop_reason: Optional[StructureError] = field(init=False, default=None)
@@ -352,7 +355,7 @@ class _BatchRun:
             self.stop_sending.set()
 
     def work(self, index: int) -> None:
-        if self.cancel.is_set() or not self.slots.acquire(self.limit, self.cancel):
+        if self.halt.is_set() or not self.slots.acquire(self.limit, self.halt):
             return
         try:
             self._work(index)
@@ -363,7 +366,7 @@ class _BatchRun:
                 self.sent.discard(index)
 
     def _work(self, index: int) -> None:
-        if self.cancel.is_set():
+        if self.halt.is_set():
             return
         with self.lock:
             self.sending.add(index)
@@ -382,7 +385,7 @@ class _BatchRun:
             # After a stop, what the store holds is still served (it is free); nothing is sent.
             stopped = self.stop_sending.is_set()
             result, from_store = generate_stored(self.client, request, self.store, label=self.label(index),
-                                                 on_progress=relay, cancel=self.cancel, claim_only=stopped,
+                                                 on_progress=relay, cancel=self.halt, claim_only=stopped,
                                                  decode=self.decode)
             del request  # its upload bytes are not needed any more
             if result is None:
@@ -408,7 +411,10 @@ class _BatchRun:
                     self.report.stored[index] = entry  # before on_result: kept whatever it does
             self.on_result(index, result)
         except StructureError as error:
-            if self.cancel.is_set() and isinstance(error, CancelledError):
+            if self.halt.is_set() and isinstance(error, CancelledError):
+                with self.lock:
+                    if index not in self.sent:
+                        self.report.stopped.add(index)  # before its upload was complete: nothing charged
                 return
             with self.lock:
                 self.report.failures[index] = error
@@ -431,6 +437,7 @@ class _BatchRun:
         """Stop sending; drop or leave running the requests whose upload is complete; return at once."""
         with self.lock:
             self.cancel.set()  # under the lock: a result either made it into the report or is released
+            self.halt.set()
             self.report.cancelled = True
         if keep_in_flight:
             self.client.stop_uploads()
@@ -448,7 +455,8 @@ class _BatchRun:
 
     def run(self, max_concurrency: int, on_progress: Optional[Callable[[BatchProgress], None]],
             should_cancel: Optional[Callable[[], bool]], poll_interval: float,
-            keep_in_flight: bool = True) -> BatchReport:
+            keep_in_flight: bool = True,
+            should_stop_sending: Optional[Callable[[], bool]] = None) -> BatchReport:
         report = self.report
         self.limit = max_concurrency
         workers = max(1, min(max_concurrency, self.count))
@@ -461,6 +469,9 @@ class _BatchRun:
                 self.deliver_progress(on_progress)
                 for future in finished:
                     future.result()  # a bug in on_result/make_request must surface, not vanish
+                if should_stop_sending is not None and not self.halt.is_set() and should_stop_sending():
+                    self.halt.set()
+                    self.client.stop_uploads()
                 if should_cancel is not None and pending and should_cancel():
                     self._cancel(pending, keep_in_flight)
                     break
@@ -513,6 +524,7 @@ def run_batch(
     decode: bool = True,
     keep_in_flight: bool = True,
     in_flight: Optional[InFlightLimit] = None,
+    should_stop_sending: Optional[Callable[[], bool]] = None,
 ) -> BatchReport:
     """Run ``count`` requests through the result store, a few at once; report each by index.
 
@@ -525,8 +537,10 @@ def run_batch(
     uploads still going out are stopped and the call returns within about half a second with
     ``cancelled`` set. Requests whose upload was complete are left to finish (``keep_in_flight``,
     ``report.background``): the service is making their images, so their answers are kept in the
-    store, undelivered, for a re-run; ``keep_in_flight=False`` drops them too. Every result is kept in
-    ``store`` (default: ``ResultStore.from_env()``) and handed out to the caller:
+    store, undelivered, for a re-run; ``keep_in_flight=False`` drops them too. ``should_stop_sending``
+    (polled likewise) stops sending the same way but waits for the requests in flight and delivers
+    them; ``report.stopped`` lists what was stopped before its upload was complete. Every result is
+    kept in ``store`` (default: ``ResultStore.from_env()``) and handed out to the caller:
     ``report.mark_delivered(store)`` or ``report.release(store)``.
     ``decode=False``: results reach ``on_result`` with ``pixels`` None (see :func:`generate_stored`).
     """
@@ -539,4 +553,5 @@ def run_batch(
     run = _BatchRun(client, count, make_request, on_result, store,
                     label or (lambda index: f"image {index + 1}"), decode,
                     slots=in_flight or process_in_flight())
-    return run.run(max_concurrency, on_progress, should_cancel, poll_interval, keep_in_flight)
+    return run.run(max_concurrency, on_progress, should_cancel, poll_interval, keep_in_flight,
+                   should_stop_sending)

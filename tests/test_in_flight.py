@@ -209,3 +209,24 @@ def test_a_slot_is_held_from_encoding_to_decoding_so_uploads_stay_bounded(standi
             run.join(30)
     assert [report.done for report in reports] == [6, 6], [report.failures for report in reports]
     assert max(peak) <= 3 and limit.peak == 3
+
+
+def test_stop_sending_delivers_the_requests_in_flight_and_ends_the_pacer_waits_at_once(tmp_path):
+    """The CLI's first Ctrl-C: nothing more is sent, and what the service is making still arrives."""
+    from structure_api.ratelimit import Pacer, RateLimit
+
+    upload = encode_upload(photo_like(64, 64))
+    delivered = []
+    with StandInServer(api_key=TEST_KEY, latency=1.0) as server:
+        # Two may start in 10 minutes: the third and fourth wait for the pacer.
+        with StructureClient(api_key=TEST_KEY, base_url=server.url, pacer=Pacer(RateLimit(2, 600.0))) as client:
+            started = time.monotonic()
+            report = run_batch(
+                client, 4, lambda i: StructureRequest(image=upload, prompt="p", seed=i + 1),
+                on_result=lambda i, result: delivered.append(i), max_concurrency=4,
+                store=ResultStore(tmp_path), should_stop_sending=cancel_after(0.4))
+            took = time.monotonic() - started
+        assert len(server.requests) == 2
+    assert sorted(delivered) == sorted(report.seeds) and report.done == 2 and report.credits == 12
+    assert report.stopped == {0, 1, 2, 3} - set(report.seeds) and not report.failures
+    assert not report.cancelled and took < 3.0, took
