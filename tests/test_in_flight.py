@@ -219,12 +219,19 @@ def test_stop_sending_delivers_the_requests_in_flight_and_ends_the_pacer_waits_a
     delivered = []
     with StandInServer(api_key=TEST_KEY, latency=1.0) as server:
         # Two may start in 10 minutes: the third and fourth wait for the pacer.
-        with StructureClient(api_key=TEST_KEY, base_url=server.url, pacer=Pacer(RateLimit(2, 600.0))) as client:
+        with StructureClient(
+            api_key=TEST_KEY, base_url=server.url, pacer=Pacer(RateLimit(2, 600.0))
+        ) as client:
             started = time.monotonic()
             report = run_batch(
-                client, 4, lambda i: StructureRequest(image=upload, prompt="p", seed=i + 1),
-                on_result=lambda i, result: delivered.append(i), max_concurrency=4,
-                store=ResultStore(tmp_path), should_stop_sending=cancel_after(0.4))
+                client,
+                4,
+                lambda i: StructureRequest(image=upload, prompt="p", seed=i + 1),
+                on_result=lambda i, result: delivered.append(i),
+                max_concurrency=4,
+                store=ResultStore(tmp_path),
+                should_stop_sending=cancel_after(0.4),
+            )
             took = time.monotonic() - started
         assert len(server.requests) == 2
     assert sorted(delivered) == sorted(report.seeds) and report.done == 2 and report.credits == 12
