@@ -329,6 +329,8 @@ class _BatchRun:
     # Indexes whose request is being made (slot taken), and those of them whose upload is complete.
     sending: set[int] = field(init=False, default_factory=set)
     sent: set[int] = field(init=False, default_factory=set)
+    # What a cancel leaves running (report.background once the call returns).
+    left_running: Background = field(init=False, default_factory=lambda: Background(0))
     # Workers queue progress; the caller's thread delivers it, because UI hooks (ComfyUI's
     # progress bar, terminal output) expect to be called from the thread that runs the job.
     progress: "queue.SimpleQueue[BatchProgress]" = field(init=False, default_factory=queue.SimpleQueue)
@@ -399,8 +401,7 @@ class _BatchRun:
                     # It landed after the caller went: kept for a re-run, which takes it free.
                     if result.stored is not None:
                         self.store.release(result.stored)
-                        if self.report.background is not None:
-                            self.report.background.kept += 1
+                        self.left_running.kept += 1
                     return
                 if result.stored is not None:
                     entry = result.stored
@@ -490,13 +491,13 @@ class _BatchRun:
         if not self.report.cancelled:
             executor.shutdown(wait=True)
             return
+        executor.shutdown(wait=False, cancel_futures=True)
         with self.lock:
             running = len(self.sending)
-        executor.shutdown(wait=False, cancel_futures=True)
-        if not running:
-            return
-        background = Background(running)
-        with self.lock:
+            if not running:
+                return
+            background = self.left_running
+            background.count = running
             self.report.background = background
 
         def settle() -> None:
