@@ -3,7 +3,14 @@ stops them all at once while keeping what the service is already making (and cha
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import socket
+import struct
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -65,6 +72,74 @@ def fresh_standin(standin):
     standin.latency = 0.0
     yield
     standin.latency = 0.0
+
+
+class Events:
+    """ComfyUI's websocket messages to one client, read on a thread (a minimal RFC 6455 client, no library).
+
+    ``progress[node]``: the (value, max) pairs of its progress bar; ``texts[node]``: its status texts.
+    """
+
+    def __init__(self, server: ComfyServer) -> None:
+        self.client_id = uuid.uuid4().hex
+        self.progress: dict[str, list[tuple[int, int]]] = {}
+        self.texts: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
+        self._sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self._sock.sendall(
+            f"GET /ws?clientId={self.client_id} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self._sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        self._sock.settimeout(None)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _exactly(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self._sock.recv(size - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    def _read(self) -> None:
+        try:
+            while True:
+                first, second = self._exactly(2)
+                size = second & 0x7F
+                if size == 126:
+                    size = struct.unpack(">H", self._exactly(2))[0]
+                elif size == 127:
+                    size = struct.unpack(">Q", self._exactly(8))[0]
+                payload = self._exactly(size)  # a server's frames are not masked
+                self._take(first & 0x0F, payload)
+        except (ConnectionError, OSError):
+            return
+
+    def _take(self, opcode: int, payload: bytes) -> None:
+        with self._lock:
+            if opcode == 1:
+                message = json.loads(payload)
+                if message.get("type") == "progress":
+                    data = message["data"]
+                    self.progress.setdefault(str(data["node"]), []).append((data["value"], data["max"]))
+            elif opcode == 2 and struct.unpack(">I", payload[:4])[0] == 3:  # BinaryEventTypes.TEXT
+                length = struct.unpack(">I", payload[4:8])[0]
+                node = payload[8 : 8 + length].decode()
+                self.texts.setdefault(node, []).append(payload[8 + length :].decode())
+
+    def last_text(self, node: str) -> str:
+        with self._lock:
+            return (self.texts.get(node) or [""])[-1]
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 def structure(image: list, prompt: str, seed: int, **inputs) -> dict:
@@ -131,7 +206,18 @@ def costs(entry: dict) -> list[dict]:
 
 def test_four_structure_nodes_in_one_graph_overlap(comfy, standin):
     standin.latency = 2.0
-    entry = comfy.run(four_nodes(seed=5100, prefix="four"))
+    events = Events(comfy)
+    try:
+        entry = comfy.run(four_nodes(seed=5100, prefix="four"), client_id=events.client_id)
+        # Each node's progress bar and status text reach its own node, four nodes in flight at once.
+        for node in ("10", "11", "12", "13"):
+            wait_until(
+                lambda: events.last_text(node) == "done 1 of 1 · 6 credits spent", 10, f"node {node}'s text"
+            )
+            assert events.progress[node][-1] == (1, 1)
+            assert any(text.startswith("image 1: waiting for the service") for text in events.texts[node])
+    finally:
+        events.close()
     assert entry["status"]["status_str"] == "success", execution_error(entry)
     assert len(saved_images(entry)) == 4 and len(standin.requests) == 4
     arrivals = sorted(request.received_at for request in standin.requests)
@@ -163,7 +249,8 @@ def test_cancel_with_four_nodes_in_flight_stops_all_at_once_and_the_same_graph_a
 ):
     standin.latency = 4.0
     graph = four_nodes(seed=5300, prefix="cancel-four")
-    prompt_id = comfy.queue_prompt(graph)
+    events = Events(comfy)
+    prompt_id = comfy.queue_prompt(graph, client_id=events.client_id)
     # All four uploads are complete: the service is making (and will charge for) all four images.
     wait_until(lambda: len(standin.requests) == 4, 60, "four requests at the stand-in")
     pressed = time.time()
@@ -175,7 +262,13 @@ def test_cancel_with_four_nodes_in_flight_stops_all_at_once_and_the_same_graph_a
     assert stopped < 1.0, stopped
     log = comfy.log_text()
     for node in ("10", "11", "12", "13"):
-        # Each node's status (the same sentence goes to its status text) says what is left running.
+        # Each node's status text, and ComfyUI's log, say what is left running and what it may cost.
+        wait_until(lambda: events.last_text(node).startswith("cancelled"), 10, f"node {node}'s text")
+        assert events.last_text(node) == (
+            "cancelled · 0 credits spent · 1 request was in flight with the upload complete, so the service may "
+            "charge for it; its result is kept in the result store when it arrives, and queuing the same again "
+            "gets it free."
+        )
         assert (
             f"[AIThriving] node {node} cancelled: 1 request was in flight with the upload complete, so the "
             "service may charge for it; its result is kept in the result store when it arrives"
@@ -186,6 +279,7 @@ def test_cancel_with_four_nodes_in_flight_stops_all_at_once_and_the_same_graph_a
         30,
         "the four answers",
     )
+    events.close()
     credits = standin.credits_spent
     time.sleep(0.5)  # the answers are read and kept
     standin.clear()
