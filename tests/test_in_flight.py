@@ -237,3 +237,19 @@ def test_stop_sending_delivers_the_requests_in_flight_and_ends_the_pacer_waits_a
     assert sorted(delivered) == sorted(report.seeds) and report.done == 2 and report.credits == 12
     assert report.stopped == {0, 1, 2, 3} - set(report.seeds) and not report.failures
     assert not report.cancelled and took < 3.0, took
+
+
+def test_an_upload_is_stopped_only_while_its_last_byte_is_still_here():
+    from structure_api.errors import CancelledError
+    from structure_api.transport import UploadBody
+
+    sent = []
+    partial = UploadBody([b"abc", b"def"], on_sent=lambda: sent.append("partial"))
+    assert partial.read(3) == b"abc"
+    assert partial.stop() and partial.stopped
+    with pytest.raises(CancelledError, match="nothing was charged"):
+        partial.read(3)
+    complete = UploadBody([b"abc", b"def"], on_sent=lambda: sent.append("complete"))
+    assert complete.read(6) == b"abcdef"  # the last byte is out: the service may make the image
+    assert not complete.stop() and not complete.stopped
+    assert complete.read(6) == b"" and sent == ["complete"]
