@@ -114,7 +114,13 @@ class UploadBody:
         with self._lock:
             if self._stopped:
                 raise CancelledError("The upload was stopped before its last byte; nothing was charged.")
-            return self._read(size)
+            chunk = self._read(size)
+            on_sent = None
+            if not chunk:
+                on_sent, self._on_sent = self._on_sent, None
+        if on_sent is not None:
+            on_sent()  # outside the lock: it reaches the caller's progress display
+        return chunk
 
     def _read(self, size: int) -> bytes:
         if size is None or size < 0:
@@ -131,9 +137,6 @@ class UploadBody:
                 self._offset = 0
         chunk = b"".join(out)
         self.bytes_read += len(chunk)
-        if not chunk and self._on_sent is not None:
-            on_sent, self._on_sent = self._on_sent, None
-            on_sent()
         return chunk
 
 
