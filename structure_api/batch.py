@@ -216,8 +216,12 @@ class BatchReport:
         if free:
             verb = "finishes" if one else "finish"
             return f"{requests_text} in flight to the local stand-in {verb} in the background (free)."
-        where = ("in the result store" if store is None or store.persistent
-                 else "in memory by this process (the result store cannot be written)")
+        if store is None or store.persistent:
+            where = "in the result store"
+        elif store.directory is None:
+            where = "in memory by this process (the result store is off)"
+        else:
+            where = "in memory by this process (the result store cannot be written)"
         results = "its result is" if one else "their results are"
         return (f"{requests_text} {'was' if one else 'were'} in flight with the upload complete, so the "
                 f"service may charge for {them}; {results} kept {where} when {they} "

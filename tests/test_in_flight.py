@@ -253,3 +253,17 @@ def test_an_upload_is_stopped_only_while_its_last_byte_is_still_here():
     assert complete.read(6) == b"abcdef"  # the last byte is out: the service may make the image
     assert not complete.stop() and not complete.stopped
     assert complete.read(6) == b"" and sent == ["complete"]
+
+
+def test_the_in_flight_sentence_says_truly_where_the_answers_go(tmp_path):
+    from structure_api.batch import Background, BatchReport
+
+    report = BatchReport(total=3, cancelled=True, background=Background(3))
+    assert "kept in the result store when they arrive" in report.in_flight_sentence(ResultStore(tmp_path))
+    assert "kept in memory by this process (the result store is off)" in report.in_flight_sentence(
+        ResultStore(None)
+    )
+    assert report.in_flight_sentence(free=True) == (
+        "3 requests in flight to the local stand-in finish in the background (free)."
+    )
+    assert BatchReport(total=3, cancelled=True).in_flight_sentence() == ""
