@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import struct
 import threading
@@ -225,7 +226,7 @@ def test_four_structure_nodes_in_one_graph_overlap(comfy, standin):
     assert arrivals[-1] - arrivals[0] < 1.0, arrivals
     assert peak_overlap(standin) == 4
     took = message_time(entry, "execution_success") - message_time(entry, "execution_start")
-    assert took < 2 * 2.0, took  # one after another would take 4 x 2 s
+    assert took < 3 * 2.0, took  # one after another would take 4 x 2 s; the CPU's load adds to each
 
 
 def test_a_structure_node_overlaps_a_slow_local_node(comfy, standin):
@@ -240,8 +241,13 @@ def test_a_structure_node_overlaps_a_slow_local_node(comfy, standin):
     entry = comfy.run(graph)
     assert entry["status"]["status_str"] == "success", execution_error(entry)
     assert len(standin.requests) == 1 and len(saved_images(entry)) == 2
-    took = message_time(entry, "execution_success") - message_time(entry, "execution_start")
-    assert took < 2.5 + 1.5, took  # waiting twice would take 5 s
+    # The service's 2.5 s and the local node's 2.5 s ran at the same time, not one after the other
+    # (measured on the machine's monotonic clock, which the stand-in and the local node share).
+    [request] = standin.requests
+    ran = re.findall(r"AIThrivingTestSleep ran from ([\d.]+) to ([\d.]+)", comfy.log_text())
+    local_start, local_end = map(float, ran[-1])
+    overlap = min(local_end, request.answered_at) - max(local_start, request.received_at)
+    assert overlap > 2.0, (overlap, local_start, local_end, request.received_at, request.answered_at)
 
 
 def test_cancel_with_four_nodes_in_flight_stops_all_at_once_and_the_same_graph_again_pays_nothing(

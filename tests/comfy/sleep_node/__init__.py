@@ -23,7 +23,10 @@ class AIThrivingTestSleep:
     CATEGORY = "testing"
 
     def run(self, image, seconds):
+        started = time.monotonic()
         time.sleep(seconds)  # synchronous on purpose: ComfyUI runs it inline, holding the event loop
+        # The machine's monotonic clock, which the test process shares: when the local work really ran.
+        print(f"AIThrivingTestSleep ran from {started:.6f} to {time.monotonic():.6f}", flush=True)
         return (image,)
 
 
