@@ -123,7 +123,14 @@ def read_key_file(path: Path, environ: Optional[Mapping[str, str]] = None) -> st
 def resolve_base_url(environ: Optional[Mapping[str, str]] = None) -> str:
     """The service's base URL from AITHRIVING_BASE_URL, else the default, without a trailing slash."""
     env = os.environ if environ is None else environ
-    url = (env.get(ENV_BASE_URL) or DEFAULT_BASE_URL).strip().rstrip("/")
+    return check_base_url(env.get(ENV_BASE_URL) or DEFAULT_BASE_URL, ENV_BASE_URL)
+
+
+def check_base_url(value: str, source: str = "base_url") -> str:
+    """``value`` as a base URL (no trailing slash), or a ConfigurationError naming ``source``."""
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{source} must be an http(s) address given as text.")
+    url = value.strip().rstrip("/")
     # The value is never repeated in these messages: a key pasted into the wrong variable
     # would be printed back.
     try:
@@ -131,11 +138,11 @@ def resolve_base_url(environ: Optional[Mapping[str, str]] = None) -> str:
         hostname = parts.hostname
     except ValueError:  # a broken IPv6 literal such as http://[::1
         raise ConfigurationError(
-            f"{ENV_BASE_URL} has a broken host (an IPv6 address goes in brackets, as in http://[2001:db8::5]:8765)."
+            f"{source} has a broken host (an IPv6 address goes in brackets, as in http://[2001:db8::5]:8765)."
         ) from None
     if parts.scheme not in ("http", "https") or not hostname:
         raise ConfigurationError(
-            f"{ENV_BASE_URL} must be an http(s) address such as {DEFAULT_BASE_URL}; "
+            f"{source} must be an http(s) address such as {DEFAULT_BASE_URL}; "
             f"the value set ({len(url)} characters) is not one."
         )
     try:
@@ -143,9 +150,9 @@ def resolve_base_url(environ: Optional[Mapping[str, str]] = None) -> str:
     except ValueError:
         port = 0
     if port == 0:
-        raise ConfigurationError(f"{ENV_BASE_URL} has a port that is not a number from 1 to 65535.")
+        raise ConfigurationError(f"{source} has a port that is not a number from 1 to 65535.")
     if parts.username or parts.password:
-        raise ConfigurationError(f"{ENV_BASE_URL} must not contain a user name or password.")
+        raise ConfigurationError(f"{source} must not contain a user name or password.")
     return url
 
 

@@ -58,15 +58,18 @@ class EntryHeader:
     paid_at: float
     label: str
     offset: int
+    free: bool = False  # made by a stand-in: cost nothing
 
 
 def entry_head(*, key: str, aliases: tuple[str, ...], entry_id: str, seed: int, format: str, data: bytes,
-               paid_at: float, label: str) -> bytes:
+               paid_at: float, label: str, free: bool = False) -> bytes:
     """The bytes a ``.result`` file starts with: the magic line and the header line for ``data``."""
     header = {
         "key": key, "aliases": list(aliases), "entry_id": entry_id, "seed": seed, "format": format,
         "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "paid_at": paid_at, "label": label[:1000],
     }
+    if free:  # only then: an entry of the service reads as it always did
+        header["free"] = True
     return _MAGIC + json.dumps(header, ensure_ascii=True).encode() + b"\n"
 
 
@@ -101,7 +104,7 @@ def read_header(path: Path) -> Optional[EntryHeader]:
             key=str(meta["key"]), aliases=tuple(str(a) for a in meta.get("aliases", ())),
             seed=int(meta["seed"]), format=str(meta["format"]), size=int(meta["size"]),
             sha256=str(meta["sha256"]), paid_at=float(meta["paid_at"]), label=str(meta.get("label", "")),
-            offset=end + 1)
+            offset=end + 1, free=meta.get("free") is True)
     except (ValueError, KeyError, TypeError):
         return None
     return header if 0 < header.size <= MAX_ENTRY_BYTES else None

@@ -470,3 +470,22 @@ def test_a_ctrl_c_says_truly_what_it_may_have_cost(monkeypatch, capsys, argv, sa
     err = capsys.readouterr().err
     assert says in err
     assert ("may have been charged" in err) == ("--local" not in argv and argv[0] in ("generate", "batch"))
+
+
+@pytest.mark.parametrize("host", ["0", "0.0.0.0", "::ffff:0.0.0.0", "::", "[::]", "", "0x0"])
+def test_serve_refuses_every_spelling_of_all_interfaces_in_one_line(host, capsys):
+    with pytest.raises(SystemExit) as caught:
+        run(capsys, "serve", "--host", host)
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "does not listen on all interfaces" in err and "127.0.0.1" in err
+
+
+def test_the_standin_listens_on_loopback_unless_told_otherwise():
+    from structure_api.standin import StandInServer
+
+    with StandInServer() as server:
+        assert server.host == "127.0.0.1" and server.url.startswith("http://127.0.0.1:")
+    for host in ("0", "::ffff:0.0.0.0", "0.0.0.0"):
+        with pytest.raises(ValueError, match="does not listen on all interfaces"):
+            StandInServer(host=host)

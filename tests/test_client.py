@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import re
 import socket
 import time
 
@@ -317,3 +318,19 @@ def test_oversized_declared_response_is_not_read(make_client, standin, small_ima
                           chunks=lambda: iter([b"x" * 2**20] * 500)))
     with pytest.raises(MalformedResponseError, match="MiB"):
         make_client().generate(make_request(small_image))
+
+
+@pytest.mark.parametrize("url, words", [
+    ("http://127.0.0.1:70000", "port that is not a number from 1 to 65535"),
+    ("http://127.0.0.1:0", "port that is not a number from 1 to 65535"),
+    ("ftp://127.0.0.1:8000", "must be an http(s) address"),
+    ("http://user:secret@127.0.0.1:8000", "must not contain a user name or password"),
+    ("http://[::1", "broken host"),
+])
+def test_base_url_is_checked_as_the_environment_variable_is(url, words):
+    """At once and with no request: a port out of range is a configuration error, not five retries."""
+    started = time.monotonic()
+    with pytest.raises(ConfigurationError, match=re.escape(words)) as caught:
+        StructureClient(api_key=TEST_KEY, base_url=url)
+    assert str(caught.value).startswith("base_url ") and "secret" not in str(caught.value)
+    assert time.monotonic() - started < 1

@@ -47,6 +47,7 @@ export const ENGLISH = {
     "keyEmpty": "Paste the key first, then press Save.",
     "keyRefused": "The server did not take this key: paste only the key from your aithriving.com account, on one line.",
     "keyConflict": "The key cannot be kept here: the AITHRIVING_API_KEY environment variable is set, or AITHRIVING_API_KEY_FILE points into ComfyUI's folders.",
+    "keyNotKept": "The server kept no usable key; paste the key again from your aithriving.com account.",
     "serverAnswered": "The server answered HTTP {status}; nothing was changed.",
     "serverUnreachable": "The ComfyUI server could not be reached.",
     "dialogTitle": "AIThriving API key",

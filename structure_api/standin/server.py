@@ -99,11 +99,26 @@ class _HTTPServer(ThreadingHTTPServer):
             return list(self.threads)
 
 
-def _check_host(host: str) -> int:
-    bare = host.strip("[]")
-    if host in _WILDCARD_HOSTS:
-        raise ValueError(
-            f"The stand-in does not listen on all interfaces ({host!r}); give a specific address such as 127.0.0.1.")
+def check_listen_address(host: str) -> int:
+    """The socket family to listen on ``host`` with; ValueError (one sentence) for all interfaces.
+
+    Every spelling of "all interfaces" is refused, not only the usual ones: "0", "0.0.0.0", "::",
+    "::ffff:0.0.0.0" and names that resolve to such an address all open the stand-in to the network.
+    """
+    bare = host.strip().strip("[]")
+    refusal = (f"The stand-in does not listen on all interfaces ({host!r}); give one address, such as "
+               "127.0.0.1 (the default, this machine only).")
+    if bare in _WILDCARD_HOSTS:
+        raise ValueError(refusal)
+    try:
+        found = socket.getaddrinfo(bare, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        found = []  # not resolvable now: bind says so, in its own words
+    for family, _, _, _, address in found:
+        ip = ipaddress.ip_address(address[0].split("%", 1)[0])
+        mapped = getattr(ip, "ipv4_mapped", None)
+        if ip.is_unspecified or (mapped is not None and mapped.is_unspecified):
+            raise ValueError(refusal)
     try:
         return socket.AF_INET6 if ipaddress.ip_address(bare).version == 6 else socket.AF_INET
     except ValueError:
@@ -134,7 +149,7 @@ class StandInServer:
         self.books = Books(fault_rate=fault_rate, fault_seed=fault_seed, max_records=max_records)
         if api_key is not None and not api_key:
             raise ValueError("api_key must be a non-empty string, or None for no key check.")
-        family = _check_host(host)
+        family = check_listen_address(host)
         self._api_key = api_key.encode("utf-8") if api_key is not None else None
         self.free = bool(free)
         self.latency = float(latency)

@@ -170,6 +170,43 @@ def test_generate_onto_a_full_disk_keeps_the_result_and_a_rerun_delivers_it_free
     assert "No paid results are waiting" in cli("results")[1]
 
 
+def test_a_free_standin_result_is_listed_as_free_not_paid(tmp_path, cli, monkeypatch, ledger):
+    """`serve` (free) at AITHRIVING_BASE_URL, a result the full disk refused: every sentence says free."""
+    source = _image(tmp_path / "in.png")
+    full = tmp_path / "full"
+    with StandInServer(api_key=CANARY_KEY, free=True) as serve:
+        monkeypatch.setenv("AITHRIVING_BASE_URL", serve.url)
+        with tmpfs(full, size="64k"):
+            _fill(full)
+            code, out, err = cli("generate", source, "--prompt", PROMPT, "--seed", "31", "-o", full / "x.png")
+        listed = cli("results")[1]
+    shown = err.strip().replace(str(tmp_path), "…")[:110]
+    record(ledger, "CLI against a free `serve` stand-in: generate onto a full disk, then `results`",
+           "the error says free and kept; results lists it as free (stand-in), never as paid",
+           f"{shown}…; results: {listed.strip().splitlines()[-1][:80]}…",
+           paid=0, delivered=0, repaid=0)
+    assert code == 1 and _one_line(err), err
+    assert "it was free (a stand-in) and is kept in the result store" in err, err
+    assert "paid" not in err
+    assert "free (stand-in)" in listed and "1 free result(s) from a stand-in not delivered" in listed, listed
+    assert "paid" not in listed, listed
+
+
+def test_with_the_store_off_a_failure_says_it_is_off(tmp_path, cli, monkeypatch, service, ledger):
+    source = _image(tmp_path / "in.png")
+    full = tmp_path / "full"
+    monkeypatch.setenv("AITHRIVING_CACHE_DIR", "off")
+    with tmpfs(full, size="64k"):
+        _fill(full)
+        code, out, err = cli("generate", source, "--prompt", PROMPT, "--seed", "32", "-o", full / "x.png")
+    record(ledger, "CLI with AITHRIVING_CACHE_DIR=off: generate onto a full disk",
+           "one line: paid, kept in memory only because the store is off (not 'cannot be written')",
+           err.strip().replace(str(tmp_path), "…")[:200], paid=service.credits_spent, delivered=0, repaid=0)
+    assert code == 1 and _one_line(err), err
+    assert "kept in memory only (the result store is off), so it is lost when this command ends" in err, err
+    assert "cannot be written" not in err
+
+
 def test_results_export_writes_what_a_full_disk_refused(tmp_path, cli, service, ledger):
     source = _image(tmp_path / "in.png")
     full = tmp_path / "full"

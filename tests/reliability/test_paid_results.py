@@ -32,7 +32,7 @@ from structure_api.errors import BatchError, MalformedResponseError, ResultMayBe
 from structure_api.images import encode_upload
 from structure_api.pipeline import StructureParams, generate_images
 from structure_api.standin import CREDITS_PER_IMAGE, Drop, Fault, Passthrough, Respond, StandInServer
-from structure_api.store import RESULT_SUFFIX, TEMP_PREFIX, ResultStore
+from structure_api.store import RESULT_SUFFIX, TEMP_PREFIX, ResultStore, _forget_shared_stores
 
 from .probes import CANARY_KEY, b64, image_file_bytes, message_problems, photo_like
 
@@ -216,9 +216,38 @@ def test_unwritable_store_keeps_results_in_memory_and_says_so(kind, tmp_path, mo
            f"...{message[message.index('3 images'):][:150]}; re-run paid {repaid}, {from_store} from memory",
            paid=paid, delivered=24, repaid=repaid - CREDITS_PER_IMAGE)
     assert paid == 18
-    assert "all 3 are kept in memory only, because the result store cannot be written, so queuing again in " \
+    # Each reason as it is: a store too small for one result can be written, it has no room.
+    reason = ("the result is larger than the result store's limit (AITHRIVING_CACHE_MAX_MB)"
+              if kind == "limit smaller than one result" else "the result store cannot be written")
+    assert f"all 3 are kept in memory only, because {reason}, so queuing again in " \
            "this same process pays only for the failed ones" in message
     assert repaid == CREDITS_PER_IMAGE and from_store == 3
+
+
+def test_with_the_store_off_a_failed_batch_says_it_is_off(monkeypatch, ledger):
+    monkeypatch.setenv("AITHRIVING_CACHE_DIR", "off")
+    _forget_shared_stores()
+    images = batch_of(4)
+    params = StructureParams(prompt=PROMPT, seed=0)
+    with StandInServer(api_key=CANARY_KEY) as service, \
+            StructureClient(api_key=CANARY_KEY, base_url=service.url) as client:
+        service.script(*_fail_image(4, 4))
+        with pytest.raises(BatchError) as caught:
+            generate_images(images, params, client=client, max_concurrency=1)
+        paid = service.credits_spent
+        again = generate_images(images, params, client=client, max_concurrency=1)
+        repaid = service.credits_spent - paid
+    _forget_shared_stores()
+    message = str(caught.value)
+    record(ledger, "AITHRIVING_CACHE_DIR=off; batch of 4, seed 0, image 4 fails; queued again, same process",
+           "the error says the store is off (not that it cannot be written); the re-run pays for image 4",
+           f"...{message[message.index('3 images'):][:150]}; re-run paid {repaid}, "
+           f"{again.from_cache} from memory",
+           paid=paid, delivered=24, repaid=repaid - CREDITS_PER_IMAGE)
+    assert "all 3 are kept in memory only, because the result store is off, so queuing again in this same " \
+           "process pays only for the failed ones" in message, message
+    assert "cannot be written" not in message
+    assert repaid == CREDITS_PER_IMAGE and again.from_cache == 3
 
 
 def test_read_only_store_still_serves_what_it_holds(tmp_path, ledger):
