@@ -140,6 +140,13 @@ class StructureClient:
         self._aborted.set()
         self._transport.abort()
 
+    def stop_uploads(self) -> None:
+        """Stop the uploads still going out (free to stop); requests whose upload is complete carry on.
+
+        Pair it with the ``cancel`` event of each call, which stops pacer waits and retries.
+        """
+        self._transport.stop_uploads()
+
     # -- public call -------------------------------------------------------------
 
     def generate(

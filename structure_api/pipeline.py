@@ -173,6 +173,7 @@ def generate_images(
     max_concurrency: Optional[int] = None,
     on_progress: Optional[Callable[[BatchProgress], None]] = None,
     should_cancel: Optional[Callable[[], bool]] = None,
+    keep_in_flight: bool = True,
 ) -> BatchResult:
     """One request per image, run concurrently; results land in input order at the input's size.
 
@@ -181,7 +182,8 @@ def generate_images(
     too. Raises InputError before any request for bad parameters or images, BatchError (or the
     single error, for one image) naming each failed image and what was kept. When ``should_cancel``
     turns True the call returns early with ``report.cancelled`` set and no images; what was paid
-    stays in the store for the next run.
+    stays in the store for the next run, and so do the answers of the requests left in flight
+    (``report.background``, see :func:`run_batch`; ``keep_in_flight=False`` drops them).
     """
     params.validate()
     count, size = _batch_dims(images)
@@ -202,9 +204,18 @@ def generate_images(
         report = run_batch(
             client, count, work.make_request, on_result=work.on_result, store=store,
             label=lambda index: f"{label or 'batch'}, image {index + 1} of {count}",
-            max_concurrency=max_concurrency, on_progress=on_progress, should_cancel=should_cancel, decode=False)
-    finally:
+            max_concurrency=max_concurrency, on_progress=on_progress, should_cancel=should_cancel,
+            decode=False, keep_in_flight=keep_in_flight)
+    except BaseException:
         work.close()
         if own_client:
+            client.close()
+        raise
+    work.close()
+    if own_client:
+        if report.background is not None:
+            # Closing now would drop the answers the service is still making.
+            report.background.add_done_callback(client.close)
+        else:
             client.close()
     return _finish(report, store, output)

@@ -29,7 +29,7 @@ from ._version import __version__
 from .config import APIKey
 from .request import StructureRequest
 from .errors import APIConnectionError, APITimeoutError, ConfigurationError, MalformedResponseError
-from .errors import ResultMayBeBilledError, TransportError
+from .errors import CancelledError, ResultMayBeBilledError, TransportError
 
 log = logging.getLogger("structure_api")
 
@@ -61,7 +61,8 @@ class UploadBody:
     """The multipart body as a readable stream that knows when the last byte went out.
 
     Knowing it is what makes retries safe: a failure before the last byte left cannot
-    have produced (or billed) a result; a failure after it may have.
+    have produced (or billed) a result; a failure after it may have. It is also what a cancel
+    that keeps paid work needs: :meth:`stop` stops an upload only while its last byte is still here.
     """
 
     def __init__(self, parts: list[Union[bytes, memoryview]], on_sent: Optional[Callable[[], None]] = None) -> None:
@@ -71,6 +72,25 @@ class UploadBody:
         self._index = 0
         self._offset = 0
         self.bytes_read = 0
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        """True once :meth:`stop` stopped this upload before its last byte went out."""
+        return self._stopped
+
+    def stop(self) -> bool:
+        """Hand out no more bytes, unless the last one is already out; True when stopped.
+
+        An upload whose last byte was handed to the socket may be complete at the service, which
+        then makes (and charges for) the image: that one is not stopped.
+        """
+        with self._lock:
+            if self.bytes_read >= self._length:
+                return False
+            self._stopped = True
+            return True
 
     def __len__(self) -> int:
         return self._length
@@ -87,6 +107,18 @@ class UploadBody:
         return self.bytes_read >= self._length
 
     def read(self, size: int = -1) -> bytes:
+        with self._lock:
+            if self._stopped:
+                raise CancelledError("The upload was stopped before its last byte; nothing was charged.")
+            chunk = self._read(size)
+            on_sent = None
+            if not chunk:
+                on_sent, self._on_sent = self._on_sent, None
+        if on_sent is not None:
+            on_sent()  # outside the lock: it reaches the caller's progress display
+        return chunk
+
+    def _read(self, size: int) -> bytes:
         if size is None or size < 0:
             size = self._length
         out = []
@@ -101,9 +133,6 @@ class UploadBody:
                 self._offset = 0
         chunk = b"".join(out)
         self.bytes_read += len(chunk)
-        if not chunk and self._on_sent is not None:
-            on_sent, self._on_sent = self._on_sent, None
-            on_sent()
         return chunk
 
 
@@ -178,9 +207,16 @@ class _TrackedConnection:
     _registry: "weakref.WeakSet[HTTPConnection]"
     _header_deadline: float
 
+    # The body of the request this connection sends or last sent: a cancel stops only unfinished uploads.
+    upload: object = None
+
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
         self._registry.add(self)
+
+    def request(self, method, url, body=None, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.upload = body
+        return super().request(method, url, body, *args, **kwargs)  # type: ignore[misc]
 
     def getresponse(self):  # type: ignore[no-untyped-def]
         timed_out = threading.Event()
@@ -252,6 +288,8 @@ class Transport:
         self._clock = clock
         # Every connection opened, while it lives: close() and abort() reach them all.
         self.connections: "weakref.WeakSet[HTTPConnection]" = weakref.WeakSet()
+        # Every upload being sent: stop_uploads() reaches those not yet on a connection too.
+        self._uploads: "weakref.WeakSet[UploadBody]" = weakref.WeakSet()
         self.session = requests.Session()
         adapter = tracking_adapter(self.connections, limits.read_timeout)
         self.session.mount("http://", adapter)
@@ -276,11 +314,24 @@ class Transport:
         for connection in list(self.connections):
             shutdown_socket(connection)
 
+    def stop_uploads(self) -> None:
+        """Stop every upload whose last byte has not gone out (the service charges nothing for those).
+
+        Requests whose upload is complete carry on: the service is already making their images.
+        """
+        for body in list(self._uploads):
+            body.stop()
+        for connection in list(self.connections):
+            upload = getattr(connection, "upload", None)
+            if isinstance(upload, UploadBody) and upload.stopped:
+                shutdown_socket(connection)
+
     def post(self, url: str, request: StructureRequest, attempt: int,
              on_sent: Callable[[], None]) -> requests.Response:
         """Upload ``request`` and return the answer with its headers read and its body still to read."""
         boundary = uuid.uuid4().hex
         body = UploadBody(multipart_parts(request, boundary), on_sent=on_sent)
+        self._uploads.add(body)
         sent_at = self._clock()
         log.info("POST %s, attempt %d, %d bytes", url, attempt, len(body))
         try:

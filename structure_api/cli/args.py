@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", type=_host, default="127.0.0.1", metavar="ADDRESS",
                      help="the address to listen on (default 127.0.0.1: this machine only); "
                           "never all interfaces")
-    srv.add_argument("--latency", type=_latency, default=0.0, help="seconds to wait before each answer")
+    srv.add_argument("--latency", type=_latency, default=0.0,
+                     help="seconds from reading a request to its answer, rendering included")
     srv.add_argument("--rate-limit", type=_rate_limit, default=None, metavar="N/SECONDS",
                      help="model the service's limit, e.g. 150/10: past N requests in SECONDS, 429s (default: none)")
     srv.add_argument("--lockout", type=_lockout, default=LOCKOUT_SECONDS, metavar="SECONDS",

@@ -164,7 +164,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
             try:
                 report = run_batch(target.client, len(files.todo), files.make_request, on_result=files.on_result,
                                    store=target.store, label=files.label, max_concurrency=concurrency,
-                                   on_progress=progress, should_cancel=interrupts.drop_in_flight.is_set)
+                                   on_progress=progress, should_stop_sending=interrupts.stop_sending.is_set,
+                                   should_cancel=interrupts.drop_in_flight.is_set,
+                                   keep_in_flight=False)  # the second Ctrl-C drops what is in flight
             finally:
                 progress.close()
     return _summarise(report, files, skipped, target)
@@ -182,8 +184,9 @@ def _summarise(report: BatchReport, files: _BatchFiles, skipped: int, target: Re
     written = report.done - len(files.not_written)
     if interrupted:
         unreadable = [slot for slot in report.failures if slot not in files.started and slot not in not_sent]
-        left = len(files.todo) - len(files.started) - len(unreadable)
-        dropped = len(files.started - set(report.seeds) - set(report.failures))
+        # Stopped before its upload was complete: not sent, as far as the service knows.
+        left = len(files.todo) - len(files.started) - len(unreadable) + len(report.stopped & files.started)
+        dropped = len(files.started - set(report.seeds) - set(report.failures) - report.stopped)
         stopped = (f"; {dropped} request(s) in flight were dropped, and the service may have charged for those "
                    "whose upload had finished" if dropped and not target.free else "")
         print(f"interrupted: {written} of {len(files.todo)} image(s) done and written, {report.credits} credits "

@@ -110,6 +110,7 @@ class StandInHandler(BaseHTTPRequestHandler):
         """What the service does (health, rate limit, the answer), `delay` later and with `headers` added."""
         owner = self._standin
         body, form = self._read(_DRAIN_LIMIT)
+        read_at = time.monotonic()
         if self._is_health:
             self.send(200, json_bytes({"status": "ok"}), "application/json")
             return
@@ -126,7 +127,9 @@ class StandInHandler(BaseHTTPRequestHandler):
                 "Internal server error.", "internal_error", ["the stand-in failed; see its log"]), {}
         extra.setdefault("x-request-id", uuid.uuid4().hex)
         extra.update(headers or {})
-        self.wait(owner.latency + delay)
+        # Like a remote service: the answer comes `latency` s after the request was read, its rendering
+        # (CPU time on this machine) inside that time rather than on top of it.
+        self.wait(max(0.0, owner.latency - (time.monotonic() - read_at)) + delay)
         if status == 200 and AnswerBody.from_json(payload).succeeded:
             owner.books.charge()
         self.send(status, json_bytes(payload), "application/json", extra)
@@ -259,6 +262,7 @@ class StandInHandler(BaseHTTPRequestHandler):
         if self.close_connection:
             merged["Connection"] = "close"
         self._entry.status = status
+        self._entry.answered_at = time.monotonic()
         self.send_response(status)
         for name, value in merged.items():
             self.send_header(name, value)
@@ -272,6 +276,7 @@ class StandInHandler(BaseHTTPRequestHandler):
         chunked = "content-length" not in names
         self.close_connection = True
         self._entry.status = status
+        self._entry.answered_at = time.monotonic()
         self.send_response(status)
         if "content-type" not in names:
             self.send_header("Content-Type", "application/json")
