@@ -12,12 +12,16 @@
 // The texts come from the pack's locales/<lang>/main.json (served by ComfyUI at /i18n), in the
 // language chosen in the settings (Comfy.Locale), with English built in as the fallback.
 //
-// Redrawing: the classic canvas redraws on setDirtyCanvas. The "Nodes 2.0" (HTML) renderer of newer
-// frontends (1.4x and later) re-reads a node's badges when that node's state changes, so the last run
-// is kept in node state with LiteGraph's own setProperty (and left out of saved workflows by
-// onSerialize). Frontends whose Nodes 2.0 renderer keeps a snapshot of each node instead (1.3x) re-read
-// it when LiteGraph reports a change to the node; that report is sent too, where the graph has one.
-// Tested on frontends 1.25, 1.32 and the newest (tests/browser); anything missing is skipped, never thrown.
+// Redrawing: the classic canvas redraws on setDirtyCanvas. The "Nodes 2.0" (HTML) renderer keeps a
+// snapshot of each node and re-reads it on LiteGraph's reports of a change, which differ by frontend:
+//   1.55 and later  node state: the last run is kept with LiteGraph's own setProperty (and left out of
+//                   saved workflows by onSerialize);
+//   1.46 to 1.52    the "badges" property change, the report the frontend itself sends when it changes
+//                   a node's badges;
+//   1.31 to 1.37    a change of the node's slots;
+// every one is sent, where the graph has `trigger`; a frontend ignores the reports it does not handle.
+// Tested on one frontend per three minor versions from 1.25 to the newest (tests/browser, the frontend
+// sweep); anything missing is skipped, never thrown.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { setupState } from "./aithriving_setup.js";
@@ -239,8 +243,17 @@ function recordCost(node, cost) {
   // Node state: what the Nodes 2.0 renderer of newer frontends redraws the badges from.
   node.setProperty?.(LAST_RUN_PROPERTY, { ...node.aithrivingLastCost, run: node.aithrivingRuns });
   node.setDirtyCanvas?.(true, true);
-  // Frontends whose Nodes 2.0 renderer keeps a snapshot of the node (1.3x) re-read it on this report.
-  if (typeof node.graph?.trigger === "function") node.graph.trigger("node:slot-errors:changed", { nodeId: node.id });
+  redrawInNodes2(node);
+}
+
+// Has the Nodes 2.0 renderer of 1.31 to 1.52 re-read the node (see the header; 1.55 on follows setProperty).
+function redrawInNodes2(node) {
+  const graph = node.graph;
+  if (typeof graph?.trigger !== "function") return;
+  const badges = node.badges ?? [];
+  graph.trigger("node:property:changed", { type: "node:property:changed", nodeId: node.id, property: "badges",
+    oldValue: badges, newValue: badges });
+  graph.trigger("node:slot-errors:changed", { nodeId: node.id });
 }
 
 // A node the user adds starts with seed 0 and "control after generate" on "fixed" (the frontend's own
