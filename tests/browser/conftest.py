@@ -299,6 +299,7 @@ README_MARKERS = ("<!-- frontend-sweep:begin -->", "<!-- frontend-sweep:end -->"
 # (target id, test name) -> "pass", "FAIL" or "n/a"; filled only in the sweep.
 _SWEEP_RESULTS: dict[tuple[str, str], str] = {}
 _SWEEP_TARGETS: dict[str, ComfyTarget] = {}
+_SWEEP_ITEMS: dict[str, tuple[str, str]] = {}  # test node id -> (target id, test name)
 
 
 def _record_sweep(item: pytest.Item, outcome: str) -> None:
@@ -306,6 +307,7 @@ def _record_sweep(item: pytest.Item, outcome: str) -> None:
     if matrix.sweep_enabled() and Path(item.path).name == SWEEP_MODULE and isinstance(target, ComfyTarget):
         _SWEEP_TARGETS[target.id] = target
         name = item.originalname or item.name
+        _SWEEP_ITEMS[item.nodeid] = (target.id, name)
         if _SWEEP_RESULTS.get((target.id, name)) != "FAIL":
             _SWEEP_RESULTS[(target.id, name)] = outcome
 
@@ -315,12 +317,9 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if not matrix.sweep_enabled() or SWEEP_MODULE not in report.nodeid:
+    key = _SWEEP_ITEMS.get(report.nodeid)
+    if key is None:
         return
-    match = re.search(r"::(\w+)\[(.+)\]$", report.nodeid)
-    if not match or (match.group(2), match.group(1)) not in _SWEEP_RESULTS:
-        return
-    key = (match.group(2), match.group(1))
     if report.failed:
         _SWEEP_RESULTS[key] = "FAIL"
     elif report.when == "call" and report.passed and _SWEEP_RESULTS[key] != "FAIL":
