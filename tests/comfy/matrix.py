@@ -121,7 +121,9 @@ def _selected(default: list[str], every: list[str]) -> list[str]:
 
 def selected_ui_targets() -> list[ComfyTarget]:
     if sweep_enabled():
-        return sweep_targets()
+        every = [t.id for t in sweep_targets()]
+        chosen = set(_selected(every, every))
+        return [t for t in sweep_targets() if t.id in chosen]
     chosen = set(_selected([t.id for t in UI_TARGETS], [t.id for t in ALL_UI_TARGETS]))
     return [t for t in ALL_UI_TARGETS if t.id in chosen]
 
