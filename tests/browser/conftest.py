@@ -22,6 +22,10 @@ Pictures: screenshots of every run go to ``.cache/browser-screenshots/<target>/`
 repository keeps, from the README's target only: ``docs/screenshots/*.png`` and
 ``example_workflows/<name>.jpg`` (the template browser's thumbnails).
 
+The frontend sweep (``COMFY_FRONTEND_SWEEP=1``, tests/browser/test_frontend_sweep.py) runs only its smoke
+test, over ``matrix.sweep_targets()``; its results table is printed at the end, written to
+``.cache/frontend-sweep.md`` and, with ``UPDATE_README=1``, put into README.md's Compatibility section.
+
 On failure a test keeps a screenshot and the browser's console in ``.cache/browser-failures/`` (printed
 in the failure report). Without a Chromium these tests skip, except in CI (``CI`` set), where they fail.
 """

@@ -7,9 +7,9 @@ the ComfyUI of its time)::
     COMFY_FRONTEND_SWEEP=1 python -m pytest tests/browser/test_frontend_sweep.py
 
 Each step is one test, so each cell of the results table is one test's outcome; a step that frontend
-lacks (Nodes 2.0 before 1.27, the help button before 1.26) is deselected and reads "n/a". The table
-is printed at the end and written to ``.cache/frontend-sweep.md``; with ``UPDATE_README=1`` it also
-replaces the table in README.md's Compatibility section.
+lacks (node badges in Nodes 2.0 before 1.30, the help button before 1.26) is deselected and reads
+"n/a". The table is printed at the end and written to ``.cache/frontend-sweep.md``; with
+``UPDATE_README=1`` it also replaces the table in README.md's Compatibility section.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_sweep_run_and_badges(comfy_page, ui_server, ui_standin):
     assert_no_pack_errors_in_console(ui)
 
 
-@pytest.mark.frontend_min("1.27")  # Nodes 2.0 first shipped in frontend 1.27
+@pytest.mark.frontend_min("1.30")  # Nodes 2.0 shipped in 1.27, drawing node badges from 1.30 on
 def test_sweep_nodes_2_badges(comfy_page, ui_server):
     """In Nodes 2.0 the node, drawn as HTML, shows the estimate, then the last run without a reload."""
     ui = comfy_page

