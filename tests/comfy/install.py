@@ -227,7 +227,7 @@ def _fetch_comfyui_archive(cache_dir: Path, log_path: Path, version: str, downlo
             # Both GitHub's and a mirror's archive hold one top folder (ComfyUI-<version>/): it is dropped.
             members = []
             for member in archive.getmembers():
-                top, _, rest = member.name.partition("/")
+                _top, _, rest = member.name.partition("/")
                 if not rest or not (member.isfile() or member.isdir()):
                     continue
                 member.name = rest
