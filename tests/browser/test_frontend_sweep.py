@@ -47,9 +47,11 @@ def test_sweep_add_node(comfy_page):
     """The node search's way of adding a node: the node, its widgets and its price badge."""
     ui = comfy_page
     added = ui.add_node(NODE)
-    node = ui.evaluate(f"""(() => {{ const n = app.graph.getNodeById({added!r}) ?? app.graph.getNodeById(Number({added!r}));
+    node = ui.evaluate(f"""(() => {{
+        const n = app.graph.getNodeById({added!r}) ?? app.graph.getNodeById(Number({added!r}));
         return {{widgets: Object.fromEntries(n.widgets.map(w => [w.name, w.value])),
-                 estimate: n.aithrivingEstimate(), badges: (n.badges ?? []).map(b => typeof b === 'function' ? b() : b)
+                 estimate: n.aithrivingEstimate(),
+                 badges: (n.badges ?? []).map(b => typeof b === 'function' ? b() : b)
                      .map(b => b.text)}}; }})()""")
     assert node["widgets"]["seed"] == 0 and node["widgets"]["control_after_generate"] == "fixed", node
     assert node["estimate"] == f"≈ {CREDITS_PER_IMAGE} credits per image"
@@ -86,7 +88,8 @@ def test_sweep_nodes_2_badges(comfy_page, ui_server):
         ui.open()
         ui.drop_workflow_file(WORKFLOW_DIR / "structure_batch.json")
         node_id = ui.structure_node()["id"]
-        ui.wait_for(f"!!document.querySelector('[data-node-id=\"{node_id}\"]')", message="the node drawn as HTML")
+        ui.wait_for(f"!!document.querySelector('[data-node-id=\"{node_id}\"]')",
+                    message="the node drawn as HTML")
         assert f"≈ {4 * CREDITS_PER_IMAGE} credits" in ui.rendered_texts_of_node(node_id)
         run_from_ui(ui, ui_server)
         last_run = ui.wait_for_last_run()["text"]

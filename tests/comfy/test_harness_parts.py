@@ -65,14 +65,15 @@ def test_sweep_takes_one_frontend_per_three_minors_and_each_pinned_one():
                  "1.40.10", "1.40.0", "1.37.11", "1.34.9", "1.32.10", "1.32.9", "1.31.2", "1.28.9", "1.25.11",
                  "1.25.10", "1.24.0.post1", "1.24.0"]
     assert matrix.sweep_frontends(available, "1.58.1") == [
-        "1.25.10", "1.28.9", "1.31.2", "1.32.9", "1.34.9", "1.37.11", "1.40.10", "1.46.15", "1.49.6", "1.52.7",
-        "1.55.18", "1.58.1"]  # no 1.43 release in this list: that step is left out, not guessed
+        "1.25.10", "1.28.9", "1.31.2", "1.32.9", "1.34.9", "1.37.11", "1.40.10", "1.46.15", "1.49.6",
+        "1.52.7", "1.55.18", "1.58.1"]  # no 1.43 release in this list: that step is left out, not guessed
     # The held-back newest ends the sweep.
     assert matrix.sweep_frontends(available, "1.55.2")[-2:] == ["1.52.7", "1.55.2"]
 
 
 def test_sweep_serves_each_frontend_on_the_comfyui_of_its_time():
-    assert [matrix.sweep_server_for(v) for v in ("1.25.10", "1.31.2", "1.32.9", "1.46.15", "1.49.6", "1.58.1")] == [
+    frontends = ("1.25.10", "1.31.2", "1.32.9", "1.46.15", "1.49.6", "1.58.1")
+    assert [matrix.sweep_server_for(v) for v in frontends] == [
         "0.3.52", "0.3.52", "0.3.75", "0.3.75", "0.33.0", "0.33.0"]
 
 

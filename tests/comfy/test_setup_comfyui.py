@@ -271,7 +271,8 @@ def test_a_choice_not_offered_is_refused_before_anything_is_sent(queue_server, b
     if queue_server.install.version in ("0.3.52", "0.3.75"):
         # These do not check a V3 combo's options at /prompt; the node refuses it when it runs.
         entry = queue_server.run(graph(output_format="gif"))
-        assert "output_format must be one of png, jpeg, webp; got 'gif'" in execution_error(entry)["exception_message"]
+        message = execution_error(entry)["exception_message"]
+        assert "output_format must be one of png, jpeg, webp; got 'gif'" in message
     else:
         # ComfyUI 0.33.0 checks them when the prompt is queued.
         with pytest.raises(PromptRejected) as caught:

@@ -39,7 +39,8 @@ class _Placeholder(type):
 
     def __call__(cls, *args, **kwargs):
         # A subclass defined in ComfyUI's code is named after the placeholder it derives from.
-        stub = next(c for c in cls.__mro__ if type(c) is _Placeholder and c.__module__.partition(".")[0] in STUBBED)
+        stub = next(c for c in cls.__mro__
+                    if type(c) is _Placeholder and c.__module__.partition(".")[0] in STUBBED)
         raise _unavailable(f"{stub.__module__}.{stub.__qualname__}")
 
 
