@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import json
 import logging
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +22,7 @@ from .structure_api.contract import (
     MAX_SEED, MIN_CONTROL_STRENGTH, OUTPUT_FORMATS, PROMPT_RANGE_TEXT, validate_prompt)
 from .structure_api.errors import InputError, MissingAPIKeyError
 from .structure_api.files import write_atomically
-from .structure_api.offline import LOCAL_LABEL, RunSetup, client_for_run, process_standin
+from .structure_api.offline import RunSetup, client_for_run, process_standin
 from .structure_api.pipeline import StructureParams, generate_images
 
 CATEGORY = "image/AIThriving"
@@ -26,6 +30,12 @@ CATEGORY = "image/AIThriving"
 EXAMPLE_INPUT = Path(__file__).resolve().parent / "example_workflows" / "structure_example.png"
 OUTSIDE_LIMITS_OPTIONS = ["fit and restore size", "fail"]
 _OUTSIDE_LIMITS_MODES = {"fit and restore size": "fit", "fail": "fail"}
+# What a user may type into the node search to find this node (besides its name). ComfyUI 0.11 and
+# later read them from the schema; older servers' io.Schema has no such field (see _search_aliases).
+SEARCH_ALIASES = ["controlnet", "structure", "sketch to image", "depth", "edges", "img2img", "aithriving"]
+# The node's own texts on the canvas (progress, errors) in each language: locales/<lang>/main.json.
+LOCALES = Path(__file__).resolve().parent / "locales"
+NODE_TEXTS_KEY = "aithrivingStructureNode"
 
 
 class AIThrivingStructure(io.ComfyNode):
@@ -34,13 +44,14 @@ class AIThrivingStructure(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
+            **_search_aliases(io.Schema),
             node_id="AIThrivingStructure",
             display_name="Structure (AIThriving)",
             category=CATEGORY,
             description=(
                 "Sends each image to the AIThriving Structure service, which generates a new image that "
                 f"keeps the input's edges and layout, guided by the prompt. Costs {CREDITS_PER_IMAGE} credits "
-                "per image. Set the API key in Settings → AIThriving (or the AITHRIVING_API_KEY environment "
+                "per image. Set the API key in Settings > AIThriving (or the AITHRIVING_API_KEY environment "
                 "variable); it never goes into the workflow. The free local stand-in, switched on there too, "
                 "needs no key and costs nothing."
             ),
@@ -110,29 +121,31 @@ class AIThrivingStructure(io.ComfyNode):
             outside_limits=_OUTSIDE_LIMITS_MODES.get(outside_limits, outside_limits))
         total = int(image.shape[0]) if len(image.shape) == 4 else 1
         bar = comfy.utils.ProgressBar(total, node_id=node_id)
-        with _run_setup() as run:
+        words = _Words(_user_language())
+        with _run_setup(words) as run:
             def spent(credits: int) -> str:
-                return LOCAL_LABEL if run.local else f"{credits} credits spent"
+                return words("local") if run.local else words("spent", credits=credits)
 
             def show(progress: BatchProgress) -> None:
                 bar.update_absolute(progress.done, progress.total)
-                _status(node_id, f"{progress.message} · {spent(progress.credits)}")
+                detail = words.progress(progress)
+                _status(node_id, words("progress", detail=detail, spent=spent(progress.credits)))
 
-            where = f" to the {LOCAL_LABEL}" if run.local else ""
-            _status(node_id, f"sending {total} image{'s' if total != 1 else ''}{where}…")
+            where = words("toLocal") if run.local else ""
+            _status(node_id, words("sendingOne" if total == 1 else "sendingMany", count=total, where=where))
             result = generate_images(
                 image, params, client=run.client, store=run.store, label=f"ComfyUI node {node_id}",
                 on_progress=show, should_cancel=comfy.model_management.processing_interrupted)
         if result.report.cancelled:
-            _status(node_id, f"cancelled · {spent(result.credits)}")
+            _status(node_id, words("cancelled", spent=spent(result.credits)))
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise comfy.model_management.InterruptProcessingException()
-        cached = f" ({result.from_cache} from the result store)" if result.from_cache else ""
+        cached = words("fromStore", count=result.from_cache) if result.from_cache else ""
         # Answers of a stand-in (offline mode, or `serve` at AITHRIVING_BASE_URL) carry its free mark and
         # count 0 credits: fresh results that cost nothing came from one.
         free = run.local or (result.credits == 0 and result.from_cache < total)
-        done = spent(result.credits) if run.local or not free else f"0 credits ({LOCAL_LABEL})"
-        _status(node_id, f"done {total} of {total}{cached} · {done}")
+        done = spent(result.credits) if run.local or not free else words("freeStandIn")
+        _status(node_id, words("done", total=total, cached=cached, spent=done))
         # Sent to the frontend with the "executed" message (and kept in the history): the cost shown on the node.
         cost = {"credits": result.credits, "images": total, "from_cache": result.from_cache,
                 "credits_per_image": 0 if free else CREDITS_PER_IMAGE, "seeds": result.seeds,
@@ -140,16 +153,75 @@ class AIThrivingStructure(io.ComfyNode):
         return io.NodeOutput(result.images, result.seeds[0], ui={"aithriving_cost": [cost]})
 
 
+def _search_aliases(schema: type) -> dict[str, list[str]]:
+    """Return the search_aliases argument for this server's Schema, or nothing where it lacks the field."""
+    # A feature check, not a version check: the field is there or it is not.
+    if dataclasses.is_dataclass(schema) and "search_aliases" in {f.name for f in dataclasses.fields(schema)}:
+        return {"search_aliases": list(SEARCH_ALIASES)}
+    return {}
+
+
+@functools.lru_cache(maxsize=None)
+def _node_texts(language: str) -> dict[str, str]:
+    """Return the node's texts in one language (empty when the pack has none in it)."""
+    try:
+        main = json.loads((LOCALES / language / "main.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    texts = main.get(NODE_TEXTS_KEY) if isinstance(main, dict) else None
+    return dict(texts) if isinstance(texts, dict) else {}
+
+
+def _user_language() -> str:
+    """Return the language the user chose in ComfyUI (its Comfy.Locale setting), "en" when none is set."""
+    # The node cannot tell which user queued the prompt: this is the single user's ("default") choice,
+    # which is every user's when ComfyUI runs without --multi-user.
+    try:
+        import folder_paths  # ComfyUI's; imported here so that --base-directory is already applied
+
+        path = Path(folder_paths.get_user_directory()) / "default" / "comfy.settings.json"
+        locale = json.loads(path.read_text(encoding="utf-8")).get("Comfy.Locale")
+    except (OSError, ValueError, AttributeError):
+        return "en"
+    valid = isinstance(locale, str) and re.fullmatch(r"[A-Za-z]{2,3}(-[A-Za-z0-9]+)?", locale)
+    return locale if valid else "en"
+
+
+class _Words:
+    """The node's texts in one language, falling back to its base language, then English."""
+
+    def __init__(self, language: str) -> None:
+        base = language.split("-")[0]
+        self.english = base == "en"
+        self.table = {**_node_texts("en"), **_node_texts(base), **_node_texts(language)}
+
+    def __call__(self, key: str, **values: object) -> str:
+        """Return the text of key with its {name} placeholders filled from values."""
+        return re.sub(r"\{(\w+)\}", lambda match: str(values.get(match.group(1), "")), self.table[key])
+
+    def progress(self, progress: BatchProgress) -> str:
+        """Return what a progress report says: the client's own words in English, else by its stage."""
+        number = (progress.index or 0) + 1
+        stage_key = "stage" + progress.stage.capitalize()
+        if self.english or not progress.stage:
+            return progress.message
+        if progress.stage == "done":
+            return self("doneOf", done=progress.done, total=progress.total)
+        if progress.stage == "failed":
+            return self("imageFailed", number=number)
+        if stage_key in self.table:
+            return self("imageStage", number=number, stage=self(stage_key))
+        return self("imageStage", number=number, stage=progress.stage)
+
+
 @contextlib.contextmanager
-def _run_setup() -> Iterator[RunSetup]:
+def _run_setup(words: _Words) -> Iterator[RunSetup]:
     """The client for this run (closed afterwards); a missing key names the place in ComfyUI to set one."""
     with contextlib.ExitStack() as stack:
         try:
             run = stack.enter_context(client_for_run(process_standin()))
         except MissingAPIKeyError:
-            raise MissingAPIKeyError(
-                "No API key found: set it in Settings → AIThriving → API key (or in the AITHRIVING_API_KEY "
-                "environment variable), or switch on the free local stand-in there.") from None
+            raise MissingAPIKeyError(words("noKey")) from None
         yield run
 
 

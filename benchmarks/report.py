@@ -19,6 +19,9 @@ from structure_api.batch import DEFAULT_MAX_CONCURRENCY
 from .batch_time import BatchResult
 from .memory import MemoryResult
 from .overhead import PATHS, SizeResult
+from .processes import ProcessesRun
+from .processes import section as processes_section
+from .processes import target_rows as processes_target_rows
 from .throughput import CONCURRENCY, LATENCY, LIMIT_REQUESTS, LIMIT_SECONDS, LOCKOUT_SECONDS, ThroughputRun
 
 COMMAND = "python -m benchmarks"
@@ -99,9 +102,9 @@ def throughput_ok(throughput: Sequence[ThroughputRun]) -> bool:
 
 
 def all_targets_met(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[MemoryResult],
-                    throughput: Sequence[ThroughputRun]) -> bool:
+                    throughput: Sequence[ThroughputRun], processes: Sequence[ProcessesRun] = ()) -> bool:
     return (all(overhead_ok(s) and upload_ok(s) for s in sizes) and batch_ok(batch) and memory_ok(memory)
-            and throughput_ok(throughput))
+            and throughput_ok(throughput) and all(run.ok for run in processes if run.label != "unshared"))
 
 
 def _throughput_table(throughput: Sequence[ThroughputRun]) -> list[str]:
@@ -147,7 +150,8 @@ def _overhead_table(sizes: Sequence[SizeResult]) -> list[str]:
 
 
 def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[MemoryResult],
-           throughput: Sequence[ThroughputRun], *, seconds: float, quick: bool = False) -> str:
+           throughput: Sequence[ThroughputRun], *, seconds: float, quick: bool = False,
+           processes: Sequence[ProcessesRun] = ()) -> str:
     """The whole report as Markdown."""
     at_target = _memory_at(memory, MEMORY_TARGET_CONCURRENCY)
     concurrent = batch.concurrent[BATCH_TARGET_CONCURRENCY]
@@ -188,6 +192,7 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
         f"delivered, no 429, ≥ {THROUGHPUT_RATIO_TARGET}x the limit's {LIMIT_REQUESTS / LIMIT_SECONDS:g}/s "
         f"| {paced.delivered}/{paced.images} delivered, {paced.refused_429} 429s, {paced.per_second:.2f}/s = "
         f"{paced.ratio_to_limit:.2f}x | {_verdict(throughput_ok(throughput))} |",
+        *processes_target_rows(list(processes)),
         f"| memory beyond input and output, {at_target.count} x {at_target.side}², < "
         f"{MEMORY_TARGET_BYTES // 10**6} MB | {_mb(at_target.overhead)} MB "
         f"({at_target.overhead / MEMORY_TARGET_BYTES:.2f}x the cap) | {_verdict(memory_ok(memory))} |",
@@ -281,6 +286,7 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
         "at growing intervals (429s are waited out for up to 150 s), and the batch resumes when the lock-out "
         "is over, about a minute later.",
         "",
+        *(processes_section(list(processes)) if processes else []),
         "## Peak memory of the node's batch path",
         "",
         f"`generate_images` on {at_target.count} photo-like images of {at_target.side}² "

@@ -64,6 +64,45 @@ def server_process(args: Sequence[str]) -> Iterator[RunningServer]:
             process.stdout.close()
 
 
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """Debian's ``redis-server`` on a free loopback port, nothing saved; yields its redis:// URL."""
+    import shutil
+    import socket
+    import tempfile
+    import time
+
+    import redis  # the pack's redis extra
+
+    server = shutil.which("redis-server")
+    if server is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                    "--appendonly", "no", "--dir", folder],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"redis://127.0.0.1:{port}/0"
+        try:
+            client = redis.Redis.from_url(url)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline or process.poll() is not None:
+                        raise RuntimeError("redis-server did not start") from None
+                    time.sleep(0.05)
+            client.close()
+            yield url
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
 def standin(latency: float, *extra: str) -> "contextlib.AbstractContextManager[RunningServer]":
     """The pack's own stand-in (``structure-api serve``): decodes each upload, renders, answers after ``latency``."""
     return server_process(["-m", "structure_api", "serve", "--port", "0", "--latency", repr(latency), *extra])

@@ -54,6 +54,9 @@ class BatchProgress:
     credits: int
     message: str
     index: Optional[int] = None
+    # What the message says, as a word a display can translate: a ProgressEvent stage ("pacing",
+    # "uploading", "waiting", "retrying"), "failed" or "done" (the batch's count of done images).
+    stage: str = ""
 
 
 @dataclass
@@ -211,9 +214,9 @@ class _BatchRun:
     def __post_init__(self) -> None:
         self.report = BatchReport(total=self.count)
 
-    def snapshot(self, message: str, index: Optional[int] = None) -> BatchProgress:
+    def snapshot(self, message: str, index: Optional[int] = None, stage: str = "") -> BatchProgress:
         return BatchProgress(done=self.report.done, total=self.count, credits=self.report.credits,
-                             message=message, index=index)
+                             message=message, index=index, stage=stage)
 
     def deliver_progress(self, on_progress: Optional[Callable[[BatchProgress], None]]) -> None:
         while True:
@@ -238,7 +241,7 @@ class _BatchRun:
             def relay(event: ProgressEvent) -> None:
                 if event.stage in ("pacing", "uploading", "waiting", "retrying"):
                     with self.lock:
-                        progress = self.snapshot(f"image {index + 1}: {event.message}", index)
+                        progress = self.snapshot(f"image {index + 1}: {event.message}", index, event.stage)
                     self.progress.put(progress)
 
             # After a stop, what the store holds is still served (it is free); nothing is sent.
@@ -271,7 +274,7 @@ class _BatchRun:
                     self.report.may_be_charged += 1
                 if isinstance(error, _FATAL_FOR_BATCH + (ResultMayBeBilledError,)):
                     self._stop(error)
-                progress = self.snapshot(f"image {index + 1} failed", index)
+                progress = self.snapshot(f"image {index + 1} failed", index, "failed")
             self.progress.put(progress)
             return
         with self.lock:
@@ -279,7 +282,7 @@ class _BatchRun:
             self.report.credits += result.credits
             if from_store:
                 self.report.from_cache.add(index)
-            progress = self.snapshot(f"done {self.report.done} of {self.count}", index)
+            progress = self.snapshot(f"done {self.report.done} of {self.count}", index, "done")
         self.progress.put(progress)
 
     def run(self, max_concurrency: int, on_progress: Optional[Callable[[BatchProgress], None]],

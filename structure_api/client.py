@@ -33,6 +33,7 @@ from .contract import (  # noqa: F401  (the contract's names stay importable fro
     validate_parameters,
     validate_prompt,
 )
+from .ratebudget import budget_name, make_book
 from .ratelimit import Pacer, PacerSlot, rate_limit_from_env, shared_pacer
 from .retry import RetryPolicy, next_delay
 from .store import ResultStore
@@ -92,7 +93,7 @@ class StructureClient:
         self._wall_clock = wall_clock
         self._jitter = jitter
         self._sleep = sleep
-        self.pacer = pacer if pacer is not None else _default_pacer(self.endpoint, clock, sleep)
+        self.pacer = pacer if pacer is not None else _default_pacer(self.endpoint, key, clock, sleep)
         self._redact = Redactor(key)
         self._aborted = threading.Event()
         self._transport = Transport(key, limits, clock)
@@ -266,11 +267,13 @@ class StructureClient:
                                decode=decode)
 
 
-def _default_pacer(endpoint: str, clock: Callable[[], float], sleep: Optional[Callable[[float], None]]) -> Pacer:
-    """The process's pacer for ``endpoint``; a client on injected time gets one of its own."""
+def _default_pacer(endpoint: str, key: APIKey, clock: Callable[[], float],
+                   sleep: Optional[Callable[[float], None]]) -> Pacer:
+    """The process's pacer for ``endpoint`` and ``key``, drawing from the budget other processes share
+    (``ratebudget.py``); a client on injected time gets one of its own."""
     limit = rate_limit_from_env()
     if sleep is None and clock is time.monotonic:
-        return shared_pacer(endpoint, limit)
+        return shared_pacer(endpoint, limit, budget_name(key, endpoint), lambda: make_book(key, endpoint))
     # A client on injected time (tests) cannot share the process's real-time window;
     # with real waits its pacer keeps real time whatever the client's clock says.
     return Pacer(limit, clock=clock if sleep is not None else time.monotonic)

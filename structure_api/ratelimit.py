@@ -18,15 +18,20 @@ client of that endpoint, so the node, the CLI and any number of threads count to
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import re
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 from .errors import ConfigurationError, RateLimitError
+
+log = logging.getLogger("structure_api")
 
 ENV_RATE_LIMIT = "AITHRIVING_RATE_LIMIT"
 # The upstream's limit (see the API contract): beyond it, a 60 s lock-out.
@@ -89,24 +94,30 @@ def rate_limit_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional
     return parse_rate_limit(value)
 
 
-def default_margin(limit: RateLimit) -> float:
-    """Seconds added to the window: 2 % of it, at least a tenth of a second (10.2 s for 150/10).
+def default_margin(limit: RateLimit, shared: bool = False) -> float:
+    """Seconds added to the window: 2 % of it, at least a tenth of a second (10.2 s for 150/10); 5 %,
+    at least a quarter second, while other processes draw from the same budget (10.5 s).
 
-    Small, because slots already count from when each upload went out, which is after the
-    service saw the request arrive; the margin covers clocks and jitter, not the network.
+    Small, because slots already count from when each upload went out; the margin covers the
+    time from there to when the service counts the request. Processes sharing a budget send in
+    bursts the service takes longer to read: measured with three processes on two busy cores,
+    the stand-in counted some requests more than 0.2 s after their upload was out, and 2 % led to
+    a lock-out that 5 % did not (docs/architecture.md).
     """
+    if shared:
+        return max(0.25, 0.05 * limit.seconds)
     return max(0.1, 0.02 * limit.seconds)
 
 
 class PacerSlot:
     """One request's place in the window; ``sent()`` when its upload went out, ``finish()`` when done."""
 
-    __slots__ = ("_pacer", "started", "sent_at", "finished")
+    __slots__ = ("_pacer", "token", "started", "finished")
 
-    def __init__(self, pacer: "Pacer", started: float) -> None:
+    def __init__(self, pacer: "Pacer", token: str, started: float) -> None:
         self._pacer = pacer
+        self.token = token
         self.started = started
-        self.sent_at: Optional[float] = None  # None: still uploading, counts as "now"
         self.finished = False
 
     def sent(self) -> None:
@@ -127,8 +138,134 @@ class PacerDecision:
     reason: str  # "" with a slot; else "window" | "paused" | "probe"
 
 
+# A slot whose upload never went out and never finished is forgotten after this long: its process
+# died mid-upload (an upload that goes on this long has long failed its own timeouts).
+UNSENT_LEASE_SECONDS = 600.0
+
+
+@dataclass
+class PacerState:
+    """What every user of one budget agrees on: the recent starts, the pause after a 429, the probe.
+
+    Times are on the clock of the book that holds the state (see ``ratebudget.py``). It is plain
+    data so that a budget shared between processes can keep it as one JSON value.
+    """
+
+    slots: dict = field(default_factory=dict)  # token -> [started, sent_at or None (uploading), owner]
+    paused_until: float = -math.inf
+    probe_pending: bool = False
+    probe: Optional[str] = None  # the token of the request that probes after a pause
+
+    def to_json(self) -> bytes:
+        """The state as compact JSON (no infinities: a pause never set is null)."""
+        paused = self.paused_until if math.isfinite(self.paused_until) else None
+        return json.dumps({"s": self.slots, "p": paused, "q": self.probe_pending, "r": self.probe},
+                          separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: Optional[bytes]) -> "PacerState":
+        """The state ``to_json`` wrote; an empty state for nothing or anything unreadable."""
+        try:
+            data = json.loads(raw) if raw else {}
+            slots = {str(k): [float(v[0]), None if v[1] is None else float(v[1]), str(v[2]) if v[2:] else ""]
+                     for k, v in data.get("s", {}).items()}
+            paused = data.get("p")
+            return cls(slots, -math.inf if paused is None else float(paused), bool(data.get("q")),
+                       None if data.get("r") is None else str(data["r"]))
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+            return cls()
+
+    def decide(self, now: float, limit: Optional[RateLimit], window_seconds: float, probe_grace: float,
+               token: str, owner: str = "",
+               shared_window: Optional[float] = None) -> tuple[bool, Optional[float], str]:
+        """Take a slot for ``token`` (of pacer ``owner``) at ``now`` if a request may start: (taken, wait,
+        reason). ``shared_window`` is the window while the budget holds slots of other pacers."""
+        if now < self.paused_until:
+            return False, self.paused_until - now, "paused"
+        becomes_probe = False
+        if self.probe_pending:
+            probe = self.slots.get(self.probe) if self.probe is not None else None
+            if probe is None:  # nobody probes yet (or the probe's process died): this one does
+                becomes_probe = True
+            elif probe[1] is not None and now >= probe[1] + probe_grace:
+                self.probe_pending = False  # unanswered for a while: not refused
+                self.probe = None
+            else:
+                return False, (None if probe[1] is None else probe[1] + probe_grace - now), "probe"
+        if shared_window is not None and any(slot[2] != owner for slot in self.slots.values()):
+            window_seconds = shared_window
+        self._forget_old(now, window_seconds if limit is not None else 0.0)
+        if limit is not None:
+            in_window = list(self.slots.values())
+            if len(in_window) >= limit.requests:
+                counted = sorted(slot[1] for slot in in_window if slot[1] is not None)
+                # Enough slots leave the window when the oldest of those that must go has left it.
+                surplus = len(in_window) - limit.requests + 1
+                if len(counted) < surplus:
+                    return False, None, "window"  # waits for uploads in progress
+                return False, max(0.0, counted[surplus - 1] - (now - window_seconds)), "window"
+        if limit is not None or becomes_probe:
+            self.slots[token] = [now, None, owner]
+        if becomes_probe:
+            self.probe = token
+        return True, None, ""
+
+    def _forget_old(self, now: float, window_seconds: float) -> None:
+        horizon = now - window_seconds
+        for tok, (started, sent_at, _) in list(self.slots.items()):
+            if sent_at is None:
+                gone = started <= now - UNSENT_LEASE_SECONDS
+            else:
+                gone = sent_at <= horizon and tok != self.probe
+            if gone:
+                del self.slots[tok]
+
+    def sent(self, token: str, now: float) -> None:
+        """``token``'s upload went out at ``now``."""
+        slot = self.slots.get(token)
+        if slot is not None and slot[1] is None:
+            slot[1] = now
+
+    def finished(self, token: str, rate_limited: bool, now: float) -> None:
+        """``token``'s attempt ended; a probe answered by anything but a 429 lets everyone go."""
+        self.sent(token, now)  # it may have reached the service before it failed: count it from now
+        if token == self.probe:
+            self.probe = None
+            if not rate_limited:
+                self.probe_pending = False
+
+    def pause(self, seconds: float, now: float) -> None:
+        """No request starts for ``seconds``; then one probes first."""
+        if math.isfinite(seconds) and seconds > 0:
+            self.paused_until = max(self.paused_until, now + seconds)
+        self.probe_pending = True
+
+
+T = TypeVar("T")
+_THIS_PROCESS = "counted in this process only"
+
+
+class MemoryBook:
+    """A budget of this process only: the state in memory, on the pacer's clock."""
+
+    shared = False
+
+    def __init__(self, where: str = "") -> None:
+        self.state = PacerState()
+        self.where = where or _THIS_PROCESS
+
+    def update(self, change: Callable[[PacerState, float], T], now: float) -> T:
+        """Apply ``change`` to the state at ``now`` (the caller holds the pacer's lock)."""
+        return change(self.state, now)
+
+
 class Pacer:
-    """Shared pacing state of one endpoint: the window of recent starts, the pause after a 429, the probe."""
+    """Pacing of one budget: the window of recent starts, the pause after a 429, the probe.
+
+    The state lives in a book: this process's memory (the default), or one shared with other
+    processes (``ratebudget.py``: the result store's folder, or Redis). The 429 streak and the
+    refusal after giving up stay with this process.
+    """
 
     def __init__(
         self,
@@ -137,16 +274,17 @@ class Pacer:
         clock: Callable[[], float] = time.monotonic,
         margin: Optional[float] = None,
         probe_grace: float = PROBE_GRACE_SECONDS,
+        book: Optional[Any] = None,
     ) -> None:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._turn = threading.RLock()
+        self._owner = uuid.uuid4().hex[:8]  # this pacer's slots among a shared budget's
+        self._head_message = ""  # why the thread whose turn it is waits, for the others' progress
         self._clock = clock
         self._margin = margin
         self._probe_grace = probe_grace
-        self._slots: list[PacerSlot] = []
-        self._paused_until = -math.inf
-        self._probe_pending = False
-        self._probe: Optional[PacerSlot] = None
+        self._book = book if book is not None else MemoryBook()
         self._streak = 0
         self._streak_started: Optional[float] = None
         self._refused_until = -math.inf
@@ -155,7 +293,7 @@ class Pacer:
         self.starts = 0  # slots handed out, for tests and reports
 
     def __repr__(self) -> str:
-        return f"Pacer(limit={self.limit or 'off'})"
+        return f"Pacer(limit={self.limit or 'off'}, {self.sharing})"
 
     # -- configuration ---------------------------------------------------------------
 
@@ -169,48 +307,54 @@ class Pacer:
         self._limit = limit
         margin = self._margin if self._margin is not None else (default_margin(limit) if limit else 0.0)
         self.window_seconds = (limit.seconds + margin) if limit else 0.0
+        # While other processes draw from a shared budget too, its window has the wider margin.
+        shared_margin = self._margin if self._margin is not None else (default_margin(limit, shared=True)
+                                                                       if limit else 0.0)
+        self.shared_window_seconds = (limit.seconds + shared_margin) if limit else 0.0
+
+    @property
+    def sharing(self) -> str:
+        """Who counts against this budget: 'this process only (why)', or the folder or Redis shared."""
+        return self._book.where
+
+    @property
+    def shared(self) -> bool:
+        """True when other processes draw from the same budget."""
+        return bool(self._book.shared)
+
+    def _update(self, change: Callable[[PacerState, float], T], now: Optional[float] = None) -> T:
+        """Apply ``change`` to the budget's state (the caller holds the lock); a shared book that
+        fails from now on is replaced by this process's own (it says so once)."""
+        when = self._clock() if now is None else now
+        try:
+            return self._book.update(change, when)
+        except BudgetUnavailable as error:
+            log.warning("The shared rate budget (%s) stopped working (%s); this process paces on its own "
+                        "from now on.", self._book.where, error)
+            self._book = MemoryBook(f"{_THIS_PROCESS}: {getattr(self._book, 'name', self._book.where)} "
+                                    "stopped working")
+            return self._book.update(change, self._clock() if now is None else now)
 
     # -- the decision (no waiting): what the unit tests drive with an injected clock ------
 
     def next_start(self, now: Optional[float] = None) -> PacerDecision:
         """A slot if a request may start at ``now``, else how long to wait; raises after giving up."""
         with self._lock:
-            return self._decide(self._clock() if now is None else now)
+            return self._decide(now)
 
-    def _decide(self, now: float) -> PacerDecision:
-        if now < self._refused_until:
+    def _decide(self, now: Optional[float]) -> PacerDecision:
+        local_now = self._clock() if now is None else now
+        if local_now < self._refused_until:
             raise RateLimitError(self._refused_reason)
-        if now < self._paused_until:
-            return PacerDecision(None, self._paused_until - now, "paused")
-        becomes_probe = False
-        if self._probe_pending:
-            probe = self._probe
-            if probe is None:
-                becomes_probe = True
-            elif probe.sent_at is not None and now >= probe.sent_at + self._probe_grace:
-                self._probe_pending = False  # unanswered for a while: not refused
-                self._probe = None
-            else:
-                wait = None if probe.sent_at is None else probe.sent_at + self._probe_grace - now
-                return PacerDecision(None, wait, "probe")
-        if self._limit is not None:
-            horizon = now - self.window_seconds
-            self._slots = [s for s in self._slots if s.sent_at is None or s.sent_at > horizon]
-            if len(self._slots) >= self._limit.requests:
-                counted = [s.sent_at for s in self._slots if s.sent_at is not None]
-                # Enough slots leave the window when the oldest of those that must go has left it.
-                surplus = len(self._slots) - self._limit.requests + 1
-                if len(counted) < surplus:
-                    return PacerDecision(None, None, "window")  # waits for uploads in progress
-                counted.sort()
-                return PacerDecision(None, counted[surplus - 1] - horizon, "window")
-        slot = PacerSlot(self, now)
-        if self._limit is not None:
-            self._slots.append(slot)
-        if becomes_probe:
-            self._probe = slot
+        token = uuid.uuid4().hex[:16]
+        limit, window, grace, owner = self._limit, self.window_seconds, self._probe_grace, self._owner
+        shared_window = self.shared_window_seconds if self.shared else None
+        taken, wait, reason = self._update(
+            lambda state, at: state.decide(at, limit, window, grace, token, owner, shared_window), now)
+        if not taken:
+            return PacerDecision(None, wait, reason)
         self.starts += 1
-        return PacerDecision(slot, None, "")
+        return PacerDecision(PacerSlot(self, token, local_now), None, "")
 
     # -- the blocking call the client makes before each attempt --------------------------
 
@@ -226,6 +370,24 @@ class Pacer:
         ``wait(seconds)`` waits (and raises on cancel); ``check_cancel()`` raises once cancelled;
         ``on_wait(message, seconds)`` is told each time the reason to wait changes.
         """
+        # One thread of the process at a time asks for a slot (the others wait for their turn):
+        # whoever waits, waits for the same slot, and a shared book is asked once per wait, not
+        # once per thread. Reentrant: a test's injected wait may start another request.
+        if not self._turn.acquire(blocking=False):
+            told_turn = False
+            while not self._turn.acquire(timeout=_EVENT_SLICE_SECONDS):
+                check_cancel()
+                if on_wait is not None and not told_turn and self._head_message:
+                    told_turn = True
+                    on_wait(self._head_message, None)
+        try:
+            return self._acquire_turn(wait, check_cancel, on_wait)
+        finally:
+            self._head_message = ""
+            self._turn.release()
+
+    def _acquire_turn(self, wait: Callable[[float], None], check_cancel: Callable[[], None],
+                      on_wait: Optional[Callable[[str, Optional[float]], None]]) -> PacerSlot:
         # Time passes at least as fast as the waits made: an injected wait that returns at once
         # (tests) still moves this call forward instead of spinning.
         virtual_now = self._clock()
@@ -237,13 +399,15 @@ class Pacer:
                 decision = self._decide(now)
                 if decision.slot is not None:
                     return decision.slot
+                self._head_message = self._message(decision)
                 if decision.wait is None and (on_wait is None or decision.reason == told):
-                    # Until a slot's upload goes out or the probe is answered: both notify.
+                    # Until a slot's upload goes out or the probe is answered: both notify in this
+                    # process; another process's are seen at the next slice.
                     self._changed.wait(_EVENT_SLICE_SECONDS)
                     continue
             if on_wait is not None and decision.reason != told:
                 told = decision.reason
-                on_wait(_message(decision), decision.wait)
+                on_wait(self._head_message, decision.wait)
             if decision.wait is not None:
                 wait(decision.wait)
                 virtual_now = now + decision.wait
@@ -260,11 +424,9 @@ class Pacer:
             return self._streak, now - self._streak_started
 
     def pause(self, seconds: float) -> None:
-        """After a 429: no request of this process starts for ``seconds``, then one probes first."""
+        """After a 429: no request of this budget starts for ``seconds``, then one probes first."""
         with self._lock:
-            if math.isfinite(seconds) and seconds > 0:
-                self._paused_until = max(self._paused_until, self._clock() + seconds)
-            self._probe_pending = True
+            self._update(lambda state, now: state.pause(seconds, now))
             self._changed.notify_all()
 
     def give_up(self, seconds_limited: float) -> None:
@@ -285,8 +447,8 @@ class Pacer:
 
     def _slot_sent(self, slot: PacerSlot) -> None:
         with self._lock:
-            if slot.sent_at is None:
-                slot.sent_at = self._clock()
+            if not slot.finished:
+                self._update(lambda state, now: state.sent(slot.token, now))
                 self._changed.notify_all()
 
     def _slot_finished(self, slot: PacerSlot, rate_limited: bool) -> None:
@@ -294,17 +456,21 @@ class Pacer:
             if slot.finished:
                 return
             slot.finished = True
-            if slot.sent_at is None:
-                # It may have reached the service before it failed: count it from now.
-                slot.sent_at = self._clock()
-            if slot is self._probe:
-                self._probe = None
-                if not rate_limited:
-                    self._probe_pending = False
+            self._update(lambda state, now: state.finished(slot.token, rate_limited, now))
             if not rate_limited:
                 self._streak = 0
                 self._streak_started = None
             self._changed.notify_all()
+
+    def _message(self, decision: PacerDecision) -> str:
+        text = _message(decision)
+        if decision.reason == "window" and not self.shared and self._book.where != _THIS_PROCESS:
+            text += f" ({self._book.where})"
+        return text
+
+
+class BudgetUnavailable(Exception):
+    """A shared budget's storage failed (the folder, the database, Redis); the pacer falls back."""
 
 
 def _message(decision: PacerDecision) -> str:
@@ -315,16 +481,20 @@ def _message(decision: PacerDecision) -> str:
     return "waiting for the service to accept requests again (one request tries first)"
 
 
-_shared: dict[str, Pacer] = {}
+_shared: dict[tuple[str, str], Pacer] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_pacer(endpoint: str, limit: Optional[RateLimit]) -> Pacer:
-    """The one pacer of this process for ``endpoint``; the newest configured limit applies."""
+def shared_pacer(endpoint: str, limit: Optional[RateLimit], budget: str = "",
+                 book: Optional[Callable[[], Any]] = None) -> Pacer:
+    """The one pacer of this process for ``endpoint`` and ``budget`` (a key's id); the newest limit applies.
+
+    ``book`` makes the budget's book (its state, shared or not) the first time it is asked for.
+    """
     with _shared_lock:
-        pacer = _shared.get(endpoint)
+        pacer = _shared.get((endpoint, budget))
         if pacer is None:
-            pacer = _shared[endpoint] = Pacer(limit)
+            pacer = _shared[(endpoint, budget)] = Pacer(limit, book=book() if book is not None else None)
         elif pacer.limit != limit:
             pacer.limit = limit
         return pacer

@@ -67,7 +67,7 @@ def parse_retry_after(value: object, now: float) -> Optional[float]:
     value = value.strip()
     if not value or len(value) > 100:
         return None
-    if _DECIMAL.fullmatch(value):  # ASCII digits only: float() would also take "1e999", "inf", "١٢"
+    if _DECIMAL.fullmatch(value):  # ASCII digits only: float() would also take "1e999", "inf", Arabic-Indic digits
         return min(max(0.0, float(value)), MAX_RETRY_AFTER_SECONDS)
     try:
         when = email.utils.parsedate_to_datetime(value)

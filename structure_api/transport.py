@@ -20,8 +20,7 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.connection import HTTPConnection
 
 from . import __version__
 from .config import APIKey
@@ -190,16 +189,41 @@ class _TrackedConnection:
 
 def tracking_adapter(registry: "weakref.WeakSet[HTTPConnection]", header_timeout: float) -> HTTPAdapter:
     """An adapter whose connections register in ``registry`` and whose status line and headers must
-    arrive within ``header_timeout`` s of the upload's end (see ``_TrackedConnection``)."""
-    settings = {"_registry": registry, "_header_deadline": header_timeout}
-    pools = {}
-    for scheme, connection_cls, pool_cls in (("http", HTTPConnection, HTTPConnectionPool),
-                                             ("https", HTTPSConnection, HTTPSConnectionPool)):
-        tracked = type(f"Tracked{connection_cls.__name__}", (_TrackedConnection, connection_cls), settings)
-        pools[scheme] = type(f"Tracked{pool_cls.__name__}", (pool_cls,), {"ConnectionCls": tracked})
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
-    adapter.poolmanager.pool_classes_by_scheme = pools
-    return adapter
+    arrive within ``header_timeout`` s of the upload's end (see ``_TrackedConnection``); connections
+    through a proxy (HTTP_PROXY, HTTPS_PROXY, SOCKS) too."""
+    return _TrackingAdapter({"_registry": registry, "_header_deadline": header_timeout},
+                            pool_connections=4, pool_maxsize=32, max_retries=0)
+
+
+class _TrackingAdapter(HTTPAdapter):
+    """An HTTPAdapter whose pool managers, the direct one and each proxy's, make tracked connections."""
+
+    def __init__(self, tracking: dict, **kwargs) -> None:
+        self._tracking = tracking  # set first: HTTPAdapter.__init__ makes the direct pool manager
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _tracked_pools(self.poolmanager.pool_classes_by_scheme,
+                                                                 self._tracking)
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):  # type: ignore[no-untyped-def]
+        made = proxy not in self.proxy_manager
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if made:
+            # The proxy's own pool classes (a SOCKS proxy has its own), with tracked connections.
+            manager.pool_classes_by_scheme = _tracked_pools(manager.pool_classes_by_scheme, self._tracking)
+        return manager
+
+
+def _tracked_pools(pools: dict, tracking: dict) -> dict:
+    """The same pool classes per scheme, each making connections with ``_TrackedConnection`` mixed in."""
+    tracked = {}
+    for scheme, pool_cls in pools.items():
+        connection_cls = pool_cls.ConnectionCls
+        connection = type(f"Tracked{connection_cls.__name__}", (_TrackedConnection, connection_cls), tracking)
+        tracked[scheme] = type(f"Tracked{pool_cls.__name__}", (pool_cls,), {"ConnectionCls": connection})
+    return tracked
 
 
 # --- the transport -----------------------------------------------------------------------

@@ -20,6 +20,7 @@ from structure_api.ratelimit import (
     rate_limit_from_env,
     shared_pacer,
 )
+from structure_api.ratebudget import budget_name
 from structure_api.retry import RetryPolicy
 from structure_api.standin import Respond, StandInServer
 from structure_api.standin.ratelimit import UpstreamRateLimit
@@ -92,17 +93,20 @@ def test_a_client_refuses_a_malformed_rate_limit_before_any_io(monkeypatch):
         StructureClient(api_key=TEST_KEY, base_url="http://127.0.0.1:9")
 
 
-def test_one_pacer_per_endpoint_shared_by_every_client(monkeypatch):
+def test_one_pacer_per_endpoint_and_key_shared_by_every_client(monkeypatch):
+    """One budget per key: clients of one endpoint and key share a pacer; another key has its own."""
     monkeypatch.setenv("AITHRIVING_RATE_LIMIT", "150/10")
     with StructureClient(api_key=TEST_KEY, base_url="http://127.0.0.1:9") as a, \
-            StructureClient(api_key="other", base_url="http://127.0.0.1:9/") as b, \
+            StructureClient(api_key=TEST_KEY, base_url="http://127.0.0.1:9/") as b, \
+            StructureClient(api_key="other", base_url="http://127.0.0.1:9/") as other, \
             StructureClient(api_key=TEST_KEY, base_url="http://127.0.0.1:10") as c:
-        assert a.pacer is b.pacer and a.pacer is not c.pacer
+        assert a.pacer is b.pacer and a.pacer is not c.pacer and a.pacer is not other.pacer
         assert a.pacer.limit == RateLimit(150, 10.0)
     monkeypatch.setenv("AITHRIVING_RATE_LIMIT", "20/1")
     with StructureClient(api_key=TEST_KEY, base_url="http://127.0.0.1:9") as d:
         assert d.pacer is a.pacer and d.pacer.limit == RateLimit(20, 1.0)  # the newest setting applies
-    assert shared_pacer("http://127.0.0.1:9/api/control/structure", None) is a.pacer
+    endpoint = "http://127.0.0.1:9/api/control/structure"
+    assert shared_pacer(endpoint, None, budget_name(TEST_KEY, endpoint)) is a.pacer
 
 
 # --- the window ---------------------------------------------------------------------------------

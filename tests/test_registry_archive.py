@@ -36,7 +36,7 @@ RUNTIME_PATTERNS = [
     r"__init__\.py", r"nodes\.py", r"server_routes\.py", r"requirements\.txt", r"pyproject\.toml", r"README\.md", r"LICENSE",
     r"CHANGELOG\.md", r"icon\.png", r"node_list\.json",
     r"structure_api/[a-z_]+\.py", r"structure_api/standin/[a-z_]+\.py", r"structure_api/images/[a-z_]+\.py", r"structure_api/cli/[a-z_]+\.py",
-    r"web/[a-z_]+\.js", r"web/docs/AIThrivingStructure\.md", r"web/docs/AIThrivingStructure/[a-z]{2}(-[A-Z]{2})?\.md",
+    r"web/[a-z0-9_]+\.js", r"web/docs/AIThrivingStructure\.md", r"web/docs/AIThrivingStructure/[a-z]{2}(-[A-Z]{2})?\.md",
     r"locales/[a-z]{2}(-[A-Z]{2})?/(main|nodeDefs|commands|settings)\.json",
     r"example_workflows/[a-z_]+\.(json|jpg)", r"example_workflows/structure_example\.png",
 ]

@@ -9,15 +9,15 @@
 //   On each Structure node            a notice badge: "API key not set · Settings → AIThriving" when no
 //                                      key is set and offline mode is off; "local stand-in · free" when on.
 //   At start-up                       a toast saying the same when no key is set and offline mode is off.
-// The node's right-click menu opens a small key dialog too.
+// The node's right-click menu opens a small key dialog too: through the frontend's getNodeMenuItems hook
+// where it has one (frontends since late 2025), else by extending the node's getExtraMenuOptions.
+// Every text shown is in the user's language (web/aithriving_i18n.js, locales/<lang>/).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { NODE_ID, currentLocale, loadTranslations, settingText, t } from "./aithriving_i18n.js";
 
-const NODE_ID = "AIThrivingStructure";
 const KEY_SETTING = "AIThriving.Setup.APIKey";
 const LOCAL_SETTING = "AIThriving.Setup.LocalStandIn";
-const LOCAL_LABEL = "local stand-in · free";
-const NO_KEY_NOTICE = "API key not set · Settings → AIThriving";
 
 // What the server last said. The cost badges (web/aithriving_structure.js) import it for offline mode;
 // other code in the page reads it as this extension's `state` (app.extensions): no page global.
@@ -44,6 +44,16 @@ function changed() {
   }
 }
 
+// A refusal in the user's words. The server words its refusals in English, precisely: an English page
+// shows them as they are; other languages show what the HTTP status means (and the console the rest).
+function refusalText(status, serverWords) {
+  if (serverWords && currentLocale().split("-")[0] === "en") return serverWords;
+  if (serverWords) console.info("[aithriving.setup] the server said:", serverWords);
+  if (status === 400) return t("keyRefused");
+  if (status === 409) return t("keyConflict");
+  return t("serverAnswered", { status });
+}
+
 async function answerOf(response) {
   let body = null;
   try {
@@ -51,8 +61,14 @@ async function answerOf(response) {
   } catch {
     body = null;
   }
-  if (!response.ok) throw new Error(body?.error ?? `The server answered HTTP ${response.status}.`);
+  if (!response.ok) throw new Error(refusalText(response.status, body?.error));
   return body;
+}
+
+// What went wrong, for the page: a refusal as answerOf words it, a failed request in the user's words.
+function problemText(error) {
+  if (error instanceof TypeError) return t("serverUnreachable"); // fetch: no answer at all
+  return String(error?.message ?? error);
 }
 
 async function refresh() {
@@ -65,7 +81,7 @@ async function refresh() {
     state.local = mode.local === true;
     state.error = null;
   } catch (error) {
-    state.error = String(error?.message ?? error);
+    state.error = problemText(error);
   }
   changed();
 }
@@ -93,16 +109,12 @@ async function sendMode(local) {
 }
 
 function keyStatusText() {
-  if (state.error) return `Could not ask the server: ${state.error}`;
+  if (state.error) return t("keyStatusError", { error: state.error });
   const key = state.key;
-  if (!key) return "Asking the server…";
-  if (key.source === "environment") {
-    return "A key is set by the AITHRIVING_API_KEY environment variable; it takes precedence over a key saved here.";
-  }
-  if (key.set) return "A key is saved in your key file (outside ComfyUI's folders). It is never shown again.";
-  return state.local
-    ? "No API key set. Not needed now: the free local stand-in is on."
-    : "No API key set. Paste the key from your aithriving.com account and press Save.";
+  if (!key) return t("keyStatusAsking");
+  if (key.source === "environment") return t("keyStatusEnvironment");
+  if (key.set) return t("keyStatusSaved");
+  return t(state.local ? "keyStatusNoneLocal" : "keyStatusNone");
 }
 
 function element(tag, props = {}, children = []) {
@@ -119,14 +131,17 @@ function keyForm(onSaved) {
   const message = element("div", { className: "aithriving-key-message" });
   message.style.cssText = "margin-top:6px;white-space:normal;";
   const input = element("input", {
-    type: "password", autocomplete: "off", spellcheck: false, placeholder: "API key",
+    type: "password", autocomplete: "off", spellcheck: false, placeholder: t("keyPlaceholder"),
     className: "aithriving-key-input p-inputtext",
   });
-  input.setAttribute("aria-label", "AIThriving API key");
+  input.setAttribute("aria-label", t("keyInputLabel"));
   input.style.cssText = "width:16em;margin-right:6px;";
-  const save = element("button", { type: "button", textContent: "Save", className: "aithriving-key-save p-button" });
+  const save = element("button", {
+    type: "button", textContent: t("keySave"), className: "aithriving-key-save p-button",
+  });
   const remove = element("button", {
-    type: "button", textContent: "Remove key", className: "aithriving-key-remove p-button p-button-secondary",
+    type: "button", textContent: t("keyRemove"),
+    className: "aithriving-key-remove p-button p-button-secondary",
   });
   save.style.cssText = remove.style.cssText = "margin-right:6px;padding:2px 10px;";
   const render = () => {
@@ -142,19 +157,25 @@ function keyForm(onSaved) {
       message.textContent = done;
       onSaved?.();
     } catch (error) {
-      message.textContent = String(error?.message ?? error);
+      message.textContent = problemText(error);
     }
     render();
   };
-  save.addEventListener("click", () => run(async () => {
-    const key = input.value;
-    input.value = ""; // not kept in the page longer than the request
-    await sendKey(key);
-  }, "Saved. The next run uses it; no restart needed."));
+  save.addEventListener("click", () => {
+    if (!input.value.trim()) {
+      message.textContent = t("keyEmpty");
+      return;
+    }
+    run(async () => {
+      const key = input.value;
+      input.value = ""; // not kept in the page longer than the request
+      await sendKey(key);
+    }, t("keySaved"));
+  });
   input.addEventListener("keydown", (event) => {
     if (event.key === "Enter") save.click();
   });
-  remove.addEventListener("click", () => run(removeKey, "The key file was removed."));
+  remove.addEventListener("click", () => run(removeKey, t("keyRemoved")));
   listeners.add(render);
   render();
   const form = element("div", { className: "aithriving-key-form" }, [status, input, save, remove, message]);
@@ -179,7 +200,7 @@ function keyDialogComponent(close) {
       form = keyForm(() => setTimeout(close, 800));
       content = element("div", { className: "aithriving-key-dialog" }, [
         form,
-        element("p", { textContent: "Or switch on the free local stand-in in Settings → AIThriving." }),
+        element("p", { textContent: t("dialogOffline") }),
       ]);
       content.style.cssText = "max-width:32em;";
       this.$el.parentNode.insertBefore(content, this.$el);
@@ -196,20 +217,30 @@ function openKeyDialog() {
   const dialogs = app.extensionManager?.dialog;
   if (!dialogs?.showExtensionDialog) {
     app.extensionManager?.toast?.add?.({
-      severity: "info", summary: "AIThriving", detail: "Set the API key in Settings → AIThriving → API key.",
-      life: 8000,
+      severity: "info", summary: t("toastSummary"), detail: t("setKeyInSettings"), life: 8000,
     });
     return;
   }
   const opened = dialogs.showExtensionDialog({
-    key: KEY_DIALOG, title: "AIThriving API key", component: keyDialogComponent(() => opened?.closeDialog()),
+    key: KEY_DIALOG, title: t("dialogTitle"), component: keyDialogComponent(() => opened?.closeDialog()),
   });
 }
 
 function noticeText() {
-  if (state.local) return LOCAL_LABEL;
-  if (state.key && !state.key.set) return NO_KEY_NOTICE;
+  if (state.local) return t("noticeLocal");
+  if (state.key && !state.key.set) return t("noticeNoKey");
   return "";
+}
+
+// The node's menu entry that opens the key dialog.
+function keyMenuItem() {
+  return { content: t("menuSetKey"), callback: () => openKeyDialog() };
+}
+
+// Frontends with the getNodeMenuItems hook (1.3x and later) collect extensions' node menu entries
+// through app.collectNodeMenuItems; older ones only call the node's getExtraMenuOptions.
+function frontendHasNodeMenuItems() {
+  return typeof app.collectNodeMenuItems === "function";
 }
 
 function noticeBadge(node) {
@@ -227,10 +258,10 @@ app.registerExtension({
   settings: [
     {
       id: KEY_SETTING,
-      category: ["AIThriving", "Setup", "API key"],
-      name: "API key",
-      tooltip: "Saved in your own key file (~/.config/aithriving/api_key, mode 0600), never in ComfyUI's settings, "
-        + "workflows or images.",
+      category: ["AIThriving", "Setup", "APIKey"],
+      // The frontend shows settings.json's translations of name and tooltip (locales/<lang>/).
+      name: settingText(KEY_SETTING, "name"),
+      tooltip: settingText(KEY_SETTING, "tooltip"),
       // A custom element: the key is posted to the server and this setting's value stays empty.
       type: () => keyForm(),
       defaultValue: "",
@@ -238,9 +269,8 @@ app.registerExtension({
     {
       id: LOCAL_SETTING,
       category: ["AIThriving", "Setup", "Offline"],
-      name: "Use the free local stand-in (no key, no credits)",
-      tooltip: "Runs the Structure node against a stand-in inside ComfyUI: images drawn from the input's edges, "
-        + "coloured from the prompt; no key, no network, 0 credits. Turn off for real results.",
+      name: settingText(LOCAL_SETTING, "name"),
+      tooltip: settingText(LOCAL_SETTING, "tooltip"),
       type: "boolean",
       defaultValue: false,
       onChange: async (value) => {
@@ -250,7 +280,7 @@ app.registerExtension({
           await sendMode(value === true);
         } catch (error) {
           app.extensionManager?.toast?.add?.({
-            severity: "error", summary: "AIThriving", detail: String(error?.message ?? error), life: 8000,
+            severity: "error", summary: t("toastSummary"), detail: problemText(error), life: 8000,
           });
         }
       },
@@ -258,7 +288,7 @@ app.registerExtension({
   ],
 
   async setup() {
-    await refresh();
+    await Promise.all([loadTranslations(), refresh()]);
     const setting = app.extensionManager?.setting;
     if (state.local !== null && setting?.get?.(LOCAL_SETTING) !== state.local) {
       try {
@@ -269,9 +299,7 @@ app.registerExtension({
     }
     if (state.key && !state.key.set && !state.local) {
       noKeyToast = {
-        severity: "warn", summary: "AIThriving Structure: no API key set",
-        detail: "Set it in Settings → AIThriving → API key, or switch on the free local stand-in there.",
-        life: 12000,
+        severity: "warn", summary: t("toastNoKeySummary"), detail: t("toastNoKeyDetail"), life: 12000,
       };
       app.extensionManager?.toast?.add?.(noKeyToast);
     }
@@ -287,11 +315,18 @@ app.registerExtension({
       this.badges.push(() => noticeBadge(this));
       return result;
     };
+    if (frontendHasNodeMenuItems()) return; // the entry comes from getNodeMenuItems below
     const getExtraMenuOptions = nodeType.prototype.getExtraMenuOptions;
     nodeType.prototype.getExtraMenuOptions = function (canvas, options) {
       const result = getExtraMenuOptions?.apply(this, arguments);
-      options?.push?.({ content: "AIThriving: set API key…", callback: () => openKeyDialog() });
+      options?.push?.(keyMenuItem());
       return result;
     };
+  },
+
+  // The frontend's node menu hook: entries for the node right-clicked (frontends that lack it never call it).
+  getNodeMenuItems(node) {
+    const type = node?.constructor?.comfyClass ?? node?.comfyClass ?? node?.type;
+    return type === NODE_ID ? [keyMenuItem()] : [];
   },
 });

@@ -25,23 +25,12 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { setupState } from "./aithriving_setup.js";
+import { NODE_ID, loadTranslations, restoreTranslationsWhenLoaded, t as text } from "./aithriving_i18n.js";
 
-const NODE_ID = "AIThrivingStructure";
 // Node state key of the last run's cost (never saved with the workflow: see onSerialize).
 const LAST_RUN_PROPERTY = "aithriving_last_run";
 // Credits per image, from the server (structure_api/contract.py, in the node's schema): see creditsPerImage.
 let CREDITS_PER_IMAGE = null;
-const STRINGS_KEY = "aithrivingStructure";
-const ENGLISH = {
-  estimate: "≈ {credits} credits",
-  estimatePerImage: "≈ {credits} credits per image",
-  estimateAsLastRun: "≈ {credits} credits (as the last run)",
-  lastRun: "Last run: {credits} credits",
-  lastRunCached: "Last run: {credits} credits ({cached} from cache)",
-  lastRunReused: "Last run: 0 credits (ComfyUI reused the previous result)",
-  estimateLocal: "0 credits · local stand-in · free",
-  lastRunLocal: "Last run: 0 credits (local stand-in · free)",
-};
 
 // Nodes whose IMAGE output has as many images as their first IMAGE input.
 const SAME_BATCH_SIZE = new Set([
@@ -55,61 +44,9 @@ const MODE_MUTED = 2;
 const MODE_BYPASSED = 4;
 const MAX_DEPTH = 32;
 
-let strings = { en: ENGLISH };
-let packMessages = {}; // locale -> this pack's part of /i18n (nodeDefs entry and badge strings)
-let restoredLocale = null;
 // Nodes whose output ComfyUI took from its own cache in the current run: it re-sends their last UI
 // output (the old cost) without running them, so nothing was paid.
 let reusedByComfy = new Set();
-
-async function loadStrings() {
-  try {
-    const response = await api.fetchApi("/i18n");
-    if (!response.ok) return;
-    const all = await response.json();
-    for (const [locale, messages] of Object.entries(all)) {
-      const mine = {};
-      if (messages?.nodeDefs?.[NODE_ID]) mine.nodeDefs = { [NODE_ID]: messages.nodeDefs[NODE_ID] };
-      if (messages?.[STRINGS_KEY]) {
-        mine[STRINGS_KEY] = messages[STRINGS_KEY];
-        strings[locale] = messages[STRINGS_KEY];
-      }
-      if (Object.keys(mine).length) packMessages[locale] = mine;
-    }
-    strings.en = { ...ENGLISH, ...strings.en };
-  } catch (error) {
-    console.warn("[aithrivingstructure] translations not loaded, showing English", error);
-  }
-}
-
-function currentLocale() {
-  try {
-    return app.extensionManager?.setting?.get?.("Comfy.Locale") || "en";
-  } catch {
-    return "en";
-  }
-}
-
-// Frontend 1.32 loses the packs' translations of a language it loads lazily (every one but English):
-// it merges them from /i18n first and then replaces that language's messages with its own (fixed
-// upstream in ComfyUI_frontend pull request 7214). Put this pack's part back, once the frontend has
-// loaded the language. Where the frontend keeps them, or its i18n cannot be reached, this does nothing.
-function frontendI18n() {
-  const vueApp = document.getElementById("vue-app")?.__vue_app__;
-  const symbol = vueApp?.__VUE_I18N_SYMBOL__;
-  return symbol ? vueApp._context?.provides?.[symbol]?.global ?? null : null;
-}
-
-function restoreTranslations(locale) {
-  const i18n = frontendI18n();
-  const mine = packMessages[locale];
-  if (!i18n || !mine || typeof i18n.te !== "function") return true;
-  if (!i18n.te("g.about", locale)) return false; // the frontend has not loaded this language yet
-  if (mine.nodeDefs && !i18n.te(`nodeDefs.${NODE_ID}.display_name`, locale)) {
-    i18n.mergeLocaleMessage(locale, mine);
-  }
-  return true;
-}
 
 // The price the server states in the node's schema (the image input's `credits_per_image`), so this file
 // never restates it. nodeData is the frontend's copy of /object_info; a frontend that drops unknown
@@ -126,22 +63,6 @@ async function creditsPerImage(nodeData) {
     console.warn("[aithrivingstructure] price not loaded from the node's schema", error);
   }
   return null;
-}
-
-async function restoreTranslationsWhenLoaded(timeoutMs = 5000) {
-  const locale = currentLocale();
-  const deadline = Date.now() + timeoutMs;
-  while (!restoreTranslations(locale) && Date.now() < deadline) {
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  restoredLocale = locale;
-}
-
-function text(key, values) {
-  const locale = currentLocale();
-  if (locale !== restoredLocale && restoreTranslations(locale)) restoredLocale = locale;
-  const template = strings[locale]?.[key] ?? strings[locale.split("-")[0]]?.[key] ?? ENGLISH[key];
-  return template.replace(/\{(\w+)\}/g, (_, name) => String(values[name] ?? ""));
 }
 
 function inputConnected(node, index) {
@@ -327,7 +248,7 @@ app.registerExtension({
 
   // Before the node types are registered: they take their translated names then.
   async init() {
-    await loadStrings();
+    await loadTranslations();
     await restoreTranslationsWhenLoaded();
   },
 

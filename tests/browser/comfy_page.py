@@ -326,6 +326,17 @@ class ComfyPage:
             f"""[...(app.canvas.selectedItems ?? []), ...Object.values(app.canvas.selected_nodes ?? {{}})]
                 .some(item => String(item.id) === {js(node_id)})""", message=f"node {node_id} selected")
 
+    def open_node_menu(self, node_id: str, entry: str) -> Locator:
+        """Right-click a node's title bar, as a user opens its menu; the menu entry of that text, once shown."""
+        point = self.page.evaluate(
+            f"""(() => {{ const n = app.graph.getNodeById({js(node_id)}) ?? app.graph.getNodeById(Number({js(node_id)}));
+                const [x, y] = app.canvasPosToClientPos([n.pos[0] + 60, n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2]);
+                return {{x, y}}; }})()""")
+        self.page.mouse.click(point["x"], point["y"], button="right")
+        item = self.page.get_by_text(entry, exact=True).filter(visible=True)
+        item.first.wait_for(state="visible", timeout=10_000)
+        return item
+
     def open_help_of_selected_node(self, heading: str) -> str:
         """Open the selected node's help (the selection toolbox's info button); its text once it shows `heading`."""
         self.page.get_by_test_id("info-button").filter(visible=True).first.click()

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 WORKFLOW = REPO / "example_workflows" / "structure_basic.json"
 NO_KEY_NOTICE = "API key not set · Settings → AIThriving"
 LOCAL_LABEL = "local stand-in · free"
+MENU_ENTRY = "AIThriving: set API key…"
 NO_PROXY = {"http": None, "https": None}
 # JavaScript: what web/aithriving_setup.js last heard from the server (its extension's `state`).
 SETUP_STATE = "app.extensions.find(e => e.name === 'aithrivingstructure.setup')?.state"
@@ -121,13 +122,26 @@ def test_environment_key_wins_and_the_key_dialog_says_so(comfy_page_factory, tmp
     assert NO_KEY_NOTICE not in badges and LOCAL_LABEL not in badges
     assert page.get_by_text("AIThriving Structure: no API key set", exact=True).count() == 0
 
-    # The node's menu entry opens the key dialog (called as the frontend's menu calls it).
-    ui.evaluate("""(() => { const node = app.graph.nodes.find(n => n.type === 'AIThrivingStructure');
-        const options = []; node.getExtraMenuOptions(app.canvas, options);
-        options.find(o => o?.content === 'AIThriving: set API key…').callback(); })()""")
+    # The node's menu entry opens the key dialog: right-click the node, click the entry (there once).
+    ui.frame_graph()
+    entry = ui.open_node_menu(ui.structure_node()["id"], MENU_ENTRY)
+    assert entry.count() == 1
+    entry.first.click()
     dialog = page.locator(".aithriving-key-dialog")
     dialog.wait_for(state="visible")
     assert "set by the AITHRIVING_API_KEY environment variable" in dialog.locator(".aithriving-key-status").inner_text()
     assert dialog.locator(".aithriving-key-input").is_disabled() and dialog.locator(".aithriving-key-save").is_disabled()
     assert TEST_KEY not in dialog.inner_text() + ui.log.text() + server.log_text()
     assert not key_file.exists()
+    # The entry comes through the frontend's getNodeMenuItems hook where it has one; the node's own
+    # getExtraMenuOptions is extended only on frontends without it (1.25).
+    hooks = ui.evaluate("""(() => { const node = app.graph.nodes.find(n => n.type === 'AIThrivingStructure');
+        const options = []; node.getExtraMenuOptions?.(app.canvas, options);
+        return {hook: typeof app.collectNodeMenuItems === 'function',
+                collected: app.collectNodeMenuItems?.(node)?.map(o => o?.content) ?? null,
+                legacy: options.map(o => o?.content)}; })()""")
+    if hooks["hook"]:
+        assert hooks["collected"].count(MENU_ENTRY) == 1 and MENU_ENTRY not in hooks["legacy"]
+    else:
+        assert hooks["legacy"].count(MENU_ENTRY) == 1
+    assert not [line for line in ui.log.console if line.startswith("[warning] [deprecated-by-pack]")]

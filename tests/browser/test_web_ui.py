@@ -184,7 +184,8 @@ def test_server_lists_the_example_workflows_as_templates_with_thumbnails(ui_serv
 def test_web_extension_and_help_pages_are_served(ui_server):
     assert f"{PACK_URL_PART}aithriving_structure.js" in http_get(ui_server, "/extensions").json()
     for path, heading in [("docs/AIThrivingStructure.md", "# Structure (AIThriving)"),
-                          ("docs/AIThrivingStructure/fr.md", "# Génération par structure (AIThriving)")]:
+                          ("docs/AIThrivingStructure/fr.md", "# Génération par structure (AIThriving)"),
+                          ("docs/AIThrivingStructure/es.md", "# Estructura (AIThriving)")]:
         page = http_get(ui_server, f"{PACK_URL_PART}{path}")
         assert page.status_code == 200 and page.text.startswith(heading + "\n")
 

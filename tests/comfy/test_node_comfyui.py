@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import time
@@ -125,6 +126,27 @@ def test_object_info_lists_the_node_with_its_inputs(comfy):
     # No key input of any kind, and no Comfy-account hidden inputs.
     names = json.dumps(info["input"]).lower()
     assert "key" not in names and "auth" not in names
+
+
+def schema_fields_of(install) -> set[str]:
+    """The fields of io.Schema in this ComfyUI's own source (read, not imported: the server's view)."""
+    source = install.comfy_dir / "comfy_api" / "latest" / "_io.py"
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    [schema] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Schema"]
+    return {n.target.id for n in schema.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+
+
+def test_search_aliases_where_the_server_has_them(comfy, comfy_install):
+    # ComfyUI 0.11 and later take search aliases (words the node search also matches); older
+    # servers' Schema has no such field, and the node must load there all the same.
+    info = comfy.object_info(NODE)
+    fields = schema_fields_of(comfy_install)
+    assert {"node_id", "display_name", "description"} <= fields  # the Schema was really read
+    if "search_aliases" in fields:
+        assert info["search_aliases"] == ["controlnet", "structure", "sketch to image", "depth", "edges",
+                                          "img2img", "aithriving"]
+    else:
+        assert info["display_name"] == "Structure (AIThriving)" and not info.get("search_aliases")
 
 
 def test_single_image_saves_the_services_image(comfy, standin):

@@ -81,7 +81,13 @@ def test_key_status_set_from_the_ui_used_without_restart_then_deleted(
         assert call("GET", "/api/aithriving/key").json() == {"set": False, "source": None}
 
         entry = server.run(graph(prefix="nokey"))
-        assert "No API key found: set it in Settings → AIThriving" in execution_error(entry)["exception_message"]
+        assert "No API key found: set it in Settings > AIThriving" in execution_error(entry)["exception_message"]
+        # In the language the user chose in ComfyUI's settings (locales/es/main.json).
+        assert call("POST", "/settings/Comfy.Locale", json="es").status_code == 200
+        entry = server.run(graph(prefix="nokey-es"))
+        assert execution_error(entry)["exception_message"].startswith(
+            "No hay clave de API: introdúzcala en Configuración > AIThriving > Clave de API")
+        assert call("POST", "/settings/Comfy.Locale", json="en").status_code == 200
         assert billing_standin.requests == []
 
         # Refusals: nothing is written, and the key is never echoed.
