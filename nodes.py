@@ -22,7 +22,7 @@ from .structure_api.contract import (
     MAX_SEED, MIN_CONTROL_STRENGTH, OUTPUT_FORMATS, PROMPT_RANGE_TEXT, validate_prompt)
 from .structure_api.errors import InputError, MissingAPIKeyError
 from .structure_api.files import write_atomically
-from .structure_api.offline import RunSetup, client_for_run, process_standin
+from .structure_api.offline import RunSetup, client_for_run, destination_fingerprint, process_standin
 from .structure_api.pipeline import StructureParams, generate_images
 
 CATEGORY = "image/AIThriving"
@@ -95,8 +95,11 @@ class AIThrivingStructure(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, seed: int = 0, **kwargs) -> object:
-        # Seed 0 asks the service for a fresh random image each run, so never reuse an output.
-        return float("nan") if seed == 0 else None
+        # Seed 0 asks the service for a fresh random image each run, so never reuse an output. A fixed
+        # seed's output is reused only while requests go to the same place: switching offline mode off
+        # (or the service's address) must not leave the stand-in's drawing passing for the service's result.
+        # A digest: ComfyUI keeps the fingerprint in the prompt, and so in every saved PNG.
+        return float("nan") if seed == 0 else destination_fingerprint()
 
     @classmethod
     def validate_inputs(cls, prompt: object = None) -> bool | str:

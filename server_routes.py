@@ -7,6 +7,7 @@ route table to the app), never at import. Answers hold the key's status, never t
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from .structure_api import settings
+from .structure_api.config import is_loopback_host
 from .structure_api.errors import ConfigurationError
 
 log = logging.getLogger("structure_api")
@@ -62,6 +64,53 @@ def cross_origin_refusal(request: web.Request) -> web.Response | None:
     return None
 
 
+def _listen_addresses() -> list[str]:
+    """The addresses ComfyUI was told to listen on (--listen, comma-separated; 127.0.0.1 by default)."""
+    try:
+        from comfy.cli_args import args  # ComfyUI's; read at request time, as it was parsed at start
+
+        listen = getattr(args, "listen", None) or "127.0.0.1"
+    except ImportError:
+        listen = "127.0.0.1"
+    return [address.strip().strip("[]").lower() for address in str(listen).split(",") if address.strip()]
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def host_refusal(request: web.Request) -> web.Response | None:
+    """403 for a change sent to a host name that is not this machine's (DNS rebinding).
+
+    A page on another site can make its own name resolve to this machine; the browser then sends
+    that name as Host, and the same name as Origin, so the origin check alone lets it through.
+    Accepted: localhost, a loopback address, an address ComfyUI listens on (any IP address when it
+    listens on all of them: an address, unlike a name, cannot be rebound). A request without a Host
+    comes from no browser.
+    """
+    header = request.headers.get("Host")
+    if header is None:
+        return None
+    try:
+        name = urlsplit(f"//{header}").hostname or ""
+    except ValueError:
+        name = ""
+    listening = _listen_addresses()
+    if name and (is_loopback_host(name) or name in listening
+                 or (_is_address(name) and any(a in _WILDCARD_ADDRESSES for a in listening))):
+        return None
+    log.warning("refused %s %s for another host name", request.method, request.path)
+    return _error(403, "Refused: the request was addressed to another host name than this machine's "
+                       "(localhost or the address ComfyUI listens on).")
+
+
+_WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
+
+
 async def _json_body(request: web.Request) -> dict:
     """The request's JSON object; _BadRequest if it is not JSON, too large or not an object."""
     # JSON only: a page elsewhere cannot send this content type without the browser asking first.
@@ -89,9 +138,10 @@ def _change(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def route(request: web.Request) -> web.Response:
-        refusal = cross_origin_refusal(request)
-        if refusal is not None:
-            return refusal
+        for check in (cross_origin_refusal, host_refusal):
+            refusal = check(request)
+            if refusal is not None:
+                return refusal
         try:
             return await handler(request)
         except _BadRequest as error:
@@ -103,10 +153,21 @@ def _change(handler: Handler) -> Handler:
     return route
 
 
-def _user_directory() -> list[str]:
-    import folder_paths  # ComfyUI's; read at request time so --base-directory is honoured
+def _served_folders() -> list[str]:
+    """Every folder ComfyUI serves files from over HTTP, read at request time (so --base-directory counts)."""
+    import importlib
 
-    return [folder_paths.get_user_directory()]
+    import folder_paths  # ComfyUI's
+
+    folders = [getattr(folder_paths, name)() for name in (
+        "get_input_directory", "get_output_directory", "get_temp_directory", "get_user_directory")
+        if hasattr(folder_paths, name)]
+    # The custom nodes' web folders (served under /extensions/) and the frontend's own root.
+    folders += list(getattr(importlib.import_module("nodes"), "EXTENSION_WEB_DIRS", {}).values())
+    from server import PromptServer
+
+    folders.append(getattr(PromptServer.instance, "web_root", None))
+    return [str(folder) for folder in folders if folder]
 
 
 async def get_key(request: web.Request) -> web.Response:
@@ -120,7 +181,7 @@ async def post_key(request: web.Request) -> web.Response:
     body = await _json_body(request)
     if "key" not in body:
         raise _BadRequest(400, 'Send the key as {"key": "..."}.')
-    status = settings.save_api_key(body["key"], forbidden_dirs=_user_directory())
+    status = settings.save_api_key(body["key"], forbidden_dirs=_served_folders())
     return web.json_response(status.as_json())
 
 

@@ -139,7 +139,7 @@ def keep_and_decode(answer: ImageAnswer, request: StructureRequest, attempt: int
             # A random-seed result also answers the same request with that seed fixed.
             aliases = (store.key_for(dataclasses.replace(request, seed=answer.seed), endpoint),)
         stored = store.keep(store.key_for(request, endpoint), answer.raw, seed=answer.seed, format=answer.format,
-                            label=label, aliases=aliases)
+                            label=label, aliases=aliases, free=answer.credits == 0)
     try:
         pixels = decode_image(answer.raw) if decode else None
     except errors.MalformedResponseError as error:

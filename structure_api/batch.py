@@ -127,9 +127,12 @@ class BatchReport:
                 where = f"in the result store ({store.directory})"
                 again = "so queuing again pays only for the failed ones"
             else:
-                where = "in memory only, because the result store cannot be written"
+                where = f"in memory only, because {store.memory_reason}"
                 again = "so queuing again in this same process pays only for the failed ones"
-            sentence += f"; {'it is' if self.done == 1 else f'all {self.done} are'} kept {where}, {again}"
+            if self.paid and not self.credits and not self.from_cache:
+                again = ""  # a stand-in made them: nothing was paid, so nothing about paying again is true
+            kept = f"; {'it is' if self.done == 1 else f'all {self.done} are'} kept {where}"
+            sentence += f"{kept}, {again}" if again else kept
         elif self.done:
             sentence += "; they were not kept, so queuing again pays for them again"
         if self.may_be_charged:

@@ -18,7 +18,7 @@ import requests
 from urllib3.connection import HTTPConnection
 
 from .answers import Redactor, StructureResult, image_answer, keep_and_decode, refuse_redirect
-from .config import APIKey, check_key_may_travel, load_api_key, resolve_base_url
+from .config import APIKey, check_base_url, check_key_may_travel, load_api_key, resolve_base_url
 from .errors import CancelledError, RateLimitError, StructureError
 from .contract import (  # noqa: F401  (the contract's names stay importable from here)
     CREDITS_PER_IMAGE,
@@ -82,7 +82,8 @@ class StructureClient:
         min_body_rate: float = MIN_BODY_RATE,
     ) -> None:
         # Configuration problems surface here, before any socket is opened.
-        self.base_url = (base_url or resolve_base_url()).rstrip("/")
+        # Checked as AITHRIVING_BASE_URL is: a port out of range fails here, not after five retries.
+        self.base_url = check_base_url(base_url) if base_url else resolve_base_url()
         key = load_api_key() if api_key is None else api_key
         key = key if isinstance(key, APIKey) else APIKey(key)
         check_key_may_travel(self.base_url)

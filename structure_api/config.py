@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 from pathlib import Path
 from typing import Mapping, Optional
 from urllib.parse import urlsplit
@@ -14,7 +15,10 @@ ENV_API_KEY = "AITHRIVING_API_KEY"
 ENV_API_KEY_FILE = "AITHRIVING_API_KEY_FILE"
 ENV_BASE_URL = "AITHRIVING_BASE_URL"
 DEFAULT_BASE_URL = "https://www.aithriving.com"
+# The key file's place on Linux, and on Windows and macOS before they got their own (still read there
+# when it holds a key or settings and the platform's folder does not exist yet).
 DEFAULT_KEY_FILE = "~/.config/aithriving/api_key"
+KEY_FILE_NAME = "api_key"
 # The local stand-in marks every answer with this header; results carrying it cost nothing.
 STANDIN_HEADER = "X-AIThriving-Stand-In"
 
@@ -66,16 +70,40 @@ def _missing_key_message(environ: Optional[Mapping[str, str]] = None) -> str:
             f"No API key found: set the {ENV_API_KEY} environment variable, or put the key in "
             f"{key_file_path(env)} (the file named by {ENV_API_KEY_FILE}), which does not exist."
         )
+    default = default_key_file(env)
+    shown = DEFAULT_KEY_FILE if default == Path(DEFAULT_KEY_FILE).expanduser() else str(default)
     return (
         f"No API key found: set the {ENV_API_KEY} environment variable, "
-        f"or put the key in {DEFAULT_KEY_FILE} (or in the file named by {ENV_API_KEY_FILE})."
+        f"or put the key in {shown} (or in the file named by {ENV_API_KEY_FILE})."
     )
+
+
+def platform_config_folder(environ: Optional[Mapping[str, str]] = None) -> Path:
+    """The pack's folder in the user's config folder: %APPDATA%\\aithriving on Windows,
+    ~/Library/Application Support/aithriving on macOS, ~/.config/aithriving elsewhere."""
+    env = os.environ if environ is None else environ
+    if sys.platform == "win32":
+        return Path(env.get("APPDATA") or Path.home() / "AppData" / "Roaming") / "aithriving"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "aithriving"
+    return Path(DEFAULT_KEY_FILE).expanduser().parent
+
+
+def default_key_file(environ: Optional[Mapping[str, str]] = None) -> Path:
+    """The key file's default place: the platform's config folder, or ~/.config/aithriving while only it is used."""
+    folder = platform_config_folder(environ)
+    legacy = Path(DEFAULT_KEY_FILE).expanduser().parent
+    if folder != legacy and not folder.exists() \
+            and any((legacy / name).is_file() for name in (KEY_FILE_NAME, "aithriving-settings.json")):
+        folder = legacy  # an earlier version kept the key (or the offline switch) there: keep reading it
+    return folder / KEY_FILE_NAME
 
 
 def key_file_path(environ: Optional[Mapping[str, str]] = None) -> Path:
     """The key file this environment points at."""
     env = os.environ if environ is None else environ
-    return Path(env.get(ENV_API_KEY_FILE) or DEFAULT_KEY_FILE).expanduser()
+    named = env.get(ENV_API_KEY_FILE)
+    return Path(named).expanduser() if named else default_key_file(env)
 
 
 def load_api_key(environ: Optional[Mapping[str, str]] = None) -> APIKey:
@@ -123,7 +151,14 @@ def read_key_file(path: Path, environ: Optional[Mapping[str, str]] = None) -> st
 def resolve_base_url(environ: Optional[Mapping[str, str]] = None) -> str:
     """The service's base URL from AITHRIVING_BASE_URL, else the default, without a trailing slash."""
     env = os.environ if environ is None else environ
-    url = (env.get(ENV_BASE_URL) or DEFAULT_BASE_URL).strip().rstrip("/")
+    return check_base_url(env.get(ENV_BASE_URL) or DEFAULT_BASE_URL, ENV_BASE_URL)
+
+
+def check_base_url(value: str, source: str = "base_url") -> str:
+    """``value`` as a base URL (no trailing slash), or a ConfigurationError naming ``source``."""
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{source} must be an http(s) address given as text.")
+    url = value.strip().rstrip("/")
     # The value is never repeated in these messages: a key pasted into the wrong variable
     # would be printed back.
     try:
@@ -131,11 +166,11 @@ def resolve_base_url(environ: Optional[Mapping[str, str]] = None) -> str:
         hostname = parts.hostname
     except ValueError:  # a broken IPv6 literal such as http://[::1
         raise ConfigurationError(
-            f"{ENV_BASE_URL} has a broken host (an IPv6 address goes in brackets, as in http://[2001:db8::5]:8765)."
+            f"{source} has a broken host (an IPv6 address goes in brackets, as in http://[2001:db8::5]:8765)."
         ) from None
     if parts.scheme not in ("http", "https") or not hostname:
         raise ConfigurationError(
-            f"{ENV_BASE_URL} must be an http(s) address such as {DEFAULT_BASE_URL}; "
+            f"{source} must be an http(s) address such as {DEFAULT_BASE_URL}; "
             f"the value set ({len(url)} characters) is not one."
         )
     try:
@@ -143,9 +178,9 @@ def resolve_base_url(environ: Optional[Mapping[str, str]] = None) -> str:
     except ValueError:
         port = 0
     if port == 0:
-        raise ConfigurationError(f"{ENV_BASE_URL} has a port that is not a number from 1 to 65535.")
+        raise ConfigurationError(f"{source} has a port that is not a number from 1 to 65535.")
     if parts.username or parts.password:
-        raise ConfigurationError(f"{ENV_BASE_URL} must not contain a user name or password.")
+        raise ConfigurationError(f"{source} must not contain a user name or password.")
     return url
 
 

@@ -7,6 +7,7 @@ charges nothing (its answers carry the stand-in mark, so every figure the client
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional
@@ -14,6 +15,7 @@ from typing import Iterator, Mapping, Optional
 from .store import ResultStore
 from .client import StructureClient
 from .config import load_api_key, resolve_base_url
+from .errors import ConfigurationError
 from .settings import local_mode
 from .standin import StandInServer
 
@@ -82,6 +84,22 @@ def process_standin() -> LocalStandIn:
         if _process_standin is None:
             _process_standin = LocalStandIn()
         return _process_standin
+
+
+def request_destination(environ: Optional[Mapping[str, str]] = None) -> str:
+    """Where a run's requests go now: the offline stand-in, or the service's address (never the key)."""
+    if local_mode(environ):
+        return "offline: the local stand-in"
+    try:
+        return resolve_base_url(environ)
+    except ConfigurationError:
+        return "an unusable AITHRIVING_BASE_URL"  # the run itself says what is wrong with it
+
+
+def destination_fingerprint(environ: Optional[Mapping[str, str]] = None) -> str:
+    """A digest of request_destination(): ComfyUI writes a fingerprint into every saved PNG's metadata,
+    so it names neither the mode nor the address."""
+    return hashlib.sha256(request_destination(environ).encode("utf-8")).hexdigest()[:16]
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The pack's own settings, kept outside ComfyUI: the key file (write-only from the UI) and the offline mode.
 
-Both live in the user's config folder (the key file's folder, by default ``~/.config/aithriving/``),
-never under ComfyUI's ``user/`` folder (readable over HTTP) and never in a workflow or a PNG.
+Both live in the user's config folder (the key file's folder, by default ``~/.config/aithriving/``;
+``%APPDATA%\\aithriving`` on Windows, ``~/Library/Application Support/aithriving`` on macOS),
+never in a folder ComfyUI serves over HTTP (input, output, temp, user/, the custom nodes' web
+folders) and never in a workflow or a PNG.
 Nothing here reads or returns the key's value except to check it can be sent.
 """
 
@@ -15,7 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
-from .config import DEFAULT_KEY_FILE, ENV_API_KEY, ENV_API_KEY_FILE, key_file_path, load_api_key
+from .config import (
+    DEFAULT_KEY_FILE,
+    ENV_API_KEY,
+    ENV_API_KEY_FILE,
+    key_file_path,
+    load_api_key,
+    platform_config_folder,
+)
 from .errors import ConfigurationError, StructureError
 from .files import write_atomically
 
@@ -30,7 +39,7 @@ SOURCE_KEY_FILE = "key file"
 
 
 class KeyRefusedError(ConfigurationError):
-    """The key given to save is not one (blank, control characters, too long); nothing was written."""
+    """The key given to save cannot be one (blank, not plain ASCII, too long); nothing was written."""
 
 
 class KeyFromEnvironmentError(ConfigurationError):
@@ -38,7 +47,7 @@ class KeyFromEnvironmentError(ConfigurationError):
 
 
 class KeyFileLocationError(ConfigurationError):
-    """The key file would land in a folder that other people or programs can read (ComfyUI's user/ folder)."""
+    """The key file would land in a folder ComfyUI serves over HTTP (input, output, temp, user, web)."""
 
 
 @dataclass(frozen=True)
@@ -80,12 +89,25 @@ def check_key_text(value: object) -> str:
     if len(key) > MAX_KEY_CHARS:
         raise KeyRefusedError(
             f"The API key is {len(key)} characters long, far longer than a key; paste only the key.")
-    for ch in key:
+    for position, ch in enumerate(key, start=1):
+        # The character is named by code only: never echo any part of what was pasted.
         if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"):
-            # The character is named by code only: never echo any part of what was pasted.
             raise KeyRefusedError(
                 f"The API key contains a control character (U+{ord(ch):04X}); paste it again on one line.")
+        if not " " <= ch <= "~":
+            # A key is plain ASCII (it goes in an HTTP header); an invisible character pasted along
+            # (zero-width space, byte-order mark, no-break space) or a letter such as é cannot be sent.
+            raise KeyRefusedError(
+                f"The API key has a character that is not plain ASCII text at position {position} "
+                f"(U+{ord(ch):04X}{_name_of(ch)}); copy the key again from your aithriving.com account.")
     return key
+
+
+def _name_of(ch: str) -> str:
+    """', ZERO WIDTH SPACE' for an invisible or space character (the one a user cannot see), else ''."""
+    if unicodedata.category(ch) in ("Cf", "Zs", "Mn", "Me"):
+        return f", {unicodedata.name(ch, 'an invisible character').lower()}"
+    return ""
 
 
 def _refuse_if_environment_wins(env: Mapping[str, str], doing: str) -> None:
@@ -106,19 +128,24 @@ def _refuse_if_inside(path: Path, forbidden_dirs: Iterable[os.PathLike]) -> None
 
 
 def _private_folder(folder: Path, *, own: bool) -> None:
-    """Create the folder as 0700; tighten it to 0700 too when it is the pack's own folder."""
+    """Create the folder as 0700; tighten it to 0700 too when it is the pack's own folder.
+
+    Never through a symbolic link: a linked folder is someone's deliberate choice (a shared or synced
+    folder, its own mode), and chmod would change the target's mode, not the link's. These are POSIX
+    modes: on Windows the user folder's access list is what protects it.
+    """
     existed = folder.is_dir()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not existed or own:
+    if (not existed or own) and not folder.is_symlink():
         os.chmod(folder, 0o700)
 
 
 def _is_default_folder(path: Path) -> bool:
-    return path.parent == Path(DEFAULT_KEY_FILE).expanduser().parent
+    return path.parent in (Path(DEFAULT_KEY_FILE).expanduser().parent, platform_config_folder())
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write atomically, the file 0600 from its first byte (never world-readable, not even for a moment)."""
+    """Write atomically, 0600 from its first byte on POSIX (never world-readable, not even for a moment)."""
     write_atomically(path, text.encode("utf-8"), private=True)
 
 

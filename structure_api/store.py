@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -47,6 +48,7 @@ from .store_disk import (  # noqa: F401  (the file names stay importable from he
     probe_writable,
     read_entry_data,
     read_header,
+    release_key_lock,
     remove_entry,
     scan_folder,
     sweep_folder,
@@ -78,6 +80,7 @@ class StoredResult:
     delivered: bool
     paid_at: float    # time.time() when kept
     label: str        # caller's free text, e.g. the CLI's intended output path or "ComfyUI node 5, image 3"
+    free: bool = False  # made by a stand-in (its answer carried the free mark): it cost nothing
 
     def __repr__(self) -> str:
         return (f"StoredResult(entry_id={self.entry_id!r}, seed={self.seed}, format={self.format!r}, "
@@ -97,13 +100,22 @@ def request_key(image_bytes: bytes, fields: list[tuple[str, str]], endpoint: str
 
 
 def default_store_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
-    """The folder from AITHRIVING_CACHE_DIR (``off`` = none), else the user cache folder."""
+    """The folder from AITHRIVING_CACHE_DIR (``off`` = none), else the user cache folder (the platform's own)."""
     env = os.environ if environ is None else environ
     if ENV_CACHE_DIR in env:
         value = env[ENV_CACHE_DIR].strip()
         return None if value.lower() in _DISABLED_VALUES else Path(value).expanduser()
-    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "aithriving" / "structure"
+    if env.get("XDG_CACHE_HOME"):
+        return Path(env["XDG_CACHE_HOME"]) / "aithriving" / "structure"
+    legacy = Path(os.path.expanduser("~")) / ".cache" / "aithriving" / "structure"
+    if sys.platform == "win32":
+        folder = Path(env.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "aithriving" / "structure"
+    elif sys.platform == "darwin":
+        folder = Path.home() / "Library" / "Caches" / "aithriving" / "structure"
+    else:
+        return legacy
+    # An earlier version kept results in ~/.cache on every platform: they stay where they are, and used.
+    return legacy if legacy.is_dir() and not folder.exists() else folder
 
 
 def max_bytes_from_env(environ: Optional[Mapping[str, str]] = None) -> int:
@@ -187,6 +199,18 @@ class ResultStore:
         """Where kept results live, for messages: the folder, or 'memory'."""
         return str(self.directory) if self.persistent else "memory"
 
+    @property
+    def memory_reason(self) -> str:
+        """Why a result of this store is kept in memory only, truly: off, set to keep nothing, or failing."""
+        if self.directory is None:
+            return "the result store is off"
+        if self.max_bytes <= 0:
+            return f"the result store is set to keep nothing on disk ({ENV_CACHE_MAX_MB})"
+        with self._lock:
+            failed = self._disk_ok is False and self._warned
+        return ("the result store cannot be written" if failed
+                else f"the result is larger than the result store's limit ({ENV_CACHE_MAX_MB})")
+
     def _probe(self) -> bool:
         assert self.directory is not None
         try:
@@ -249,12 +273,12 @@ class ResultStore:
     # -- putting results in -------------------------------------------------------
 
     def keep(self, key: str, data: bytes, *, seed: int, format: str, label: str = "",
-             aliases: tuple[str, ...] = ()) -> StoredResult:
+             aliases: tuple[str, ...] = (), free: bool = False) -> StoredResult:
         """Keep a paid answer, durable (fsync'd) before return; in memory when the disk fails; never
         raises for disk trouble. ``aliases``: more keys it answers (a seed-0 result under the seed it
         got). The result is handed out to the caller until delivered or released."""
         entry = StoredResult(key=key, entry_id=uuid.uuid4().hex, data=data, seed=int(seed), format=format,
-                             delivered=False, paid_at=time.time(), label=label)
+                             delivered=False, paid_at=time.time(), label=label, free=free)
         with self._lock:
             self._handed_out.add(entry.entry_id)
         if self._write(entry, aliases):
@@ -300,7 +324,7 @@ class ResultStore:
                 yield
             finally:
                 if handle is not None:
-                    os.close(handle)  # closing drops the flock
+                    release_key_lock(handle)
 
     def _open_lock_file(self, key: str) -> Optional[int]:
         if self.directory is None or not can_lock_across_processes(key) or not self.persistent:
@@ -313,7 +337,8 @@ class ResultStore:
         if self.directory is None or self.max_bytes <= 0:
             return False
         head = entry_head(key=entry.key, aliases=aliases, entry_id=entry.entry_id, seed=entry.seed,
-                          format=entry.format, data=entry.data, paid_at=entry.paid_at, label=entry.label)
+                          format=entry.format, data=entry.data, paid_at=entry.paid_at, label=entry.label,
+                          free=entry.free)
         if len(head) + len(entry.data) > self.max_bytes or len(entry.data) > MAX_ENTRY_BYTES:
             log.warning("A result of %d bytes is larger than the result store's limit (%s); it is kept in "
                         "memory until this process exits.", len(entry.data), ENV_CACHE_MAX_MB)
@@ -385,7 +410,7 @@ class ResultStore:
             return None  # absent, or damaged: counts as absent
         delivered = entry_id in self._delivered_here or (self.directory / (entry_id + DELIVERED_SUFFIX)).exists()
         return StoredResult(key=header.key, entry_id=entry_id, data=data, seed=header.seed, format=header.format,
-                            delivered=delivered, paid_at=header.paid_at, label=header.label)
+                            delivered=delivered, paid_at=header.paid_at, label=header.label, free=header.free)
 
     def _touch(self, entry_id: str) -> None:
         # Recently used entries survive trimming.

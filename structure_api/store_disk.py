@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import stat
+import sys
 import tempfile
 import time
 import uuid
@@ -24,10 +25,25 @@ from typing import Iterator, Optional
 
 from .files import write_atomically
 
-try:  # POSIX; elsewhere the per-key lock is per process only
+if sys.platform == "win32":
+    import msvcrt
+
+    fcntl = None
+else:
     import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+
+    msvcrt = None
+
+# Flags that only some platforms have are 0 where they are missing (Windows has neither): reads still
+# refuse anything but a regular file (open_regular's fstat), and Windows makes descriptors
+# non-inheritable by default.
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: a raw os.write never turns b"\n" into b"\r\n"
+# msvcrt locks a byte range: one byte, and the waiting side polls at this pace (msvcrt has no blocking lock
+# that waits for ever).
+_WINDOWS_LOCK_POLL_SECONDS = 0.02
 
 RESULT_SUFFIX = ".result"
 DELIVERED_SUFFIX = ".delivered"
@@ -58,15 +74,18 @@ class EntryHeader:
     paid_at: float
     label: str
     offset: int
+    free: bool = False  # made by a stand-in: cost nothing
 
 
 def entry_head(*, key: str, aliases: tuple[str, ...], entry_id: str, seed: int, format: str, data: bytes,
-               paid_at: float, label: str) -> bytes:
+               paid_at: float, label: str, free: bool = False) -> bytes:
     """The bytes a ``.result`` file starts with: the magic line and the header line for ``data``."""
     header = {
         "key": key, "aliases": list(aliases), "entry_id": entry_id, "seed": seed, "format": format,
         "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "paid_at": paid_at, "label": label[:1000],
     }
+    if free:  # only then: an entry of the service reads as it always did
+        header["free"] = True
     return _MAGIC + json.dumps(header, ensure_ascii=True).encode() + b"\n"
 
 
@@ -101,7 +120,7 @@ def read_header(path: Path) -> Optional[EntryHeader]:
             key=str(meta["key"]), aliases=tuple(str(a) for a in meta.get("aliases", ())),
             seed=int(meta["seed"]), format=str(meta["format"]), size=int(meta["size"]),
             sha256=str(meta["sha256"]), paid_at=float(meta["paid_at"]), label=str(meta.get("label", "")),
-            offset=end + 1)
+            offset=end + 1, free=meta.get("free") is True)
     except (ValueError, KeyError, TypeError):
         return None
     return header if 0 < header.size <= MAX_ENTRY_BYTES else None
@@ -147,7 +166,7 @@ def mark_delivered_on_disk(directory: Path, entry_id: str) -> None:
     """Create the entry's empty delivered marker; a folder that cannot be written simply does not get one."""
     try:
         fd = os.open(directory / (entry_id + DELIVERED_SUFFIX),
-                     os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+                     os.O_WRONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
         os.close(fd)
     except OSError:
         pass
@@ -170,8 +189,8 @@ def touch_entry(directory: Path, entry_id: str) -> None:
 # --- the per-key lock file ---------------------------------------------------------------
 
 def can_lock_across_processes(key: str) -> bool:
-    """True when ``key`` can have a lock file (POSIX, and a request key, so a safe file name)."""
-    return fcntl is not None and _is_key(key)
+    """True when ``key`` can have a lock file (a request key, so a safe file name)."""
+    return _is_key(key)
 
 
 def open_key_lock(directory: Path, key: str) -> Optional[int]:
@@ -179,16 +198,46 @@ def open_key_lock(directory: Path, key: str) -> Optional[int]:
     try:
         lock_dir = directory / LOCK_DIR
         lock_dir.mkdir(exist_ok=True)
-        return os.open(lock_dir / key, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+        return os.open(lock_dir / key, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY, 0o644)
     except OSError:
         return None
 
 
 def hold_key_lock(fd: int) -> None:
-    """Block until this process holds the lock file exclusively; closing ``fd`` drops it."""
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    """Block until this process holds the lock file exclusively; release_key_lock drops it."""
+    if msvcrt is not None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        while True:
+            try:
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+                break
+            except OSError:  # held by another process (or handle)
+                time.sleep(_WINDOWS_LOCK_POLL_SECONDS)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    _touch(fd)
+
+
+def release_key_lock(fd: int) -> None:
+    """Let go of the lock and close ``fd`` (Windows wants a range unlocked before its file is closed)."""
     try:
-        os.utime(fd)  # in use: the sweep leaves it alone
+        if msvcrt is not None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)  # on POSIX, closing drops the flock
+
+
+def _touch(fd: int) -> None:
+    """Mark the lock file in use, so the sweep leaves it alone."""
+    try:
+        if os.utime in os.supports_fd:
+            os.utime(fd)
+        else:  # Windows: no utime on a descriptor; a byte written (the range is ours) updates the time
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, b"\0")
     except OSError:
         pass
 
@@ -234,8 +283,6 @@ def _is_orphan(name: str, names: set[str], *, old: bool) -> bool:
 
 def _sweep_locks(directory: Path, now: float) -> None:
     """Remove per-key lock files unused for a day that nobody holds (one is left per key ever paid)."""
-    if fcntl is None:
-        return
     try:
         with os.scandir(directory / LOCK_DIR) as listing:
             items = list(listing)
@@ -247,12 +294,24 @@ def _sweep_locks(directory: Path, now: float) -> None:
             if not _is_key(item.name) or not stat.S_ISREG(info.st_mode) \
                     or now - info.st_mtime <= LOCK_AGE_SECONDS:
                 continue
-            fd = os.open(item.path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
         except OSError:
             continue
+        _remove_unheld_lock(item.path)
+
+
+def _remove_unheld_lock(path: str) -> None:
+    """Remove a lock file unless someone holds (or, on Windows, has open) it."""
+    if fcntl is None:
+        # Windows refuses to remove a file anyone has open: a holder (or a waiter) keeps it.
+        _unlink_quietly(Path(path))
+    else:
+        try:
+            fd = os.open(path, os.O_RDWR | _O_NOFOLLOW | _O_CLOEXEC)
+        except OSError:
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while someone is paying under it
-            os.unlink(item.path)
+            os.unlink(path)
         except OSError:
             pass
         finally:
@@ -288,7 +347,7 @@ def _is_key(text: str) -> bool:
 @contextlib.contextmanager
 def open_regular(path: Path) -> Iterator["os.FileIO"]:
     """Open for reading without following links or blocking on a pipe; refuse anything not a regular file."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC
     fd = os.open(path, flags)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):

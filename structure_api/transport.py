@@ -6,6 +6,7 @@ errors. It knows HTTP, not the service's answers: those are read in ``answers.py
 
 from __future__ import annotations
 
+import http.client
 import io
 import logging
 import math
@@ -13,6 +14,7 @@ import socket
 import threading
 import uuid
 import weakref
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 from urllib.parse import urlsplit
@@ -240,7 +242,9 @@ class Transport:
         adapter = tracking_adapter(self.connections, limits.read_timeout)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self.session.headers.update({"user-agent": f"comfyui-aithriving-structure/{__version__}"})
+        self.session.headers.update({"user-agent": f"comfyui-aithriving-structure/{__version__}",
+                                     # The codings _ContentDecoder undoes; never br or zstd.
+                                     "accept-encoding": ACCEPT_ENCODING})
         self.session.auth = RawKeyAuth(key)
 
     def close(self) -> None:
@@ -295,29 +299,137 @@ class Transport:
             raise MalformedResponseError(
                 f"The service's answer is {int(declared) / 2**20:.0f} MiB, far larger than any image it "
                 f"returns (limit {limit / 2**20:.0f} MiB); it was not read.", http_status=status)
-        buffer = _BodyBuffer(int(declared) if declared and declared.isdigit() else 0)
+        coding = response.headers.get("content-encoding")
+        # A coded body's Content-Length counts coded bytes: no use for sizing the decoded one.
+        presize = int(declared) if declared and declared.isdigit() and not coding else 0
+        buffer = _BodyBuffer(presize)
         pace = _RateWindow(self._clock, self.limits.read_timeout, self.limits.min_body_rate)
         try:
+            decoder = _ContentDecoder(coding, limit)
             while True:
-                # read1 returns what one socket read brings: the rate is checked as bytes come in,
-                # not only after a 256 KiB read that a trickle would take days to fill.
-                chunk = response.raw.read1(_READ_BYTES, decode_content=True)
-                if not chunk:
+                # What one socket read brings: the rate is checked as bytes come in, not only
+                # after a 256 KiB read that a trickle would take days to fill.
+                coded = read_some(response.raw, _READ_BYTES)
+                for chunk in decoder.decode(coded) if coded else decoder.finish():
+                    if buffer.size + len(chunk) > limit:
+                        raise MalformedResponseError(
+                            f"The service's answer passed {limit / 2**20:.0f} MiB, far larger "
+                            "than any image it returns; reading stopped.", http_status=status)
+                    buffer.add(chunk)
+                pace.count(len(coded))
+                if not coded:
                     break
-                if buffer.size + len(chunk) > limit:
-                    raise MalformedResponseError(
-                        f"The service's answer passed {limit / 2**20:.0f} MiB, far larger "
-                        "than any image it returns; reading stopped.", http_status=status)
-                buffer.add(chunk)
-                pace.count(len(chunk))
-        except (_BodyTooSlow, urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError) as exc:
+        except _UndecodableBody as exc:
             if status == 200:
                 raise ResultMayBeBilledError(
-                    _broken_answer_message(exc, buffer.size, declared, self.limits.min_body_rate),
+                    f"{exc} The service may have charged for it, so the request was not sent again.",
+                    http_status=200) from None
+            # An error status is the answer whatever its body (as below).
+        except (_BodyTooSlow, urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError,
+                http.client.HTTPException) as exc:
+            if status == 200:
+                raise ResultMayBeBilledError(
+                    _broken_answer_message(exc, buffer.size, None if coding else declared,
+                                           self.limits.min_body_rate),
                     http_status=200) from None
             # An error status is the answer whatever its body: what arrived is enough to map it
             # (and a 5xx cut short is as unbilled, and as retryable, as a whole one).
         return buffer.value(keep_mutable=status == 200)
+
+
+def read_some(raw: urllib3.response.HTTPResponse, size: int) -> bytes:
+    """Up to ``size`` bytes of the body as sent (still content-coded), from one read of the socket."""
+    read1 = getattr(raw, "read1", None)
+    if read1 is not None:
+        return read1(size, decode_content=False)
+    # urllib3 before 2.2 has no read1; the http.client response under it has (chunked framing undone).
+    # The connection is then closed with the response, not pooled again.
+    fp = getattr(raw, "_fp", None)
+    if fp is None or fp.closed:
+        return b""
+    data = fp.read1(size)
+    if not data and getattr(fp, "length", None):
+        # http.client's read1 ends a body cut short quietly; its read would raise this.
+        raise http.client.IncompleteRead(b"", fp.length)
+    return data
+
+
+class _UndecodableBody(Exception):
+    """The body's content coding is not one the client undoes, or undoing it breaks a bound."""
+
+
+class _ContentDecoder:
+    """Undoes at most one content coding (gzip or deflate), never producing more than ``limit`` bytes.
+
+    urllib3 undoes any chain of codings, without a bound on what one coded byte may become (a
+    354-byte answer coded ``gzip, gzip, gzip`` grows to a gigabyte): the client undoes them itself.
+    """
+
+    def __init__(self, header: Optional[str], limit: int) -> None:
+        codings = [c.strip().lower() for c in (header or "").split(",")]
+        codings = [c for c in codings if c and c != "identity"]
+        if len(codings) > MAX_CONTENT_CODINGS:
+            raise _UndecodableBody(
+                f"The service's answer is compressed {len(codings)} times over (Content-Encoding: "
+                f"{', '.join(codings)[:80]}); the client undoes one compression at most, so it was not read.")
+        if codings and codings[0] not in _DECODERS:
+            raise _UndecodableBody(
+                f"The service's answer is compressed as {codings[0][:40]!r}, which the client did not ask "
+                "for and cannot undo, so it was not read.")
+        self._coding = codings[0] if codings else ""
+        self._limit = limit
+        self._produced = 0
+        self._inflater = _DECODERS[self._coding]() if codings else None
+        self._first = True
+
+    def decode(self, data: bytes) -> Iterator[bytes]:
+        """The decoded bytes ``data`` brings, piece by piece; _UndecodableBody past the limit or if broken."""
+        if self._inflater is None:
+            yield data
+            return
+        while data:
+            # Pieces of _READ_BYTES at most: a bomb never lands in memory as one block beside the buffer.
+            room = min(self._limit - self._produced + 1, _READ_BYTES)
+            try:
+                piece = self._inflater.decompress(data, room)
+            except zlib.error:
+                if self._first and self._coding == "deflate":
+                    # Some servers send raw deflate (no zlib header) for "deflate".
+                    self._inflater, self._first = zlib.decompressobj(-zlib.MAX_WBITS), False
+                    continue
+                raise _UndecodableBody(f"The service's answer is not valid {self._coding} data, "
+                                       "so it could not be read.") from None
+            self._first = False
+            self._produced += len(piece)
+            if self._produced > self._limit:
+                raise _UndecodableBody(
+                    f"The service's answer grows past {self._limit / 2**20:.0f} MiB when decompressed, far "
+                    "larger than any image it returns; reading stopped.")
+            yield piece
+            data = self._inflater.unconsumed_tail
+            if self._inflater.eof:
+                # A further gzip member (concatenated gzip is one body) counts against the same limit.
+                data = self._inflater.unused_data
+                if data and self._coding in ("gzip", "x-gzip"):
+                    self._inflater = _DECODERS[self._coding]()
+                    continue
+                return
+
+    def finish(self) -> Iterator[bytes]:
+        """Nothing more: the body ended; _UndecodableBody when its compressed data stopped short."""
+        if self._inflater is not None and not self._inflater.eof and not self._first:
+            raise _UndecodableBody(
+                f"The service's answer ends before its {self._coding} data does, so it could not be read.")
+        return iter(())
+
+
+ACCEPT_ENCODING = "gzip, deflate"
+MAX_CONTENT_CODINGS = 1
+_DECODERS: dict[str, Callable[[], "zlib._Decompress"]] = {
+    "gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
+    "x-gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
+    "deflate": lambda: zlib.decompressobj(),
+}
 
 
 class _BodyBuffer:

@@ -202,6 +202,8 @@ def test_generate_refuses_an_unusable_output_before_sending(tmp_path, standin, e
     assert standin.requests == [] and standin.credits_spent == 0
 
 
+@pytest.mark.posix_only("permission bits (chmod 0500) are POSIX; on Windows a folder's read-only "
+                        "attribute does not stop files being made in it")
 def test_generate_output_in_a_folder_it_cannot_write(tmp_path, standin, env_for, capsys):
     env_for(standin)
     locked = tmp_path / "locked"
@@ -253,6 +255,7 @@ def test_batch_folder_in_use_by_another_run_is_refused(tmp_path, capsys):
     assert code == 0 and sorted(p.name for p in outputs.iterdir()) == ["a.png"]  # the lock file is gone
 
 
+@pytest.mark.posix_only("the umask and file modes do not exist on Windows (files there follow the folder's ACL)")
 def test_outputs_follow_the_umask(tmp_path, capsys):
     source = write_png(tmp_path / "in.png", photo_like(100, 100))
     for mask, mode in ((0o022, 0o644), (0o002, 0o664)):
@@ -397,6 +400,7 @@ def test_verbose_logs_each_request_retry_and_answer_without_the_key(tmp_path, st
     assert "urllib3" not in err
 
 
+@pytest.mark.posix_only("it reads the progress line through a pseudo-terminal (pty), which Windows does not have")
 def test_progress_line_fits_the_terminal(tmp_path):
     import pty
 
@@ -470,3 +474,22 @@ def test_a_ctrl_c_says_truly_what_it_may_have_cost(monkeypatch, capsys, argv, sa
     err = capsys.readouterr().err
     assert says in err
     assert ("may have been charged" in err) == ("--local" not in argv and argv[0] in ("generate", "batch"))
+
+
+@pytest.mark.parametrize("host", ["0", "0.0.0.0", "::ffff:0.0.0.0", "::", "[::]", "", "0x0"])
+def test_serve_refuses_every_spelling_of_all_interfaces_in_one_line(host, capsys):
+    with pytest.raises(SystemExit) as caught:
+        run(capsys, "serve", "--host", host)
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "does not listen on all interfaces" in err and "127.0.0.1" in err
+
+
+def test_the_standin_listens_on_loopback_unless_told_otherwise():
+    from structure_api.standin import StandInServer
+
+    with StandInServer() as server:
+        assert server.host == "127.0.0.1" and server.url.startswith("http://127.0.0.1:")
+    for host in ("0", "::ffff:0.0.0.0", "0.0.0.0"):
+        with pytest.raises(ValueError, match="does not listen on all interfaces"):
+            StandInServer(host=host)

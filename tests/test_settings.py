@@ -42,12 +42,11 @@ def test_environment_key_is_reported_as_environment(env):
     assert key_status({**env, "AITHRIVING_API_KEY": TEST_KEY}).as_json() == {"set": True, "source": "environment"}
 
 
-def test_saved_key_is_private_and_read_by_the_next_client(env, tmp_path):
+def test_saved_key_is_read_by_the_next_client(env, tmp_path):
     status = save_api_key(f"  {TEST_KEY}\n", env)
     path = tmp_path / "conf" / "aithriving" / "api_key"
     assert status.as_json() == {"set": True, "source": "key file"}
     assert path.read_text() == TEST_KEY + "\n"
-    assert mode_of(path) == 0o600 and mode_of(path.parent) == 0o700
     assert config.load_api_key(env).reveal() == TEST_KEY
     assert [p.name for p in path.parent.iterdir()] == ["api_key"]  # no temporary file left behind
 
@@ -70,6 +69,46 @@ def test_refused_keys_write_nothing_and_never_echo_the_key(env, tmp_path, value,
     if isinstance(value, str) and value.strip():
         assert value.strip()[:4] not in str(caught.value)
     assert not (tmp_path / "conf").exists()
+
+
+@pytest.mark.parametrize("value, words", [
+    ("sk-abc\u200bdef", "position 7 (U+200B, zero width space)"),
+    ("\ufeffsk-abcdef", "position 1 (U+FEFF, zero width no-break space)"),
+    ("sk-abc\u00a0def", "position 7 (U+00A0, no-break space)"),
+    ("sk-abcdéf", "position 8 (U+00E9)"),
+    ("sk-abc\u2028def", "control character (U+2028)"),
+], ids=["zero-width-space", "bom", "nbsp", "e-acute", "line-separator"])
+def test_unusable_keys_are_refused_and_the_working_key_stays(env, tmp_path, value, words):
+    save_api_key(TEST_KEY, env)
+    with pytest.raises(KeyRefusedError) as caught:
+        save_api_key(value, env)
+    message = str(caught.value)
+    assert words in message and "sk-abc" not in message and "\n" not in message, message
+    assert config.load_api_key(env).reveal() == TEST_KEY
+    assert key_status(env).as_json() == {"set": True, "source": "key file"}
+
+
+def test_a_symlinked_config_folder_keeps_its_targets_mode(tmp_path):
+    shared = tmp_path / "shared-config"
+    shared.mkdir()
+    os.chmod(shared, 0o2775)
+    link = tmp_path / "home" / ".config" / "aithriving"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(shared, target_is_directory=True)
+    env = {"AITHRIVING_API_KEY_FILE": str(link / "api_key")}
+    save_api_key(TEST_KEY, env)
+    set_local_mode(True, env)
+    assert mode_of(shared) == 0o2775 and link.is_symlink()
+    assert mode_of(shared / "api_key") == 0o600 and config.load_api_key(env).reveal() == TEST_KEY
+
+
+def test_the_default_folder_is_still_tightened_when_it_is_no_link(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    folder = tmp_path / ".config" / "aithriving"
+    folder.mkdir(parents=True)
+    os.chmod(folder, 0o755)
+    save_api_key(TEST_KEY, {"AITHRIVING_API_KEY_FILE": str(folder / "api_key")})
+    assert mode_of(folder) == 0o700
 
 
 def test_environment_key_wins_so_saving_and_deleting_are_refused(env, tmp_path):
@@ -108,9 +147,19 @@ def test_local_mode_is_off_by_default_and_kept_next_to_the_key_file(env, tmp_pat
     assert set_local_mode(True, env) is True
     path = settings_file_path(env)
     assert path == tmp_path / "conf" / "aithriving" / "aithriving-settings.json"
-    assert local_mode(env) is True and mode_of(path) == 0o600
+    assert local_mode(env) is True
     set_local_mode(False, env)
     assert local_mode(env) is False
+
+
+@pytest.mark.posix_only("file modes do not exist on Windows: what keeps others out of the key file there is "
+                        "the access list of the user's own folder, under which it lives")
+def test_saved_key_and_settings_are_private(env, tmp_path):
+    save_api_key(TEST_KEY, env)
+    set_local_mode(True, env)
+    path = tmp_path / "conf" / "aithriving" / "api_key"
+    assert mode_of(path) == 0o600 and mode_of(path.parent) == 0o700
+    assert mode_of(settings_file_path(env)) == 0o600
 
 
 def test_local_mode_takes_only_booleans(env):
@@ -179,3 +228,27 @@ def test_online_run_reads_a_key_saved_since_the_last_run(env, standin):
         assert not run.local and run.store.directory is None
         assert run.client.generate(_one_request()).credits == 6
     assert standin.requests[-1].headers["authorization"] == TEST_KEY and standin.requests[-1].status == 200
+
+
+def test_request_destination_changes_with_the_mode_and_the_address_never_with_the_key(env):
+    from structure_api.offline import request_destination
+
+    service = request_destination({**env, "AITHRIVING_API_KEY": TEST_KEY})
+    assert service == "https://www.aithriving.com" and TEST_KEY not in service
+    other = request_destination({**env, "AITHRIVING_BASE_URL": "http://127.0.0.1:9"})
+    assert other == "http://127.0.0.1:9"
+    assert request_destination({**env, "AITHRIVING_BASE_URL": "ftp://x"}) not in (service, other)
+    set_local_mode(True, env)
+    assert request_destination(env) not in (service, other)
+    set_local_mode(False, env)
+    assert request_destination(env) == service
+
+
+def test_the_destination_fingerprint_names_neither_the_mode_nor_the_address(env):
+    from structure_api.offline import destination_fingerprint
+
+    service = destination_fingerprint({**env, "AITHRIVING_BASE_URL": "http://127.0.0.1:9"})
+    assert "127.0.0.1" not in service and len(service) == 16
+    set_local_mode(True, env)
+    local = destination_fingerprint(env)
+    assert local != service and "stand-in" not in local and "local" not in local

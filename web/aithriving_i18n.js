@@ -47,6 +47,7 @@ export const ENGLISH = {
     "keyEmpty": "Paste the key first, then press Save.",
     "keyRefused": "The server did not take this key: paste only the key from your aithriving.com account, on one line.",
     "keyConflict": "The key cannot be kept here: the AITHRIVING_API_KEY environment variable is set, or AITHRIVING_API_KEY_FILE points into ComfyUI's folders.",
+    "keyNotKept": "The server kept no usable key; paste the key again from your aithriving.com account.",
     "serverAnswered": "The server answered HTTP {status}; nothing was changed.",
     "serverUnreachable": "The ComfyUI server could not be reached.",
     "dialogTitle": "AIThriving API key",
@@ -64,7 +65,7 @@ export const ENGLISH = {
   "settings": {
     "AIThriving_Setup_APIKey": {
       "name": "API key",
-      "tooltip": "Saved in your own key file (~/.config/aithriving/api_key, mode 0600), never in ComfyUI's settings, workflows or images."
+      "tooltip": "Saved in your own key file (in your user's config folder, readable only by you), never in ComfyUI's settings, workflows or images."
     },
     "AIThriving_Setup_LocalStandIn": {
       "name": "Use the free local stand-in (no key, no credits)",

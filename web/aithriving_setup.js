@@ -92,6 +92,10 @@ async function sendKey(key) {
   });
   state.key = await answerOf(response);
   changed();
+  // A refused key is a 400 whose sentence answerOf throws; an answer still without a key is not "Saved".
+  if (!state.key?.set) {
+    throw new Error(t("keyNotKept"));
+  }
 }
 
 async function removeKey() {

@@ -92,6 +92,16 @@ def _concurrency(text: str) -> int:
     return _whole(text, low=1, high=MAX_CONCURRENCY)
 
 
+def _host(text: str) -> str:
+    from ..standin.server import check_listen_address
+
+    try:
+        check_listen_address(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).rstrip(".")) from None
+    return text
+
+
 def _port(text: str) -> int:
     return _whole(text, low=0, high=65535)
 
@@ -149,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = commands.add_parser("serve", help="run the local stand-in server for offline work and tests")
     srv.add_argument("--port", type=_port, default=0, help="port, 0 to 65535 (default 0: a free one)")
-    srv.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
+    srv.add_argument("--host", type=_host, default="127.0.0.1", metavar="ADDRESS",
+                     help="the address to listen on (default 127.0.0.1: this machine only); "
+                          "never all interfaces")
     srv.add_argument("--latency", type=_latency, default=0.0, help="seconds to wait before each answer")
     srv.add_argument("--rate-limit", type=_rate_limit, default=None, metavar="N/SECONDS",
                      help="model the service's limit, e.g. 150/10: past N requests in SECONDS, 429s (default: none)")

@@ -73,16 +73,26 @@ class _Interrupts:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["_Interrupts"]:
-        """Handle SIGINT for the block, unless it was ignored (nohup, a background job): then it stays so."""
-        inherited = signal.getsignal(signal.SIGINT)
-        if threading.current_thread() is not threading.main_thread() or inherited is signal.SIG_IGN:
+        """Handle Ctrl-C (and Ctrl-Break on Windows) for the block, unless ignored (nohup, a background job)."""
+        if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        signal.signal(signal.SIGINT, self)
+        inherited = {}
+        for signum in interrupt_signals():
+            handler = signal.getsignal(signum)
+            if handler is not signal.SIG_IGN:
+                inherited[signum] = handler
+                signal.signal(signum, self)
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, inherited)
+            for signum, handler in inherited.items():
+                signal.signal(signum, handler)
+
+
+def interrupt_signals() -> list[int]:
+    """SIGINT, and on Windows SIGBREAK: Ctrl-Break, the one a program can send to another's process group."""
+    return [signal.SIGINT, *([signal.SIGBREAK] if sys.platform == "win32" else [])]
 
 
 @dataclass

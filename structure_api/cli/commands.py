@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import sys
 import time
 
 from ..contract import CREDITS_PER_IMAGE
@@ -27,7 +28,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    """List the results paid for and never delivered, or write them out with --export."""
+    """List the results kept and never delivered (paid, or free from a stand-in), or --export them."""
     store = ResultStore.from_env()
     if store.directory is None:
         print("The result store is off (AITHRIVING_CACHE_DIR=off), so nothing is kept between runs.")
@@ -40,10 +41,11 @@ def cmd_results(args: argparse.Namespace) -> int:
         return 0
     if args.export is None:
         for entry in waiting:
-            paid = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.paid_at))
-            print(f"{entry.entry_id[:12]}  {paid}  seed {entry.seed}  {entry.format}  {len(entry.data) // 1024} KB"
-                  f"  for {entry.label or '(no label)'}")
-        print(f"{len(waiting)} paid result(s) not delivered, in {store.directory}; "
+            kept = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.paid_at))
+            cost = "free (stand-in)" if entry.free else "paid"
+            print(f"{entry.entry_id[:12]}  {kept}  {cost}  seed {entry.seed}  {entry.format}  "
+                  f"{len(entry.data) // 1024} KB  for {entry.label or '(no label)'}")
+        print(f"{_count_by_cost(waiting)} not delivered, in {store.directory}; "
               "`structure-api results --export DIR` writes them out.")
         return 0
     taken: set[str] = set()
@@ -58,8 +60,32 @@ def cmd_results(args: argparse.Namespace) -> int:
         store.mark_delivered(entry)
         print(f"wrote {path} (seed {entry.seed}, for {entry.label or '(no label)'})")
     # The service's own bytes: at the size that was sent, which differs from the input's when it was fitted.
-    print(f"exported {len(waiting)} result(s) to {args.export}, exactly as the service sent them.")
+    sender = "the service" if not any(entry.free for entry in waiting) else "the service (or stand-in)"
+    print(f"exported {len(waiting)} result(s) to {args.export}, exactly as {sender} sent them.")
     return 0
+
+
+def _count_by_cost(entries: list) -> str:
+    """'3 paid result(s)', '2 free result(s) from a stand-in', or both: what the store's entries cost."""
+    free = sum(1 for entry in entries if entry.free)
+    paid = len(entries) - free
+    parts = [f"{paid} paid result(s)"] if paid else []
+    parts += [f"{free} free result(s) from a stand-in"] if free else []
+    return " and ".join(parts)
+
+
+# Windows' own codes: WSAEADDRINUSE, and WSAEACCES, which a bind gets for a port another program holds
+# exclusively (SO_EXCLUSIVEADDRUSE) or that the system reserved.
+_WSAEACCES = 10013
+_WSAEADDRINUSE = 10048
+
+
+def _port_taken(error: OSError) -> bool:
+    """True when a bind failed because another program has (or the system reserved) the port."""
+    codes = {getattr(error, "winerror", None), error.errno}
+    if sys.platform == "win32":
+        return bool(codes & {errno.EADDRINUSE, _WSAEADDRINUSE, _WSAEACCES})
+    return errno.EADDRINUSE in codes
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -85,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = serve(host=args.host, port=args.port, api_key=api_key, latency=args.latency, ready=ready,
                        rate_limit=args.rate_limit, lockout=args.lockout)
     except OSError as error:
-        if error.errno == errno.EADDRINUSE:
+        if _port_taken(error):
             raise FileAccessError(f"Port {args.port} is already in use; choose another with --port, "
                                   "or leave --port out to take a free one.") from None
         raise FileAccessError(f"Cannot listen on {args.host}:{args.port}: "

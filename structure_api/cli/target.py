@@ -62,7 +62,9 @@ class RequestTarget:
     def kept_sentence(self, result: StructureResult) -> str:
         """What became of a result that may have been paid for but could not be written: every word true."""
         entry = result.stored
-        if result.attempts == 0:  # served by the store: no request was made this time
+        if result.attempts == 0 and entry is not None and entry.free:
+            paid = "it was made free by a stand-in in an earlier run"
+        elif result.attempts == 0:  # served by the store: no request was made this time
             paid = "it was paid for in an earlier run"
         elif result.credits:
             paid = f"it was paid for ({result.credits} credits)"
@@ -73,7 +75,7 @@ class RequestTarget:
                     "`structure-api results --export DIR` writes it out, and running the same command again "
                     "delivers it without paying")
         if entry is not None:
-            return (f"{paid} and is kept in memory only (the result store is off or cannot be written), so it is "
+            return (f"{paid} and is kept in memory only ({self.store.memory_reason}), so it is "
                     f"lost when this command ends; its seed was {result.seed}")
         return f"{paid} and was not kept; its seed was {result.seed}"
 

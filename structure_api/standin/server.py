@@ -41,7 +41,9 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # threads are tracked and joined by StandInServer.stop instead
     request_queue_size = 128
-    allow_reuse_address = True
+    # POSIX: SO_REUSEADDR only lets a restart bind past old connections in TIME_WAIT. On Windows it would
+    # let a second server bind a port already in use; there SO_EXCLUSIVEADDRUSE makes such a bind fail.
+    allow_reuse_address = sys.platform != "win32"
 
     def __init__(self, address: tuple, standin: "StandInServer", family: int) -> None:
         self.address_family = family
@@ -52,6 +54,8 @@ class _HTTPServer(ThreadingHTTPServer):
         super().__init__(address, StandInHandler)
 
     def server_bind(self) -> None:
+        if sys.platform == "win32" and hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
         # HTTPServer.server_bind does a reverse DNS lookup (getfqdn), which can stall for seconds.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[0], self.server_address[1]
@@ -94,16 +98,36 @@ class _HTTPServer(ThreadingHTTPServer):
             for connection in list(self.connections):
                 try:
                     connection.shutdown(socket.SHUT_RDWR)
+                    if sys.platform == "win32":
+                        # Windows (and Wine) do not wake a thread blocked reading a socket that was shut
+                        # down; closing the handle does (close() alone would wait for the handler's file
+                        # objects to let go of it). The handler's own close then finds it closed.
+                        connection._real_close()
                 except OSError:
                     pass
             return list(self.threads)
 
 
-def _check_host(host: str) -> int:
-    bare = host.strip("[]")
-    if host in _WILDCARD_HOSTS:
-        raise ValueError(
-            f"The stand-in does not listen on all interfaces ({host!r}); give a specific address such as 127.0.0.1.")
+def check_listen_address(host: str) -> int:
+    """The socket family to listen on ``host`` with; ValueError (one sentence) for all interfaces.
+
+    Every spelling of "all interfaces" is refused, not only the usual ones: "0", "0.0.0.0", "::",
+    "::ffff:0.0.0.0" and names that resolve to such an address all open the stand-in to the network.
+    """
+    bare = host.strip().strip("[]")
+    refusal = (f"The stand-in does not listen on all interfaces ({host!r}); give one address, such as "
+               "127.0.0.1 (the default, this machine only).")
+    if bare in _WILDCARD_HOSTS:
+        raise ValueError(refusal)
+    try:
+        found = socket.getaddrinfo(bare, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        found = []  # not resolvable now: bind says so, in its own words
+    for family, _, _, _, address in found:
+        ip = ipaddress.ip_address(address[0].split("%", 1)[0])
+        mapped = getattr(ip, "ipv4_mapped", None)
+        if ip.is_unspecified or (mapped is not None and mapped.is_unspecified):
+            raise ValueError(refusal)
     try:
         return socket.AF_INET6 if ipaddress.ip_address(bare).version == 6 else socket.AF_INET
     except ValueError:
@@ -134,7 +158,7 @@ class StandInServer:
         self.books = Books(fault_rate=fault_rate, fault_seed=fault_seed, max_records=max_records)
         if api_key is not None and not api_key:
             raise ValueError("api_key must be a non-empty string, or None for no key check.")
-        family = _check_host(host)
+        family = check_listen_address(host)
         self._api_key = api_key.encode("utf-8") if api_key is not None else None
         self.free = bool(free)
         self.latency = float(latency)

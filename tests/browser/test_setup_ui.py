@@ -69,6 +69,13 @@ def test_no_key_notice_then_key_and_offline_mode_from_the_settings(comfy_page_fa
     assert status.inner_text().startswith("No API key set.")
     key_input = page.locator(".aithriving-key-input")
     assert key_input.get_attribute("type") == "password"
+    # A key pasted with an invisible character: refused, the server's sentence shown, nothing saved.
+    key_input.fill(TEST_KEY + "\u200b")
+    page.locator(".aithriving-key-save").click()
+    refusal = page.locator(".aithriving-key-message")
+    page.get_by_text("not plain ASCII text at position").first.wait_for(state="visible")
+    assert "U+200B" in refusal.inner_text() and "Saved" not in refusal.inner_text()
+    assert status.inner_text().startswith("No API key set.") and not key_file.exists()
     key_input.fill(TEST_KEY)
     page.locator(".aithriving-key-save").click()
     page.get_by_text("Saved. The next run uses it; no restart needed.").wait_for(state="visible")

@@ -12,6 +12,7 @@ from PIL import Image
 
 from structure_api.standin import StandInServer
 from tests.comfy.harness import ComfyServer, PromptRejected, execution_error, free_port, saved_images
+from tests.comfy.install import PACK_LINK_NAME
 
 from support import TEST_KEY
 
@@ -172,6 +173,76 @@ def test_key_file_under_comfyuis_user_folder_is_refused(comfy_install, tmp_path)
         server.stop()
 
 
+def test_key_routes_refuse_rebound_hosts_unusable_keys_and_every_served_folder(comfy_install, tmp_path):
+    # The config folder is a link to a shared folder (mode 2775): saving must not change the target's mode.
+    shared = tmp_path / "shared-config"
+    shared.mkdir()
+    os.chmod(shared, 0o2775)
+    linked = tmp_path / "home" / "aithriving"
+    linked.parent.mkdir()
+    linked.symlink_to(shared, target_is_directory=True)
+    key_file = linked / "api_key"
+    base = tmp_path / "base"
+    server = start(comfy_install, base, {"AITHRIVING_API_KEY_FILE": str(key_file)})
+    try:
+        response = server.request("POST", "/aithriving/key", json={"key": TEST_KEY})
+        assert response.status_code == 200 and response.json() == {"set": True, "source": "key file"}
+        assert stat.S_IMODE(os.stat(shared).st_mode) == 0o2775 and linked.is_symlink()
+        assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+
+        # DNS rebinding: a page's own name resolving to this machine; Host and Origin agree, both foreign.
+        port = server.port
+        for name in ("evil.example", "localhost.evil.example", "127.0.0.1.nip.io"):
+            rebound = {"Host": f"{name}:{port}", "Origin": f"http://{name}:{port}"}
+            for method, path, body in (("POST", "/aithriving/key", {"key": "attacker-key"}),
+                                       ("DELETE", "/aithriving/key", None),
+                                       ("POST", "/aithriving/mode", {"local": True})):
+                response = server.request(method, path, json=body, headers=rebound)
+                assert response.status_code == 403, (name, method, path, response.text)
+                assert "another host name" in response.json()["error"]
+        assert key_file.read_text() == TEST_KEY + "\n"
+        assert server.request("GET", "/aithriving/mode").json() == {"local": False}
+        # This machine's own names still work, from the page (Origin) or a script (none).
+        for host in ("localhost", "127.0.0.1", "[::1]"):
+            own = {"Host": f"{host}:{port}", "Origin": f"http://{host}:{port}"}
+            response = server.request("POST", "/aithriving/mode", json={"local": False}, headers=own)
+            assert response.status_code == 200, (host, response.text)
+
+        # Unusable keys: 400 with one sentence, and the working key stays.
+        for bad, words in (("sk-live\u200bkey", "U+200B"), ("\ufeffsk-live-key", "U+FEFF"),
+                           ("sk-live\u00a0key", "U+00A0"), ("sk-livé-key", "U+00E9")):
+            response = server.request("POST", "/aithriving/key", json={"key": bad})
+            error = response.json()["error"]
+            assert response.status_code == 400 and words in error, response.text
+            assert "not plain ASCII" in error
+            assert "sk-live" not in error and "\n" not in error
+            assert key_file.read_text() == TEST_KEY + "\n"
+            assert server.request("GET", "/aithriving/key").json() == {"set": True, "source": "key file"}
+    finally:
+        server.stop()
+
+    # Every folder ComfyUI serves: input (/view?type=input), output, temp, user/, the custom nodes' web.
+    # One server: its key file's folder is a link re-pointed at each served folder in turn (the check
+    # resolves links, so this is the same as naming the folder itself).
+    switch = tmp_path / "switch"
+    server = start(comfy_install, base, {"AITHRIVING_API_KEY_FILE": str(switch / "aithriving_key")})
+    try:
+        pack_web = base / "custom_nodes" / PACK_LINK_NAME / "web"  # this pack's own web folder, linked in
+        assert pack_web.resolve() == REPO / "web"
+        for folder in (base / "input", base / "output", base / "temp", base / "user" / "default", pack_web):
+            folder.mkdir(parents=True, exist_ok=True)
+            switch.unlink(missing_ok=True)
+            switch.symlink_to(folder, target_is_directory=True)
+            response = server.request("POST", "/aithriving/key", json={"key": TEST_KEY})
+            assert response.status_code == 409, (folder, response.text)
+            assert "serves over HTTP" in response.json()["error"]
+            assert not (folder / "aithriving_key").exists()
+        assert server.request("GET", "/view?filename=aithriving_key&type=input").status_code == 404
+    finally:
+        server.stop()
+        (REPO / "web" / "aithriving_key").unlink(missing_ok=True)  # never left in the repository
+
+
 def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_restart(
         comfy_install, tmp_path, key_file):
     closed_port = free_port()  # nothing listens here: the paid path could not work
@@ -217,6 +288,39 @@ def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_res
         assert "No API key found" in execution_error(entry)["exception_message"]
     finally:
         restarted.stop()
+
+
+def test_switching_offline_mode_off_runs_a_fixed_seed_again_against_the_service(
+        comfy_install, billing_standin, tmp_path, key_file):
+    # The same fixed-seed graph, queued with the stand-in on and then off: ComfyUI must not reuse the
+    # stand-in's drawing as if it were the service's result (the node's fingerprint names where requests go).
+    server = start(comfy_install, tmp_path / "base", {
+        "AITHRIVING_BASE_URL": billing_standin.url, "AITHRIVING_API_KEY": TEST_KEY,
+        "AITHRIVING_API_KEY_FILE": str(key_file), "AITHRIVING_CACHE_DIR": "off"})
+    try:
+        sent_before = len(billing_standin.requests)
+        assert server.request("POST", "/aithriving/mode", json={"local": True}).json() == {"local": True}
+        entry = server.run(graph(prefix="fixed", seed=4242))
+        assert execution_error(entry) is None and cost_of(entry)["local"] is True
+        assert len(billing_standin.requests) == sent_before
+
+        assert server.request("POST", "/aithriving/mode", json={"local": False}).json() == {"local": False}
+        entry = server.run(graph(prefix="fixed", seed=4242))
+        assert execution_error(entry) is None, execution_error(entry)
+        assert len(billing_standin.requests) == sent_before + 1, "the service received nothing"
+        assert billing_standin.requests[-1].fields["seed"] == "4242"
+        cost = cost_of(entry)
+        assert (cost["local"], cost["credits"], cost["free"]) == (False, 6, False)
+        # The fingerprint is kept in the prompt, and so in the PNG: it names neither the mode nor the address.
+        [image] = saved_images(entry)
+        metadata = json.dumps(Image.open(server.output_dir / image["subfolder"] / image["filename"]).text)
+        assert billing_standin.url not in metadata and "stand-in" not in metadata
+
+        # Unchanged since: a fixed seed's output is reused as before, nothing more is sent.
+        server.run(graph(prefix="fixed", seed=4242))
+        assert len(billing_standin.requests) == sent_before + 1
+    finally:
+        server.stop()
 
 
 def test_a_serve_standin_at_the_base_url_is_reported_free(comfy_install, tmp_path):

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -32,7 +34,8 @@ from structure_api.errors import BatchError, MalformedResponseError, ResultMayBe
 from structure_api.images import encode_upload
 from structure_api.pipeline import StructureParams, generate_images
 from structure_api.standin import CREDITS_PER_IMAGE, Drop, Fault, Passthrough, Respond, StandInServer
-from structure_api.store import RESULT_SUFFIX, TEMP_PREFIX, ResultStore
+from structure_api.store import RESULT_SUFFIX, TEMP_PREFIX, ResultStore, _forget_shared_stores
+from structure_api.store_disk import hold_key_lock, open_key_lock, release_key_lock
 
 from .probes import CANARY_KEY, b64, image_file_bytes, message_problems, photo_like
 
@@ -62,11 +65,37 @@ def _umount(target: Path) -> None:
     subprocess.run(["umount", "-l", str(target)], capture_output=True)
 
 
+# Why the tests on a real read-only disk are POSIX only.
+READ_ONLY_REASON = ("a real read-only disk is a tmpfs remounted read-only; on Windows a folder's read-only "
+                    "attribute does not stop files being made in it, and a read-only share needs a server")
+NO_TMPFS = "this machine does not allow mounting a tmpfs, so a real read-only or full disk cannot be made"
+# Windows: a real small disk is a drive the Windows lane maps to a tmpfs (tests/windows/lane.py).
+SMALL_DRIVE = "AITHRIVING_TEST_SMALL_DRIVE"
+
+
+def small_disk_path(path: Path) -> Path:
+    """Where a test's full disk goes: ``path`` itself (tmpfs mounts it), on Windows a new folder of that name
+    on the small drive that SMALL_DRIVE names (a real size-limited disk), where there is one."""
+    drive = os.environ.get(SMALL_DRIVE)
+    if sys.platform != "win32" or not drive:
+        return path
+    return Path(drive) / uuid.uuid4().hex / path.name
+
+
 @contextmanager
 def tmpfs(target: Path, size: str = "4m") -> Iterator[Callable[[], None]]:
-    """A real tmpfs at ``target``; yields ``make_read_only()`` (a remount, as a read-only share is)."""
+    """A real tmpfs at ``target``; yields ``make_read_only()`` (a remount, as a read-only share is).
+
+    On Windows ``target`` must come from small_disk_path(): a folder on the small drive (whatever
+    ``size`` says); leaving the block empties it, which frees the drive, as the unmount does. It cannot
+    be made read-only there.
+    """
+    if sys.platform == "win32":
+        with _on_the_small_drive(target) as make_read_only:
+            yield make_read_only
+        return
     if not _mount(target, f"size={size},mode=0755"):
-        pytest.skip("this machine does not allow mounting a tmpfs, so a real read-only or full disk cannot be made")
+        pytest.skip(NO_TMPFS)
     try:
         def make_read_only() -> None:
             done = subprocess.run(["mount", "-o", "remount,ro", str(target)], capture_output=True)
@@ -74,6 +103,23 @@ def tmpfs(target: Path, size: str = "4m") -> Iterator[Callable[[], None]]:
         yield make_read_only
     finally:
         _umount(target)
+
+
+@contextmanager
+def _on_the_small_drive(target: Path) -> Iterator[Callable[[], None]]:
+    drive = os.environ.get(SMALL_DRIVE)
+    if not drive:
+        pytest.skip(f"{NO_TMPFS} (on Windows: no small drive named by {SMALL_DRIVE}, which the Windows lane maps)")
+    assert Path(drive) in target.parents, f"{target} is not on the small drive: make it with small_disk_path()"
+    target.mkdir(parents=True, exist_ok=True)
+
+    def make_read_only() -> None:
+        pytest.fail("a folder on Windows cannot be made read-only for its owner (see READ_ONLY_REASON)")
+    try:
+        yield make_read_only
+    finally:
+        for item in list(target.iterdir()):  # what the unmount takes away; the folder stays, as a mount point
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
 
 
 # --- the node path: a failed batch, and the re-run ------------------------------------------------
@@ -180,10 +226,12 @@ def _failing_run_then_rerun(store_dir: Path, monkeypatch, count: int = 4, seed: 
         return str(caught.value), paid, service.credits_spent - paid, again.from_cache
 
 
-@pytest.mark.parametrize("kind", ["read-only mount", "full disk", "a file where the folder should be",
-                                  "limit smaller than one result"])
+@pytest.mark.parametrize("kind", [
+    pytest.param("read-only mount", marks=pytest.mark.posix_only(READ_ONLY_REASON)),
+    "full disk",
+    "a file where the folder should be", "limit smaller than one result"])
 def test_unwritable_store_keeps_results_in_memory_and_says_so(kind, tmp_path, monkeypatch, ledger):
-    target = tmp_path / "store"
+    target = small_disk_path(tmp_path / "store") if kind == "full disk" else tmp_path / "store"
     if kind == "a file where the folder should be":
         target.write_text("not a folder")
         context = None
@@ -216,11 +264,41 @@ def test_unwritable_store_keeps_results_in_memory_and_says_so(kind, tmp_path, mo
            f"...{message[message.index('3 images'):][:150]}; re-run paid {repaid}, {from_store} from memory",
            paid=paid, delivered=24, repaid=repaid - CREDITS_PER_IMAGE)
     assert paid == 18
-    assert "all 3 are kept in memory only, because the result store cannot be written, so queuing again in " \
+    # Each reason as it is: a store too small for one result can be written, it has no room.
+    reason = ("the result is larger than the result store's limit (AITHRIVING_CACHE_MAX_MB)"
+              if kind == "limit smaller than one result" else "the result store cannot be written")
+    assert f"all 3 are kept in memory only, because {reason}, so queuing again in " \
            "this same process pays only for the failed ones" in message
     assert repaid == CREDITS_PER_IMAGE and from_store == 3
 
 
+def test_with_the_store_off_a_failed_batch_says_it_is_off(monkeypatch, ledger):
+    monkeypatch.setenv("AITHRIVING_CACHE_DIR", "off")
+    _forget_shared_stores()
+    images = batch_of(4)
+    params = StructureParams(prompt=PROMPT, seed=0)
+    with StandInServer(api_key=CANARY_KEY) as service, \
+            StructureClient(api_key=CANARY_KEY, base_url=service.url) as client:
+        service.script(*_fail_image(4, 4))
+        with pytest.raises(BatchError) as caught:
+            generate_images(images, params, client=client, max_concurrency=1)
+        paid = service.credits_spent
+        again = generate_images(images, params, client=client, max_concurrency=1)
+        repaid = service.credits_spent - paid
+    _forget_shared_stores()
+    message = str(caught.value)
+    record(ledger, "AITHRIVING_CACHE_DIR=off; batch of 4, seed 0, image 4 fails; queued again, same process",
+           "the error says the store is off (not that it cannot be written); the re-run pays for image 4",
+           f"...{message[message.index('3 images'):][:150]}; re-run paid {repaid}, "
+           f"{again.from_cache} from memory",
+           paid=paid, delivered=24, repaid=repaid - CREDITS_PER_IMAGE)
+    assert "all 3 are kept in memory only, because the result store is off, so queuing again in this same " \
+           "process pays only for the failed ones" in message, message
+    assert "cannot be written" not in message
+    assert repaid == CREDITS_PER_IMAGE and again.from_cache == 3
+
+
+@pytest.mark.posix_only(READ_ONLY_REASON)
 def test_read_only_store_still_serves_what_it_holds(tmp_path, ledger):
     target = tmp_path / "share"
     images = batch_of(4)
@@ -478,6 +556,51 @@ def test_two_processes_sending_the_same_fixed_seed_request_pay_once(tmp_path, le
 
 # --- store health ------------------------------------------------------------------------------
 
+def test_store_sweeps_orphans_and_stale_locks_on_every_platform(tmp_path, ledger):
+    """The sweep with what every platform can make: crashed temp files, orphan halves, a huge and a damaged
+    entry, a stale lock file and one held by a process paying under it right now (msvcrt on Windows)."""
+    folder = tmp_path / "store"
+    folder.mkdir()
+    old = time.time() - 3600
+    stale_temp = folder / f"{TEMP_PREFIX}crashed"
+    stale_temp.write_bytes(b"half an image")
+    os.utime(stale_temp, (old, old))
+    fresh_temp = folder / f"{TEMP_PREFIX}being-written"
+    fresh_temp.write_bytes(b"a write in progress")
+    orphan_marker = folder / "0123456789abcdef0123456789abcdef.delivered"
+    orphan_marker.touch()
+    legacy_half = folder / ("ab" * 32 + ".img")
+    legacy_half.write_bytes(b"old cache half")
+    os.utime(legacy_half, (old, old))
+    with open(folder / f"{'d' * 32}{RESULT_SUFFIX}", "wb") as huge:  # 200 MB, never read
+        huge.truncate(200 * 1024 * 1024)
+    (folder / f"{'c' * 32}{RESULT_SUFFIX}").write_bytes(b"AITHRIVING-RESULT-1\n{not json")
+    stale_lock, held_lock = folder / ".locks" / ("1" * 64), folder / ".locks" / ("2" * 64)
+    holder = open_key_lock(folder, held_lock.name)
+    hold_key_lock(holder)  # another process paying under this key right now
+    stale_lock.touch()
+    for lock in (stale_lock, held_lock):
+        os.utime(lock, (time.time() - 3 * 86400,) * 2)
+
+    store = ResultStore(folder)
+    started = time.monotonic()
+    undelivered = store.undelivered()
+    seconds = time.monotonic() - started
+    release_key_lock(holder)
+    kept = store.keep("9" * 64, image_file_bytes(photo_like(96, 64)), seed=5, format="png")
+    record(ledger, f"store folder ({sys.platform}) with a crashed temp file, orphan halves, a 200 MB file, a "
+           "damaged entry and a held lock", "orphans swept, odd entries ignored unread, the held lock kept",
+           f"listed {len(undelivered)} undelivered in {seconds:.2f} s", paid=0, delivered=0, repaid=None,
+           seconds=seconds)
+    assert undelivered == []
+    assert not stale_temp.exists() and fresh_temp.exists() and not orphan_marker.exists() and not legacy_half.exists()
+    assert not stale_lock.exists() and held_lock.exists()
+    assert [entry.entry_id for entry in ResultStore(folder).undelivered()] == [kept.entry_id]
+    assert seconds < 2
+
+
+@pytest.mark.posix_only("FIFOs (mkfifo) and flock are POSIX; a symlink needs an administrator on Windows. "
+                        "test_store_sweeps_orphans_and_stale_locks_on_every_platform is its Windows share")
 def test_store_sweeps_orphans_and_ignores_what_is_not_a_regular_file(tmp_path, ledger):
     folder = tmp_path / "store"
     folder.mkdir()
