@@ -223,7 +223,8 @@ def default_store_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[P
         return Path(env["XDG_CACHE_HOME"]) / "aithriving" / "structure"
     legacy = Path(os.path.expanduser("~")) / ".cache" / "aithriving" / "structure"
     if sys.platform == "win32":
-        folder = Path(env.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "aithriving" / "structure"
+        local = Path(env.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+        folder = local / "aithriving" / "structure"
     elif sys.platform == "darwin":
         folder = Path.home() / "Library" / "Caches" / "aithriving" / "structure"
     else:

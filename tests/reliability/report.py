@@ -38,8 +38,9 @@ INTROS = {
         " The stand-in runs in the same process, so its allocations are counted too (the figures are upper"
         " bounds for the client)."),
     "odd": (
-        "Answers that carry a paid image in an unusual wrapping (an unreadable seed, `\"code\": \"0\"`, URL-safe"
-        " base64, a raw image body, 1xx before the 200, a 203, a BOM), through `fetch_or_pay`: the image must be"
+        "Answers that carry a paid image in an unusual wrapping (an unreadable seed, `\"code\": \"0\"`,"
+        " URL-safe base64, a raw image body, 1xx before the 200, a 203, a BOM), through `fetch_or_pay`: the"
+        " image must be"
         " kept in the result store before anything else, then used (or, too far from the request's size, kept"
         " for export and not used), and the request never sent again."),
     "inputs": (
@@ -236,7 +237,8 @@ def render(ledger: Ledger) -> str:
         + ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())) + " |")
     add(f"| fault-matrix scenarios | {len(rows_by_section['faults'])} |")
     add(f"| hostile responses refused with memory bounded | {len(rows_by_section['hostile'])} |")
-    add(f"| odd answers whose paid image was kept (used, or kept for export) | {len(rows_by_section['odd'])} |")
+    odd = len(rows_by_section["odd"])
+    add(f"| odd answers whose paid image was kept (used, or kept for export) | {odd} |")
     add(f"| load held: requests sent through the batch path | {figures['load_items']} results, "
         f"{figures['load_requests_seen']} requests seen by the stand-in, concurrency {ledger.facts.get('_load_concurrency', '?')} |")
     add(f"| faults injected and survived (recovered, or reported as a typed error) | {figures['faults_survived']} |")
