@@ -8,10 +8,12 @@ import os
 import queue
 import threading
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from ._constants import DEFAULT_MAX_CONCURRENCY, ENV_MAX_CONCURRENCY
 from .client import ProgressEvent, StructureClient, StructureRequest, StructureResult
 from .errors import (
     AuthenticationError,
@@ -22,15 +24,11 @@ from .errors import (
     ResultMayBeBilledError,
     StructureError,
 )
-from .images import decode_image
+from .paid import deliver, fetch_or_pay, release
 from .store import ResultStore, StoredResult
 
 log = logging.getLogger("structure_api")
 
-ENV_MAX_CONCURRENCY = "AITHRIVING_MAX_CONCURRENCY"
-# 8 in flight: a batch of 8 takes about one image's time, and 8 is far below the service's rate
-# limit (150 requests in 10 s), which the pacer enforces on its own.
-DEFAULT_MAX_CONCURRENCY = 8
 # After a cancel, how long the call waits for the requests it stopped to end (they end at once: their
 # sockets are shut) before it returns, leaving the requests whose upload was complete to finish alone.
 _STOP_GRACE = 0.5
@@ -185,12 +183,12 @@ class BatchReport:
     def release(self, store: ResultStore) -> None:
         """Give every kept or claimed result back undelivered (the batch is not delivered): a re-run takes them."""
         for entry in self.stored.values():
-            store.release(entry)
+            release(store, entry)
 
     def mark_delivered(self, store: ResultStore) -> None:
         """Record every result of the batch as delivered."""
         for entry in self.stored.values():
-            store.mark_delivered(entry)
+            deliver(store, entry)
 
     def raise_for_failures(self, noun: str = "image", *, store: Optional[ResultStore] = None) -> None:
         """Raise one BatchError naming each failed item (1-based) and why, and saying what was kept.
@@ -265,54 +263,13 @@ class BatchReport:
         return sentence + "."
 
 
-def generate_stored(
-    client: StructureClient,
-    request: StructureRequest,
-    store: ResultStore,
-    *,
-    label: str = "",
-    on_progress: Optional[Callable[[ProgressEvent], None]] = None,
-    cancel: Optional[threading.Event] = None,
-    claim_only: bool = False,
-    decode: bool = True,
-) -> tuple[Optional[StructureResult], bool]:
-    """The store's result for ``request`` if it holds one (free), else a paid one the client kept there.
-
-    Returns (result, from_store); (None, False) when ``claim_only`` and the store holds nothing.
-    The result's ``stored`` entry is handed out to the caller: ``store.mark_delivered`` it once
-    delivered, or ``store.release`` it when giving up. ``decode=False``: ``pixels`` stays None (the
-    caller decodes ``data`` itself, and discards the entry from the store if that fails).
-    """
-    request.validate()
-    key = store.key_for(request, client.endpoint)
-    hit = _claim_decoded(store, key, request.seed, decode)
-    if hit is not None or claim_only:
-        return hit, hit is not None
-    if request.seed == 0:
-        # Random means random: identical seed-0 requests of one batch are paid side by side.
-        return client.generate(request, on_progress=on_progress, cancel=cancel, store=store, label=label,
-                               decode=decode), False
-    with store.paying(key):
-        # Another thread or process may have paid for it while this one waited for the lock.
-        hit = _claim_decoded(store, key, request.seed, decode)
-        if hit is not None:
-            return hit, True
-        return client.generate(request, on_progress=on_progress, cancel=cancel, store=store, label=label,
-                               decode=decode), False
-
-
-def _claim_decoded(store: ResultStore, key: str, seed: int, decode: bool = True) -> Optional[StructureResult]:
-    while True:
-        entry = store.claim(key, seed)
-        if entry is None:
-            return None
-        try:
-            pixels = decode_image(entry.data) if decode else None
-        except StructureError:
-            store.discard(entry)  # unusable: never served again
-            continue
-        return StructureResult(pixels=pixels, data=entry.data, seed=entry.seed, format=entry.format,
-                               request_id=None, attempts=0, credits=0, stored=entry)
+def generate_stored(client: StructureClient, request: StructureRequest, store: ResultStore,
+                    **options: object) -> tuple[Optional[StructureResult], bool]:
+    """Run :func:`paid.fetch_or_pay` and return ``(result, from_store)``; deprecated, for one release."""
+    warnings.warn("structure_api.batch.generate_stored is deprecated: use structure_api.fetch_or_pay, whose "
+                  "PaidResult delivers or releases the result", DeprecationWarning, stacklevel=2)
+    paid = fetch_or_pay(client, request, store, **options)  # type: ignore[arg-type]
+    return (paid.result, paid.from_store) if paid is not None else (None, False)
 
 
 @dataclass(eq=False)
@@ -396,31 +353,31 @@ class _BatchRun:
 
             # After a stop, what the store holds is still served (it is free); nothing is sent.
             stopped = self.stop_sending.is_set()
-            result, from_store = generate_stored(self.client, request, self.store, label=self.label(index),
-                                                 on_progress=relay, cancel=self.halt, claim_only=stopped,
-                                                 decode=self.decode)
+            paid = fetch_or_pay(self.client, request, self.store, label=self.label(index), on_progress=relay,
+                                cancel=self.halt, claim_only=stopped, decode=self.decode)
             del request  # its upload bytes are not needed any more
-            if result is None:
+            if paid is None:
                 with self.lock:
                     self.report.failures[index] = CancelledError(
                         f"not sent, because an earlier image failed with: {str(self.stop_reason).rstrip('.')}")
                     self.report.not_sent += 1
                 return
+            result, from_store = paid.result, paid.from_store
             with self.lock:
                 if self.cancel.is_set():
                     # It landed after the caller went: kept for a re-run, which takes it free.
-                    if result.stored is not None:
-                        self.store.release(result.stored)
+                    if paid.entry is not None:
+                        paid.release()
                         self.left_running.kept += 1
                     return
-                if result.stored is not None:
-                    entry = result.stored
+                if paid.entry is not None:
+                    entry = paid.entry
                     if self.store.on_disk(entry):
                         # The report only needs its identity; the bytes live on disk (a batch of 16 large
                         # answers would otherwise hold all 16 until the batch ends).
                         entry = dataclasses.replace(entry, data=b"")
                     self.report.stored[index] = entry  # before on_result: kept whatever it does
-            self.on_result(index, result)
+            paid.use(lambda kept: self.on_result(index, kept))
         except StructureError as error:
             if self.halt.is_set() and isinstance(error, CancelledError):
                 with self.lock:
@@ -553,7 +510,8 @@ def run_batch(
     them; ``report.stopped`` lists what was stopped before its upload was complete. Every result is
     kept in ``store`` (default: ``ResultStore.from_env()``) and handed out to the caller:
     ``report.mark_delivered(store)`` or ``report.release(store)``.
-    ``decode=False``: results reach ``on_result`` with ``pixels`` None (see :func:`generate_stored`).
+    ``decode=False``: results reach ``on_result`` with ``pixels`` None (see :func:`paid.fetch_or_pay`);
+    an ``on_result`` that raises MalformedResponseError (the bytes do not decode) discards the result.
     """
     if count <= 0:
         return BatchReport(total=max(count, 0))

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
+from ._constants import ENV_CACHE_DIR
+from .contract import STANDIN_HEADER as STANDIN_HEADER  # the client reads it; the stand-in sends it
 from .errors import ConfigurationError, InsecureURLError, MissingAPIKeyError
 
 ENV_API_KEY = "AITHRIVING_API_KEY"
@@ -20,7 +22,6 @@ DEFAULT_BASE_URL = "https://www.aithriving.com"
 DEFAULT_KEY_FILE = "~/.config/aithriving/api_key"
 KEY_FILE_NAME = "api_key"
 # The local stand-in marks every answer with this header; results carrying it cost nothing.
-STANDIN_HEADER = "X-AIThriving-Stand-In"
 
 
 class APIKey:
@@ -207,3 +208,26 @@ def check_key_may_travel(url: str) -> None:
         f"Refusing to send the API key over plain http to {parts.hostname}; "
         f"use an https:// address in {ENV_BASE_URL} (plain http is allowed only for 127.0.0.1/localhost)."
     )
+
+
+_DISABLED_VALUES = {"", "0", "off", "none", "false", "no"}
+
+
+def default_store_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
+    """Return the store's folder: AITHRIVING_CACHE_DIR (``off``: none), else the platform's user cache."""
+    env = os.environ if environ is None else environ
+    if ENV_CACHE_DIR in env:
+        value = env[ENV_CACHE_DIR].strip()
+        return None if value.lower() in _DISABLED_VALUES else Path(value).expanduser()
+    if env.get("XDG_CACHE_HOME"):
+        return Path(env["XDG_CACHE_HOME"]) / "aithriving" / "structure"
+    legacy = Path(os.path.expanduser("~")) / ".cache" / "aithriving" / "structure"
+    if sys.platform == "win32":
+        local = Path(env.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+        folder = local / "aithriving" / "structure"
+    elif sys.platform == "darwin":
+        folder = Path.home() / "Library" / "Caches" / "aithriving" / "structure"
+    else:
+        return legacy
+    # An earlier version kept results in ~/.cache on every platform: they stay where they are, and used.
+    return legacy if legacy.is_dir() and not folder.exists() else folder

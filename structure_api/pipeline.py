@@ -14,15 +14,9 @@ import numpy as np
 
 from .batch import BatchProgress, BatchReport, max_concurrency_from_env, run_batch
 from .client import StructureClient, StructureResult
-from .contract import (
-    MAX_ASPECT,
-    MAX_PIXELS,
-    MAX_SEED,
-    MIN_SIDE,
-    FormParameters,
-    StructureRequest,
-)
-from .errors import InputError, InvalidImageError, MalformedResponseError
+from .contract import MAX_ASPECT, MAX_PIXELS, MAX_SEED, MIN_SIDE, FormParameters
+from .errors import InputError, InvalidImageError
+from .request import StructureRequest
 from .store import ResultStore
 from .images import (
     EncodedImage,
@@ -147,12 +141,8 @@ class _ImageWork:
         return StructureRequest(image=upload, **{**self.params.form_values(), "seed": self.seeds[index]})
 
     def on_result(self, index: int, result: StructureResult) -> None:
-        try:
-            self.cpu.submit(self.decode_into_output, index, result).result()
-        except MalformedResponseError:
-            if result.stored is not None:
-                self.store.discard(result.stored)  # bytes that do not decode would only be served again
-            raise
+        # A MalformedResponseError (bytes that do not decode) makes run_batch discard the result.
+        self.cpu.submit(self.decode_into_output, index, result).result()
 
     def close(self) -> None:
         self.cpu.shutdown(wait=False, cancel_futures=True)

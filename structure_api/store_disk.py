@@ -3,7 +3,8 @@
 An entry is ONE file ``<entry_id>.result``: the magic line, a header line of JSON, then the image
 bytes, written to a ``.tmp-`` file, fsync'd and renamed into place (then the folder fsync'd), so a
 crash leaves either the whole entry or a temp file the sweep removes. Delivery is an empty
-``<entry_id>.delivered`` marker. Reads never follow links nor open anything but regular files.
+``<entry_id>.delivered`` marker; ``.locks/`` holds the per-key payment locks and the per-entry claim
+locks (``<entry_id>.claim``). Reads never follow links nor open anything but regular files.
 Nothing here holds state: :class:`~structure_api.store.ResultStore` decides what to read and write.
 """
 
@@ -242,6 +243,44 @@ def _touch(fd: int) -> None:
         pass
 
 
+# Held (flock) by the process an entry is handed out to, until it is delivered or released: a
+# seed-0 result is then handed out once across processes, and a crashed holder's lock goes with it.
+CLAIM_SUFFIX = ".claim"
+CLAIM_HELD_ELSEWHERE = -1
+
+
+def try_claim_lock(directory: Path, entry_id: str) -> Optional[int]:
+    """Take ``entry_id``'s claim lock without waiting: its descriptor, CLAIM_HELD_ELSEWHERE when another
+    process holds it, or None when claims cannot be locked here (the file cannot be opened)."""
+    try:
+        lock_dir = directory / LOCK_DIR
+        lock_dir.mkdir(exist_ok=True)
+        flags = os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY
+        fd = os.open(lock_dir / (entry_id + CLAIM_SUFFIX), flags, 0o644)
+    except OSError:
+        return None
+    try:
+        if msvcrt is not None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return CLAIM_HELD_ELSEWHERE
+    return fd
+
+
+def drop_claim_lock(directory: Path, entry_id: str, fd: int, *, remove: bool) -> None:
+    """Let go of a claim lock; ``remove`` (delivered or gone: nobody claims it again) deletes its file."""
+    path = directory / LOCK_DIR / (entry_id + CLAIM_SUFFIX)
+    if remove and msvcrt is None:
+        _unlink_quietly(path)
+    release_key_lock(fd)
+    if remove and msvcrt is not None:
+        _unlink_quietly(path)  # Windows removes no file that is open
+
+
 # --- the sweep ---------------------------------------------------------------------------
 
 def sweep_folder(directory: Path) -> None:
@@ -291,7 +330,10 @@ def _sweep_locks(directory: Path, now: float) -> None:
     for item in items:
         try:
             info = item.stat(follow_symlinks=False)
-            if not _is_key(item.name) or not stat.S_ISREG(info.st_mode) \
+            claim = item.name.endswith(CLAIM_SUFFIX)
+            if claim and (directory / (item.name[: -len(CLAIM_SUFFIX)] + RESULT_SUFFIX)).exists():
+                continue  # its entry is still there: the claim may be taken again
+            if not (_is_key(item.name) or claim) or not stat.S_ISREG(info.st_mode) \
                     or now - info.st_mtime <= LOCK_AGE_SECONDS:
                 continue
         except OSError:

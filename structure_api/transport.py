@@ -24,23 +24,18 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection
 
-from . import __version__
+from ._constants import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, MAX_RESPONSE_BYTES, MIN_BODY_RATE
+from ._version import __version__
 from .config import APIKey
-from .contract import StructureRequest
+from .request import StructureRequest
 from .errors import APIConnectionError, APITimeoutError, ConfigurationError, MalformedResponseError
 from .errors import CancelledError, ResultMayBeBilledError, TransportError
 
 log = logging.getLogger("structure_api")
 
-DEFAULT_CONNECT_TIMEOUT = 10.0
-DEFAULT_READ_TIMEOUT = 180.0
-# Base64 of the largest image the service can return (a 9.4 MP noisy PNG is ~28 MB) is
-# ~38 MB; anything far past that is hostile or broken, and is not read into memory.
-MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-# An answer is read for as long as it arrives at least this fast (bytes/s, over each read-timeout
-# window): 16 KiB/s brings the largest answer (~38 MB) in 40 minutes; slower than that is a stall.
-MIN_BODY_RATE = 16 * 1024
 _READ_BYTES = 256 * 1024
+_MAX_INFORMATIONAL_HEADERS = 100
+_MAX_HEADER_LINE = 65536
 
 
 @dataclass(frozen=True)
@@ -180,6 +175,25 @@ def shutdown_socket(connection: HTTPConnection) -> None:
             pass
 
 
+class _FinalResponse(http.client.HTTPResponse):
+    """http.client's response, skipping every informational answer (102, 103, ...) before the final one.
+
+    http.client skips only a 100; a 103 Early Hints would otherwise stand for the answer, and the
+    paid 200 behind it would be left unread on the socket.
+    """
+
+    def _read_status(self):  # type: ignore[no-untyped-def]
+        while True:
+            version, status, reason = super()._read_status()
+            if not 100 < status < 200 or status == 101:
+                return version, status, reason
+            for _ in range(_MAX_INFORMATIONAL_HEADERS):
+                if self.fp.readline(_MAX_HEADER_LINE) in (b"\r\n", b"\n", b""):
+                    break
+            else:
+                raise http.client.HTTPException(f"an informational {status} answer with too many headers")
+
+
 class _TrackedConnection:
     """Mixed into urllib3's HTTP and HTTPS connections: each registers itself when it connects, so a
     cancel can close it mid-wait, and its status line and headers must arrive within the header deadline.
@@ -229,8 +243,8 @@ def tracking_adapter(registry: "weakref.WeakSet[HTTPConnection]", header_timeout
     """An adapter whose connections register in ``registry`` and whose status line and headers must
     arrive within ``header_timeout`` s of the upload's end (see ``_TrackedConnection``); connections
     through a proxy (HTTP_PROXY, HTTPS_PROXY, SOCKS) too."""
-    return _TrackingAdapter({"_registry": registry, "_header_deadline": header_timeout},
-                            pool_connections=4, pool_maxsize=32, max_retries=0)
+    tracking = {"_registry": registry, "_header_deadline": header_timeout, "response_class": _FinalResponse}
+    return _TrackingAdapter(tracking, pool_connections=4, pool_maxsize=32, max_retries=0)
 
 
 class _TrackingAdapter(HTTPAdapter):
@@ -281,6 +295,7 @@ class Transport:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers.update({"user-agent": f"comfyui-aithriving-structure/{__version__}",
+                                     "accept": "application/json",
                                      # The codings _ContentDecoder undoes; never br or zstd.
                                      "accept-encoding": ACCEPT_ENCODING})
         self.session.auth = RawKeyAuth(key)
@@ -349,7 +364,8 @@ class Transport:
         if declared and declared.isdigit() and int(declared) > limit:
             raise MalformedResponseError(
                 f"The service's answer is {int(declared) / 2**20:.0f} MiB, far larger than any image it "
-                f"returns (limit {limit / 2**20:.0f} MiB); it was not read.", http_status=status)
+                f"returns (limit {limit / 2**20:.0f} MiB); it was not read{_charged(status)}.",
+                http_status=status)
         coding = response.headers.get("content-encoding")
         # A coded body's Content-Length counts coded bytes: no use for sizing the decoded one.
         presize = int(declared) if declared and declared.isdigit() and not coding else 0
@@ -364,28 +380,35 @@ class Transport:
                 for chunk in decoder.decode(coded) if coded else decoder.finish():
                     if buffer.size + len(chunk) > limit:
                         raise MalformedResponseError(
-                            f"The service's answer passed {limit / 2**20:.0f} MiB, far larger "
-                            "than any image it returns; reading stopped.", http_status=status)
+                            f"The service's answer passed {limit / 2**20:.0f} MiB, far larger than any "
+                            f"image it returns; reading stopped{_charged(status)}.", http_status=status)
                     buffer.add(chunk)
                 pace.count(len(coded))
                 if not coded:
                     break
         except _UndecodableBody as exc:
-            if status == 200:
+            if 200 <= status < 300:
                 raise ResultMayBeBilledError(
-                    f"{exc} The service may have charged for it, so the request was not sent again.",
-                    http_status=200) from None
+                    f"{exc} The service may have charged for it (HTTP {status}), so the request was not sent "
+                    "again.", http_status=status) from None
             # An error status is the answer whatever its body (as below).
         except (_BodyTooSlow, urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError,
                 http.client.HTTPException) as exc:
-            if status == 200:
+            if 200 <= status < 300:
                 raise ResultMayBeBilledError(
                     _broken_answer_message(exc, buffer.size, None if coding else declared,
                                            self.limits.min_body_rate),
-                    http_status=200) from None
+                    http_status=status) from None
             # An error status is the answer whatever its body: what arrived is enough to map it
             # (and a 5xx cut short is as unbilled, and as retryable, as a whole one).
-        return buffer.value(keep_mutable=status == 200)
+        return buffer.value(keep_mutable=200 <= status < 300)
+
+
+def _charged(status: int) -> str:
+    """What a success status adds to a sentence about its answer: it may have been billed."""
+    if 200 <= status < 300:
+        return f"; the service may have charged for it (HTTP {status}), so the request was not sent again"
+    return ""
 
 
 def read_some(raw: urllib3.response.HTTPResponse, size: int) -> bytes:

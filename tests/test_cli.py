@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
@@ -103,6 +104,19 @@ def test_each_error_is_one_line_and_non_zero(tmp_path, standin, env_for, capsys,
     assert code == 1
     assert err.startswith("error: ") and err.count("\n") == 1 and words in err
     assert out == ""
+
+
+def test_an_answer_whose_seed_cannot_be_read_still_delivers_the_image(tmp_path, standin, env_for, capsys):
+    """A 5000-digit seed (int() refuses it) once ended the run with a traceback; the seed is cosmetic."""
+    env_for(standin)
+    image = io.BytesIO()
+    Image.fromarray(photo_like(100, 100)).save(image, format="PNG")
+    data = {"image": base64.b64encode(image.getvalue()).decode(), "seed": "9" * 5000}
+    standin.script(Respond(200, body={"code": 0, "message": "success", "data": data}))
+    source = write_png(tmp_path / "in.png", photo_like(100, 100))
+    code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / "out.png")
+    assert code == 0, err
+    assert out.startswith("seed unknown · 6 credits · wrote ") and (tmp_path / "out.png").exists()
 
 
 def test_bad_input_file_and_bad_arguments(tmp_path, capsys):

@@ -14,11 +14,11 @@ from typing import Iterator
 
 from ..batch import BatchProgress, BatchReport, max_concurrency_from_env, run_batch
 from ..client import StructureResult
-from ..contract import StructureRequest
 from ..errors import CancelledError
 from ..files import FileAccessError, FolderLock, InputImage, batch_outputs, check_writable_folder, \
     is_finished_output, list_input_images, read_input_image
 from ..pipeline import batch_seeds
+from ..request import StructureRequest
 from .exits import EXIT_FAILED, EXIT_INTERRUPTED
 from .target import RequestTarget, check_parameters, structure_request, write_result
 

@@ -10,6 +10,7 @@ import time
 from ..contract import CREDITS_PER_IMAGE
 from ..files import FileAccessError, check_output_file, check_writable_folder, export_path, read_input_image, \
     write_atomically
+from ..paid import deliver
 from ..store import ResultStore
 from .target import RequestTarget, check_parameters, credits_text, structure_request, write_result
 
@@ -22,7 +23,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with RequestTarget.open(args) as target:
         result, from_store = target.generate(structure_request(args, image, args.seed, output_format), str(args.output))
         write_result(args.output, image, result, output_format, target)
-    print(f"seed {result.seed} · {credits_text(result, from_store)} · wrote {args.output} "
+    # Seed 0 in a result: the service picked one and did not say which.
+    seed = f"seed {result.seed}" if result.seed else "seed unknown"
+    print(f"{seed} · {credits_text(result, from_store)} · wrote {args.output} "
           f"({image.size.width}x{image.size.height} {output_format})")
     return 0
 
@@ -57,7 +60,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         except OSError as error:
             raise FileAccessError(f"Could not write {path} ({error.strerror or type(error).__name__}); the result "
                                   f"stays in the result store ({store.directory}).") from None
-        store.mark_delivered(entry)
+        deliver(store, entry)
         print(f"wrote {path} (seed {entry.seed}, for {entry.label or '(no label)'})")
     # The service's own bytes: at the size that was sent, which differs from the input's when it was fitted.
     sender = "the service" if not any(entry.free for entry in waiting) else "the service (or stand-in)"

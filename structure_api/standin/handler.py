@@ -11,24 +11,18 @@ import socket
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler
-from typing import TYPE_CHECKING, Iterable, Optional, Union
+from typing import Iterable, Optional, Protocol, Union
 from urllib.parse import urlsplit
 
-from ..contract import ENDPOINT_PATH
+from ..contract import ENDPOINT_PATH, STANDIN_HEADER, STANDIN_HEADER_VALUE, AnswerBody
 from .answers import default_body, error_payload, json_bytes
 from .multipart import BadRequest, Form, parse_multipart
-from .records import Entry
-
-if TYPE_CHECKING:
-    from .server import StandInServer
+from .ratelimit import UpstreamRateLimit
+from .records import Books, Entry
 
 log = logging.getLogger("structure_api.standin")
 
 HEALTH_PATHS = ("/", "/health")
-# A free stand-in marks every answer with this header (config.STANDIN_HEADER, kept in step by a test): the
-# client then counts its results as 0 credits, so nothing shown for a free image claims credits were spent.
-STANDIN_HEADER = "X-AIThriving-Stand-In"
-STANDIN_HEADER_VALUE = "free"
 # An over-limit body up to this size is read and thrown away so the client sees the 413 on a
 # healthy connection; beyond it the connection is closed instead of reading the rest.
 _DRAIN_LIMIT = 32 * 1024 * 1024
@@ -36,6 +30,26 @@ _DRAIN_LIMIT = 32 * 1024 * 1024
 _FAULT_READ_LIMIT = 64 * 1024 * 1024
 # Idle keep-alive connections are closed after this long, so `serve` does not pile up threads.
 _IDLE_TIMEOUT = 300.0
+
+
+class Owner(Protocol):
+    """What a handler needs of the server that owns it (``server.StandInServer``), without importing it."""
+
+    books: Books
+    latency: float
+    free: bool
+    rate_limit: Optional[UpstreamRateLimit]
+
+    @property
+    def stopping(self) -> bool:
+        """True once the server has begun to stop."""
+
+    def wait_until_stopping(self, timeout: Optional[float] = None) -> bool:
+        """Block until the server begins to stop (True) or ``timeout`` passes (False)."""
+
+    def answer(self, method: str, route: str, headers: dict[str, str], body: Optional[bytes],
+               form: Union[Form, BadRequest, None]) -> tuple[int, dict, dict[str, str]]:
+        """The normal answer to one request: status, JSON payload, extra headers."""
 
 
 class Stopped(Exception):
@@ -67,7 +81,7 @@ class StandInHandler(BaseHTTPRequestHandler):
         log.info("%s %s -> %s", self.command, urlsplit(self.path).path, getattr(code, "value", code))
 
     @property
-    def _standin(self) -> "StandInServer":
+    def _standin(self) -> Owner:
         return self.server.standin  # type: ignore[attr-defined]
 
     # --- one request -------------------------------------------------------------------
@@ -116,7 +130,7 @@ class StandInHandler(BaseHTTPRequestHandler):
         # Like a remote service: the answer comes `latency` s after the request was read, its rendering
         # (CPU time on this machine) inside that time rather than on top of it.
         self.wait(max(0.0, owner.latency - (time.monotonic() - read_at)) + delay)
-        if status == 200 and payload.get("code") == 0:
+        if status == 200 and AnswerBody.from_json(payload).succeeded:
             owner.books.charge()
         self.send(status, json_bytes(payload), "application/json", extra)
 
@@ -210,6 +224,18 @@ class StandInHandler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def send_raw(self, data: bytes) -> None:
+        """Write ``data`` as the whole answer, byte for byte, then close the connection."""
+        self.close_connection = True
+        final = data.rsplit(b"\r\nHTTP/", 1)[-1] if b"\r\nHTTP/" in data else data
+        status = final.split(b" ", 2)[1:2]
+        self._entry.status = int(status[0]) if status and status[0].isdigit() else 0
+        try:
+            self.wfile.write(data)
+            self.wfile.flush()
+        except OSError:
+            pass  # the client went away
 
     def send(
         self, status: int, body: bytes, content_type: str, headers: Optional[dict[str, str]] = None, *,

@@ -16,9 +16,9 @@ import time
 from http.server import ThreadingHTTPServer
 from typing import Optional, Union
 
-from ..contract import ENDPOINT_PATH, MAX_REQUEST_BYTES, MAX_SEED
+from ..contract import ENDPOINT_PATH, LOCKOUT_SECONDS, MAX_REQUEST_BYTES, MAX_SEED
 from ..ratelimit import RateLimit
-from .answers import error_payload
+from .answers import error_payload, success_payload
 from .faults import Fault
 from .handler import StandInHandler, Stopped
 from .multipart import BadRequest, Form
@@ -141,7 +141,7 @@ class StandInServer:
         self, *, api_key: Optional[str] = None, host: str = "127.0.0.1", port: int = 0,
         latency: float = 0.0, fault_rate: float = 0.0, fault_seed: int = 0, max_records: Optional[int] = None,
         free: bool = False,
-        rate_limit: Union[RateLimit, str, UpstreamRateLimit, None] = None, lockout: float = 60.0,
+        rate_limit: Union[RateLimit, str, UpstreamRateLimit, None] = None, lockout: float = LOCKOUT_SECONDS,
     ) -> None:
         """Bind to host:port at once (port 0 picks a free one); start() begins answering.
 
@@ -298,4 +298,4 @@ class StandInServer:
         seed = job.form.seed or secrets.randbelow(MAX_SEED) + 1
         image = render_structure(job.pixels, **{**job.form.form_values(), "seed": seed})
         encoded = base64.b64encode(image).decode("ascii")
-        return 200, {"code": 0, "message": "success", "data": {"image": encoded, "seed": seed}}, {}
+        return 200, success_payload(encoded, seed), {}

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from structure_api import StructureClient, StructureRequest
-from structure_api.batch import generate_stored
+from structure_api.paid import fetch_or_pay
 from structure_api.errors import BatchError, MalformedResponseError, ResultMayBeBilledError
 from structure_api.images import encode_upload
 from structure_api.pipeline import StructureParams, generate_images
@@ -401,7 +401,7 @@ def _generate(url: str, store: ResultStore, read_timeout: float, **kwargs):
     started = time.monotonic()
     with StructureClient(api_key=CANARY_KEY, base_url=url, read_timeout=read_timeout, **kwargs) as client:
         try:
-            result, _ = generate_stored(client, _one_request(), store)
+            result = fetch_or_pay(client, _one_request(), store).result
             return result, time.monotonic() - started
         except Exception as error:  # noqa: BLE001 - the outcome is what the test looks at
             return error, time.monotonic() - started
@@ -554,6 +554,57 @@ def test_two_processes_sending_the_same_fixed_seed_request_pay_once(tmp_path, le
     assert credits == [0, 6] and paid == 6 and len(service.requests) == 1
 
 
+_RERUN_SEED_0 = """
+import json
+import sys
+import numpy as np
+from structure_api import StructureClient
+from structure_api.pipeline import StructureParams, generate_images
+sys.path.insert(0, sys.argv[3])
+from support import photo_like
+images = np.stack([photo_like(96, 64, seed=300 + i) for i in range(4)]).astype(np.float32) / 255
+with StructureClient(api_key=sys.argv[2], base_url=sys.argv[1]) as client:
+    result = generate_images(images, StructureParams(prompt="seed zero, twice", seed=0), client=client,
+                             max_concurrency=4)
+served = [result.report.stored[index].entry_id for index in sorted(result.report.from_cache)]
+print(json.dumps({"credits": result.credits, "from_store": served}))
+"""
+
+
+def test_two_processes_rerunning_a_failed_seed_0_batch_never_get_the_same_kept_result(tmp_path, ledger):
+    folder = tmp_path / "store"
+    params = StructureParams(prompt="seed zero, twice", seed=0)
+    with StandInServer(api_key=CANARY_KEY) as service, \
+            StructureClient(api_key=CANARY_KEY, base_url=service.url) as client:
+        service.script(*_fail_image(4, 4))
+        with pytest.raises(BatchError):  # images 1-3 paid and kept undelivered, image 4 failed
+            generate_images(batch_of(4), params, client=client, store=ResultStore(folder), max_concurrency=1)
+        kept = {entry.entry_id for entry in ResultStore(folder).undelivered()}
+        assert len(kept) == 3
+        env = {**os.environ, "AITHRIVING_CACHE_DIR": str(folder), "PYTHONPATH": str(REPO)}
+        # Every paid answer now takes 2 s, so each process holds what it claimed while the other claims.
+        service.latency = 2.0
+        setup_paid = service.credits_spent
+        processes = [subprocess.Popen([sys.executable, "-c", _RERUN_SEED_0, service.url, CANARY_KEY,
+                                       str(REPO / "tests")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for _ in range(2)]
+        outputs = [process.communicate(timeout=120) for process in processes]
+        paid = service.credits_spent - setup_paid
+    assert all(process.returncode == 0 for process in processes), outputs
+    runs = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    served = [entry_id for run in runs for entry_id in run["from_store"]]
+    record(ledger, "two processes re-run the same failed seed-0 batch of 4 at once (3 kept undelivered)",
+           "each kept result is handed to one process only (claimed under the store's cross-process lock); "
+           "everything else is paid fresh",
+           f"from the store: {[len(run['from_store']) for run in runs]} (distinct: {len(set(served))}); "
+           f"credits {[run['credits'] for run in runs]}", paid=paid, delivered=8 * CREDITS_PER_IMAGE,
+           repaid=0, requests=len(service.requests))
+    assert len(served) == len(set(served)) == 3 and set(served) == kept
+    assert paid == (8 - 3) * CREDITS_PER_IMAGE == sum(run["credits"] for run in runs)
+    assert ResultStore(folder).undelivered() == []
+
+
 # --- store health ------------------------------------------------------------------------------
 
 def test_store_sweeps_orphans_and_stale_locks_on_every_platform(tmp_path, ledger):
@@ -666,6 +717,7 @@ def test_old_cache_entries_keep_serving_fixed_seed_requests(tmp_path):
         (folder / f"{key}.img").write_bytes(data)
         (folder / f"{key}.json").write_text(json.dumps({"seed": 8, "format": "png", "size": len(data),
                                                         "sha256": hashlib.sha256(data).hexdigest()}))
-        result, from_store = generate_stored(client, request, ResultStore(folder))
+        paid = fetch_or_pay(client, request, ResultStore(folder))
+        result, from_store = paid.result, paid.from_store
         assert from_store and result.data == data and service.requests == []
     assert not (folder / f"{key}.img").exists()
