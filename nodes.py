@@ -2,34 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
 import logging
+import queue
 import re
+import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 from server import PromptServer
 
-from .structure_api.batch import BatchProgress
+from .structure_api.batch import BatchProgress, BatchReport
 from .structure_api.contract import (
     CREDITS_PER_IMAGE, DEFAULT_CONTROL_STRENGTH, DEFAULT_OUTPUT_FORMAT, LIMITS_BROKEN_TEXT, MAX_CONTROL_STRENGTH,
     MAX_SEED, MIN_CONTROL_STRENGTH, OUTPUT_FORMATS, PROMPT_RANGE_TEXT, validate_prompt)
 from .structure_api.errors import InputError, MissingAPIKeyError
 from .structure_api.files import write_atomically
 from .structure_api.offline import RunSetup, client_for_run, destination_fingerprint, process_standin
-from .structure_api.pipeline import StructureParams, generate_images
+from .structure_api.pipeline import BatchResult, StructureParams, generate_images
 
 CATEGORY = "image/AIThriving"
 # The picture the example workflows (the template browser's entries) load with LoadImage.
 EXAMPLE_INPUT = Path(__file__).resolve().parent / "example_workflows" / "structure_example.png"
 OUTSIDE_LIMITS_OPTIONS = ["fit and restore size", "fail"]
 _OUTSIDE_LIMITS_MODES = {"fit and restore size": "fit", "fail": "fail"}
+# How often a running node shows its progress and checks for Cancel, in seconds.
+_POLL_SECONDS = 0.1
 # What a user may type into the node search to find this node (besides its name). ComfyUI 0.11 and
 # later read them from the schema; older servers' io.Schema has no such field (see _search_aliases).
 SEARCH_ALIASES = ["controlnet", "structure", "sketch to image", "depth", "edges", "img2img", "aithriving"]
@@ -115,8 +121,11 @@ class AIThrivingStructure(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, image, prompt: str, control_strength: float, seed: int, output_format: str,
-                outside_limits: str, negative_prompt: str = "") -> io.NodeOutput:
+    async def execute(cls, image, prompt: str, control_strength: float, seed: int, output_format: str,
+                      outside_limits: str, negative_prompt: str = "") -> io.NodeOutput:
+        # Async, so that ComfyUI runs other nodes (other Structure nodes, local work) while this one
+        # waits on the service; the blocking work runs on a thread of the event loop's executor.
+        # cls is the copy ComfyUI made for this run, so its hidden node id is this node's.
         node_id = cls.hidden.unique_id
         params = StructureParams(
             prompt=prompt, control_strength=control_strength, negative_prompt=negative_prompt or "",
@@ -125,7 +134,9 @@ class AIThrivingStructure(io.ComfyNode):
         total = int(image.shape[0]) if len(image.shape) == 4 else 1
         bar = comfy.utils.ProgressBar(total, node_id=node_id)
         words = _Words(_user_language())
-        with _run_setup(words) as run:
+        with contextlib.ExitStack() as stack:
+            run = stack.enter_context(_run_setup(words))
+
             def spent(credits: int) -> str:
                 return words("standIn") if run.offline else words("spent", credits=credits)
 
@@ -134,15 +145,29 @@ class AIThrivingStructure(io.ComfyNode):
                 detail = words.progress(progress)
                 _status(node_id, words("progress", detail=detail, spent=spent(progress.credits)))
 
+            def work(should_cancel: Callable[[], bool],
+                     on_progress: Callable[[BatchProgress], None]) -> BatchResult:
+                return generate_images(image, params, client=run.client, store=run.store,
+                                       label=f"ComfyUI node {node_id}", on_progress=on_progress,
+                                       should_cancel=should_cancel)
+
             where = words("toStandIn") if run.offline else ""
             _status(node_id, words("sendingOne" if total == 1 else "sendingMany", count=total, where=where))
-            result = generate_images(
-                image, params, client=run.client, store=run.store, label=f"ComfyUI node {node_id}",
-                on_progress=show, should_cancel=comfy.model_management.processing_interrupted)
-        if result.report.cancelled:
-            _status(node_id, words("cancelled", spent=spent(result.credits)))
+            result, torn_down = await _off_the_loop(work, show)
+            background = result.report.background
+            if background is not None:
+                # The requests left in flight need the client (and the stand-in) until they end.
+                background.add_done_callback(stack.pop_all().close)
+        if result.report.cancelled or torn_down is not None:
+            left = _left_in_flight(words, result.report, run) if result.report.cancelled else ""
+            _status(node_id, words("cancelled", spent=spent(result.credits)) + (f" · {left}" if left else ""))
+            if result.report.in_flight:
+                logging.warning("[AIThriving] node %s cancelled: %s", node_id,
+                                result.report.in_flight_sentence(run.store, free=run.offline))
+            if torn_down is not None:
+                raise torn_down
             comfy.model_management.throw_exception_if_processing_interrupted()
-            raise comfy.model_management.InterruptProcessingException()
+            raise comfy.model_management.InterruptProcessingException(left or "cancelled")
         stored = words("fromStore", count=result.from_store) if result.from_store else ""
         # Answers of a stand-in (offline mode, or `serve` at AITHRIVING_BASE_URL) carry its free mark and
         # count 0 credits: fresh results that cost nothing came from one.
@@ -154,6 +179,69 @@ class AIThrivingStructure(io.ComfyNode):
                 "credits_per_image": 0 if free else CREDITS_PER_IMAGE, "seeds": result.seeds,
                 "offline": run.offline, "free": free}
         return io.NodeOutput(result.images, result.seeds[0], ui={"aithriving_cost": [cost]})
+
+
+def _left_in_flight(words: "_Words", report: BatchReport, run: RunSetup) -> str:
+    """Return what a cancel left running, in the user's language: how many, what they may cost, where."""
+    count = report.in_flight
+    if not count:
+        return ""
+    if run.offline:
+        return words("inFlightFree", count=count)
+    if run.store.persistent:
+        where = words("whereStore")
+    else:
+        where = words("whereMemoryOff") if run.store.directory is None else words("whereMemory")
+    if count == 1:
+        return words("inFlightOne", where=where)
+    return words("inFlightMany", count=count, where=where)
+
+
+async def _off_the_loop(
+    work: Callable[[Callable[[], bool], Callable[[BatchProgress], None]], BatchResult],
+    show: Callable[[BatchProgress], None],
+) -> tuple[BatchResult, Optional[BaseException]]:
+    """Run ``work(should_cancel, on_progress)`` on the loop's executor; show its progress on this thread.
+
+    Cancel reaches the work three ways: ComfyUI's interrupt flag (polled by the work), ComfyUI's progress
+    hook raising when shown, and this task being cancelled (ComfyUI tears the prompt down when another
+    node fails or is interrupted). The work then returns within about a second, and so does this;
+    the second item is the task's cancellation, to raise once the node has said what it left behind.
+    """
+    stop = threading.Event()
+    updates: "queue.SimpleQueue[BatchProgress]" = queue.SimpleQueue()
+
+    def should_cancel() -> bool:
+        return stop.is_set() or comfy.model_management.processing_interrupted()
+
+    loop = asyncio.get_running_loop()
+    # A plain future, not a task: tearing the prompt down cancels tasks, and the thread must be waited for.
+    future = loop.run_in_executor(None, contextvars.copy_context().run, work, should_cancel, updates.put)
+    torn_down: Optional[BaseException] = None
+    interrupted: Optional[BaseException] = None
+    while True:
+        try:
+            await asyncio.wait({future}, timeout=_POLL_SECONDS)
+        except asyncio.CancelledError as error:
+            stop.set()
+            torn_down = torn_down or error
+        while True:
+            try:
+                progress = updates.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                show(progress)
+            except Exception as error:  # ComfyUI's hook raises InterruptProcessingException after a Cancel
+                stop.set()
+                interrupted = interrupted or error
+        if future.done():
+            break
+    result = future.result()
+    if interrupted is not None and not isinstance(interrupted,
+                                                  comfy.model_management.InterruptProcessingException):
+        raise interrupted  # a fault of the display itself must surface
+    return result, torn_down
 
 
 def _search_aliases(schema: type) -> dict[str, list[str]]:

@@ -7,7 +7,7 @@ import math
 import os
 import platform
 import zlib
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import PIL
@@ -17,6 +17,9 @@ import torch
 from structure_api.batch import DEFAULT_MAX_CONCURRENCY
 
 from .batch_time import BatchResult
+from .graphs import GraphResult
+from .graphs import section as graphs_section
+from .graphs import target_rows as graph_target_rows
 from .memory import MemoryResult
 from .overhead import PATHS, SizeResult
 from .processes import ProcessesRun
@@ -102,9 +105,11 @@ def throughput_ok(throughput: Sequence[ThroughputRun]) -> bool:
 
 
 def all_targets_met(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[MemoryResult],
-                    throughput: Sequence[ThroughputRun], processes: Sequence[ProcessesRun] = ()) -> bool:
+                    throughput: Sequence[ThroughputRun], processes: Sequence[ProcessesRun] = (),
+                    graphs: Optional[GraphResult] = None) -> bool:
     return (all(overhead_ok(s) and upload_ok(s) for s in sizes) and batch_ok(batch) and memory_ok(memory)
-            and throughput_ok(throughput) and all(run.ok for run in processes if run.label != "unshared"))
+            and throughput_ok(throughput) and all(run.ok for run in processes if run.label != "unshared")
+            and (graphs is None or (graphs.four_ok() and graphs.hybrid_ok())))
 
 
 def _throughput_table(throughput: Sequence[ThroughputRun]) -> list[str]:
@@ -151,7 +156,7 @@ def _overhead_table(sizes: Sequence[SizeResult]) -> list[str]:
 
 def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[MemoryResult],
            throughput: Sequence[ThroughputRun], *, seconds: float, quick: bool = False,
-           processes: Sequence[ProcessesRun] = ()) -> str:
+           processes: Sequence[ProcessesRun] = (), graphs: Optional[GraphResult] = None) -> str:
     """The whole report as Markdown."""
     at_target = _memory_at(memory, MEMORY_TARGET_CONCURRENCY)
     concurrent = batch.concurrent[BATCH_TARGET_CONCURRENCY]
@@ -187,6 +192,7 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
         f"| batch of {batch.count} at {batch.latency:g} s latency, default settings (concurrency "
         f"{BATCH_TARGET_CONCURRENCY}), ≤ {BATCH_SECONDS_TARGET} s | {concurrent:.2f} s (one image alone "
         f"{batch.single:.2f} s; sequential {batch.sequential:.2f} s) | {_verdict(batch_ok(batch))} |",
+        *(graph_target_rows(graphs) if graphs is not None else []),
         f"| {paced.images} images, `structure-api batch --concurrency {CONCURRENCY}`, stand-in at {LATENCY:g} s "
         f"latency limited to {LIMIT_REQUESTS}/{LIMIT_SECONDS:g} with a {LOCKOUT_SECONDS:g} s lock-out: all "
         f"delivered, no 429, ≥ {THROUGHPUT_RATIO_TARGET}x the limit's {LIMIT_REQUESTS / LIMIT_SECONDS:g}/s "
@@ -238,7 +244,9 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
         "",
         f"{batch.count} photo-like images of {batch.side}² against the pack's stand-in (`python -m structure_api "
         f"serve --latency {batch.latency:g}`, in a separate process), which answers each request "
-        f"{batch.latency:g} s after it has read and rendered it. Median of {batch.repeats} runs (sequential: 1 run). "
+        f"{batch.latency:g} s after it has read it, like a remote service: its own decoding and rendering "
+        "are inside that time, not added to it, so what the batch adds to one image's time is the pack's "
+        f"work (and the machine's load). Median of {batch.repeats} runs (sequential: 1 run). "
         "The node's path (`generate_images`) runs with a fresh result store, as the node does.",
         "",
         "| run | wall time (s) |",
@@ -253,11 +261,12 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
         f"| one after another (a plain loop over `StructureClient.generate`) | {batch.sequential:.2f} |",
         "",
         f"In the median run at the default settings this process (the pack, "
-        f"all threads) used {batch.client_cpu:.2f} s of CPU and the stand-in {batch.standin_cpu:.2f} s: on "
-        "2 cores the stand-in decodes, renders and encodes every image before its delay starts, so its "
-        "CPU time, more than the pack's, is what the concurrent batch adds to one image's time (with "
-        "whatever else the machine runs meanwhile).",
+        f"all threads) used {batch.client_cpu:.2f} s of CPU and the stand-in {batch.standin_cpu:.2f} s. "
+        "The stand-in still shares the machine's cores, but its work falls inside the latency, while the "
+        "pack waits, as a remote service's does; the pack's encoding before the upload and decoding after "
+        "the answer are what the batch adds to the latency.",
         "",
+        *(graphs_section(graphs) if graphs is not None else []),
         "## Throughput at the service's rate limit",
         "",
         f"{paced.images} photo-like PNGs of 96² in a folder, sent by `structure-api batch --concurrency "

@@ -4,31 +4,55 @@ What other code should import is exported here (``__all__``); the modules behind
 docs/architecture.md shows which module owns each step from an IMAGE tensor to a request and back.
 """
 
-__version__ = "0.1.0"
+from typing import Any
 
-from typing import Any  # noqa: E402
+from ._version import __version__ as __version__
 
-from .config import APIKey, load_api_key, resolve_base_url  # noqa: E402
-from .contract import CREDITS_PER_IMAGE, ENDPOINT_PATH, validate_params  # noqa: E402
-from .errors import *  # noqa: E402,F401,F403  (every error class; __all__ below names them)
-from .retry import RetryPolicy  # noqa: E402
-from .client import (  # noqa: E402
-    ProgressEvent,
-    StructureClient,
-    StructureRequest,
-    StructureResult,
+from .config import APIKey, load_api_key, resolve_base_url
+from .contract import CREDITS_PER_IMAGE, ENDPOINT_PATH, validate_params
+from .errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    AuthenticationError,
+    BatchError,
+    CancelledError,
+    ConfigurationError,
+    ContentModerationError,
+    GenerationFailedError,
+    InputError,
+    InsecureURLError,
+    InsufficientCreditsError,
+    InvalidImageError,
+    InvalidRequestError,
+    MalformedResponseError,
+    MissingAPIKeyError,
+    RateLimitError,
+    RequestTooLargeError,
+    ResultMayBeBilledError,
+    ServiceError,
+    StructureError,
+    TransportError,
+    UnexpectedRedirectError,
 )
-from .images import EncodedImage, ImageSize, encode_upload  # noqa: E402
-from .store import ResultStore, StoredResult  # noqa: E402
-from .batch import BatchProgress, BatchReport  # noqa: E402
-from .pipeline import BatchResult, StructureParams, generate_images  # noqa: E402
+from .retry import RetryPolicy
+from .answers import ImageAnswer
+from .client import ProgressEvent, StructureClient, StructureResult
+from .request import StructureRequest
+from .images import EncodedImage, ImageSize, encode_upload
+from .store import ResultStore, StoredResult
+from .batch import BatchProgress, BatchReport
+from .pipeline import BatchResult, StructureParams, generate_images
+from .paid import PaidResult, fetch_or_pay
 
 __all__ = [
     # configuration and the contract
     "APIKey", "load_api_key", "resolve_base_url", "RetryPolicy", "CREDITS_PER_IMAGE", "ENDPOINT_PATH",
     "validate_params",
     # the client and its request types
-    "StructureClient", "StructureRequest", "StructureResult", "ProgressEvent",
+    "StructureClient", "StructureRequest", "StructureResult", "ImageAnswer", "ProgressEvent",
+    # the paid-result protocol: every paid answer kept before it is decoded, handed out once
+    "fetch_or_pay", "PaidResult",
     # a batch of images, as the node runs it
     "generate_images", "StructureParams", "BatchResult", "BatchProgress", "BatchReport",
     # the result store

@@ -1,28 +1,30 @@
-"""The service's answer, read in named steps: redirect, JSON, status, shape, seed, image, then kept and decoded.
+"""The service's answer, read in named steps: redirect, JSON, status, shape, seed, image; pure parsing.
 
-The steps run in this order, and the order is the point: an answer carrying an image is kept in the
-result store (its raw bytes, checked to be an image) before its pixels are decoded, so whatever fails
-after that, a paid image is not lost. HTTP itself (sending, reading the body) is ``transport.py``'s.
+Nothing here keeps or stores anything: ``image_answer`` returns the checked, undecoded image (or
+raises the error the answer stands for, carrying any image it held), and ``paid.py`` keeps it in the
+result store before anything decodes it. HTTP itself (sending, reading the body) is ``transport.py``'s.
+The reader is tolerant where a field is cosmetic (an odd seed, ``"code": "0"``, URL-safe base64, a
+BOM, a raw image body, any 2xx): an image that can be used is never thrown away for its wrapping.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import logging
 import math
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
 from . import errors
-from .config import STANDIN_HEADER, APIKey
-from .contract import CREDITS_PER_IMAGE, MAX_REQUEST_BYTES, MAX_SEED, MIN_SIDE, StructureRequest
+from .config import APIKey
+from .contract import CREDITS_PER_IMAGE, MAX_REQUEST_BYTES, MAX_SEED, MIN_SIDE, STANDIN_HEADER, AnswerBody
 from .images import ImageSize, decode_base64, decode_image, detect_format, image_header_size
+from .request import StructureRequest
 from .retry import parse_retry_after
-from .store import ResultStore, StoredResult
 
 log = logging.getLogger("structure_api")
 
@@ -30,9 +32,14 @@ log = logging.getLogger("structure_api")
 # holds no JSON punctuation). Parsing makes a Python object per value, so 60 MiB of "{}," would
 # take over 1.5 GB: a body with more separators than this is not parsed at all.
 MAX_JSON_SEPARATORS = 10_000
+# The longest seed text worth reading: MAX_SEED has 10 digits (int() refuses over 4300 anyway).
+_MAX_SEED_DIGITS = 12
+_BOM = b"\xef\xbb\xbf"
 
-# Every failure of an HTTP 200 answer after the upload: nobody can tell whether it was billed.
-_MAY_BE_CHARGED = "the service may have charged for it (HTTP 200), so the request was not sent again."
+
+def _may_be_charged(status: int) -> str:
+    """Return the clause ending every failure of a 2xx answer: nobody can tell whether it was billed."""
+    return f"the service may have charged for it (HTTP {status}), so the request was not sent again."
 
 
 @dataclass(frozen=True)
@@ -46,8 +53,8 @@ class StructureResult:
     request_id: Optional[str]
     attempts: int
     credits: int = CREDITS_PER_IMAGE
-    # The store's entry for this answer: hand it to ``store.mark_delivered`` once delivered.
-    stored: Optional[StoredResult] = None
+    # The result store's entry (a store.StoredResult): delivered or released through paid.PaidResult.
+    stored: object = None
 
     def __repr__(self) -> str:
         shape = getattr(self.pixels, "shape", None)
@@ -56,15 +63,36 @@ class StructureResult:
 
 @dataclass(frozen=True)
 class ImageAnswer:
-    """A success answer whose image bytes were read and checked to be an image; not decoded yet."""
+    """A 2xx answer's image: its bytes checked to be an image near the request's size, not decoded.
 
-    raw: bytes
+    ``seed`` is the one the service reports; when it reported none that can be read, the request's
+    (0: unknown) and ``seed_known`` is False. ``pixels`` decodes the image on first use.
+    """
+
+    data: bytes
     seed: int
     format: str
     size: ImageSize
     request_id: Optional[str]
     credits: int
-    error_fields: dict  # what an error about this answer carries: http_status, headers, request_id
+    attempts: int = 1
+    seed_known: bool = True
+    http_status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def raw(self) -> bytes:
+        """The image file's bytes as the service sent them (``data``)."""
+        return self.data
+
+    @functools.cached_property
+    def pixels(self) -> object:
+        """Decode the image to ``[H, W, 3]`` uint8 on first use (MalformedResponseError if it cannot)."""
+        return decode_answer(self)
+
+    def error_fields(self) -> dict:
+        """Collect what an error about this answer carries: its status, headers and request id."""
+        return dict(http_status=self.http_status, headers=self.headers, request_id=self.request_id)
 
 
 class Redactor:
@@ -98,86 +126,101 @@ def refuse_redirect(status: int, headers: Mapping[str, str]) -> None:
 
 
 def image_answer(status: int, headers: Mapping[str, str], body: bytes, request: StructureRequest,
-                 redact: Redactor, now: float) -> ImageAnswer:
+                 redact: Redactor, now: float, attempt: int = 1) -> ImageAnswer:
     """Return the answer's image bytes, checked, or raise the error the answer stands for.
 
-    ``headers`` are lower-cased; ``now`` is the wall clock, for a Retry-After date. Once this returns,
-    the body is no longer needed: the caller passes it straight in, so nothing holds it while the
-    pixels are decoded, the moment a request needs the most memory.
+    ``headers`` are lower-cased; ``now`` is the wall clock, for a Retry-After date. An image that is
+    not fit to use (far from the request's size) comes back on the error's ``answer``, to be kept.
+    Once this returns, the body is no longer needed: the caller passes it straight in, so nothing
+    holds it while the pixels are decoded, the moment a request needs the most memory.
     """
-    separators = _json_separators(body)
-    payload, image_text = _payload(status, body, separators)
-    request_id = headers.get("x-request-id") or (
-        payload.get("id") if isinstance(payload, dict) and isinstance(payload.get("id"), str) else None)
-    if status != 200:
-        raise error_for_status(status, payload, body, headers, request_id, redact, now)
-    fields = dict(http_status=status, body=body, headers=headers, request_id=request_id)
-    data = _image_data(payload, separators, redact, fields)
-    seed = answer_seed(data.get("seed"), request.seed)
-    try:
-        raw = decode_base64(image_text if image_text is not None else data["image"])
-    except errors.MalformedResponseError as error:
-        raise errors.MalformedResponseError(
-            f"{error.message.rstrip('.')}; the service may have charged for it.", **fields) from None
-    # The answer's text (the body, and the parsed copy of its base64) is not needed any more.
-    del payload, data, body, image_text
+    if body[:3] == _BOM:
+        body = body[3:]  # a BOM before the JSON says nothing about the answer
+    success = 200 <= status < 300
+    fields = dict(http_status=status, body=body, headers=headers, request_id=headers.get("x-request-id"))
+    if success and detect_format(body) is not None:
+        # An image file's bytes, not JSON (whatever the Content-Type says): it has no seed to report.
+        raw, seed, seed_known = bytes(body), request.seed, False
+        log.info("the service answered with a raw %s body (%s); its seed is unknown", detect_format(body),
+                 headers.get("content-type", "no Content-Type"))
+    else:
+        separators = _json_separators(body)
+        payload, image_text = _payload(success, body, separators)
+        answer = AnswerBody.from_json(payload) if isinstance(payload, dict) else None
+        if fields["request_id"] is None and answer is not None and isinstance(answer.request_id, str):
+            fields["request_id"] = answer.request_id
+        if not success:
+            raise error_for_status(status, payload, body, headers, fields["request_id"], redact, now)
+        _check_image_answer(payload, answer, separators, redact, fields)
+        seed, seed_known = answer_seed(answer.seed, request.seed)
+        try:
+            raw = decode_base64(image_text if image_text is not None else answer.image)
+        except errors.MalformedResponseError as error:
+            raise errors.MalformedResponseError(
+                f"{error.message.rstrip('.')}; the service may have charged for it (HTTP {status}).",
+                **fields) from None
+        # The answer's text (the body, and the parsed copy of its base64) is not needed any more.
+        del payload, answer, image_text
+    del body
     fields.pop("body", None)
     actual_format, size = check_answer_image(raw, request, fields)
     # The stand-in charges nothing and says so; the real service sends no such header.
     credits = 0 if STANDIN_HEADER.lower() in headers else CREDITS_PER_IMAGE
-    return ImageAnswer(raw=raw, seed=seed, format=actual_format, size=size, request_id=request_id,
-                       credits=credits, error_fields=fields)
+    answer = ImageAnswer(data=raw, seed=seed, format=actual_format, size=size,
+                         request_id=fields["request_id"], credits=credits, attempts=attempt,
+                         seed_known=seed_known, http_status=status, headers=headers)
+    if actual_format != request.output_format:
+        log.warning("asked for %s, the service returned %s; using it as is", request.output_format,
+                    actual_format)
+    sent = request.image.size
+    if not _near_size(size, sent):
+        raise errors.MalformedResponseError(
+            f"The service returned a {size.width}x{size.height} image for a {sent.width}x{sent.height} "
+            "request, far from the size it produces; the service may have charged for it, but it was not "
+            "used.",
+            answer=answer, **fields)
+    return answer
 
 
-def keep_and_decode(answer: ImageAnswer, request: StructureRequest, attempt: int, *, endpoint: str,
-                    store: Optional[ResultStore] = None, label: str = "", decode: bool = True) -> StructureResult:
-    """Keep the answer in ``store`` (as ``label``), then decode its pixels (unless ``decode`` is False)."""
-    stored = None
-    if store is not None:
-        aliases = ()
-        if request.seed == 0 and 1 <= answer.seed <= MAX_SEED:
-            # A random-seed result also answers the same request with that seed fixed.
-            aliases = (store.key_for(dataclasses.replace(request, seed=answer.seed), endpoint),)
-        stored = store.keep(store.key_for(request, endpoint), answer.raw, seed=answer.seed, format=answer.format,
-                            label=label, aliases=aliases, free=answer.credits == 0)
+def decode_answer(answer: ImageAnswer) -> object:
+    """Decode the answer's pixels, ``[H, W, 3]`` uint8; a MalformedResponseError says it may have been charged."""
     try:
-        pixels = decode_image(answer.raw) if decode else None
+        return decode_image(answer.data)
     except errors.MalformedResponseError as error:
-        if stored is not None:
-            store.discard(stored)  # unusable bytes would only be served again
         raise errors.MalformedResponseError(
             f"{error.message.rstrip('.')} ({answer.size.width}x{answer.size.height} {answer.format}); the "
-            "service may have charged for it.", **answer.error_fields) from None
-    if answer.format != request.output_format:
-        log.warning("asked for %s, the service returned %s; using it as is", request.output_format, answer.format)
-    return StructureResult(pixels=pixels, data=answer.raw, seed=answer.seed, format=answer.format,
-                           request_id=answer.request_id, attempts=attempt, credits=answer.credits, stored=stored)
+            "service may have charged for it.", **answer.error_fields()) from None
 
 
-def _payload(status: int, body: bytes, separators: int) -> tuple[object, Optional[memoryview]]:
+def _payload(success: bool, body: bytes, separators: int) -> tuple[object, Optional[memoryview]]:
     """Parse the answer's JSON (None: not JSON, or too many values) and cut a success's base64 out."""
     if separators > MAX_JSON_SEPARATORS:
         return None, None
-    if status == 200:
+    if success:
         return _parse_answer(body)
     return _parse_json(body), None
 
 
-def _image_data(payload: object, separators: int, redact: Redactor, fields: dict) -> dict:
-    """Return a success answer's ``data`` (its image), or raise the error its shape or ``code`` stands for."""
+def _check_image_answer(payload: object, answer: Optional[AnswerBody], separators: int, redact: Redactor,
+                        fields: dict) -> None:
+    """Raise the error a success answer's shape or ``code`` stands for, unless it holds an image to read."""
+    status = fields["http_status"]
     if payload is None:
         if separators > MAX_JSON_SEPARATORS:
             raise errors.MalformedResponseError(
                 f"The service's answer was not JSON of any shape the service sends ({separators:,} separators "
-                f"where a real answer has a handful); it was not parsed and no image came back; {_MAY_BE_CHARGED}",
-                **fields)
+                f"where a real answer has a handful); it was not parsed and no image came back; "
+                f"{_may_be_charged(status)}", **fields)
         kind = "empty" if _is_blank(fields["body"]) else "not JSON"
         raise errors.MalformedResponseError(
-            f"The service's answer was {kind}; no image came back; {_MAY_BE_CHARGED}", **fields)
-    if not isinstance(payload, dict):
+            f"The service's answer was {kind}; no image came back; {_may_be_charged(status)}", **fields)
+    if answer is None:
         raise errors.MalformedResponseError(
-            f"The service's answer was JSON but not an object; no image came back; {_MAY_BE_CHARGED}", **fields)
-    if payload.get("code") != 0:
+            f"The service's answer was JSON but not an object; no image came back; {_may_be_charged(status)}",
+            **fields)
+    has_image = isinstance(answer.image, str)
+    numeric_code = isinstance(answer.code, (int, float)) and not isinstance(answer.code, bool)
+    if not answer.succeeded and (numeric_code or not has_image):
         reason = _server_reason(payload)
         reason = redact(reason) if reason else None
         said = f": {reason}" if reason else " and gave no reason"
@@ -187,37 +230,39 @@ def _image_data(payload: object, separators: int, redact: Redactor, fields: dict
                 **fields)
         raise errors.GenerationFailedError(f"The service could not generate the image{said}.", reason=reason,
                                            **fields)
-    data = payload.get("data")
-    if not isinstance(data, dict) or not isinstance(data.get("image"), str):
+    if not answer.succeeded:
+        log.info("the service's answer holds an image under the code %.40r; reading the image", answer.code)
+    if not has_image:
         raise errors.MalformedResponseError(
-            f"The service's answer has no image in it (data.image missing); {_MAY_BE_CHARGED}", **fields)
-    return data
+            f"The service's answer has no image in it (data.image missing); {_may_be_charged(status)}",
+            **fields)
 
 
-def answer_seed(value: object, requested: int) -> int:
-    """Read the answer's seed; a missing or odd one (null, text, negative) costs the image nothing."""
+def answer_seed(value: object, requested: int) -> tuple[int, bool]:
+    """Return the seed the answer reports and True; for a missing or odd one (null, "²", 5000 digits),
+    the request's and False.
+
+    A seed is cosmetic: it never costs the image. The request's seed stands in (0: unknown).
+    """
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SEED:
-        return value
-    if isinstance(value, str) and value.strip().isdigit() and int(value) <= MAX_SEED:
-        return int(value)
-    log.info("the service's answer reports the seed as %.40r; using %d (the request's) instead", value, requested)
-    return requested
+        return value, True
+    if isinstance(value, str):
+        text = value.strip()
+        if 0 < len(text) <= _MAX_SEED_DIGITS and text.isascii() and text.isdigit() and int(text) <= MAX_SEED:
+            return int(text), True
+    known = f"using {requested} (the request's) instead" if requested else "the seed is unknown"
+    log.info("the service's answer reports the seed as %.40r; %s", value, known)
+    return requested, False
 
 
 def check_answer_image(raw: bytes, request: StructureRequest, fields: dict) -> tuple[str, ImageSize]:
-    """Read the answer's format and declared size, refusing what is not an image near the request's size."""
+    """Read the answer's format and declared size, refusing what is not an image."""
     try:
         size = image_header_size(raw)
     except errors.MalformedResponseError as error:
         raise errors.MalformedResponseError(
-            f"{error.message.rstrip('.')}; the service may have charged for it, but there is nothing to keep.",
-            **fields) from None
-    sent = request.image.size
-    if not _near_size(size, sent):
-        raise errors.MalformedResponseError(
-            f"The service returned a {size.width}x{size.height} image for a {sent.width}x{sent.height} request, "
-            "far from the size it produces; the service may have charged for it, but it was not used.",
-            **fields)
+            f"{error.message.rstrip('.')}; the service may have charged for it "
+            f"(HTTP {fields['http_status']}), but there is nothing to keep.", **fields) from None
     return detect_format(raw) or request.output_format, size
 
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import queue
 import threading
+import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from ._constants import DEFAULT_MAX_CONCURRENCY, ENV_MAX_CONCURRENCY
 from .client import ProgressEvent, StructureClient, StructureRequest, StructureResult
 from .errors import (
     AuthenticationError,
@@ -21,13 +25,14 @@ from .errors import (
     StructureError,
 )
 from ._renamed import warn_renamed
-from .images import decode_image
+from .paid import deliver, fetch_or_pay, release
 from .store import ResultStore, StoredResult
 
-ENV_MAX_CONCURRENCY = "AITHRIVING_MAX_CONCURRENCY"
-# 8 in flight: a batch of 8 takes about one image's time, and 8 is far below the service's rate
-# limit (150 requests in 10 s), which the pacer enforces on its own.
-DEFAULT_MAX_CONCURRENCY = 8
+log = logging.getLogger("structure_api")
+
+# After a cancel, how long the call waits for the requests it stopped to end (they end at once: their
+# sockets are shut) before it returns, leaving the requests whose upload was complete to finish alone.
+_STOP_GRACE = 0.5
 # Errors that every later request would hit as well: stop sending rather than pile them up.
 _FATAL_FOR_BATCH = (AuthenticationError, InsufficientCreditsError, ConfigurationError)
 
@@ -44,6 +49,91 @@ def max_concurrency_from_env(default: int = DEFAULT_MAX_CONCURRENCY) -> int:
     if not 1 <= number <= 32:
         raise ConfigurationError(f"{ENV_MAX_CONCURRENCY} must be from 1 to 32; got {number}.")
     return number
+
+
+class InFlightLimit:
+    """How many requests of this process are in flight, over all nodes and batches: each takes a slot first.
+
+    A slot is held from encoding the upload to decoding the answer, so the uploads and answers held
+    in memory are bounded by the limit too, however many batches run side by side.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._in_use = 0
+        self.peak = 0  # the most slots ever held at once (for tests and benchmarks)
+
+    @property
+    def in_use(self) -> int:
+        """Slots held now."""
+        with self._changed:
+            return self._in_use
+
+    def acquire(self, limit: int, cancel: threading.Event, poll: float = 0.1) -> bool:
+        """Wait for a slot while fewer than ``limit`` are held; False when ``cancel`` is set first."""
+        with self._changed:
+            while self._in_use >= limit:
+                if cancel.is_set():
+                    return False
+                self._changed.wait(poll)
+            if cancel.is_set():
+                return False
+            self._in_use += 1
+            self.peak = max(self.peak, self._in_use)
+            return True
+
+    def release(self) -> None:
+        """Give a slot back."""
+        with self._changed:
+            self._in_use -= 1
+            self._changed.notify_all()
+
+
+_PROCESS_IN_FLIGHT = InFlightLimit()
+
+
+def process_in_flight() -> InFlightLimit:
+    """Return the one in-flight limit of this process, shared by every batch (every ComfyUI node run)."""
+    return _PROCESS_IN_FLIGHT
+
+
+class Background:
+    """The requests a cancelled batch left running because their upload was complete (the service is
+    making, and charging for, their images): each answer goes into the result store when it arrives."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._lock = threading.Lock()
+        self._finished = threading.Event()
+        self._callbacks: list[Callable[[], None]] = []
+        self.kept = 0  # answers that arrived and were kept for a re-run
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until every one has ended (answered or failed); True when they have."""
+        return self._finished.wait(timeout)
+
+    @property
+    def finished(self) -> bool:
+        """True once every one has ended."""
+        return self._finished.is_set()
+
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on another thread) once every one has ended; at once if they have."""
+        with self._lock:
+            if not self._finished.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def _finish(self) -> None:
+        with self._lock:
+            self._finished.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # a clean-up that fails must not hide the others
+                log.exception("clean-up after the requests left in flight failed")
 
 
 @dataclass(frozen=True)
@@ -73,6 +163,14 @@ class BatchReport:
     cancelled: bool = False
     may_be_charged: int = 0  # answers lost after their upload completed
     not_sent: int = 0        # left unsent after an error every later request would share
+    stopped: set[int] = field(default_factory=set)  # stopped before the upload was complete: not charged
+    # After a cancel: the requests left to finish on their own, their upload being complete (None: none).
+    background: Optional[Background] = None
+
+    @property
+    def in_flight(self) -> int:
+        """Requests a cancel left running (their upload was complete, so they may be charged)."""
+        return self.background.count if self.background is not None else 0
 
     @property
     def from_cache(self) -> set[int]:  # old spelling, for one release
@@ -92,12 +190,12 @@ class BatchReport:
     def release(self, store: ResultStore) -> None:
         """Give every kept or claimed result back undelivered (the batch is not delivered): a re-run takes them."""
         for entry in self.stored.values():
-            store.release(entry)
+            release(store, entry)
 
     def mark_delivered(self, store: ResultStore) -> None:
         """Record every result of the batch as delivered."""
         for entry in self.stored.values():
-            store.mark_delivered(entry)
+            deliver(store, entry)
 
     def raise_for_failures(self, noun: str = "image", *, store: Optional[ResultStore] = None) -> None:
         """Raise one BatchError naming each failed item (1-based) and why, and saying what was kept.
@@ -114,6 +212,28 @@ class BatchReport:
         more = f"; and {len(items) - 5} more" if len(items) > 5 else ""
         raise BatchError(f"{len(items)} of {self.total} {noun}s failed: {shown}{more}. {self.kept_sentence(noun, store)}",
                          failures=dict(self.failures))
+
+    def in_flight_sentence(self, store: Optional[ResultStore] = None, *, free: bool = False) -> str:
+        """After a cancel: how many requests were left in flight, what they may cost, where answers go."""
+        count = self.in_flight
+        if not count:
+            return ""
+        one = count == 1
+        requests_text = f"{count} request{'' if one else 's'}"
+        they, them = ("it", "it") if one else ("they", "them")
+        if free:
+            verb = "finishes" if one else "finish"
+            return f"{requests_text} in flight to the stand-in {verb} in the background (free)."
+        if store is None or store.persistent:
+            where = "in the result store"
+        elif store.directory is None:
+            where = "in memory by this process (the result store is off)"
+        else:
+            where = "in memory by this process (the result store cannot be written)"
+        results = "its result is" if one else "their results are"
+        return (f"{requests_text} {'was' if one else 'were'} in flight with the upload complete, so the "
+                f"service may charge for {them}; {results} kept {where} when {they} "
+                f"{'arrives' if one else 'arrive'}, and queuing the same again gets {them} free.")
 
     def kept_sentence(self, noun: str = "image", store: Optional[ResultStore] = None) -> str:
         """Say what was paid, what was kept where, and what a re-run will pay: every word true."""
@@ -153,54 +273,13 @@ class BatchReport:
         return sentence + "."
 
 
-def generate_stored(
-    client: StructureClient,
-    request: StructureRequest,
-    store: ResultStore,
-    *,
-    label: str = "",
-    on_progress: Optional[Callable[[ProgressEvent], None]] = None,
-    cancel: Optional[threading.Event] = None,
-    claim_only: bool = False,
-    decode: bool = True,
-) -> tuple[Optional[StructureResult], bool]:
-    """Return the store's result for ``request`` if it holds one (free), else pay for one kept there.
-
-    Returns (result, from_store); (None, False) when ``claim_only`` and the store holds nothing.
-    The result's ``stored`` entry is handed out to the caller: ``store.mark_delivered`` it once
-    delivered, or ``store.release`` it when giving up. ``decode=False``: ``pixels`` stays None (the
-    caller decodes ``data`` itself, and discards the entry from the store if that fails).
-    """
-    request.validate()
-    key = store.key_for(request, client.endpoint)
-    hit = _claim_decoded(store, key, request.seed, decode)
-    if hit is not None or claim_only:
-        return hit, hit is not None
-    if request.seed == 0:
-        # Random means random: identical seed-0 requests of one batch are paid side by side.
-        return client.generate(request, on_progress=on_progress, cancel=cancel, store=store, label=label,
-                               decode=decode), False
-    with store.paying(key):
-        # Another thread or process may have paid for it while this one waited for the lock.
-        hit = _claim_decoded(store, key, request.seed, decode)
-        if hit is not None:
-            return hit, True
-        return client.generate(request, on_progress=on_progress, cancel=cancel, store=store, label=label,
-                               decode=decode), False
-
-
-def _claim_decoded(store: ResultStore, key: str, seed: int, decode: bool = True) -> Optional[StructureResult]:
-    while True:
-        entry = store.claim(key, seed)
-        if entry is None:
-            return None
-        try:
-            pixels = decode_image(entry.data) if decode else None
-        except StructureError:
-            store.discard(entry)  # unusable: never served again
-            continue
-        return StructureResult(pixels=pixels, data=entry.data, seed=entry.seed, format=entry.format,
-                               request_id=None, attempts=0, credits=0, stored=entry)
+def generate_stored(client: StructureClient, request: StructureRequest, store: ResultStore,
+                    **options: object) -> tuple[Optional[StructureResult], bool]:
+    """Run :func:`paid.fetch_or_pay` and return ``(result, from_store)``; deprecated, for one release."""
+    warnings.warn("structure_api.batch.generate_stored is deprecated: use structure_api.fetch_or_pay, whose "
+                  "PaidResult delivers or releases the result", DeprecationWarning, stacklevel=2)
+    paid = fetch_or_pay(client, request, store, **options)  # type: ignore[arg-type]
+    return (paid.result, paid.from_store) if paid is not None else (None, False)
 
 
 @dataclass(eq=False)
@@ -217,9 +296,18 @@ class _BatchRun:
     report: BatchReport = field(init=False)
     lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     cancel: threading.Event = field(init=False, default_factory=threading.Event)
+    # Set by a cancel or a stop: nothing more is sent (pacer waits and retries end, uploads stop).
+    halt: threading.Event = field(init=False, default_factory=threading.Event)
     # Set with stop_reason: later requests would fail (or charge) too.
     stop_sending: threading.Event = field(init=False, default_factory=threading.Event)
     stop_reason: Optional[StructureError] = field(init=False, default=None)
+    slots: InFlightLimit = field(default_factory=process_in_flight)
+    limit: int = field(init=False, default=DEFAULT_MAX_CONCURRENCY)
+    # Indexes whose request is being made (slot taken), and those of them whose upload is complete.
+    sending: set[int] = field(init=False, default_factory=set)
+    sent: set[int] = field(init=False, default_factory=set)
+    # What a cancel leaves running (report.background once the call returns).
+    left_running: Background = field(init=False, default_factory=lambda: Background(0))
     # Workers queue progress; the caller's thread delivers it, because UI hooks (ComfyUI's
     # progress bar, terminal output) expect to be called from the thread that runs the job.
     progress: "queue.SimpleQueue[BatchProgress]" = field(init=False, default_factory=queue.SimpleQueue)
@@ -246,12 +334,28 @@ class _BatchRun:
             self.stop_sending.set()
 
     def work(self, index: int) -> None:
-        if self.cancel.is_set():
+        if self.halt.is_set() or not self.slots.acquire(self.limit, self.halt):
             return
+        try:
+            self._work(index)
+        finally:
+            self.slots.release()
+            with self.lock:
+                self.sending.discard(index)
+                self.sent.discard(index)
+
+    def _work(self, index: int) -> None:
+        if self.halt.is_set():
+            return
+        with self.lock:
+            self.sending.add(index)
         try:
             request = self.make_request(index)
 
             def relay(event: ProgressEvent) -> None:
+                if event.stage == "waiting":
+                    with self.lock:
+                        self.sent.add(index)  # the upload is complete: a cancel lets it finish
                 if event.stage in ("pacing", "uploading", "waiting", "retrying"):
                     with self.lock:
                         progress = self.snapshot(f"image {index + 1}: {event.message}", index, event.stage)
@@ -259,27 +363,36 @@ class _BatchRun:
 
             # After a stop, what the store holds is still served (it is free); nothing is sent.
             stopped = self.stop_sending.is_set()
-            result, from_store = generate_stored(self.client, request, self.store, label=self.label(index),
-                                                 on_progress=relay, cancel=self.cancel, claim_only=stopped,
-                                                 decode=self.decode)
+            paid = fetch_or_pay(self.client, request, self.store, label=self.label(index), on_progress=relay,
+                                cancel=self.halt, claim_only=stopped, decode=self.decode)
             del request  # its upload bytes are not needed any more
-            if result is None:
+            if paid is None:
                 with self.lock:
                     self.report.failures[index] = CancelledError(
                         f"not sent, because an earlier image failed with: {str(self.stop_reason).rstrip('.')}")
                     self.report.not_sent += 1
                 return
-            if result.stored is not None:
-                entry = result.stored
-                if self.store.on_disk(entry):
-                    # The report only needs its identity; the bytes live on disk (a batch of 16 large
-                    # answers would otherwise hold all 16 until the batch ends).
-                    entry = dataclasses.replace(entry, data=b"")
-                with self.lock:
+            result, from_store = paid.result, paid.from_store
+            with self.lock:
+                if self.cancel.is_set():
+                    # It landed after the caller went: kept for a re-run, which takes it free.
+                    if paid.entry is not None:
+                        paid.release()
+                        self.left_running.kept += 1
+                    return
+                if paid.entry is not None:
+                    entry = paid.entry
+                    if self.store.on_disk(entry):
+                        # The report only needs its identity; the bytes live on disk (a batch of 16 large
+                        # answers would otherwise hold all 16 until the batch ends).
+                        entry = dataclasses.replace(entry, data=b"")
                     self.report.stored[index] = entry  # before on_result: kept whatever it does
-            self.on_result(index, result)
+            paid.use(lambda kept: self.on_result(index, kept))
         except StructureError as error:
-            if self.cancel.is_set() and isinstance(error, CancelledError):
+            if self.halt.is_set() and isinstance(error, CancelledError):
+                with self.lock:
+                    if index not in self.sent:
+                        self.report.stopped.add(index)  # before its upload was complete: nothing charged
                 return
             with self.lock:
                 self.report.failures[index] = error
@@ -298,41 +411,80 @@ class _BatchRun:
             progress = self.snapshot(f"done {self.report.done} of {self.count}", index, "done")
         self.progress.put(progress)
 
+    def _cancel(self, pending: set[Future], keep_in_flight: bool) -> None:
+        """Stop sending; drop or leave running the requests whose upload is complete; return at once."""
+        with self.lock:
+            self.cancel.set()  # under the lock: a result either made it into the report or is released
+            self.halt.set()
+            self.report.cancelled = True
+        if keep_in_flight:
+            self.client.stop_uploads()
+        else:
+            self.client.abort()
+        for future in pending:
+            future.cancel()
+        # The stopped requests end at once (their sockets are shut); wait for them, never long.
+        deadline = time.monotonic() + _STOP_GRACE
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.sending <= self.sent:
+                    break
+            time.sleep(0.01)
+
     def run(self, max_concurrency: int, on_progress: Optional[Callable[[BatchProgress], None]],
-            should_cancel: Optional[Callable[[], bool]], poll_interval: float) -> BatchReport:
+            should_cancel: Optional[Callable[[], bool]], poll_interval: float,
+            keep_in_flight: bool = True,
+            should_stop_sending: Optional[Callable[[], bool]] = None) -> BatchReport:
         report = self.report
+        self.limit = max_concurrency
         workers = max(1, min(max_concurrency, self.count))
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="structure")
+        pending: set[Future] = set()
         try:
-            pending: set[Future] = {executor.submit(self.work, index) for index in range(self.count)}
+            pending = {executor.submit(self.work, index) for index in range(self.count)}
             while pending:
                 finished, pending = wait(pending, timeout=poll_interval, return_when=FIRST_COMPLETED)
                 self.deliver_progress(on_progress)
                 for future in finished:
                     future.result()  # a bug in on_result/make_request must surface, not vanish
+                if should_stop_sending is not None and not self.halt.is_set() and should_stop_sending():
+                    self.halt.set()
+                    self.client.stop_uploads()
                 if should_cancel is not None and pending and should_cancel():
-                    self.cancel.set()
-                    self.client.abort()
-                    report.cancelled = True
-                    for future in pending:
-                        future.cancel()
-                    # The aborted sockets end in-flight work at once; give it a moment to finish
-                    # so no worker outlives the call, without ever holding the caller long.
-                    wait(pending, timeout=0.5)
+                    self._cancel(pending, keep_in_flight)
                     break
         except BaseException:
             # Anything escaping here (a progress hook that raises on interrupt, as ComfyUI's
-            # does, or Ctrl-C) must not leave requests running or the caller waiting on them.
-            self.cancel.set()
-            self.client.abort()
-            report.cancelled = True
+            # does, or Ctrl-C) must not leave requests running unseen or the caller waiting on them.
+            self._cancel(pending, keep_in_flight)
+            self._leave_running(executor)
             raise
-        finally:
-            # After a cancel the aborted sockets make in-flight workers end at once; a short join
-            # keeps threads from outliving the call without ever blocking the caller for long.
-            executor.shutdown(wait=not report.cancelled, cancel_futures=True)
+        self._leave_running(executor)
         self.deliver_progress(on_progress)
         return report
+
+    def _leave_running(self, executor: ThreadPoolExecutor) -> None:
+        """Shut the workers' pool; after a cancel, what is still running finishes in the background."""
+        if not self.report.cancelled:
+            executor.shutdown(wait=True)
+            return
+        executor.shutdown(wait=False, cancel_futures=True)
+        with self.lock:
+            running = len(self.sending)
+            if not running:
+                return
+            background = self.left_running
+            background.count = running
+            self.report.background = background
+
+        def settle() -> None:
+            executor.shutdown(wait=True)
+            if background.kept:
+                log.info("%d answer(s) that arrived after the cancel are kept in the result store for a "
+                         "re-run", background.kept)
+            background._finish()
+
+        threading.Thread(target=settle, name="structure-settle", daemon=True).start()
 
 
 def run_batch(
@@ -343,27 +495,42 @@ def run_batch(
     on_result: Callable[[int, StructureResult], None],
     store: Optional[ResultStore] = None,
     label: Optional[Callable[[int], str]] = None,
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    max_concurrency: Optional[int] = None,
     on_progress: Optional[Callable[[BatchProgress], None]] = None,
     should_cancel: Optional[Callable[[], bool]] = None,
     poll_interval: float = 0.1,
     decode: bool = True,
+    keep_in_flight: bool = True,
+    in_flight: Optional[InFlightLimit] = None,
+    should_stop_sending: Optional[Callable[[], bool]] = None,
 ) -> BatchReport:
-    """Run ``count`` requests, at most ``max_concurrency`` at once, through the result store; report each by index.
+    """Run ``count`` requests through the result store, a few at once; report each by index.
 
-    ``make_request(i)`` builds request i in the worker (so at most ``max_concurrency``
-    encoded images exist at once); ``on_result(i, result)`` runs in the worker as each
-    finishes (so results can go straight into an output buffer); ``on_progress`` is
-    called on the caller's thread. ``should_cancel`` is polled every ``poll_interval`` s;
-    when it returns True, open connections are closed and the call returns with
-    ``cancelled`` set. Every result is kept in ``store`` (default: ``ResultStore.from_env()``)
-    and handed out to the caller: ``report.mark_delivered(store)`` or ``report.release(store)``.
-    ``decode=False``: results reach ``on_result`` with ``pixels`` None (see :func:`generate_stored`).
+    A request starts only while fewer than ``max_concurrency`` (default AITHRIVING_MAX_CONCURRENCY)
+    requests of the whole process are in flight (``in_flight``: the process's :class:`InFlightLimit`).
+    ``make_request(i)`` builds request i in the worker once it has its slot (so the encoded images
+    are bounded too); ``on_result(i, result)`` runs in the worker as each finishes (so results can
+    go straight into an output buffer); ``on_progress`` is called on the caller's thread.
+    ``should_cancel`` is polled every ``poll_interval`` s; when it returns True, nothing more is sent,
+    uploads still going out are stopped and the call returns within about half a second with
+    ``cancelled`` set. Requests whose upload was complete are left to finish (``keep_in_flight``,
+    ``report.background``): the service is making their images, so their answers are kept in the
+    store, undelivered, for a re-run; ``keep_in_flight=False`` drops them too. ``should_stop_sending``
+    (polled likewise) stops sending the same way but waits for the requests in flight and delivers
+    them; ``report.stopped`` lists what was stopped before its upload was complete. Every result is
+    kept in ``store`` (default: ``ResultStore.from_env()``) and handed out to the caller:
+    ``report.mark_delivered(store)`` or ``report.release(store)``.
+    ``decode=False``: results reach ``on_result`` with ``pixels`` None (see :func:`paid.fetch_or_pay`);
+    an ``on_result`` that raises MalformedResponseError (the bytes do not decode) discards the result.
     """
     if count <= 0:
         return BatchReport(total=max(count, 0))
+    if max_concurrency is None:
+        max_concurrency = max_concurrency_from_env()
     if store is None:
         store = ResultStore.from_env()
-    run = _BatchRun(client, count, make_request, on_result, store, label or (lambda index: f"image {index + 1}"),
-                    decode)
-    return run.run(max_concurrency, on_progress, should_cancel, poll_interval)
+    run = _BatchRun(client, count, make_request, on_result, store,
+                    label or (lambda index: f"image {index + 1}"), decode,
+                    slots=in_flight or process_in_flight())
+    return run.run(max_concurrency, on_progress, should_cancel, poll_interval, keep_in_flight,
+                   should_stop_sending)

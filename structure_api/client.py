@@ -1,8 +1,9 @@
 """StructureClient: one session, explicit timeouts, validation before I/O, typed errors, safe retries.
 
-The client is the top layer: retries, pacing, progress and cancel. Under it, ``transport.py`` sends
-the upload and reads the body (the one place transport exceptions become ours), and ``answers.py``
-reads the answer in steps, keeping a paid image in the store before it is decoded.
+The client is HTTP plus typed errors: retries, pacing, progress and cancel. Under it, ``transport.py``
+sends the upload and reads the body (the one place transport exceptions become ours), and
+``answers.py`` reads the answer in steps. It returns the checked, undecoded answer and knows nothing
+of the result store: ``paid.py`` keeps each answer there, in the same thread, before it is decoded.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Callable, Optional, Union
 import requests
 from urllib3.connection import HTTPConnection
 
-from .answers import Redactor, StructureResult, image_answer, keep_and_decode, refuse_redirect
+from ._constants import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, MAX_RESPONSE_BYTES, MIN_BODY_RATE
+from .answers import ImageAnswer, Redactor, image_answer, refuse_redirect
+from .answers import StructureResult as StructureResult  # importable from here too
 from .config import APIKey, check_base_url, check_key_may_travel, load_api_key, resolve_base_url
 from .errors import CancelledError, RateLimitError, StructureError
 from .contract import (  # noqa: F401  (the contract's names stay importable from here)
@@ -28,23 +31,14 @@ from .contract import (  # noqa: F401  (the contract's names stay importable fro
     MAX_SEED,
     MIN_SIDE,
     OUTPUT_FORMATS,
-    StructureRequest,
-    check_image_limits,
     validate_params,
     validate_prompt,
 )
 from .ratebudget import budget_name, make_book
 from .ratelimit import Pacer, PacerSlot, rate_limit_from_env, shared_pacer
 from .retry import RetryPolicy, next_delay
-from .store import ResultStore
-from .transport import (  # noqa: F401  (the limits' defaults stay importable from here)
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_READ_TIMEOUT,
-    MAX_RESPONSE_BYTES,
-    MIN_BODY_RATE,
-    Transport,
-    TransportLimits,
-)
+from .request import StructureRequest, check_image_limits  # noqa: F401  (importable from here too)
+from .transport import Transport, TransportLimits
 
 log = logging.getLogger("structure_api")
 # One shared default: RetryPolicy is frozen.
@@ -148,6 +142,13 @@ class StructureClient:
         self._aborted.set()
         self._transport.abort()
 
+    def stop_uploads(self) -> None:
+        """Stop the uploads still going out (free to stop); requests whose upload is complete carry on.
+
+        Pair it with the ``cancel`` event of each call, which stops pacer waits and retries.
+        """
+        self._transport.stop_uploads()
+
     # -- public call -------------------------------------------------------------
 
     def generate(
@@ -156,16 +157,18 @@ class StructureClient:
         *,
         on_progress: Optional[ProgressCallback] = None,
         cancel: Optional[threading.Event] = None,
-        store: Optional[ResultStore] = None,
-        label: str = "",
-        decode: bool = True,
-    ) -> StructureResult:
-        """Send one request (retrying only when it cannot double-charge) and return the decoded result.
+        **removed: object,
+    ) -> ImageAnswer:
+        """Send one request (retried only when it cannot double-charge); return the checked, undecoded answer.
 
-        With a ``store``, an answer carrying an image is kept there (under ``label``) the moment its
-        bytes are read and checked, before its pixels are decoded: whatever fails later, it is not lost.
-        ``decode=False`` leaves ``pixels`` None, for a caller that decodes straight into its own buffer.
+        Nothing here keeps the answer: to keep every paid image in the result store before it is
+        decoded, go through ``structure_api.paid.fetch_or_pay``. A MalformedResponseError whose
+        ``answer`` is set carries an image the service sent but that is not fit to use.
         """
+        if removed:
+            raise TypeError(
+                f"StructureClient.generate() no longer takes {', '.join(sorted(removed))}: keeping paid "
+                "results is structure_api.paid.fetch_or_pay(client, request, store, label=...)'s job.")
         request.validate()
         notify = on_progress or (lambda event: None)
         started = self._clock()
@@ -176,7 +179,7 @@ class StructureClient:
             slot = self._start_slot(attempt, notify, cancel)
             notify(ProgressEvent("uploading", attempt, "uploading"))
             try:
-                result = self._attempt(request, attempt, _marking_sent(notify, slot), store, label, decode)
+                answer = self._attempt(request, attempt, _marking_sent(notify, slot))
             except StructureError as error:
                 slot.finish(rate_limited=isinstance(error, RateLimitError))
                 if self._cancelled(cancel):
@@ -191,7 +194,7 @@ class StructureClient:
                 raise
             slot.finish(rate_limited=False)
             notify(ProgressEvent("done", attempt, "done"))
-            return result
+            return answer
 
     # -- internals ---------------------------------------------------------------
 
@@ -246,28 +249,24 @@ class StructureClient:
             check_cancel=lambda: self._check_cancel(cancel),
             on_wait=lambda message, seconds: notify(ProgressEvent("pacing", attempt, message, seconds)))
 
-    def _attempt(self, request: StructureRequest, attempt: int, notify: ProgressCallback,
-                 store: Optional[ResultStore], label: str, decode: bool = True) -> StructureResult:
+    def _attempt(self, request: StructureRequest, attempt: int, notify: ProgressCallback) -> ImageAnswer:
         response = self._transport.post(
             self.endpoint, request, attempt,
             on_sent=lambda: notify(ProgressEvent("waiting", attempt, "waiting for the service")))
         try:
-            return self._parse(response, request, attempt, store, label, decode)
+            return self._parse(response, request, attempt)
         finally:
             response.close()
 
-    def _parse(self, response: requests.Response, request: StructureRequest, attempt: int,
-               store: Optional[ResultStore] = None, label: str = "", decode: bool = True) -> StructureResult:
-        """Check the answer in steps (``answers.py``), keep its image in ``store``, then decode it."""
+    def _parse(self, response: requests.Response, request: StructureRequest, attempt: int) -> ImageAnswer:
+        """Check the answer in steps (``answers.py``): return its image's bytes, undecoded, or raise its error."""
         status = response.status_code
         headers = {k.lower(): v for k, v in response.headers.items()}
         refuse_redirect(status, headers)
         # The body goes straight into the call, so nothing holds it once the image's bytes are out of
-        # it: the pixels are decoded, the moment this request needs the most memory, without it.
-        answer = image_answer(status, headers, self._transport.read_body(response), request, self._redact,
-                              self._wall_clock())
-        return keep_and_decode(answer, request, attempt, endpoint=self.endpoint, store=store, label=label,
-                               decode=decode)
+        # it: the pixels are decoded later, the moment a request needs the most memory, without it.
+        return image_answer(status, headers, self._transport.read_body(response), request, self._redact,
+                            self._wall_clock(), attempt)
 
 
 def _default_pacer(endpoint: str, key: APIKey, clock: Callable[[], float],

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 from pathlib import Path
 from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
+from ._constants import ENV_STORE_DIR
+from .contract import STANDIN_HEADER as STANDIN_HEADER  # the client reads it; the stand-in sends it
 from .errors import ConfigurationError, InsecureURLError, MissingAPIKeyError
 
 ENV_API_KEY = "AITHRIVING_API_KEY"
 ENV_API_KEY_FILE = "AITHRIVING_API_KEY_FILE"
 ENV_BASE_URL = "AITHRIVING_BASE_URL"
 DEFAULT_BASE_URL = "https://www.aithriving.com"
+# The key file's place on Linux, and on Windows and macOS before they got their own (still read there
+# when it holds a key or settings and the platform's folder does not exist yet).
 DEFAULT_KEY_FILE = "~/.config/aithriving/api_key"
+KEY_FILE_NAME = "api_key"
 # The stand-in marks every answer with this header; results carrying it cost nothing.
-STANDIN_HEADER = "X-AIThriving-Stand-In"
 
 
 class APIKey:
@@ -66,16 +71,40 @@ def _missing_key_message(environ: Optional[Mapping[str, str]] = None) -> str:
             f"No API key found: set the {ENV_API_KEY} environment variable, or put the key in "
             f"{key_file_path(env)} (the file named by {ENV_API_KEY_FILE}), which does not exist."
         )
+    default = default_key_file(env)
+    shown = DEFAULT_KEY_FILE if default == Path(DEFAULT_KEY_FILE).expanduser() else str(default)
     return (
         f"No API key found: set the {ENV_API_KEY} environment variable, "
-        f"or put the key in {DEFAULT_KEY_FILE} (or in the file named by {ENV_API_KEY_FILE})."
+        f"or put the key in {shown} (or in the file named by {ENV_API_KEY_FILE})."
     )
+
+
+def platform_config_folder(environ: Optional[Mapping[str, str]] = None) -> Path:
+    """Return the pack's folder in the user's config folder: %APPDATA%\\aithriving on Windows,
+    ~/Library/Application Support/aithriving on macOS, ~/.config/aithriving elsewhere."""
+    env = os.environ if environ is None else environ
+    if sys.platform == "win32":
+        return Path(env.get("APPDATA") or Path.home() / "AppData" / "Roaming") / "aithriving"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "aithriving"
+    return Path(DEFAULT_KEY_FILE).expanduser().parent
+
+
+def default_key_file(environ: Optional[Mapping[str, str]] = None) -> Path:
+    """Return the key file's default place: the platform's config folder, or ~/.config/aithriving if only it is used."""
+    folder = platform_config_folder(environ)
+    legacy = Path(DEFAULT_KEY_FILE).expanduser().parent
+    if folder != legacy and not folder.exists() \
+            and any((legacy / name).is_file() for name in (KEY_FILE_NAME, "aithriving-settings.json")):
+        folder = legacy  # an earlier version kept the key (or the offline switch) there: keep reading it
+    return folder / KEY_FILE_NAME
 
 
 def key_file_path(environ: Optional[Mapping[str, str]] = None) -> Path:
     """Return the key file this environment points at."""
     env = os.environ if environ is None else environ
-    return Path(env.get(ENV_API_KEY_FILE) or DEFAULT_KEY_FILE).expanduser()
+    named = env.get(ENV_API_KEY_FILE)
+    return Path(named).expanduser() if named else default_key_file(env)
 
 
 def load_api_key(environ: Optional[Mapping[str, str]] = None) -> APIKey:
@@ -179,3 +208,26 @@ def check_key_may_travel(url: str) -> None:
         f"Refusing to send the API key over plain http to {parts.hostname}; "
         f"use an https:// address in {ENV_BASE_URL} (plain http is allowed only for 127.0.0.1/localhost)."
     )
+
+
+_DISABLED_VALUES = {"", "0", "off", "none", "false", "no"}
+
+
+def default_store_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
+    """Return the store's folder: AITHRIVING_CACHE_DIR (``off``: none), else the platform's user cache."""
+    env = os.environ if environ is None else environ
+    if ENV_STORE_DIR in env:
+        value = env[ENV_STORE_DIR].strip()
+        return None if value.lower() in _DISABLED_VALUES else Path(value).expanduser()
+    if env.get("XDG_CACHE_HOME"):
+        return Path(env["XDG_CACHE_HOME"]) / "aithriving" / "structure"
+    legacy = Path(os.path.expanduser("~")) / ".cache" / "aithriving" / "structure"
+    if sys.platform == "win32":
+        local = Path(env.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+        folder = local / "aithriving" / "structure"
+    elif sys.platform == "darwin":
+        folder = Path.home() / "Library" / "Caches" / "aithriving" / "structure"
+    else:
+        return legacy
+    # An earlier version kept results in ~/.cache on every platform: they stay where they are, and used.
+    return legacy if legacy.is_dir() and not folder.exists() else folder

@@ -10,12 +10,9 @@ from __future__ import annotations
 import math
 import unicodedata
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 from .errors import InputError
-
-if TYPE_CHECKING:  # images imports this module for the limits; the request only needs the type
-    from .images import EncodedImage
 
 ENDPOINT_PATH = "/api/control/structure"
 
@@ -23,6 +20,21 @@ ENDPOINT_PATH = "/api/control/structure"
 
 # Charged per successful result; a failed one is free.
 CREDITS_PER_IMAGE = 6
+
+# --- the rate limit --------------------------------------------------------------------
+
+# At most this many requests start in any RATE_LIMIT_SECONDS; past that, every request is
+# answered 429 (never charged) for LOCKOUT_SECONDS.
+RATE_LIMIT_REQUESTS = 150
+RATE_LIMIT_SECONDS = 10.0
+LOCKOUT_SECONDS = 60.0
+
+# --- the stand-in's free mark ------------------------------------------------------------
+
+# A free stand-in marks every answer with this header; the client then counts its results as 0
+# credits, so nothing shown for a free image claims credits were spent. The service never sends it.
+STANDIN_HEADER = "X-AIThriving-Stand-In"
+STANDIN_HEADER_VALUE = "free"
 
 # --- the form's fields -----------------------------------------------------------------
 
@@ -74,6 +86,71 @@ FORM_FIELDS = (
     FormField("output_format", "choice", False, DEFAULT_OUTPUT_FORMAT, choices=OUTPUT_FORMATS),
 )
 FIELD_NAMES = tuple(field.name for field in FORM_FIELDS)
+# The fields the result store's key has always hashed as the form sends them (defaults included).
+# A field added later enters the key only when its value is not its default, so the results
+# users already keep (fixed seeds above all) still match the requests that paid for them.
+KEY_FIELDS_V1 = ("prompt", "control_strength", "negative_prompt", "seed", "output_format")
+
+# --- the answer --------------------------------------------------------------------------
+
+# Every answer is one JSON object: the vendor's ``code`` (0: an image came back) and ``message``;
+# on success ``data.image`` (base64) and ``data.seed``; on failure the upstream's ``name`` and
+# ``errors``. The stand-in writes it with AnswerBody; answers.py reads it with AnswerBody.from_json.
+SUCCESS_CODE = 0
+FAILURE_CODE = -1
+SUCCESS_MESSAGE = "success"
+
+
+@dataclass(frozen=True)
+class AnswerBody:
+    """The service's answer: ``image`` (base64) and ``seed`` on success, ``name`` and ``errors`` else."""
+
+    code: object  # SUCCESS_CODE on success; read as sent, so "0" and 0.0 are seen for what they are
+    message: object = None
+    image: object = None
+    seed: object = None
+    name: object = None
+    errors: object = None
+    request_id: object = None
+
+    @classmethod
+    def success(cls, image: str, seed: int) -> "AnswerBody":
+        """Build a success: the image as base64 text, and the seed the service used."""
+        return cls(code=SUCCESS_CODE, message=SUCCESS_MESSAGE, image=image, seed=seed)
+
+    @classmethod
+    def failure(cls, message: str, name: str, errors: Optional[list[str]] = None) -> "AnswerBody":
+        """Build a failure: the vendor's message, and the upstream's name and reasons."""
+        reasons = errors if errors is not None else [message]
+        return cls(code=FAILURE_CODE, message=message, name=name, errors=reasons)
+
+    @classmethod
+    def from_json(cls, payload: Mapping[str, object]) -> "AnswerBody":
+        """Read the fields of a parsed answer object, as sent (nothing is checked here)."""
+        data = payload.get("data")
+        data = data if isinstance(data, Mapping) else {}
+        return cls(code=payload.get("code"), message=payload.get("message"), image=data.get("image"),
+                   seed=data.get("seed"), name=payload.get("name"), errors=payload.get("errors"),
+                   request_id=payload.get("id"))
+
+    def to_json(self) -> dict:
+        """Return the answer as the service sends it."""
+        if self.image is not None:
+            data = {"image": self.image, "seed": self.seed}
+            return {"code": self.code, "message": self.message, "data": data}
+        body = {"code": self.code, "message": self.message, "name": self.name, "errors": self.errors}
+        if self.request_id is not None:
+            body["id"] = self.request_id
+        return body
+
+    @property
+    def succeeded(self) -> bool:
+        """True when ``code`` says an image came back: 0, also sent as "0" or 0.0."""
+        code = self.code
+        if isinstance(code, str):
+            return code.strip() == str(SUCCESS_CODE)
+        return not isinstance(code, bool) and isinstance(code, (int, float)) and code == SUCCESS_CODE
+
 
 # --- the input image's limits ----------------------------------------------------------
 
@@ -156,26 +233,7 @@ def validate_params(*args: object, **kwargs: object) -> None:
     validate_form({**dict(zip(FIELD_NAMES, args)), **kwargs})
 
 
-def check_image_limits(image: "EncodedImage") -> None:
-    """Raise InputError when the encoded image breaks one of the service's limits."""
-    width, height = image.size.width, image.size.height
-    if width < MIN_SIDE or height < MIN_SIDE:
-        raise InputError(f"The image is {width}x{height} pixels; every side must be at least {MIN_SIDE}.")
-    if not MIN_PIXELS <= width * height <= MAX_PIXELS:
-        raise InputError(
-            f"The image has {width * height} pixels; the service accepts {MIN_PIXELS} to {MAX_PIXELS}."
-        )
-    if max(width, height) > MAX_ASPECT * min(width, height):
-        raise InputError(f"The image is {width}x{height}; its aspect ratio must be within "
-                         f"1:{MAX_ASPECT:g} and {MAX_ASPECT:g}:1.")
-    if len(image.data) > MAX_REQUEST_BYTES - FORM_HEADROOM_BYTES:
-        raise InputError(
-            f"The encoded image is {len(image.data) / 2**20:.1f} MiB; the whole request must stay under "
-            f"{MAX_REQUEST_BYTES // 2**20} MiB."
-        )
-
-
-# --- the request -----------------------------------------------------------------------
+# --- the form's values -----------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
 class FormParams:
@@ -195,6 +253,18 @@ class FormParams:
         """Raise InputError naming the first form value outside what the service accepts."""
         validate_form(self.form_values())
 
+    def key_fields(self) -> list[tuple[str, str]]:
+        """Return the fields the store's key hashes: as the form sends them, less newer ones at default."""
+        fields = []
+        for field in FORM_FIELDS:
+            value = getattr(self, field.name)
+            if field.name not in KEY_FIELDS_V1 and value == field.default:
+                continue
+            text = field.form_value(value)
+            if text is not None:
+                fields.append((field.name, text))
+        return fields
+
     def form_fields(self) -> list[tuple[str, str]]:
         """List the multipart form's text fields, in the contract's order; empty optionals are left out."""
         fields = []
@@ -203,18 +273,6 @@ class FormParams:
             if text is not None:
                 fields.append((field.name, text))
         return fields
-
-
-@dataclass(frozen=True, kw_only=True)
-class StructureRequest(FormParams):
-    """One generation: the encoded image and the form parameters."""
-
-    image: "EncodedImage"
-
-    def validate(self) -> None:
-        """Raise InputError naming the first parameter outside what the service accepts."""
-        self.validate_form()
-        check_image_limits(self.image)
 
 
 def _format_number(value: float) -> str:

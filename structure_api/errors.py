@@ -149,6 +149,9 @@ class UnexpectedRedirectError(APIError):
 class MalformedResponseError(APIError):
     """The answer is not what the contract promises (not JSON, fields missing, bad image)."""
 
+    # An image the answer carried that is not fit to use (answers.ImageAnswer): kept, not used.
+    answer: Optional[Any] = None
+
 
 # --- transport ---------------------------------------------------------------------
 

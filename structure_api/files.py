@@ -286,17 +286,18 @@ class FolderLock:
         return self
 
     def release(self) -> None:
-        """Remove the lock file, then let go of the lock (a run that opened the old file notices and retries)."""
-        if self._handle is not None:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
-            try:
-                self._handle.close()  # closing the file drops the lock
-            except OSError:
-                pass
-            self._handle = None
+        """Remove the lock file and let go of the lock (a run that opened the old file notices and retries)."""
+        if self._handle is None:
+            return
+        if sys.platform == "win32":
+            # Windows refuses to remove an open file: unlock and close first. A run that opened the file
+            # meanwhile keeps it (the removal then fails), takes the lock and removes the file when done.
+            _close_quietly(self._handle, unlock=True)
+            _unlink_quietly(self.path)
+        else:
+            _unlink_quietly(self.path)  # before closing: no other run can lock a file that stays behind
+            _close_quietly(self._handle, unlock=False)  # closing the file drops the lock
+        self._handle = None
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()
@@ -313,23 +314,47 @@ def _same_file(handle: IO[bytes], path: Path) -> bool:
     return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
+# Windows locks byte ranges, and a locked range cannot be read by anyone else: the lock is on a byte far
+# past the process id written at the start, which a refused run reads for its message.
+_WINDOWS_LOCK_OFFSET = 1 << 30
+
+
 def _try_lock(handle: IO[bytes]) -> bool:
-    if sys.platform == "win32":
-        import msvcrt
-
-        try:
-            handle.seek(0)
-            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
-    import fcntl
-
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if sys.platform == "win32":
+            import msvcrt
+
+            handle.seek(_WINDOWS_LOCK_OFFSET)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     except OSError:
         return False
+
+
+def _close_quietly(handle: IO[bytes], *, unlock: bool) -> None:
+    try:
+        if unlock and sys.platform == "win32":
+            import msvcrt
+
+            handle.seek(_WINDOWS_LOCK_OFFSET)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+    except OSError:
+        pass
+    try:
+        handle.close()
+    except OSError:
+        pass
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def is_finished_output(path: Path) -> bool:

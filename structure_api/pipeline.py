@@ -14,15 +14,9 @@ import numpy as np
 
 from .batch import BatchProgress, BatchReport, max_concurrency_from_env, run_batch
 from .client import StructureClient, StructureResult
-from .contract import (
-    MAX_ASPECT,
-    MAX_PIXELS,
-    MAX_SEED,
-    MIN_SIDE,
-    FormParams,
-    StructureRequest,
-)
-from .errors import InputError, InvalidImageError, MalformedResponseError
+from .contract import MAX_ASPECT, MAX_PIXELS, MAX_SEED, MIN_SIDE, FormParams
+from .errors import InputError, InvalidImageError
+from .request import StructureRequest
 from ._renamed import warn_renamed
 from .store import ResultStore
 from .images import (
@@ -154,12 +148,8 @@ class _ImageWork:
         return StructureRequest(image=upload, **{**self.params.form_values(), "seed": self.seeds[index]})
 
     def on_result(self, index: int, result: StructureResult) -> None:
-        try:
-            self.cpu.submit(self.decode_into_output, index, result).result()
-        except MalformedResponseError:
-            if result.stored is not None:
-                self.store.discard(result.stored)  # bytes that do not decode would only be served again
-            raise
+        # A MalformedResponseError (bytes that do not decode) makes run_batch discard the result.
+        self.cpu.submit(self.decode_into_output, index, result).result()
 
     def close(self) -> None:
         self.cpu.shutdown(wait=False, cancel_futures=True)
@@ -190,6 +180,7 @@ def generate_images(
     max_concurrency: Optional[int] = None,
     on_progress: Optional[Callable[[BatchProgress], None]] = None,
     should_cancel: Optional[Callable[[], bool]] = None,
+    keep_in_flight: bool = True,
 ) -> BatchResult:
     """One request per image, run concurrently; results land in input order at the input's size.
 
@@ -198,7 +189,8 @@ def generate_images(
     too. Raises InputError before any request for bad parameters or images, BatchError (or the
     single error, for one image) naming each failed image and what was kept. When ``should_cancel``
     turns True the call returns early with ``report.cancelled`` set and no images; what was paid
-    stays in the store for the next run.
+    stays in the store for the next run, and so do the answers of the requests left in flight
+    (``report.background``, see :func:`run_batch`; ``keep_in_flight=False`` drops them).
     """
     params.validate()
     count, size = _batch_dims(images)
@@ -219,9 +211,18 @@ def generate_images(
         report = run_batch(
             client, count, work.make_request, on_result=work.on_result, store=store,
             label=lambda index: f"{label or 'batch'}, image {index + 1} of {count}",
-            max_concurrency=max_concurrency, on_progress=on_progress, should_cancel=should_cancel, decode=False)
-    finally:
+            max_concurrency=max_concurrency, on_progress=on_progress, should_cancel=should_cancel,
+            decode=False, keep_in_flight=keep_in_flight)
+    except BaseException:
         work.close()
         if own_client:
+            client.close()
+        raise
+    work.close()
+    if own_client:
+        if report.background is not None:
+            # Closing now would drop the answers the service is still making.
+            report.background.add_done_callback(client.close)
+        else:
             client.close()
     return _finish(report, store, output)

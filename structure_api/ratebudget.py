@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar, Union
 from urllib.parse import urlsplit
 
-from .config import APIKey
+from ._constants import ENV_STORE_DIR
+from .config import APIKey, default_store_dir
 from .errors import ConfigurationError
 from .ratelimit import BudgetUnavailable, MemoryBook, PacerState
-from .store import ENV_STORE_DIR, default_store_dir
 
 try:  # POSIX
     import fcntl

@@ -29,19 +29,19 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
+from ._constants import PROBE_GRACE_SECONDS
+from .contract import LOCKOUT_SECONDS, RATE_LIMIT_REQUESTS, RATE_LIMIT_SECONDS
 from .errors import ConfigurationError, RateLimitError
 
 log = logging.getLogger("structure_api")
 
 ENV_RATE_LIMIT = "AITHRIVING_RATE_LIMIT"
-# The upstream's limit (see the API contract): beyond it, a 60 s lock-out.
-UPSTREAM_LOCKOUT_SECONDS = 60.0
+# The upstream's limit (see the API contract): beyond it, a lock-out.
+UPSTREAM_LOCKOUT_SECONDS = LOCKOUT_SECONDS
 WAITING_FOR_SLOT = "waiting for a free slot under the service's rate limit"
 # Once the service has been given up on (429s for longer than the retry policy waits), requests
 # of this process are refused without being sent for this long, instead of each probing again.
 REFUSE_AFTER_GIVING_UP_SECONDS = UPSTREAM_LOCKOUT_SECONDS
-# A probe unanswered this long after its upload was sent was not refused: a 429 comes back at once.
-PROBE_GRACE_SECONDS = 2.0
 # Waits for an event (a slot's upload to finish, a probe's answer) are cut into slices this
 # long, so a cancel is seen within one of them.
 _EVENT_SLICE_SECONDS = 0.1
@@ -63,7 +63,7 @@ class RateLimit:
         return self.requests / self.seconds
 
 
-DEFAULT_RATE_LIMIT = RateLimit(requests=150, seconds=10.0)
+DEFAULT_RATE_LIMIT = RateLimit(requests=RATE_LIMIT_REQUESTS, seconds=RATE_LIMIT_SECONDS)
 _RATE_LIMIT_TEXT = re.compile(r"([0-9]{1,7})\s*/\s*([0-9]{1,5}(?:\.[0-9]+)?)\s*s?")
 _OFF = ("off", "none", "unlimited")
 

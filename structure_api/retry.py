@@ -14,6 +14,16 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from ._constants import (
+    DEFAULT_BASE_DELAY,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_DELAY,
+    DEFAULT_MAX_RATE_LIMITED_ATTEMPTS,
+    DEFAULT_MAX_RATE_LIMITED_SECONDS,
+    DEFAULT_MAX_RETRY_AFTER,
+    DEFAULT_MAX_TOTAL_SECONDS,
+    DEFAULT_RETRY_AFTER_JITTER,
+)
 from .errors import RateLimitError, ResultMayBeBilledError, ServiceError, StructureError, TransportError
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -23,20 +33,21 @@ RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 class RetryPolicy:
     """Caps and pacing for retries."""
 
-    max_attempts: int = 5          # first try included
-    max_total_seconds: float = 300.0  # give up when the next wait would pass this (from the first try)
-    base_delay: float = 1.0
-    max_delay: float = 30.0
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS  # first try included
+    # Give up when the next wait would pass this (from the first try).
+    max_total_seconds: float = DEFAULT_MAX_TOTAL_SECONDS
+    base_delay: float = DEFAULT_BASE_DELAY
+    max_delay: float = DEFAULT_MAX_DELAY
     # A Retry-After longer than this is waited for this long, then the request is tried again.
-    max_retry_after: float = 90.0
+    max_retry_after: float = DEFAULT_MAX_RETRY_AFTER
     # A 429 is never billed, so 429s are waited out for longer than other failures: a streak of
-    # them (process-wide) is given up only after this long, which outlasts the upstream's 60 s
+    # them (process-wide) is given up only after this long, which outlasts the upstream's
     # lock-out; max_attempts does not apply to them, max_total_seconds does.
-    max_rate_limited_seconds: float = 150.0
-    max_rate_limited_attempts: int = 30
+    max_rate_limited_seconds: float = DEFAULT_MAX_RATE_LIMITED_SECONDS
+    max_rate_limited_attempts: int = DEFAULT_MAX_RATE_LIMITED_ATTEMPTS
     # Retry-After waits are lengthened by up to this fraction (at least 0.5 s, at most 5 s) at
     # random, so clients told the same instant do not all come back at it.
-    retry_after_jitter: float = 0.2
+    retry_after_jitter: float = DEFAULT_RETRY_AFTER_JITTER
 
 
 def is_retryable(error: StructureError) -> bool:
@@ -94,7 +105,7 @@ def rate_limited_delay(
     """Return the pause after the ``streak``-th 429 in a row: Retry-After capped and jittered, else backoff.
 
     Without Retry-After the backoff doubles up to ``max_delay`` per 429 of the streak, so that
-    waiting out a 60 s lock-out takes a handful of requests, not dozens.
+    waiting out a lock-out takes a handful of requests, not dozens.
     """
     if retry_after is not None and math.isfinite(retry_after):
         hinted = min(max(retry_after, 0.0), policy.max_retry_after)

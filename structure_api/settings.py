@@ -1,6 +1,7 @@
 """The pack's own settings, kept outside ComfyUI: the key file (write-only from the UI) and the offline mode.
 
-Both live in the user's config folder (the key file's folder, by default ``~/.config/aithriving/``),
+Both live in the user's config folder (the key file's folder, by default ``~/.config/aithriving/``;
+``%APPDATA%\\aithriving`` on Windows, ``~/Library/Application Support/aithriving`` on macOS),
 never in a folder ComfyUI serves over HTTP (input, output, temp, user/, the custom nodes' web
 folders) and never in a workflow or a PNG.
 Nothing here reads or returns the key's value except to check it can be sent.
@@ -16,7 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
-from .config import DEFAULT_KEY_FILE, ENV_API_KEY, ENV_API_KEY_FILE, key_file_path, load_api_key
+from .config import (
+    DEFAULT_KEY_FILE,
+    ENV_API_KEY,
+    ENV_API_KEY_FILE,
+    key_file_path,
+    load_api_key,
+    platform_config_folder,
+)
 from .errors import ConfigurationError, StructureError
 from .files import write_atomically
 
@@ -123,7 +131,8 @@ def _private_folder(folder: Path, *, own: bool) -> None:
     """Create the folder as 0700; tighten it to 0700 too when it is the pack's own folder.
 
     Never through a symbolic link: a linked folder is someone's deliberate choice (a shared or synced
-    folder, its own mode), and chmod would change the target's mode, not the link's.
+    folder, its own mode), and chmod would change the target's mode, not the link's. These are POSIX
+    modes: on Windows the user folder's access list is what protects it.
     """
     existed = folder.is_dir()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -132,11 +141,11 @@ def _private_folder(folder: Path, *, own: bool) -> None:
 
 
 def _is_default_folder(path: Path) -> bool:
-    return path.parent == Path(DEFAULT_KEY_FILE).expanduser().parent
+    return path.parent in (Path(DEFAULT_KEY_FILE).expanduser().parent, platform_config_folder())
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write atomically, the file 0600 from its first byte (never world-readable, not even for a moment)."""
+    """Write atomically, 0600 from its first byte on POSIX (never world-readable, not even for a moment)."""
     write_atomically(path, text.encode("utf-8"), private=True)
 
 

@@ -6,7 +6,9 @@ used, the format detected from the bytes, when it was kept and whether it has be
 (written by the CLI, returned by the node). A re-run takes undelivered results first:
 
 - a fixed seed is served from the store every time (delivered or not);
-- seed 0 hands each undelivered result out once; after that seed 0 pays for fresh images.
+- seed 0 hands each undelivered result out once, to one process at a time (a claim lock under
+  ``.locks`` is held until the result is delivered or released, and dies with its process); after
+  that seed 0 pays for fresh images.
 
 On disk (``store_disk.py`` owns the format) an entry is ONE file ``<entry_id>.result`` (a magic line, a
 header line of JSON, then the image bytes) written to a temp file, fsync'd and renamed into place, so a
@@ -29,16 +31,22 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
+from ._constants import ENV_STORE_DIR as ENV_STORE_DIR  # importable from here too
+from ._constants import DEFAULT_STORE_MAX_BYTES, ENV_STORE_MAX_MB, MEMORY_STORE_BYTES
+from .config import default_store_dir as default_store_dir  # where the folder is: configuration
 from .errors import ConfigurationError
+from .request import StructureRequest
 from .store_disk import (  # noqa: F401  (the file names stay importable from here)
+    CLAIM_HELD_ELSEWHERE,
     DELIVERED_SUFFIX,
     MAX_ENTRY_BYTES,
     RESULT_SUFFIX,
     TEMP_PREFIX,
     EntryHeader,
     can_lock_across_processes,
+    drop_claim_lock,
     durable_write,
     entry_head,
     hold_key_lock,
@@ -47,23 +55,18 @@ from .store_disk import (  # noqa: F401  (the file names stay importable from he
     probe_writable,
     read_entry_data,
     read_header,
+    release_key_lock,
     remove_entry,
     scan_folder,
     sweep_folder,
     touch_entry,
+    try_claim_lock,
 )
 
-if TYPE_CHECKING:  # the client imports this module; the type is only needed for hints
-    from .client import StructureRequest
 
 log = logging.getLogger("structure_api")
 
-ENV_STORE_DIR = "AITHRIVING_CACHE_DIR"
-ENV_STORE_MAX_MB = "AITHRIVING_CACHE_MAX_MB"
-DEFAULT_MAX_BYTES = 1024 * 1024 * 1024
-_DISABLED_VALUES = {"", "0", "off", "none", "false", "no"}
-# Delivered results of a memory-only store are a convenience: bounded, unlike undelivered ones.
-MEMORY_STORE_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_BYTES = DEFAULT_STORE_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -96,16 +99,6 @@ def request_key(image_bytes: bytes, fields: list[tuple[str, str]], endpoint: str
         digest.update(name.encode() + b"=" + value.encode("utf-8") + b"\0")
     digest.update(hashlib.sha256(image_bytes).digest())
     return digest.hexdigest()
-
-
-def default_store_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
-    """Return the folder from AITHRIVING_CACHE_DIR (``off`` = none), else the user cache folder."""
-    env = os.environ if environ is None else environ
-    if ENV_STORE_DIR in env:
-        value = env[ENV_STORE_DIR].strip()
-        return None if value.lower() in _DISABLED_VALUES else Path(value).expanduser()
-    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "aithriving" / "structure"
 
 
 def _max_bytes_from_env(environ: Optional[Mapping[str, str]] = None) -> int:
@@ -146,6 +139,7 @@ class ResultStore:
         self._delivered_here: set[str] = set()   # delivered, but the marker could not be written
         self._headers: dict[str, tuple[int, int, Optional[EntryHeader]]] = {}  # name -> (mtime_ns, size, header)
         self._key_locks: dict[str, threading.Lock] = {}
+        self._claims: dict[str, int] = {}  # entry id -> the claim lock's descriptor, while handed out here
         self._disk_ok: Optional[bool] = None if self.directory is not None and max_bytes > 0 else False
         self._swept = False
         self._warned = False
@@ -218,9 +212,9 @@ class ResultStore:
 
     # -- identity -----------------------------------------------------------------
 
-    def key_for(self, request: "StructureRequest", endpoint: str) -> str:
-        """Return the request's identity: upload bytes, every form field, the endpoint; never the key."""
-        return request_key(request.image.data, request.form_fields(), endpoint)
+    def key_for(self, request: StructureRequest, endpoint: str) -> str:
+        """Return the request's identity: upload bytes, the form's fields (a newer one when set), endpoint."""
+        return request_key(request.image.data, request.key_fields(), endpoint)
 
     # -- taking results out -------------------------------------------------------
 
@@ -240,18 +234,37 @@ class ResultStore:
                 return None
             candidates.sort(key=lambda item: item[1].paid_at)
             for entry_id, meta in candidates:
-                if meta.delivered or entry_id in self._handed_out:
+                if meta.delivered or entry_id in self._handed_out or not self._take_claim(entry_id):
                     continue
+                # Read after the claim: another process may have delivered it meanwhile.
                 found = self._load(entry_id)
-                if found is not None:
+                if found is not None and not found.delivered:
                     self._handed_out.add(entry_id)
                     return found
+                self._drop_claim(entry_id, remove=False)
             return None
+
+    def _take_claim(self, entry_id: str) -> bool:
+        """Hold ``entry_id``'s claim lock (across processes); False when another process holds it."""
+        if self.directory is None or entry_id in self._memory or entry_id in self._claims:
+            return True
+        fd = try_claim_lock(self.directory, entry_id)
+        if fd == CLAIM_HELD_ELSEWHERE:
+            return False
+        if fd is not None:
+            self._claims[entry_id] = fd
+        return True  # held, or claims cannot be locked here: handed out within this process only
+
+    def _drop_claim(self, entry_id: str, *, remove: bool) -> None:
+        fd = self._claims.pop(entry_id, None)
+        if fd is not None and self.directory is not None:
+            drop_claim_lock(self.directory, entry_id, fd, remove=remove)
 
     def release(self, entry: StoredResult) -> None:
         """Give a claimed or kept result back undelivered (its batch failed): a re-run may claim it."""
         with self._lock:
             self._handed_out.discard(entry.entry_id)
+            self._drop_claim(entry.entry_id, remove=False)
 
     def undelivered(self) -> list[StoredResult]:
         """Paid, never delivered, oldest first: what ``structure-api results`` lists."""
@@ -290,6 +303,8 @@ class ResultStore:
         if self.directory is not None:
             # Remembered in memory above, so a store that cannot write the marker still knows.
             mark_delivered_on_disk(self.directory, entry.entry_id)
+        with self._lock:
+            self._drop_claim(entry.entry_id, remove=True)
 
     def discard(self, entry: StoredResult) -> None:
         """Remove an entry whose bytes turned out to be unusable (the image does not decode)."""
@@ -299,6 +314,8 @@ class ResultStore:
             self._headers.pop(entry.entry_id + RESULT_SUFFIX, None)
         if self.directory is not None:
             remove_entry(self.directory, entry.entry_id)
+        with self._lock:
+            self._drop_claim(entry.entry_id, remove=True)
 
     @contextlib.contextmanager
     def paying(self, key: str) -> Iterator[None]:
@@ -314,7 +331,7 @@ class ResultStore:
                 yield
             finally:
                 if handle is not None:
-                    os.close(handle)  # closing drops the flock
+                    release_key_lock(handle)
 
     def _open_lock_file(self, key: str) -> Optional[int]:
         if self.directory is None or not can_lock_across_processes(key) or not self.persistent:
@@ -338,10 +355,13 @@ class ResultStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._sweep_once()
+            with self._lock:
+                self._take_claim(entry.entry_id)  # before the file appears: no other process may claim it
             durable_write(self.directory / (entry.entry_id + RESULT_SUFFIX), head, entry.data)
         except OSError as error:
             with self._lock:
                 self._disk_ok = False
+                self._drop_claim(entry.entry_id, remove=True)
             self._warn_memory(error)
             return False
         with self._lock:

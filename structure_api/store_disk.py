@@ -3,7 +3,8 @@
 An entry is ONE file ``<entry_id>.result``: the magic line, a header line of JSON, then the image
 bytes, written to a ``.tmp-`` file, fsync'd and renamed into place (then the folder fsync'd), so a
 crash leaves either the whole entry or a temp file the sweep removes. Delivery is an empty
-``<entry_id>.delivered`` marker. Reads never follow links nor open anything but regular files.
+``<entry_id>.delivered`` marker; ``.locks/`` holds the per-key payment locks and the per-entry claim
+locks (``<entry_id>.claim``). Reads never follow links nor open anything but regular files.
 Nothing here holds state: :class:`~structure_api.store.ResultStore` decides what to read and write.
 """
 
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import stat
+import sys
 import tempfile
 import time
 import uuid
@@ -24,10 +26,25 @@ from typing import Iterator, Optional
 
 from .files import write_atomically
 
-try:  # POSIX; elsewhere the per-key lock is per process only
+if sys.platform == "win32":
+    import msvcrt
+
+    fcntl = None
+else:
     import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+
+    msvcrt = None
+
+# Flags that only some platforms have are 0 where they are missing (Windows has neither): reads still
+# refuse anything but a regular file (_open_regular's fstat), and Windows makes descriptors
+# non-inheritable by default.
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: a raw os.write never turns b"\n" into b"\r\n"
+# msvcrt locks a byte range: one byte, and the waiting side polls at this pace (msvcrt has no blocking lock
+# that waits for ever).
+_WINDOWS_LOCK_POLL_SECONDS = 0.02
 
 RESULT_SUFFIX = ".result"
 DELIVERED_SUFFIX = ".delivered"
@@ -150,7 +167,7 @@ def mark_delivered_on_disk(directory: Path, entry_id: str) -> None:
     """Create the entry's empty delivered marker; a folder that cannot be written simply does not get one."""
     try:
         fd = os.open(directory / (entry_id + DELIVERED_SUFFIX),
-                     os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+                     os.O_WRONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
         os.close(fd)
     except OSError:
         pass
@@ -173,8 +190,8 @@ def touch_entry(directory: Path, entry_id: str) -> None:
 # --- the per-key lock file ---------------------------------------------------------------
 
 def can_lock_across_processes(key: str) -> bool:
-    """Tell whether ``key`` can have a lock file (POSIX, and a request key, so a safe file name)."""
-    return fcntl is not None and _is_key(key)
+    """Tell whether ``key`` can have a lock file (a request key, so a safe file name)."""
+    return _is_key(key)
 
 
 def open_key_lock(directory: Path, key: str) -> Optional[int]:
@@ -182,18 +199,86 @@ def open_key_lock(directory: Path, key: str) -> Optional[int]:
     try:
         lock_dir = directory / LOCK_DIR
         lock_dir.mkdir(exist_ok=True)
-        return os.open(lock_dir / key, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+        return os.open(lock_dir / key, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY, 0o644)
     except OSError:
         return None
 
 
 def hold_key_lock(fd: int) -> None:
-    """Block until this process holds the lock file exclusively; closing ``fd`` drops it."""
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    """Block until this process holds the lock file exclusively; release_key_lock drops it."""
+    if msvcrt is not None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        while True:
+            try:
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+                break
+            except OSError:  # held by another process (or handle)
+                time.sleep(_WINDOWS_LOCK_POLL_SECONDS)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    _touch(fd)
+
+
+def release_key_lock(fd: int) -> None:
+    """Let go of the lock and close ``fd`` (Windows wants a range unlocked before its file is closed)."""
     try:
-        os.utime(fd)  # in use: the sweep leaves it alone
+        if msvcrt is not None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
     except OSError:
         pass
+    finally:
+        os.close(fd)  # on POSIX, closing drops the flock
+
+
+def _touch(fd: int) -> None:
+    """Mark the lock file in use, so the sweep leaves it alone."""
+    try:
+        if os.utime in os.supports_fd:
+            os.utime(fd)
+        else:  # Windows: no utime on a descriptor; a byte written (the range is ours) updates the time
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, b"\0")
+    except OSError:
+        pass
+
+
+# Held (flock) by the process an entry is handed out to, until it is delivered or released: a
+# seed-0 result is then handed out once across processes, and a crashed holder's lock goes with it.
+CLAIM_SUFFIX = ".claim"
+CLAIM_HELD_ELSEWHERE = -1
+
+
+def try_claim_lock(directory: Path, entry_id: str) -> Optional[int]:
+    """Take ``entry_id``'s claim lock without waiting: its descriptor, CLAIM_HELD_ELSEWHERE when another
+    process holds it, or None when claims cannot be locked here (the file cannot be opened)."""
+    try:
+        lock_dir = directory / LOCK_DIR
+        lock_dir.mkdir(exist_ok=True)
+        flags = os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY
+        fd = os.open(lock_dir / (entry_id + CLAIM_SUFFIX), flags, 0o644)
+    except OSError:
+        return None
+    try:
+        if msvcrt is not None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return CLAIM_HELD_ELSEWHERE
+    return fd
+
+
+def drop_claim_lock(directory: Path, entry_id: str, fd: int, *, remove: bool) -> None:
+    """Let go of a claim lock; ``remove`` (delivered or gone: nobody claims it again) deletes its file."""
+    path = directory / LOCK_DIR / (entry_id + CLAIM_SUFFIX)
+    if remove and msvcrt is None:
+        _unlink_quietly(path)
+    release_key_lock(fd)
+    if remove and msvcrt is not None:
+        _unlink_quietly(path)  # Windows removes no file that is open
 
 
 # --- the sweep ---------------------------------------------------------------------------
@@ -237,8 +322,6 @@ def _is_orphan(name: str, names: set[str], *, old: bool) -> bool:
 
 def _sweep_locks(directory: Path, now: float) -> None:
     """Remove per-key lock files unused for a day that nobody holds (one is left per key ever paid)."""
-    if fcntl is None:
-        return
     try:
         with os.scandir(directory / LOCK_DIR) as listing:
             items = list(listing)
@@ -247,15 +330,30 @@ def _sweep_locks(directory: Path, now: float) -> None:
     for item in items:
         try:
             info = item.stat(follow_symlinks=False)
-            if not _is_key(item.name) or not stat.S_ISREG(info.st_mode) \
+            claim = item.name.endswith(CLAIM_SUFFIX)
+            if claim and (directory / (item.name[: -len(CLAIM_SUFFIX)] + RESULT_SUFFIX)).exists():
+                continue  # its entry is still there: the claim may be taken again
+            if not (_is_key(item.name) or claim) or not stat.S_ISREG(info.st_mode) \
                     or now - info.st_mtime <= LOCK_AGE_SECONDS:
                 continue
-            fd = os.open(item.path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
         except OSError:
             continue
+        _remove_unheld_lock(item.path)
+
+
+def _remove_unheld_lock(path: str) -> None:
+    """Remove a lock file unless someone holds (or, on Windows, has open) it."""
+    if fcntl is None:
+        # Windows refuses to remove a file anyone has open: a holder (or a waiter) keeps it.
+        _unlink_quietly(Path(path))
+    else:
+        try:
+            fd = os.open(path, os.O_RDWR | _O_NOFOLLOW | _O_CLOEXEC)
+        except OSError:
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while someone is paying under it
-            os.unlink(item.path)
+            os.unlink(path)
         except OSError:
             pass
         finally:
@@ -291,7 +389,7 @@ def _is_key(text: str) -> bool:
 @contextlib.contextmanager
 def _open_regular(path: Path) -> Iterator["os.FileIO"]:
     """Open for reading without following links or blocking on a pipe; refuse anything not a regular file."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC
     fd = os.open(path, flags)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -24,23 +24,18 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection
 
-from . import __version__
+from ._constants import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, MAX_RESPONSE_BYTES, MIN_BODY_RATE
+from ._version import __version__
 from .config import APIKey
-from .contract import StructureRequest
+from .request import StructureRequest
 from .errors import APIConnectionError, APITimeoutError, ConfigurationError, MalformedResponseError
-from .errors import ResultMayBeBilledError, TransportError
+from .errors import CancelledError, ResultMayBeBilledError, TransportError
 
 log = logging.getLogger("structure_api")
 
-DEFAULT_CONNECT_TIMEOUT = 10.0
-DEFAULT_READ_TIMEOUT = 180.0
-# Base64 of the largest image the service can return (a 9.4 MP noisy PNG is ~28 MB) is
-# ~38 MB; anything far past that is hostile or broken, and is not read into memory.
-MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-# An answer is read for as long as it arrives at least this fast (bytes/s, over each read-timeout
-# window): 16 KiB/s brings the largest answer (~38 MB) in 40 minutes; slower than that is a stall.
-MIN_BODY_RATE = 16 * 1024
 _READ_BYTES = 256 * 1024
+_MAX_INFORMATIONAL_HEADERS = 100
+_MAX_HEADER_LINE = 65536
 
 
 @dataclass(frozen=True)
@@ -66,7 +61,8 @@ class UploadBody:
     """The multipart body as a readable stream that knows when the last byte went out.
 
     Knowing it is what makes retries safe: a failure before the last byte left cannot
-    have produced (or billed) a result; a failure after it may have.
+    have produced (or billed) a result; a failure after it may have. It is also what a cancel
+    that keeps paid work needs: :meth:`stop` stops an upload only while its last byte is still here.
     """
 
     def __init__(self, parts: list[Union[bytes, memoryview]], on_sent: Optional[Callable[[], None]] = None) -> None:
@@ -76,6 +72,25 @@ class UploadBody:
         self._index = 0
         self._offset = 0
         self.bytes_read = 0
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        """True once :meth:`stop` stopped this upload before its last byte went out."""
+        return self._stopped
+
+    def stop(self) -> bool:
+        """Hand out no more bytes, unless the last one is already out; True when stopped.
+
+        An upload whose last byte was handed to the socket may be complete at the service, which
+        then makes (and charges for) the image: that one is not stopped.
+        """
+        with self._lock:
+            if self.bytes_read >= self._length:
+                return False
+            self._stopped = True
+            return True
 
     def __len__(self) -> int:
         return self._length
@@ -92,6 +107,18 @@ class UploadBody:
         return self.bytes_read >= self._length
 
     def read(self, size: int = -1) -> bytes:
+        with self._lock:
+            if self._stopped:
+                raise CancelledError("The upload was stopped before its last byte; nothing was charged.")
+            chunk = self._read(size)
+            on_sent = None
+            if not chunk:
+                on_sent, self._on_sent = self._on_sent, None
+        if on_sent is not None:
+            on_sent()  # outside the lock: it reaches the caller's progress display
+        return chunk
+
+    def _read(self, size: int) -> bytes:
         if size is None or size < 0:
             size = self._length
         out = []
@@ -106,9 +133,6 @@ class UploadBody:
                 self._offset = 0
         chunk = b"".join(out)
         self.bytes_read += len(chunk)
-        if not chunk and self._on_sent is not None:
-            on_sent, self._on_sent = self._on_sent, None
-            on_sent()
         return chunk
 
 
@@ -151,6 +175,25 @@ def shutdown_socket(connection: HTTPConnection) -> None:
             pass
 
 
+class _FinalResponse(http.client.HTTPResponse):
+    """http.client's response, skipping every informational answer (102, 103, ...) before the final one.
+
+    http.client skips only a 100; a 103 Early Hints would otherwise stand for the answer, and the
+    paid 200 behind it would be left unread on the socket.
+    """
+
+    def _read_status(self):  # type: ignore[no-untyped-def]
+        while True:
+            version, status, reason = super()._read_status()
+            if not 100 < status < 200 or status == 101:
+                return version, status, reason
+            for _ in range(_MAX_INFORMATIONAL_HEADERS):
+                if self.fp.readline(_MAX_HEADER_LINE) in (b"\r\n", b"\n", b""):
+                    break
+            else:
+                raise http.client.HTTPException(f"an informational {status} answer with too many headers")
+
+
 class _TrackedConnection:
     """Mixed into urllib3's HTTP and HTTPS connections: each registers itself when it connects, so a
     cancel can close it mid-wait, and its status line and headers must arrive within the header deadline.
@@ -164,9 +207,16 @@ class _TrackedConnection:
     _registry: "weakref.WeakSet[HTTPConnection]"
     _header_deadline: float
 
+    # The body of the request this connection sends or last sent: a cancel stops only unfinished uploads.
+    upload: object = None
+
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
         self._registry.add(self)
+
+    def request(self, method, url, body=None, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.upload = body
+        return super().request(method, url, body, *args, **kwargs)  # type: ignore[misc]
 
     def getresponse(self):  # type: ignore[no-untyped-def]
         timed_out = threading.Event()
@@ -193,8 +243,8 @@ def tracking_adapter(registry: "weakref.WeakSet[HTTPConnection]", header_timeout
     """Build an adapter whose connections register in ``registry`` and whose status line and headers must
     arrive within ``header_timeout`` s of the upload's end (see ``_TrackedConnection``); connections
     through a proxy (HTTP_PROXY, HTTPS_PROXY, SOCKS) too."""
-    return _TrackingAdapter({"_registry": registry, "_header_deadline": header_timeout},
-                            pool_connections=4, pool_maxsize=32, max_retries=0)
+    tracking = {"_registry": registry, "_header_deadline": header_timeout, "response_class": _FinalResponse}
+    return _TrackingAdapter(tracking, pool_connections=4, pool_maxsize=32, max_retries=0)
 
 
 class _TrackingAdapter(HTTPAdapter):
@@ -238,11 +288,14 @@ class Transport:
         self._clock = clock
         # Every connection opened, while it lives: close() and abort() reach them all.
         self.connections: "weakref.WeakSet[HTTPConnection]" = weakref.WeakSet()
+        # Every upload being sent: stop_uploads() reaches those not yet on a connection too.
+        self._uploads: "weakref.WeakSet[UploadBody]" = weakref.WeakSet()
         self.session = requests.Session()
         adapter = tracking_adapter(self.connections, limits.read_timeout)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers.update({"user-agent": f"comfyui-aithriving-structure/{__version__}",
+                                     "accept": "application/json",
                                      # The codings _ContentDecoder undoes; never br or zstd.
                                      "accept-encoding": ACCEPT_ENCODING})
         self.session.auth = RawKeyAuth(key)
@@ -261,11 +314,24 @@ class Transport:
         for connection in list(self.connections):
             shutdown_socket(connection)
 
+    def stop_uploads(self) -> None:
+        """Stop every upload whose last byte has not gone out (the service charges nothing for those).
+
+        Requests whose upload is complete carry on: the service is already making their images.
+        """
+        for body in list(self._uploads):
+            body.stop()
+        for connection in list(self.connections):
+            upload = getattr(connection, "upload", None)
+            if isinstance(upload, UploadBody) and upload.stopped:
+                shutdown_socket(connection)
+
     def post(self, url: str, request: StructureRequest, attempt: int,
              on_sent: Callable[[], None]) -> requests.Response:
         """Upload ``request`` and return the answer with its headers read and its body still to read."""
         boundary = uuid.uuid4().hex
         body = UploadBody(multipart_parts(request, boundary), on_sent=on_sent)
+        self._uploads.add(body)
         sent_at = self._clock()
         log.info("POST %s, attempt %d, %d bytes", url, attempt, len(body))
         try:
@@ -298,7 +364,8 @@ class Transport:
         if declared and declared.isdigit() and int(declared) > limit:
             raise MalformedResponseError(
                 f"The service's answer is {int(declared) / 2**20:.0f} MiB, far larger than any image it "
-                f"returns (limit {limit / 2**20:.0f} MiB); it was not read.", http_status=status)
+                f"returns (limit {limit / 2**20:.0f} MiB); it was not read{_charged(status)}.",
+                http_status=status)
         coding = response.headers.get("content-encoding")
         # A coded body's Content-Length counts coded bytes: no use for sizing the decoded one.
         presize = int(declared) if declared and declared.isdigit() and not coding else 0
@@ -313,28 +380,35 @@ class Transport:
                 for chunk in decoder.decode(coded) if coded else decoder.finish():
                     if buffer.size + len(chunk) > limit:
                         raise MalformedResponseError(
-                            f"The service's answer passed {limit / 2**20:.0f} MiB, far larger "
-                            "than any image it returns; reading stopped.", http_status=status)
+                            f"The service's answer passed {limit / 2**20:.0f} MiB, far larger than any "
+                            f"image it returns; reading stopped{_charged(status)}.", http_status=status)
                     buffer.add(chunk)
                 pace.count(len(coded))
                 if not coded:
                     break
         except _UndecodableBody as exc:
-            if status == 200:
+            if 200 <= status < 300:
                 raise ResultMayBeBilledError(
-                    f"{exc} The service may have charged for it, so the request was not sent again.",
-                    http_status=200) from None
+                    f"{exc} The service may have charged for it (HTTP {status}), so the request was not sent "
+                    "again.", http_status=status) from None
             # An error status is the answer whatever its body (as below).
         except (_BodyTooSlow, urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError,
                 http.client.HTTPException) as exc:
-            if status == 200:
+            if 200 <= status < 300:
                 raise ResultMayBeBilledError(
                     _broken_answer_message(exc, buffer.size, None if coding else declared,
                                            self.limits.min_body_rate),
-                    http_status=200) from None
+                    http_status=status) from None
             # An error status is the answer whatever its body: what arrived is enough to map it
             # (and a 5xx cut short is as unbilled, and as retryable, as a whole one).
-        return buffer.value(keep_mutable=status == 200)
+        return buffer.value(keep_mutable=200 <= status < 300)
+
+
+def _charged(status: int) -> str:
+    """Say what a success status adds to a sentence about its answer: it may have been billed."""
+    if 200 <= status < 300:
+        return f"; the service may have charged for it (HTTP {status}), so the request was not sent again"
+    return ""
 
 
 def read_some(raw: urllib3.response.HTTPResponse, size: int) -> bytes:

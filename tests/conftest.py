@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from support import TEST_KEY, RecordingSleep, client_factory
@@ -28,6 +30,10 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.
     monkeypatch.setenv("AITHRIVING_RATE_LIMIT", "off")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    # Windows finds the home folder and the config and cache folders through these.
+    monkeypatch.setenv("USERPROFILE", str(home))
+    monkeypatch.setenv("APPDATA", str(home / "AppData" / "Roaming"))
+    monkeypatch.setenv("LOCALAPPDATA", str(home / "AppData" / "Local"))
     # The process-wide stores (memory-only ones too) start empty for every test.
     from structure_api.store import _forget_shared_stores
 
@@ -65,3 +71,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     terminalreporter.section("ComfyUI matrix (versions resolved in this run)")
     for target_id, versions in sorted(matrix.RESOLVED.items()):
         terminalreporter.write_line(f"{target_id}: {versions}")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "posix_only(reason): the test checks something only POSIX has (file modes, signals, "
+        "mounts); on Windows it is reported as 'POSIX only: <reason>' (the Windows lane lists each), never run.")
+
+
+def pytest_runtest_setup(item) -> None:
+    """Tests marked posix_only do not run on Windows; the skip says so and why, for the lane's summary."""
+    for mark in item.iter_markers("posix_only"):
+        reason = mark.args[0] if mark.args else mark.kwargs.get("reason", "")
+        if not reason:
+            raise pytest.UsageError(f"{item.nodeid}: posix_only needs a reason")
+        if sys.platform == "win32":
+            pytest.skip(f"POSIX only: {reason}")

@@ -77,3 +77,14 @@ def client_factory(api_key: str, base_url: str, sleep: RecordingSleep) -> Iterat
     finally:
         for client in clients:
             client.close()
+
+
+def under_wine() -> bool:
+    """True when this is Windows Python running under Wine (the Windows lane of .ci/run)."""
+    import sys
+
+    if sys.platform != "win32":
+        return False
+    import ctypes
+
+    return hasattr(ctypes.WinDLL("ntdll"), "wine_get_version")

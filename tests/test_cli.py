@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
@@ -104,6 +105,19 @@ def test_each_error_is_one_line_and_non_zero(tmp_path, standin, env_for, capsys,
     assert out == ""
 
 
+def test_an_answer_whose_seed_cannot_be_read_still_delivers_the_image(tmp_path, standin, env_for, capsys):
+    """A 5000-digit seed (int() refuses it) once ended the run with a traceback; the seed is cosmetic."""
+    env_for(standin)
+    image = io.BytesIO()
+    Image.fromarray(photo_like(100, 100)).save(image, format="PNG")
+    data = {"image": base64.b64encode(image.getvalue()).decode(), "seed": "9" * 5000}
+    standin.script(Respond(200, body={"code": 0, "message": "success", "data": data}))
+    source = write_png(tmp_path / "in.png", photo_like(100, 100))
+    code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / "out.png")
+    assert code == 0, err
+    assert out.startswith("seed unknown · 6 credits · wrote ") and (tmp_path / "out.png").exists()
+
+
 def test_bad_input_file_and_bad_arguments(tmp_path, capsys):
     (tmp_path / "notes.png").write_text("not an image")
     code, out, err = run(capsys, "generate", tmp_path / "notes.png", "--prompt", "x", "-o", tmp_path / "o.png",
@@ -201,6 +215,8 @@ def test_generate_refuses_an_unusable_output_before_sending(tmp_path, standin, e
     assert standin.requests == [] and standin.credits_spent == 0
 
 
+@pytest.mark.posix_only("permission bits (chmod 0500) are POSIX; on Windows a folder's read-only "
+                        "attribute does not stop files being made in it")
 def test_generate_output_in_a_folder_it_cannot_write(tmp_path, standin, env_for, capsys):
     env_for(standin)
     locked = tmp_path / "locked"
@@ -252,6 +268,7 @@ def test_batch_folder_in_use_by_another_run_is_refused(tmp_path, capsys):
     assert code == 0 and sorted(p.name for p in outputs.iterdir()) == ["a.png"]  # the lock file is gone
 
 
+@pytest.mark.posix_only("the umask and file modes do not exist on Windows (files there follow the folder's ACL)")
 def test_outputs_follow_the_umask(tmp_path, capsys):
     source = write_png(tmp_path / "in.png", photo_like(100, 100))
     for mask, mode in ((0o022, 0o644), (0o002, 0o664)):
@@ -396,6 +413,7 @@ def test_verbose_logs_each_request_retry_and_answer_without_the_key(tmp_path, st
     assert "urllib3" not in err
 
 
+@pytest.mark.posix_only("it reads the progress line through a pseudo-terminal (pty), which Windows does not have")
 def test_progress_line_fits_the_terminal(tmp_path):
     import pty
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pickle
+import sys
 
 import pytest
 
 from structure_api import StructureClient
+from structure_api import config
 from structure_api.config import APIKey, check_key_may_travel, load_api_key, resolve_base_url
 from structure_api.errors import ConfigurationError, InsecureURLError, MissingAPIKeyError, StructureError
 
@@ -28,6 +30,7 @@ def test_key_from_file_when_env_is_unset(tmp_path):
 
 def test_default_key_file_is_in_the_users_config(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("USERPROFILE", str(tmp_path))  # Windows' home; ~/.config is still read there
     (tmp_path / ".config" / "aithriving").mkdir(parents=True)
     (tmp_path / ".config" / "aithriving" / "api_key").write_text("home-key")
     assert load_api_key({}).reveal() == "home-key"
@@ -42,7 +45,10 @@ def test_missing_key_says_how_to_set_it(tmp_path):
     assert "~/.config" not in message and message.count(". ") == 0  # one sentence
     with pytest.raises(MissingAPIKeyError) as info:
         load_api_key({"HOME": str(tmp_path)})
-    assert "~/.config/aithriving/api_key" in str(info.value)
+    # The default file it looked in: ~/.config on Linux, the platform's own config folder on Windows and macOS.
+    default = "~/.config/aithriving/api_key" if sys.platform not in ("win32", "darwin") \
+        else str(config.default_key_file({"HOME": str(tmp_path)}))
+    assert default in str(info.value)
 
 
 def test_empty_key_file_is_named(tmp_path):

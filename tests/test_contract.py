@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from structure_api import client, contract, images, standin
+from structure_api import request as request_module
 
 REPO = Path(__file__).resolve().parents[1]
 JS_FILES = sorted(REPO.glob("web/*.js"))
@@ -53,7 +54,7 @@ def _assert_all(pattern: str, files: list[Path], allowed, what: str, *, at_least
 
 def test_old_names_are_the_contract_itself() -> None:
     """Modules that used to define the figures re-export the contract's objects, not copies."""
-    assert client.StructureRequest is contract.StructureRequest
+    assert client.StructureRequest is request_module.StructureRequest
     assert client.validate_params is contract.validate_params
     assert client.CREDITS_PER_IMAGE == standin.CREDITS_PER_IMAGE == contract.CREDITS_PER_IMAGE
     assert client.MAX_SEED == contract.MAX_SEED and client.OUTPUT_FORMATS is contract.OUTPUT_FORMATS
@@ -64,7 +65,7 @@ def test_old_names_are_the_contract_itself() -> None:
 
 def test_form_fields_hold_the_figures() -> None:
     fields = {field.name: field for field in contract.FORM_FIELDS}
-    assert [name for name, _ in contract.StructureRequest(image=None, prompt="x", seed=1,  # type: ignore[arg-type]
+    assert [name for name, _ in request_module.StructureRequest(image=None, prompt="x", seed=1,  # type: ignore[arg-type]
                                                           negative_prompt="n").form_fields()] == list(fields)
     assert fields["prompt"].required and fields["prompt"].max_chars == contract.MAX_PROMPT_CHARS
     assert fields["seed"].maximum == contract.MAX_SEED
@@ -80,7 +81,7 @@ def test_every_form_field_is_a_parameter_of_the_request_and_the_node() -> None:
         return [field.name for field in dataclasses.fields(cls)]
 
     assert names(contract.FormParams) == list(contract.FIELD_NAMES)
-    assert names(contract.StructureRequest) == list(contract.FIELD_NAMES) + ["image"]
+    assert names(request_module.StructureRequest) == list(contract.FIELD_NAMES) + ["image"]
     assert names(StructureParams) == list(contract.FIELD_NAMES) + ["outside_limits"]
     for field in contract.FORM_FIELDS:
         if not field.required:
@@ -170,3 +171,20 @@ def test_no_product_source_restates_a_figure() -> None:
               if value in (contract.MAX_PIXELS, contract.MAX_REQUEST_BYTES)]
     assert len(PRODUCT_SOURCES) > 20
     assert not found, f"figures of structure_api/contract.py written again: {found}"
+
+
+def test_the_rate_limit_and_lock_out_are_the_contracts() -> None:
+    """The upstream's rate limit and lock-out are written once, in contract.py; the rest name them."""
+    from structure_api import ratelimit
+    from structure_api.standin import upstream_limit
+
+    limit = ratelimit.RateLimit(contract.RATE_LIMIT_REQUESTS, contract.RATE_LIMIT_SECONDS)
+    assert ratelimit.DEFAULT_RATE_LIMIT == limit
+    lockouts = (ratelimit.UPSTREAM_LOCKOUT_SECONDS, upstream_limit.DEFAULT_LOCKOUT_SECONDS)
+    assert lockouts == (contract.LOCKOUT_SECONDS,) * 2
+    assert (standin.STANDIN_HEADER, standin.STANDIN_HEADER_VALUE) == (contract.STANDIN_HEADER,
+                                                                      contract.STANDIN_HEADER_VALUE)
+    lockout = re.escape(repr(contract.LOCKOUT_SECONDS))
+    written = [(where, said) for where, _, said in _mentions(rf"\b({lockout})\b", PRODUCT_SOURCES)
+               if not where.startswith("structure_api/contract.py")]
+    assert written == [], f"the lock-out {contract.LOCKOUT_SECONDS} is written again instead of named"

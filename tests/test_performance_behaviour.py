@@ -1,7 +1,8 @@
 """The behaviour that makes the batch path fast and lean (the figures themselves are in benchmarks/).
 
 No timings are asserted here: only what holds on any machine. Memory bounds use tracemalloc,
-which is exact and deterministic for what it sees (Python objects and numpy buffers).
+which is exact and deterministic for what it sees (Python objects and numpy buffers). Torch-free, so the
+Windows lane runs it; tests/test_performance_behaviour_torch.py holds the tensor cases.
 """
 
 from __future__ import annotations
@@ -14,16 +15,13 @@ import struct
 import threading
 import time
 import tracemalloc
-import weakref
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from structure_api import pipeline
 from structure_api.client import StructureClient, StructureRequest
 from structure_api.images import decode_image, encode_upload, to_uint8_rgb
 from structure_api.pipeline import StructureParams, generate_images
@@ -100,8 +98,8 @@ def params(seed: int = 1) -> StructureParams:
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])
-def test_requests_in_flight_never_exceed_max_concurrency_and_reach_it(concurrency):
-    images = torch.from_numpy(photo_like(64, 64).astype(np.float32) / 255).expand(10, 64, 64, 3)
+def test_numpy_batch_in_flight_never_exceeds_max_concurrency_and_reaches_it(concurrency):
+    images = np.broadcast_to(photo_like(64, 64).astype(np.float32) / 255, (10, 64, 64, 3))
     with AnsweringServer(delay=lambda seed: 0.05) as server, \
             StructureClient(api_key=TEST_KEY, base_url=server.url) as client:
         generate_images(images, params(), client=client, max_concurrency=concurrency)
@@ -109,42 +107,18 @@ def test_requests_in_flight_never_exceed_max_concurrency_and_reach_it(concurrenc
     assert server.most_in_flight == concurrency
 
 
-def test_at_most_max_concurrency_encoded_images_exist_at_once(monkeypatch):
-    """Requests are built in the workers, one per worker, and let go when that image is done."""
-    live: "weakref.WeakSet" = weakref.WeakSet()
-    most = [0]
-    lock = threading.Lock()
-
-    def counting_encode_upload(pixels):
-        encoded = encode_upload(pixels)
-        with lock:
-            live.add(encoded)
-            most[0] = max(most[0], len(live))
-        return encoded
-
-    monkeypatch.setattr(pipeline, "encode_upload", counting_encode_upload)
-    images = torch.from_numpy(photo_like(64, 64).astype(np.float32) / 255).expand(12, 64, 64, 3)
-    with AnsweringServer(delay=lambda seed: 0.02) as server, \
-            StructureClient(api_key=TEST_KEY, base_url=server.url) as client:
-        generate_images(images, params(), client=client, max_concurrency=3)
-    assert server.requests == 12
-    assert 1 <= most[0] <= 3
-
-
-def test_answers_arriving_out_of_order_land_in_their_own_slot():
+def test_numpy_answers_arriving_out_of_order_land_in_their_own_slot():
     count = 6
-    # Seeds are 1..6; the last request is answered first, the first one last.
     with AnsweringServer(delay=lambda seed: 0.04 * (count - seed)) as server, \
             StructureClient(api_key=TEST_KEY, base_url=server.url) as client:
-        result = generate_images(torch.zeros(count, 40, 48, 3), params(seed=1), client=client,
+        result = generate_images(np.zeros((count, 40, 48, 3), np.float32), params(seed=1), client=client,
                                  max_concurrency=count)
     output = result.images
-    assert isinstance(output, torch.Tensor) and output.dtype == torch.float32 and output.is_contiguous()
-    assert tuple(output.shape) == (count, 40, 48, 3)
+    assert isinstance(output, np.ndarray) and output.dtype == np.float32 and output.flags.c_contiguous
+    assert output.shape == (count, 40, 48, 3)
     for index in range(count):
-        expected = torch.tensor(colour_of(index + 1), dtype=torch.float32) / 255
-        # Exact: a flat lossless PNG decodes to the same levels, and v / 255 is what the pack computes.
-        assert torch.equal(output[index], expected.expand(40, 48, 3)), index
+        expected = np.array(colour_of(index + 1), dtype=np.float32) / np.float32(255)
+        assert np.array_equal(output[index], np.broadcast_to(expected, (40, 48, 3))), index
 
 
 def _traced_peak(call: Callable[[], object]) -> tuple[int, object]:

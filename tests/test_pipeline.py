@@ -193,8 +193,10 @@ def test_cancel_returns_within_a_second_with_requests_in_flight(standin, make_cl
     standin.script(*[Hang()] * 4)
     cancel_at = time.monotonic() + 0.3
     started = time.monotonic()
+    # keep_in_flight=False drops the requests in flight too (the CLI's second Ctrl-C); the default
+    # lets them finish in the background (tests/test_in_flight.py).
     result = generate_images(distinct_batch(4), params(), client=make_client(), max_concurrency=4,
-                             should_cancel=lambda: time.monotonic() > cancel_at)
+                             should_cancel=lambda: time.monotonic() > cancel_at, keep_in_flight=False)
     assert result.report.cancelled and result.images is None
     assert time.monotonic() - started < 1.3
     # The workers end (their sockets were shut), rather than hang on for the read timeout.

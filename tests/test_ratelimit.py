@@ -23,7 +23,7 @@ from structure_api.ratebudget import budget_name
 from structure_api.retry import RetryPolicy
 from structure_api.standin import Respond, StandInServer
 from structure_api.standin.upstream_limit import UpstreamRateLimit
-from support import TEST_KEY, RecordingSleep, photo_like
+from support import TEST_KEY, RecordingSleep, photo_like, under_wine
 
 
 class FakeClock:
@@ -313,6 +313,9 @@ def test_cancel_ends_a_wait_for_a_slot_at_once(held_by):
 
 def test_the_pacer_never_trips_a_stand_in_with_the_same_limit():
     """12 images at 8 in flight against a stand-in that locks out past 5 requests in 1 s: not one 429."""
+    if under_wine():
+        pytest.skip("Not under Wine: its thread scheduling delays the stand-in's count of a request (same "
+                    "process) past the pacer's 0.1 s margin about one run in three; the Linux lane runs it")
     limit = RateLimit(5, 1.0)
     upload = encode_upload(photo_like(96, 64, 3))
     with StandInServer(rate_limit=limit, lockout=30.0) as server:

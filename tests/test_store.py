@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 
+from structure_api import contract
+from structure_api.images import EncodedImage, ImageSize
+from structure_api.request import StructureRequest
 from structure_api.store import RESULT_SUFFIX, ResultStore
 
 from support import TEST_KEY, photo_like, png_bytes
@@ -72,11 +76,18 @@ def test_a_result_larger_than_the_limit_is_kept_in_memory(tmp_path, image):
     assert store.claim(KEY, 0).data == image
 
 
-def test_store_files_are_private_and_hold_no_key(tmp_path, image):
+def test_store_files_hold_no_key(tmp_path, image):
     store = ResultStore(tmp_path)
     store.keep(KEY, image, seed=5, format="png", label="ComfyUI node 3, image 1 of 1")
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert files and all(TEST_KEY.encode() not in p.read_bytes() for p in files)
+
+
+@pytest.mark.posix_only("file modes do not exist on Windows (the user folder's ACL keeps the store private)")
+def test_store_files_are_private(tmp_path, image):
+    store = ResultStore(tmp_path)
+    store.keep(KEY, image, seed=5, format="png", label="ComfyUI node 3, image 1 of 1")
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert all(os.stat(p).st_mode & 0o077 == 0 for p in files if p.name.endswith(RESULT_SUFFIX))
 
 
@@ -97,3 +108,40 @@ def test_from_env_hands_one_store_per_folder_to_the_whole_process(tmp_path, monk
     monkeypatch.setenv("AITHRIVING_CACHE_DIR", "off")
     off = ResultStore.from_env()
     assert off is ResultStore.from_env() and off.directory is None and not off.persistent
+
+
+# --- the key: what identifies a request ------------------------------------------------------
+
+_ENDPOINT = "https://www.aithriving.com/api/control/structure"
+_PINNED_IMAGE = EncodedImage(data=b"\x89PNG fixed bytes", format="png", mime_type="image/png",
+                             size=ImageSize(width=96, height=64))
+# Keys computed by the release before this one: results users keep on disk were stored under them.
+_PINNED_KEYS = [
+    (dict(prompt="a red barn", seed=42), "497e216f43fb635e38eb234c409114a7e1791a0e11e67cc6b3c1df1e054b411b"),
+    (dict(prompt="a red barn", seed=0), "f7381edaee95f44e42e830087c2169fbec273f71311f5da42c5dd5be171d1067"),
+    (dict(prompt="a red barn", seed=7, control_strength=0.5, negative_prompt="blur", output_format="webp"),
+     "1caec73115efe61af7472ff48c13b21faf5d7f5677d36d5c3d1af88d0410f82d"),
+]
+
+
+@pytest.mark.parametrize("fields, key", _PINNED_KEYS)
+def test_todays_fields_keep_todays_keys(fields, key) -> None:
+    assert ResultStore(None).key_for(StructureRequest(image=_PINNED_IMAGE, **fields), _ENDPOINT) == key
+
+
+def test_a_new_optional_field_at_its_default_leaves_the_keys_alone(monkeypatch) -> None:
+    """A trial field added to the contract: at its default, every key stays; set, it changes the key."""
+    trial = contract.FormField("style_preset", "choice", False, "none", choices=("none", "sketch"))
+    monkeypatch.setattr(contract, "FORM_FIELDS", contract.FORM_FIELDS + (trial,))
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class TrialRequest(StructureRequest):
+        style_preset: str = "none"
+
+    store = ResultStore(None)
+    for fields, key in _PINNED_KEYS:
+        assert store.key_for(TrialRequest(image=_PINNED_IMAGE, **fields), _ENDPOINT) == key
+        # The form does send the new field: only the key leaves it out at its default.
+        assert ("style_preset", "none") in TrialRequest(image=_PINNED_IMAGE, **fields).form_fields()
+        changed = store.key_for(TrialRequest(image=_PINNED_IMAGE, style_preset="sketch", **fields), _ENDPOINT)
+        assert changed != key

@@ -65,7 +65,7 @@ export const ENGLISH = {
   "settings": {
     "AIThriving_Setup_APIKey": {
       "name": "API key",
-      "tooltip": "Saved in your own key file (~/.config/aithriving/api_key, mode 0600), never in ComfyUI's settings, workflows or images."
+      "tooltip": "Saved in your own key file (in your user's config folder, readable only by you), never in ComfyUI's settings, workflows or images."
     },
     "AIThriving_Setup_LocalStandIn": {
       "name": "Use the free stand-in (no key, no credits)",

@@ -12,12 +12,16 @@
 // The texts come from the pack's locales/<lang>/main.json (served by ComfyUI at /i18n), in the
 // language chosen in the settings (Comfy.Locale), with English built in as the fallback.
 //
-// Redrawing: the classic canvas redraws on setDirtyCanvas. The "Nodes 2.0" (HTML) renderer of newer
-// frontends (1.4x and later) re-reads a node's badges when that node's state changes, so the last run
-// is kept in node state with LiteGraph's own setProperty (and left out of saved workflows by
-// onSerialize). Frontends whose Nodes 2.0 renderer keeps a snapshot of each node instead (1.3x) re-read
-// it when LiteGraph reports a change to the node; that report is sent too, where the graph has one.
-// Tested on frontends 1.25, 1.32 and the newest (tests/browser); anything missing is skipped, never thrown.
+// Redrawing: the classic canvas redraws on setDirtyCanvas. The "Nodes 2.0" (HTML) renderer keeps a
+// reactive copy of each node and redraws it on a change it can see, which differs by frontend:
+//   1.55 and later  node state: the last run is kept with LiteGraph's own setProperty (and left out of
+//                   saved workflows by onSerialize);
+//   1.40 to 1.52    the node's list of badges, read once into reactive state: it sees a change of
+//                   that list made through Vue's reactivity only (see replaceLastRunBadge);
+//   1.31 to 1.37    LiteGraph's report of a change of the node's slots, on which it re-reads the node;
+// each is done where the frontend has what it needs; the others change nothing there.
+// Tested on one frontend per three minor versions from 1.25 to the newest (tests/browser, the frontend
+// sweep); anything missing is skipped, never thrown.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { setupState } from "./aithriving_setup.js";
@@ -160,8 +164,50 @@ function recordCost(node, cost) {
   // Node state: what the Nodes 2.0 renderer of newer frontends redraws the badges from.
   node.setProperty?.(LAST_RUN_PROPERTY, { ...node.aithrivingLastCost, run: node.aithrivingRuns });
   node.setDirtyCanvas?.(true, true);
-  // Frontends whose Nodes 2.0 renderer keeps a snapshot of the node (1.3x) re-read it on this report.
+  redrawInNodes2(node);
+}
+
+// Has the Nodes 2.0 renderer of 1.31 to 1.52 re-read the node (see the header; 1.55 on follows setProperty).
+function redrawInNodes2(node) {
+  replaceLastRunBadge(node);
   if (typeof node.graph?.trigger === "function") node.graph.trigger("node:slot-errors:changed", { nodeId: node.id });
+}
+
+// Frontends 1.40 to 1.52 draw a node's badges from a reactive view of its `badges` list, taken when
+// the node is first drawn, and redraw them only when that list changes through the view. No public
+// call hands an extension that view, but the frontend's workspace store (app.extensionManager, a
+// reactive Pinia store) hands back the reactive view of any list put into it: the last-run badge is
+// replaced through it by a fresh one, which the renderer then calls. Where the store is not reactive,
+// the list itself gets the fresh badge, which changes nothing.
+const VIEW_KEY = "__aithrivingBadgesView";
+
+function replaceLastRunBadge(node) {
+  const badges = node.badges;
+  const index = Array.isArray(badges) ? badges.indexOf(node.aithrivingLastRunBadge) : -1;
+  if (index < 0) return;
+  const store = app.extensionManager;
+  let view = badges;
+  if (store && typeof store === "object") {
+    try {
+      store[VIEW_KEY] = badges;
+      view = store[VIEW_KEY] ?? badges;
+    } catch {
+      view = badges;
+    } finally {
+      try {
+        delete store[VIEW_KEY];
+      } catch {
+        // a store that refused the key has nothing to remove
+      }
+    }
+  }
+  node.aithrivingLastRunBadge = lastRunBadgeOf(node);
+  view[index] = node.aithrivingLastRunBadge;
+}
+
+function lastRunBadgeOf(node) {
+  const lastRun = makeBadge(lastRunText, false);
+  return () => lastRun.call(node);
 }
 
 // A node the user adds starts with seed 0 and "control after generate" on "fixed" (the frontend's own
@@ -233,9 +279,9 @@ app.registerExtension({
       this.aithrivingEstimate = () => estimateText(this);
       this.aithrivingLastRun = () => lastRunText(this);
       const estimate = makeBadge(estimateText, true);
-      const lastRun = makeBadge(lastRunText, false);
+      this.aithrivingLastRunBadge = lastRunBadgeOf(this);
       this.badges = this.badges ?? [];
-      this.badges.push(() => estimate.call(this), () => lastRun.call(this));
+      this.badges.push(() => estimate.call(this), this.aithrivingLastRunBadge);
       return result;
     };
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
+import threading
 from typing import Iterator, Optional, Sequence
 
 from ..errors import CancelledError, StructureError
@@ -54,8 +56,32 @@ def _what_an_interrupt_left(args: argparse.Namespace) -> str:
             "any answer that arrived is kept: see `structure-api results`)")
 
 
+def _survive_any_console() -> None:
+    """Make stdout and stderr write what their encoding cannot hold as escapes instead of failing.
+
+    Redirected on Windows they encode with the ANSI code page (cp932, cp874...), strictly: a file name
+    or a sign outside it would end the command with UnicodeEncodeError, after it paid.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", "strict") == "strict":
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+
+def _ctrl_break_as_ctrl_c() -> None:
+    """On Windows, Ctrl-Break ends a program at once by default: make it a Ctrl-C, said and handled as one."""
+    if sys.platform == "win32" and threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGBREAK) is signal.SIG_DFL:
+        signal.signal(signal.SIGBREAK, signal.default_int_handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; expected failures print one line on stderr and return non-zero."""
+    _survive_any_console()
+    _ctrl_break_as_ctrl_c()
     args = build_parser().parse_args(argv)
     try:
         with _verbose_log(args.verbose):

@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Sequence
 
-from .. import __version__
+from .._version import __version__
 from ..batch import DEFAULT_MAX_CONCURRENCY
 from ..client import DEFAULT_READ_TIMEOUT
 from ..contract import (
     DEFAULT_CONTROL_STRENGTH,
+    LOCKOUT_SECONDS,
     MAX_CONTROL_STRENGTH,
     MAX_SEED,
     MIN_CONTROL_STRENGTH,
@@ -179,10 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", type=_host, default="127.0.0.1", metavar="ADDRESS",
                      help="the address to listen on (default 127.0.0.1: this machine only); "
                           "never all interfaces")
-    srv.add_argument("--latency", type=_latency, default=0.0, help="seconds to wait before each answer")
+    srv.add_argument("--latency", type=_latency, default=0.0,
+                     help="seconds from reading a request to its answer, rendering included")
     srv.add_argument("--rate-limit", type=_rate_limit, default=None, metavar="N/SECONDS",
                      help="model the service's limit, e.g. 150/10: past N requests in SECONDS, 429s (default: none)")
-    srv.add_argument("--lockout", type=_lockout, default=60.0, metavar="SECONDS",
+    srv.add_argument("--lockout", type=_lockout, default=LOCKOUT_SECONDS, metavar="SECONDS",
                      help="how long 429s last once --rate-limit is passed (default %(default)g, as the service)")
     srv.add_argument("--require-key", action="store_true",
                      help="check the authorization header against your configured key")

@@ -14,11 +14,11 @@ from typing import Iterator
 
 from ..batch import BatchProgress, BatchReport, max_concurrency_from_env, run_batch
 from ..client import StructureResult
-from ..contract import StructureRequest
 from ..errors import CancelledError
 from ..files import FileAccessError, FolderLock, InputImage, batch_outputs, check_writable_folder, \
     is_finished_output, list_input_images, read_input_image
 from ..pipeline import batch_seeds
+from ..request import StructureRequest
 from .exits import EXIT_FAILED, EXIT_INTERRUPTED
 from .target import RequestTarget, check_params, structure_request, write_result
 
@@ -73,16 +73,26 @@ class _Interrupts:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["_Interrupts"]:
-        """Handle SIGINT for the block, unless it was ignored (nohup, a background job): then it stays so."""
-        inherited = signal.getsignal(signal.SIGINT)
-        if threading.current_thread() is not threading.main_thread() or inherited is signal.SIG_IGN:
+        """Handle Ctrl-C (and Ctrl-Break on Windows) for the block, unless ignored (nohup, a background job)."""
+        if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        signal.signal(signal.SIGINT, self)
+        inherited = {}
+        for signum in interrupt_signals():
+            handler = signal.getsignal(signum)
+            if handler is not signal.SIG_IGN:
+                inherited[signum] = handler
+                signal.signal(signum, self)
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, inherited)
+            for signum, handler in inherited.items():
+                signal.signal(signum, handler)
+
+
+def interrupt_signals() -> list[int]:
+    """SIGINT, and on Windows SIGBREAK: Ctrl-Break, the one a program can send to another's process group."""
+    return [signal.SIGINT, *([signal.SIGBREAK] if sys.platform == "win32" else [])]
 
 
 @dataclass
@@ -154,7 +164,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
             try:
                 report = run_batch(target.client, len(files.todo), files.make_request, on_result=files.on_result,
                                    store=target.store, label=files.label, max_concurrency=concurrency,
-                                   on_progress=progress, should_cancel=interrupts.drop_in_flight.is_set)
+                                   on_progress=progress, should_stop_sending=interrupts.stop_sending.is_set,
+                                   should_cancel=interrupts.drop_in_flight.is_set,
+                                   keep_in_flight=False)  # the second Ctrl-C drops what is in flight
             finally:
                 progress.close()
     return _summarise(report, files, skipped, target)
@@ -172,8 +184,9 @@ def _summarise(report: BatchReport, files: _BatchFiles, skipped: int, target: Re
     written = report.done - len(files.not_written)
     if interrupted:
         unreadable = [slot for slot in report.failures if slot not in files.started and slot not in not_sent]
-        left = len(files.todo) - len(files.started) - len(unreadable)
-        dropped = len(files.started - set(report.seeds) - set(report.failures))
+        # Stopped before its upload was complete: not sent, as far as the service knows.
+        left = len(files.todo) - len(files.started) - len(unreadable) + len(report.stopped & files.started)
+        dropped = len(files.started - set(report.seeds) - set(report.failures) - report.stopped)
         stopped = (f"; {dropped} request(s) in flight were dropped, and the service may have charged for those "
                    "whose upload had finished" if dropped and not target.free else "")
         print(f"interrupted: {written} of {len(files.todo)} image(s) done and written, {report.credits} credits "

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import errno
+import sys
 import time
 
 from ..contract import CREDITS_PER_IMAGE
 from ..files import FileAccessError, check_output_file, check_writable_folder, export_path, read_input_image, \
     write_atomically
+from ..paid import deliver
 from ..store import ResultStore
 from .target import RequestTarget, check_params, credits_text, structure_request, write_result
 
@@ -21,7 +23,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with RequestTarget.open(args) as target:
         result, from_store = target.generate(structure_request(args, image, args.seed, output_format), str(args.output))
         write_result(args.output, image, result, output_format, target)
-    print(f"seed {result.seed} · {credits_text(result, from_store)} · wrote {args.output} "
+    # Seed 0 in a result: the service picked one and did not say which.
+    seed = f"seed {result.seed}" if result.seed else "seed unknown"
+    print(f"{seed} · {credits_text(result, from_store)} · wrote {args.output} "
           f"({image.size.width}x{image.size.height} {output_format})")
     return 0
 
@@ -56,7 +60,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         except OSError as error:
             raise FileAccessError(f"Could not write {path} ({error.strerror or type(error).__name__}); the result "
                                   f"stays in the result store ({store.directory}).") from None
-        store.mark_delivered(entry)
+        deliver(store, entry)
         print(f"wrote {path} (seed {entry.seed}, for {entry.label or '(no label)'})")
     # The service's own bytes: at the size that was sent, which differs from the input's when it was fitted.
     sender = "the service" if not any(entry.free for entry in waiting) else "the service (or stand-in)"
@@ -71,6 +75,20 @@ def _count_by_cost(entries: list) -> str:
     parts = [f"{paid} paid result(s)"] if paid else []
     parts += [f"{free} free result(s) from a stand-in"] if free else []
     return " and ".join(parts)
+
+
+# Windows' own codes: WSAEADDRINUSE, and WSAEACCES, which a bind gets for a port another program holds
+# exclusively (SO_EXCLUSIVEADDRUSE) or that the system reserved.
+_WSAEACCES = 10013
+_WSAEADDRINUSE = 10048
+
+
+def _port_taken(error: OSError) -> bool:
+    """Tell whether a bind failed because another program has (or the system reserved) the port."""
+    codes = {getattr(error, "winerror", None), error.errno}
+    if sys.platform == "win32":
+        return bool(codes & {errno.EADDRINUSE, _WSAEADDRINUSE, _WSAEACCES})
+    return errno.EADDRINUSE in codes
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -96,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = serve(host=args.host, port=args.port, api_key=api_key, latency=args.latency, ready=ready,
                        rate_limit=args.rate_limit, lockout=args.lockout)
     except OSError as error:
-        if error.errno == errno.EADDRINUSE:
+        if _port_taken(error):
             raise FileAccessError(f"Port {args.port} is already in use; choose another with --port, "
                                   "or leave --port out to take a free one.") from None
         raise FileAccessError(f"Cannot listen on {args.host}:{args.port}: "

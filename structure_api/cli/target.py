@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from ..batch import generate_stored
 from ..client import StructureClient, StructureResult
-from ..contract import FIELD_NAMES, StructureRequest, validate_form
+from ..contract import FIELD_NAMES, validate_form
 from ..errors import InputError, StructureError
 from ..files import FileAccessError, InputImage, result_file_bytes, write_atomically
+from ..paid import deliver, fetch_or_pay, release
+from ..request import StructureRequest
 from ..store import ResultStore
 from .exits import UsageError
 
@@ -45,19 +46,17 @@ class RequestTarget:
 
     def generate(self, request: StructureRequest, label: str) -> tuple[StructureResult, bool]:
         """One request through the store: a result paid before and not delivered (or a fixed seed's) is free."""
-        result, from_store = generate_stored(self.client, request, self.store, label=label)
-        assert result is not None  # only claim_only can come back empty
-        return result, from_store
+        paid = fetch_or_pay(self.client, request, self.store, label=label)
+        assert paid is not None  # only claim_only can come back empty
+        return paid.result, paid.from_store
 
     def delivered(self, result: StructureResult) -> None:
         """Mark the result delivered (its file is written): the store stops offering it."""
-        if result.stored is not None:
-            self.store.mark_delivered(result.stored)
+        deliver(self.store, result.stored)
 
     def undelivered(self, result: StructureResult) -> None:
         """Give the result back (its file was not written): the store offers it again."""
-        if result.stored is not None:
-            self.store.release(result.stored)
+        release(self.store, result.stored)
 
     def kept_sentence(self, result: StructureResult) -> str:
         """Say what became of a result maybe paid for but not written: every word true."""

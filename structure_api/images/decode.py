@@ -199,8 +199,22 @@ def decode_image_into(data: bytes, out: np.ndarray, *, max_pixels: int = 4 * MAX
             uint8_to_float(_to_rgb_array(image), out=out)
 
 
+_URL_SAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+
+
+def _decode_url_safe(b64: Union[str, bytes, memoryview]) -> Optional[bytes]:
+    """URL-safe base64 (``-`` and ``_``, padding optional) to bytes; None when it is not that either."""
+    text = b64.encode("ascii", "replace") if isinstance(b64, str) else bytes(b64)
+    text = b"".join(text.split()).translate(_URL_SAFE_TO_STANDARD)
+    text += b"=" * (-len(text) % 4)
+    try:
+        return binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
 def decode_base64(b64: Union[str, bytes, memoryview]) -> bytes:
-    """Strict base64 (optionally a ``data:image/...;base64,`` URL, with line breaks) to bytes."""
+    """Base64, standard or URL-safe (a ``data:image/...;base64,`` URL too; line breaks allowed), to bytes."""
     if isinstance(b64, memoryview) and bytes(b64[:5]).lower() == b"data:":
         b64 = bytes(b64)  # rare: a data URL is cut apart as bytes
     if (b64[:5].lower() if isinstance(b64, str) else bytes(b64[:5]).lower()) in ("data:", b"data:"):
@@ -216,7 +230,9 @@ def decode_base64(b64: Union[str, bytes, memoryview]) -> bytes:
             raw = binascii.a2b_base64("".join(text.split()) if isinstance(text, str) else b"".join(text.split()),
                                       strict_mode=True)
     except (binascii.Error, ValueError):
-        raise MalformedResponseError(_NOT_BASE64) from None
+        raw = _decode_url_safe(b64)
+        if raw is None:
+            raise MalformedResponseError(_NOT_BASE64) from None
     if not raw:
         raise MalformedResponseError("The service's answer held an empty image.")
     return raw

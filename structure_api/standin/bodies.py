@@ -7,9 +7,7 @@ import re
 from http import HTTPStatus
 from typing import Optional, Union
 
-from ..contract import (
-    MAX_REQUEST_BYTES,
-)
+from ..contract import MAX_REQUEST_BYTES, AnswerBody
 
 
 # --- answer bodies -------------------------------------------------------------------
@@ -40,7 +38,12 @@ _DEFAULT_ERRORS: dict[int, tuple[str, str, str]] = {
 
 def error_payload(message: str, name: str, errors: Optional[list[str]] = None) -> dict:
     """Build the stand-in's JSON error body: vendor ``code``/``message`` plus upstream ``name``/``errors``."""
-    return {"code": -1, "message": message, "name": name, "errors": errors if errors is not None else [message]}
+    return AnswerBody.failure(message, name, errors).to_json()
+
+
+def success_payload(image: str, seed: int) -> dict:
+    """Build the JSON body of a success: the image as base64 text and the seed used."""
+    return AnswerBody.success(image, seed).to_json()
 
 
 def default_body(status: int) -> tuple[bytes, str]:

@@ -6,7 +6,7 @@ Each fault is a small type that plays itself through the handler's narrow interf
 
 ``RecordedRequest.fault`` says which fault answered a request: the status for ``Respond`` ("503"),
 "code-1" for ``GenerationFailed``, otherwise the fault's kind ("drop", "drop_before_read",
-"truncate", "hang", "stream", "passthrough").
+"truncate", "hang", "stream", "passthrough", "raw").
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ class Exchange(Protocol):
 
     def drop(self) -> None:
         """Close the connection without an answer."""
+
+    def send_raw(self, data: bytes) -> None:
+        """Write ``data`` as the whole answer, byte for byte (status lines, headers), then close."""
 
     def answer_normally(self, delay: float = 0.0, headers: Optional[dict[str, str]] = None) -> None:
         """Answer as the stand-in normally does, `delay` later, with `headers` added."""
@@ -150,6 +153,19 @@ class Stream(Fault, kind="stream"):
         exchange.read_request()
         exchange.wait(self.delay)
         exchange.stream(self.status, self.headers, self.chunks())
+
+
+@dataclass(frozen=True)
+class Raw(Fault, kind="raw"):
+    """Answer with ``data`` written as it is: status lines, headers, body, however odd (a 103, then a 200)."""
+
+    data: bytes
+    delay: float = 0.0
+
+    def play(self, exchange: Exchange) -> None:
+        exchange.read_request()
+        exchange.wait(self.delay)
+        exchange.send_raw(self.data)
 
 
 @dataclass(frozen=True)

@@ -11,24 +11,18 @@ import socket
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler
-from typing import TYPE_CHECKING, Iterable, Optional, Union
+from typing import Iterable, Optional, Protocol, Union
 from urllib.parse import urlsplit
 
-from ..contract import ENDPOINT_PATH
+from ..contract import ENDPOINT_PATH, STANDIN_HEADER, STANDIN_HEADER_VALUE, AnswerBody
 from .bodies import default_body, error_payload, json_bytes
 from .multipart import InvalidUpload, Form, parse_multipart
-from .records import Entry
-
-if TYPE_CHECKING:
-    from .server import StandInServer
+from .upstream_limit import UpstreamRateLimit
+from .records import Books, Entry
 
 log = logging.getLogger("structure_api.standin")
 
 HEALTH_PATHS = ("/", "/health")
-# A free stand-in marks every answer with this header (config.STANDIN_HEADER, kept in step by a test): the
-# client then counts its results as 0 credits, so nothing shown for a free image claims credits were spent.
-STANDIN_HEADER = "X-AIThriving-Stand-In"
-STANDIN_HEADER_VALUE = "free"
 # An over-limit body up to this size is read and thrown away so the client sees the 413 on a
 # healthy connection; beyond it the connection is closed instead of reading the rest.
 _DRAIN_LIMIT = 32 * 1024 * 1024
@@ -36,6 +30,26 @@ _DRAIN_LIMIT = 32 * 1024 * 1024
 _FAULT_READ_LIMIT = 64 * 1024 * 1024
 # Idle keep-alive connections are closed after this long, so `serve` does not pile up threads.
 _IDLE_TIMEOUT = 300.0
+
+
+class Owner(Protocol):
+    """What a handler needs of the server that owns it (``server.StandInServer``), without importing it."""
+
+    books: Books
+    latency: float
+    free: bool
+    rate_limit: Optional[UpstreamRateLimit]
+
+    @property
+    def stopping(self) -> bool:
+        """True once the server has begun to stop."""
+
+    def wait_until_stopping(self, timeout: Optional[float] = None) -> bool:
+        """Block until the server begins to stop (True) or ``timeout`` passes (False)."""
+
+    def answer(self, method: str, route: str, headers: dict[str, str], body: Optional[bytes],
+               form: Union[Form, InvalidUpload, None]) -> tuple[int, dict, dict[str, str]]:
+        """Answer one request normally: status, JSON payload, extra headers."""
 
 
 class Stopped(Exception):
@@ -67,7 +81,7 @@ class StandInHandler(BaseHTTPRequestHandler):
         log.info("%s %s -> %s", self.command, urlsplit(self.path).path, getattr(code, "value", code))
 
     @property
-    def _standin(self) -> "StandInServer":
+    def _standin(self) -> Owner:
         return self.server.standin  # type: ignore[attr-defined]
 
     # --- one request -------------------------------------------------------------------
@@ -96,6 +110,7 @@ class StandInHandler(BaseHTTPRequestHandler):
         """Do what the service does (health, rate limit, answer), `delay` later, with `headers` added."""
         owner = self._standin
         body, form = self._read(_DRAIN_LIMIT)
+        read_at = time.monotonic()
         if self._is_health:
             self.send(200, json_bytes({"status": "ok"}), "application/json")
             return
@@ -112,8 +127,10 @@ class StandInHandler(BaseHTTPRequestHandler):
                 "Internal server error.", "internal_error", ["the stand-in failed; see its log"]), {}
         extra.setdefault("x-request-id", uuid.uuid4().hex)
         extra.update(headers or {})
-        self.wait(owner.latency + delay)
-        if status == 200 and payload.get("code") == 0:
+        # Like a remote service: the answer comes `latency` s after the request was read, its rendering
+        # (CPU time on this machine) inside that time rather than on top of it.
+        self.wait(max(0.0, owner.latency - (time.monotonic() - read_at)) + delay)
+        if status == 200 and AnswerBody.from_json(payload).succeeded:
             owner.books.charge()
         self.send(status, json_bytes(payload), "application/json", extra)
 
@@ -208,6 +225,18 @@ class StandInHandler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def send_raw(self, data: bytes) -> None:
+        """Write ``data`` as the whole answer, byte for byte, then close the connection."""
+        self.close_connection = True
+        final = data.rsplit(b"\r\nHTTP/", 1)[-1] if b"\r\nHTTP/" in data else data
+        status = final.split(b" ", 2)[1:2]
+        self._entry.status = int(status[0]) if status and status[0].isdigit() else 0
+        try:
+            self.wfile.write(data)
+            self.wfile.flush()
+        except OSError:
+            pass  # the client went away
+
     def send(
         self, status: int, body: bytes, content_type: str, headers: Optional[dict[str, str]] = None, *,
         announced_length: Optional[int] = None,
@@ -233,6 +262,7 @@ class StandInHandler(BaseHTTPRequestHandler):
         if self.close_connection:
             merged["Connection"] = "close"
         self._entry.status = status
+        self._entry.answered_at = time.monotonic()
         self.send_response(status)
         for name, value in merged.items():
             self.send_header(name, value)
@@ -246,6 +276,7 @@ class StandInHandler(BaseHTTPRequestHandler):
         chunked = "content-length" not in names
         self.close_connection = True
         self._entry.status = status
+        self._entry.answered_at = time.monotonic()
         self.send_response(status)
         if "content-type" not in names:
             self.send_header("Content-Type", "application/json")

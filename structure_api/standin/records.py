@@ -27,6 +27,7 @@ class RecordedRequest:
     received_at: float  # time.monotonic() when the request head had been read
     status: int
     fault: Optional[str] = None  # "503", "code-1", "drop", "passthrough", ... or None for normal behaviour
+    answered_at: Optional[float] = None  # time.monotonic() when the answer began (None: not answered)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Entry:
     image_content_type: Optional[str] = None
     body_size: int = 0
     status: int = 0
+    answered_at: Optional[float] = None
 
     def freeze(self) -> RecordedRequest:
         """Return a snapshot of the entry as it stands."""
@@ -51,7 +53,7 @@ class Entry:
             method=self.method, path=self.path, headers=dict(self.headers), fields=dict(self.fields),
             image_bytes=self.image_bytes, image_filename=self.image_filename,
             image_content_type=self.image_content_type, body_size=self.body_size,
-            received_at=self.received_at, status=self.status, fault=self.fault)
+            received_at=self.received_at, status=self.status, fault=self.fault, answered_at=self.answered_at)
 
 
 class Books:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Union
 
+from ..contract import LOCKOUT_SECONDS
 from ..ratelimit import RateLimit
 from .server import StandInServer
 
@@ -11,7 +12,7 @@ from .server import StandInServer
 def serve(
     host: str = "127.0.0.1", port: int = 0, api_key: Optional[str] = None, latency: float = 0.0,
     ready: Optional[Callable[[str], None]] = None, rate_limit: Union[RateLimit, str, None] = None,
-    lockout: float = 60.0,
+    lockout: float = LOCKOUT_SECONDS,
 ) -> "StandInServer":
     """Run the stand-in until interrupted (Ctrl-C); calls ready(url) once it is listening; returns it, stopped."""
     # Nobody reads the records of a long-running stand-in, and each would hold an upload.

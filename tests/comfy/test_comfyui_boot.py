@@ -185,7 +185,7 @@ def test_server_env_is_scrubbed_and_extended(comfy_server_factory, monkeypatch):
     assert environ["AITHRIVING_BASE_URL"] == "http://127.0.0.1:1"
     assert environ["AITHRIVING_API_KEY"] == "test-key"
     assert "HTTPS_PROXY" not in environ
-    # Another version's pinned packages (0.3.52's frontend) come first, then the torchvision stand-in.
+    # Another version's overlay (0.3.52's or 0.33.0's packages) comes first, then the torchvision stand-in.
     assert environ["PYTHONPATH"].split(os.pathsep) == [*map(str, server.install.python_path), str(TORCHVISION_STUB_DIR)]
     assert Path(environ["HOME"]).is_relative_to(server.base_dir)
     assert server.custom_node_import_status() in ("loaded", "failed")

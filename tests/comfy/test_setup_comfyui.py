@@ -378,10 +378,17 @@ def test_out_of_range_parameters_are_refused_when_queued(queue_server, billing_s
 
 
 def test_a_choice_not_offered_is_refused_before_anything_is_sent(queue_server, billing_standin):
-    # ComfyUI 0.3.75 does not check a V3 combo's options at /prompt; the node refuses it when it runs.
     billing_standin.clear()
-    entry = queue_server.run(graph(output_format="gif"))
-    assert "output_format must be one of png, jpeg, webp; got 'gif'" in execution_error(entry)["exception_message"]
+    if queue_server.install.version in ("0.3.52", "0.3.75"):
+        # These do not check a V3 combo's options at /prompt; the node refuses it when it runs.
+        entry = queue_server.run(graph(output_format="gif"))
+        message = execution_error(entry)["exception_message"]
+        assert "output_format must be one of png, jpeg, webp; got 'gif'" in message
+    else:
+        # ComfyUI 0.33.0 checks them when the prompt is queued.
+        with pytest.raises(PromptRejected) as caught:
+            queue_server.queue_prompt(graph(output_format="gif"))
+        assert "output_format: 'gif' not in ['png', 'jpeg', 'webp']" in str(caught.value)
     assert billing_standin.requests == []
 
 

@@ -15,6 +15,7 @@ REPRODUCE = f"{REPORT_ENV}=docs/reliability.md python -m pytest tests/reliabilit
 SECTIONS = {
     "faults": "1. Fault matrix (client against the stand-in)",
     "hostile": "2. Hostile responses (memory bounded)",
+    "odd": "2b. Odd answers that carry a paid image (kept, then used)",
     "inputs": "3. Bad inputs (node logic and CLI)",
     "load": "4. Load",
     "secrets": "5. Secrets",
@@ -36,6 +37,12 @@ INTROS = {
         " out not to be one, 3 x cap + 16 MiB (body, json's decoded text and the image string live together)."
         " The stand-in runs in the same process, so its allocations are counted too (the figures are upper"
         " bounds for the client)."),
+    "odd": (
+        "Answers that carry a paid image in an unusual wrapping (an unreadable seed, `\"code\": \"0\"`,"
+        " URL-safe base64, a raw image body, 1xx before the 200, a 203, a BOM), through `fetch_or_pay`: the"
+        " image must be"
+        " kept in the result store before anything else, then used (or, too far from the request's size, kept"
+        " for export and not used), and the request never sent again."),
     "inputs": (
         "Named cases through `generate_images` (the node's logic, torch or numpy batches) and through"
         " `structure-api generate`/`batch` in process, then hypothesis property tests. *Requests* is what the"
@@ -230,6 +237,8 @@ def render(ledger: Ledger) -> str:
         + ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())) + " |")
     add(f"| fault-matrix scenarios | {len(rows_by_section['faults'])} |")
     add(f"| hostile responses refused with memory bounded | {len(rows_by_section['hostile'])} |")
+    odd = len(rows_by_section["odd"])
+    add(f"| odd answers whose paid image was kept (used, or kept for export) | {odd} |")
     add(f"| load held: requests sent through the batch path | {figures['load_items']} results, "
         f"{figures['load_requests_seen']} requests seen by the stand-in, concurrency {ledger.facts.get('_load_concurrency', '?')} |")
     add(f"| faults injected and survived (recovered, or reported as a typed error) | {figures['faults_survived']} |")

@@ -14,6 +14,8 @@ bounded. The bounds asserted here, per call:
 
 from __future__ import annotations
 
+import base64
+import json
 import struct
 import time
 import zlib
@@ -23,7 +25,9 @@ import pytest
 from structure_api import StructureRequest
 from structure_api.client import MAX_RESPONSE_BYTES
 from structure_api.errors import MalformedResponseError, ResultMayBeBilledError, StructureError
-from structure_api.standin import Respond, Stream
+from structure_api.paid import fetch_or_pay
+from structure_api.standin import Raw, Respond, Stream
+from structure_api.store import ResultStore
 
 from .probes import MiB, MemoryProbe, b64, image_file_bytes, message_problems, photo_like
 
@@ -210,6 +214,8 @@ def test_huge_or_deep_answers_are_refused_with_memory_bounded(scenario, service,
     assert isinstance(error, MalformedResponseError), observed
     assert words in str(error), observed
     assert message_problems(str(error)) == [], observed
+    if 200 <= getattr(fault, "status", 200) < 300:
+        assert "may have charged" in str(error), observed  # a 2xx may have been billed, whatever its body
     assert memory.traced_peak < traced_bound, observed
     assert memory.rss_growth < rss_bound, observed
     assert len(service.requests) == 1, "a hostile answer must not be fetched again"
@@ -245,3 +251,103 @@ def test_answer_dripping_forever_is_cut_off(service, new_client, small_upload, l
     assert seconds < 2, observed
     assert len(service.requests) == 1
     assert memory.traced_peak < 16 * MiB
+
+
+# --- odd answers that carry a paid image: read tolerantly, kept before anything else ------------------------
+
+def _answer_json(image_text: str, seed: object = 7, code: object = 0) -> bytes:
+    data = {"image": image_text, "seed": seed}
+    return json.dumps({"code": code, "message": "success", "data": data}).encode()
+
+
+def _raw_http(*status_lines: bytes, body: bytes) -> bytes:
+    """Informational answers (status line and headers each) and then a 200 carrying ``body`` as JSON."""
+    final = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+             b"Connection: close\r\n\r\n" % len(body))
+    return b"".join(status_lines) + final + body
+
+
+def _url_safe(image: bytes) -> str:
+    return base64.urlsafe_b64encode(image).decode("ascii").rstrip("=")
+
+
+ODD = {
+    # scenario: (the answer, given the image's bytes; the request's seed; the seed the result must report)
+    'seed given as "²" (a digit to str.isdigit, not to int)': (
+        lambda image: Respond(200, body=_answer_json(b64(image), seed="²")), 7, 7),
+    "seed given as a 5000-digit string": (
+        lambda image: Respond(200, body=_answer_json(b64(image), seed="9" * 5000)), 7, 7),
+    "seed given as a 5000-digit string, for a seed-0 request (seed unknown: 0)": (
+        lambda image: Respond(200, body=_answer_json(b64(image), seed="9" * 5000)), 0, 0),
+    '"code": "0" as a string': (
+        lambda image: Respond(200, body=_answer_json(b64(image), seed=11, code="0")), 7, 11),
+    "URL-safe base64, unpadded": (
+        lambda image: Respond(200, body=_answer_json(_url_safe(image), seed=12)), 7, 12),
+    "raw PNG body with Content-Type image/png (no JSON: the seed asked for stands)": (
+        lambda image: Respond(200, body=image, headers={"Content-Type": "image/png"}), 7, 7),
+    "raw PNG body with Content-Type image/png, for a seed-0 request": (
+        lambda image: Respond(200, body=image, headers={"Content-Type": "image/png"}), 0, 0),
+    "raw PNG body with Content-Type application/octet-stream": (
+        lambda image: Respond(200, body=image), 7, 7),
+    "103 Early Hints before the 200": (
+        lambda image: Raw(_raw_http(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+                                    body=_answer_json(b64(image), seed=13))), 7, 13),
+    "two 102 Processing before the 200": (
+        lambda image: Raw(_raw_http(b"HTTP/1.1 102 Processing\r\n\r\n", b"HTTP/1.1 102 Processing\r\n\r\n",
+                                    body=_answer_json(b64(image), seed=14))), 7, 14),
+    "203 Non-Authoritative Information (a proxy's copy of the 200)": (
+        lambda image: Respond(203, body=_answer_json(b64(image), seed=15)), 7, 15),
+    "UTF-8 BOM before the JSON": (
+        lambda image: Respond(200, body=b"\xef\xbb\xbf" + _answer_json(b64(image), seed=16)), 7, 16),
+}
+
+
+@pytest.mark.parametrize("scenario", list(ODD))
+def test_odd_answer_with_an_image_is_kept_and_used(scenario, service, new_client, small_upload, ledger,
+                                                    tmp_path):
+    make, seed, expected_seed = ODD[scenario]
+    image = image_file_bytes(photo_like(96, 64, seed=5))
+    assert "+" in b64(image) or "/" in b64(image)  # so that the URL-safe alphabet differs
+    service.script(make(image))
+    store = ResultStore(tmp_path / "store")
+    request = StructureRequest(image=small_upload, prompt="a quiet harbour", seed=seed)
+    started = time.monotonic()
+    try:
+        outcome = fetch_or_pay(new_client(), request, store)
+    except StructureError as error:  # recorded, then failed on below
+        outcome = error
+    seconds = time.monotonic() - started
+    kept = store.undelivered()
+    observed = (f"{type(outcome).__name__}: {outcome}" if isinstance(outcome, StructureError) else
+                f"image used ({outcome.result.pixels.shape[1]}x{outcome.result.pixels.shape[0]}), seed "
+                f"{outcome.result.seed}, {len(kept)} kept undelivered until delivered")
+    ledger.row("odd", scenario, f"the image is kept in the store, then used; seed {expected_seed}"
+               f"{' (unknown)' if expected_seed == 0 else ''}; nothing re-sent", observed,
+               requests=len(service.requests), seconds=seconds)
+    ledger.count("faults_survived")
+    assert not isinstance(outcome, StructureError), observed
+    assert outcome.result.pixels.shape == (64, 96, 3) and outcome.result.seed == expected_seed
+    assert [entry.data for entry in kept] == [image] and kept[0].seed == expected_seed
+    outcome.deliver()
+    assert store.undelivered() == [] and len(service.requests) == 1
+
+
+def test_image_far_from_the_request_size_is_kept_for_export_not_used(service, new_client, small_upload,
+                                                                      ledger, tmp_path):
+    image = image_file_bytes(photo_like(600, 400, seed=5))
+    service.script(Respond(200, body=_answer_json(b64(image), seed=17)))
+    store = ResultStore(tmp_path / "store")
+    request = StructureRequest(image=small_upload, prompt="a quiet harbour", seed=17)
+    with pytest.raises(MalformedResponseError) as caught:
+        fetch_or_pay(new_client(), request, store)
+    message = str(caught.value)
+    kept = store.undelivered()
+    ledger.row("odd", "a decodable 600x400 image answering a 96x64 request",
+               "not used; kept in the store (exportable), never served for the request; the error says it "
+               "may have been charged and where it is kept", f"{type(caught.value).__name__}: {message}",
+               requests=len(service.requests))
+    ledger.count("faults_survived")
+    assert "may have charged" in message and "results --export" in message and message_problems(message) == []
+    assert [entry.data for entry in kept] == [image]
+    # A re-run does not take it for the request (it pays again, as the error implies: nothing was used).
+    assert store.claim(store.key_for(request, new_client().endpoint), 17) is None

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -27,12 +29,13 @@ import numpy as np
 import pytest
 
 from structure_api import StructureClient, StructureRequest
-from structure_api.batch import generate_stored
+from structure_api.paid import fetch_or_pay
 from structure_api.errors import BatchError, MalformedResponseError, ResultMayBeBilledError
 from structure_api.images import encode_upload
 from structure_api.pipeline import StructureParams, generate_images
 from structure_api.standin import CREDITS_PER_IMAGE, Drop, Fault, Passthrough, Respond, StandInServer
 from structure_api.store import RESULT_SUFFIX, TEMP_PREFIX, ResultStore, _forget_shared_stores
+from structure_api.store_disk import hold_key_lock, open_key_lock, release_key_lock
 
 from .probes import CANARY_KEY, b64, image_file_bytes, message_problems, photo_like
 
@@ -62,11 +65,37 @@ def _umount(target: Path) -> None:
     subprocess.run(["umount", "-l", str(target)], capture_output=True)
 
 
+# Why the tests on a real read-only disk are POSIX only.
+READ_ONLY_REASON = ("a real read-only disk is a tmpfs remounted read-only; on Windows a folder's read-only "
+                    "attribute does not stop files being made in it, and a read-only share needs a server")
+NO_TMPFS = "this machine does not allow mounting a tmpfs, so a real read-only or full disk cannot be made"
+# Windows: a real small disk is a drive the Windows lane maps to a tmpfs (tests/windows/lane.py).
+SMALL_DRIVE = "AITHRIVING_TEST_SMALL_DRIVE"
+
+
+def small_disk_path(path: Path) -> Path:
+    """Where a test's full disk goes: ``path`` itself (tmpfs mounts it), on Windows a new folder of that name
+    on the small drive that SMALL_DRIVE names (a real size-limited disk), where there is one."""
+    drive = os.environ.get(SMALL_DRIVE)
+    if sys.platform != "win32" or not drive:
+        return path
+    return Path(drive) / uuid.uuid4().hex / path.name
+
+
 @contextmanager
 def tmpfs(target: Path, size: str = "4m") -> Iterator[Callable[[], None]]:
-    """A real tmpfs at ``target``; yields ``make_read_only()`` (a remount, as a read-only share is)."""
+    """A real tmpfs at ``target``; yields ``make_read_only()`` (a remount, as a read-only share is).
+
+    On Windows ``target`` must come from small_disk_path(): a folder on the small drive (whatever
+    ``size`` says); leaving the block empties it, which frees the drive, as the unmount does. It cannot
+    be made read-only there.
+    """
+    if sys.platform == "win32":
+        with _on_the_small_drive(target) as make_read_only:
+            yield make_read_only
+        return
     if not _mount(target, f"size={size},mode=0755"):
-        pytest.skip("this machine does not allow mounting a tmpfs, so a real read-only or full disk cannot be made")
+        pytest.skip(NO_TMPFS)
     try:
         def make_read_only() -> None:
             done = subprocess.run(["mount", "-o", "remount,ro", str(target)], capture_output=True)
@@ -74,6 +103,23 @@ def tmpfs(target: Path, size: str = "4m") -> Iterator[Callable[[], None]]:
         yield make_read_only
     finally:
         _umount(target)
+
+
+@contextmanager
+def _on_the_small_drive(target: Path) -> Iterator[Callable[[], None]]:
+    drive = os.environ.get(SMALL_DRIVE)
+    if not drive:
+        pytest.skip(f"{NO_TMPFS} (on Windows: no small drive named by {SMALL_DRIVE}, which the Windows lane maps)")
+    assert Path(drive) in target.parents, f"{target} is not on the small drive: make it with small_disk_path()"
+    target.mkdir(parents=True, exist_ok=True)
+
+    def make_read_only() -> None:
+        pytest.fail("a folder on Windows cannot be made read-only for its owner (see READ_ONLY_REASON)")
+    try:
+        yield make_read_only
+    finally:
+        for item in list(target.iterdir()):  # what the unmount takes away; the folder stays, as a mount point
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
 
 
 # --- the node path: a failed batch, and the re-run ------------------------------------------------
@@ -180,10 +226,12 @@ def _failing_run_then_rerun(store_dir: Path, monkeypatch, count: int = 4, seed: 
         return str(caught.value), paid, service.credits_spent - paid, again.from_store
 
 
-@pytest.mark.parametrize("kind", ["read-only mount", "full disk", "a file where the folder should be",
-                                  "limit smaller than one result"])
+@pytest.mark.parametrize("kind", [
+    pytest.param("read-only mount", marks=pytest.mark.posix_only(READ_ONLY_REASON)),
+    "full disk",
+    "a file where the folder should be", "limit smaller than one result"])
 def test_unwritable_store_keeps_results_in_memory_and_says_so(kind, tmp_path, monkeypatch, ledger):
-    target = tmp_path / "store"
+    target = small_disk_path(tmp_path / "store") if kind == "full disk" else tmp_path / "store"
     if kind == "a file where the folder should be":
         target.write_text("not a folder")
         context = None
@@ -250,6 +298,7 @@ def test_with_the_store_off_a_failed_batch_says_it_is_off(monkeypatch, ledger):
     assert repaid == CREDITS_PER_IMAGE and again.from_store == 3
 
 
+@pytest.mark.posix_only(READ_ONLY_REASON)
 def test_read_only_store_still_serves_what_it_holds(tmp_path, ledger):
     target = tmp_path / "share"
     images = batch_of(4)
@@ -352,7 +401,7 @@ def _generate(url: str, store: ResultStore, read_timeout: float, **kwargs):
     started = time.monotonic()
     with StructureClient(api_key=CANARY_KEY, base_url=url, read_timeout=read_timeout, **kwargs) as client:
         try:
-            result, _ = generate_stored(client, _one_request(), store)
+            result = fetch_or_pay(client, _one_request(), store).result
             return result, time.monotonic() - started
         except Exception as error:  # noqa: BLE001 - the outcome is what the test looks at
             return error, time.monotonic() - started
@@ -505,8 +554,104 @@ def test_two_processes_sending_the_same_fixed_seed_request_pay_once(tmp_path, le
     assert credits == [0, 6] and paid == 6 and len(service.requests) == 1
 
 
+_RERUN_SEED_0 = """
+import json
+import sys
+import numpy as np
+from structure_api import StructureClient
+from structure_api.pipeline import StructureParams, generate_images
+sys.path.insert(0, sys.argv[3])
+from support import photo_like
+images = np.stack([photo_like(96, 64, seed=300 + i) for i in range(4)]).astype(np.float32) / 255
+with StructureClient(api_key=sys.argv[2], base_url=sys.argv[1]) as client:
+    result = generate_images(images, StructureParams(prompt="seed zero, twice", seed=0), client=client,
+                             max_concurrency=4)
+served = [result.report.stored[index].entry_id for index in sorted(result.report.from_store)]
+print(json.dumps({"credits": result.credits, "from_store": served}))
+"""
+
+
+def test_two_processes_rerunning_a_failed_seed_0_batch_never_get_the_same_kept_result(tmp_path, ledger):
+    folder = tmp_path / "store"
+    params = StructureParams(prompt="seed zero, twice", seed=0)
+    with StandInServer(api_key=CANARY_KEY) as service, \
+            StructureClient(api_key=CANARY_KEY, base_url=service.url) as client:
+        service.script(*_fail_image(4, 4))
+        with pytest.raises(BatchError):  # images 1-3 paid and kept undelivered, image 4 failed
+            generate_images(batch_of(4), params, client=client, store=ResultStore(folder), max_concurrency=1)
+        kept = {entry.entry_id for entry in ResultStore(folder).undelivered()}
+        assert len(kept) == 3
+        env = {**os.environ, "AITHRIVING_CACHE_DIR": str(folder), "PYTHONPATH": str(REPO)}
+        # Every paid answer now takes 2 s, so each process holds what it claimed while the other claims.
+        service.latency = 2.0
+        setup_paid = service.credits_spent
+        processes = [subprocess.Popen([sys.executable, "-c", _RERUN_SEED_0, service.url, CANARY_KEY,
+                                       str(REPO / "tests")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for _ in range(2)]
+        outputs = [process.communicate(timeout=120) for process in processes]
+        paid = service.credits_spent - setup_paid
+    assert all(process.returncode == 0 for process in processes), outputs
+    runs = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    served = [entry_id for run in runs for entry_id in run["from_store"]]
+    record(ledger, "two processes re-run the same failed seed-0 batch of 4 at once (3 kept undelivered)",
+           "each kept result is handed to one process only (claimed under the store's cross-process lock); "
+           "everything else is paid fresh",
+           f"from the store: {[len(run['from_store']) for run in runs]} (distinct: {len(set(served))}); "
+           f"credits {[run['credits'] for run in runs]}", paid=paid, delivered=8 * CREDITS_PER_IMAGE,
+           repaid=0, requests=len(service.requests))
+    assert len(served) == len(set(served)) == 3 and set(served) == kept
+    assert paid == (8 - 3) * CREDITS_PER_IMAGE == sum(run["credits"] for run in runs)
+    assert ResultStore(folder).undelivered() == []
+
+
 # --- store health ------------------------------------------------------------------------------
 
+def test_store_sweeps_orphans_and_stale_locks_on_every_platform(tmp_path, ledger):
+    """The sweep with what every platform can make: crashed temp files, orphan halves, a huge and a damaged
+    entry, a stale lock file and one held by a process paying under it right now (msvcrt on Windows)."""
+    folder = tmp_path / "store"
+    folder.mkdir()
+    old = time.time() - 3600
+    stale_temp = folder / f"{TEMP_PREFIX}crashed"
+    stale_temp.write_bytes(b"half an image")
+    os.utime(stale_temp, (old, old))
+    fresh_temp = folder / f"{TEMP_PREFIX}being-written"
+    fresh_temp.write_bytes(b"a write in progress")
+    orphan_marker = folder / "0123456789abcdef0123456789abcdef.delivered"
+    orphan_marker.touch()
+    legacy_half = folder / ("ab" * 32 + ".img")
+    legacy_half.write_bytes(b"old cache half")
+    os.utime(legacy_half, (old, old))
+    with open(folder / f"{'d' * 32}{RESULT_SUFFIX}", "wb") as huge:  # 200 MB, never read
+        huge.truncate(200 * 1024 * 1024)
+    (folder / f"{'c' * 32}{RESULT_SUFFIX}").write_bytes(b"AITHRIVING-RESULT-1\n{not json")
+    stale_lock, held_lock = folder / ".locks" / ("1" * 64), folder / ".locks" / ("2" * 64)
+    holder = open_key_lock(folder, held_lock.name)
+    hold_key_lock(holder)  # another process paying under this key right now
+    stale_lock.touch()
+    for lock in (stale_lock, held_lock):
+        os.utime(lock, (time.time() - 3 * 86400,) * 2)
+
+    store = ResultStore(folder)
+    started = time.monotonic()
+    undelivered = store.undelivered()
+    seconds = time.monotonic() - started
+    release_key_lock(holder)
+    kept = store.keep("9" * 64, image_file_bytes(photo_like(96, 64)), seed=5, format="png")
+    record(ledger, f"store folder ({sys.platform}) with a crashed temp file, orphan halves, a 200 MB file, a "
+           "damaged entry and a held lock", "orphans swept, odd entries ignored unread, the held lock kept",
+           f"listed {len(undelivered)} undelivered in {seconds:.2f} s", paid=0, delivered=0, repaid=None,
+           seconds=seconds)
+    assert undelivered == []
+    assert not stale_temp.exists() and fresh_temp.exists() and not orphan_marker.exists() and not legacy_half.exists()
+    assert not stale_lock.exists() and held_lock.exists()
+    assert [entry.entry_id for entry in ResultStore(folder).undelivered()] == [kept.entry_id]
+    assert seconds < 2
+
+
+@pytest.mark.posix_only("FIFOs (mkfifo) and flock are POSIX; a symlink needs an administrator on Windows. "
+                        "test_store_sweeps_orphans_and_stale_locks_on_every_platform is its Windows share")
 def test_store_sweeps_orphans_and_ignores_what_is_not_a_regular_file(tmp_path, ledger):
     folder = tmp_path / "store"
     folder.mkdir()
@@ -572,6 +717,7 @@ def test_old_layout_entries_keep_serving_fixed_seed_requests(tmp_path):
         (folder / f"{key}.img").write_bytes(data)
         (folder / f"{key}.json").write_text(json.dumps({"seed": 8, "format": "png", "size": len(data),
                                                         "sha256": hashlib.sha256(data).hexdigest()}))
-        result, from_store = generate_stored(client, request, ResultStore(folder))
+        paid = fetch_or_pay(client, request, ResultStore(folder))
+        result, from_store = paid.result, paid.from_store
         assert from_store and result.data == data and service.requests == []
     assert not (folder / f"{key}.img").exists()

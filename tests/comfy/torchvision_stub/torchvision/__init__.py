@@ -1,14 +1,10 @@
 """Import-only stand-in for torchvision, on PYTHONPATH only for the ComfyUI server the tests start.
 
-ComfyUI imports torchvision at start-up (model code imports ``torchvision.transforms`` at module
-level) but no node the tests run uses it. Importing works; using any attribute raises.
+Every submodule imports and every name in it is a placeholder that raises when used (see
+``_torch_family_stub``): no CPU build of torchvision installs here.
 """
 
-from . import models, transforms
-from ._unavailable import missing
+from _torch_family_stub import stub_package
 
 __version__ = "0.0.0+harness.stub"
-
-
-def __getattr__(name: str):
-    raise missing(__name__, name)
+__getattr__ = stub_package(__name__)
