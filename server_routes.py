@@ -25,7 +25,8 @@ KEY_ROUTE = "/aithriving/key"
 MODE_ROUTE = "/aithriving/mode"
 # A key is tens of characters; a body far past that is not a key entry.
 MAX_BODY_BYTES = 16 * 1024
-# The answer to a change the settings refused; the first class that matches wins (all are ConfigurationErrors).
+# The answer to a change the settings refused; the first class that matches wins (all are
+# ConfigurationErrors).
 _REFUSAL_STATUS = (
     (settings.KeyRefusedError, 400),
     (settings.KeyFromEnvironmentError, 409),
@@ -100,12 +101,18 @@ def host_refusal(request: web.Request) -> web.Response | None:
     except ValueError:
         name = ""
     listening = _listen_addresses()
-    if name and (is_loopback_host(name) or name in listening
-                 or (_is_address(name) and any(a in _WILDCARD_ADDRESSES for a in listening))):
+    if name and (
+        is_loopback_host(name)
+        or name in listening
+        or (_is_address(name) and any(a in _WILDCARD_ADDRESSES for a in listening))
+    ):
         return None
     log.warning("refused %s %s for another host name", request.method, request.path)
-    return _error(403, "Refused: the request was addressed to another host name than this machine's "
-                       "(localhost or the address ComfyUI listens on).")
+    return _error(
+        403,
+        "Refused: the request was addressed to another host name than this machine's "
+        "(localhost or the address ComfyUI listens on).",
+    )
 
 
 _WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
@@ -159,9 +166,16 @@ def _served_folders() -> list[str]:
 
     import folder_paths  # ComfyUI's
 
-    folders = [getattr(folder_paths, name)() for name in (
-        "get_input_directory", "get_output_directory", "get_temp_directory", "get_user_directory")
-        if hasattr(folder_paths, name)]
+    folders = [
+        getattr(folder_paths, name)()
+        for name in (
+            "get_input_directory",
+            "get_output_directory",
+            "get_temp_directory",
+            "get_user_directory",
+        )
+        if hasattr(folder_paths, name)
+    ]
     # The custom nodes' web folders (served under /extensions/) and the frontend's own root.
     folders += list(getattr(importlib.import_module("nodes"), "EXTENSION_WEB_DIRS", {}).values())
     from server import PromptServer

@@ -7,4 +7,6 @@ import warnings
 
 def warn_renamed(old: str, new: str) -> None:
     """Warn that ``old`` is now called ``new``, pointing at the caller's caller."""
-    warnings.warn(f"{old} is now {new}; the old name goes in the next release.", DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{old} is now {new}; the old name goes in the next release.", DeprecationWarning, stacklevel=3
+    )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
 from ._constants import ENV_STORE_DIR
@@ -34,14 +34,17 @@ class APIKey:
         if not value:
             raise MissingAPIKeyError(_missing_key_message())
         if any(ch in value for ch in "\r\n\0"):
-            raise ConfigurationError("The API key contains a line break or NUL character; store it on one line.")
+            raise ConfigurationError(
+                "The API key contains a line break or NUL character; store it on one line."
+            )
         # A header value must be plain ASCII: anything else would fail deep in http.client, with the
         # key in the exception's args. The message names a position, never a character of the key.
         for position, ch in enumerate(value):
             if not " " <= ch <= "~":
                 raise ConfigurationError(
                     f"The API key has a character that is not plain ASCII text at position {position + 1}; "
-                    "copy the key again from your account page.")
+                    "copy the key again from your account page."
+                )
         self._value = value
 
     def reveal(self) -> str:
@@ -64,7 +67,7 @@ class APIKey:
         raise TypeError("APIKey cannot be pickled")
 
 
-def _missing_key_message(environ: Optional[Mapping[str, str]] = None) -> str:
+def _missing_key_message(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
     if env.get(ENV_API_KEY_FILE):
         return (
@@ -79,7 +82,7 @@ def _missing_key_message(environ: Optional[Mapping[str, str]] = None) -> str:
     )
 
 
-def platform_config_folder(environ: Optional[Mapping[str, str]] = None) -> Path:
+def platform_config_folder(environ: Mapping[str, str] | None = None) -> Path:
     """Return the pack's folder in the user's config folder: %APPDATA%\\aithriving on Windows,
     ~/Library/Application Support/aithriving on macOS, ~/.config/aithriving elsewhere."""
     env = os.environ if environ is None else environ
@@ -90,24 +93,28 @@ def platform_config_folder(environ: Optional[Mapping[str, str]] = None) -> Path:
     return Path(DEFAULT_KEY_FILE).expanduser().parent
 
 
-def default_key_file(environ: Optional[Mapping[str, str]] = None) -> Path:
-    """Return the key file's default place: the platform's config folder, or ~/.config/aithriving if only it is used."""
+def default_key_file(environ: Mapping[str, str] | None = None) -> Path:
+    """Return the key file's default place: the platform's config folder, or ~/.config/aithriving if only it
+    is used."""
     folder = platform_config_folder(environ)
     legacy = Path(DEFAULT_KEY_FILE).expanduser().parent
-    if folder != legacy and not folder.exists() \
-            and any((legacy / name).is_file() for name in (KEY_FILE_NAME, "aithriving-settings.json")):
+    if (
+        folder != legacy
+        and not folder.exists()
+        and any((legacy / name).is_file() for name in (KEY_FILE_NAME, "aithriving-settings.json"))
+    ):
         folder = legacy  # an earlier version kept the key (or the offline switch) there: keep reading it
     return folder / KEY_FILE_NAME
 
 
-def key_file_path(environ: Optional[Mapping[str, str]] = None) -> Path:
+def key_file_path(environ: Mapping[str, str] | None = None) -> Path:
     """Return the key file this environment points at."""
     env = os.environ if environ is None else environ
     named = env.get(ENV_API_KEY_FILE)
     return Path(named).expanduser() if named else default_key_file(env)
 
 
-def load_api_key(environ: Optional[Mapping[str, str]] = None) -> APIKey:
+def load_api_key(environ: Mapping[str, str] | None = None) -> APIKey:
     """Load the key from AITHRIVING_API_KEY, else from the key file; fail before any network I/O."""
     env = os.environ if environ is None else environ
     value = env.get(ENV_API_KEY, "").strip()
@@ -120,7 +127,7 @@ def load_api_key(environ: Optional[Mapping[str, str]] = None) -> APIKey:
 _MAX_KEY_FILE_BYTES = 64 * 1024
 
 
-def _read_key_file(path: Path, environ: Optional[Mapping[str, str]] = None) -> str:
+def _read_key_file(path: Path, environ: Mapping[str, str] | None = None) -> str:
     """Read the key on the first line of ``path``; an error naming the file when it cannot be one."""
     try:
         with open(path, "rb") as handle:
@@ -134,22 +141,25 @@ def _read_key_file(path: Path, environ: Optional[Mapping[str, str]] = None) -> s
         ) from None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\0" in raw:
         raise ConfigurationError(
-            f"The API key file {path} is saved as UTF-16; save it as plain text (ASCII or UTF-8).")
+            f"The API key file {path} is saved as UTF-16; save it as plain text (ASCII or UTF-8)."
+        )
     if raw.startswith(b"\xef\xbb\xbf"):
         raise ConfigurationError(
             f"The API key file {path} starts with a byte-order mark (saved as 'UTF-8 with BOM'); "
-            "save it as plain text without one.")
+            "save it as plain text without one."
+        )
     first_line = raw.split(b"\n", 1)[0].strip()
     if not first_line:
         raise MissingAPIKeyError(f"The API key file {path} is empty; put the key on its first line.")
-    if any(byte < 0x20 or byte > 0x7e for byte in first_line):
+    if any(byte < 0x20 or byte > 0x7E for byte in first_line):
         raise ConfigurationError(
             f"The API key file {path} has characters on its first line that are not plain ASCII text; "
-            "put only the key there.")
+            "put only the key there."
+        )
     return first_line.decode("ascii")
 
 
-def resolve_base_url(environ: Optional[Mapping[str, str]] = None) -> str:
+def resolve_base_url(environ: Mapping[str, str] | None = None) -> str:
     """Return the service's base URL from AITHRIVING_BASE_URL, else the default, without a trailing slash."""
     env = os.environ if environ is None else environ
     return check_base_url(env.get(ENV_BASE_URL) or DEFAULT_BASE_URL, ENV_BASE_URL)
@@ -213,7 +223,7 @@ def check_key_may_travel(url: str) -> None:
 _DISABLED_VALUES = {"", "0", "off", "none", "false", "no"}
 
 
-def default_store_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
+def default_store_dir(environ: Mapping[str, str] | None = None) -> Path | None:
     """Return the store's folder: AITHRIVING_CACHE_DIR (``off``: none), else the platform's user cache."""
     env = os.environ if environ is None else environ
     if ENV_STORE_DIR in env:

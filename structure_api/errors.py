@@ -32,8 +32,9 @@ The tree:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Mapping, Optional
+from typing import Any
 
 
 class StructureError(Exception):
@@ -47,11 +48,11 @@ class StructureError(Exception):
         self,
         message: str,
         *,
-        http_status: Optional[int] = None,
-        body: Optional[bytes] = None,
-        headers: Optional[Mapping[str, str]] = None,
-        request_id: Optional[str] = None,
-        reason: Optional[str] = None,
+        http_status: int | None = None,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        reason: str | None = None,
         **details: Any,
     ) -> None:
         super().__init__(message)
@@ -77,10 +78,14 @@ class StructureError(Exception):
 def _declares(cls: type, name: str) -> bool:
     """Tell whether ``cls`` or one of its StructureError bases declares the detail ``name``."""
     return not name.startswith("_") and any(
-        name in vars(base) for base in cls.__mro__ if issubclass(base, StructureError) and base is not StructureError)
+        name in vars(base)
+        for base in cls.__mro__
+        if issubclass(base, StructureError) and base is not StructureError
+    )
 
 
 # --- before any request -------------------------------------------------------------
+
 
 class ConfigurationError(StructureError):
     """The client is not set up to make requests."""
@@ -103,6 +108,7 @@ class InvalidImageError(InputError):
 
 
 # --- the service answered with an error ----------------------------------------------
+
 
 class APIError(StructureError):
     """The service (or something in front of it) answered with an error."""
@@ -131,7 +137,7 @@ class RequestTooLargeError(APIError):
 class RateLimitError(APIError):
     """429: too many requests; ``retry_after`` holds the server's hint in seconds."""
 
-    retry_after: Optional[float] = None
+    retry_after: float | None = None
 
 
 class ServiceError(APIError):
@@ -150,10 +156,11 @@ class MalformedResponseError(APIError):
     """The answer is not what the contract promises (not JSON, fields missing, bad image)."""
 
     # An image the answer carried that is not fit to use (answers.ImageAnswer): kept, not used.
-    answer: Optional[Any] = None
+    answer: Any | None = None
 
 
 # --- transport ---------------------------------------------------------------------
+
 
 class TransportError(StructureError):
     """The request did not get a complete answer.

@@ -9,15 +9,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional
 
-from .store import ResultStore
 from .client import StructureClient
 from .config import load_api_key, resolve_base_url
 from .errors import ConfigurationError
 from .settings import offline_mode
 from .standin import StandInServer
+from .store import ResultStore
 
 # The stand-in checks no key; the client still wants one to put in the header.
 STANDIN_KEY = "stand-in"
@@ -25,11 +25,12 @@ STANDIN_LABEL = "stand-in · free"
 
 
 class InProcessStandIn:
-    """One stand-in for the process, started when a run first needs it and stopped when idle and not wanted."""
+    """One stand-in for the process, started when a run first needs it and stopped when idle and not
+    wanted."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._server: Optional[StandInServer] = None
+        self._server: StandInServer | None = None
         self._users = 0
         self._wanted = True
 
@@ -45,7 +46,8 @@ class InProcessStandIn:
         with self._lock:
             self._wanted = True
             if self._server is None:
-                # No records: nobody reads them here, and each would hold an upload of up to MAX_REQUEST_BYTES.
+                # No records: nobody reads them here, and each would hold an upload of up to
+                # MAX_REQUEST_BYTES.
                 self._server = StandInServer(host="127.0.0.1", port=0, max_records=0, free=True).start()
             self._users += 1
             url = self._server.url
@@ -59,21 +61,22 @@ class InProcessStandIn:
                 to_stop.stop()
 
     def release(self) -> None:
-        """Stop it now if no run is using it, else as soon as the last one ends (offline mode was switched off)."""
+        """Stop it now if no run is using it, else as soon as the last one ends (offline mode was switched
+        off)."""
         with self._lock:
             self._wanted = False
             to_stop = self._take_if_idle()
         if to_stop is not None:
             to_stop.stop()
 
-    def _take_if_idle(self) -> Optional[StandInServer]:
+    def _take_if_idle(self) -> StandInServer | None:
         if self._wanted or self._users or self._server is None:
             return None
         server, self._server = self._server, None
         return server
 
 
-_process_standin: Optional[InProcessStandIn] = None
+_process_standin: InProcessStandIn | None = None
 _process_standin_lock = threading.Lock()
 
 
@@ -86,8 +89,9 @@ def process_standin() -> InProcessStandIn:
         return _process_standin
 
 
-def request_destination(environ: Optional[Mapping[str, str]] = None) -> str:
-    """Say where a run's requests go now: the stand-in (offline mode), or the service's address (never the key)."""
+def request_destination(environ: Mapping[str, str] | None = None) -> str:
+    """Say where a run's requests go now: the stand-in (offline mode), or the service's address (never the
+    key)."""
     if offline_mode(environ):
         return "offline: the stand-in"
     try:
@@ -96,7 +100,7 @@ def request_destination(environ: Optional[Mapping[str, str]] = None) -> str:
         return "an unusable AITHRIVING_BASE_URL"  # the run itself says what is wrong with it
 
 
-def destination_fingerprint(environ: Optional[Mapping[str, str]] = None) -> str:
+def destination_fingerprint(environ: Mapping[str, str] | None = None) -> str:
     """Digest request_destination(): ComfyUI writes a fingerprint into every saved PNG's metadata,
     so it names neither the mode nor the address."""
     return hashlib.sha256(request_destination(environ).encode("utf-8")).hexdigest()[:16]
@@ -104,7 +108,8 @@ def destination_fingerprint(environ: Optional[Mapping[str, str]] = None) -> str:
 
 @dataclass
 class RunSetup:
-    """What one node run talks to: the client, the result store (memory-only per run in offline mode) and the mode."""
+    """What one node run talks to: the client, the result store (memory-only per run in offline mode) and the
+    mode."""
 
     client: StructureClient
     store: ResultStore
@@ -112,11 +117,12 @@ class RunSetup:
 
 
 @contextlib.contextmanager
-def client_for_run(standin: InProcessStandIn, environ: Optional[Mapping[str, str]] = None) -> Iterator[RunSetup]:
+def client_for_run(standin: InProcessStandIn, environ: Mapping[str, str] | None = None) -> Iterator[RunSetup]:
     """Yield the paid service as configured, or the in-process stand-in in offline mode; close it afterwards.
 
     Configuration errors (no key, bad base URL) surface here, before any image is encoded.
-    The stand-in's results skip the configured store: they are free to make again and must never mix with paid ones.
+    The stand-in's results skip the configured store: they are free to make again and must never mix with paid
+    ones.
     """
     if offline_mode(environ):
         with standin.use() as url:

@@ -20,9 +20,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 from .files import write_atomically
 
@@ -78,12 +78,29 @@ class EntryHeader:
     free: bool = False  # made by a stand-in: cost nothing
 
 
-def entry_head(*, key: str, aliases: tuple[str, ...], entry_id: str, seed: int, format: str, data: bytes,
-               paid_at: float, label: str, free: bool = False) -> bytes:
+def entry_head(
+    *,
+    key: str,
+    aliases: tuple[str, ...],
+    entry_id: str,
+    seed: int,
+    format: str,
+    data: bytes,
+    paid_at: float,
+    label: str,
+    free: bool = False,
+) -> bytes:
     """Return the bytes a ``.result`` file starts with: the magic line and the header line for ``data``."""
     header = {
-        "key": key, "aliases": list(aliases), "entry_id": entry_id, "seed": seed, "format": format,
-        "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "paid_at": paid_at, "label": label[:1000],
+        "key": key,
+        "aliases": list(aliases),
+        "entry_id": entry_id,
+        "seed": seed,
+        "format": format,
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "paid_at": paid_at,
+        "label": label[:1000],
     }
     if free:  # only then: an entry of the service reads as it always did
         header["free"] = True
@@ -91,7 +108,8 @@ def entry_head(*, key: str, aliases: tuple[str, ...], entry_id: str, seed: int, 
 
 
 def durable_write(path: Path, head: bytes, data: bytes) -> None:
-    """Write head+data to a temp file (the sweep knows its prefix), fsync it, rename it to ``path``, fsync the folder."""
+    """Write head+data to a temp file (the sweep knows its prefix), fsync it, rename it to ``path``, fsync the
+    folder."""
     write_atomically(path, (head, data), private=True, temp_prefix=TEMP_PREFIX, sync_folder=True)
 
 
@@ -103,7 +121,7 @@ def probe_writable(directory: Path) -> None:
     os.unlink(tmp)
 
 
-def read_header(path: Path) -> Optional[EntryHeader]:
+def read_header(path: Path) -> EntryHeader | None:
     """Read the header of a ``.result`` file, or None when it is not one of ours (or cannot be read)."""
     try:
         with _open_regular(path) as handle:
@@ -116,18 +134,25 @@ def read_header(path: Path) -> Optional[EntryHeader]:
     if end < 0:
         return None
     try:
-        meta = json.loads(head[len(_MAGIC):end])
+        meta = json.loads(head[len(_MAGIC) : end])
         header = EntryHeader(
-            key=str(meta["key"]), aliases=tuple(str(a) for a in meta.get("aliases", ())),
-            seed=int(meta["seed"]), format=str(meta["format"]), size=int(meta["size"]),
-            sha256=str(meta["sha256"]), paid_at=float(meta["paid_at"]), label=str(meta.get("label", "")),
-            offset=end + 1, free=meta.get("free") is True)
+            key=str(meta["key"]),
+            aliases=tuple(str(a) for a in meta.get("aliases", ())),
+            seed=int(meta["seed"]),
+            format=str(meta["format"]),
+            size=int(meta["size"]),
+            sha256=str(meta["sha256"]),
+            paid_at=float(meta["paid_at"]),
+            label=str(meta.get("label", "")),
+            offset=end + 1,
+            free=meta.get("free") is True,
+        )
     except (ValueError, KeyError, TypeError):
         return None
     return header if 0 < header.size <= MAX_ENTRY_BYTES else None
 
 
-def read_entry_data(path: Path, header: EntryHeader) -> Optional[bytes]:
+def read_entry_data(path: Path, header: EntryHeader) -> bytes | None:
     """Read a ``.result`` file's image bytes, or None when missing or damaged (they count as absent)."""
     try:
         with _open_regular(path) as handle:
@@ -141,7 +166,8 @@ def read_entry_data(path: Path, header: EntryHeader) -> Optional[bytes]:
 
 
 def scan_folder(directory: Path) -> tuple[dict[str, tuple[int, int]], set[str]]:
-    """Regular ``.result`` files (name -> (mtime_ns, size)) and delivered markers' entry ids, by one listing."""
+    """Regular ``.result`` files (name -> (mtime_ns, size)) and delivered markers' entry ids, by one
+    listing."""
     results: dict[str, tuple[int, int]] = {}
     markers: set[str] = set()
     try:
@@ -166,8 +192,11 @@ def scan_folder(directory: Path) -> tuple[dict[str, tuple[int, int]], set[str]]:
 def mark_delivered_on_disk(directory: Path, entry_id: str) -> None:
     """Create the entry's empty delivered marker; a folder that cannot be written simply does not get one."""
     try:
-        fd = os.open(directory / (entry_id + DELIVERED_SUFFIX),
-                     os.O_WRONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
+        fd = os.open(
+            directory / (entry_id + DELIVERED_SUFFIX),
+            os.O_WRONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC,
+            0o644,
+        )
         os.close(fd)
     except OSError:
         pass
@@ -189,12 +218,13 @@ def touch_entry(directory: Path, entry_id: str) -> None:
 
 # --- the per-key lock file ---------------------------------------------------------------
 
+
 def can_lock_across_processes(key: str) -> bool:
     """Tell whether ``key`` can have a lock file (a request key, so a safe file name)."""
     return _is_key(key)
 
 
-def open_key_lock(directory: Path, key: str) -> Optional[int]:
+def open_key_lock(directory: Path, key: str) -> int | None:
     """Open ``key``'s lock file under ``.locks``: its descriptor, or None when it cannot be opened."""
     try:
         lock_dir = directory / LOCK_DIR
@@ -249,7 +279,7 @@ CLAIM_SUFFIX = ".claim"
 CLAIM_HELD_ELSEWHERE = -1
 
 
-def try_claim_lock(directory: Path, entry_id: str) -> Optional[int]:
+def try_claim_lock(directory: Path, entry_id: str) -> int | None:
     """Take ``entry_id``'s claim lock without waiting: its descriptor, CLAIM_HELD_ELSEWHERE when another
     process holds it, or None when claims cannot be locked here (the file cannot be opened)."""
     try:
@@ -283,6 +313,7 @@ def drop_claim_lock(directory: Path, entry_id: str, fd: int, *, remove: bool) ->
 
 # --- the sweep ---------------------------------------------------------------------------
 
+
 def sweep_folder(directory: Path) -> None:
     """Remove what crashed writers left: temp files, delivered markers without a result, and the
     half entries of the two-file layout (``<key>.img`` without ``<key>.json`` and the reverse)."""
@@ -298,7 +329,9 @@ def sweep_folder(directory: Path) -> None:
             info = item.stat(follow_symlinks=False)
         except OSError:
             continue
-        if stat.S_ISREG(info.st_mode) and _is_orphan(item.name, names, old=now - info.st_mtime > ORPHAN_AGE_SECONDS):
+        if stat.S_ISREG(info.st_mode) and _is_orphan(
+            item.name, names, old=now - info.st_mtime > ORPHAN_AGE_SECONDS
+        ):
             _unlink_quietly(directory / item.name)
     _sweep_locks(directory, now)
     # Complete entries of the two-file layout (delivered results, fixed seed) move into one file each.
@@ -333,8 +366,11 @@ def _sweep_locks(directory: Path, now: float) -> None:
             claim = item.name.endswith(CLAIM_SUFFIX)
             if claim and (directory / (item.name[: -len(CLAIM_SUFFIX)] + RESULT_SUFFIX)).exists():
                 continue  # its entry is still there: the claim may be taken again
-            if not (_is_key(item.name) or claim) or not stat.S_ISREG(info.st_mode) \
-                    or now - info.st_mtime <= LOCK_AGE_SECONDS:
+            if (
+                not (_is_key(item.name) or claim)
+                or not stat.S_ISREG(info.st_mode)
+                or now - info.st_mtime <= LOCK_AGE_SECONDS
+            ):
                 continue
         except OSError:
             continue
@@ -370,8 +406,16 @@ def _migrate_legacy(directory: Path, key: str) -> None:
         if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
             raise ValueError("damaged")
         entry_id = uuid.uuid4().hex
-        head = entry_head(key=key, aliases=(), entry_id=entry_id, seed=int(meta["seed"]), format=str(meta["format"]),
-                          data=data, paid_at=image_path.stat().st_mtime, label="kept by an earlier version")
+        head = entry_head(
+            key=key,
+            aliases=(),
+            entry_id=entry_id,
+            seed=int(meta["seed"]),
+            format=str(meta["format"]),
+            data=data,
+            paid_at=image_path.stat().st_mtime,
+            label="kept by an earlier version",
+        )
         durable_write(directory / (entry_id + RESULT_SUFFIX), head, data)
         os.close(os.open(directory / (entry_id + DELIVERED_SUFFIX), os.O_WRONLY | os.O_CREAT, 0o644))
     except (OSError, ValueError, KeyError, TypeError):
@@ -382,12 +426,13 @@ def _migrate_legacy(directory: Path, key: str) -> None:
 
 # --- guarded file access -----------------------------------------------------------------
 
+
 def _is_key(text: str) -> bool:
     return len(text) == _KEY_HEX and all(ch in "0123456789abcdef" for ch in text)
 
 
 @contextlib.contextmanager
-def _open_regular(path: Path) -> Iterator["os.FileIO"]:
+def _open_regular(path: Path) -> Iterator[os.FileIO]:
     """Open for reading without following links or blocking on a pipe; refuse anything not a regular file."""
     flags = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC
     fd = os.open(path, flags)

@@ -17,7 +17,6 @@ from structure_api.images import encode_upload
 from structure_api.pipeline import StructureParams, generate_images
 from structure_api.standin import StandInServer
 from structure_api.store import ResultStore
-
 from support import TEST_KEY, photo_like
 
 

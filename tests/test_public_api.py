@@ -17,7 +17,7 @@ def test_every_public_name_imports() -> None:
 def test_architecture_lists_the_public_api() -> None:
     text = ARCHITECTURE.read_text(encoding="utf-8")
     # The list runs from the paragraph naming __all__ to the line naming this test.
-    section = text[text.index("(`__all__`"):text.index("`tests/test_public_api.py`")]
+    section = text[text.index("(`__all__`") : text.index("`tests/test_public_api.py`")]
     listed = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", section)) - {"__all__"}
     # Names given only as what comes from structure_api.standin are not top-level exports.
     listed -= {"Respond", "Drop", "Hang"}
@@ -35,8 +35,13 @@ def test_errors_docstring_draws_the_exception_tree() -> None:
         del parents[depth:]
         drawn[name] = parents[-1]
         parents.append(name)
-    classes = {name: cls for name, cls in vars(errors).items()
-               if isinstance(cls, type) and issubclass(cls, errors.StructureError) and cls is not errors.StructureError}
+    classes = {
+        name: cls
+        for name, cls in vars(errors).items()
+        if isinstance(cls, type)
+        and issubclass(cls, errors.StructureError)
+        and cls is not errors.StructureError
+    }
     assert set(drawn) == set(classes)
     assert {name: cls.__bases__[0].__name__ for name, cls in classes.items()} == drawn
 

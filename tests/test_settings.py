@@ -8,7 +8,8 @@ import stat
 
 import pytest
 
-from structure_api import StructureClient, StructureRequest, config, standin as standin_module
+from structure_api import StructureClient, StructureRequest, config
+from structure_api import standin as standin_module
 from structure_api.images import encode_upload
 from structure_api.offline import InProcessStandIn, client_for_run
 from structure_api.settings import (
@@ -40,7 +41,10 @@ def test_no_key_anywhere_is_not_set(env):
 
 
 def test_environment_key_is_reported_as_environment(env):
-    assert key_status({**env, "AITHRIVING_API_KEY": TEST_KEY}).as_json() == {"set": True, "source": "environment"}
+    assert key_status({**env, "AITHRIVING_API_KEY": TEST_KEY}).as_json() == {
+        "set": True,
+        "source": "environment",
+    }
 
 
 def test_saved_key_is_read_by_the_next_client(env, tmp_path):
@@ -58,11 +62,18 @@ def test_saving_again_replaces_the_key(env):
     assert config.load_api_key(env).reveal() == TEST_KEY
 
 
-@pytest.mark.parametrize("value, words", [
-    ("", "blank"), ("   \t ", "blank"), ("abc\ndef", "control character (U+000A)"),
-    ("abc\x00def", "control character (U+0000)"), ("abc\x1bdef", "control character (U+001B)"),
-    ("k" * 1001, "1001 characters"), (12345, "must be text"),
-])
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("", "blank"),
+        ("   \t ", "blank"),
+        ("abc\ndef", "control character (U+000A)"),
+        ("abc\x00def", "control character (U+0000)"),
+        ("abc\x1bdef", "control character (U+001B)"),
+        ("k" * 1001, "1001 characters"),
+        (12345, "must be text"),
+    ],
+)
 def test_refused_keys_write_nothing_and_never_echo_the_key(env, tmp_path, value, words):
     with pytest.raises(KeyRefusedError) as caught:
         save_api_key(value, env)
@@ -72,13 +83,17 @@ def test_refused_keys_write_nothing_and_never_echo_the_key(env, tmp_path, value,
     assert not (tmp_path / "conf").exists()
 
 
-@pytest.mark.parametrize("value, words", [
-    ("sk-abc\u200bdef", "position 7 (U+200B, zero width space)"),
-    ("\ufeffsk-abcdef", "position 1 (U+FEFF, zero width no-break space)"),
-    ("sk-abc\u00a0def", "position 7 (U+00A0, no-break space)"),
-    ("sk-abcdéf", "position 8 (U+00E9)"),
-    ("sk-abc\u2028def", "control character (U+2028)"),
-], ids=["zero-width-space", "bom", "nbsp", "e-acute", "line-separator"])
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("sk-abc\u200bdef", "position 7 (U+200B, zero width space)"),
+        ("\ufeffsk-abcdef", "position 1 (U+FEFF, zero width no-break space)"),
+        ("sk-abc\u00a0def", "position 7 (U+00A0, no-break space)"),
+        ("sk-abcdéf", "position 8 (U+00E9)"),
+        ("sk-abc\u2028def", "control character (U+2028)"),
+    ],
+    ids=["zero-width-space", "bom", "nbsp", "e-acute", "line-separator"],
+)
 def test_unusable_keys_are_refused_and_the_working_key_stays(env, tmp_path, value, words):
     save_api_key(TEST_KEY, env)
     with pytest.raises(KeyRefusedError) as caught:
@@ -163,8 +178,10 @@ def test_a_settings_file_with_the_old_key_still_counts(env):
     assert offline_mode(env) is False
 
 
-@pytest.mark.posix_only("file modes do not exist on Windows: what keeps others out of the key file there is "
-                        "the access list of the user's own folder, under which it lives")
+@pytest.mark.posix_only(
+    "file modes do not exist on Windows: what keeps others out of the key file there is "
+    "the access list of the user's own folder, under which it lives"
+)
 def test_saved_key_and_settings_are_private(env, tmp_path):
     save_api_key(TEST_KEY, env)
     set_offline_mode(True, env)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..client import StructureClient, StructureResult
 from ..contract import FIELD_NAMES, validate_form
@@ -19,7 +19,8 @@ from .exits import UsageError
 
 
 class RequestTarget:
-    """Where requests go (the paid service, or a stand-in in this process) and the store that keeps what they paid."""
+    """Where requests go (the paid service, or a stand-in in this process) and the store that keeps what they
+    paid."""
 
     def __init__(self, client: StructureClient, store: ResultStore, *, free: bool = False) -> None:
         self.client = client
@@ -28,7 +29,7 @@ class RequestTarget:
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, args: argparse.Namespace) -> Iterator["RequestTarget"]:
+    def open(cls, args: argparse.Namespace) -> Iterator[RequestTarget]:
         """Open the target the options choose: ``--offline``'s in-process stand-in, else the service."""
         if args.offline:
             from ..standin import StandInServer
@@ -36,8 +37,9 @@ class RequestTarget:
             # free=True: its answers say so, and the client counts them as 0 credits.
             with StandInServer(free=True) as server:
                 print(f"using the stand-in at {server.url} (no key, no credits)", file=sys.stderr)
-                with StructureClient(api_key="stand-in", base_url=server.url,
-                                     read_timeout=args.timeout) as client:
+                with StructureClient(
+                    api_key="stand-in", base_url=server.url, read_timeout=args.timeout
+                ) as client:
                     # Kept for this run only: the next run's stand-in has another address anyway.
                     yield cls(client, ResultStore(None), free=True)
             return
@@ -45,7 +47,8 @@ class RequestTarget:
             yield cls(client, ResultStore(None) if args.no_store else ResultStore.from_env())
 
     def generate(self, request: StructureRequest, label: str) -> tuple[StructureResult, bool]:
-        """One request through the store: a result paid before and not delivered (or a fixed seed's) is free."""
+        """One request through the store: a result paid before and not delivered (or a fixed seed's) is
+        free."""
         paid = fetch_or_pay(self.client, request, self.store, label=label)
         assert paid is not None  # only claim_only can come back empty
         return paid.result, paid.from_store
@@ -70,24 +73,32 @@ class RequestTarget:
         else:
             paid = "it was free (a stand-in)"
         if entry is not None and self.store.on_disk(entry):
-            return (f"{paid} and is kept in the result store ({self.store.directory}): "
-                    "`structure-api results --export DIR` writes it out, and running the same command again "
-                    "delivers it without paying")
+            return (
+                f"{paid} and is kept in the result store ({self.store.directory}): "
+                "`structure-api results --export DIR` writes it out, and running the same command again "
+                "delivers it without paying"
+            )
         if entry is not None:
-            return (f"{paid} and is kept in memory only ({self.store.memory_reason}), so it is "
-                    f"lost when this command ends; its seed was {result.seed}")
+            return (
+                f"{paid} and is kept in memory only ({self.store.memory_reason}), so it is "
+                f"lost when this command ends; its seed was {result.seed}"
+            )
         return f"{paid} and was not kept; its seed was {result.seed}"
 
 
-def write_result(path: Path, image: InputImage, result: StructureResult, output_format: str,
-                  target: RequestTarget) -> None:
+def write_result(
+    path: Path, image: InputImage, result: StructureResult, output_format: str, target: RequestTarget
+) -> None:
     try:
         write_atomically(path, result_file_bytes(result.pixels, result.data, image, output_format))
     except (OSError, StructureError) as error:
         target.undelivered(result)
-        reason = (error.strerror or type(error).__name__) if isinstance(error, OSError) else str(error).rstrip(".")
-        raise FileAccessError(f"Could not write {path} ({reason}) after the service answered; "
-                              f"{target.kept_sentence(result)}.") from None
+        reason = (
+            (error.strerror or type(error).__name__) if isinstance(error, OSError) else str(error).rstrip(".")
+        )
+        raise FileAccessError(
+            f"Could not write {path} ({reason}) after the service answered; {target.kept_sentence(result)}."
+        ) from None
     target.delivered(result)
 
 
@@ -105,7 +116,9 @@ def check_params(args: argparse.Namespace, output_format: str) -> None:
         raise UsageError(str(error)) from None
 
 
-def structure_request(args: argparse.Namespace, image: InputImage, seed: int, output_format: str) -> StructureRequest:
+def structure_request(
+    args: argparse.Namespace, image: InputImage, seed: int, output_format: str
+) -> StructureRequest:
     return StructureRequest(image=image.upload, **form_values(args, seed, output_format))
 
 

@@ -17,13 +17,23 @@ and lock-out), ``faults`` (what only tests script), ``run`` (``serve``, what use
 from ..contract import CREDITS_PER_IMAGE, ENDPOINT_PATH, STANDIN_HEADER, STANDIN_HEADER_VALUE
 from .bodies import default_body, error_payload
 from .faults import (
-    FAULT_KINDS, Drop, DropBeforeRead, Exchange, Fault, GenerationFailed, Hang, Passthrough, Raw, Respond,
-    Stream, Truncate,
+    FAULT_KINDS,
+    Drop,
+    DropBeforeRead,
+    Exchange,
+    Fault,
+    GenerationFailed,
+    Hang,
+    Passthrough,
+    Raw,
+    Respond,
+    Stream,
+    Truncate,
 )
 from .handler import HEALTH_PATHS
 from .multipart import parse_multipart
-from .render import edge_map, render_structure, structure_edges
 from .records import RecordedRequest
+from .render import edge_map, render_structure, structure_edges
 from .run import serve
 from .server import StandInServer
 from .validation import decode_upload, form_to_job
@@ -42,9 +52,32 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
-    "Fault", "Respond", "GenerationFailed", "Truncate", "Stream", "Drop", "DropBeforeRead", "Hang", "Passthrough",
+    "Fault",
+    "Respond",
+    "GenerationFailed",
+    "Truncate",
+    "Stream",
+    "Drop",
+    "DropBeforeRead",
+    "Hang",
+    "Passthrough",
     "Raw",
-    "Exchange", "RecordedRequest", "StandInServer", "serve", "ENDPOINT_PATH", "FAULT_KINDS", "CREDITS_PER_IMAGE",
-    "HEALTH_PATHS", "STANDIN_HEADER", "STANDIN_HEADER_VALUE", "default_body", "error_payload", "parse_multipart",
-    "edge_map", "render_structure", "structure_edges", "decode_upload", "form_to_job",
+    "Exchange",
+    "RecordedRequest",
+    "StandInServer",
+    "serve",
+    "ENDPOINT_PATH",
+    "FAULT_KINDS",
+    "CREDITS_PER_IMAGE",
+    "HEALTH_PATHS",
+    "STANDIN_HEADER",
+    "STANDIN_HEADER_VALUE",
+    "default_body",
+    "error_payload",
+    "parse_multipart",
+    "edge_map",
+    "render_structure",
+    "structure_edges",
+    "decode_upload",
+    "form_to_job",
 ]

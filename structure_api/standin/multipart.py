@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from email import policy as email_policy
 from email.message import Message
 from email.parser import BytesHeaderParser
-from email import policy as email_policy
-from typing import Optional
 
 
 class InvalidUpload(Exception):
@@ -15,13 +14,14 @@ class InvalidUpload(Exception):
 
 # --- multipart parsing ---------------------------------------------------------------
 
+
 @dataclass
 class Form:
     fields: dict[str, str]
     undecodable: list[str]  # text fields that were not UTF-8
-    image_bytes: Optional[bytes]
-    image_filename: Optional[str]
-    image_content_type: Optional[str]
+    image_bytes: bytes | None
+    image_filename: str | None
+    image_content_type: str | None
 
 
 def _header_params(value: str) -> Message:
@@ -46,7 +46,7 @@ def parse_multipart(body: bytes, content_type: str) -> Form:
     head_parser = BytesHeaderParser(policy=email_policy.HTTP)
     while True:
         position += len(delimiter)
-        if body[position:position + 2] == b"--":
+        if body[position : position + 2] == b"--":
             return form
         line_end = body.find(b"\r\n", position)
         if line_end < 0:
@@ -58,8 +58,8 @@ def parse_multipart(body: bytes, content_type: str) -> Form:
         head_end = body.find(b"\r\n\r\n", start, end + 2)
         if head_end < 0:
             raise InvalidUpload("body: malformed multipart/form-data (part without headers)")
-        part_head = head_parser.parsebytes(body[start:head_end + 4])
-        content = body[head_end + 4:end]
+        part_head = head_parser.parsebytes(body[start : head_end + 4])
+        content = body[head_end + 4 : end]
         _add_part(form, part_head, content)
         position = end + 2
 

@@ -9,8 +9,8 @@ import math
 import numpy as np
 from PIL import Image
 
-
 # --- the generated image ---------------------------------------------------------------
+
 
 def _hsv_to_rgb(hue: float, saturation: float, value: float) -> np.ndarray:
     sector = (hue % 1.0) * 6.0
@@ -54,7 +54,12 @@ def structure_edges(image: Image.Image) -> np.ndarray:
 
 
 def render_structure(
-    image: Image.Image, prompt: str, negative_prompt: str, control_strength: float, seed: int, output_format: str
+    image: Image.Image,
+    prompt: str,
+    negative_prompt: str,
+    control_strength: float,
+    seed: int,
+    output_format: str,
 ) -> bytes:
     """Make the stand-in's "generation": the input's edges in prompt/seed colours, encoded in `output_format`.
 

@@ -19,10 +19,10 @@ from ..contract import (
     FormField,
     FormParams,
 )
-from .multipart import InvalidUpload, Form
-
+from .multipart import Form, InvalidUpload
 
 # --- validation ------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Job:
@@ -53,8 +53,10 @@ def _read_number(field: FormField, text: str) -> float:
 def _read_integer(field: FormField, text: str) -> int:
     # Digits only (no sign, no exponent), no more of them than the largest value has.
     text = text.strip()
-    if not re.fullmatch(rf"[0-9]{{1,{len(str(field.maximum))}}}", text) \
-            or not field.minimum <= int(text) <= field.maximum:
+    if (
+        not re.fullmatch(rf"[0-9]{{1,{len(str(field.maximum))}}}", text)
+        or not field.minimum <= int(text) <= field.maximum
+    ):
         raise InvalidUpload(f"{field.name}: must be an integer between {field.minimum} and {field.maximum}")
     return int(text)
 
@@ -103,8 +105,10 @@ def decode_upload(data: bytes) -> Image.Image:
     if not MIN_PIXELS <= width * height <= MAX_PIXELS:
         raise InvalidUpload(f"image: must have {MIN_PIXELS} to {MAX_PIXELS} pixels (got {width * height})")
     if max(width, height) > MAX_ASPECT * min(width, height):
-        raise InvalidUpload(f"image: aspect ratio must be between 1:{MAX_ASPECT:g} and {MAX_ASPECT:g}:1 "
-                          f"(got {width}x{height})")
+        raise InvalidUpload(
+            f"image: aspect ratio must be between 1:{MAX_ASPECT:g} and {MAX_ASPECT:g}:1 "
+            f"(got {width}x{height})"
+        )
     try:
         image.load()
     except Exception:

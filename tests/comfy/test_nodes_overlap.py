@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 
 from structure_api.standin import StandInServer
-from tests.comfy.harness import ComfyServer, execution_error, saved_images
-
 from support import TEST_KEY
+from tests.comfy.harness import ComfyServer, execution_error, saved_images
 
 HERE = Path(__file__).resolve().parent
 NODE = "AIThrivingStructure"
@@ -213,7 +212,9 @@ def test_four_structure_nodes_in_one_graph_overlap(comfy, standin):
         # Each node's progress bar and status text reach its own node, four nodes in flight at once.
         for node in ("10", "11", "12", "13"):
             wait_until(
-                lambda: events.last_text(node) == "done 1 of 1 · 6 credits spent", 10, f"node {node}'s text"
+                lambda node=node: events.last_text(node) == "done 1 of 1 · 6 credits spent",
+                10,
+                f"node {node}'s text",
             )
             assert events.progress[node][-1] == (1, 1)
             assert any(text.startswith("image 1: waiting for the service") for text in events.texts[node])
@@ -269,11 +270,13 @@ def test_cancel_with_four_nodes_in_flight_stops_all_at_once_and_the_same_graph_a
     log = comfy.log_text()
     for node in ("10", "11", "12", "13"):
         # Each node's status text, and ComfyUI's log, say what is left running and what it may cost.
-        wait_until(lambda: events.last_text(node).startswith("cancelled"), 10, f"node {node}'s text")
+        wait_until(
+            lambda node=node: events.last_text(node).startswith("cancelled"), 10, f"node {node}'s text"
+        )
         assert events.last_text(node) == (
-            "cancelled · 0 credits spent · 1 request was in flight with the upload complete, so the service may "
-            "charge for it; its result is kept in the result store when it arrives, and queuing the same again "
-            "gets it free."
+            "cancelled · 0 credits spent · 1 request was in flight with the upload complete, so the service "
+            "may charge for it; its result is kept in the result store when it arrives, and queuing the same "
+            "again gets it free."
         )
         assert (
             f"[AIThriving] node {node} cancelled: 1 request was in flight with the upload complete, so the "

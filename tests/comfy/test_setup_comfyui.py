@@ -1,4 +1,5 @@
-"""Set-up from ComfyUI itself, in a real ComfyUI 0.3.75: key status and entry, the free offline mode, queue-time errors."""
+"""Set-up from ComfyUI itself, in a real ComfyUI 0.3.75: key status and entry, the free offline mode,
+queue-time errors."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ import pytest
 from PIL import Image
 
 from structure_api.standin import StandInServer
+from support import TEST_KEY
 from tests.comfy.harness import ComfyServer, PromptRejected, execution_error, free_port, saved_images
 from tests.comfy.install import PACK_LINK_NAME
-
-from support import TEST_KEY
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "example_workflows" / "structure_example.png"
@@ -22,9 +22,18 @@ NODE = "AIThrivingStructure"
 JSON = {"Content-Type": "application/json"}
 
 
-def graph(prompt: object = "a watercolor cottage", seed: int = 1234, prefix: str = "setup", **node_inputs) -> dict:
-    inputs = {"image": ["1", 0], "prompt": prompt, "control_strength": 0.7, "seed": seed, "output_format": "png",
-              "outside_limits": "fit and restore size", "negative_prompt": ""}
+def graph(
+    prompt: object = "a watercolor cottage", seed: int = 1234, prefix: str = "setup", **node_inputs
+) -> dict:
+    inputs = {
+        "image": ["1", 0],
+        "prompt": prompt,
+        "control_strength": 0.7,
+        "seed": seed,
+        "output_format": "png",
+        "outside_limits": "fit and restore size",
+        "negative_prompt": "",
+    }
     inputs.update(node_inputs)
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": "structure_example.png"}},
@@ -44,7 +53,8 @@ def start(comfy_install, base_dir: Path, env: dict) -> ComfyServer:
 
 
 def everything_served_and_logged(server: ComfyServer, answers: list[str]) -> str:
-    """Every answer body seen, the log, history and queue, and every file under user/: where a key must not be."""
+    """Every answer body seen, the log, history and queue, and every file under user/: where a key must not
+    be."""
     texts = [*answers, server.log_text(), json.dumps(server.history()), json.dumps(server.queue())]
     for path in (server.base_dir / "user").rglob("*"):
         if path.is_file():
@@ -66,10 +76,17 @@ def key_file(tmp_path) -> Path:
 
 
 def test_key_status_set_from_the_ui_used_without_restart_then_deleted(
-        comfy_install, billing_standin, tmp_path, key_file):
-    server = start(comfy_install, tmp_path / "base", {
-        "AITHRIVING_BASE_URL": billing_standin.url, "AITHRIVING_API_KEY_FILE": str(key_file),
-        "AITHRIVING_CACHE_DIR": str(tmp_path / "cache")})
+    comfy_install, billing_standin, tmp_path, key_file
+):
+    server = start(
+        comfy_install,
+        tmp_path / "base",
+        {
+            "AITHRIVING_BASE_URL": billing_standin.url,
+            "AITHRIVING_API_KEY_FILE": str(key_file),
+            "AITHRIVING_CACHE_DIR": str(tmp_path / "cache"),
+        },
+    )
     answers: list[str] = []
 
     def call(method: str, path: str, **kwargs):
@@ -82,23 +99,37 @@ def test_key_status_set_from_the_ui_used_without_restart_then_deleted(
         assert call("GET", "/api/aithriving/key").json() == {"set": False, "source": None}
 
         entry = server.run(graph(prefix="nokey"))
-        assert "No API key found: set it in Settings > AIThriving" in execution_error(entry)["exception_message"]
+        assert (
+            "No API key found: set it in Settings > AIThriving" in execution_error(entry)["exception_message"]
+        )
         # In the language the user chose in ComfyUI's settings (locales/es/main.json).
         assert call("POST", "/settings/Comfy.Locale", json="es").status_code == 200
         entry = server.run(graph(prefix="nokey-es"))
         assert execution_error(entry)["exception_message"].startswith(
-            "No hay clave de API: introdúzcala en Configuración > AIThriving > Clave de API")
+            "No hay clave de API: introdúzcala en Configuración > AIThriving > Clave de API"
+        )
         assert call("POST", "/settings/Comfy.Locale", json="en").status_code == 200
         assert billing_standin.requests == []
 
         # Refusals: nothing is written, and the key is never echoed.
-        for bad, words in (("", "blank"), ("   ", "blank"), ("sk-abc\ndef", "control character"),
-                           ("sk-\x07bell", "control character")):
+        for bad, words in (
+            ("", "blank"),
+            ("   ", "blank"),
+            ("sk-abc\ndef", "control character"),
+            ("sk-\x07bell", "control character"),
+        ):
             response = call("POST", "/aithriving/key", json={"key": bad})
             assert response.status_code == 400 and words in response.json()["error"], response.text
         assert call("POST", "/aithriving/key", json={"token": TEST_KEY}).status_code == 400
-        assert call("POST", "/aithriving/key", data=json.dumps({"key": TEST_KEY}),
-                    headers={"Content-Type": "text/plain"}).status_code == 415
+        assert (
+            call(
+                "POST",
+                "/aithriving/key",
+                data=json.dumps({"key": TEST_KEY}),
+                headers={"Content-Type": "text/plain"},
+            ).status_code
+            == 415
+        )
         assert not key_file.parent.exists()
 
         # Another web page: ComfyUI's own check (loopback Host) and the pack's (any Host, Sec-Fetch-Site).
@@ -109,8 +140,12 @@ def test_key_status_set_from_the_ui_used_without_restart_then_deleted(
         assert response.status_code == 403 and "another web page" in response.json()["error"]
         assert call("DELETE", "/aithriving/key", headers=lan).status_code == 403
         assert call("POST", "/aithriving/mode", json={"offline": True}, headers=lan).status_code == 403
-        assert call("POST", "/aithriving/key", json={"key": TEST_KEY},
-                    headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+        assert (
+            call(
+                "POST", "/aithriving/key", json={"key": TEST_KEY}, headers={"Sec-Fetch-Site": "cross-site"}
+            ).status_code
+            == 403
+        )
         assert not key_file.parent.exists()
         assert call("GET", "/aithriving/mode").json() == {"offline": False}
 
@@ -140,15 +175,21 @@ def test_key_status_set_from_the_ui_used_without_restart_then_deleted(
         assert "No API key found" in execution_error(entry)["exception_message"]
 
         assert TEST_KEY not in everything_served_and_logged(server, answers)
-        assert not any(TEST_KEY in p.read_text(errors="replace")
-                       for p in (server.base_dir / "user").rglob("*") if p.is_file())
+        assert not any(
+            TEST_KEY in p.read_text(errors="replace")
+            for p in (server.base_dir / "user").rglob("*")
+            if p.is_file()
+        )
     finally:
         server.stop()
 
 
 def test_environment_key_wins_and_the_routes_say_so(comfy_install, tmp_path, key_file):
-    server = start(comfy_install, tmp_path / "base", {
-        "AITHRIVING_API_KEY": TEST_KEY, "AITHRIVING_API_KEY_FILE": str(key_file)})
+    server = start(
+        comfy_install,
+        tmp_path / "base",
+        {"AITHRIVING_API_KEY": TEST_KEY, "AITHRIVING_API_KEY_FILE": str(key_file)},
+    )
     try:
         assert server.request("GET", "/aithriving/key").json() == {"set": True, "source": "environment"}
         response = server.request("POST", "/aithriving/key", json={"key": "another-key"})
@@ -194,9 +235,11 @@ def test_key_routes_refuse_rebound_hosts_unusable_keys_and_every_served_folder(c
         port = server.port
         for name in ("evil.example", "localhost.evil.example", "127.0.0.1.nip.io"):
             rebound = {"Host": f"{name}:{port}", "Origin": f"http://{name}:{port}"}
-            for method, path, body in (("POST", "/aithriving/key", {"key": "attacker-key"}),
-                                       ("DELETE", "/aithriving/key", None),
-                                       ("POST", "/aithriving/mode", {"offline": True})):
+            for method, path, body in (
+                ("POST", "/aithriving/key", {"key": "attacker-key"}),
+                ("DELETE", "/aithriving/key", None),
+                ("POST", "/aithriving/mode", {"offline": True}),
+            ):
                 response = server.request(method, path, json=body, headers=rebound)
                 assert response.status_code == 403, (name, method, path, response.text)
                 assert "another host name" in response.json()["error"]
@@ -209,8 +252,12 @@ def test_key_routes_refuse_rebound_hosts_unusable_keys_and_every_served_folder(c
             assert response.status_code == 200, (host, response.text)
 
         # Unusable keys: 400 with one sentence, and the working key stays.
-        for bad, words in (("sk-live\u200bkey", "U+200B"), ("\ufeffsk-live-key", "U+FEFF"),
-                           ("sk-live\u00a0key", "U+00A0"), ("sk-livé-key", "U+00E9")):
+        for bad, words in (
+            ("sk-live\u200bkey", "U+200B"),
+            ("\ufeffsk-live-key", "U+FEFF"),
+            ("sk-live\u00a0key", "U+00A0"),
+            ("sk-livé-key", "U+00E9"),
+        ):
             response = server.request("POST", "/aithriving/key", json={"key": bad})
             error = response.json()["error"]
             assert response.status_code == 400 and words in error, response.text
@@ -244,10 +291,14 @@ def test_key_routes_refuse_rebound_hosts_unusable_keys_and_every_served_folder(c
 
 
 def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_restart(
-        comfy_install, tmp_path, key_file):
+    comfy_install, tmp_path, key_file
+):
     closed_port = free_port()  # nothing listens here: the paid path could not work
-    env = {"AITHRIVING_BASE_URL": f"http://127.0.0.1:{closed_port}", "AITHRIVING_API_KEY_FILE": str(key_file),
-           "AITHRIVING_CACHE_DIR": str(tmp_path / "cache")}
+    env = {
+        "AITHRIVING_BASE_URL": f"http://127.0.0.1:{closed_port}",
+        "AITHRIVING_API_KEY_FILE": str(key_file),
+        "AITHRIVING_CACHE_DIR": str(tmp_path / "cache"),
+    }
     base = tmp_path / "base"
     server = start(comfy_install, base, env)
     try:
@@ -265,13 +316,22 @@ def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_res
         entry = server.run(graph(prefix="offline-on"))
         assert execution_error(entry) is None, execution_error(entry)
         cost = cost_of(entry)
-        assert cost["credits"] == 0 and cost["offline"] is True and cost["free"] is True and cost["credits_per_image"] == 0
+        assert (
+            cost["credits"] == 0
+            and cost["offline"] is True
+            and cost["free"] is True
+            and cost["credits_per_image"] == 0
+        )
         [image] = saved_images(entry)
         png = Image.open(base / "output" / image["subfolder"] / image["filename"])
         assert png.size == Image.open(EXAMPLE).size
         # The mode is the machine's, not the workflow's: nothing of it in the saved PNG's metadata.
         metadata = json.dumps(png.text)
-        assert "aithriving-settings" not in metadata and '"offline"' not in metadata and "stand-in" not in metadata
+        assert (
+            "aithriving-settings" not in metadata
+            and '"offline"' not in metadata
+            and "stand-in" not in metadata
+        )
         assert "stand-in" not in json.dumps(entry["prompt"])
         assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.png"))
         assert not key_file.exists()
@@ -284,7 +344,9 @@ def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_res
         entry = restarted.run(graph(prefix="offline-again", seed=77))
         assert execution_error(entry) is None and cost_of(entry)["credits"] == 0
         # {"local": bool} is the old spelling of the field, still accepted.
-        assert restarted.request("POST", "/aithriving/mode", json={"offline": False}).json() == {"offline": False}
+        assert restarted.request("POST", "/aithriving/mode", json={"offline": False}).json() == {
+            "offline": False
+        }
         entry = restarted.run(graph(prefix="offline-off-again", seed=78))
         assert "No API key found" in execution_error(entry)["exception_message"]
     finally:
@@ -292,12 +354,20 @@ def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_res
 
 
 def test_switching_offline_mode_off_runs_a_fixed_seed_again_against_the_service(
-        comfy_install, billing_standin, tmp_path, key_file):
+    comfy_install, billing_standin, tmp_path, key_file
+):
     # The same fixed-seed graph, queued with the stand-in on and then off: ComfyUI must not reuse the
     # stand-in's drawing as if it were the service's result (the node's fingerprint names where requests go).
-    server = start(comfy_install, tmp_path / "base", {
-        "AITHRIVING_BASE_URL": billing_standin.url, "AITHRIVING_API_KEY": TEST_KEY,
-        "AITHRIVING_API_KEY_FILE": str(key_file), "AITHRIVING_CACHE_DIR": "off"})
+    server = start(
+        comfy_install,
+        tmp_path / "base",
+        {
+            "AITHRIVING_BASE_URL": billing_standin.url,
+            "AITHRIVING_API_KEY": TEST_KEY,
+            "AITHRIVING_API_KEY_FILE": str(key_file),
+            "AITHRIVING_CACHE_DIR": "off",
+        },
+    )
     try:
         sent_before = len(billing_standin.requests)
         assert server.request("POST", "/aithriving/mode", json={"offline": True}).json() == {"offline": True}
@@ -305,7 +375,9 @@ def test_switching_offline_mode_off_runs_a_fixed_seed_again_against_the_service(
         assert execution_error(entry) is None and cost_of(entry)["offline"] is True
         assert len(billing_standin.requests) == sent_before
 
-        assert server.request("POST", "/aithriving/mode", json={"offline": False}).json() == {"offline": False}
+        assert server.request("POST", "/aithriving/mode", json={"offline": False}).json() == {
+            "offline": False
+        }
         entry = server.run(graph(prefix="fixed", seed=4242))
         assert execution_error(entry) is None, execution_error(entry)
         assert len(billing_standin.requests) == sent_before + 1, "the service received nothing"
@@ -327,13 +399,25 @@ def test_switching_offline_mode_off_runs_a_fixed_seed_again_against_the_service(
 def test_a_serve_standin_at_the_base_url_is_reported_free(comfy_install, tmp_path):
     # `structure-api serve` (free=True) with the two variables its banner shows: 0 credits on every figure.
     with StandInServer(free=True) as serve:
-        server = start(comfy_install, tmp_path / "base", {
-            "AITHRIVING_BASE_URL": serve.url, "AITHRIVING_API_KEY": "stand-in", "AITHRIVING_CACHE_DIR": "off"})
+        server = start(
+            comfy_install,
+            tmp_path / "base",
+            {
+                "AITHRIVING_BASE_URL": serve.url,
+                "AITHRIVING_API_KEY": "stand-in",
+                "AITHRIVING_CACHE_DIR": "off",
+            },
+        )
         try:
             entry = server.run(graph(prefix="serve"))
             assert execution_error(entry) is None, execution_error(entry)
             cost = cost_of(entry)
-            assert (cost["credits"], cost["credits_per_image"], cost["free"], cost["offline"]) == (0, 0, True, False)
+            assert (cost["credits"], cost["credits_per_image"], cost["free"], cost["offline"]) == (
+                0,
+                0,
+                True,
+                False,
+            )
             assert len(serve.requests) == 1
         finally:
             server.stop()
@@ -341,18 +425,28 @@ def test_a_serve_standin_at_the_base_url_is_reported_free(comfy_install, tmp_pat
 
 @pytest.fixture(scope="module")
 def queue_server(comfy_install, billing_standin, tmp_path_factory):
-    server = start(comfy_install, tmp_path_factory.mktemp("queue-base"), {
-        "AITHRIVING_BASE_URL": billing_standin.url, "AITHRIVING_API_KEY": TEST_KEY, "AITHRIVING_CACHE_DIR": "off"})
+    server = start(
+        comfy_install,
+        tmp_path_factory.mktemp("queue-base"),
+        {
+            "AITHRIVING_BASE_URL": billing_standin.url,
+            "AITHRIVING_API_KEY": TEST_KEY,
+            "AITHRIVING_CACHE_DIR": "off",
+        },
+    )
     yield server
     server.stop()
 
 
-@pytest.mark.parametrize("prompt, words", [
-    ("", "prompt is empty"),
-    ("   \n ", "prompt is empty"),
-    ("x" * 10001, "10001 characters long"),
-    ("a cottage\x07", "control character U+0007"),
-])
+@pytest.mark.parametrize(
+    "prompt, words",
+    [
+        ("", "prompt is empty"),
+        ("   \n ", "prompt is empty"),
+        ("x" * 10001, "10001 characters long"),
+        ("a cottage\x07", "control character U+0007"),
+    ],
+)
 def test_bad_prompt_is_refused_when_queued_with_nothing_sent(queue_server, billing_standin, prompt, words):
     billing_standin.clear()
     before = set(queue_server.history())
@@ -365,8 +459,9 @@ def test_bad_prompt_is_refused_when_queued_with_nothing_sent(queue_server, billi
     assert set(queue_server.history()) == before  # nothing ran, not even the image loader
 
 
-@pytest.mark.parametrize("name, value", [("control_strength", 1.5), ("control_strength", -0.1),
-                                         ("seed", 4294967295), ("seed", -1)])
+@pytest.mark.parametrize(
+    "name, value", [("control_strength", 1.5), ("control_strength", -0.1), ("seed", 4294967295), ("seed", -1)]
+)
 def test_out_of_range_parameters_are_refused_when_queued(queue_server, billing_standin, name, value):
     # ComfyUI checks the schema's min/max itself (validate_inputs names only the prompt, so it still does).
     billing_standin.clear()
@@ -412,6 +507,8 @@ def test_the_templates_picture_never_replaces_a_users_own(comfy_install, tmp_pat
     try:
         assert server.custom_node_import_status() == "loaded"
         assert (server.input_dir / EXAMPLE.name).read_bytes() == before
-        assert [path.name for path in server.input_dir.iterdir() if path.name.startswith(".")] == []  # no temp file
+        assert [
+            path.name for path in server.input_dir.iterdir() if path.name.startswith(".")
+        ] == []  # no temp file
     finally:
         server.stop()
