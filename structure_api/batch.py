@@ -190,8 +190,7 @@ class BatchReport:
         return self.done - len(self.from_store)
 
     def release(self, store: ResultStore) -> None:
-        """Give every kept or claimed result back undelivered (the batch is not delivered): a re-run takes
-        them."""
+        """Give every kept or claimed result back undelivered (the batch is not delivered) for a re-run."""
         for entry in self.stored.values():
             release(store, entry)
 

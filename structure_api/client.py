@@ -278,8 +278,7 @@ class StructureClient:
             response.close()
 
     def _parse(self, response: requests.Response, request: StructureRequest, attempt: int) -> ImageAnswer:
-        """Check the answer in steps (``answers.py``): return its image's bytes, undecoded, or raise its
-        error."""
+        """Check the answer in steps (``answers.py``): return its image's bytes undecoded, or raise."""
         status = response.status_code
         headers = {k.lower(): v for k, v in response.headers.items()}
         refuse_redirect(status, headers)

@@ -94,8 +94,7 @@ def platform_config_folder(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def default_key_file(environ: Mapping[str, str] | None = None) -> Path:
-    """Return the key file's default place: the platform's config folder, or ~/.config/aithriving if only it
-    is used."""
+    """Return the key file's default place: the platform's config folder, or ~/.config/aithriving if used."""
     folder = platform_config_folder(environ)
     legacy = Path(DEFAULT_KEY_FILE).expanduser().parent
     if (

@@ -232,8 +232,7 @@ _CHECKS = {"text": _check_text, "number": _check_number, "integer": _check_integ
 
 
 def validate_prompt(prompt: str) -> None:
-    """Raise InputError when the prompt is blank, over MAX_PROMPT_CHARS characters or holds control
-    characters."""
+    """Raise InputError when the prompt is blank, over MAX_PROMPT_CHARS or holds control characters."""
     FORM_FIELDS[0].check(prompt)
 
 

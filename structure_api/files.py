@@ -275,8 +275,7 @@ def _fsync_folder(folder: Path) -> None:
 
 
 class FolderLock:
-    """An exclusive lock on an output folder for one batch run, released on exit (or when the process
-    dies)."""
+    """An exclusive lock on an output folder for one batch run, released on exit (or when it dies)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -316,8 +315,7 @@ class FolderLock:
         return self
 
     def release(self) -> None:
-        """Remove the lock file and let go of the lock (a run that opened the old file notices and
-        retries)."""
+        """Remove the lock file and let go of the lock (a run that opened the old file retries)."""
         if self._handle is None:
             return
         if sys.platform == "win32":

@@ -25,8 +25,7 @@ STANDIN_LABEL = "stand-in · free"
 
 
 class InProcessStandIn:
-    """One stand-in for the process, started when a run first needs it and stopped when idle and not
-    wanted."""
+    """One stand-in for the process, started when a run first needs it, stopped when idle and not wanted."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -61,8 +60,7 @@ class InProcessStandIn:
                 to_stop.stop()
 
     def release(self) -> None:
-        """Stop it now if no run is using it, else as soon as the last one ends (offline mode was switched
-        off)."""
+        """Stop it now if no run uses it, else when the last one ends (offline mode was switched off)."""
         with self._lock:
             self._wanted = False
             to_stop = self._take_if_idle()
@@ -90,8 +88,7 @@ def process_standin() -> InProcessStandIn:
 
 
 def request_destination(environ: Mapping[str, str] | None = None) -> str:
-    """Say where a run's requests go now: the stand-in (offline mode), or the service's address (never the
-    key)."""
+    """Say where a run's requests go now: the stand-in (offline mode) or the service's address (no key)."""
     if offline_mode(environ):
         return "offline: the stand-in"
     try:
@@ -108,8 +105,7 @@ def destination_fingerprint(environ: Mapping[str, str] | None = None) -> str:
 
 @dataclass
 class RunSetup:
-    """What one node run talks to: the client, the result store (memory-only per run in offline mode) and the
-    mode."""
+    """What one node run talks to: the client, the result store (memory-only in offline mode), the mode."""
 
     client: StructureClient
     store: ResultStore

@@ -43,8 +43,7 @@ class KeyRefusedError(ConfigurationError):
 
 
 class KeyFromEnvironmentError(ConfigurationError):
-    """AITHRIVING_API_KEY is set and wins over the key file, so saving or removing the file would change
-    nothing."""
+    """AITHRIVING_API_KEY is set and wins over the key file: saving or removing the file changes nothing."""
 
 
 class KeyFileLocationError(ConfigurationError):
@@ -158,8 +157,7 @@ def _write_private(path: Path, text: str) -> None:
 def save_api_key(
     value: object, environ: Mapping[str, str] | None = None, *, forbidden_dirs: Iterable[os.PathLike] = ()
 ) -> KeyStatus:
-    """Check the key, then write it to the key file (0600, folder 0700); nothing is written if it is
-    refused."""
+    """Check the key, then write it to the key file (0600, folder 0700); nothing is written if refused."""
     env = _env(environ)
     key = _check_key_text(value)
     _refuse_if_environment_wins(env, "saving a key file")

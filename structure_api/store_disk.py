@@ -108,8 +108,7 @@ def entry_head(
 
 
 def durable_write(path: Path, head: bytes, data: bytes) -> None:
-    """Write head+data to a temp file (the sweep knows its prefix), fsync it, rename it to ``path``, fsync the
-    folder."""
+    """Write head+data to a temp file (its prefix known to the sweep), fsync, rename it to ``path``."""
     write_atomically(path, (head, data), private=True, temp_prefix=TEMP_PREFIX, sync_folder=True)
 
 
@@ -166,8 +165,7 @@ def read_entry_data(path: Path, header: EntryHeader) -> bytes | None:
 
 
 def scan_folder(directory: Path) -> tuple[dict[str, tuple[int, int]], set[str]]:
-    """Regular ``.result`` files (name -> (mtime_ns, size)) and delivered markers' entry ids, by one
-    listing."""
+    """List regular ``.result`` files (name -> (mtime_ns, size)) and delivered markers' entry ids, at once."""
     results: dict[str, tuple[int, int]] = {}
     markers: set[str] = set()
     try:

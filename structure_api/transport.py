@@ -286,8 +286,7 @@ class _TrackingAdapter(HTTPAdapter):
 
 
 def _tracked_pools(pools: dict, tracking: dict) -> dict:
-    """Build the same pool classes per scheme, each making connections with ``_TrackedConnection`` mixed
-    in."""
+    """Build the same pool classes per scheme, making connections with ``_TrackedConnection`` mixed in."""
     tracked = {}
     for scheme, pool_cls in pools.items():
         connection_cls = pool_cls.ConnectionCls
@@ -500,8 +499,7 @@ class _ContentDecoder:
         self._first = True
 
     def decode(self, data: bytes) -> Iterator[bytes]:
-        """Decode the bytes ``data`` brings, piece by piece; raise _UndecodableBody past the limit or if
-        broken."""
+        """Decode the bytes ``data`` brings, piece by piece; _UndecodableBody past the limit or if broken."""
         if self._inflater is None:
             yield data
             return

@@ -1,5 +1,4 @@
-"""The batch command: one request per image of a folder, resumable, with Ctrl-C handling and a progress
-line."""
+"""The batch command: one request per image of a folder, resumable, with Ctrl-C handling and progress."""
 
 from __future__ import annotations
 
@@ -86,8 +85,7 @@ class _Interrupts:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[_Interrupts]:
-        """Handle Ctrl-C (and Ctrl-Break on Windows) for the block, unless ignored (nohup, a background
-        job)."""
+        """Handle Ctrl-C (Ctrl-Break on Windows) for the block, unless ignored (nohup, a background job)."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return

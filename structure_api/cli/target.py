@@ -19,8 +19,7 @@ from .exits import UsageError
 
 
 class RequestTarget:
-    """Where requests go (the paid service, or a stand-in in this process) and the store that keeps what they
-    paid."""
+    """Where requests go (the paid service, or a stand-in in this process) and the store that keeps them."""
 
     def __init__(self, client: StructureClient, store: ResultStore, *, free: bool = False) -> None:
         self.client = client
@@ -47,8 +46,7 @@ class RequestTarget:
             yield cls(client, ResultStore(None) if args.no_store else ResultStore.from_env())
 
     def generate(self, request: StructureRequest, label: str) -> tuple[StructureResult, bool]:
-        """One request through the store: a result paid before and not delivered (or a fixed seed's) is
-        free."""
+        """Send one request through the store: a result paid and not delivered (or a fixed seed's) is free."""
         paid = fetch_or_pay(self.client, request, self.store, label=label)
         assert paid is not None  # only claim_only can come back empty
         return paid.result, paid.from_store

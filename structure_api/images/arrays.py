@@ -152,8 +152,7 @@ def check_rgb8(pixels: Any, what: str = "The image") -> np.ndarray:
 
 
 def uint8_to_float(pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``[H, W, 3]`` uint8 to float32 0..1, written into ``out`` (e.g. a slice of an output batch) if
-    given."""
+    """Convert ``[H, W, 3]`` uint8 to float32 0..1, into ``out`` (e.g. a slice of a batch) if given."""
     pixels = check_rgb8(pixels)
     if out is None:
         out = np.empty(pixels.shape, dtype=np.float32)

@@ -1,5 +1,4 @@
-"""Fitting an image into the service's limits (pad to the aspect, scale to the pixel and side limits), and
-back."""
+"""Fitting an image into the service's limits (pad to the aspect, scale to the limits), and back."""
 
 from __future__ import annotations
 

@@ -30,8 +30,7 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
 
 
 def _png_idat(rows: np.ndarray, png_filter: int, level: int, strategy: int) -> list[bytes]:
-    """zlib stream, in pieces, of the filtered scanlines of ``rows`` (``[H, W*3]`` uint8), one filter for all
-    rows."""
+    """Yield the zlib stream of the filtered scanlines of ``rows`` (``[H, W*3]`` uint8), one filter."""
     height, stride = rows.shape
     per_block = max(1, _PNG_BLOCK_BYTES // (stride + 1))
     lines = np.empty((per_block, stride + 1), dtype=np.uint8)

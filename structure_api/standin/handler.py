@@ -290,8 +290,7 @@ class StandInHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def stream(self, status: int, headers: dict[str, str], chunks: Iterable[bytes]) -> None:
-        """Send `chunks` as they come: chunked, or raw under a Content-Length given in `headers`; then
-        close."""
+        """Send `chunks` as they come: chunked, or raw under a Content-Length in `headers`; then close."""
         names = {name.lower() for name in headers}
         chunked = "content-length" not in names
         self.close_connection = True

@@ -65,8 +65,7 @@ class Entry:
 
 
 class Books:
-    """What one stand-in keeps, behind one lock: recorded requests, queued faults, fault_rate draws,
-    credits."""
+    """What one stand-in keeps behind one lock: recorded requests, queued faults, fault draws, credits."""
 
     def __init__(
         self, *, fault_rate: float = 0.0, fault_seed: int = 0, max_records: int | None = None

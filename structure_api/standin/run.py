@@ -18,8 +18,7 @@ def serve(
     rate_limit: RateLimit | str | None = None,
     lockout: float = LOCKOUT_SECONDS,
 ) -> StandInServer:
-    """Run the stand-in until interrupted (Ctrl-C); calls ready(url) once it is listening; returns it,
-    stopped."""
+    """Run the stand-in until interrupted (Ctrl-C), calling ready(url) once listening; return it, stopped."""
     # Nobody reads the records of a long-running stand-in, and each would hold an upload.
     server = StandInServer(
         api_key=api_key,
