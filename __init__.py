@@ -1,6 +1,7 @@
 """AIThriving Structure nodes for ComfyUI. Importing this module does nothing but define the entry point."""
 
-# ComfyUI serves this folder at /extensions/<pack folder>/: the cost display and set-up (JS) and the help page.
+# ComfyUI serves this folder at /extensions/<pack folder>/: the cost display and set-up (JS) and the help
+# page.
 WEB_DIRECTORY = "./web"
 
 

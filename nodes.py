@@ -12,8 +12,8 @@ import logging
 import queue
 import re
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import comfy.model_management
 import comfy.utils
@@ -22,8 +22,17 @@ from server import PromptServer
 
 from .structure_api.batch import BatchProgress, BatchReport
 from .structure_api.contract import (
-    CREDITS_PER_IMAGE, DEFAULT_CONTROL_STRENGTH, DEFAULT_OUTPUT_FORMAT, LIMITS_BROKEN_TEXT, MAX_CONTROL_STRENGTH,
-    MAX_SEED, MIN_CONTROL_STRENGTH, OUTPUT_FORMATS, PROMPT_RANGE_TEXT, validate_prompt)
+    CREDITS_PER_IMAGE,
+    DEFAULT_CONTROL_STRENGTH,
+    DEFAULT_OUTPUT_FORMAT,
+    LIMITS_BROKEN_TEXT,
+    MAX_CONTROL_STRENGTH,
+    MAX_SEED,
+    MIN_CONTROL_STRENGTH,
+    OUTPUT_FORMATS,
+    PROMPT_RANGE_TEXT,
+    validate_prompt,
+)
 from .structure_api.errors import InputError, MissingAPIKeyError
 from .structure_api.files import write_atomically
 from .structure_api.offline import RunSetup, client_for_run, destination_fingerprint, process_standin
@@ -56,44 +65,68 @@ class AIThrivingStructure(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Sends each image to the AIThriving Structure service, which generates a new image that "
-                f"keeps the input's edges and layout, guided by the prompt. Costs {CREDITS_PER_IMAGE} credits "
-                "per image. Set the API key in Settings > AIThriving (or the AITHRIVING_API_KEY environment "
-                "variable); it never goes into the workflow. The free local stand-in, switched on there too, "
-                "needs no key and costs nothing."
+                f"keeps the input's edges and layout, guided by the prompt. Costs {CREDITS_PER_IMAGE} "
+                "credits per image. Set the API key in Settings > AIThriving (or the AITHRIVING_API_KEY "
+                "environment variable); it never goes into the workflow. The free stand-in, switched on "
+                "there too, needs no key and costs nothing."
             ),
             inputs=[
                 io.Image.Input(
                     "image",
                     tooltip="The image (or batch) whose structure to keep. Each image of a batch is one "
-                            f"request of {CREDITS_PER_IMAGE} credits.",
+                    f"request of {CREDITS_PER_IMAGE} credits.",
                     # The web extension's cost badge reads the price from here (it is in /object_info).
-                    extra_dict={"credits_per_image": CREDITS_PER_IMAGE}),
+                    extra_dict={"credits_per_image": CREDITS_PER_IMAGE},
+                ),
                 io.String.Input(
-                    "prompt", multiline=True, default="",
-                    tooltip=f"What the output should show: subjects, style, colours ({PROMPT_RANGE_TEXT})."),
+                    "prompt",
+                    multiline=True,
+                    default="",
+                    tooltip=f"What the output should show: subjects, style, colours ({PROMPT_RANGE_TEXT}).",
+                ),
                 io.Float.Input(
-                    "control_strength", default=DEFAULT_CONTROL_STRENGTH, min=MIN_CONTROL_STRENGTH,
-                    max=MAX_CONTROL_STRENGTH, step=0.01,
-                    tooltip="How closely the output follows the input's structure: 0 loosely, 1 strictly."),
+                    "control_strength",
+                    default=DEFAULT_CONTROL_STRENGTH,
+                    min=MIN_CONTROL_STRENGTH,
+                    max=MAX_CONTROL_STRENGTH,
+                    step=0.01,
+                    tooltip="How closely the output follows the input's structure: 0 loosely, 1 strictly.",
+                ),
                 io.Int.Input(
-                    "seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=MAX_SEED,
+                    control_after_generate=True,
                     tooltip="Fixes the randomness. 0 lets the service pick one. In a batch, image i uses "
-                            "seed + i, so a fixed seed reproduces the whole batch (and is served from the "
-                            "result store instead of being paid again)."),
+                    "seed + i, so a fixed seed reproduces the whole batch (and is served from the "
+                    "result store instead of being paid again).",
+                ),
                 io.Combo.Input(
-                    "output_format", options=list(OUTPUT_FORMATS), default=DEFAULT_OUTPUT_FORMAT,
-                    tooltip="Format the service returns. png is lossless; jpeg and webp download faster."),
+                    "output_format",
+                    options=list(OUTPUT_FORMATS),
+                    default=DEFAULT_OUTPUT_FORMAT,
+                    tooltip="Format the service returns. png is lossless; jpeg and webp download faster.",
+                ),
                 io.Combo.Input(
-                    "outside_limits", options=OUTSIDE_LIMITS_OPTIONS, default=OUTSIDE_LIMITS_OPTIONS[0],
+                    "outside_limits",
+                    options=OUTSIDE_LIMITS_OPTIONS,
+                    default=OUTSIDE_LIMITS_OPTIONS[0],
                     tooltip=f"For an image the service cannot take as is ({LIMITS_BROKEN_TEXT}): fit it "
-                            "(scale, pad) and bring the result back to the input's size, or stop with an error."),
+                    "(scale, pad) and bring the result back to the input's size, or stop with an error.",
+                ),
                 io.String.Input(
-                    "negative_prompt", multiline=True, default="", optional=True,
-                    tooltip="What the output should not show. Leave empty to send none."),
+                    "negative_prompt",
+                    multiline=True,
+                    default="",
+                    optional=True,
+                    tooltip="What the output should not show. Leave empty to send none.",
+                ),
             ],
             outputs=[
-                io.Image.Output(display_name="IMAGE", tooltip="The generated images, in input order, at the "
-                                                              "input's size."),
+                io.Image.Output(
+                    display_name="IMAGE", tooltip="The generated images, in input order, at the input's size."
+                ),
                 io.Int.Output(display_name="seed", tooltip="The seed the service used for the first image."),
             ],
             hidden=[io.Hidden.unique_id],
@@ -121,16 +154,28 @@ class AIThrivingStructure(io.ComfyNode):
         return True
 
     @classmethod
-    async def execute(cls, image, prompt: str, control_strength: float, seed: int, output_format: str,
-                      outside_limits: str, negative_prompt: str = "") -> io.NodeOutput:
+    async def execute(
+        cls,
+        image,
+        prompt: str,
+        control_strength: float,
+        seed: int,
+        output_format: str,
+        outside_limits: str,
+        negative_prompt: str = "",
+    ) -> io.NodeOutput:
         # Async, so that ComfyUI runs other nodes (other Structure nodes, local work) while this one
         # waits on the service; the blocking work runs on a thread of the event loop's executor.
         # cls is the copy ComfyUI made for this run, so its hidden node id is this node's.
         node_id = cls.hidden.unique_id
         params = StructureParams(
-            prompt=prompt, control_strength=control_strength, negative_prompt=negative_prompt or "",
-            seed=seed, output_format=output_format,
-            outside_limits=_OUTSIDE_LIMITS_MODES.get(outside_limits, outside_limits))
+            prompt=prompt,
+            control_strength=control_strength,
+            negative_prompt=negative_prompt or "",
+            seed=seed,
+            output_format=output_format,
+            outside_limits=_OUTSIDE_LIMITS_MODES.get(outside_limits, outside_limits),
+        )
         total = int(image.shape[0]) if len(image.shape) == 4 else 1
         bar = comfy.utils.ProgressBar(total, node_id=node_id)
         words = _Words(_user_language())
@@ -138,55 +183,72 @@ class AIThrivingStructure(io.ComfyNode):
             run = stack.enter_context(_run_setup(words))
 
             def spent(credits: int) -> str:
-                return words("local") if run.local else words("spent", credits=credits)
+                return words("standIn") if run.offline else words("spent", credits=credits)
 
             def show(progress: BatchProgress) -> None:
                 bar.update_absolute(progress.done, progress.total)
                 detail = words.progress(progress)
                 _status(node_id, words("progress", detail=detail, spent=spent(progress.credits)))
 
-            def work(should_cancel: Callable[[], bool],
-                     on_progress: Callable[[BatchProgress], None]) -> BatchResult:
-                return generate_images(image, params, client=run.client, store=run.store,
-                                       label=f"ComfyUI node {node_id}", on_progress=on_progress,
-                                       should_cancel=should_cancel)
+            def work(
+                should_cancel: Callable[[], bool], on_progress: Callable[[BatchProgress], None]
+            ) -> BatchResult:
+                return generate_images(
+                    image,
+                    params,
+                    client=run.client,
+                    store=run.store,
+                    label=f"ComfyUI node {node_id}",
+                    on_progress=on_progress,
+                    should_cancel=should_cancel,
+                )
 
-            where = words("toLocal") if run.local else ""
+            where = words("toStandIn") if run.offline else ""
             _status(node_id, words("sendingOne" if total == 1 else "sendingMany", count=total, where=where))
             result, torn_down = await _off_the_loop(work, show)
             background = result.report.background
             if background is not None:
-                # The requests left in flight need the client (and the local stand-in) until they end.
+                # The requests left in flight need the client (and the stand-in) until they end.
                 background.add_done_callback(stack.pop_all().close)
         if result.report.cancelled or torn_down is not None:
             left = _left_in_flight(words, result.report, run) if result.report.cancelled else ""
             _status(node_id, words("cancelled", spent=spent(result.credits)) + (f" · {left}" if left else ""))
             if result.report.in_flight:
-                logging.warning("[AIThriving] node %s cancelled: %s", node_id,
-                                result.report.in_flight_sentence(run.store, free=run.local))
+                logging.warning(
+                    "[AIThriving] node %s cancelled: %s",
+                    node_id,
+                    result.report.in_flight_sentence(run.store, free=run.offline),
+                )
             if torn_down is not None:
                 raise torn_down
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise comfy.model_management.InterruptProcessingException(left or "cancelled")
-        cached = words("fromStore", count=result.from_cache) if result.from_cache else ""
+        stored = words("fromStore", count=result.from_store) if result.from_store else ""
         # Answers of a stand-in (offline mode, or `serve` at AITHRIVING_BASE_URL) carry its free mark and
         # count 0 credits: fresh results that cost nothing came from one.
-        free = run.local or (result.credits == 0 and result.from_cache < total)
-        done = spent(result.credits) if run.local or not free else words("freeStandIn")
-        _status(node_id, words("done", total=total, cached=cached, spent=done))
-        # Sent to the frontend with the "executed" message (and kept in the history): the cost shown on the node.
-        cost = {"credits": result.credits, "images": total, "from_cache": result.from_cache,
-                "credits_per_image": 0 if free else CREDITS_PER_IMAGE, "seeds": result.seeds,
-                "local": run.local, "free": free}
+        free = run.offline or (result.credits == 0 and result.from_store < total)
+        done = spent(result.credits) if run.offline or not free else words("freeStandIn")
+        _status(node_id, words("done", total=total, stored=stored, spent=done))
+        # Sent to the frontend with the "executed" message (and kept in the history): the cost shown on the
+        # node.
+        cost = {
+            "credits": result.credits,
+            "images": total,
+            "from_store": result.from_store,
+            "credits_per_image": 0 if free else CREDITS_PER_IMAGE,
+            "seeds": result.seeds,
+            "offline": run.offline,
+            "free": free,
+        }
         return io.NodeOutput(result.images, result.seeds[0], ui={"aithriving_cost": [cost]})
 
 
-def _left_in_flight(words: "_Words", report: BatchReport, run: RunSetup) -> str:
+def _left_in_flight(words: _Words, report: BatchReport, run: RunSetup) -> str:
     """Return what a cancel left running, in the user's language: how many, what they may cost, where."""
     count = report.in_flight
     if not count:
         return ""
-    if run.local:
+    if run.offline:
         return words("inFlightFree", count=count)
     if run.store.persistent:
         where = words("whereStore")
@@ -200,7 +262,7 @@ def _left_in_flight(words: "_Words", report: BatchReport, run: RunSetup) -> str:
 async def _off_the_loop(
     work: Callable[[Callable[[], bool], Callable[[BatchProgress], None]], BatchResult],
     show: Callable[[BatchProgress], None],
-) -> tuple[BatchResult, Optional[BaseException]]:
+) -> tuple[BatchResult, BaseException | None]:
     """Run ``work(should_cancel, on_progress)`` on the loop's executor; show its progress on this thread.
 
     Cancel reaches the work three ways: ComfyUI's interrupt flag (polled by the work), ComfyUI's progress
@@ -209,7 +271,7 @@ async def _off_the_loop(
     the second item is the task's cancellation, to raise once the node has said what it left behind.
     """
     stop = threading.Event()
-    updates: "queue.SimpleQueue[BatchProgress]" = queue.SimpleQueue()
+    updates: queue.SimpleQueue[BatchProgress] = queue.SimpleQueue()
 
     def should_cancel() -> bool:
         return stop.is_set() or comfy.model_management.processing_interrupted()
@@ -217,8 +279,8 @@ async def _off_the_loop(
     loop = asyncio.get_running_loop()
     # A plain future, not a task: tearing the prompt down cancels tasks, and the thread must be waited for.
     future = loop.run_in_executor(None, contextvars.copy_context().run, work, should_cancel, updates.put)
-    torn_down: Optional[BaseException] = None
-    interrupted: Optional[BaseException] = None
+    torn_down: BaseException | None = None
+    interrupted: BaseException | None = None
     while True:
         try:
             await asyncio.wait({future}, timeout=_POLL_SECONDS)
@@ -238,8 +300,9 @@ async def _off_the_loop(
         if future.done():
             break
     result = future.result()
-    if interrupted is not None and not isinstance(interrupted,
-                                                  comfy.model_management.InterruptProcessingException):
+    if interrupted is not None and not isinstance(
+        interrupted, comfy.model_management.InterruptProcessingException
+    ):
         raise interrupted  # a fault of the display itself must surface
     return result, torn_down
 
@@ -252,7 +315,7 @@ def _search_aliases(schema: type) -> dict[str, list[str]]:
     return {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _node_texts(language: str) -> dict[str, str]:
     """Return the node's texts in one language (empty when the pack has none in it)."""
     try:
@@ -307,7 +370,7 @@ class _Words:
 
 @contextlib.contextmanager
 def _run_setup(words: _Words) -> Iterator[RunSetup]:
-    """The client for this run (closed afterwards); a missing key names the place in ComfyUI to set one."""
+    """Open this run's client (closed afterwards); a missing key names the place in ComfyUI to set one."""
     with contextlib.ExitStack() as stack:
         try:
             run = stack.enter_context(client_for_run(process_standin()))
@@ -340,6 +403,9 @@ def provide_example_input(input_dir: str) -> None:
         except FileExistsError:
             pass  # put there meanwhile (another ComfyUI on the same folder): theirs stays
     except OSError as error:
-        logging.warning("[AIThriving] Could not copy %s into ComfyUI's input folder (%s); the example "
-                        "workflows need an image picked in their Load Image node.", EXAMPLE_INPUT.name,
-                        error.strerror or error)
+        logging.warning(
+            "[AIThriving] Could not copy %s into ComfyUI's input folder (%s); the example "
+            "workflows need an image picked in their Load Image node.",
+            EXAMPLE_INPUT.name,
+            error.strerror or error,
+        )

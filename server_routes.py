@@ -25,7 +25,8 @@ KEY_ROUTE = "/aithriving/key"
 MODE_ROUTE = "/aithriving/mode"
 # A key is tens of characters; a body far past that is not a key entry.
 MAX_BODY_BYTES = 16 * 1024
-# The answer to a change the settings refused; the first class that matches wins (all are ConfigurationErrors).
+# The answer to a change the settings refused; the first class that matches wins (all are
+# ConfigurationErrors).
 _REFUSAL_STATUS = (
     (settings.KeyRefusedError, 400),
     (settings.KeyFromEnvironmentError, 409),
@@ -34,7 +35,7 @@ _REFUSAL_STATUS = (
 )
 
 
-class _BadRequest(Exception):
+class _RouteError(Exception):
     """A change request this route answers with an error before doing anything."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -65,7 +66,7 @@ def cross_origin_refusal(request: web.Request) -> web.Response | None:
 
 
 def _listen_addresses() -> list[str]:
-    """The addresses ComfyUI was told to listen on (--listen, comma-separated; 127.0.0.1 by default)."""
+    """List the addresses ComfyUI was told to listen on (--listen, comma-separated; 127.0.0.1 by default)."""
     try:
         from comfy.cli_args import args  # ComfyUI's; read at request time, as it was parsed at start
 
@@ -100,33 +101,39 @@ def host_refusal(request: web.Request) -> web.Response | None:
     except ValueError:
         name = ""
     listening = _listen_addresses()
-    if name and (is_loopback_host(name) or name in listening
-                 or (_is_address(name) and any(a in _WILDCARD_ADDRESSES for a in listening))):
+    if name and (
+        is_loopback_host(name)
+        or name in listening
+        or (_is_address(name) and any(a in _WILDCARD_ADDRESSES for a in listening))
+    ):
         return None
     log.warning("refused %s %s for another host name", request.method, request.path)
-    return _error(403, "Refused: the request was addressed to another host name than this machine's "
-                       "(localhost or the address ComfyUI listens on).")
+    return _error(
+        403,
+        "Refused: the request was addressed to another host name than this machine's "
+        "(localhost or the address ComfyUI listens on).",
+    )
 
 
 _WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
 
 
 async def _json_body(request: web.Request) -> dict:
-    """The request's JSON object; _BadRequest if it is not JSON, too large or not an object."""
+    """Read the request's JSON object; raise _RouteError if it is not JSON, too large or not an object."""
     # JSON only: a page elsewhere cannot send this content type without the browser asking first.
     if request.content_type != "application/json":
-        raise _BadRequest(415, "Send the request as JSON (Content-Type: application/json).")
+        raise _RouteError(415, "Send the request as JSON (Content-Type: application/json).")
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise _BadRequest(413, "The request is too large for a key or a setting.")
+        raise _RouteError(413, "The request is too large for a key or a setting.")
     raw = await request.content.read(MAX_BODY_BYTES + 1)
     if len(raw) > MAX_BODY_BYTES:
-        raise _BadRequest(413, "The request is too large for a key or a setting.")
+        raise _RouteError(413, "The request is too large for a key or a setting.")
     try:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise _BadRequest(400, "The request is not valid JSON.") from None
+        raise _RouteError(400, "The request is not valid JSON.") from None
     if not isinstance(body, dict):
-        raise _BadRequest(400, "The request must be a JSON object.")
+        raise _RouteError(400, "The request must be a JSON object.")
     return body
 
 
@@ -134,7 +141,7 @@ Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 def _change(handler: Handler) -> Handler:
-    """A route that changes a setting: refused from other pages; a bad request or a refusal is a JSON error."""
+    """Guard a route that changes a setting: refuse other pages; answer a bad request or a refusal as JSON."""
 
     @functools.wraps(handler)
     async def route(request: web.Request) -> web.Response:
@@ -144,7 +151,7 @@ def _change(handler: Handler) -> Handler:
                 return refusal
         try:
             return await handler(request)
-        except _BadRequest as error:
+        except _RouteError as error:
             return _error(error.status, str(error))
         except ConfigurationError as error:
             status = next(code for kind, code in _REFUSAL_STATUS if isinstance(error, kind))
@@ -159,9 +166,16 @@ def _served_folders() -> list[str]:
 
     import folder_paths  # ComfyUI's
 
-    folders = [getattr(folder_paths, name)() for name in (
-        "get_input_directory", "get_output_directory", "get_temp_directory", "get_user_directory")
-        if hasattr(folder_paths, name)]
+    folders = [
+        getattr(folder_paths, name)()
+        for name in (
+            "get_input_directory",
+            "get_output_directory",
+            "get_temp_directory",
+            "get_user_directory",
+        )
+        if hasattr(folder_paths, name)
+    ]
     # The custom nodes' web folders (served under /extensions/) and the frontend's own root.
     folders += list(getattr(importlib.import_module("nodes"), "EXTENSION_WEB_DIRS", {}).values())
     from server import PromptServer
@@ -180,7 +194,7 @@ async def post_key(request: web.Request) -> web.Response:
     """POST /aithriving/key {"key": "..."}: write the key file; answers with the status."""
     body = await _json_body(request)
     if "key" not in body:
-        raise _BadRequest(400, 'Send the key as {"key": "..."}.')
+        raise _RouteError(400, 'Send the key as {"key": "..."}.')
     status = settings.save_api_key(body["key"], forbidden_dirs=_served_folders())
     return web.json_response(status.as_json())
 
@@ -192,23 +206,25 @@ async def delete_key(request: web.Request) -> web.Response:
 
 
 async def get_mode(request: web.Request) -> web.Response:
-    """GET /aithriving/mode: {"local": bool}."""
-    return web.json_response({"local": settings.local_mode()})
+    """Answer GET /aithriving/mode with {"offline": bool}."""
+    return web.json_response({"offline": settings.offline_mode()})
 
 
 @_change
 async def post_mode(request: web.Request) -> web.Response:
-    """POST /aithriving/mode {"local": bool}: switch the free offline mode; kept across restarts."""
+    """Switch the offline mode (POST /aithriving/mode {"offline": bool}); kept across restarts."""
     body = await _json_body(request)
-    if not isinstance(body.get("local"), bool):
-        raise _BadRequest(400, 'Send {"local": true} or {"local": false}.')
-    local = settings.set_local_mode(body["local"])
-    if not local:
+    # {"local": bool} is the old spelling, accepted for one release.
+    value = body.get("offline", body.get("local"))
+    if not isinstance(value, bool):
+        raise _RouteError(400, 'Send {"offline": true} or {"offline": false}.')
+    offline = settings.set_offline_mode(value)
+    if not offline:
         # Here, not at the top: the stand-in pulls in the client and the renderer, which only this needs.
         from .structure_api.offline import process_standin
 
         process_standin().release()
-    return web.json_response({"local": local})
+    return web.json_response({"offline": offline})
 
 
 def register_routes(routes: web.RouteTableDef) -> None:

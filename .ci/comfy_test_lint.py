@@ -40,16 +40,18 @@ def comfy_test() -> Path:
         return binary
     venv.create(VENV, with_pip=True, clear=True)
     python = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"comfy-test=={COMFY_TEST_VERSION}"],
-                   check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", f"comfy-test=={COMFY_TEST_VERSION}"], check=True
+    )
     MARKER.write_text(COMFY_TEST_VERSION + "\n")
     return binary
 
 
 def lint(binary: Path, folder: Path) -> dict:
     """comfy-test lint --strict --json on a folder: its answer, with the exit status added."""
-    done = subprocess.run([str(binary), "lint", "--strict", "--json", str(folder)], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [str(binary), "lint", "--strict", "--json", str(folder)], capture_output=True, text=True, timeout=300
+    )
     try:
         answer = json.loads(done.stdout)
     except ValueError:
@@ -80,22 +82,34 @@ def main() -> int:
             shipped = set(opened.namelist())
         answer = lint(binary, shipped_dir)
     shown = ("passed", "error", "details", "summary")
-    print(json.dumps({name: {k: v for k, v in result.items() if k in shown}
-                      for name, result in answer["results"].items()}, indent=2))
+    print(
+        json.dumps(
+            {
+                name: {k: v for k, v in result.items() if k in shown}
+                for name, result in answer["results"].items()
+            },
+            indent=2,
+        )
+    )
     if answer["returncode"] != 0 or not answer["passed"]:
         print("comfy-test lint: the shipped files fail (see above)", file=sys.stderr)
         return 1
     whole = lint(binary, REPO)
     not_applicable = flagged_files(whole)
     in_archive = sorted(name for name in not_applicable if name.replace(os.sep, "/") in shipped)
-    outside = [name for name in not_applicable
-               if not name.replace(os.sep, "/").startswith(("tests/", "benchmarks/"))]
+    outside = [
+        name for name in not_applicable if not name.replace(os.sep, "/").startswith(("tests/", "benchmarks/"))
+    ]
     if in_archive or outside:
-        print(f"comfy-test lint flags shipped or unexplained files in the checkout: {in_archive or outside}",
-              file=sys.stderr)
+        print(
+            f"comfy-test lint flags shipped or unexplained files in the checkout: {in_archive or outside}",
+            file=sys.stderr,
+        )
         return 1
-    print(f"comfy-test {COMFY_TEST_VERSION} lint: the shipped files pass; findings only in files that never "
-          f"ship ({len(not_applicable)}: tests/, benchmarks/)")
+    print(
+        f"comfy-test {COMFY_TEST_VERSION} lint: the shipped files pass; findings only in files that never "
+        f"ship ({len(not_applicable)}: tests/, benchmarks/)"
+    )
     return 0
 
 

@@ -28,17 +28,26 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "min-versions"
 TORCH = "torch==2.13.0"
 TEST_TOOLS = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"]
-SUITES = ["tests/test_client.py", "tests/test_cli.py", "tests/test_config.py", "tests/test_settings.py",
-          "tests/reliability",
-          "-m", "not comfyui"]
+SUITES = [
+    "tests/test_client.py",
+    "tests/test_cli.py",
+    "tests/test_config.py",
+    "tests/test_settings.py",
+    "tests/reliability",
+    "-m",
+    "not comfyui",
+]
 _FLOOR = re.compile(r"^([A-Za-z0-9_.-]+)\s*>=\s*([0-9][0-9A-Za-z.]*)$")
 
 
 def declared_floors() -> dict[str, str]:
     """{name: floor} of the runtime dependencies; pyproject.toml and requirements.txt must list the same."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    listed = [line.strip() for line in (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
-              if line.strip() and not line.lstrip().startswith("#")]
+    listed = [
+        line.strip()
+        for line in (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     if sorted(project["dependencies"]) != sorted(listed):
         sys.exit(f"requirements.txt {listed} and pyproject.toml {project['dependencies']} disagree.")
     floors = {}
@@ -93,8 +102,9 @@ def _release(version: str) -> tuple[int, ...]:
 
 def main() -> int:
     floors = declared_floors()
-    stamp = hashlib.sha256(json.dumps(
-        [floors, TORCH, TEST_TOOLS, sys.version, Path(__file__).read_bytes().hex()]).encode()).hexdigest()
+    stamp = hashlib.sha256(
+        json.dumps([floors, TORCH, TEST_TOOLS, sys.version, Path(__file__).read_bytes().hex()]).encode()
+    ).hexdigest()
     venv_dir = CACHE / "venv"
     stamp_file = CACHE / "stamp"
     python = venv_dir / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
@@ -102,13 +112,23 @@ def main() -> int:
         CACHE.mkdir(parents=True, exist_ok=True)
         python = build(venv_dir, floors)
         stamp_file.write_text(stamp)
-    show = ("import importlib.metadata as m; print('minimum versions:', ', '.join(f'{n} {m.version(n)}' "
-            "for n in ('requests', 'urllib3', 'numpy', 'pillow', 'torch')))")
+    show = (
+        "import importlib.metadata as m; print('minimum versions:', ', '.join(f'{n} {m.version(n)}' "
+        "for n in ('requests', 'urllib3', 'numpy', 'pillow', 'torch')))"
+    )
     subprocess.run([str(python), "-c", show], check=True)
     installed = subprocess.run(
-        [str(python), "-c", "import importlib.metadata as m, json, sys; "
-         "print(json.dumps({n: m.version(n) for n in json.loads(sys.argv[1])}))", json.dumps(list(floors))],
-        check=True, capture_output=True, text=True).stdout
+        [
+            str(python),
+            "-c",
+            "import importlib.metadata as m, json, sys; "
+            "print(json.dumps({n: m.version(n) for n in json.loads(sys.argv[1])}))",
+            json.dumps(list(floors)),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     found = {name: _release(version) for name, version in json.loads(installed).items()}
     if found != {name: _release(version) for name, version in floors.items()}:
         sys.exit(f"the venv holds {installed.strip()}, not the floors {floors}")

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 
 def rewrite(text: str, repo: str, sha: str) -> str:
@@ -20,11 +21,16 @@ def rewrite(text: str, repo: str, sha: str) -> str:
     icon = re.search(r'^Icon = "([^"]+)"', text, re.M)
     if icon and not icon.group(1).startswith("https://"):
         url = f"https://raw.githubusercontent.com/{repo}/{sha}/{icon.group(1)}"
-        text = text[:icon.start()] + f'Icon = "{url}"' + text[icon.end():]
+        text = text[: icon.start()] + f'Icon = "{url}"' + text[icon.end() :]
     urls = tomllib.loads(text).get("project", {}).get("urls", {})
-    added = "".join(f'{name} = "{url}"\n' for name, url in (
-        ("Repository", f"https://github.com/{repo}"), ("Issues", f"https://github.com/{repo}/issues"))
-        if name not in urls)
+    added = "".join(
+        f'{name} = "{url}"\n'
+        for name, url in (
+            ("Repository", f"https://github.com/{repo}"),
+            ("Issues", f"https://github.com/{repo}/issues"),
+        )
+        if name not in urls
+    )
     if added:
         if "\n[project.urls]\n" not in text:
             raise SystemExit("pyproject.toml has no [project.urls] table to add the addresses to")
@@ -36,8 +42,11 @@ def problems(text: str) -> list[str]:
     """Return what the Registry would get wrong from this pyproject.toml (nothing when it is ready)."""
     config = tomllib.loads(text)
     urls = config.get("project", {}).get("urls", {})
-    found = [f"{name} is not an https:// address" for name in ("Repository", "Issues")
-             if not str(urls.get(name, "")).startswith("https://")]
+    found = [
+        f"{name} is not an https:// address"
+        for name in ("Repository", "Issues")
+        if not str(urls.get(name, "")).startswith("https://")
+    ]
     if not str(config.get("tool", {}).get("comfy", {}).get("Icon", "")).startswith("https://"):
         found.append("Icon is not an https:// address")
     return found
@@ -45,8 +54,11 @@ def problems(text: str) -> list[str]:
 
 def main(argv: list[str]) -> int:
     """Rewrite the file named on the command line (pyproject.toml by default); 1 if it is still not ready."""
-    if len(argv) not in (2, 3) or not re.fullmatch(r"[\w.-]+/[\w.-]+", argv[0]) \
-            or not re.fullmatch(r"[0-9a-f]{40}", argv[1]):
+    if (
+        len(argv) not in (2, 3)
+        or not re.fullmatch(r"[\w.-]+/[\w.-]+", argv[0])
+        or not re.fullmatch(r"[0-9a-f]{40}", argv[1])
+    ):
         print("usage: registry_urls.py OWNER/NAME COMMIT_SHA [PYPROJECT]", file=sys.stderr)
         return 2
     path = Path(argv[2] if len(argv) == 3 else "pyproject.toml")

@@ -1,4 +1,5 @@
-"""Wall time of a batch against the stand-in answering after a fixed delay: the node's path vs one after another."""
+"""Wall time of a batch against the stand-in answering after a fixed delay: the node's path vs one after
+another."""
 
 from __future__ import annotations
 
@@ -7,13 +8,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
 from structure_api.batch import DEFAULT_MAX_CONCURRENCY
-from structure_api.store import ResultStore
 from structure_api.client import StructureClient, StructureRequest
 from structure_api.images import (
     ImageSize,
@@ -26,6 +25,7 @@ from structure_api.images import (
     uint8_to_float,
 )
 from structure_api.pipeline import StructureParams, generate_images
+from structure_api.store import ResultStore
 
 from .content import photo_like
 from .servers import standin
@@ -62,8 +62,13 @@ def _sequential(client: StructureClient, images: torch.Tensor) -> torch.Tensor:
     return output
 
 
-def measure_batch(count: int = 8, side: int = 512, latency: float = 1.0,
-                  concurrency: tuple[Optional[int], ...] = (None, 4), repeats: int = 3) -> BatchResult:
+def measure_batch(
+    count: int = 8,
+    side: int = 512,
+    latency: float = 1.0,
+    concurrency: tuple[int | None, ...] = (None, 4),
+    repeats: int = 3,
+) -> BatchResult:
     """Time ``count`` images of ``side`` px through ``generate_images`` at each concurrency, and sequentially.
 
     None in ``concurrency`` is the default settings: ``max_concurrency`` not passed, so the node's
@@ -73,24 +78,32 @@ def measure_batch(count: int = 8, side: int = 512, latency: float = 1.0,
     concurrent: dict[int, list[float]] = {level or DEFAULT_MAX_CONCURRENCY: [] for level in concurrency}
     cpu: list[tuple[float, float, float]] = []  # (wall, client CPU, stand-in CPU) at the default settings
     single: list[float] = []
-    with standin(latency) as server, tempfile.TemporaryDirectory() as cache_dir, \
-            StructureClient(api_key="benchmark", base_url=server.url) as client:
-        # As the node runs it: with a result cache (a fresh, empty one, so nothing is a hit).
+    with (
+        standin(latency) as server,
+        tempfile.TemporaryDirectory() as store_dir,
+        StructureClient(api_key="benchmark", base_url=server.url) as client,
+    ):
+        # As the node runs it: with a result store (a fresh, empty one, so nothing is a hit).
         params = StructureParams(prompt=PROMPT, seed=1)
         # Warm-up (imports, connection), into a store of its own so nothing lands in the user's real one.
-        generate_images(images[:1], params, client=client, store=ResultStore(Path(cache_dir, "warm-up")),
-                        max_concurrency=1)
+        generate_images(
+            images[:1],
+            params,
+            client=client,
+            store=ResultStore(Path(store_dir, "warm-up")),
+            max_concurrency=1,
+        )
         for repeat in range(repeats):
-            cache = ResultStore(Path(cache_dir, f"single-{repeat}"))
+            store = ResultStore(Path(store_dir, f"single-{repeat}"))
             started = time.perf_counter()
-            generate_images(images[:1], params, client=client, store=cache, max_concurrency=1)
+            generate_images(images[:1], params, client=client, store=store, max_concurrency=1)
             single.append(time.perf_counter() - started)
             for level in concurrency:
-                cache = ResultStore(Path(cache_dir, f"{level}-{repeat}"))
+                store = ResultStore(Path(store_dir, f"{level}-{repeat}"))
                 client_cpu, standin_cpu = time.process_time(), server.cpu_seconds()
                 started = time.perf_counter()
                 options = {} if level is None else {"max_concurrency": level}
-                result = generate_images(images, params, client=client, store=cache, **options)
+                result = generate_images(images, params, client=client, store=store, **options)
                 wall = time.perf_counter() - started
                 concurrent[level or DEFAULT_MAX_CONCURRENCY].append(wall)
                 if level is None:
@@ -101,6 +114,14 @@ def measure_batch(count: int = 8, side: int = 512, latency: float = 1.0,
         _sequential(client, images)
         sequential = time.perf_counter() - started
     median_run = sorted(cpu)[len(cpu) // 2]
-    return BatchResult(count=count, side=side, latency=latency, repeats=repeats, single=statistics.median(single),
-                       concurrent={level: statistics.median(times) for level, times in concurrent.items()},
-                       sequential=sequential, client_cpu=median_run[1], standin_cpu=median_run[2])
+    return BatchResult(
+        count=count,
+        side=side,
+        latency=latency,
+        repeats=repeats,
+        single=statistics.median(single),
+        concurrent={level: statistics.median(times) for level, times in concurrent.items()},
+        sequential=sequential,
+        client_cpu=median_run[1],
+        standin_cpu=median_run[2],
+    )

@@ -13,7 +13,6 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from .servers import ROOT, standin
 
@@ -98,7 +97,7 @@ def _seconds(entry: dict) -> float:
     return (times["execution_success"] - times["execution_start"]) / 1000
 
 
-def measure_graphs(repeats: int = 3, version: Optional[str] = None) -> GraphResult:
+def measure_graphs(repeats: int = 3, version: str | None = None) -> GraphResult:
     """Each graph ``repeats`` times, interleaved, after one warm-up run of each."""
     sys.path.insert(0, str(ROOT))
     from tests.comfy import matrix

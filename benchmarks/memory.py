@@ -23,9 +23,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 from .servers import ROOT, photo_standin
 
@@ -102,10 +102,10 @@ class _Sampler(threading.Thread):
 def _probe(url: str, count: int, side: int, concurrency: int) -> MemoryResult:
     import torch
 
-    from structure_api.store import ResultStore
     from structure_api.client import StructureClient
     from structure_api.images import decode_image, encode_upload, to_uint8_rgb
     from structure_api.pipeline import StructureParams, generate_images
+    from structure_api.store import ResultStore
 
     from .content import photo_like
 
@@ -120,15 +120,17 @@ def _probe(url: str, count: int, side: int, concurrency: int) -> MemoryResult:
     except OSError:
         pass
     params = StructureParams(prompt="a benchmark picture", seed=1)
-    with tempfile.TemporaryDirectory() as cache_dir, \
-            StructureClient(api_key="benchmark", base_url=url) as client:
-        cache = ResultStore(Path(cache_dir))
+    with (
+        tempfile.TemporaryDirectory() as store_dir,
+        StructureClient(api_key="benchmark", base_url=url) as client,
+    ):
+        store = ResultStore(Path(store_dir))
         sampler = _Sampler()
         baseline = _status_kib("VmRSS")
         exact = _reset_peak()
         sampler.start()
         started = time.perf_counter()
-        result = generate_images(images, params, client=client, store=cache, max_concurrency=concurrency)
+        result = generate_images(images, params, client=client, store=store, max_concurrency=concurrency)
         seconds = time.perf_counter() - started
         sampled = sampler.stop()
         peak = _status_kib("VmHWM") if exact else sampled
@@ -136,29 +138,52 @@ def _probe(url: str, count: int, side: int, concurrency: int) -> MemoryResult:
         if tuple(output.shape) != (count, side, side, 3) or not bool(output[-1].any()):
             raise AssertionError("the batch path did not fill the output")
         return MemoryResult(
-            count=count, side=side, concurrency=concurrency,
+            count=count,
+            side=side,
+            concurrency=concurrency,
             input_bytes=images.numel() * images.element_size(),
             output_bytes=output.numel() * output.element_size(),
-            baseline_rss=baseline, peak_rss=peak, sampled_peak_rss=sampled,
+            baseline_rss=baseline,
+            peak_rss=peak,
+            sampled_peak_rss=sampled,
             peak_method="VmHWM after clear_refs" if exact else "RSS sampled every 2 ms",
-            seconds=seconds)
+            seconds=seconds,
+        )
 
 
-def measure_memory(count: int = 16, side: int = 2048, concurrency: int = 4, delay: float = 0.5) -> MemoryResult:
+def measure_memory(
+    count: int = 16, side: int = 2048, concurrency: int = 4, delay: float = 0.5
+) -> MemoryResult:
     """Run the probe in a fresh process against the photo stand-in in another; return what it measured."""
     with photo_standin(side, count, delay) as server:
         env = {name: value for name, value in os.environ.items() if not name.startswith("AITHRIVING_")}
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         completed = subprocess.run(
-            [sys.executable, "-m", "benchmarks.memory", "--url", server.url, "--count", str(count), "--side", str(side),
-             "--concurrency", str(concurrency)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.memory",
+                "--url",
+                server.url,
+                "--count",
+                str(count),
+                "--side",
+                str(side),
+                "--concurrency",
+                str(concurrency),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     if completed.returncode != 0:
         raise RuntimeError(f"the memory probe failed:\n{completed.stderr}")
     return MemoryResult(**json.loads(completed.stdout.strip().splitlines()[-1]))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="memory probe (run by measure_memory in a fresh process)")
     parser.add_argument("--url", required=True)
     parser.add_argument("--count", type=int, required=True)

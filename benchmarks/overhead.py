@@ -23,13 +23,13 @@ import statistics
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import requests
-import urllib3
 import torch
+import urllib3
 from PIL import Image
 from requests.structures import CaseInsensitiveDict
 
@@ -37,11 +37,11 @@ from structure_api.client import StructureClient, StructureRequest
 from structure_api.images import (
     FitPlan,
     ImageSize,
+    as_numpy,
     decode_image,
     encode_upload,
     fit_to_limits,
     new_output_batch,
-    as_numpy,
     restore_from_fit,
     to_uint8_rgb,
     uint8_to_float,
@@ -54,20 +54,26 @@ PATHS = ("pack", "naive", "floor")
 
 # --- the three upload paths --------------------------------------------------------------
 
+
 def upload_pack(image: torch.Tensor) -> bytes:
     pixels, _plan = fit_to_limits(to_uint8_rgb(image))
     return encode_upload(pixels).data
 
 
 def upload_naive(image: torch.Tensor) -> bytes:
-    picture = Image.fromarray(np.clip(255. * image.cpu().numpy(), 0, 255).astype(np.uint8))
+    picture = Image.fromarray(np.clip(255.0 * image.cpu().numpy(), 0, 255).astype(np.uint8))
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
 def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(payload, zlib.crc32(kind)))
+    return (
+        struct.pack(">I", len(payload))
+        + kind
+        + payload
+        + struct.pack(">I", zlib.crc32(payload, zlib.crc32(kind)))
+    )
 
 
 def upload_floor(image: torch.Tensor) -> bytes:
@@ -77,20 +83,34 @@ def upload_floor(image: torch.Tensor) -> bytes:
     lines[:, 0] = 0  # filter "none"
     lines[:, 1:] = pixels.reshape(height, width * 3)
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"".join((b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", header), _chunk(b"IDAT", zlib.compress(lines, 0)),
-                     _chunk(b"IEND", b"")))
+    return b"".join(
+        (
+            b"\x89PNG\r\n\x1a\n",
+            _chunk(b"IHDR", header),
+            _chunk(b"IDAT", zlib.compress(lines, 0)),
+            _chunk(b"IEND", b""),
+        )
+    )
 
 
 # --- the three download paths ------------------------------------------------------------
+
 
 def http_response(body: bytes) -> requests.Response:
     """A ``requests.Response`` as it stands when the headers are in and the body is still to be read."""
     response = requests.Response()
     response.status_code = 200
-    response.headers = CaseInsensitiveDict({"content-type": "application/json", "content-length": str(len(body))})
+    response.headers = CaseInsensitiveDict(
+        {"content-type": "application/json", "content-length": str(len(body))}
+    )
     # The client reads the body through urllib3's response (read1), as from a socket.
-    response.raw = urllib3.HTTPResponse(body=io.BytesIO(body), headers=dict(response.headers), status=200,
-                                        preload_content=False, decode_content=False)
+    response.raw = urllib3.HTTPResponse(
+        body=io.BytesIO(body),
+        headers=dict(response.headers),
+        status=200,
+        preload_content=False,
+        decode_content=False,
+    )
     response.encoding = None
     return response
 
@@ -129,6 +149,7 @@ def download_floor(b64: bytes) -> Image.Image:
 
 # --- measuring ---------------------------------------------------------------------------
 
+
 @dataclass
 class SizeResult:
     """Median times (seconds) per path and direction at one image size, and the upload sizes."""
@@ -152,14 +173,15 @@ def _time(call: Callable[[], object]) -> float:
 
 def _check_lossless(side: int, image: torch.Tensor, uploads: dict[str, bytes]) -> None:
     rounded = to_uint8_rgb(image)
-    truncated = np.clip(255. * image.numpy(), 0, 255).astype(np.uint8)  # the naive path truncates
+    truncated = np.clip(255.0 * image.numpy(), 0, 255).astype(np.uint8)  # the naive path truncates
     for path, data in uploads.items():
         if not np.array_equal(decode_image(data), truncated if path == "naive" else rounded):
             raise AssertionError(f"the {path} upload at {side}px does not decode to the input's pixels")
 
 
 def measure_size(side: int, repeats: int, seed: int = 0) -> SizeResult:
-    """Run every path ``repeats`` times on one ``side`` x ``side`` image, interleaved, and keep the medians."""
+    """Run every path ``repeats`` times on one ``side`` x ``side`` image, interleaved, and keep the
+    medians."""
     image = torch.from_numpy(photo_like(side, side, seed))
     png = service_png(side, side, seed + 1000)
     body = response_json(png)
@@ -172,25 +194,34 @@ def measure_size(side: int, repeats: int, seed: int = 0) -> SizeResult:
     download_pack = DownloadPack(size, request)
     download_pack(body)  # warm: first use loads Pillow's plugins
     expected = torch.from_numpy(decode_image(png).astype(np.float32) / np.float32(255))
-    if not torch.equal(download_pack(body)[0], expected) or not torch.equal(download_naive(body)[0], expected):
+    if not torch.equal(download_pack(body)[0], expected) or not torch.equal(
+        download_naive(body)[0], expected
+    ):
         raise AssertionError(f"a download path at {side}px does not give the answer's pixels")
 
-    upload_calls = {"pack": lambda: upload_pack(image), "naive": lambda: upload_naive(image),
-                    "floor": lambda: upload_floor(image)}
-    download_calls = {"pack": lambda: download_pack(body), "naive": lambda: download_naive(body),
-                      "floor": lambda: download_floor(b64)}
+    upload_calls = {
+        "pack": lambda: upload_pack(image),
+        "naive": lambda: upload_naive(image),
+        "floor": lambda: upload_floor(image),
+    }
+    download_calls = {
+        "pack": lambda: download_pack(body),
+        "naive": lambda: download_naive(body),
+        "floor": lambda: download_floor(b64),
+    }
     up: dict[str, list[float]] = {path: [] for path in PATHS}
     down: dict[str, list[float]] = {path: [] for path in PATHS}
     for repeat in range(repeats):
         # Rotate the order so a slow moment of the machine does not always fall on one path.
-        order = PATHS[repeat % 3:] + PATHS[:repeat % 3]
+        order = PATHS[repeat % 3 :] + PATHS[: repeat % 3]
         for path in order:
             gc.collect()
             up[path].append(_time(upload_calls[path]))
             gc.collect()
             down[path].append(_time(download_calls[path]))
     return SizeResult(
-        side=side, repeats=repeats,
+        side=side,
+        repeats=repeats,
         upload={path: statistics.median(times) for path, times in up.items()},
         download={path: statistics.median(times) for path, times in down.items()},
         upload_bytes={path: len(data) for path, data in uploads.items()},

@@ -21,7 +21,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from .servers import ROOT, redis_server, standin
 from .throughput import LATENCY, LIMIT_REQUESTS, LIMIT_SECONDS, LOCKOUT_SECONDS, _inputs
@@ -50,7 +49,7 @@ class ProcessesRun:
     seconds: float = 0.0  # from starting the three processes to the last one's exit
     timed_out: bool = False
     fallbacks: list[str] = field(default_factory=list)  # a process said its budget was not shared
-    not_run: Optional[str] = None
+    not_run: str | None = None
 
     @property
     def per_second(self) -> float:
@@ -63,9 +62,16 @@ class ProcessesRun:
     @property
     def ok(self) -> bool:
         """All delivered, each paid once, no 429, at >= 0.9x the limit's rate, the budget shared."""
-        return (self.not_run is None and not self.timed_out and self.failed_processes == 0
-                and self.delivered == self.images and self.generated == self.images and self.refused_429 == 0
-                and not self.fallbacks and self.ratio_to_limit >= RATIO_TARGET)
+        return (
+            self.not_run is None
+            and not self.timed_out
+            and self.failed_processes == 0
+            and self.delivered == self.images
+            and self.generated == self.images
+            and self.refused_429 == 0
+            and not self.fallbacks
+            and self.ratio_to_limit >= RATIO_TARGET
+        )
 
 
 def _run(label: str, work: Path, inputs: list[Path], per_process: int, env_for) -> ProcessesRun:
@@ -78,12 +84,32 @@ def _run(label: str, work: Path, inputs: list[Path], per_process: int, env_for) 
         processes = []
         started = time.perf_counter()
         for index, folder in enumerate(inputs):
-            command = [sys.executable, "-m", "structure_api", "batch", str(folder), "-o",
-                       str(work / f"out-{label}-{index}"), "--prompt", "a benchmark picture",
-                       "--seed", str(1 + index * per_process), "--concurrency", str(CONCURRENCY)]
-            processes.append(subprocess.Popen(command, cwd=ROOT, env={**base, **env_for(index)},
-                                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                              stderr=subprocess.PIPE, text=True))
+            command = [
+                sys.executable,
+                "-m",
+                "structure_api",
+                "batch",
+                str(folder),
+                "-o",
+                str(work / f"out-{label}-{index}"),
+                "--prompt",
+                "a benchmark picture",
+                "--seed",
+                str(1 + index * per_process),
+                "--concurrency",
+                str(CONCURRENCY),
+            ]
+            processes.append(
+                subprocess.Popen(
+                    command,
+                    cwd=ROOT,
+                    env={**base, **env_for(index)},
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
         deadline = started + RUN_TIMEOUT
         for process in processes:
             try:
@@ -116,23 +142,47 @@ def measure_processes(per_process: int = PER_PROCESS, with_unshared: bool = True
             inputs[-1].mkdir()
             _inputs(inputs[-1], per_process, 96)
         # Each row starts from empty folders (and a fresh stand-in): nothing is served from a store.
-        runs.append(_run("machine", work, inputs, per_process,
-                         lambda i: {"AITHRIVING_CACHE_DIR": str(work / "store-machine")}))
+        runs.append(
+            _run(
+                "machine",
+                work,
+                inputs,
+                per_process,
+                lambda i: {"AITHRIVING_CACHE_DIR": str(work / "store-machine")},
+            )
+        )
         try:
             with redis_server() as url:
-                runs.append(_run("redis", work, inputs, per_process, lambda i: {
-                    "AITHRIVING_CACHE_DIR": str(work / f"store-redis-{i}"), "AITHRIVING_REDIS_URL": url}))
+                runs.append(
+                    _run(
+                        "redis",
+                        work,
+                        inputs,
+                        per_process,
+                        lambda i: {
+                            "AITHRIVING_CACHE_DIR": str(work / f"store-redis-{i}"),
+                            "AITHRIVING_REDIS_URL": url,
+                        },
+                    )
+                )
         except (ImportError, RuntimeError) as error:
             runs.append(ProcessesRun(label="redis", images=PROCESSES * per_process, not_run=str(error)))
         if with_unshared:
-            runs.append(_run("unshared", work, inputs, per_process, lambda i: {
-                "AITHRIVING_CACHE_DIR": str(work / f"store-unshared-{i}")}))
+            runs.append(
+                _run(
+                    "unshared",
+                    work,
+                    inputs,
+                    per_process,
+                    lambda i: {"AITHRIVING_CACHE_DIR": str(work / f"store-unshared-{i}")},
+                )
+            )
     return runs
 
 
 _NAMES = {
     "machine": "one machine: one store folder (the default)",
-    "redis": "three \"machines\": a folder each, one Redis (`AITHRIVING_REDIS_URL`)",
+    "redis": 'three "machines": a folder each, one Redis (`AITHRIVING_REDIS_URL`)',
     "unshared": "without sharing: a folder each, no Redis (comparison)",
 }
 
@@ -143,16 +193,20 @@ def target_rows(runs: list[ProcessesRun]) -> list[str]:
     for run in runs:
         if run.label == "unshared":
             continue
-        head = (f"| {PROCESSES} processes × {run.images // PROCESSES} images at once, {_NAMES[run.label]}, "
-                f"stand-in limited to {LIMIT_REQUESTS}/{LIMIT_SECONDS:g} with a {LOCKOUT_SECONDS:g} s "
-                f"lock-out: all delivered, each paid once, no 429, ≥ {RATIO_TARGET}x of "
-                f"{LIMIT_REQUESTS / LIMIT_SECONDS:g}/s in all")
+        head = (
+            f"| {PROCESSES} processes × {run.images // PROCESSES} images at once, {_NAMES[run.label]}, "
+            f"stand-in limited to {LIMIT_REQUESTS}/{LIMIT_SECONDS:g} with a {LOCKOUT_SECONDS:g} s "
+            f"lock-out: all delivered, each paid once, no 429, ≥ {RATIO_TARGET}x of "
+            f"{LIMIT_REQUESTS / LIMIT_SECONDS:g}/s in all"
+        )
         if run.not_run:
             rows.append(f"{head} | not run: {run.not_run} | NOT MET |")
             continue
-        rows.append(f"{head} | {run.delivered}/{run.images} delivered, {run.generated} generated, "
-                    f"{run.refused_429} 429s, {run.per_second:.2f}/s = {run.ratio_to_limit:.2f}x "
-                    f"| {'met' if run.ok else 'NOT MET'} |")
+        rows.append(
+            f"{head} | {run.delivered}/{run.images} delivered, {run.generated} generated, "
+            f"{run.refused_429} 429s, {run.per_second:.2f}/s = {run.ratio_to_limit:.2f}x "
+            f"| {'met' if run.ok else 'NOT MET'} |"
+        )
     return rows
 
 
@@ -161,12 +215,12 @@ def section(runs: list[ProcessesRun]) -> list[str]:
     lines = [
         "## One key, three processes",
         "",
-        f"{PROCESSES} runs of `structure-api batch --concurrency {CONCURRENCY}`, each on a folder of its own "
-        f"{runs[0].images // PROCESSES} photo-like PNGs of 96² and started at the same moment, against one "
-        f"stand-in (`structure-api serve --latency {LATENCY:g} --rate-limit "
+        f"{PROCESSES} runs of `structure-api batch --concurrency {CONCURRENCY}`, each on a folder of its "
+        f"own {runs[0].images // PROCESSES} photo-like PNGs of 96² and started at the same moment, against "
+        f"one stand-in (`structure-api serve --latency {LATENCY:g} --rate-limit "
         f"{LIMIT_REQUESTS}/{LIMIT_SECONDS:g} --lockout {LOCKOUT_SECONDS:g}`, a process of its own) with the "
-        "same key. The wall time runs from starting the three to the last one's exit (Python's start-up included); the counts of images "
-        "generated and of 429s are the stand-in's own.",
+        "same key. The wall time runs from starting the three to the last one's exit (Python's start-up "
+        "included); the counts of images generated and of 429s are the stand-in's own.",
         "",
         "| sharing | delivered | processes failed | images generated | 429s answered | lock-outs "
         "| wall time (s) | images/s in all | vs the limit's 15/s |",
@@ -177,9 +231,11 @@ def section(runs: list[ProcessesRun]) -> list[str]:
             lines.append(f"| {_NAMES[run.label]} | not run: {run.not_run} | | | | | | | |")
             continue
         stopped = " (stopped: took too long)" if run.timed_out else ""
-        lines.append(f"| {_NAMES[run.label]}{stopped} | {run.delivered}/{run.images} "
-                     f"| {run.failed_processes} | {run.generated} | {run.refused_429} | {run.lockouts} "
-                     f"| {run.seconds:.1f} | {run.per_second:.2f} | {run.ratio_to_limit:.2f}x |")
+        lines.append(
+            f"| {_NAMES[run.label]}{stopped} | {run.delivered}/{run.images} "
+            f"| {run.failed_processes} | {run.generated} | {run.refused_429} | {run.lockouts} "
+            f"| {run.seconds:.1f} | {run.per_second:.2f} | {run.ratio_to_limit:.2f}x |"
+        )
     said = [f"- {_NAMES[run.label]}: a process said: {line}" for run in runs for line in run.fallbacks[:3]]
     lines += ["", *said] if said else []
     lines += [
@@ -193,7 +249,7 @@ def section(runs: list[ProcessesRun]) -> list[str]:
     return lines
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.processes [PER_PROCESS]``: these rows alone, printed (nothing written)."""
     args = argv if argv is not None else sys.argv[1:]
     count = int(args[0]) if args and args[0].isdigit() else PER_PROCESS

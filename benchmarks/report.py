@@ -7,7 +7,7 @@ import math
 import os
 import platform
 import zlib
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import PIL
@@ -70,7 +70,8 @@ def machine() -> list[str]:
         f"zlib {zlib.ZLIB_RUNTIME_VERSION}",
         f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         # The machine is shared: what else ran weighs on every figure, the CPU-bound ones most.
-        "- Load average at the end of the run (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()),
+        "- Load average at the end of the run (1, 5, 15 min): "
+        + ", ".join(f"{v:.2f}" for v in os.getloadavg()),
     ]
 
 
@@ -100,22 +101,37 @@ def _paced(throughput: Sequence[ThroughputRun]) -> ThroughputRun:
 
 def throughput_ok(throughput: Sequence[ThroughputRun]) -> bool:
     run = _paced(throughput)
-    return (run.delivered == run.images and run.failed == 0 and run.refused_429 == 0 and not run.timed_out
-            and run.ratio_to_limit >= THROUGHPUT_RATIO_TARGET)
+    return (
+        run.delivered == run.images
+        and run.failed == 0
+        and run.refused_429 == 0
+        and not run.timed_out
+        and run.ratio_to_limit >= THROUGHPUT_RATIO_TARGET
+    )
 
 
-def all_targets_met(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[MemoryResult],
-                    throughput: Sequence[ThroughputRun], processes: Sequence[ProcessesRun] = (),
-                    graphs: Optional[GraphResult] = None) -> bool:
-    return (all(overhead_ok(s) and upload_ok(s) for s in sizes) and batch_ok(batch) and memory_ok(memory)
-            and throughput_ok(throughput) and all(run.ok for run in processes if run.label != "unshared")
-            and (graphs is None or (graphs.four_ok() and graphs.hybrid_ok())))
+def all_targets_met(
+    sizes: Sequence[SizeResult],
+    batch: BatchResult,
+    memory: Sequence[MemoryResult],
+    throughput: Sequence[ThroughputRun],
+    processes: Sequence[ProcessesRun] = (),
+    graphs: GraphResult | None = None,
+) -> bool:
+    return (
+        all(overhead_ok(s) and upload_ok(s) for s in sizes)
+        and batch_ok(batch)
+        and memory_ok(memory)
+        and throughput_ok(throughput)
+        and all(run.ok for run in processes if run.label != "unshared")
+        and (graphs is None or (graphs.four_ok() and graphs.hybrid_ok()))
+    )
 
 
 def _throughput_table(throughput: Sequence[ThroughputRun]) -> list[str]:
     lines = [
-        "| run | delivered | failed | 429s answered | lock-outs | images generated | wall time (s) | images/s "
-        "| vs the limit's 15/s |",
+        "| run | delivered | failed | 429s answered | lock-outs | images generated | wall time (s) | "
+        "images/s | vs the limit's 15/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in throughput:
@@ -126,9 +142,11 @@ def _throughput_table(throughput: Sequence[ThroughputRun]) -> list[str]:
         else:
             name = "pacer off (`AITHRIVING_RATE_LIMIT=off`), for comparison"
         stopped = " (stopped: took too long)" if run.timed_out else ""
-        lines.append(f"| {name}{stopped} | {run.delivered}/{run.images} | {run.failed} | {run.refused_429} "
-                     f"| {run.lockouts} | {run.generated} | {run.seconds:.1f} | {run.per_second:.2f} "
-                     f"| {run.ratio_to_limit:.2f}x |")
+        lines.append(
+            f"| {name}{stopped} | {run.delivered}/{run.images} | {run.failed} | {run.refused_429} "
+            f"| {run.lockouts} | {run.generated} | {run.seconds:.1f} | {run.per_second:.2f} "
+            f"| {run.ratio_to_limit:.2f}x |"
+        )
     return lines
 
 
@@ -150,13 +168,22 @@ def _overhead_table(sizes: Sequence[SizeResult]) -> list[str]:
                 f"| {size.side}² | {path} | {_ms(size.upload[path])} | {_ms(size.download[path])} "
                 f"| {_ms(size.total(path))} | {size.total(path) / naive_total:.2f}x "
                 f"| {size.download[path] / size.download['naive']:.2f}x | {_mb(size.upload_bytes[path])} "
-                f"| {size.upload_bytes[path] / size.upload_bytes['naive']:.3f}x |")
+                f"| {size.upload_bytes[path] / size.upload_bytes['naive']:.3f}x |"
+            )
     return lines
 
 
-def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[MemoryResult],
-           throughput: Sequence[ThroughputRun], *, seconds: float, quick: bool = False,
-           processes: Sequence[ProcessesRun] = (), graphs: Optional[GraphResult] = None) -> str:
+def render(
+    sizes: Sequence[SizeResult],
+    batch: BatchResult,
+    memory: Sequence[MemoryResult],
+    throughput: Sequence[ThroughputRun],
+    *,
+    seconds: float,
+    quick: bool = False,
+    processes: Sequence[ProcessesRun] = (),
+    graphs: GraphResult | None = None,
+) -> str:
     """The whole report as Markdown."""
     at_target = _memory_at(memory, MEMORY_TARGET_CONCURRENCY)
     concurrent = batch.concurrent[BATCH_TARGET_CONCURRENCY]
@@ -165,8 +192,8 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
         "# Benchmarks",
         "",
         f"Generated by `{COMMAND}` (from the repository root, in the project's venv) in {seconds:.0f} s; "
-        "every figure and ratio below comes from that one run." + (" **Quick smoke run: too few repeats to "
-                                                                    "quote.**" if quick else ""),
+        "every figure and ratio below comes from that one run."
+        + (" **Quick smoke run: too few repeats to quote.**" if quick else ""),
         "",
         "## Machine",
         "",
@@ -179,25 +206,30 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
     ]
     for size in sizes:
         ratio = size.total("pack") / size.total("naive")
-        out.append(f"| per-image overhead at {size.side}² ≤ {OVERHEAD_RATIO_TARGET}x naive "
-                   f"| {ratio:.2f}x ({_ms(size.total('pack'))} vs {_ms(size.total('naive'))} ms; "
-                   f"floor {_ms(size.total('floor'))} ms) | {_verdict(overhead_ok(size))} |")
+        out.append(
+            f"| per-image overhead at {size.side}² ≤ {OVERHEAD_RATIO_TARGET}x naive "
+            f"| {ratio:.2f}x ({_ms(size.total('pack'))} vs {_ms(size.total('naive'))} ms; "
+            f"floor {_ms(size.total('floor'))} ms) | {_verdict(overhead_ok(size))} |"
+        )
     for size in sizes:
         ratio = size.upload_bytes["pack"] / size.upload_bytes["naive"]
-        out.append(f"| upload size at {size.side}² ≤ {UPLOAD_SIZE_RATIO_TARGET}x naive PNG | {ratio:.3f}x "
-                   f"({_mb(size.upload_bytes['pack'])} vs {_mb(size.upload_bytes['naive'])} MB) "
-                   f"| {_verdict(upload_ok(size))} |")
+        out.append(
+            f"| upload size at {size.side}² ≤ {UPLOAD_SIZE_RATIO_TARGET}x naive PNG | {ratio:.3f}x "
+            f"({_mb(size.upload_bytes['pack'])} vs {_mb(size.upload_bytes['naive'])} MB) "
+            f"| {_verdict(upload_ok(size))} |"
+        )
     paced = _paced(throughput)
     out += [
         f"| batch of {batch.count} at {batch.latency:g} s latency, default settings (concurrency "
         f"{BATCH_TARGET_CONCURRENCY}), ≤ {BATCH_SECONDS_TARGET} s | {concurrent:.2f} s (one image alone "
         f"{batch.single:.2f} s; sequential {batch.sequential:.2f} s) | {_verdict(batch_ok(batch))} |",
         *(graph_target_rows(graphs) if graphs is not None else []),
-        f"| {paced.images} images, `structure-api batch --concurrency {CONCURRENCY}`, stand-in at {LATENCY:g} s "
-        f"latency limited to {LIMIT_REQUESTS}/{LIMIT_SECONDS:g} with a {LOCKOUT_SECONDS:g} s lock-out: all "
-        f"delivered, no 429, ≥ {THROUGHPUT_RATIO_TARGET}x the limit's {LIMIT_REQUESTS / LIMIT_SECONDS:g}/s "
-        f"| {paced.delivered}/{paced.images} delivered, {paced.refused_429} 429s, {paced.per_second:.2f}/s = "
-        f"{paced.ratio_to_limit:.2f}x | {_verdict(throughput_ok(throughput))} |",
+        f"| {paced.images} images, `structure-api batch --concurrency {CONCURRENCY}`, stand-in at "
+        f"{LATENCY:g} s latency limited to {LIMIT_REQUESTS}/{LIMIT_SECONDS:g} with a {LOCKOUT_SECONDS:g} s "
+        f"lock-out: all delivered, no 429, ≥ {THROUGHPUT_RATIO_TARGET}x the limit's "
+        f"{LIMIT_REQUESTS / LIMIT_SECONDS:g}/s | {paced.delivered}/{paced.images} delivered, "
+        f"{paced.refused_429} 429s, {paced.per_second:.2f}/s = {paced.ratio_to_limit:.2f}x | "
+        f"{_verdict(throughput_ok(throughput))} |",
         *processes_target_rows(list(processes)),
         f"| memory beyond input and output, {at_target.count} x {at_target.side}², < "
         f"{MEMORY_TARGET_BYTES // 10**6} MB | {_mb(at_target.overhead)} MB "
@@ -211,13 +243,13 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
         "",
         *_overhead_table(sizes),
         "",
-        "- **tensor → request**: one `[H, W, 3]` float32 image of the IMAGE batch to the bytes of the "
-        "image part of the request. The multipart framing is left out of every path (the pack's costs no copy: "
-        "it sends the encoded bytes as they are).",
+        "- **tensor → request**: one `[H, W, 3]` float32 image of the IMAGE batch to the bytes of the image "
+        "part of the request. The multipart framing is left out of every path (the pack's costs no copy: it "
+        "sends the encoded bytes as they are).",
         "  - *pack*: `to_uint8_rgb` → `fit_to_limits` → `encode_upload` (its own PNG writer: Average filter, "
         "zlib level 1, RLE strategy; lossless).",
         "  - *naive*: `Image.fromarray(np.clip(255. * t.cpu().numpy(), 0, 255).astype(np.uint8))` → "
-        "`save(format=\"PNG\")` at Pillow's default compression.",
+        '`save(format="PNG")` at Pillow\'s default compression.',
         "  - *floor*: `to_uint8_rgb` plus the cheapest lossless encoding: a PNG of stored (uncompressed) "
         "zlib blocks. Its upload is ~2x the others' and for large images over the service's 10 MiB limit.",
         "- **answer → tensor**: an HTTP body (the service's JSON, `data.image` = base64 of a PNG saved by "
@@ -225,10 +257,10 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
         "an IMAGE tensor. Pack and naive read it from a `requests.Response` whose body is in memory.",
         "  - *pack*: `StructureClient`'s own answer handling (read, JSON parse, base64, `decode_image`), "
         "then `restore_from_fit` and `uint8_to_float` into the preallocated output batch, as the node does.",
-        "  - *naive*: `response.json()` → `base64.b64decode` → `Image.open(...).convert(\"RGBA\")` → "
+        '  - *naive*: `response.json()` → `base64.b64decode` → `Image.open(...).convert("RGBA")` → '
         "`np.array(...).astype(np.float32) / 255.0` → `torch.from_numpy(...)[None, :, :, :3]`.",
-        "  - *floor*: `binascii.a2b_base64` plus Pillow's PNG decode (`Image.open(...).load()`); nothing else, "
-        "not even the conversion to float.",
+        "  - *floor*: `binascii.a2b_base64` plus Pillow's PNG decode (`Image.open(...).load()`); nothing "
+        "else, not even the conversion to float.",
         "- Every path's output is checked: the uploads decode to the input's pixels (the naive one truncates "
         "instead of rounding), and pack and naive give the answer's exact pixels.",
         f"- The answer direction on its own takes {_span(sizes, 'pack')} the naive path's time. It cannot be "
@@ -242,20 +274,23 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
         "",
         "## Batch wall time",
         "",
-        f"{batch.count} photo-like images of {batch.side}² against the pack's stand-in (`python -m structure_api "
-        f"serve --latency {batch.latency:g}`, in a separate process), which answers each request "
-        f"{batch.latency:g} s after it has read it, like a remote service: its own decoding and rendering "
-        "are inside that time, not added to it, so what the batch adds to one image's time is the pack's "
-        f"work (and the machine's load). Median of {batch.repeats} runs (sequential: 1 run). "
-        "The node's path (`generate_images`) runs with a fresh result cache, as the node does.",
+        f"{batch.count} photo-like images of {batch.side}² against the pack's stand-in (`python -m "
+        f"structure_api serve --latency {batch.latency:g}`, in a separate process), which answers each "
+        f"request {batch.latency:g} s after it has read it, like a remote service: its own decoding and "
+        "rendering are inside that time, not added to it, so what the batch adds to one image's time is "
+        f"the pack's work (and the machine's load). Median of {batch.repeats} runs (sequential: 1 run). The "
+        "node's path (`generate_images`) runs with a fresh result store, as the node does.",
         "",
         "| run | wall time (s) |",
         "|---|---:|",
         f"| one image alone (`generate_images`, the floor for any batch) | {batch.single:.2f} |",
     ]
     for level, wall in sorted(batch.concurrent.items(), reverse=True):
-        name = (f"default settings (max_concurrency not given: {level})" if level == BATCH_TARGET_CONCURRENCY
-                else f"max_concurrency={level}")
+        name = (
+            f"default settings (max_concurrency not given: {level})"
+            if level == BATCH_TARGET_CONCURRENCY
+            else f"max_concurrency={level}"
+        )
         out.append(f"| pack: `generate_images`, {name} | {wall:.2f} |")
     out += [
         f"| one after another (a plain loop over `StructureClient.generate`) | {batch.sequential:.2f} |",
@@ -272,11 +307,11 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
         f"{paced.images} photo-like PNGs of 96² in a folder, sent by `structure-api batch --concurrency "
         f"{CONCURRENCY}` (its own process, so Python's start-up is in the wall time) to the stand-in "
         f"(`structure-api serve --latency {LATENCY:g} --rate-limit {LIMIT_REQUESTS}/{LIMIT_SECONDS:g} "
-        f"--lockout {LOCKOUT_SECONDS:g}`, another process), which admits at most {LIMIT_REQUESTS} requests in "
-        f"any {LIMIT_SECONDS:g} s and answers every request past that, and every one during the following "
-        f"{LOCKOUT_SECONDS:g} s, with a 429 without Retry-After, as the service does (except in the \"no limit\" "
-        "row). Each run starts with a fresh stand-in and an empty result store. The 429 and lock-out counts are "
-        "the stand-in's own.",
+        f"--lockout {LOCKOUT_SECONDS:g}`, another process), which admits at most {LIMIT_REQUESTS} requests "
+        f"in any {LIMIT_SECONDS:g} s and answers every request past that, and every one during the "
+        f"following {LOCKOUT_SECONDS:g} s, with a 429 without Retry-After, as the service does (except in "
+        'the "no limit" row). Each run starts with a fresh stand-in and an empty result store. The 429 '
+        "and lock-out counts are the stand-in's own.",
         "",
         *_throughput_table(throughput),
         "",
@@ -286,11 +321,11 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
         f"{math.ceil(paced.images / CONCURRENCY)} rounds of {LATENCY:g} s, so {paced.images} / "
         f"{math.ceil(paced.images / CONCURRENCY) * LATENCY:g} s = "
         f"{paced.images / (math.ceil(paced.images / CONCURRENCY) * LATENCY):.1f}/s is the ceiling before any "
-        "start-up or processing time (the \"no limit\" row measures it). The pacer lets at most "
+        'start-up or processing time (the "no limit" row measures it). The pacer lets at most '
         f"{LIMIT_REQUESTS} start in any {LIMIT_SECONDS * 1.02:g} s (the limit's window plus a 2% margin, "
         "counted from when each upload went out): here the second 150 start as the first 150's slots leave "
         "the window, at about the time workers come free anyway, and the waits show in the progress line as "
-        "\"waiting for a free slot under the service's rate limit\". Without it the 151st request within "
+        '"waiting for a free slot under the service\'s rate limit". Without it the 151st request within '
         "10 s trips the lock-out: the 429s cost nothing, every request of the process pauses and one probes "
         "at growing intervals (429s are waited out for up to 150 s), and the batch resumes when the lock-out "
         "is over, about a minute later.",
@@ -302,7 +337,7 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
         f"(input {_mb(at_target.input_bytes)} MB of float32, output {_mb(at_target.output_bytes)} MB), in a "
         "fresh process, against the stand-in in another process scripted to answer every request with a "
         f"photo-like {at_target.side}² PNG (as large as a real result; the stand-in's own edge maps compress "
-        "to a fraction of that) after 0.5 s, with a fresh result cache as the node uses.",
+        "to a fraction of that) after 0.5 s, with a fresh result store as the node uses.",
         "",
         "| max_concurrency | beyond input + output (MB) | per image in flight (MB) | peak RSS (MB) | "
         "baseline RSS (MB) | RSS sampled every 2 ms: beyond (MB) | run (s) |",
@@ -310,18 +345,20 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
     ]
     for result in memory:
         note = " (default)" if result.concurrency == MEMORY_TARGET_CONCURRENCY else ""
-        out.append(f"| {result.concurrency}{note} | **{_mb(result.overhead)}** | "
-                   f"{_mb(result.overhead // result.concurrency)} | {_mb(result.peak_rss)} | "
-                   f"{_mb(result.baseline_rss)} | {_mb(result.sampled_overhead)} | {result.seconds:.1f} |")
+        out.append(
+            f"| {result.concurrency}{note} | **{_mb(result.overhead)}** | "
+            f"{_mb(result.overhead // result.concurrency)} | {_mb(result.peak_rss)} | "
+            f"{_mb(result.baseline_rss)} | {_mb(result.sampled_overhead)} | {result.seconds:.1f} |"
+        )
     out += [
         "",
-        f"Method: peak = {at_target.peak_method}. The baseline is the resident set size (RSS) after the input "
-        "batch is built, a warm-up has run and freed heap was returned to the system (`malloc_trim`); the "
-        "kernel's peak-RSS mark (`VmHWM`) is then reset (`/proc/self/clear_refs` = 5) and read after "
-        "`generate_images` returns. `torch.zeros` writes every page of the output batch when it allocates it, "
-        "so the output is wholly resident from the start of the call: overhead = peak − baseline − output bytes. "
-        "RSS counts everything (Pillow's and zlib's C buffers, freed memory glibc keeps, thread stacks), "
-        "which tracemalloc would not see.",
+        f"Method: peak = {at_target.peak_method}. The baseline is the resident set size (RSS) after the "
+        "input batch is built, a warm-up has run and freed heap was returned to the system "
+        "(`malloc_trim`); the kernel's peak-RSS mark (`VmHWM`) is then reset (`/proc/self/clear_refs` = 5) "
+        "and read after `generate_images` returns. `torch.zeros` writes every page of the output batch "
+        "when it allocates it, so the output is wholly resident from the start of the call: overhead = "
+        "peak − baseline − output bytes. RSS counts everything (Pillow's and zlib's C buffers, freed "
+        "memory glibc keeps, thread stacks), which tracemalloc would not see.",
         "",
         "What one image in flight holds (2048²): while it waits, its upload PNG (~6 MB, kept for a possible "
         "retry); when its answer comes, the body (~9 MB, one buffer sized from Content-Length) and the "
@@ -334,8 +371,11 @@ def render(sizes: Sequence[SizeResult], batch: BatchResult, memory: Sequence[Mem
         "free-but-kept pages). Nothing is held for the whole batch: requests are built as workers need "
         "them, and the batch report keeps no bytes of results that are on disk. Memory grows with "
         "max_concurrency "
-        "(`AITHRIVING_MAX_CONCURRENCY`, default " + str(MEMORY_TARGET_CONCURRENCY) + "), not with the batch: "
-        + "; ".join(f"{r.concurrency} in flight need {_mb(r.overhead)} MB" for r in memory) + ".",
+        "(`AITHRIVING_MAX_CONCURRENCY`, default "
+        + str(MEMORY_TARGET_CONCURRENCY)
+        + "), not with the batch: "
+        + "; ".join(f"{r.concurrency} in flight need {_mb(r.overhead)} MB" for r in memory)
+        + ".",
         "",
     ]
     return "\n".join(out)

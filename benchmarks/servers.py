@@ -8,9 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 _READY = "listening on "
@@ -37,8 +37,15 @@ def server_process(args: Sequence[str]) -> Iterator[RunningServer]:
     """Start ``python ARGS`` in the repository root; yield it once it prints its URL; stop it after."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("AITHRIVING_")}
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
     url = None
     try:
         assert process.stdout is not None
@@ -81,9 +88,23 @@ def redis_server() -> Iterator[str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with tempfile.TemporaryDirectory() as folder:
-        process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                    "--appendonly", "no", "--dir", folder],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [
+                server,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                folder,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         url = f"redis://127.0.0.1:{port}/0"
         try:
             client = redis.Redis.from_url(url)
@@ -103,19 +124,22 @@ def redis_server() -> Iterator[str]:
             process.wait(10)
 
 
-def standin(latency: float, *extra: str) -> "contextlib.AbstractContextManager[RunningServer]":
-    """The pack's own stand-in (``structure-api serve``): decodes each upload, renders, answers after ``latency``."""
+def standin(latency: float, *extra: str) -> contextlib.AbstractContextManager[RunningServer]:
+    """The pack's own stand-in (``structure-api serve``): decodes each upload, renders, answers after
+    ``latency``."""
     return server_process(["-m", "structure_api", "serve", "--port", "0", "--latency", repr(latency), *extra])
 
 
-def photo_standin(side: int, answers: int, delay: float) -> "contextlib.AbstractContextManager[RunningServer]":
-    """The stand-in scripted to answer ``answers`` requests with a photo-like ``side`` x ``side`` PNG after ``delay``.
+def photo_standin(side: int, answers: int, delay: float) -> contextlib.AbstractContextManager[RunningServer]:
+    """The stand-in scripted to answer ``answers`` requests with a photo-like ``side`` x ``side`` PNG after
+    ``delay``.
 
     The stand-in's own pictures are flat edge maps whose PNGs are a fraction of a real
     result's size; a memory measurement needs answers as large as the service's.
     """
-    return server_process(["-m", "benchmarks.servers", "--side", str(side), "--answers", str(answers),
-                           "--delay", repr(delay)])
+    return server_process(
+        ["-m", "benchmarks.servers", "--side", str(side), "--answers", str(answers), "--delay", repr(delay)]
+    )
 
 
 def _serve_photos(argv: Sequence[str]) -> None:
@@ -131,8 +155,12 @@ def _serve_photos(argv: Sequence[str]) -> None:
 
     body = response_json(service_png(args.side, args.side, seed=4242))
     server = StandInServer(max_records=0)
-    server.script(*(Respond(200, body=body, delay=args.delay, headers={"content-type": "application/json"})
-                    for _ in range(args.answers)))
+    server.script(
+        *(
+            Respond(200, body=body, delay=args.delay, headers={"content-type": "application/json"})
+            for _ in range(args.answers)
+        )
+    )
     try:
         server.start()
         print(f"photo stand-in {_READY}{server.url}", flush=True)

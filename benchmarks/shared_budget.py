@@ -20,8 +20,8 @@ import sqlite3
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from structure_api.ratebudget import FolderBook
 from structure_api.ratelimit import PacerState
@@ -51,8 +51,9 @@ class SqliteBook:
             result = change(state, time.time())
             after = state.to_json()
             if after != before:
-                self._db.execute("INSERT OR REPLACE INTO budget (id, state) VALUES (?, ?)",
-                                 (self.budget, after))
+                self._db.execute(
+                    "INSERT OR REPLACE INTO budget (id, state) VALUES (?, ?)", (self.budget, after)
+                )
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -98,8 +99,10 @@ def measure(kind: str, processes: int, seconds: float = SECONDS) -> tuple[float,
         context = multiprocessing.get_context("spawn")
         results = context.Queue()
         barrier = context.Barrier(processes)
-        workers = [context.Process(target=_worker, args=(kind, folder, barrier, seconds, results))
-                   for _ in range(processes)]
+        workers = [
+            context.Process(target=_worker, args=(kind, folder, barrier, seconds, results))
+            for _ in range(processes)
+        ]
         for worker in workers:
             worker.start()
         figures = [results.get(timeout=60) for _ in workers]
@@ -114,8 +117,11 @@ def main() -> int:
     for kind in sys.argv[1:] or ("sqlite", "sqlite-wal", "lockfile"):
         for processes in (1, 3):
             rate, median, longest = measure(kind, processes)
-            print(f"{kind:11} {processes} process(es): {rate:7.0f} changes/s, median {median:.2f} ms, "
-                  f"longest {longest:.0f} ms", flush=True)
+            print(
+                f"{kind:11} {processes} process(es): {rate:7.0f} changes/s, median {median:.2f} ms, "
+                f"longest {longest:.0f} ms",
+                flush=True,
+            )
     return 0
 
 

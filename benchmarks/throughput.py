@@ -1,4 +1,5 @@
-"""Throughput at the service's own limit: ``structure-api batch`` against a stand-in that locks out like the upstream.
+"""Throughput at the service's own limit: ``structure-api batch`` against a stand-in that locks out like the
+upstream.
 
 300 small images through the CLI at 32 in flight, against ``structure-api serve --latency 2
 --rate-limit 150/10 --lockout 60`` (both in processes of their own). With the pacer every image
@@ -16,7 +17,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -74,17 +74,40 @@ def _run(label: str, paced: bool, inputs: Path, work: Path, limited: bool = True
     options = ("--rate-limit", limit, "--lockout", repr(LOCKOUT_SECONDS)) if limited else ()
     with standin(LATENCY, *options) as server:
         env = {name: value for name, value in os.environ.items() if not name.startswith("AITHRIVING_")}
-        env.update(AITHRIVING_BASE_URL=server.url, AITHRIVING_API_KEY="benchmark",
-                   AITHRIVING_CACHE_DIR=str(work / f"store-{label}"),
-                   AITHRIVING_RATE_LIMIT=limit if paced else "off")
+        env.update(
+            AITHRIVING_BASE_URL=server.url,
+            AITHRIVING_API_KEY="benchmark",
+            AITHRIVING_CACHE_DIR=str(work / f"store-{label}"),
+            AITHRIVING_RATE_LIMIT=limit if paced else "off",
+        )
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        command = [sys.executable, "-m", "structure_api", "batch", str(inputs), "-o", str(output),
-                   "--prompt", "a benchmark picture", "--seed", "1", "--concurrency", str(CONCURRENCY)]
+        command = [
+            sys.executable,
+            "-m",
+            "structure_api",
+            "batch",
+            str(inputs),
+            "-o",
+            str(output),
+            "--prompt",
+            "a benchmark picture",
+            "--seed",
+            "1",
+            "--concurrency",
+            str(CONCURRENCY),
+        ]
         started = time.perf_counter()
         timed_out = False
         try:
-            finished = subprocess.run(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                                      text=True, timeout=RUN_TIMEOUT)
+            finished = subprocess.run(
+                command,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=RUN_TIMEOUT,
+            )
             stdout = finished.stdout
         except subprocess.TimeoutExpired as expired:
             timed_out = True
@@ -97,14 +120,23 @@ def _run(label: str, paced: bool, inputs: Path, work: Path, limited: bool = True
         raise RuntimeError(f"the stand-in did not sum up its run: {server.final_output!r}")
     delivered = len([p for p in output.iterdir() if p.suffix == ".png"]) if output.is_dir() else 0
     return ThroughputRun(
-        label=label, paced=paced, images=len(list(inputs.iterdir())), delivered=delivered,
-        failed=int(summary.group(2)) if summary else -1, generated=int(generated.group(1)),
-        refused_429=int(stopped.group(2)) if stopped else 0, lockouts=int(stopped.group(3)) if stopped else 0,
-        seconds=seconds, timed_out=timed_out, limited=limited)
+        label=label,
+        paced=paced,
+        images=len(list(inputs.iterdir())),
+        delivered=delivered,
+        failed=int(summary.group(2)) if summary else -1,
+        generated=int(generated.group(1)),
+        refused_429=int(stopped.group(2)) if stopped else 0,
+        lockouts=int(stopped.group(3)) if stopped else 0,
+        seconds=seconds,
+        timed_out=timed_out,
+        limited=limited,
+    )
 
 
 def measure_throughput(count: int = 300, side: int = 96, with_unpaced: bool = True) -> list[ThroughputRun]:
-    """The paced run and (``with_unpaced``) the same batch against an unlimited stand-in and with the pacer off."""
+    """The paced run and (``with_unpaced``) the same batch against an unlimited stand-in and with the pacer
+    off."""
     runs = []
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
@@ -119,7 +151,7 @@ def measure_throughput(count: int = 300, side: int = 96, with_unpaced: bool = Tr
     return runs
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.throughput [COUNT]``: this benchmark alone, printed (nothing written)."""
     count = int((argv or sys.argv[1:] or ["300"])[0])
     for run in measure_throughput(count, with_unpaced="--paced-only" not in (argv or sys.argv[1:])):

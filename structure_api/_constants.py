@@ -38,8 +38,8 @@ DEFAULT_MAX_CONCURRENCY = 8
 
 # --- the result store ----------------------------------------------------------------------
 
-ENV_CACHE_DIR = "AITHRIVING_CACHE_DIR"
-ENV_CACHE_MAX_MB = "AITHRIVING_CACHE_MAX_MB"
+ENV_STORE_DIR = "AITHRIVING_CACHE_DIR"
+ENV_STORE_MAX_MB = "AITHRIVING_CACHE_MAX_MB"
 DEFAULT_STORE_MAX_BYTES = 1024 * 1024 * 1024
 # Delivered results of a memory-only store are a convenience cache: bounded, unlike undelivered ones.
-MEMORY_CACHE_BYTES = 256 * 1024 * 1024
+MEMORY_STORE_BYTES = 256 * 1024 * 1024

@@ -15,8 +15,8 @@ import logging
 import math
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
 from . import errors
@@ -38,7 +38,7 @@ _BOM = b"\xef\xbb\xbf"
 
 
 def _may_be_charged(status: int) -> str:
-    """The clause ending every failure of a 2xx answer: nobody can tell whether it was billed."""
+    """Return the clause ending every failure of a 2xx answer: nobody can tell whether it was billed."""
     return f"the service may have charged for it (HTTP {status}), so the request was not sent again."
 
 
@@ -50,7 +50,7 @@ class StructureResult:
     data: bytes
     seed: int
     format: str
-    request_id: Optional[str]
+    request_id: str | None
     attempts: int
     credits: int = CREDITS_PER_IMAGE
     # The result store's entry (a store.StoredResult): delivered or released through paid.PaidResult.
@@ -58,7 +58,10 @@ class StructureResult:
 
     def __repr__(self) -> str:
         shape = getattr(self.pixels, "shape", None)
-        return f"StructureResult(seed={self.seed}, format={self.format!r}, shape={shape}, attempts={self.attempts})"
+        return (
+            f"StructureResult(seed={self.seed}, format={self.format!r}, shape={shape}, "
+            f"attempts={self.attempts})"
+        )
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class ImageAnswer:
     seed: int
     format: str
     size: ImageSize
-    request_id: Optional[str]
+    request_id: str | None
     credits: int
     attempts: int = 1
     seed_known: bool = True
@@ -91,14 +94,14 @@ class ImageAnswer:
         return decode_answer(self)
 
     def error_fields(self) -> dict:
-        """What an error about this answer carries: its status, headers and request id."""
+        """Collect what an error about this answer carries: its status, headers and request id."""
         return dict(http_status=self.http_status, headers=self.headers, request_id=self.request_id)
 
 
 class Redactor:
     """Keeps the key (and runaway text) out of anything a person will read."""
 
-    def __init__(self, key: Optional[APIKey]) -> None:
+    def __init__(self, key: APIKey | None) -> None:
         self._secret = key.reveal() if key is not None else None
 
     def __repr__(self) -> str:
@@ -116,18 +119,29 @@ class Redactor:
 
 # --- the steps, in the order they run ----------------------------------------------------
 
+
 def refuse_redirect(status: int, headers: Mapping[str, str]) -> None:
-    """A redirect is never followed: the key would travel to wherever it points."""
+    """Refuse a redirect: following it would send the key to wherever it points."""
     if 300 <= status < 400:
         target = urlsplit(headers.get("location", "")).hostname or "another address"
         raise errors.UnexpectedRedirectError(
             f"The service answered with a redirect (HTTP {status}) to {target}; it was not followed, so the "
-            "key was not sent there: check AITHRIVING_BASE_URL.", http_status=status, headers=headers)
+            "key was not sent there: check AITHRIVING_BASE_URL.",
+            http_status=status,
+            headers=headers,
+        )
 
 
-def image_answer(status: int, headers: Mapping[str, str], body: bytes, request: StructureRequest,
-                 redact: Redactor, now: float, attempt: int = 1) -> ImageAnswer:
-    """The answer's image bytes, checked; or the error the answer stands for.
+def image_answer(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    request: StructureRequest,
+    redact: Redactor,
+    now: float,
+    attempt: int = 1,
+) -> ImageAnswer:
+    """Return the answer's image bytes, checked, or raise the error the answer stands for.
 
     ``headers`` are lower-cased; ``now`` is the wall clock, for a Retry-After date. An image that is
     not fit to use (far from the request's size) comes back on the error's ``answer``, to be kept.
@@ -141,8 +155,11 @@ def image_answer(status: int, headers: Mapping[str, str], body: bytes, request: 
     if success and detect_format(body) is not None:
         # An image file's bytes, not JSON (whatever the Content-Type says): it has no seed to report.
         raw, seed, seed_known = bytes(body), request.seed, False
-        log.info("the service answered with a raw %s body (%s); its seed is unknown", detect_format(body),
-                 headers.get("content-type", "no Content-Type"))
+        log.info(
+            "the service answered with a raw %s body (%s); its seed is unknown",
+            detect_format(body),
+            headers.get("content-type", "no Content-Type"),
+        )
     else:
         separators = _json_separators(body)
         payload, image_text = _payload(success, body, separators)
@@ -152,48 +169,62 @@ def image_answer(status: int, headers: Mapping[str, str], body: bytes, request: 
         if not success:
             raise error_for_status(status, payload, body, headers, fields["request_id"], redact, now)
         _check_image_answer(payload, answer, separators, redact, fields)
-        seed, seed_known = answer_seed(answer.seed, request.seed)
+        seed, seed_known = _answer_seed(answer.seed, request.seed)
         try:
             raw = decode_base64(image_text if image_text is not None else answer.image)
         except errors.MalformedResponseError as error:
             raise errors.MalformedResponseError(
-                f"{error.message.rstrip('.')}; the service may have charged for it (HTTP {status}).",
-                **fields) from None
+                f"{error.message.rstrip('.')}; the service may have charged for it (HTTP {status}).", **fields
+            ) from None
         # The answer's text (the body, and the parsed copy of its base64) is not needed any more.
         del payload, answer, image_text
     del body
     fields.pop("body", None)
-    actual_format, size = check_answer_image(raw, request, fields)
-    # The local stand-in charges nothing and says so; the real service sends no such header.
+    actual_format, size = _check_answer_image(raw, request, fields)
+    # The stand-in charges nothing and says so; the real service sends no such header.
     credits = 0 if STANDIN_HEADER.lower() in headers else CREDITS_PER_IMAGE
-    answer = ImageAnswer(data=raw, seed=seed, format=actual_format, size=size,
-                         request_id=fields["request_id"], credits=credits, attempts=attempt,
-                         seed_known=seed_known, http_status=status, headers=headers)
+    answer = ImageAnswer(
+        data=raw,
+        seed=seed,
+        format=actual_format,
+        size=size,
+        request_id=fields["request_id"],
+        credits=credits,
+        attempts=attempt,
+        seed_known=seed_known,
+        http_status=status,
+        headers=headers,
+    )
     if actual_format != request.output_format:
-        log.warning("asked for %s, the service returned %s; using it as is", request.output_format,
-                    actual_format)
+        log.warning(
+            "asked for %s, the service returned %s; using it as is", request.output_format, actual_format
+        )
     sent = request.image.size
     if not _near_size(size, sent):
         raise errors.MalformedResponseError(
             f"The service returned a {size.width}x{size.height} image for a {sent.width}x{sent.height} "
             "request, far from the size it produces; the service may have charged for it, but it was not "
             "used.",
-            answer=answer, **fields)
+            answer=answer,
+            **fields,
+        )
     return answer
 
 
 def decode_answer(answer: ImageAnswer) -> object:
-    """The answer's pixels, ``[H, W, 3]`` uint8; a MalformedResponseError saying it may have been charged."""
+    """Decode the answer's pixels, ``[H, W, 3]`` uint8; a MalformedResponseError says it may be charged."""
     try:
         return decode_image(answer.data)
     except errors.MalformedResponseError as error:
         raise errors.MalformedResponseError(
             f"{error.message.rstrip('.')} ({answer.size.width}x{answer.size.height} {answer.format}); the "
-            "service may have charged for it.", **answer.error_fields()) from None
+            "service may have charged for it.",
+            **answer.error_fields(),
+        ) from None
 
 
-def _payload(success: bool, body: bytes, separators: int) -> tuple[object, Optional[memoryview]]:
-    """The answer's JSON (None: not JSON, or too many values to parse) and a success's base64, cut out."""
+def _payload(success: bool, body: bytes, separators: int) -> tuple[object, memoryview | None]:
+    """Parse the answer's JSON (None: not JSON, or too many values) and cut a success's base64 out."""
     if separators > MAX_JSON_SEPARATORS:
         return None, None
     if success:
@@ -201,23 +232,28 @@ def _payload(success: bool, body: bytes, separators: int) -> tuple[object, Optio
     return _parse_json(body), None
 
 
-def _check_image_answer(payload: object, answer: Optional[AnswerBody], separators: int, redact: Redactor,
-                        fields: dict) -> None:
+def _check_image_answer(
+    payload: object, answer: AnswerBody | None, separators: int, redact: Redactor, fields: dict
+) -> None:
     """Raise the error a success answer's shape or ``code`` stands for, unless it holds an image to read."""
     status = fields["http_status"]
     if payload is None:
         if separators > MAX_JSON_SEPARATORS:
             raise errors.MalformedResponseError(
-                f"The service's answer was not JSON of any shape the service sends ({separators:,} separators "
-                f"where a real answer has a handful); it was not parsed and no image came back; "
-                f"{_may_be_charged(status)}", **fields)
+                f"The service's answer was not JSON of any shape the service sends ({separators:,} "
+                "separators where a real answer has a handful); it was not parsed and no image came back; "
+                f"{_may_be_charged(status)}",
+                **fields,
+            )
         kind = "empty" if _is_blank(fields["body"]) else "not JSON"
         raise errors.MalformedResponseError(
-            f"The service's answer was {kind}; no image came back; {_may_be_charged(status)}", **fields)
+            f"The service's answer was {kind}; no image came back; {_may_be_charged(status)}", **fields
+        )
     if answer is None:
         raise errors.MalformedResponseError(
             f"The service's answer was JSON but not an object; no image came back; {_may_be_charged(status)}",
-            **fields)
+            **fields,
+        )
     has_image = isinstance(answer.image, str)
     numeric_code = isinstance(answer.code, (int, float)) and not isinstance(answer.code, bool)
     if not answer.succeeded and (numeric_code or not has_image):
@@ -226,19 +262,23 @@ def _check_image_answer(payload: object, answer: Optional[AnswerBody], separator
         said = f": {reason}" if reason else " and gave no reason"
         if _mentions_moderation(reason):
             raise errors.ContentModerationError(
-                f"The service refused the prompt or image on content-moderation grounds{said}.", reason=reason,
-                **fields)
-        raise errors.GenerationFailedError(f"The service could not generate the image{said}.", reason=reason,
-                                           **fields)
+                f"The service refused the prompt or image on content-moderation grounds{said}.",
+                reason=reason,
+                **fields,
+            )
+        raise errors.GenerationFailedError(
+            f"The service could not generate the image{said}.", reason=reason, **fields
+        )
     if not answer.succeeded:
         log.info("the service's answer holds an image under the code %.40r; reading the image", answer.code)
     if not has_image:
         raise errors.MalformedResponseError(
             f"The service's answer has no image in it (data.image missing); {_may_be_charged(status)}",
-            **fields)
+            **fields,
+        )
 
 
-def answer_seed(value: object, requested: int) -> tuple[int, bool]:
+def _answer_seed(value: object, requested: int) -> tuple[int, bool]:
     """Return the seed the answer reports and True; for a missing or odd one (null, "²", 5000 digits),
     the request's and False.
 
@@ -255,23 +295,27 @@ def answer_seed(value: object, requested: int) -> tuple[int, bool]:
     return requested, False
 
 
-def check_answer_image(raw: bytes, request: StructureRequest, fields: dict) -> tuple[str, ImageSize]:
-    """The answer's format and declared size, refusing what is not an image."""
+def _check_answer_image(raw: bytes, request: StructureRequest, fields: dict) -> tuple[str, ImageSize]:
+    """Read the answer's format and declared size, refusing what is not an image."""
     try:
         size = image_header_size(raw)
     except errors.MalformedResponseError as error:
         raise errors.MalformedResponseError(
             f"{error.message.rstrip('.')}; the service may have charged for it "
-            f"(HTTP {fields['http_status']}), but there is nothing to keep.", **fields) from None
+            f"(HTTP {fields['http_status']}), but there is nothing to keep.",
+            **fields,
+        ) from None
     return detect_format(raw) or request.output_format, size
 
 
 def _near_size(answer: ImageSize, sent: ImageSize) -> bool:
-    """True when an answer's size is the request's up to rounding (the service works in multiples of 64)."""
+    """Tell whether an answer's size is the request's up to rounding (the service rounds to 64)."""
     if answer.width < MIN_SIDE or answer.height < MIN_SIDE:
         return False
-    return all(abs(got - want) <= max(MIN_SIDE, want // 8)
-               for got, want in ((answer.width, sent.width), (answer.height, sent.height)))
+    return all(
+        abs(got - want) <= max(MIN_SIDE, want // 8)
+        for got, want in ((answer.width, sent.width), (answer.height, sent.height))
+    )
 
 
 # --- error answers: HTTP status -> error class and sentence ----------------------------
@@ -280,34 +324,51 @@ def _near_size(answer: ImageSize, sent: ImageSize) -> bool:
 # was not JSON), {gave} ({said}, or that it gave no reason) and, for 429, {wait}.
 _STATUS_ERRORS: dict[int, tuple[type[errors.APIError], str]] = {
     400: (errors.InvalidRequestError, "The service rejected the request (HTTP {status}){gave}."),
-    401: (errors.AuthenticationError,
-          "The service rejected the API key (HTTP {status}){said}; check AITHRIVING_API_KEY or your key file."),
-    402: (errors.InsufficientCreditsError,
-          "Your account is out of credits (HTTP 402){said}; add credits at aithriving.com and run again."),
-    413: (errors.RequestTooLargeError,
-          f"The request is over the service's {MAX_REQUEST_BYTES // 2**20} MiB limit (HTTP 413){{said}}; "
-          "use a smaller image."),
-    429: (errors.RateLimitError,
-          "The service is limiting the request rate (HTTP 429){said}; {wait} and run again, "
-          "or lower AITHRIVING_RATE_LIMIT if other programs use the same key."),
+    401: (
+        errors.AuthenticationError,
+        "The service rejected the API key (HTTP {status}){said}; check AITHRIVING_API_KEY or your key file.",
+    ),
+    402: (
+        errors.InsufficientCreditsError,
+        "Your account is out of credits (HTTP 402){said}; add credits at aithriving.com and run again.",
+    ),
+    413: (
+        errors.RequestTooLargeError,
+        f"The request is over the service's {MAX_REQUEST_BYTES // 2**20} MiB limit (HTTP 413){{said}}; "
+        "use a smaller image.",
+    ),
+    429: (
+        errors.RateLimitError,
+        "The service is limiting the request rate (HTTP 429){said}; {wait} and run again, "
+        "or lower AITHRIVING_RATE_LIMIT if other programs use the same key.",
+    ),
 }
 _STATUS_ERRORS[403] = _STATUS_ERRORS[401]
 _STATUS_ERRORS[422] = _STATUS_ERRORS[400]
 # A moderation refusal comes as one of these; it wins over what the status alone would mean.
 _MODERATION_STATUSES = (400, 403, 422)
-_MODERATED = (errors.ContentModerationError,
-              "The service refused the prompt or image on content-moderation grounds (HTTP {status}){said}; "
-              "change the prompt or image.")
-_SERVER_FAILED = (errors.ServiceError,
-                  "The service failed (HTTP {status}){said}; nothing was charged, try again in a few minutes.")
+_MODERATED = (
+    errors.ContentModerationError,
+    "The service refused the prompt or image on content-moderation grounds (HTTP {status}){said}; "
+    "change the prompt or image.",
+)
+_SERVER_FAILED = (
+    errors.ServiceError,
+    "The service failed (HTTP {status}){said}; nothing was charged, try again in a few minutes.",
+)
 _UNEXPECTED = (errors.APIError, "The service answered with an unexpected HTTP {status}{said}.")
 
 
 def error_for_status(
-    status: int, payload: object, body: bytes, headers: Mapping[str, str], request_id: Optional[str],
-    redact: Redactor, now: float,
+    status: int,
+    payload: object,
+    body: bytes,
+    headers: Mapping[str, str],
+    request_id: str | None,
+    redact: Redactor,
+    now: float,
 ) -> errors.APIError:
-    """The error an answer with an error status stands for, with its sentence from the table."""
+    """Build the error an answer with an error status stands for, with its sentence from the table."""
     reason = _server_reason(payload)
     reason = redact(reason) if reason else None
     said = f"; the service said: {reason}" if reason else ""
@@ -325,16 +386,23 @@ def error_for_status(
         # parse_retry_after never returns more than a day, so the ceiling cannot overflow.
         words["wait"] = f"wait {math.ceil(retry_after)} s" if retry_after else "wait a minute"
         extra["retry_after"] = retry_after
-    return kind(sentence.format(**words), http_status=status, body=body, headers=headers, request_id=request_id,
-                reason=reason, **extra)
+    return kind(
+        sentence.format(**words),
+        http_status=status,
+        body=body,
+        headers=headers,
+        request_id=request_id,
+        reason=reason,
+        **extra,
+    )
 
 
-def _mentions_moderation(reason: Optional[str]) -> bool:
+def _mentions_moderation(reason: str | None) -> bool:
     return reason is not None and "moderat" in reason.lower()
 
 
-def _server_reason(payload: object) -> Optional[str]:
-    """The service's own words from either error shape (vendor ``message`` or upstream ``errors``)."""
+def _server_reason(payload: object) -> str | None:
+    """Return the service's own words from either error shape (vendor ``message`` or upstream ``errors``)."""
     if not isinstance(payload, dict):
         return None
     pieces: list[str] = []
@@ -359,6 +427,7 @@ def _server_reason(payload: object) -> Optional[str]:
 
 # --- JSON without needless copies ----------------------------------------------------------
 
+
 def _is_blank(body: bytes) -> bool:
     # isspace() scans without copying; strip() would copy a body of up to 64 MiB.
     return not body or body.isspace()
@@ -368,12 +437,12 @@ _SCAN_SLICE_BYTES = 256 * 1024
 
 
 def _json_separators(body: bytes) -> int:
-    """Commas, colons and opening brackets: at least the number of values JSON parsing would create, less one."""
+    """Count commas, colons and opening brackets: at least the values JSON parsing would create, less one."""
     # One pass deleting the four from 256 KiB slices takes half the time of four count() passes
     # over a body of up to 64 MiB, and holds one slice at a time.
     kept = 0
     for start in range(0, len(body), _SCAN_SLICE_BYTES):
-        kept += len(body[start:start + _SCAN_SLICE_BYTES].translate(None, b",:[{"))
+        kept += len(body[start : start + _SCAN_SLICE_BYTES].translate(None, b",:[{"))
     return len(body) - kept
 
 
@@ -394,8 +463,8 @@ def _parse_json(body: bytes) -> object:
 _IMAGE_VALUE_START = re.compile(rb'"image"[ \t\r\n]*:[ \t\r\n]*"')
 
 
-def _parse_answer(body: bytes) -> tuple[object, Optional[memoryview]]:
-    """A success answer parsed without a text copy of its image: (payload, the base64 bytes or None).
+def _parse_answer(body: bytes) -> tuple[object, memoryview | None]:
+    """Parse a success answer without a text copy of its image: return (payload, the base64 bytes or None).
 
     json.loads would turn the base64 (a third larger than the image) into a str of the same size;
     instead the value is cut out of the body, the small rest parsed, and the base64 decoded straight

@@ -9,11 +9,12 @@ import queue
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 from ._constants import DEFAULT_MAX_CONCURRENCY, ENV_MAX_CONCURRENCY
+from ._renamed import warn_renamed
 from .client import ProgressEvent, StructureClient, StructureRequest, StructureResult
 from .errors import (
     AuthenticationError,
@@ -44,7 +45,9 @@ def max_concurrency_from_env(default: int = DEFAULT_MAX_CONCURRENCY) -> int:
     try:
         number = int(value)
     except ValueError:
-        raise ConfigurationError(f"{ENV_MAX_CONCURRENCY} must be a whole number from 1 to 32; got {value!r}.") from None
+        raise ConfigurationError(
+            f"{ENV_MAX_CONCURRENCY} must be a whole number from 1 to 32; got {value!r}."
+        ) from None
     if not 1 <= number <= 32:
         raise ConfigurationError(f"{ENV_MAX_CONCURRENCY} must be from 1 to 32; got {number}.")
     return number
@@ -92,7 +95,7 @@ _PROCESS_IN_FLIGHT = InFlightLimit()
 
 
 def process_in_flight() -> InFlightLimit:
-    """The one in-flight limit of this process, shared by every batch (every ComfyUI node run)."""
+    """Return the one in-flight limit of this process, shared by every batch (every ComfyUI node run)."""
     return _PROCESS_IN_FLIGHT
 
 
@@ -107,7 +110,7 @@ class Background:
         self._callbacks: list[Callable[[], None]] = []
         self.kept = 0  # answers that arrived and were kept for a re-run
 
-    def wait(self, timeout: Optional[float] = None) -> bool:
+    def wait(self, timeout: float | None = None) -> bool:
         """Block until every one has ended (answered or failed); True when they have."""
         return self._finished.wait(timeout)
 
@@ -143,7 +146,7 @@ class BatchProgress:
     total: int
     credits: int
     message: str
-    index: Optional[int] = None
+    index: int | None = None
     # What the message says, as a word a display can translate: a ProgressEvent stage ("pacing",
     # "uploading", "waiting", "retrying"), "failed" or "done" (the batch's count of done images).
     stage: str = ""
@@ -156,20 +159,26 @@ class BatchReport:
     total: int
     seeds: dict[int, int] = field(default_factory=dict)
     failures: dict[int, StructureError] = field(default_factory=dict)
-    from_cache: set[int] = field(default_factory=set)  # served by the result store, free
+    from_store: set[int] = field(default_factory=set)  # served by the result store, free
     stored: dict[int, StoredResult] = field(default_factory=dict)  # the store's entry of each finished image
     credits: int = 0
     cancelled: bool = False
     may_be_charged: int = 0  # answers lost after their upload completed
-    not_sent: int = 0        # left unsent after an error every later request would share
+    not_sent: int = 0  # left unsent after an error every later request would share
     stopped: set[int] = field(default_factory=set)  # stopped before the upload was complete: not charged
     # After a cancel: the requests left to finish on their own, their upload being complete (None: none).
-    background: Optional[Background] = None
+    background: Background | None = None
 
     @property
     def in_flight(self) -> int:
         """Requests a cancel left running (their upload was complete, so they may be charged)."""
         return self.background.count if self.background is not None else 0
+
+    @property
+    def from_cache(self) -> set[int]:  # old spelling, for one release
+        """Return ``from_store`` (the old spelling of its name)."""
+        warn_renamed("BatchReport.from_cache", "BatchReport.from_store")
+        return self.from_store
 
     @property
     def done(self) -> int:
@@ -178,10 +187,10 @@ class BatchReport:
     @property
     def paid(self) -> int:
         """Images paid for in this run."""
-        return self.done - len(self.from_cache)
+        return self.done - len(self.from_store)
 
     def release(self, store: ResultStore) -> None:
-        """Give every kept or claimed result back undelivered (the batch is not delivered): a re-run takes them."""
+        """Give every kept or claimed result back undelivered (the batch is not delivered) for a re-run."""
         for entry in self.stored.values():
             release(store, entry)
 
@@ -190,7 +199,7 @@ class BatchReport:
         for entry in self.stored.values():
             deliver(store, entry)
 
-    def raise_for_failures(self, noun: str = "image", *, store: Optional[ResultStore] = None) -> None:
+    def raise_for_failures(self, noun: str = "image", *, store: ResultStore | None = None) -> None:
         """Raise one BatchError naming each failed item (1-based) and why, and saying what was kept.
 
         ``store``: where the finished items were kept; a re-run then pays only for the failed items.
@@ -203,10 +212,12 @@ class BatchReport:
         items = sorted(self.failures.items())
         shown = "; ".join(f"{noun} {index + 1}: {str(error).rstrip('.')}" for index, error in items[:5])
         more = f"; and {len(items) - 5} more" if len(items) > 5 else ""
-        raise BatchError(f"{len(items)} of {self.total} {noun}s failed: {shown}{more}. {self.kept_sentence(noun, store)}",
-                         failures=dict(self.failures))
+        raise BatchError(
+            f"{len(items)} of {self.total} {noun}s failed: {shown}{more}. {self.kept_sentence(noun, store)}",
+            failures=dict(self.failures),
+        )
 
-    def in_flight_sentence(self, store: Optional[ResultStore] = None, *, free: bool = False) -> str:
+    def in_flight_sentence(self, store: ResultStore | None = None, *, free: bool = False) -> str:
         """After a cancel: how many requests were left in flight, what they may cost, where answers go."""
         count = self.in_flight
         if not count:
@@ -216,7 +227,7 @@ class BatchReport:
         they, them = ("it", "it") if one else ("they", "them")
         if free:
             verb = "finishes" if one else "finish"
-            return f"{requests_text} in flight to the local stand-in {verb} in the background (free)."
+            return f"{requests_text} in flight to the stand-in {verb} in the background (free)."
         if store is None or store.persistent:
             where = "in the result store"
         elif store.directory is None:
@@ -224,23 +235,31 @@ class BatchReport:
         else:
             where = "in memory by this process (the result store cannot be written)"
         results = "its result is" if one else "their results are"
-        return (f"{requests_text} {'was' if one else 'were'} in flight with the upload complete, so the "
-                f"service may charge for {them}; {results} kept {where} when {they} "
-                f"{'arrives' if one else 'arrive'}, and queuing the same again gets {them} free.")
+        return (
+            f"{requests_text} {'was' if one else 'were'} in flight with the upload complete, so the "
+            f"service may charge for {them}; {results} kept {where} when {they} "
+            f"{'arrives' if one else 'arrive'}, and queuing the same again gets {them} free."
+        )
 
-    def kept_sentence(self, noun: str = "image", store: Optional[ResultStore] = None) -> str:
-        """What was paid, what was kept where, and what a re-run will pay: every word true."""
+    def kept_sentence(self, noun: str = "image", store: ResultStore | None = None) -> str:
+        """Say what was paid, what was kept where, and what a re-run will pay: every word true."""
         parts = []
-        plural = lambda n, word=noun: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
+
+        def plural(n: int, word: str = noun) -> str:
+            return f"{n} {word}{'s' if n != 1 else ''}"
+
         if self.paid and not self.credits:
-            parts.append(f"{plural(self.paid)} {'was' if self.paid == 1 else 'were'} made free by the local stand-in")
+            parts.append(
+                f"{plural(self.paid)} {'was' if self.paid == 1 else 'were'} made free by the stand-in"
+            )
         elif self.paid:
-            parts.append(f"{plural(self.paid)} {'was' if self.paid == 1 else 'were'} paid for "
-                         f"({self.credits} credits)")
+            parts.append(
+                f"{plural(self.paid)} {'was' if self.paid == 1 else 'were'} paid for ({self.credits} credits)"
+            )
         else:
             parts.append("Nothing was paid for")
-        if self.from_cache:
-            parts.append(f"{plural(len(self.from_cache))} came free from the result store")
+        if self.from_store:
+            parts.append(f"{plural(len(self.from_store))} came free from the result store")
         sentence = ", ".join(parts)
         if self.done and store is not None and len(self.stored) == self.done:
             if all(store.on_disk(entry) for entry in self.stored.values()):
@@ -249,25 +268,32 @@ class BatchReport:
             else:
                 where = f"in memory only, because {store.memory_reason}"
                 again = "so queuing again in this same process pays only for the failed ones"
-            if self.paid and not self.credits and not self.from_cache:
+            if self.paid and not self.credits and not self.from_store:
                 again = ""  # a stand-in made them: nothing was paid, so nothing about paying again is true
             kept = f"; {'it is' if self.done == 1 else f'all {self.done} are'} kept {where}"
             sentence += f"{kept}, {again}" if again else kept
         elif self.done:
             sentence += "; they were not kept, so queuing again pays for them again"
         if self.may_be_charged:
-            sentence += (f". {plural(self.may_be_charged, 'request')} may have been charged without an answer "
-                         "arriving; queuing again sends them again")
+            sentence += (
+                f". {plural(self.may_be_charged, 'request')} may have been charged without an answer "
+                "arriving; queuing again sends them again"
+            )
         if self.not_sent:
             sentence += f". {plural(self.not_sent)} {'was' if self.not_sent == 1 else 'were'} not sent"
         return sentence + "."
 
 
-def generate_stored(client: StructureClient, request: StructureRequest, store: ResultStore,
-                    **options: object) -> tuple[Optional[StructureResult], bool]:
+def generate_stored(
+    client: StructureClient, request: StructureRequest, store: ResultStore, **options: object
+) -> tuple[StructureResult | None, bool]:
     """Run :func:`paid.fetch_or_pay` and return ``(result, from_store)``; deprecated, for one release."""
-    warnings.warn("structure_api.batch.generate_stored is deprecated: use structure_api.fetch_or_pay, whose "
-                  "PaidResult delivers or releases the result", DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "structure_api.batch.generate_stored is deprecated: use structure_api.fetch_or_pay, whose "
+        "PaidResult delivers or releases the result",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     paid = fetch_or_pay(client, request, store, **options)  # type: ignore[arg-type]
     return (paid.result, paid.from_store) if paid is not None else (None, False)
 
@@ -290,7 +316,7 @@ class _BatchRun:
     halt: threading.Event = field(init=False, default_factory=threading.Event)
     # Set with stop_reason: later requests would fail (or charge) too.
     stop_sending: threading.Event = field(init=False, default_factory=threading.Event)
-    stop_reason: Optional[StructureError] = field(init=False, default=None)
+    stop_reason: StructureError | None = field(init=False, default=None)
     slots: InFlightLimit = field(default_factory=process_in_flight)
     limit: int = field(init=False, default=DEFAULT_MAX_CONCURRENCY)
     # Indexes whose request is being made (slot taken), and those of them whose upload is complete.
@@ -300,16 +326,22 @@ class _BatchRun:
     left_running: Background = field(init=False, default_factory=lambda: Background(0))
     # Workers queue progress; the caller's thread delivers it, because UI hooks (ComfyUI's
     # progress bar, terminal output) expect to be called from the thread that runs the job.
-    progress: "queue.SimpleQueue[BatchProgress]" = field(init=False, default_factory=queue.SimpleQueue)
+    progress: queue.SimpleQueue[BatchProgress] = field(init=False, default_factory=queue.SimpleQueue)
 
     def __post_init__(self) -> None:
         self.report = BatchReport(total=self.count)
 
-    def snapshot(self, message: str, index: Optional[int] = None, stage: str = "") -> BatchProgress:
-        return BatchProgress(done=self.report.done, total=self.count, credits=self.report.credits,
-                             message=message, index=index, stage=stage)
+    def snapshot(self, message: str, index: int | None = None, stage: str = "") -> BatchProgress:
+        return BatchProgress(
+            done=self.report.done,
+            total=self.count,
+            credits=self.report.credits,
+            message=message,
+            index=index,
+            stage=stage,
+        )
 
-    def deliver_progress(self, on_progress: Optional[Callable[[BatchProgress], None]]) -> None:
+    def deliver_progress(self, on_progress: Callable[[BatchProgress], None] | None) -> None:
         while True:
             try:
                 progress = self.progress.get_nowait()
@@ -353,13 +385,22 @@ class _BatchRun:
 
             # After a stop, what the store holds is still served (it is free); nothing is sent.
             stopped = self.stop_sending.is_set()
-            paid = fetch_or_pay(self.client, request, self.store, label=self.label(index), on_progress=relay,
-                                cancel=self.halt, claim_only=stopped, decode=self.decode)
+            paid = fetch_or_pay(
+                self.client,
+                request,
+                self.store,
+                label=self.label(index),
+                on_progress=relay,
+                cancel=self.halt,
+                claim_only=stopped,
+                decode=self.decode,
+            )
             del request  # its upload bytes are not needed any more
             if paid is None:
                 with self.lock:
                     self.report.failures[index] = CancelledError(
-                        f"not sent, because an earlier image failed with: {str(self.stop_reason).rstrip('.')}")
+                        f"not sent, because an earlier image failed with: {str(self.stop_reason).rstrip('.')}"
+                    )
                     self.report.not_sent += 1
                 return
             result, from_store = paid.result, paid.from_store
@@ -397,7 +438,7 @@ class _BatchRun:
             self.report.seeds[index] = result.seed
             self.report.credits += result.credits
             if from_store:
-                self.report.from_cache.add(index)
+                self.report.from_store.add(index)
             progress = self.snapshot(f"done {self.report.done} of {self.count}", index, "done")
         self.progress.put(progress)
 
@@ -421,10 +462,15 @@ class _BatchRun:
                     break
             time.sleep(0.01)
 
-    def run(self, max_concurrency: int, on_progress: Optional[Callable[[BatchProgress], None]],
-            should_cancel: Optional[Callable[[], bool]], poll_interval: float,
-            keep_in_flight: bool = True,
-            should_stop_sending: Optional[Callable[[], bool]] = None) -> BatchReport:
+    def run(
+        self,
+        max_concurrency: int,
+        on_progress: Callable[[BatchProgress], None] | None,
+        should_cancel: Callable[[], bool] | None,
+        poll_interval: float,
+        keep_in_flight: bool = True,
+        should_stop_sending: Callable[[], bool] | None = None,
+    ) -> BatchReport:
         report = self.report
         self.limit = max_concurrency
         workers = max(1, min(max_concurrency, self.count))
@@ -470,8 +516,10 @@ class _BatchRun:
         def settle() -> None:
             executor.shutdown(wait=True)
             if background.kept:
-                log.info("%d answer(s) that arrived after the cancel are kept in the result store for a "
-                         "re-run", background.kept)
+                log.info(
+                    "%d answer(s) that arrived after the cancel are kept in the result store for a re-run",
+                    background.kept,
+                )
             background._finish()
 
         threading.Thread(target=settle, name="structure-settle", daemon=True).start()
@@ -483,16 +531,16 @@ def run_batch(
     make_request: Callable[[int], StructureRequest],
     *,
     on_result: Callable[[int, StructureResult], None],
-    store: Optional[ResultStore] = None,
-    label: Optional[Callable[[int], str]] = None,
-    max_concurrency: Optional[int] = None,
-    on_progress: Optional[Callable[[BatchProgress], None]] = None,
-    should_cancel: Optional[Callable[[], bool]] = None,
+    store: ResultStore | None = None,
+    label: Callable[[int], str] | None = None,
+    max_concurrency: int | None = None,
+    on_progress: Callable[[BatchProgress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
     poll_interval: float = 0.1,
     decode: bool = True,
     keep_in_flight: bool = True,
-    in_flight: Optional[InFlightLimit] = None,
-    should_stop_sending: Optional[Callable[[], bool]] = None,
+    in_flight: InFlightLimit | None = None,
+    should_stop_sending: Callable[[], bool] | None = None,
 ) -> BatchReport:
     """Run ``count`` requests through the result store, a few at once; report each by index.
 
@@ -519,8 +567,16 @@ def run_batch(
         max_concurrency = max_concurrency_from_env()
     if store is None:
         store = ResultStore.from_env()
-    run = _BatchRun(client, count, make_request, on_result, store,
-                    label or (lambda index: f"image {index + 1}"), decode,
-                    slots=in_flight or process_in_flight())
-    return run.run(max_concurrency, on_progress, should_cancel, poll_interval, keep_in_flight,
-                   should_stop_sending)
+    run = _BatchRun(
+        client,
+        count,
+        make_request,
+        on_result,
+        store,
+        label or (lambda index: f"image {index + 1}"),
+        decode,
+        slots=in_flight or process_in_flight(),
+    )
+    return run.run(
+        max_concurrency, on_progress, should_cancel, poll_interval, keep_in_flight, should_stop_sending
+    )

@@ -12,8 +12,8 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
 
 import requests
 from urllib3.connection import HTTPConnection
@@ -22,7 +22,6 @@ from ._constants import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, MAX_RESPO
 from .answers import ImageAnswer, Redactor, image_answer, refuse_redirect
 from .answers import StructureResult as StructureResult  # importable from here too
 from .config import APIKey, check_base_url, check_key_may_travel, load_api_key, resolve_base_url
-from .errors import CancelledError, RateLimitError, StructureError
 from .contract import (  # noqa: F401  (the contract's names stay importable from here)
     CREDITS_PER_IMAGE,
     DEFAULT_CONTROL_STRENGTH,
@@ -31,26 +30,30 @@ from .contract import (  # noqa: F401  (the contract's names stay importable fro
     MAX_SEED,
     MIN_SIDE,
     OUTPUT_FORMATS,
-    validate_parameters,
+    validate_params,
     validate_prompt,
 )
+from .errors import CancelledError, RateLimitError, StructureError
 from .ratebudget import budget_name, make_book
 from .ratelimit import Pacer, PacerSlot, rate_limit_from_env, shared_pacer
-from .retry import RetryPolicy, next_delay
 from .request import StructureRequest, check_image_limits  # noqa: F401  (importable from here too)
+from .retry import RetryPolicy, next_delay
 from .transport import Transport, TransportLimits
 
 log = logging.getLogger("structure_api")
+# One shared default: RetryPolicy is frozen.
+DEFAULT_RETRY_POLICY = RetryPolicy()
 
 
 @dataclass(frozen=True)
 class ProgressEvent:
     """What a request is doing now, for progress displays."""
 
-    stage: str  # "pacing" (waiting to start, under the rate limit) | "uploading" | "waiting" | "retrying" | "done"
+    # "pacing" (waiting to start, under the rate limit) | "uploading" | "waiting" | "retrying" | "done"
+    stage: str
     attempt: int
     message: str
-    delay: Optional[float] = None
+    delay: float | None = None
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -61,18 +64,18 @@ class StructureClient:
 
     def __init__(
         self,
-        api_key: Union[APIKey, str, None] = None,
-        base_url: Optional[str] = None,
+        api_key: APIKey | str | None = None,
+        base_url: str | None = None,
         *,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
-        retry_policy: RetryPolicy = RetryPolicy(),
+        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
-        sleep: Optional[Callable[[float], None]] = None,
+        sleep: Callable[[float], None] | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
-        pacer: Optional[Pacer] = None,
+        pacer: Pacer | None = None,
         min_body_rate: float = MIN_BODY_RATE,
     ) -> None:
         # Configuration problems surface here, before any socket is opened.
@@ -94,14 +97,14 @@ class StructureClient:
         self._transport = Transport(key, limits, clock)
 
     @classmethod
-    def from_env(cls, **kwargs) -> "StructureClient":
-        """A client configured from AITHRIVING_API_KEY / _API_KEY_FILE / _BASE_URL."""
+    def from_env(cls, **kwargs) -> StructureClient:
+        """Build a client configured from AITHRIVING_API_KEY / _API_KEY_FILE / _BASE_URL."""
         return cls(**kwargs)
 
     def __repr__(self) -> str:
         return f"StructureClient(base_url={self.base_url!r})"
 
-    def __enter__(self) -> "StructureClient":
+    def __enter__(self) -> StructureClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -153,8 +156,8 @@ class StructureClient:
         self,
         request: StructureRequest,
         *,
-        on_progress: Optional[ProgressCallback] = None,
-        cancel: Optional[threading.Event] = None,
+        on_progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
         **removed: object,
     ) -> ImageAnswer:
         """Send one request (retried only when it cannot double-charge); return the checked, undecoded answer.
@@ -166,7 +169,8 @@ class StructureClient:
         if removed:
             raise TypeError(
                 f"StructureClient.generate() no longer takes {', '.join(sorted(removed))}: keeping paid "
-                "results is structure_api.paid.fetch_or_pay(client, request, store, label=...)'s job.")
+                "results is structure_api.paid.fetch_or_pay(client, request, store, label=...)'s job."
+            )
         request.validate()
         notify = on_progress or (lambda event: None)
         started = self._clock()
@@ -196,28 +200,39 @@ class StructureClient:
 
     # -- internals ---------------------------------------------------------------
 
-    def _cancelled(self, cancel: Optional[threading.Event]) -> bool:
+    def _cancelled(self, cancel: threading.Event | None) -> bool:
         return self._aborted.is_set() or (cancel is not None and cancel.is_set())
 
-    def _check_cancel(self, cancel: Optional[threading.Event]) -> None:
+    def _check_cancel(self, cancel: threading.Event | None) -> None:
         if self._cancelled(cancel):
             raise CancelledError("The request was cancelled.")
 
-    def _retry_delay(self, error: StructureError, attempt: int, started: float) -> Optional[float]:
+    def _retry_delay(self, error: StructureError, attempt: int, started: float) -> float | None:
         """How long to wait before the next attempt, or None to give up (the retry policy decides)."""
         rate_limited = isinstance(error, RateLimitError)
         streak, limited_for = self.pacer.note_rate_limited() if rate_limited else (None, 0.0)
         delay = next_delay(
-            self.retry_policy, error, attempt, self._clock() - started,
-            now=self._wall_clock(), jitter=self._jitter,
-            rate_limit_streak=streak, rate_limited_for=limited_for,
+            self.retry_policy,
+            error,
+            attempt,
+            self._clock() - started,
+            now=self._wall_clock(),
+            jitter=self._jitter,
+            rate_limit_streak=streak,
+            rate_limited_for=limited_for,
         )
         if delay is None and rate_limited:
             self.pacer.give_up(limited_for)
         return delay
 
-    def _wait_to_retry(self, error: StructureError, attempt: int, delay: float, notify: ProgressCallback,
-                       cancel: Optional[threading.Event]) -> None:
+    def _wait_to_retry(
+        self,
+        error: StructureError,
+        attempt: int,
+        delay: float,
+        notify: ProgressCallback,
+        cancel: threading.Event | None,
+    ) -> None:
         log.info("attempt %d failed (%s); retrying in %.1f s", attempt, type(error).__name__, delay)
         notify(ProgressEvent("retrying", attempt, _retry_message(error, delay), delay))
         if isinstance(error, RateLimitError):
@@ -226,7 +241,7 @@ class StructureClient:
         else:
             self._wait(delay, cancel)
 
-    def _wait(self, delay: float, cancel: Optional[threading.Event]) -> None:
+    def _wait(self, delay: float, cancel: threading.Event | None) -> None:
         if self._sleep is not None:
             self._sleep(delay)
         else:
@@ -240,36 +255,50 @@ class StructureClient:
                 event.wait(min(left, 0.25))
         self._check_cancel(cancel)
 
-    def _start_slot(self, attempt: int, notify: ProgressCallback, cancel: Optional[threading.Event]) -> PacerSlot:
+    def _start_slot(
+        self, attempt: int, notify: ProgressCallback, cancel: threading.Event | None
+    ) -> PacerSlot:
         """Wait for the pacer to let this attempt start (the rate limit's window, a pause after a 429)."""
         return self.pacer.acquire(
             wait=lambda seconds: self._wait(seconds, cancel),
             check_cancel=lambda: self._check_cancel(cancel),
-            on_wait=lambda message, seconds: notify(ProgressEvent("pacing", attempt, message, seconds)))
+            on_wait=lambda message, seconds: notify(ProgressEvent("pacing", attempt, message, seconds)),
+        )
 
     def _attempt(self, request: StructureRequest, attempt: int, notify: ProgressCallback) -> ImageAnswer:
         response = self._transport.post(
-            self.endpoint, request, attempt,
-            on_sent=lambda: notify(ProgressEvent("waiting", attempt, "waiting for the service")))
+            self.endpoint,
+            request,
+            attempt,
+            on_sent=lambda: notify(ProgressEvent("waiting", attempt, "waiting for the service")),
+        )
         try:
             return self._parse(response, request, attempt)
         finally:
             response.close()
 
     def _parse(self, response: requests.Response, request: StructureRequest, attempt: int) -> ImageAnswer:
-        """The answer checked in steps (``answers.py``): its image's bytes, undecoded, or its error."""
+        """Check the answer in steps (``answers.py``): return its image's bytes undecoded, or raise."""
         status = response.status_code
         headers = {k.lower(): v for k, v in response.headers.items()}
         refuse_redirect(status, headers)
         # The body goes straight into the call, so nothing holds it once the image's bytes are out of
         # it: the pixels are decoded later, the moment a request needs the most memory, without it.
-        return image_answer(status, headers, self._transport.read_body(response), request, self._redact,
-                            self._wall_clock(), attempt)
+        return image_answer(
+            status,
+            headers,
+            self._transport.read_body(response),
+            request,
+            self._redact,
+            self._wall_clock(),
+            attempt,
+        )
 
 
-def _default_pacer(endpoint: str, key: APIKey, clock: Callable[[], float],
-                   sleep: Optional[Callable[[float], None]]) -> Pacer:
-    """The process's pacer for ``endpoint`` and ``key``, drawing from the budget other processes share
+def _default_pacer(
+    endpoint: str, key: APIKey, clock: Callable[[], float], sleep: Callable[[float], None] | None
+) -> Pacer:
+    """Return the process's pacer for ``endpoint`` and ``key``, drawing from the budget other processes share
     (``ratebudget.py``); a client on injected time gets one of its own."""
     limit = rate_limit_from_env()
     if sleep is None and clock is time.monotonic:
@@ -281,10 +310,12 @@ def _default_pacer(endpoint: str, key: APIKey, clock: Callable[[], float],
 
 def _marking_sent(notify: ProgressCallback, slot: PacerSlot) -> ProgressCallback:
     """``notify``, also telling the pacer when the upload is out (the "waiting" event)."""
+
     def relay(event: ProgressEvent) -> None:
         if event.stage == "waiting":
             slot.sent()
         notify(event)
+
     return relay
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
-from ._constants import ENV_CACHE_DIR
+from ._constants import ENV_STORE_DIR
 from .contract import STANDIN_HEADER as STANDIN_HEADER  # the client reads it; the stand-in sends it
 from .errors import ConfigurationError, InsecureURLError, MissingAPIKeyError
 
@@ -21,7 +21,7 @@ DEFAULT_BASE_URL = "https://www.aithriving.com"
 # when it holds a key or settings and the platform's folder does not exist yet).
 DEFAULT_KEY_FILE = "~/.config/aithriving/api_key"
 KEY_FILE_NAME = "api_key"
-# The local stand-in marks every answer with this header; results carrying it cost nothing.
+# The stand-in marks every answer with this header; results carrying it cost nothing.
 
 
 class APIKey:
@@ -34,18 +34,21 @@ class APIKey:
         if not value:
             raise MissingAPIKeyError(_missing_key_message())
         if any(ch in value for ch in "\r\n\0"):
-            raise ConfigurationError("The API key contains a line break or NUL character; store it on one line.")
+            raise ConfigurationError(
+                "The API key contains a line break or NUL character; store it on one line."
+            )
         # A header value must be plain ASCII: anything else would fail deep in http.client, with the
         # key in the exception's args. The message names a position, never a character of the key.
         for position, ch in enumerate(value):
             if not " " <= ch <= "~":
                 raise ConfigurationError(
                     f"The API key has a character that is not plain ASCII text at position {position + 1}; "
-                    "copy the key again from your account page.")
+                    "copy the key again from your account page."
+                )
         self._value = value
 
     def reveal(self) -> str:
-        """The raw key, for the one place that puts it in the request header."""
+        """Return the raw key, for the one place that puts it in the request header."""
         return self._value
 
     def __repr__(self) -> str:
@@ -64,7 +67,7 @@ class APIKey:
         raise TypeError("APIKey cannot be pickled")
 
 
-def _missing_key_message(environ: Optional[Mapping[str, str]] = None) -> str:
+def _missing_key_message(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
     if env.get(ENV_API_KEY_FILE):
         return (
@@ -79,8 +82,8 @@ def _missing_key_message(environ: Optional[Mapping[str, str]] = None) -> str:
     )
 
 
-def platform_config_folder(environ: Optional[Mapping[str, str]] = None) -> Path:
-    """The pack's folder in the user's config folder: %APPDATA%\\aithriving on Windows,
+def platform_config_folder(environ: Mapping[str, str] | None = None) -> Path:
+    """Return the pack's folder in the user's config folder: %APPDATA%\\aithriving on Windows,
     ~/Library/Application Support/aithriving on macOS, ~/.config/aithriving elsewhere."""
     env = os.environ if environ is None else environ
     if sys.platform == "win32":
@@ -90,38 +93,41 @@ def platform_config_folder(environ: Optional[Mapping[str, str]] = None) -> Path:
     return Path(DEFAULT_KEY_FILE).expanduser().parent
 
 
-def default_key_file(environ: Optional[Mapping[str, str]] = None) -> Path:
-    """The key file's default place: the platform's config folder, or ~/.config/aithriving while only it is used."""
+def default_key_file(environ: Mapping[str, str] | None = None) -> Path:
+    """Return the key file's default place: the platform's config folder, or ~/.config/aithriving if used."""
     folder = platform_config_folder(environ)
     legacy = Path(DEFAULT_KEY_FILE).expanduser().parent
-    if folder != legacy and not folder.exists() \
-            and any((legacy / name).is_file() for name in (KEY_FILE_NAME, "aithriving-settings.json")):
+    if (
+        folder != legacy
+        and not folder.exists()
+        and any((legacy / name).is_file() for name in (KEY_FILE_NAME, "aithriving-settings.json"))
+    ):
         folder = legacy  # an earlier version kept the key (or the offline switch) there: keep reading it
     return folder / KEY_FILE_NAME
 
 
-def key_file_path(environ: Optional[Mapping[str, str]] = None) -> Path:
-    """The key file this environment points at."""
+def key_file_path(environ: Mapping[str, str] | None = None) -> Path:
+    """Return the key file this environment points at."""
     env = os.environ if environ is None else environ
     named = env.get(ENV_API_KEY_FILE)
     return Path(named).expanduser() if named else default_key_file(env)
 
 
-def load_api_key(environ: Optional[Mapping[str, str]] = None) -> APIKey:
-    """The key from AITHRIVING_API_KEY, else from the key file; fails before any network I/O."""
+def load_api_key(environ: Mapping[str, str] | None = None) -> APIKey:
+    """Load the key from AITHRIVING_API_KEY, else from the key file; fail before any network I/O."""
     env = os.environ if environ is None else environ
     value = env.get(ENV_API_KEY, "").strip()
     if value:
         return APIKey(value)
     path = key_file_path(env)
-    return APIKey(read_key_file(path, env))
+    return APIKey(_read_key_file(path, env))
 
 
 _MAX_KEY_FILE_BYTES = 64 * 1024
 
 
-def read_key_file(path: Path, environ: Optional[Mapping[str, str]] = None) -> str:
-    """The key on the first line of ``path``; one sentence naming the file when it cannot be one."""
+def _read_key_file(path: Path, environ: Mapping[str, str] | None = None) -> str:
+    """Read the key on the first line of ``path``; an error naming the file when it cannot be one."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read(_MAX_KEY_FILE_BYTES)
@@ -134,23 +140,26 @@ def read_key_file(path: Path, environ: Optional[Mapping[str, str]] = None) -> st
         ) from None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\0" in raw:
         raise ConfigurationError(
-            f"The API key file {path} is saved as UTF-16; save it as plain text (ASCII or UTF-8).")
+            f"The API key file {path} is saved as UTF-16; save it as plain text (ASCII or UTF-8)."
+        )
     if raw.startswith(b"\xef\xbb\xbf"):
         raise ConfigurationError(
             f"The API key file {path} starts with a byte-order mark (saved as 'UTF-8 with BOM'); "
-            "save it as plain text without one.")
+            "save it as plain text without one."
+        )
     first_line = raw.split(b"\n", 1)[0].strip()
     if not first_line:
         raise MissingAPIKeyError(f"The API key file {path} is empty; put the key on its first line.")
-    if any(byte < 0x20 or byte > 0x7e for byte in first_line):
+    if any(byte < 0x20 or byte > 0x7E for byte in first_line):
         raise ConfigurationError(
             f"The API key file {path} has characters on its first line that are not plain ASCII text; "
-            "put only the key there.")
+            "put only the key there."
+        )
     return first_line.decode("ascii")
 
 
-def resolve_base_url(environ: Optional[Mapping[str, str]] = None) -> str:
-    """The service's base URL from AITHRIVING_BASE_URL, else the default, without a trailing slash."""
+def resolve_base_url(environ: Mapping[str, str] | None = None) -> str:
+    """Return the service's base URL from AITHRIVING_BASE_URL, else the default, without a trailing slash."""
     env = os.environ if environ is None else environ
     return check_base_url(env.get(ENV_BASE_URL) or DEFAULT_BASE_URL, ENV_BASE_URL)
 
@@ -186,7 +195,7 @@ def check_base_url(value: str, source: str = "base_url") -> str:
 
 
 def is_loopback_host(host: str) -> bool:
-    """True for localhost and loopback addresses, which never leave this machine."""
+    """Tell whether ``host`` is localhost or a loopback address, which never leaves this machine."""
     host = host.strip("[]").lower()
     # Only the exact name: *.localhost is loopback only where the resolver pins it.
     if host == "localhost":
@@ -213,11 +222,11 @@ def check_key_may_travel(url: str) -> None:
 _DISABLED_VALUES = {"", "0", "off", "none", "false", "no"}
 
 
-def default_store_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
+def default_store_dir(environ: Mapping[str, str] | None = None) -> Path | None:
     """Return the store's folder: AITHRIVING_CACHE_DIR (``off``: none), else the platform's user cache."""
     env = os.environ if environ is None else environ
-    if ENV_CACHE_DIR in env:
-        value = env[ENV_CACHE_DIR].strip()
+    if ENV_STORE_DIR in env:
+        value = env[ENV_STORE_DIR].strip()
         return None if value.lower() in _DISABLED_VALUES else Path(value).expanduser()
     if env.get("XDG_CACHE_HOME"):
         return Path(env["XDG_CACHE_HOME"]) / "aithriving" / "structure"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional, Union
 
 from .errors import InputError
 
@@ -59,19 +59,19 @@ class FormField:
     name: str
     kind: str  # "text" | "number" | "integer" | "choice"
     required: bool
-    default: Union[str, float, int, None]
-    minimum: Union[float, int, None] = None
-    maximum: Union[float, int, None] = None
+    default: str | float | int | None
+    minimum: float | int | None = None
+    maximum: float | int | None = None
     choices: tuple[str, ...] = ()
-    max_chars: Optional[int] = None
+    max_chars: int | None = None
     omit_when_empty: bool = False
 
     def check(self, value: object) -> None:
         """Raise InputError when `value` is outside what the service accepts for this field."""
         _CHECKS[self.kind](self, value)
 
-    def form_value(self, value: object) -> Optional[str]:
-        """The field's text in the form, or None when it is left out."""
+    def form_value(self, value: object) -> str | None:
+        """Return the field's text in the form, or None when it is left out."""
         if self.omit_when_empty and not (value.strip() if isinstance(value, str) else value):
             return None
         return _format_number(value) if self.kind == "number" else str(value)
@@ -79,8 +79,14 @@ class FormField:
 
 FORM_FIELDS = (
     FormField("prompt", "text", True, None, max_chars=MAX_PROMPT_CHARS),
-    FormField("control_strength", "number", False, DEFAULT_CONTROL_STRENGTH,
-              minimum=MIN_CONTROL_STRENGTH, maximum=MAX_CONTROL_STRENGTH),
+    FormField(
+        "control_strength",
+        "number",
+        False,
+        DEFAULT_CONTROL_STRENGTH,
+        minimum=MIN_CONTROL_STRENGTH,
+        maximum=MAX_CONTROL_STRENGTH,
+    ),
     FormField("negative_prompt", "text", False, "", max_chars=MAX_PROMPT_CHARS, omit_when_empty=True),
     FormField("seed", "integer", False, 0, minimum=0, maximum=MAX_SEED, omit_when_empty=True),
     FormField("output_format", "choice", False, DEFAULT_OUTPUT_FORMAT, choices=OUTPUT_FORMATS),
@@ -114,27 +120,33 @@ class AnswerBody:
     request_id: object = None
 
     @classmethod
-    def success(cls, image: str, seed: int) -> "AnswerBody":
-        """A success: the image as base64 text, and the seed the service used."""
+    def success(cls, image: str, seed: int) -> AnswerBody:
+        """Build a success: the image as base64 text, and the seed the service used."""
         return cls(code=SUCCESS_CODE, message=SUCCESS_MESSAGE, image=image, seed=seed)
 
     @classmethod
-    def failure(cls, message: str, name: str, errors: Optional[list[str]] = None) -> "AnswerBody":
-        """A failure: the vendor's message, and the upstream's name and reasons."""
+    def failure(cls, message: str, name: str, errors: list[str] | None = None) -> AnswerBody:
+        """Build a failure: the vendor's message, and the upstream's name and reasons."""
         reasons = errors if errors is not None else [message]
         return cls(code=FAILURE_CODE, message=message, name=name, errors=reasons)
 
     @classmethod
-    def from_json(cls, payload: Mapping[str, object]) -> "AnswerBody":
-        """The fields of a parsed answer object, as sent (nothing is checked here)."""
+    def from_json(cls, payload: Mapping[str, object]) -> AnswerBody:
+        """Read the fields of a parsed answer object, as sent (nothing is checked here)."""
         data = payload.get("data")
         data = data if isinstance(data, Mapping) else {}
-        return cls(code=payload.get("code"), message=payload.get("message"), image=data.get("image"),
-                   seed=data.get("seed"), name=payload.get("name"), errors=payload.get("errors"),
-                   request_id=payload.get("id"))
+        return cls(
+            code=payload.get("code"),
+            message=payload.get("message"),
+            image=data.get("image"),
+            seed=data.get("seed"),
+            name=payload.get("name"),
+            errors=payload.get("errors"),
+            request_id=payload.get("id"),
+        )
 
     def to_json(self) -> dict:
-        """The answer as the service sends it."""
+        """Return the answer as the service sends it."""
         if self.image is not None:
             data = {"image": self.image, "seed": self.seed}
             return {"code": self.code, "message": self.message, "data": data}
@@ -166,7 +178,8 @@ UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
 
 # The limits in words, for tooltips and help, made from the figures above.
 LIMITS_BROKEN_TEXT = (
-    f"a side under {MIN_SIDE} px, over {MAX_PIXELS / 1e6:.1f} megapixels, or wider than {MAX_ASPECT:g}:1")
+    f"a side under {MIN_SIDE} px, over {MAX_PIXELS / 1e6:.1f} megapixels, or wider than {MAX_ASPECT:g}:1"
+)
 PROMPT_RANGE_TEXT = f"1 to {MAX_PROMPT_CHARS} characters"
 
 # --- validation ------------------------------------------------------------------------
@@ -181,12 +194,16 @@ def _check_text(field: FormField, value: object) -> None:
     if field.required and not value.strip():
         raise InputError(f"{name} is empty: describe what the image should show.")
     if field.max_chars is not None and len(value) > field.max_chars:
-        raise InputError(f"{name} is {len(value)} characters long; the service accepts at most {field.max_chars}.")
+        raise InputError(
+            f"{name} is {len(value)} characters long; the service accepts at most {field.max_chars}."
+        )
     for position, ch in enumerate(value):
         category = unicodedata.category(ch)
         if ch not in _ALLOWED_CONTROL_CHARS and category in ("Cc", "Cs"):
             kind = "control character" if category == "Cc" else "invalid character (a lone surrogate)"
-            raise InputError(f"{name} contains the {kind} U+{ord(ch):04X} at position {position + 1}; remove it.")
+            raise InputError(
+                f"{name} contains the {kind} U+{ord(ch):04X} at position {position + 1}; remove it."
+            )
 
 
 def _check_number(field: FormField, value: object) -> None:
@@ -199,8 +216,9 @@ def _check_number(field: FormField, value: object) -> None:
 
 def _check_integer(field: FormField, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{field.name} must be a whole number between {field.minimum} and {field.maximum}, "
-                         f"not {value!r}.")
+        raise InputError(
+            f"{field.name} must be a whole number between {field.minimum} and {field.maximum}, not {value!r}."
+        )
     if not field.minimum <= value <= field.maximum:
         raise InputError(f"{field.name} must be between {field.minimum} and {field.maximum}; got {value}.")
 
@@ -214,7 +232,7 @@ _CHECKS = {"text": _check_text, "number": _check_number, "integer": _check_integ
 
 
 def validate_prompt(prompt: str) -> None:
-    """Raise InputError when the prompt is blank, over MAX_PROMPT_CHARS characters or holds control characters."""
+    """Raise InputError when the prompt is blank, over MAX_PROMPT_CHARS or holds control characters."""
     FORM_FIELDS[0].check(prompt)
 
 
@@ -227,16 +245,18 @@ def validate_form(values: Mapping[str, object]) -> None:
         field.check(values.get(field.name, field.default))
 
 
-def validate_parameters(*args: object, **kwargs: object) -> None:
+def validate_params(*args: object, **kwargs: object) -> None:
     """validate_form for values given in FORM_FIELDS order (prompt, control_strength, negative_prompt,
     seed, output_format) or by name."""
-    validate_form({**dict(zip(FIELD_NAMES, args)), **kwargs})
+    # strict=False: the positional values may stop early, the later fields then keep their defaults.
+    validate_form({**dict(zip(FIELD_NAMES, args, strict=False)), **kwargs})
 
 
 # --- the form's values -----------------------------------------------------------------------
 
+
 @dataclass(frozen=True, kw_only=True)
-class FormParameters:
+class FormParams:
     """The form's values, one attribute per FORM_FIELDS entry (tests/test_contract.py keeps them in step)."""
 
     prompt: str
@@ -246,7 +266,7 @@ class FormParameters:
     output_format: str = DEFAULT_OUTPUT_FORMAT
 
     def form_values(self) -> dict[str, object]:
-        """The form's values by field name."""
+        """Return the form's values by field name."""
         return {name: getattr(self, name) for name in FIELD_NAMES}
 
     def validate_form(self) -> None:
@@ -266,7 +286,7 @@ class FormParameters:
         return fields
 
     def form_fields(self) -> list[tuple[str, str]]:
-        """The text fields of the multipart form, in the contract's order; empty optionals are left out."""
+        """List the multipart form's text fields, in the contract's order; empty optionals are left out."""
         fields = []
         for field in FORM_FIELDS:
             text = field.form_value(getattr(self, field.name))

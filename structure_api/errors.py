@@ -2,12 +2,39 @@
 
 ``str(err)`` is always one sentence a person can act on; raw material (HTTP status,
 body, headers, request id) lives in attributes. The API key never appears in any of it.
+
+The tree:
+
+* StructureError
+  + ConfigurationError - the client is not set up to make requests.
+    - MissingAPIKeyError
+    - InsecureURLError
+  + InputError (also a ValueError) - nothing was sent.
+    - InvalidImageError
+  + APIError - the service answered with an error.
+    - AuthenticationError (401/403)
+    - ContentModerationError
+    - InsufficientCreditsError (402)
+    - InvalidRequestError (400/422)
+    - RequestTooLargeError (413)
+    - RateLimitError (429)
+    - ServiceError (5xx)
+    - GenerationFailedError (``code: -1``)
+    - UnexpectedRedirectError
+    - MalformedResponseError
+  + TransportError - no complete answer arrived.
+    - APIConnectionError
+    - APITimeoutError
+    - ResultMayBeBilledError
+  + CancelledError
+  + BatchError - some images of a batch failed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Mapping, Optional
+from typing import Any
 
 
 class StructureError(Exception):
@@ -21,11 +48,11 @@ class StructureError(Exception):
         self,
         message: str,
         *,
-        http_status: Optional[int] = None,
-        body: Optional[bytes] = None,
-        headers: Optional[Mapping[str, str]] = None,
-        request_id: Optional[str] = None,
-        reason: Optional[str] = None,
+        http_status: int | None = None,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        reason: str | None = None,
         **details: Any,
     ) -> None:
         super().__init__(message)
@@ -49,12 +76,16 @@ class StructureError(Exception):
 
 
 def _declares(cls: type, name: str) -> bool:
-    """True when a subclass of StructureError (``cls`` or one of its bases) declares the detail ``name``."""
+    """Tell whether ``cls`` or one of its StructureError bases declares the detail ``name``."""
     return not name.startswith("_") and any(
-        name in vars(base) for base in cls.__mro__ if issubclass(base, StructureError) and base is not StructureError)
+        name in vars(base)
+        for base in cls.__mro__
+        if issubclass(base, StructureError) and base is not StructureError
+    )
 
 
 # --- before any request -------------------------------------------------------------
+
 
 class ConfigurationError(StructureError):
     """The client is not set up to make requests."""
@@ -77,6 +108,7 @@ class InvalidImageError(InputError):
 
 
 # --- the service answered with an error ----------------------------------------------
+
 
 class APIError(StructureError):
     """The service (or something in front of it) answered with an error."""
@@ -105,7 +137,7 @@ class RequestTooLargeError(APIError):
 class RateLimitError(APIError):
     """429: too many requests; ``retry_after`` holds the server's hint in seconds."""
 
-    retry_after: Optional[float] = None
+    retry_after: float | None = None
 
 
 class ServiceError(APIError):
@@ -124,10 +156,11 @@ class MalformedResponseError(APIError):
     """The answer is not what the contract promises (not JSON, fields missing, bad image)."""
 
     # An image the answer carried that is not fit to use (answers.ImageAnswer): kept, not used.
-    answer: Optional[Any] = None
+    answer: Any | None = None
 
 
 # --- transport ---------------------------------------------------------------------
+
 
 class TransportError(StructureError):
     """The request did not get a complete answer.

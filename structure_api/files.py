@@ -1,4 +1,5 @@
-"""The user's image files: inputs read as pixels (orientation applied, metadata left behind), outputs written atomically.
+"""The user's image files: inputs read as pixels (orientation applied, metadata left behind), outputs written
+atomically.
 
 Everything a command can check about its files is checked here before anything is sent,
 because after the service answers, the result has already been paid for.
@@ -11,9 +12,10 @@ import os
 import re
 import secrets
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Optional, Sequence, Union
+from typing import IO
 
 import numpy as np
 from PIL import Image
@@ -64,6 +66,7 @@ def _reason(error: OSError) -> str:
 
 # --- inputs ------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class InputImage:
     """An input file as it will be sent: upright pixels, re-encoded, and the plan to bring the result back."""
@@ -85,7 +88,8 @@ def read_input_image(path: Path) -> InputImage:
     except StructureError:
         raise InvalidImageError(
             f"{path} is not an image this tool can read (PNG, JPEG or WebP of at most "
-            f"{MAX_INPUT_PIXELS // 1_000_000} megapixels).") from None
+            f"{MAX_INPUT_PIXELS // 1_000_000} megapixels)."
+        ) from None
     pixels = _upright(pixels, _exif_orientation(data))
     fitted, plan = fit_to_limits(pixels)
     # Always the decoded pixels, never the file: a camera file carries EXIF (GPS position,
@@ -109,7 +113,7 @@ def _upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def list_input_images(folder: Path) -> list[Path]:
-    """The image files of a folder (by extension), sorted by name."""
+    """List the image files of a folder (by extension), sorted by name."""
     if not folder.is_dir():
         raise InputError(f"{folder} is not a folder.")
     try:
@@ -123,8 +127,9 @@ def list_input_images(folder: Path) -> list[Path]:
 
 # --- outputs -----------------------------------------------------------------------------
 
-def check_output_file(path: Path, requested_format: Optional[str]) -> str:
-    """The output file's format, after refusing a path that is a folder, whose extension disagrees with
+
+def check_output_file(path: Path, requested_format: str | None) -> str:
+    """Return the output file's format, after refusing a path that is a folder, whose extension disagrees with
     ``requested_format`` or is not an image's, or whose folder cannot be created or written."""
     if path.is_dir():
         raise InputError(f"The output {path} is a folder; give a file name, such as {path / 'result.png'}.")
@@ -133,8 +138,8 @@ def check_output_file(path: Path, requested_format: Optional[str]) -> str:
     return output_format
 
 
-def output_format_for(path: Path, requested: Optional[str]) -> str:
-    """The format an output file gets: its extension decides, and ``requested``, if given, must agree."""
+def output_format_for(path: Path, requested: str | None) -> str:
+    """Choose an output file's format: its extension decides; ``requested``, if given, must agree."""
     suffix = path.suffix.lower()
     found = SUFFIX_FORMATS.get(suffix)
     if found is None:
@@ -142,8 +147,10 @@ def output_format_for(path: Path, requested: Optional[str]) -> str:
         problem = "it has none" if not suffix else f"{suffix} is not an image format this tool writes"
         raise InputError(f"The output {path} needs the extension {wanted}; {problem}.")
     if requested and requested != found:
-        raise InputError(f"The output {path} has the extension {suffix} but --format is {requested}; "
-                         f"name it {path.stem}{FORMAT_SUFFIXES[requested]} or leave out --format.")
+        raise InputError(
+            f"The output {path} has the extension {suffix} but --format is {requested}; "
+            f"name it {path.stem}{FORMAT_SUFFIXES[requested]} or leave out --format."
+        )
     return found
 
 
@@ -167,36 +174,54 @@ def check_writable_folder(folder: Path) -> None:
         raise FileAccessError(f"Cannot write into the folder {folder}: {_reason(error)}.") from None
 
 
-def batch_outputs(inputs: Sequence[Path], input_dir: Path, output_dir: Path, output_format: str) -> list[Path]:
-    """The output file of each input; refuses, before anything is sent, any two inputs that would share one."""
+def batch_outputs(
+    inputs: Sequence[Path], input_dir: Path, output_dir: Path, output_format: str
+) -> list[Path]:
+    """Map each input to its output file; refuse, before any request, two inputs that would share one."""
     if output_dir.resolve() == input_dir.resolve():
-        raise InputError(f"The output folder is the input folder ({input_dir}); the results would be taken "
-                         "for inputs on the next run. Choose another output folder.")
+        raise InputError(
+            f"The output folder is the input folder ({input_dir}); the results would be taken "
+            "for inputs on the next run. Choose another output folder."
+        )
     suffix = FORMAT_SUFFIXES[output_format]
     targets = [output_dir / (source.stem + suffix) for source in inputs]
     # Compared without case: on macOS and Windows photo.PNG and photo.png are one file.
     first_source: dict[str, Path] = {}
-    for source, target in zip(inputs, targets):
+    for source, target in zip(inputs, targets, strict=True):
         earlier = first_source.setdefault(target.name.lower(), source)
         if earlier is not source:
-            raise InputError(f"{earlier.name} and {source.name} would both be written to {target}; "
-                             "rename one of them or move it to another folder (nothing was sent).")
+            raise InputError(
+                f"{earlier.name} and {source.name} would both be written to {target}; "
+                "rename one of them or move it to another folder (nothing was sent)."
+            )
         if target.is_dir():
             raise InputError(f"The output {target} is a folder; move it away (nothing was sent).")
     return targets
 
 
-def result_file_bytes(result_pixels: np.ndarray, result_data: bytes, image: InputImage, output_format: str) -> bytes:
-    """The bytes of the output file: the service's own when they already fit, else restored and encoded."""
-    if not image.plan.changed and ImageSize.of(result_pixels) == image.size \
-            and detect_format(result_data) == output_format:
+def result_file_bytes(
+    result_pixels: np.ndarray, result_data: bytes, image: InputImage, output_format: str
+) -> bytes:
+    """Return the output file's bytes: the service's own when they already fit, else restored and encoded."""
+    if (
+        not image.plan.changed
+        and ImageSize.of(result_pixels) == image.size
+        and detect_format(result_data) == output_format
+    ):
         return result_data
     # Never the service's bytes under another format's extension, nor at another size.
     return encode_image(restore_from_fit(result_pixels, image.plan), output_format)
 
 
-def write_atomically(path: Path, data: Union[bytes, Sequence[bytes]], *, private: bool = False,
-                     temp_prefix: Optional[str] = None, sync_folder: bool = False, replace: bool = True) -> None:
+def write_atomically(
+    path: Path,
+    data: bytes | Sequence[bytes],
+    *,
+    private: bool = False,
+    temp_prefix: str | None = None,
+    sync_folder: bool = False,
+    replace: bool = True,
+) -> None:
     """Write ``data`` (bytes, or pieces written in order) to ``path`` through a temp file, fsync and a rename.
 
     A reader sees the old file or the whole new one, never a half. The file follows the umask, as
@@ -206,16 +231,17 @@ def write_atomically(path: Path, data: Union[bytes, Sequence[bytes]], *, private
     (the temp file is hard-linked into place, which fails when the name is taken).
     """
     tmp = path.parent / f"{temp_prefix or '.' + path.name + '.'}{secrets.token_hex(8)}.part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                 0o600 if private else 0o666)
+    fd = os.open(
+        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600 if private else 0o666
+    )
     try:
         if private and hasattr(os, "fchmod"):  # POSIX; Windows has no such modes
             os.fchmod(fd, 0o600)  # whatever the umask, never more and never less
         with os.fdopen(fd, "wb", buffering=0) as handle:
-            for piece in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
+            for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
                 view = memoryview(piece)
                 while view:  # a raw write may be short
-                    view = view[handle.write(view):]
+                    view = view[handle.write(view) :]
             os.fsync(handle.fileno())
         if replace:
             os.replace(tmp, path)
@@ -247,15 +273,16 @@ def _fsync_folder(folder: Path) -> None:
 
 # --- one batch run per output folder -----------------------------------------------------
 
+
 class FolderLock:
-    """An exclusive lock on an output folder for one batch run, released on exit (or when the process dies)."""
+    """An exclusive lock on an output folder for one batch run, released on exit (or when it dies)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.path = folder / LOCK_FILE_NAME
-        self._handle: Optional[IO[bytes]] = None
+        self._handle: IO[bytes] | None = None
 
-    def acquire(self) -> "FolderLock":
+    def acquire(self) -> FolderLock:
         """Take the lock or raise FolderInUseError at once; never waits."""
         for _ in range(10):
             try:
@@ -267,8 +294,10 @@ class FolderLock:
                 holder = handle.read(32).decode("ascii", "replace").strip()
                 handle.close()
                 who = f" (process {holder})" if holder.isdigit() else ""
-                raise FolderInUseError(f"{self.folder} is in use by another structure-api batch run{who}; "
-                                       "wait for it to finish or choose another output folder.")
+                raise FolderInUseError(
+                    f"{self.folder} is in use by another structure-api batch run{who}; "
+                    "wait for it to finish or choose another output folder."
+                )
             if _same_file(handle, self.path):
                 break
             # The run before removed the file between our open and our lock: lock the new one.
@@ -286,7 +315,7 @@ class FolderLock:
         return self
 
     def release(self) -> None:
-        """Remove the lock file and let go of the lock (a run that opened the old file notices and retries)."""
+        """Remove the lock file and let go of the lock (a run that opened the old file retries)."""
         if self._handle is None:
             return
         if sys.platform == "win32":
@@ -299,7 +328,7 @@ class FolderLock:
             _close_quietly(self._handle, unlock=False)  # closing the file drops the lock
         self._handle = None
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
@@ -358,12 +387,12 @@ def _unlink_quietly(path: Path) -> None:
 
 
 def is_finished_output(path: Path) -> bool:
-    """True when a batch's output exists and is not empty: that input is done."""
+    """Tell whether a batch's output exists and is not empty: that input is done."""
     return path.is_file() and path.stat().st_size > 0
 
 
 def export_path(folder: Path, *, label: str, format: str, entry_id: str, taken: set[str]) -> Path:
-    """A file name for an exported result: its intended output's name, with the extension of its real format."""
+    """Name an exported result's file: its intended output's name, with the extension of its real format."""
     stem = re.sub(r"[^\w.-]+", "_", Path(label).stem).strip("._")[:80] if label else ""
     suffix = FORMAT_SUFFIXES.get(format, "." + format)
     name = f"{stem or 'result'}{suffix}"

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING
 
 from .answers import ImageAnswer, StructureResult, decode_answer
 from .contract import MAX_SEED
@@ -45,7 +46,7 @@ class PaidResult:
     store: ResultStore
 
     @property
-    def entry(self) -> Optional[StoredResult]:
+    def entry(self) -> StoredResult | None:
         """The store's entry for this result (None only when it could not be kept)."""
         return self.result.stored  # type: ignore[return-value]
 
@@ -65,7 +66,7 @@ class PaidResult:
             discard(self.store, self.entry)  # unusable bytes would only be served again
             raise
 
-    def __enter__(self) -> "PaidResult":
+    def __enter__(self) -> PaidResult:
         return self
 
     def __exit__(self, kind: object, error: object, trace: object) -> None:
@@ -75,35 +76,35 @@ class PaidResult:
             self.release()
 
 
-def deliver(store: ResultStore, entry: Optional[StoredResult]) -> None:
+def deliver(store: ResultStore, entry: StoredResult | None) -> None:
     """Mark ``entry`` delivered (no-op for None)."""
     if entry is not None:
         store.mark_delivered(entry)
 
 
-def release(store: ResultStore, entry: Optional[StoredResult]) -> None:
+def release(store: ResultStore, entry: StoredResult | None) -> None:
     """Hand ``entry`` back undelivered (no-op for None)."""
     if entry is not None:
         store.release(entry)
 
 
-def discard(store: ResultStore, entry: Optional[StoredResult]) -> None:
+def discard(store: ResultStore, entry: StoredResult | None) -> None:
     """Remove ``entry``, whose bytes are unusable (no-op for None)."""
     if entry is not None:
         store.discard(entry)
 
 
 def fetch_or_pay(
-    client: "StructureClient",
+    client: StructureClient,
     request: StructureRequest,
     store: ResultStore,
     *,
     label: str = "",
-    on_progress: Optional[Callable[["ProgressEvent"], None]] = None,
-    cancel: Optional[threading.Event] = None,
+    on_progress: Callable[[ProgressEvent], None] | None = None,
+    cancel: threading.Event | None = None,
     claim_only: bool = False,
     decode: bool = True,
-) -> Optional[PaidResult]:
+) -> PaidResult | None:
     """Return the store's result for ``request`` (free), else pay for one and keep it before its decode.
 
     None only with ``claim_only`` when the store holds nothing. ``decode=False`` leaves ``pixels``
@@ -129,8 +130,7 @@ def fetch_or_pay(
         return _pay(client, request, store, key, label, on_progress, cancel, decode)
 
 
-def _claim(store: ResultStore, key: str, seed: int, decode: bool, *,
-           lock: bool = False) -> Optional[PaidResult]:
+def _claim(store: ResultStore, key: str, seed: int, decode: bool, *, lock: bool = False) -> PaidResult | None:
     """Return one of the store's results for ``key``, decoded; entries that do not decode are discarded.
 
     ``lock``: claim under the key's cross-process lock (decoding outside it).
@@ -148,14 +148,29 @@ def _claim(store: ResultStore, key: str, seed: int, decode: bool, *,
         except StructureError:
             store.discard(entry)  # unusable: never served again
             continue
-        result = StructureResult(pixels=pixels, data=entry.data, seed=entry.seed, format=entry.format,
-                                 request_id=None, attempts=0, credits=0, stored=entry)
+        result = StructureResult(
+            pixels=pixels,
+            data=entry.data,
+            seed=entry.seed,
+            format=entry.format,
+            request_id=None,
+            attempts=0,
+            credits=0,
+            stored=entry,
+        )
         return PaidResult(result, True, store)
 
 
-def _pay(client: "StructureClient", request: StructureRequest, store: ResultStore, key: str, label: str,
-         on_progress: Optional[Callable[["ProgressEvent"], None]], cancel: Optional[threading.Event],
-         decode: bool) -> PaidResult:
+def _pay(
+    client: StructureClient,
+    request: StructureRequest,
+    store: ResultStore,
+    key: str,
+    label: str,
+    on_progress: Callable[[ProgressEvent], None] | None,
+    cancel: threading.Event | None,
+    decode: bool,
+) -> PaidResult:
     """Pay for ``request``, keep the answer, then decode it: the keep comes before anything can drop it."""
     try:
         answer = client.generate(request, on_progress=on_progress, cancel=cancel)
@@ -163,15 +178,27 @@ def _pay(client: "StructureClient", request: StructureRequest, store: ResultStor
         if isinstance(error.answer, ImageAnswer):
             # An image not fit to use here: kept undelivered under a key no request has, so a re-run
             # never serves it but `structure-api results --export` writes it out.
-            entry = store.keep(UNFIT_PREFIX + key, error.answer.data, seed=error.answer.seed,
-                               format=error.answer.format, label=label, free=error.answer.credits == 0)
+            entry = store.keep(
+                UNFIT_PREFIX + key,
+                error.answer.data,
+                seed=error.answer.seed,
+                format=error.answer.format,
+                label=label,
+                free=error.answer.credits == 0,
+            )
             store.release(entry)
-            where = (f"it is kept in the result store ({store.directory}), where `structure-api results "
-                     "--export DIR` writes it out" if store.on_disk(entry) else
-                     "it is kept in memory only (the result store is off or cannot be written)")
-            raise MalformedResponseError(f"{error.message.rstrip('.')}; {where}.",
-                                         http_status=error.http_status, headers=error.headers,
-                                         request_id=error.request_id) from None
+            where = (
+                f"it is kept in the result store ({store.directory}), where `structure-api results "
+                "--export DIR` writes it out"
+                if store.on_disk(entry)
+                else "it is kept in memory only (the result store is off or cannot be written)"
+            )
+            raise MalformedResponseError(
+                f"{error.message.rstrip('.')}; {where}.",
+                http_status=error.http_status,
+                headers=error.headers,
+                request_id=error.request_id,
+            ) from None
         raise
     entry = keep(store, request, answer, key, client.endpoint, label)
     try:
@@ -179,18 +206,32 @@ def _pay(client: "StructureClient", request: StructureRequest, store: ResultStor
     except MalformedResponseError:
         store.discard(entry)  # unusable bytes would only be served again
         raise
-    result = StructureResult(pixels=pixels, data=answer.data, seed=answer.seed, format=answer.format,
-                             request_id=answer.request_id, attempts=answer.attempts, credits=answer.credits,
-                             stored=entry)
+    result = StructureResult(
+        pixels=pixels,
+        data=answer.data,
+        seed=answer.seed,
+        format=answer.format,
+        request_id=answer.request_id,
+        attempts=answer.attempts,
+        credits=answer.credits,
+        stored=entry,
+    )
     return PaidResult(result, False, store)
 
 
-def keep(store: ResultStore, request: StructureRequest, answer: ImageAnswer, key: str, endpoint: str,
-         label: str) -> StoredResult:
+def keep(
+    store: ResultStore, request: StructureRequest, answer: ImageAnswer, key: str, endpoint: str, label: str
+) -> StoredResult:
     """Keep ``answer``'s bytes under ``key``; a seed-0 answer with a known seed also answers it fixed."""
     aliases = ()
     if request.seed == 0 and answer.seed_known and 1 <= answer.seed <= MAX_SEED:
         aliases = (store.key_for(dataclasses.replace(request, seed=answer.seed), endpoint),)
-    return store.keep(key, answer.data, seed=answer.seed, format=answer.format, label=label, aliases=aliases,
-                      free=answer.credits == 0)
-
+    return store.keep(
+        key,
+        answer.data,
+        seed=answer.seed,
+        format=answer.format,
+        label=label,
+        aliases=aliases,
+        free=answer.credits == 0,
+    )

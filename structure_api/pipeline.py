@@ -6,18 +6,17 @@ IMAGE batches are ``[B, H, W, C]`` float in 0..1 (torch tensor or numpy array).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import numpy as np
 
+from ._renamed import warn_renamed
 from .batch import BatchProgress, BatchReport, max_concurrency_from_env, run_batch
 from .client import StructureClient, StructureResult
-from .contract import MAX_ASPECT, MAX_PIXELS, MAX_SEED, MIN_SIDE, FormParameters
+from .contract import MAX_ASPECT, MAX_PIXELS, MAX_SEED, MIN_SIDE, FormParams
 from .errors import InputError, InvalidImageError
-from .request import StructureRequest
-from .store import ResultStore
 from .images import (
     EncodedImage,
     FitPlan,
@@ -26,14 +25,16 @@ from .images import (
     decode_image,
     decode_image_into,
     encode_upload,
-    image_header_size,
     fit_to_limits,
-    plan_fit,
+    image_header_size,
     new_output_batch,
+    plan_fit,
     restore_from_fit,
     to_uint8_rgb,
     uint8_to_float,
 )
+from .request import StructureRequest
+from .store import ResultStore
 
 FIT_MODES = ("fit", "fail")
 # Encoding an upload and decoding an answer are CPU work, and each holds an image's worth of
@@ -53,7 +54,7 @@ def batch_seeds(seed: int, count: int) -> list[int]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class StructureParams(FormParameters):
+class StructureParams(FormParams):
     """The node's parameters, shared by every image of a batch: the form's values and what to do with an
     image outside the service's limits."""
 
@@ -62,7 +63,9 @@ class StructureParams(FormParameters):
     def validate(self) -> None:
         """Check everything but the image before any work starts."""
         if self.outside_limits not in FIT_MODES:
-            raise InputError(f"outside_limits must be one of {', '.join(FIT_MODES)}; got {self.outside_limits!r}.")
+            raise InputError(
+                f"outside_limits must be one of {', '.join(FIT_MODES)}; got {self.outside_limits!r}."
+            )
         self.validate_form()
 
 
@@ -73,8 +76,14 @@ class BatchResult:
     images: object
     seeds: list[int]
     credits: int
-    from_cache: int
+    from_store: int
     report: BatchReport
+
+    @property
+    def from_cache(self) -> int:  # old spelling, for one release
+        """Return ``from_store`` (the old spelling of its name)."""
+        warn_renamed("BatchResult.from_cache", "BatchResult.from_store")
+        return self.from_store
 
 
 def _batch_dims(images: object) -> tuple[int, ImageSize]:
@@ -83,14 +92,19 @@ def _batch_dims(images: object) -> tuple[int, ImageSize]:
         shape = (1,) + shape
     if len(shape) != 4:
         raise InvalidImageError(
-            f"Expected an image batch shaped [batch, height, width, channels]; got shape {list(shape)}.")
+            f"Expected an image batch shaped [batch, height, width, channels]; got shape {list(shape)}."
+        )
     count, height, width, channels = shape
     if count == 0:
         raise InvalidImageError("The image batch is empty: connect an image with at least one picture.")
     if height == 0 or width == 0:
-        raise InvalidImageError(f"The images are {width}x{height} pixels; they need at least one pixel each side.")
+        raise InvalidImageError(
+            f"The images are {width}x{height} pixels; they need at least one pixel each side."
+        )
     if channels not in (1, 2, 3, 4):
-        raise InvalidImageError(f"The images have {channels} channels; expected 1 to 4 (grey, grey+alpha, RGB, RGBA).")
+        raise InvalidImageError(
+            f"The images have {channels} channels; expected 1 to 4 (grey, grey+alpha, RGB, RGBA)."
+        )
     return count, ImageSize(width=width, height=height)
 
 
@@ -99,7 +113,8 @@ def _refuse_outside_limits(params: StructureParams, size: ImageSize) -> None:
         raise InvalidImageError(
             f"The images are {size.width}x{size.height} pixels, outside the service's limits (every side at "
             f"least {MIN_SIDE}, at most {MAX_PIXELS:,} pixels, aspect ratio within {MAX_ASPECT:g}:1); set "
-            "outside_limits to 'fit and restore size' to have them fitted automatically.")
+            "outside_limits to 'fit and restore size' to have them fitted automatically."
+        )
 
 
 @dataclass(eq=False)
@@ -117,8 +132,9 @@ class _ImageWork:
     cpu: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.cpu = ThreadPoolExecutor(max_workers=min(CPU_THREADS, len(self.seeds)),
-                                      thread_name_prefix="aithriving-cpu")
+        self.cpu = ThreadPoolExecutor(
+            max_workers=min(CPU_THREADS, len(self.seeds)), thread_name_prefix="aithriving-cpu"
+        )
 
     def encode(self, index: int) -> EncodedImage:
         pixels = to_uint8_rgb(self.batch[index])
@@ -154,25 +170,27 @@ def _finish(report: BatchReport, store: ResultStore, output: object) -> BatchRes
         # Not delivered: a re-run of this batch takes these results instead of paying again.
         report.release(store)
     if report.cancelled:
-        return BatchResult(images=None, seeds=[], credits=report.credits, from_cache=len(report.from_cache),
-                           report=report)
+        return BatchResult(
+            images=None, seeds=[], credits=report.credits, from_store=len(report.from_store), report=report
+        )
     report.raise_for_failures(store=store)
     report.mark_delivered(store)
     used = [report.seeds[index] for index in range(report.total)]
-    return BatchResult(images=output, seeds=used, credits=report.credits, from_cache=len(report.from_cache),
-                       report=report)
+    return BatchResult(
+        images=output, seeds=used, credits=report.credits, from_store=len(report.from_store), report=report
+    )
 
 
 def generate_images(
     images: object,
     params: StructureParams,
     *,
-    client: Optional[StructureClient] = None,
-    store: Optional[ResultStore] = None,
+    client: StructureClient | None = None,
+    store: ResultStore | None = None,
     label: str = "",
-    max_concurrency: Optional[int] = None,
-    on_progress: Optional[Callable[[BatchProgress], None]] = None,
-    should_cancel: Optional[Callable[[], bool]] = None,
+    max_concurrency: int | None = None,
+    on_progress: Callable[[BatchProgress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
     keep_in_flight: bool = True,
 ) -> BatchResult:
     """One request per image, run concurrently; results land in input order at the input's size.
@@ -198,14 +216,23 @@ def generate_images(
         client = StructureClient.from_env()
     output = new_output_batch(count, size, like=images)
     batch = images if len(getattr(images, "shape", ())) == 4 else images[None]
-    work = _ImageWork(batch=batch, params=params, seeds=seeds, size=size, output_pixels=as_numpy(output),
-                      store=store)
+    work = _ImageWork(
+        batch=batch, params=params, seeds=seeds, size=size, output_pixels=as_numpy(output), store=store
+    )
     try:
         report = run_batch(
-            client, count, work.make_request, on_result=work.on_result, store=store,
+            client,
+            count,
+            work.make_request,
+            on_result=work.on_result,
+            store=store,
             label=lambda index: f"{label or 'batch'}, image {index + 1} of {count}",
-            max_concurrency=max_concurrency, on_progress=on_progress, should_cancel=should_cancel,
-            decode=False, keep_in_flight=keep_in_flight)
+            max_concurrency=max_concurrency,
+            on_progress=on_progress,
+            should_cancel=should_cancel,
+            decode=False,
+            keep_in_flight=keep_in_flight,
+        )
     except BaseException:
         work.close()
         if own_client:

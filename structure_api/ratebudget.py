@@ -23,11 +23,12 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar, Union
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from ._constants import ENV_CACHE_DIR
+from ._constants import ENV_STORE_DIR
 from .config import APIKey, default_store_dir
 from .errors import ConfigurationError
 from .ratelimit import BudgetUnavailable, MemoryBook, PacerState
@@ -49,8 +50,13 @@ _MAX_STATE_BYTES = 256 * 1024 * 1024
 # A budget unchanged this long holds nothing that still counts: its files are swept.
 _SWEEP_AFTER_SECONDS = 86400.0
 _BUDGET_NAME = re.compile(r"[0-9a-f]{16}")
-_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) \
+_FLAGS = (
+    os.O_RDWR
+    | os.O_CREAT
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
     | getattr(os, "O_BINARY", 0)
+)
 # Redis: how long one command may take, and how long an unused budget is kept.
 _REDIS_TIMEOUT_SECONDS = 3.0
 _REDIS_KEEP_SECONDS = 86400
@@ -59,15 +65,15 @@ REDIS_KEY_PREFIX = "aithriving:pacer:"
 T = TypeVar("T")
 
 
-def budget_id(key: Union[APIKey, str], endpoint: str) -> str:
-    """A budget's name: 16 hex digits of a hash of the endpoint and the key (the key cannot be read back)."""
+def budget_id(key: APIKey | str, endpoint: str) -> str:
+    """Name a budget: 16 hex digits of a hash of the endpoint and the key (the key cannot be read back)."""
     raw = key.reveal() if isinstance(key, APIKey) else key
     digest = hashlib.sha256(b"aithriving-rate-budget\0" + endpoint.encode() + b"\0" + raw.encode())
     return digest.hexdigest()[:16]
 
 
-def budget_name(key: Union[APIKey, str], endpoint: str, environ: Optional[Mapping[str, str]] = None) -> str:
-    """What tells one process's budgets apart: the budget's id and where its book is configured to be."""
+def budget_name(key: APIKey | str, endpoint: str, environ: Mapping[str, str] | None = None) -> str:
+    """Tell one process's budgets apart: the budget's id and where its book is configured to be."""
     env = os.environ if environ is None else environ
     return f"{budget_id(key, endpoint)} {env.get(ENV_REDIS_URL, '').strip()} {default_store_dir(env)}"
 
@@ -232,21 +238,23 @@ class RedisBook:
     shared = True
 
     def __init__(self, url: str, budget: str) -> None:
-        check_redis_url(url)
-        self.name = f"Redis at {redis_location(url)}"
+        _check_redis_url(url)
+        self.name = f"Redis at {_redis_location(url)}"
         self.where = f"shared through {self.name}"
         try:
             import redis  # the optional extra: imported only when a Redis URL is set
         except ImportError:
             raise BudgetUnavailable(
                 "the redis package is not installed: it is the optional redis extra of aithriving-structure, "
-                "see the README's Running many workers") from None
+                "see the README's Running many workers"
+            ) from None
         self._errors: tuple = (redis.RedisError, OSError)
         self.key = REDIS_KEY_PREFIX + budget
         self._known = b""  # the state as last seen in Redis ("": none)
         try:
-            self._redis = redis.Redis.from_url(url, socket_timeout=_REDIS_TIMEOUT_SECONDS,
-                                               socket_connect_timeout=_REDIS_TIMEOUT_SECONDS)
+            self._redis = redis.Redis.from_url(
+                url, socket_timeout=_REDIS_TIMEOUT_SECONDS, socket_connect_timeout=_REDIS_TIMEOUT_SECONDS
+            )
             self._offsets: collections.deque = collections.deque(maxlen=64)  # (round trip, offset)
             asked = time.time()
             seconds, micros = self._redis.time()
@@ -264,8 +272,9 @@ class RedisBook:
             after = state.to_json()
             asked = time.time()
             try:
-                done, current, seconds, micros = self._script(keys=[self.key],
-                                                              args=[before, after, _REDIS_KEEP_SECONDS])
+                done, current, seconds, micros = self._script(
+                    keys=[self.key], args=[before, after, _REDIS_KEEP_SECONDS]
+                )
             except self._errors as error:
                 raise BudgetUnavailable(f"{type(error).__name__}: {_short(error)}") from None
             self._note_time(asked, seconds, micros)
@@ -287,22 +296,27 @@ class RedisBook:
         self._redis.close()
 
 
-def check_redis_url(url: str) -> None:
+def _check_redis_url(url: str) -> None:
     """Refuse an AITHRIVING_REDIS_URL that is not a redis://, rediss:// or unix:// address (one sentence)."""
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018  (a port that is not a number raises here)
+        _ = parts.port  # a port that is not a number raises here
     except ValueError:
         parts = None
-    if parts is None or parts.scheme not in ("redis", "rediss", "unix") or \
-            (parts.scheme != "unix" and not parts.hostname) or (parts.scheme == "unix" and not parts.path):
+    if (
+        parts is None
+        or parts.scheme not in ("redis", "rediss", "unix")
+        or (parts.scheme != "unix" and not parts.hostname)
+        or (parts.scheme == "unix" and not parts.path)
+    ):
         # The value is not repeated: it may hold a password.
         raise ConfigurationError(
             f"{ENV_REDIS_URL} must be an address such as redis://host:6379/0 (or rediss://, unix://); "
-            f"the value set ({len(url)} characters) is not one.")
+            f"the value set ({len(url)} characters) is not one."
+        )
 
 
-def redis_location(url: str) -> str:
+def _redis_location(url: str) -> str:
     """host:port/db of a Redis URL, without any user name or password, for messages."""
     parts = urlsplit(url)
     if parts.scheme == "unix":
@@ -310,8 +324,8 @@ def redis_location(url: str) -> str:
     return f"{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"
 
 
-def make_book(key: Union[APIKey, str], endpoint: str, environ: Optional[Mapping[str, str]] = None) -> Any:
-    """The book a process's pacer for this key uses: Redis if set and reachable, else the store's folder,
+def make_book(key: APIKey | str, endpoint: str, environ: Mapping[str, str] | None = None) -> Any:
+    """Open the book a process's pacer for this key uses: Redis if set and reachable, else the store's folder,
     else this process's memory (each fallback is said once, in one line)."""
     env = os.environ if environ is None else environ
     budget = budget_id(key, endpoint)
@@ -320,17 +334,24 @@ def make_book(key: Union[APIKey, str], endpoint: str, environ: Optional[Mapping[
         try:
             return RedisBook(redis_url, budget)
         except BudgetUnavailable as error:
-            log.warning("Redis at %s cannot be used (%s); the rate budget is shared through the result "
-                        "store's folder instead, by this machine's processes only.",
-                        redis_location(redis_url), error)
+            log.warning(
+                "Redis at %s cannot be used (%s); the rate budget is shared through the result "
+                "store's folder instead, by this machine's processes only.",
+                _redis_location(redis_url),
+                error,
+            )
     directory = default_store_dir(env)
     if directory is None:
-        return MemoryBook(f"counted in this process only: {ENV_CACHE_DIR} is off")
+        return MemoryBook(f"counted in this process only: {ENV_STORE_DIR} is off")
     try:
         return FolderBook(directory, budget)
     except BudgetUnavailable as error:
-        log.warning("The rate budget cannot be shared through %s (%s); it is counted in this process only, "
-                    "so other processes using the same key are not counted.", directory, error)
+        log.warning(
+            "The rate budget cannot be shared through %s (%s); it is counted in this process only, "
+            "so other processes using the same key are not counted.",
+            directory,
+            error,
+        )
         return MemoryBook(f"counted in this process only: {directory} cannot be written")
 
 

@@ -26,8 +26,9 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, TypeVar
+from typing import Any, TypeVar
 
 from ._constants import PROBE_GRACE_SECONDS
 from .contract import LOCKOUT_SECONDS, RATE_LIMIT_REQUESTS, RATE_LIMIT_SECONDS
@@ -68,7 +69,7 @@ _RATE_LIMIT_TEXT = re.compile(r"([0-9]{1,7})\s*/\s*([0-9]{1,5}(?:\.[0-9]+)?)\s*s
 _OFF = ("off", "none", "unlimited")
 
 
-def parse_rate_limit(text: str, *, source: str = ENV_RATE_LIMIT) -> Optional[RateLimit]:
+def parse_rate_limit(text: str, *, source: str = ENV_RATE_LIMIT) -> RateLimit | None:
     """``"150/10"`` (requests per seconds) as a RateLimit; ``"off"`` as None (no pacing)."""
     value = text.strip().lower()
     if value in _OFF:
@@ -79,13 +80,14 @@ def parse_rate_limit(text: str, *, source: str = ENV_RATE_LIMIT) -> Optional[Rat
     if not match or requests < 1 or not 0 < seconds <= 3600:
         # The value is not repeated: a key pasted into the wrong variable would be printed back.
         raise ConfigurationError(
-            f"{source} must be a number of requests per seconds such as {DEFAULT_RATE_LIMIT} (150 requests in "
-            f"any 10 s, at least 1 request, at most 3600 s) or off; the value set ({len(text)} characters) "
-            "is not one.")
+            f"{source} must be a number of requests per seconds such as {DEFAULT_RATE_LIMIT} (150 requests "
+            f"in any 10 s, at least 1 request, at most 3600 s) or off; the value set ({len(text)} "
+            "characters) is not one."
+        )
     return RateLimit(requests=requests, seconds=seconds)
 
 
-def rate_limit_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional[RateLimit]:
+def rate_limit_from_env(environ: Mapping[str, str] | None = None) -> RateLimit | None:
     """AITHRIVING_RATE_LIMIT as a RateLimit (default 150/10), or None when set to off."""
     env = os.environ if environ is None else environ
     value = env.get(ENV_RATE_LIMIT, "")
@@ -94,7 +96,7 @@ def rate_limit_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional
     return parse_rate_limit(value)
 
 
-def default_margin(limit: RateLimit, shared: bool = False) -> float:
+def _default_margin(limit: RateLimit, shared: bool = False) -> float:
     """Seconds added to the window: 2 % of it, at least a tenth of a second (10.2 s for 150/10); 5 %,
     at least a quarter second, while other processes draw from the same budget (10.5 s).
 
@@ -114,18 +116,18 @@ class PacerSlot:
 
     __slots__ = ("_pacer", "token", "started", "finished")
 
-    def __init__(self, pacer: "Pacer", token: str, started: float) -> None:
+    def __init__(self, pacer: Pacer, token: str, started: float) -> None:
         self._pacer = pacer
         self.token = token
         self.started = started
         self.finished = False
 
     def sent(self) -> None:
-        """The upload is out: the window counts this request from now."""
+        """Count this request in the window from now (its upload is out)."""
         self._pacer._slot_sent(self)
 
     def finish(self, *, rate_limited: bool) -> None:
-        """The attempt ended; ``rate_limited`` when its answer was a 429. Idempotent."""
+        """End the attempt; ``rate_limited`` when its answer was a 429. Idempotent."""
         self._pacer._slot_finished(self, rate_limited)
 
 
@@ -133,8 +135,8 @@ class PacerSlot:
 class PacerDecision:
     """What ``Pacer.next_start`` decided: a slot, or how long to wait and why."""
 
-    slot: Optional[PacerSlot]
-    wait: Optional[float]  # seconds; None: until something happens (a slot's upload, a probe's answer)
+    slot: PacerSlot | None
+    wait: float | None  # seconds; None: until something happens (a slot's upload, a probe's answer)
     reason: str  # "" with a slot; else "window" | "paused" | "probe"
 
 
@@ -154,30 +156,44 @@ class PacerState:
     slots: dict = field(default_factory=dict)  # token -> [started, sent_at or None (uploading), owner]
     paused_until: float = -math.inf
     probe_pending: bool = False
-    probe: Optional[str] = None  # the token of the request that probes after a pause
+    probe: str | None = None  # the token of the request that probes after a pause
 
     def to_json(self) -> bytes:
-        """The state as compact JSON (no infinities: a pause never set is null)."""
+        """Write the state as compact JSON (no infinities: a pause never set is null)."""
         paused = self.paused_until if math.isfinite(self.paused_until) else None
-        return json.dumps({"s": self.slots, "p": paused, "q": self.probe_pending, "r": self.probe},
-                          separators=(",", ":")).encode()
+        return json.dumps(
+            {"s": self.slots, "p": paused, "q": self.probe_pending, "r": self.probe}, separators=(",", ":")
+        ).encode()
 
     @classmethod
-    def from_json(cls, raw: Optional[bytes]) -> "PacerState":
-        """The state ``to_json`` wrote; an empty state for nothing or anything unreadable."""
+    def from_json(cls, raw: bytes | None) -> PacerState:
+        """Read the state ``to_json`` wrote; an empty state for nothing or anything unreadable."""
         try:
             data = json.loads(raw) if raw else {}
-            slots = {str(k): [float(v[0]), None if v[1] is None else float(v[1]), str(v[2]) if v[2:] else ""]
-                     for k, v in data.get("s", {}).items()}
+            slots = {
+                str(k): [float(v[0]), None if v[1] is None else float(v[1]), str(v[2]) if v[2:] else ""]
+                for k, v in data.get("s", {}).items()
+            }
             paused = data.get("p")
-            return cls(slots, -math.inf if paused is None else float(paused), bool(data.get("q")),
-                       None if data.get("r") is None else str(data["r"]))
+            return cls(
+                slots,
+                -math.inf if paused is None else float(paused),
+                bool(data.get("q")),
+                None if data.get("r") is None else str(data["r"]),
+            )
         except (ValueError, TypeError, AttributeError, IndexError, KeyError):
             return cls()
 
-    def decide(self, now: float, limit: Optional[RateLimit], window_seconds: float, probe_grace: float,
-               token: str, owner: str = "",
-               shared_window: Optional[float] = None) -> tuple[bool, Optional[float], str]:
+    def decide(
+        self,
+        now: float,
+        limit: RateLimit | None,
+        window_seconds: float,
+        probe_grace: float,
+        token: str,
+        owner: str = "",
+        shared_window: float | None = None,
+    ) -> tuple[bool, float | None, str]:
         """Take a slot for ``token`` (of pacer ``owner``) at ``now`` if a request may start: (taken, wait,
         reason). ``shared_window`` is the window while the budget holds slots of other pacers."""
         if now < self.paused_until:
@@ -269,12 +285,12 @@ class Pacer:
 
     def __init__(
         self,
-        limit: Optional[RateLimit] = DEFAULT_RATE_LIMIT,
+        limit: RateLimit | None = DEFAULT_RATE_LIMIT,
         *,
         clock: Callable[[], float] = time.monotonic,
-        margin: Optional[float] = None,
+        margin: float | None = None,
         probe_grace: float = PROBE_GRACE_SECONDS,
-        book: Optional[Any] = None,
+        book: Any | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -286,7 +302,7 @@ class Pacer:
         self._probe_grace = probe_grace
         self._book = book if book is not None else MemoryBook()
         self._streak = 0
-        self._streak_started: Optional[float] = None
+        self._streak_started: float | None = None
         self._refused_until = -math.inf
         self._refused_reason = ""
         self.limit = limit
@@ -298,18 +314,21 @@ class Pacer:
     # -- configuration ---------------------------------------------------------------
 
     @property
-    def limit(self) -> Optional[RateLimit]:
+    def limit(self) -> RateLimit | None:
         """The configured limit; None: no pacing (429s still pause everyone)."""
         return self._limit
 
     @limit.setter
-    def limit(self, limit: Optional[RateLimit]) -> None:
+    def limit(self, limit: RateLimit | None) -> None:
         self._limit = limit
-        margin = self._margin if self._margin is not None else (default_margin(limit) if limit else 0.0)
+        margin = self._margin if self._margin is not None else (_default_margin(limit) if limit else 0.0)
         self.window_seconds = (limit.seconds + margin) if limit else 0.0
         # While other processes draw from a shared budget too, its window has the wider margin.
-        shared_margin = self._margin if self._margin is not None else (default_margin(limit, shared=True)
-                                                                       if limit else 0.0)
+        shared_margin = (
+            self._margin
+            if self._margin is not None
+            else (_default_margin(limit, shared=True) if limit else 0.0)
+        )
         self.shared_window_seconds = (limit.seconds + shared_margin) if limit else 0.0
 
     @property
@@ -322,27 +341,32 @@ class Pacer:
         """True when other processes draw from the same budget."""
         return bool(self._book.shared)
 
-    def _update(self, change: Callable[[PacerState, float], T], now: Optional[float] = None) -> T:
+    def _update(self, change: Callable[[PacerState, float], T], now: float | None = None) -> T:
         """Apply ``change`` to the budget's state (the caller holds the lock); a shared book that
         fails from now on is replaced by this process's own (it says so once)."""
         when = self._clock() if now is None else now
         try:
             return self._book.update(change, when)
         except BudgetUnavailable as error:
-            log.warning("The shared rate budget (%s) stopped working (%s); this process paces on its own "
-                        "from now on.", self._book.where, error)
-            self._book = MemoryBook(f"{_THIS_PROCESS}: {getattr(self._book, 'name', self._book.where)} "
-                                    "stopped working")
+            log.warning(
+                "The shared rate budget (%s) stopped working (%s); this process paces on its own "
+                "from now on.",
+                self._book.where,
+                error,
+            )
+            self._book = MemoryBook(
+                f"{_THIS_PROCESS}: {getattr(self._book, 'name', self._book.where)} stopped working"
+            )
             return self._book.update(change, self._clock() if now is None else now)
 
     # -- the decision (no waiting): what the unit tests drive with an injected clock ------
 
-    def next_start(self, now: Optional[float] = None) -> PacerDecision:
-        """A slot if a request may start at ``now``, else how long to wait; raises after giving up."""
+    def next_start(self, now: float | None = None) -> PacerDecision:
+        """Return a slot if a request may start at ``now``, else how long to wait; raise after giving up."""
         with self._lock:
             return self._decide(now)
 
-    def _decide(self, now: Optional[float]) -> PacerDecision:
+    def _decide(self, now: float | None) -> PacerDecision:
         local_now = self._clock() if now is None else now
         if local_now < self._refused_until:
             raise RateLimitError(self._refused_reason)
@@ -350,7 +374,8 @@ class Pacer:
         limit, window, grace, owner = self._limit, self.window_seconds, self._probe_grace, self._owner
         shared_window = self.shared_window_seconds if self.shared else None
         taken, wait, reason = self._update(
-            lambda state, at: state.decide(at, limit, window, grace, token, owner, shared_window), now)
+            lambda state, at: state.decide(at, limit, window, grace, token, owner, shared_window), now
+        )
         if not taken:
             return PacerDecision(None, wait, reason)
         self.starts += 1
@@ -363,7 +388,7 @@ class Pacer:
         *,
         wait: Callable[[float], None],
         check_cancel: Callable[[], None] = lambda: None,
-        on_wait: Optional[Callable[[str, Optional[float]], None]] = None,
+        on_wait: Callable[[str, float | None], None] | None = None,
     ) -> PacerSlot:
         """Wait until a request may start and return its slot.
 
@@ -386,8 +411,12 @@ class Pacer:
             self._head_message = ""
             self._turn.release()
 
-    def _acquire_turn(self, wait: Callable[[float], None], check_cancel: Callable[[], None],
-                      on_wait: Optional[Callable[[str, Optional[float]], None]]) -> PacerSlot:
+    def _acquire_turn(
+        self,
+        wait: Callable[[float], None],
+        check_cancel: Callable[[], None],
+        on_wait: Callable[[str, float | None], None] | None,
+    ) -> PacerSlot:
         # Time passes at least as fast as the waits made: an injected wait that returns at once
         # (tests) still moves this call forward instead of spinning.
         virtual_now = self._clock()
@@ -415,7 +444,7 @@ class Pacer:
     # -- what the client reports -----------------------------------------------------------
 
     def note_rate_limited(self) -> tuple[int, float]:
-        """A 429 came back: returns (429s in a row in this process, seconds since the first of them)."""
+        """Count a 429: return (429s in a row in this process, seconds since the first of them)."""
         with self._lock:
             now = self._clock()
             self._streak += 1
@@ -430,13 +459,14 @@ class Pacer:
             self._changed.notify_all()
 
     def give_up(self, seconds_limited: float) -> None:
-        """The service kept answering 429: refuse to send anything for a while (nothing is charged)."""
+        """Refuse to send anything for a while, since the service kept answering 429 (nothing is charged)."""
         with self._lock:
             self._refused_until = self._clock() + REFUSE_AFTER_GIVING_UP_SECONDS
             self._refused_reason = (
-                f"Not sent: the service answered 429 (rate limited) for {seconds_limited:.0f} s, so this process "
-                f"stops sending for {REFUSE_AFTER_GIVING_UP_SECONDS:.0f} s; nothing was charged for it, run again "
-                f"later (or set {ENV_RATE_LIMIT} lower if other programs use the same key).")
+                f"Not sent: the service answered 429 (rate limited) for {seconds_limited:.0f} s, so this "
+                f"process stops sending for {REFUSE_AFTER_GIVING_UP_SECONDS:.0f} s; nothing was charged for "
+                f"it, run again later (or set {ENV_RATE_LIMIT} lower if other programs use the same key)."
+            )
             self._changed.notify_all()
 
     @property
@@ -485,9 +515,11 @@ _shared: dict[tuple[str, str], Pacer] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_pacer(endpoint: str, limit: Optional[RateLimit], budget: str = "",
-                 book: Optional[Callable[[], Any]] = None) -> Pacer:
-    """The one pacer of this process for ``endpoint`` and ``budget`` (a key's id); the newest limit applies.
+def shared_pacer(
+    endpoint: str, limit: RateLimit | None, budget: str = "", book: Callable[[], Any] | None = None
+) -> Pacer:
+    """Return the one pacer of this process for ``endpoint`` and ``budget`` (a key's id); the newest limit
+    applies.
 
     ``book`` makes the budget's book (its state, shared or not) the first time it is asked for.
     """

@@ -15,7 +15,7 @@ from .contract import (
     MAX_REQUEST_BYTES,
     MIN_PIXELS,
     MIN_SIDE,
-    FormParameters,
+    FormParams,
 )
 from .errors import InputError
 from .images import EncodedImage
@@ -31,8 +31,10 @@ def check_image_limits(image: EncodedImage) -> None:
             f"The image has {width * height} pixels; the service accepts {MIN_PIXELS} to {MAX_PIXELS}."
         )
     if max(width, height) > MAX_ASPECT * min(width, height):
-        raise InputError(f"The image is {width}x{height}; its aspect ratio must be within "
-                         f"1:{MAX_ASPECT:g} and {MAX_ASPECT:g}:1.")
+        raise InputError(
+            f"The image is {width}x{height}; its aspect ratio must be within "
+            f"1:{MAX_ASPECT:g} and {MAX_ASPECT:g}:1."
+        )
     if len(image.data) > MAX_REQUEST_BYTES - FORM_HEADROOM_BYTES:
         raise InputError(
             f"The encoded image is {len(image.data) / 2**20:.1f} MiB; the whole request must stay under "
@@ -41,7 +43,7 @@ def check_image_limits(image: EncodedImage) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class StructureRequest(FormParameters):
+class StructureRequest(FormParams):
     """One generation: the encoded image and the form parameters."""
 
     image: EncodedImage

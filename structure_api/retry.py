@@ -11,8 +11,8 @@ import datetime
 import email.utils
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from ._constants import (
     DEFAULT_BASE_DELAY,
@@ -51,7 +51,7 @@ class RetryPolicy:
 
 
 def is_retryable(error: StructureError) -> bool:
-    """True when sending the same request again can neither double-charge nor be pointless."""
+    """Tell whether sending the same request again can neither double-charge nor be pointless."""
     if isinstance(error, RateLimitError):
         return True
     if isinstance(error, ServiceError):
@@ -67,7 +67,7 @@ MAX_RETRY_AFTER_SECONDS = 86400.0
 _DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)")
 
 
-def parse_retry_after(value: object, now: float) -> Optional[float]:
+def parse_retry_after(value: object, now: float) -> float | None:
     """Seconds to wait from a Retry-After header (seconds or HTTP date), 0 to a day; None when unusable.
 
     ``now`` is Unix time. Never raises: a hostile or broken value (inf, NaN, garbage, a date
@@ -78,7 +78,9 @@ def parse_retry_after(value: object, now: float) -> Optional[float]:
     value = value.strip()
     if not value or len(value) > 100:
         return None
-    if _DECIMAL.fullmatch(value):  # ASCII digits only: float() would also take "1e999", "inf", Arabic-Indic digits
+    if _DECIMAL.fullmatch(
+        value
+    ):  # ASCII digits only: float() would also take "1e999", "inf", Arabic-Indic digits
         return min(max(0.0, float(value)), MAX_RETRY_AFTER_SECONDS)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -100,9 +102,9 @@ def backoff_delay(policy: RetryPolicy, attempt: int, jitter: Callable[[], float]
 
 
 def rate_limited_delay(
-    policy: RetryPolicy, retry_after: Optional[float], streak: int, jitter: Callable[[], float]
+    policy: RetryPolicy, retry_after: float | None, streak: int, jitter: Callable[[], float]
 ) -> float:
-    """The pause after the ``streak``-th 429 in a row: Retry-After capped and jittered, else backoff.
+    """Return the pause after the ``streak``-th 429 in a row: Retry-After capped and jittered, else backoff.
 
     Without Retry-After the backoff doubles up to ``max_delay`` per 429 of the streak, so that
     waiting out a lock-out takes a handful of requests, not dozens.
@@ -122,9 +124,9 @@ def next_delay(
     *,
     now: float,
     jitter: Callable[[], float],
-    rate_limit_streak: Optional[int] = None,
+    rate_limit_streak: int | None = None,
     rate_limited_for: float = 0.0,
-) -> Optional[float]:
+) -> float | None:
     """Seconds to wait before the next attempt, or None to give up and raise ``error``.
 
     ``attempt`` is the number of attempts made so far, ``elapsed`` the seconds since the

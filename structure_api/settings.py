@@ -13,9 +13,9 @@ import json
 import logging
 import os
 import unicodedata
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
 
 from .config import (
     DEFAULT_KEY_FILE,
@@ -43,7 +43,7 @@ class KeyRefusedError(ConfigurationError):
 
 
 class KeyFromEnvironmentError(ConfigurationError):
-    """AITHRIVING_API_KEY is set and wins over the key file, so saving or removing the file would change nothing."""
+    """AITHRIVING_API_KEY is set and wins over the key file: saving or removing the file changes nothing."""
 
 
 class KeyFileLocationError(ConfigurationError):
@@ -55,18 +55,18 @@ class KeyStatus:
     """Whether a key is set and where it comes from; never the key or any part of it."""
 
     set: bool
-    source: Optional[str]  # "environment" | "key file" | None
+    source: str | None  # "environment" | "key file" | None
 
     def as_json(self) -> dict:
-        """The answer of GET /aithriving/key."""
+        """Return the answer of GET /aithriving/key."""
         return {"set": self.set, "source": self.source}
 
 
-def _env(environ: Optional[Mapping[str, str]]) -> Mapping[str, str]:
+def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
     return os.environ if environ is None else environ
 
 
-def key_status(environ: Optional[Mapping[str, str]] = None) -> KeyStatus:
+def key_status(environ: Mapping[str, str] | None = None) -> KeyStatus:
     """Where the next run would take its key from, by the same rules the client uses."""
     env = _env(environ)
     if env.get(ENV_API_KEY, "").strip():
@@ -79,8 +79,8 @@ def key_status(environ: Optional[Mapping[str, str]] = None) -> KeyStatus:
     return KeyStatus(set=True, source=SOURCE_KEY_FILE)
 
 
-def check_key_text(value: object) -> str:
-    """The key as it will be stored (surrounding blanks removed), or KeyRefusedError saying what is wrong."""
+def _check_key_text(value: object) -> str:
+    """Return the key as it will be stored (blanks around it removed), or raise KeyRefusedError saying why."""
     if not isinstance(value, str):
         raise KeyRefusedError("The API key must be text.")
     key = value.strip()
@@ -88,18 +88,21 @@ def check_key_text(value: object) -> str:
         raise KeyRefusedError("The API key is blank; paste the key from your aithriving.com account.")
     if len(key) > MAX_KEY_CHARS:
         raise KeyRefusedError(
-            f"The API key is {len(key)} characters long, far longer than a key; paste only the key.")
+            f"The API key is {len(key)} characters long, far longer than a key; paste only the key."
+        )
     for position, ch in enumerate(key, start=1):
         # The character is named by code only: never echo any part of what was pasted.
         if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"):
             raise KeyRefusedError(
-                f"The API key contains a control character (U+{ord(ch):04X}); paste it again on one line.")
+                f"The API key contains a control character (U+{ord(ch):04X}); paste it again on one line."
+            )
         if not " " <= ch <= "~":
             # A key is plain ASCII (it goes in an HTTP header); an invisible character pasted along
             # (zero-width space, byte-order mark, no-break space) or a letter such as é cannot be sent.
             raise KeyRefusedError(
                 f"The API key has a character that is not plain ASCII text at position {position} "
-                f"(U+{ord(ch):04X}{_name_of(ch)}); copy the key again from your aithriving.com account.")
+                f"(U+{ord(ch):04X}{_name_of(ch)}); copy the key again from your aithriving.com account."
+            )
     return key
 
 
@@ -113,8 +116,9 @@ def _name_of(ch: str) -> str:
 def _refuse_if_environment_wins(env: Mapping[str, str], doing: str) -> None:
     if env.get(ENV_API_KEY, "").strip():
         raise KeyFromEnvironmentError(
-            f"The {ENV_API_KEY} environment variable is set and takes precedence over the key file, so {doing} "
-            f"would change nothing; unset it (and restart ComfyUI) to manage the key here.")
+            f"The {ENV_API_KEY} environment variable is set and takes precedence over the key file, so "
+            f"{doing} would change nothing; unset it (and restart ComfyUI) to manage the key here."
+        )
 
 
 def _refuse_if_inside(path: Path, forbidden_dirs: Iterable[os.PathLike]) -> None:
@@ -124,7 +128,8 @@ def _refuse_if_inside(path: Path, forbidden_dirs: Iterable[os.PathLike]) -> None
         if resolved == folder_path or folder_path in resolved.parents:
             raise KeyFileLocationError(
                 f"The key file {path} would be inside {folder_path}, which ComfyUI serves over HTTP; "
-                f"point {ENV_API_KEY_FILE} at a file in your own config folder instead.")
+                f"point {ENV_API_KEY_FILE} at a file in your own config folder instead."
+            )
 
 
 def _private_folder(folder: Path, *, own: bool) -> None:
@@ -149,11 +154,12 @@ def _write_private(path: Path, text: str) -> None:
     write_atomically(path, text.encode("utf-8"), private=True)
 
 
-def save_api_key(value: object, environ: Optional[Mapping[str, str]] = None, *,
-                 forbidden_dirs: Iterable[os.PathLike] = ()) -> KeyStatus:
-    """Check the key, then write it to the key file (0600, folder 0700); nothing is written if it is refused."""
+def save_api_key(
+    value: object, environ: Mapping[str, str] | None = None, *, forbidden_dirs: Iterable[os.PathLike] = ()
+) -> KeyStatus:
+    """Check the key, then write it to the key file (0600, folder 0700); nothing is written if refused."""
     env = _env(environ)
-    key = check_key_text(value)
+    key = _check_key_text(value)
     _refuse_if_environment_wins(env, "saving a key file")
     path = key_file_path(env)
     _refuse_if_inside(path, forbidden_dirs)
@@ -163,13 +169,14 @@ def save_api_key(value: object, environ: Optional[Mapping[str, str]] = None, *,
     except OSError as exc:
         # The exception text names the path only; the key is not in it.
         raise ConfigurationError(
-            f"The API key file {path} could not be written ({type(exc).__name__}); check the folder's permissions."
+            f"The API key file {path} could not be written ({type(exc).__name__}); check the folder's "
+            "permissions."
         ) from None
     log.info("API key saved to %s", path)
     return key_status(env)
 
 
-def delete_api_key(environ: Optional[Mapping[str, str]] = None) -> KeyStatus:
+def delete_api_key(environ: Mapping[str, str] | None = None) -> KeyStatus:
     """Remove the key file (nothing to do when there is none)."""
     env = _env(environ)
     _refuse_if_environment_wins(env, "removing the key file")
@@ -181,15 +188,17 @@ def delete_api_key(environ: Optional[Mapping[str, str]] = None) -> KeyStatus:
         pass
     except OSError as exc:
         raise ConfigurationError(
-            f"The API key file {path} could not be removed ({type(exc).__name__}); check the folder's permissions."
+            f"The API key file {path} could not be removed ({type(exc).__name__}); check the folder's "
+            "permissions."
         ) from None
     return key_status(env)
 
 
 # --- offline mode ---------------------------------------------------------------------
 
-def settings_file_path(environ: Optional[Mapping[str, str]] = None) -> Path:
-    """The pack's settings file, next to the key file."""
+
+def settings_file_path(environ: Mapping[str, str] | None = None) -> Path:
+    """Return the pack's settings file, next to the key file."""
     return key_file_path(environ).with_name(SETTINGS_FILE_NAME)
 
 
@@ -199,30 +208,36 @@ def _read_settings(path: Path) -> dict:
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        log.warning("the settings file %s could not be read (%s); using the defaults", path, type(exc).__name__)
+        log.warning(
+            "the settings file %s could not be read (%s); using the defaults", path, type(exc).__name__
+        )
         return {}
     return data if isinstance(data, dict) else {}
 
 
-def local_mode(environ: Optional[Mapping[str, str]] = None) -> bool:
-    """True when the node runs against the free in-process stand-in instead of the paid service."""
-    return _read_settings(settings_file_path(environ)).get("local") is True
+def offline_mode(environ: Mapping[str, str] | None = None) -> bool:
+    """Tell whether offline mode is on (the node runs against the free in-process stand-in)."""
+    data = _read_settings(settings_file_path(environ))
+    # "local" is the key's old spelling: a settings file written with it still counts, for one release.
+    return data.get("offline", data.get("local")) is True
 
 
-def set_local_mode(local: object, environ: Optional[Mapping[str, str]] = None) -> bool:
+def set_offline_mode(offline: object, environ: Mapping[str, str] | None = None) -> bool:
     """Switch the offline mode on or off, kept in the settings file so it survives a restart."""
-    if not isinstance(local, bool):
-        raise ConfigurationError("local must be true or false.")
+    if not isinstance(offline, bool):
+        raise ConfigurationError("offline must be true or false.")
     env = _env(environ)
     path = settings_file_path(env)
     data = _read_settings(path)
-    data["local"] = local
+    data.pop("local", None)
+    data["offline"] = offline
     try:
         _private_folder(path.parent, own=_is_default_folder(key_file_path(env)))
         _write_private(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
     except OSError as exc:
         raise ConfigurationError(
-            f"The settings file {path} could not be written ({type(exc).__name__}); check the folder's permissions."
+            f"The settings file {path} could not be written ({type(exc).__name__}); check the folder's "
+            "permissions."
         ) from None
-    log.info("local stand-in mode %s", "on" if local else "off")
-    return local
+    log.info("offline mode %s", "on" if offline else "off")
+    return offline

@@ -29,12 +29,12 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
 
-from ._constants import ENV_CACHE_DIR as ENV_CACHE_DIR  # importable from here too
-from ._constants import DEFAULT_STORE_MAX_BYTES, ENV_CACHE_MAX_MB, MEMORY_CACHE_BYTES
+from ._constants import DEFAULT_STORE_MAX_BYTES, ENV_STORE_MAX_MB, MEMORY_STORE_BYTES
+from ._constants import ENV_STORE_DIR as ENV_STORE_DIR  # importable from here too
 from .config import default_store_dir as default_store_dir  # where the folder is: configuration
 from .errors import ConfigurationError
 from .request import StructureRequest
@@ -63,7 +63,6 @@ from .store_disk import (  # noqa: F401  (the file names stay importable from he
     try_claim_lock,
 )
 
-
 log = logging.getLogger("structure_api")
 
 DEFAULT_MAX_BYTES = DEFAULT_STORE_MAX_BYTES
@@ -73,24 +72,27 @@ DEFAULT_MAX_BYTES = DEFAULT_STORE_MAX_BYTES
 class StoredResult:
     """One paid answer the store holds."""
 
-    key: str          # request identity: sha256 over upload bytes, every form field, endpoint; never the key
-    entry_id: str     # unique per paid answer (a seed-0 key may hold several undelivered answers)
-    data: bytes       # image file bytes exactly as the service sent them
-    seed: int         # seed the service used
-    format: str       # "png" | "jpeg" | "webp", detected from the bytes
+    key: str  # request identity: sha256 over upload bytes, every form field, endpoint; never the key
+    entry_id: str  # unique per paid answer (a seed-0 key may hold several undelivered answers)
+    data: bytes  # image file bytes exactly as the service sent them
+    seed: int  # seed the service used
+    format: str  # "png" | "jpeg" | "webp", detected from the bytes
     delivered: bool
-    paid_at: float    # time.time() when kept
-    label: str        # caller's free text, e.g. the CLI's intended output path or "ComfyUI node 5, image 3"
+    paid_at: float  # time.time() when kept
+    label: str  # caller's free text, e.g. the CLI's intended output path or "ComfyUI node 5, image 3"
     free: bool = False  # made by a stand-in (its answer carried the free mark): it cost nothing
 
     def __repr__(self) -> str:
-        return (f"StoredResult(entry_id={self.entry_id!r}, seed={self.seed}, format={self.format!r}, "
-                f"bytes={len(self.data)}, delivered={self.delivered}, label={self.label!r})")
+        return (
+            f"StoredResult(entry_id={self.entry_id!r}, seed={self.seed}, format={self.format!r}, "
+            f"bytes={len(self.data)}, delivered={self.delivered}, label={self.label!r})"
+        )
 
 
 def request_key(image_bytes: bytes, fields: list[tuple[str, str]], endpoint: str) -> str:
     """Hex digest identifying one request; the form fields are hashed in order."""
-    # The same digest as the old cache's, so its entries keep serving fixed-seed re-runs.
+    # The digest's label stays as first written, so entries kept by earlier versions keep serving
+    # fixed-seed re-runs.
     digest = hashlib.sha256()
     digest.update(b"structure-cache-v1\0")
     digest.update(endpoint.encode() + b"\0")
@@ -100,22 +102,24 @@ def request_key(image_bytes: bytes, fields: list[tuple[str, str]], endpoint: str
     return digest.hexdigest()
 
 
-def max_bytes_from_env(environ: Optional[Mapping[str, str]] = None) -> int:
+def _max_bytes_from_env(environ: Mapping[str, str] | None = None) -> int:
     """AITHRIVING_CACHE_MAX_MB in bytes (0 or less: nothing kept on disk), else the default."""
     env = os.environ if environ is None else environ
-    max_mb = env.get(ENV_CACHE_MAX_MB, "").strip()
+    max_mb = env.get(ENV_STORE_MAX_MB, "").strip()
     if not max_mb:
         return DEFAULT_MAX_BYTES
     try:
         value = float(max_mb)
         if value != value:  # NaN
             raise ValueError
-        return max(0, int(min(value, 2.0 ** 40) * 1024 * 1024))
+        return max(0, int(min(value, 2.0**40) * 1024 * 1024))
     except (ValueError, OverflowError):
-        raise ConfigurationError(f"{ENV_CACHE_MAX_MB} must be a number of megabytes; got {max_mb!r}.") from None
+        raise ConfigurationError(
+            f"{ENV_STORE_MAX_MB} must be a number of megabytes; got {max_mb!r}."
+        ) from None
 
 
-_SHARED: dict[tuple[Optional[str], int], "ResultStore"] = {}
+_SHARED: dict[tuple[str | None, int], ResultStore] = {}
 _SHARED_LOCK = threading.Lock()
 
 
@@ -125,21 +129,20 @@ def _forget_shared_stores() -> None:
         _SHARED.clear()
 
 
-
 class ResultStore:
     """Paid results in one folder (or only in memory), shared safely by threads and processes."""
 
-    def __init__(self, directory: Optional[Path], max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, directory: Path | None, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.directory = Path(directory) if directory is not None else None
         self.max_bytes = max_bytes
         self._lock = threading.RLock()
         self._memory: dict[str, tuple[StoredResult, tuple[str, ...]]] = {}  # entry_id -> (entry, aliases)
-        self._handed_out: set[str] = set()       # entry ids in use by a caller of this process
-        self._delivered_here: set[str] = set()   # delivered, but the marker could not be written
-        self._headers: dict[str, tuple[int, int, Optional[EntryHeader]]] = {}  # name -> (mtime_ns, size, header)
+        self._handed_out: set[str] = set()  # entry ids in use by a caller of this process
+        self._delivered_here: set[str] = set()  # delivered, but the marker could not be written
+        self._headers: dict[str, tuple[int, int, EntryHeader | None]] = {}  # name -> (mtime_ns, size, header)
         self._key_locks: dict[str, threading.Lock] = {}
         self._claims: dict[str, int] = {}  # entry id -> the claim lock's descriptor, while handed out here
-        self._disk_ok: Optional[bool] = None if self.directory is not None and max_bytes > 0 else False
+        self._disk_ok: bool | None = None if self.directory is not None and max_bytes > 0 else False
         self._swept = False
         self._warned = False
 
@@ -148,11 +151,11 @@ class ResultStore:
         return f"ResultStore({where!r}, persistent={self.persistent})"
 
     @classmethod
-    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "ResultStore":
-        """The store AITHRIVING_CACHE_DIR / _CACHE_MAX_MB configure; one object per process and folder."""
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ResultStore:
+        """Return the store AITHRIVING_CACHE_DIR / _CACHE_MAX_MB set; one object per process and folder."""
         env = os.environ if environ is None else environ
         directory = default_store_dir(env)
-        max_bytes = max_bytes_from_env(env)
+        max_bytes = _max_bytes_from_env(env)
         if directory is None:
             max_bytes = 0
         ident = (str(directory.resolve()) if directory is not None else None, max_bytes)
@@ -173,7 +176,7 @@ class ResultStore:
             return bool(self._disk_ok)
 
     def on_disk(self, entry: StoredResult) -> bool:
-        """True when this entry is in the folder (it outlives the process), False when only in memory."""
+        """Tell whether this entry is in the folder (it outlives the process) rather than only in memory."""
         with self._lock:
             return self.directory is not None and entry.entry_id not in self._memory
 
@@ -188,11 +191,14 @@ class ResultStore:
         if self.directory is None:
             return "the result store is off"
         if self.max_bytes <= 0:
-            return f"the result store is set to keep nothing on disk ({ENV_CACHE_MAX_MB})"
+            return f"the result store is set to keep nothing on disk ({ENV_STORE_MAX_MB})"
         with self._lock:
             failed = self._disk_ok is False and self._warned
-        return ("the result store cannot be written" if failed
-                else f"the result is larger than the result store's limit ({ENV_CACHE_MAX_MB})")
+        return (
+            "the result store cannot be written"
+            if failed
+            else f"the result is larger than the result store's limit ({ENV_STORE_MAX_MB})"
+        )
 
     def _probe(self) -> bool:
         assert self.directory is not None
@@ -206,8 +212,12 @@ class ResultStore:
     def _warn_memory(self, error: OSError) -> None:
         if not self._warned:
             self._warned = True
-            log.warning("The result store %s cannot be written (%s); paid results are kept in memory until "
-                        "this process exits.", self.directory, error.strerror or type(error).__name__)
+            log.warning(
+                "The result store %s cannot be written (%s); paid results are kept in memory until "
+                "this process exits.",
+                self.directory,
+                error.strerror or type(error).__name__,
+            )
 
     # -- identity -----------------------------------------------------------------
 
@@ -217,8 +227,8 @@ class ResultStore:
 
     # -- taking results out -------------------------------------------------------
 
-    def claim(self, key: str, seed: int) -> Optional[StoredResult]:
-        """What to deliver instead of paying: fixed seed -> the stored result, every time; seed 0 ->
+    def claim(self, key: str, seed: int) -> StoredResult | None:
+        """Return what to deliver instead of paying: fixed seed -> the stored result, every time; seed 0 ->
         one undelivered result, handed out once (until :meth:`release` gives it back)."""
         with self._lock:
             candidates = self._entries_for(key, include_aliases=seed != 0)
@@ -268,19 +278,39 @@ class ResultStore:
     def undelivered(self) -> list[StoredResult]:
         """Paid, never delivered, oldest first: what ``structure-api results`` lists."""
         with self._lock:
-            entries = [self._load(entry_id) for entry_id, meta in self._all_meta().items() if not meta.delivered]
+            entries = [
+                self._load(entry_id) for entry_id, meta in self._all_meta().items() if not meta.delivered
+            ]
         found = [entry for entry in entries if entry is not None]
         return sorted(found, key=lambda entry: entry.paid_at)
 
     # -- putting results in -------------------------------------------------------
 
-    def keep(self, key: str, data: bytes, *, seed: int, format: str, label: str = "",
-             aliases: tuple[str, ...] = (), free: bool = False) -> StoredResult:
+    def keep(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        seed: int,
+        format: str,
+        label: str = "",
+        aliases: tuple[str, ...] = (),
+        free: bool = False,
+    ) -> StoredResult:
         """Keep a paid answer, durable (fsync'd) before return; in memory when the disk fails; never
         raises for disk trouble. ``aliases``: more keys it answers (a seed-0 result under the seed it
         got). The result is handed out to the caller until delivered or released."""
-        entry = StoredResult(key=key, entry_id=uuid.uuid4().hex, data=data, seed=int(seed), format=format,
-                             delivered=False, paid_at=time.time(), label=label, free=free)
+        entry = StoredResult(
+            key=key,
+            entry_id=uuid.uuid4().hex,
+            data=data,
+            seed=int(seed),
+            format=format,
+            delivered=False,
+            paid_at=time.time(),
+            label=label,
+            free=free,
+        )
         with self._lock:
             self._handed_out.add(entry.entry_id)
         if self._write(entry, aliases):
@@ -332,7 +362,7 @@ class ResultStore:
                 if handle is not None:
                     release_key_lock(handle)
 
-    def _open_lock_file(self, key: str) -> Optional[int]:
+    def _open_lock_file(self, key: str) -> int | None:
         if self.directory is None or not can_lock_across_processes(key) or not self.persistent:
             return None
         return open_key_lock(self.directory, key)
@@ -342,12 +372,24 @@ class ResultStore:
     def _write(self, entry: StoredResult, aliases: tuple[str, ...]) -> bool:
         if self.directory is None or self.max_bytes <= 0:
             return False
-        head = entry_head(key=entry.key, aliases=aliases, entry_id=entry.entry_id, seed=entry.seed,
-                          format=entry.format, data=entry.data, paid_at=entry.paid_at, label=entry.label,
-                          free=entry.free)
+        head = entry_head(
+            key=entry.key,
+            aliases=aliases,
+            entry_id=entry.entry_id,
+            seed=entry.seed,
+            format=entry.format,
+            data=entry.data,
+            paid_at=entry.paid_at,
+            label=entry.label,
+            free=entry.free,
+        )
         if len(head) + len(entry.data) > self.max_bytes or len(entry.data) > MAX_ENTRY_BYTES:
-            log.warning("A result of %d bytes is larger than the result store's limit (%s); it is kept in "
-                        "memory until this process exits.", len(entry.data), ENV_CACHE_MAX_MB)
+            log.warning(
+                "A result of %d bytes is larger than the result store's limit (%s); it is kept in "
+                "memory until this process exits.",
+                len(entry.data),
+                ENV_STORE_MAX_MB,
+            )
             with self._lock:
                 self._disk_ok = False
             return False
@@ -393,7 +435,7 @@ class ResultStore:
             del self._headers[name]
         return found
 
-    def _all_meta(self) -> dict[str, "_Meta"]:
+    def _all_meta(self) -> dict[str, _Meta]:
         metas: dict[str, _Meta] = {}
         for entry_id, (header, delivered) in self._disk_meta().items():
             metas[entry_id] = _Meta(header.key, header.aliases, header.paid_at, delivered)
@@ -401,11 +443,14 @@ class ResultStore:
             metas[entry_id] = _Meta(entry.key, aliases, entry.paid_at, entry.delivered)
         return metas
 
-    def _entries_for(self, key: str, *, include_aliases: bool) -> list[tuple[str, "_Meta"]]:
-        return [(entry_id, meta) for entry_id, meta in self._all_meta().items()
-                if meta.key == key or (include_aliases and key in meta.aliases)]
+    def _entries_for(self, key: str, *, include_aliases: bool) -> list[tuple[str, _Meta]]:
+        return [
+            (entry_id, meta)
+            for entry_id, meta in self._all_meta().items()
+            if meta.key == key or (include_aliases and key in meta.aliases)
+        ]
 
-    def _load(self, entry_id: str) -> Optional[StoredResult]:
+    def _load(self, entry_id: str) -> StoredResult | None:
         held = self._memory.get(entry_id)
         if held is not None:
             return held[0]
@@ -417,9 +462,20 @@ class ResultStore:
         data = read_entry_data(path, header) if header is not None else None
         if data is None:
             return None  # absent, or damaged: counts as absent
-        delivered = entry_id in self._delivered_here or (self.directory / (entry_id + DELIVERED_SUFFIX)).exists()
-        return StoredResult(key=header.key, entry_id=entry_id, data=data, seed=header.seed, format=header.format,
-                            delivered=delivered, paid_at=header.paid_at, label=header.label, free=header.free)
+        delivered = (
+            entry_id in self._delivered_here or (self.directory / (entry_id + DELIVERED_SUFFIX)).exists()
+        )
+        return StoredResult(
+            key=header.key,
+            entry_id=entry_id,
+            data=data,
+            seed=header.seed,
+            format=header.format,
+            delivered=delivered,
+            paid_at=header.paid_at,
+            label=header.label,
+            free=header.free,
+        )
 
     def _touch(self, entry_id: str) -> None:
         # Recently used entries survive trimming.
@@ -436,9 +492,12 @@ class ResultStore:
             total = sum(size for _, size in files.values())
             if total <= self.max_bytes:
                 return
-            delivered = sorted((mtime, name, size) for name, (mtime, size) in files.items()
-                               if name[: -len(RESULT_SUFFIX)] in markers
-                               or name[: -len(RESULT_SUFFIX)] in self._delivered_here)
+            delivered = sorted(
+                (mtime, name, size)
+                for name, (mtime, size) in files.items()
+                if name[: -len(RESULT_SUFFIX)] in markers
+                or name[: -len(RESULT_SUFFIX)] in self._delivered_here
+            )
             for _, name, size in delivered:
                 if total <= self.max_bytes:
                     break
@@ -450,11 +509,14 @@ class ResultStore:
                 total -= size
 
     def _trim_memory(self) -> None:
-        delivered = sorted((entry.paid_at, entry_id, len(entry.data))
-                           for entry_id, (entry, _) in self._memory.items() if entry.delivered)
+        delivered = sorted(
+            (entry.paid_at, entry_id, len(entry.data))
+            for entry_id, (entry, _) in self._memory.items()
+            if entry.delivered
+        )
         total = sum(size for _, _, size in delivered)
         for _, entry_id, size in delivered:
-            if total <= MEMORY_CACHE_BYTES:
+            if total <= MEMORY_STORE_BYTES:
                 break
             del self._memory[entry_id]
             total -= size

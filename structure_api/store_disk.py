@@ -20,9 +20,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 from .files import write_atomically
 
@@ -36,7 +36,7 @@ else:
     msvcrt = None
 
 # Flags that only some platforms have are 0 where they are missing (Windows has neither): reads still
-# refuse anything but a regular file (open_regular's fstat), and Windows makes descriptors
+# refuse anything but a regular file (_open_regular's fstat), and Windows makes descriptors
 # non-inheritable by default.
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -54,7 +54,7 @@ _MAGIC = b"AITHRIVING-RESULT-1\n"
 # The largest image the service returns is ~28 MB; a file far past that is not one of ours.
 MAX_ENTRY_BYTES = 64 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
-# A crashed writer leaves a temp file (or an old cache's half entry); one this old is nobody's
+# A crashed writer leaves a temp file (or a half entry of the two-file layout); one this old is nobody's
 # write in progress (a write takes well under a second).
 ORPHAN_AGE_SECONDS = 600.0
 # A lock file not used for a day, and held by nobody, is swept.
@@ -78,12 +78,29 @@ class EntryHeader:
     free: bool = False  # made by a stand-in: cost nothing
 
 
-def entry_head(*, key: str, aliases: tuple[str, ...], entry_id: str, seed: int, format: str, data: bytes,
-               paid_at: float, label: str, free: bool = False) -> bytes:
-    """The bytes a ``.result`` file starts with: the magic line and the header line for ``data``."""
+def entry_head(
+    *,
+    key: str,
+    aliases: tuple[str, ...],
+    entry_id: str,
+    seed: int,
+    format: str,
+    data: bytes,
+    paid_at: float,
+    label: str,
+    free: bool = False,
+) -> bytes:
+    """Return the bytes a ``.result`` file starts with: the magic line and the header line for ``data``."""
     header = {
-        "key": key, "aliases": list(aliases), "entry_id": entry_id, "seed": seed, "format": format,
-        "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "paid_at": paid_at, "label": label[:1000],
+        "key": key,
+        "aliases": list(aliases),
+        "entry_id": entry_id,
+        "seed": seed,
+        "format": format,
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "paid_at": paid_at,
+        "label": label[:1000],
     }
     if free:  # only then: an entry of the service reads as it always did
         header["free"] = True
@@ -91,7 +108,7 @@ def entry_head(*, key: str, aliases: tuple[str, ...], entry_id: str, seed: int, 
 
 
 def durable_write(path: Path, head: bytes, data: bytes) -> None:
-    """Write head+data to a temp file (the sweep knows its prefix), fsync it, rename it to ``path``, fsync the folder."""
+    """Write head+data to a temp file (its prefix known to the sweep), fsync, rename it to ``path``."""
     write_atomically(path, (head, data), private=True, temp_prefix=TEMP_PREFIX, sync_folder=True)
 
 
@@ -103,10 +120,10 @@ def probe_writable(directory: Path) -> None:
     os.unlink(tmp)
 
 
-def read_header(path: Path) -> Optional[EntryHeader]:
-    """The header of a ``.result`` file, or None when it is not one of ours (or cannot be read)."""
+def read_header(path: Path) -> EntryHeader | None:
+    """Read the header of a ``.result`` file, or None when it is not one of ours (or cannot be read)."""
     try:
-        with open_regular(path) as handle:
+        with _open_regular(path) as handle:
             head = handle.read(MAX_HEADER_BYTES)
     except OSError:
         return None
@@ -116,21 +133,28 @@ def read_header(path: Path) -> Optional[EntryHeader]:
     if end < 0:
         return None
     try:
-        meta = json.loads(head[len(_MAGIC):end])
+        meta = json.loads(head[len(_MAGIC) : end])
         header = EntryHeader(
-            key=str(meta["key"]), aliases=tuple(str(a) for a in meta.get("aliases", ())),
-            seed=int(meta["seed"]), format=str(meta["format"]), size=int(meta["size"]),
-            sha256=str(meta["sha256"]), paid_at=float(meta["paid_at"]), label=str(meta.get("label", "")),
-            offset=end + 1, free=meta.get("free") is True)
+            key=str(meta["key"]),
+            aliases=tuple(str(a) for a in meta.get("aliases", ())),
+            seed=int(meta["seed"]),
+            format=str(meta["format"]),
+            size=int(meta["size"]),
+            sha256=str(meta["sha256"]),
+            paid_at=float(meta["paid_at"]),
+            label=str(meta.get("label", "")),
+            offset=end + 1,
+            free=meta.get("free") is True,
+        )
     except (ValueError, KeyError, TypeError):
         return None
     return header if 0 < header.size <= MAX_ENTRY_BYTES else None
 
 
-def read_entry_data(path: Path, header: EntryHeader) -> Optional[bytes]:
-    """The image bytes of a ``.result`` file, or None when they are missing or damaged (they count as absent)."""
+def read_entry_data(path: Path, header: EntryHeader) -> bytes | None:
+    """Read a ``.result`` file's image bytes, or None when missing or damaged (they count as absent)."""
     try:
-        with open_regular(path) as handle:
+        with _open_regular(path) as handle:
             handle.seek(header.offset)
             data = handle.read(header.size + 1)
     except OSError:
@@ -141,7 +165,7 @@ def read_entry_data(path: Path, header: EntryHeader) -> Optional[bytes]:
 
 
 def scan_folder(directory: Path) -> tuple[dict[str, tuple[int, int]], set[str]]:
-    """Regular ``.result`` files (name -> (mtime_ns, size)) and delivered markers' entry ids, by one listing."""
+    """List regular ``.result`` files (name -> (mtime_ns, size)) and delivered markers' entry ids, at once."""
     results: dict[str, tuple[int, int]] = {}
     markers: set[str] = set()
     try:
@@ -166,8 +190,11 @@ def scan_folder(directory: Path) -> tuple[dict[str, tuple[int, int]], set[str]]:
 def mark_delivered_on_disk(directory: Path, entry_id: str) -> None:
     """Create the entry's empty delivered marker; a folder that cannot be written simply does not get one."""
     try:
-        fd = os.open(directory / (entry_id + DELIVERED_SUFFIX),
-                     os.O_WRONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
+        fd = os.open(
+            directory / (entry_id + DELIVERED_SUFFIX),
+            os.O_WRONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC,
+            0o644,
+        )
         os.close(fd)
     except OSError:
         pass
@@ -189,13 +216,14 @@ def touch_entry(directory: Path, entry_id: str) -> None:
 
 # --- the per-key lock file ---------------------------------------------------------------
 
+
 def can_lock_across_processes(key: str) -> bool:
-    """True when ``key`` can have a lock file (a request key, so a safe file name)."""
+    """Tell whether ``key`` can have a lock file (a request key, so a safe file name)."""
     return _is_key(key)
 
 
-def open_key_lock(directory: Path, key: str) -> Optional[int]:
-    """The descriptor of ``key``'s lock file under ``.locks``, or None when it cannot be opened."""
+def open_key_lock(directory: Path, key: str) -> int | None:
+    """Open ``key``'s lock file under ``.locks``: its descriptor, or None when it cannot be opened."""
     try:
         lock_dir = directory / LOCK_DIR
         lock_dir.mkdir(exist_ok=True)
@@ -249,7 +277,7 @@ CLAIM_SUFFIX = ".claim"
 CLAIM_HELD_ELSEWHERE = -1
 
 
-def try_claim_lock(directory: Path, entry_id: str) -> Optional[int]:
+def try_claim_lock(directory: Path, entry_id: str) -> int | None:
     """Take ``entry_id``'s claim lock without waiting: its descriptor, CLAIM_HELD_ELSEWHERE when another
     process holds it, or None when claims cannot be locked here (the file cannot be opened)."""
     try:
@@ -283,9 +311,10 @@ def drop_claim_lock(directory: Path, entry_id: str, fd: int, *, remove: bool) ->
 
 # --- the sweep ---------------------------------------------------------------------------
 
+
 def sweep_folder(directory: Path) -> None:
     """Remove what crashed writers left: temp files, delivered markers without a result, and the
-    half entries of the old cache layout (``<key>.img`` without ``<key>.json`` and the reverse)."""
+    half entries of the two-file layout (``<key>.img`` without ``<key>.json`` and the reverse)."""
     now = time.time()
     try:
         with os.scandir(directory) as listing:
@@ -298,10 +327,12 @@ def sweep_folder(directory: Path) -> None:
             info = item.stat(follow_symlinks=False)
         except OSError:
             continue
-        if stat.S_ISREG(info.st_mode) and _is_orphan(item.name, names, old=now - info.st_mtime > ORPHAN_AGE_SECONDS):
+        if stat.S_ISREG(info.st_mode) and _is_orphan(
+            item.name, names, old=now - info.st_mtime > ORPHAN_AGE_SECONDS
+        ):
             _unlink_quietly(directory / item.name)
     _sweep_locks(directory, now)
-    # The old cache's complete entries (delivered results, fixed seed) move into the new layout.
+    # Complete entries of the two-file layout (delivered results, fixed seed) move into one file each.
     for item in items:
         name = item.name
         if name.endswith(".json") and _is_key(name[:-5]) and name[:-5] + ".img" in names:
@@ -333,8 +364,11 @@ def _sweep_locks(directory: Path, now: float) -> None:
             claim = item.name.endswith(CLAIM_SUFFIX)
             if claim and (directory / (item.name[: -len(CLAIM_SUFFIX)] + RESULT_SUFFIX)).exists():
                 continue  # its entry is still there: the claim may be taken again
-            if not (_is_key(item.name) or claim) or not stat.S_ISREG(info.st_mode) \
-                    or now - info.st_mtime <= LOCK_AGE_SECONDS:
+            if (
+                not (_is_key(item.name) or claim)
+                or not stat.S_ISREG(info.st_mode)
+                or now - info.st_mtime <= LOCK_AGE_SECONDS
+            ):
                 continue
         except OSError:
             continue
@@ -363,31 +397,40 @@ def _remove_unheld_lock(path: str) -> None:
 def _migrate_legacy(directory: Path, key: str) -> None:
     meta_path, image_path = directory / f"{key}.json", directory / f"{key}.img"
     try:
-        with open_regular(meta_path) as handle:
+        with _open_regular(meta_path) as handle:
             meta = json.loads(handle.read(MAX_HEADER_BYTES))
-        with open_regular(image_path) as handle:
+        with _open_regular(image_path) as handle:
             data = handle.read(MAX_ENTRY_BYTES + 1)
         if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
             raise ValueError("damaged")
         entry_id = uuid.uuid4().hex
-        head = entry_head(key=key, aliases=(), entry_id=entry_id, seed=int(meta["seed"]), format=str(meta["format"]),
-                          data=data, paid_at=image_path.stat().st_mtime, label="kept by an earlier version")
+        head = entry_head(
+            key=key,
+            aliases=(),
+            entry_id=entry_id,
+            seed=int(meta["seed"]),
+            format=str(meta["format"]),
+            data=data,
+            paid_at=image_path.stat().st_mtime,
+            label="kept by an earlier version",
+        )
         durable_write(directory / (entry_id + RESULT_SUFFIX), head, data)
         os.close(os.open(directory / (entry_id + DELIVERED_SUFFIX), os.O_WRONLY | os.O_CREAT, 0o644))
     except (OSError, ValueError, KeyError, TypeError):
-        return  # left as it is: a read-only old cache simply is not migrated
+        return  # left as it is: a read-only folder simply is not migrated
     _unlink_quietly(meta_path)
     _unlink_quietly(image_path)
 
 
 # --- guarded file access -----------------------------------------------------------------
 
+
 def _is_key(text: str) -> bool:
     return len(text) == _KEY_HEX and all(ch in "0123456789abcdef" for ch in text)
 
 
 @contextlib.contextmanager
-def open_regular(path: Path) -> Iterator["os.FileIO"]:
+def _open_regular(path: Path) -> Iterator[os.FileIO]:
     """Open for reading without following links or blocking on a pipe; refuse anything not a regular file."""
     flags = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC
     fd = os.open(path, flags)

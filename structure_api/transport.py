@@ -15,8 +15,8 @@ import threading
 import uuid
 import weakref
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Union
 from urllib.parse import urlsplit
 
 import requests
@@ -27,9 +27,16 @@ from urllib3.connection import HTTPConnection
 from ._constants import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, MAX_RESPONSE_BYTES, MIN_BODY_RATE
 from ._version import __version__
 from .config import APIKey
+from .errors import (
+    APIConnectionError,
+    APITimeoutError,
+    CancelledError,
+    ConfigurationError,
+    MalformedResponseError,
+    ResultMayBeBilledError,
+    TransportError,
+)
 from .request import StructureRequest
-from .errors import APIConnectionError, APITimeoutError, ConfigurationError, MalformedResponseError
-from .errors import CancelledError, ResultMayBeBilledError, TransportError
 
 log = logging.getLogger("structure_api")
 
@@ -48,14 +55,22 @@ class TransportLimits:
     min_body_rate: float = MIN_BODY_RATE
 
     def __post_init__(self) -> None:
-        # Checked here: urllib3 would refuse a zero, negative or NaN timeout only mid-request, with its own error.
+        # Checked here: urllib3 would refuse a zero, negative or NaN timeout only mid-request, with its own
+        # error.
         for what, seconds in (("connect", self.connect_timeout), ("read", self.read_timeout)):
-            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
-                    or seconds <= 0:
-                raise ConfigurationError(f"The {what} timeout must be a positive number of seconds; got {seconds!r}.")
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, (int, float))
+                or not math.isfinite(seconds)
+                or seconds <= 0
+            ):
+                raise ConfigurationError(
+                    f"The {what} timeout must be a positive number of seconds; got {seconds!r}."
+                )
 
 
 # --- the upload ----------------------------------------------------------------------
+
 
 class UploadBody:
     """The multipart body as a readable stream that knows when the last byte went out.
@@ -65,7 +80,7 @@ class UploadBody:
     that keeps paid work needs: :meth:`stop` stops an upload only while its last byte is still here.
     """
 
-    def __init__(self, parts: list[Union[bytes, memoryview]], on_sent: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, parts: list[bytes | memoryview], on_sent: Callable[[], None] | None = None) -> None:
         self._parts = parts
         self._on_sent = on_sent
         self._length = sum(len(p) for p in parts)
@@ -124,7 +139,7 @@ class UploadBody:
         out = []
         while size > 0 and self._index < len(self._parts):
             part = self._parts[self._index]
-            piece = part[self._offset:self._offset + size]
+            piece = part[self._offset : self._offset + size]
             out.append(bytes(piece))
             self._offset += len(piece)
             size -= len(piece)
@@ -136,15 +151,15 @@ class UploadBody:
         return chunk
 
 
-def multipart_parts(request: StructureRequest, boundary: str) -> list[Union[bytes, memoryview]]:
-    """The form fields, then the image (not copied: a view of its bytes), framed by ``boundary``."""
+def _multipart_parts(request: StructureRequest, boundary: str) -> list[bytes | memoryview]:
+    """Frame the form fields, then the image (not copied: a view of its bytes), with ``boundary``."""
     head = bytearray()
     for name, value in request.form_fields():
         head += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
         head += value.encode("utf-8") + b"\r\n"
     head += (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{request.image.filename}"\r\n'
-        f"Content-Type: {request.image.mime_type}\r\n\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
+        f'filename="{request.image.filename}"\r\nContent-Type: {request.image.mime_type}\r\n\r\n'
     ).encode()
     return [bytes(head), memoryview(request.image.data), f"\r\n--{boundary}--\r\n".encode()]
 
@@ -165,7 +180,8 @@ class RawKeyAuth(requests.auth.AuthBase):
 
 # --- connections -----------------------------------------------------------------------
 
-def shutdown_socket(connection: HTTPConnection) -> None:
+
+def _shutdown_socket(connection: HTTPConnection) -> None:
     """Break a connection's socket, so that whoever waits on it (a read, a send) fails now."""
     sock = getattr(connection, "sock", None)
     if sock is not None:
@@ -203,8 +219,8 @@ class _TrackedConnection:
     then a read timeout, like any other answer that did not come in time.
     """
 
-    # Set by tracking_adapter on the classes it makes: where connections register, and the deadline.
-    _registry: "weakref.WeakSet[HTTPConnection]"
+    # Set by _tracking_adapter on the classes it makes: where connections register, and the deadline.
+    _registry: weakref.WeakSet[HTTPConnection]
     _header_deadline: float
 
     # The body of the request this connection sends or last sent: a cancel stops only unfinished uploads.
@@ -223,7 +239,7 @@ class _TrackedConnection:
 
         def deadline_passed() -> None:
             timed_out.set()
-            shutdown_socket(self)  # type: ignore[arg-type]
+            _shutdown_socket(self)  # type: ignore[arg-type]
 
         timer = threading.Timer(self._header_deadline, deadline_passed)
         timer.daemon = True
@@ -233,14 +249,14 @@ class _TrackedConnection:
         except Exception:
             if timed_out.is_set():
                 # urllib3 turns a socket timeout into its ReadTimeoutError, requests into ReadTimeout.
-                raise socket.timeout("no status line and headers within the read timeout") from None
+                raise TimeoutError("no status line and headers within the read timeout") from None
             raise
         finally:
             timer.cancel()
 
 
-def tracking_adapter(registry: "weakref.WeakSet[HTTPConnection]", header_timeout: float) -> HTTPAdapter:
-    """An adapter whose connections register in ``registry`` and whose status line and headers must
+def _tracking_adapter(registry: weakref.WeakSet[HTTPConnection], header_timeout: float) -> HTTPAdapter:
+    """Build an adapter whose connections register in ``registry`` and whose status line and headers must
     arrive within ``header_timeout`` s of the upload's end (see ``_TrackedConnection``); connections
     through a proxy (HTTP_PROXY, HTTPS_PROXY, SOCKS) too."""
     tracking = {"_registry": registry, "_header_deadline": header_timeout, "response_class": _FinalResponse}
@@ -256,8 +272,9 @@ class _TrackingAdapter(HTTPAdapter):
 
     def init_poolmanager(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = _tracked_pools(self.poolmanager.pool_classes_by_scheme,
-                                                                 self._tracking)
+        self.poolmanager.pool_classes_by_scheme = _tracked_pools(
+            self.poolmanager.pool_classes_by_scheme, self._tracking
+        )
 
     def proxy_manager_for(self, proxy, **proxy_kwargs):  # type: ignore[no-untyped-def]
         made = proxy not in self.proxy_manager
@@ -269,7 +286,7 @@ class _TrackingAdapter(HTTPAdapter):
 
 
 def _tracked_pools(pools: dict, tracking: dict) -> dict:
-    """The same pool classes per scheme, each making connections with ``_TrackedConnection`` mixed in."""
+    """Build the same pool classes per scheme, making connections with ``_TrackedConnection`` mixed in."""
     tracked = {}
     for scheme, pool_cls in pools.items():
         connection_cls = pool_cls.ConnectionCls
@@ -280,6 +297,7 @@ def _tracked_pools(pools: dict, tracking: dict) -> dict:
 
 # --- the transport -----------------------------------------------------------------------
 
+
 class Transport:
     """One ``requests.Session`` with the raw-key auth and tracked connections, within ``limits``."""
 
@@ -287,17 +305,21 @@ class Transport:
         self.limits = limits
         self._clock = clock
         # Every connection opened, while it lives: close() and abort() reach them all.
-        self.connections: "weakref.WeakSet[HTTPConnection]" = weakref.WeakSet()
+        self.connections: weakref.WeakSet[HTTPConnection] = weakref.WeakSet()
         # Every upload being sent: stop_uploads() reaches those not yet on a connection too.
-        self._uploads: "weakref.WeakSet[UploadBody]" = weakref.WeakSet()
+        self._uploads: weakref.WeakSet[UploadBody] = weakref.WeakSet()
         self.session = requests.Session()
-        adapter = tracking_adapter(self.connections, limits.read_timeout)
+        adapter = _tracking_adapter(self.connections, limits.read_timeout)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self.session.headers.update({"user-agent": f"comfyui-aithriving-structure/{__version__}",
-                                     "accept": "application/json",
-                                     # The codings _ContentDecoder undoes; never br or zstd.
-                                     "accept-encoding": ACCEPT_ENCODING})
+        self.session.headers.update(
+            {
+                "user-agent": f"comfyui-aithriving-structure/{__version__}",
+                "accept": "application/json",
+                # The codings _ContentDecoder undoes; never br or zstd.
+                "accept-encoding": ACCEPT_ENCODING,
+            }
+        )
         self.session.auth = RawKeyAuth(key)
 
     def close(self) -> None:
@@ -312,7 +334,7 @@ class Transport:
     def abort(self) -> None:
         """Break every open connection, so that calls waiting on one end now."""
         for connection in list(self.connections):
-            shutdown_socket(connection)
+            _shutdown_socket(connection)
 
     def stop_uploads(self) -> None:
         """Stop every upload whose last byte has not gone out (the service charges nothing for those).
@@ -324,13 +346,14 @@ class Transport:
         for connection in list(self.connections):
             upload = getattr(connection, "upload", None)
             if isinstance(upload, UploadBody) and upload.stopped:
-                shutdown_socket(connection)
+                _shutdown_socket(connection)
 
-    def post(self, url: str, request: StructureRequest, attempt: int,
-             on_sent: Callable[[], None]) -> requests.Response:
+    def post(
+        self, url: str, request: StructureRequest, attempt: int, on_sent: Callable[[], None]
+    ) -> requests.Response:
         """Upload ``request`` and return the answer with its headers read and its body still to read."""
         boundary = uuid.uuid4().hex
-        body = UploadBody(multipart_parts(request, boundary), on_sent=on_sent)
+        body = UploadBody(_multipart_parts(request, boundary), on_sent=on_sent)
         self._uploads.add(body)
         sent_at = self._clock()
         log.info("POST %s, attempt %d, %d bytes", url, attempt, len(body))
@@ -348,12 +371,17 @@ class Transport:
             log.info("attempt %d: no answer after %.2f s: %s", attempt, self._clock() - sent_at, error)
             raise error from None
         # The headers only: no key is ever in them, and the body may be an image.
-        log.info("attempt %d: HTTP %d after %.2f s, request id %s", attempt, response.status_code,
-                 self._clock() - sent_at, response.headers.get("x-request-id") or "-")
+        log.info(
+            "attempt %d: HTTP %d after %.2f s, request id %s",
+            attempt,
+            response.status_code,
+            self._clock() - sent_at,
+            response.headers.get("x-request-id") or "-",
+        )
         return response
 
     def read_body(self, response: requests.Response) -> bytes:
-        """The whole body, read while it keeps arriving at ``min_body_rate``; bounded in size.
+        """Read the whole body while it keeps arriving at ``min_body_rate``; bounded in size.
 
         A big answer on a slow link completes; one trickling below the rate ends within about
         twice the read timeout (one window of ``read_timeout`` s, plus the wait for a last byte).
@@ -365,7 +393,8 @@ class Transport:
             raise MalformedResponseError(
                 f"The service's answer is {int(declared) / 2**20:.0f} MiB, far larger than any image it "
                 f"returns (limit {limit / 2**20:.0f} MiB); it was not read{_charged(status)}.",
-                http_status=status)
+                http_status=status,
+            )
         coding = response.headers.get("content-encoding")
         # A coded body's Content-Length counts coded bytes: no use for sizing the decoded one.
         presize = int(declared) if declared and declared.isdigit() and not coding else 0
@@ -381,7 +410,9 @@ class Transport:
                     if buffer.size + len(chunk) > limit:
                         raise MalformedResponseError(
                             f"The service's answer passed {limit / 2**20:.0f} MiB, far larger than any "
-                            f"image it returns; reading stopped{_charged(status)}.", http_status=status)
+                            f"image it returns; reading stopped{_charged(status)}.",
+                            http_status=status,
+                        )
                     buffer.add(chunk)
                 pace.count(len(coded))
                 if not coded:
@@ -390,22 +421,31 @@ class Transport:
             if 200 <= status < 300:
                 raise ResultMayBeBilledError(
                     f"{exc} The service may have charged for it (HTTP {status}), so the request was not sent "
-                    "again.", http_status=status) from None
+                    "again.",
+                    http_status=status,
+                ) from None
             # An error status is the answer whatever its body (as below).
-        except (_BodyTooSlow, urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError,
-                http.client.HTTPException) as exc:
+        except (
+            _BodyTooSlow,
+            urllib3.exceptions.HTTPError,
+            requests.exceptions.RequestException,
+            OSError,
+            http.client.HTTPException,
+        ) as exc:
             if 200 <= status < 300:
                 raise ResultMayBeBilledError(
-                    _broken_answer_message(exc, buffer.size, None if coding else declared,
-                                           self.limits.min_body_rate),
-                    http_status=status) from None
+                    _broken_answer_message(
+                        exc, buffer.size, None if coding else declared, self.limits.min_body_rate
+                    ),
+                    http_status=status,
+                ) from None
             # An error status is the answer whatever its body: what arrived is enough to map it
             # (and a 5xx cut short is as unbilled, and as retryable, as a whole one).
         return buffer.value(keep_mutable=200 <= status < 300)
 
 
 def _charged(status: int) -> str:
-    """What a success status adds to a sentence about its answer: it may have been billed."""
+    """Say what a success status adds to a sentence about its answer: it may have been billed."""
     if 200 <= status < 300:
         return f"; the service may have charged for it (HTTP {status}), so the request was not sent again"
     return ""
@@ -439,17 +479,19 @@ class _ContentDecoder:
     354-byte answer coded ``gzip, gzip, gzip`` grows to a gigabyte): the client undoes them itself.
     """
 
-    def __init__(self, header: Optional[str], limit: int) -> None:
+    def __init__(self, header: str | None, limit: int) -> None:
         codings = [c.strip().lower() for c in (header or "").split(",")]
         codings = [c for c in codings if c and c != "identity"]
         if len(codings) > MAX_CONTENT_CODINGS:
             raise _UndecodableBody(
                 f"The service's answer is compressed {len(codings)} times over (Content-Encoding: "
-                f"{', '.join(codings)[:80]}); the client undoes one compression at most, so it was not read.")
+                f"{', '.join(codings)[:80]}); the client undoes one compression at most, so it was not read."
+            )
         if codings and codings[0] not in _DECODERS:
             raise _UndecodableBody(
                 f"The service's answer is compressed as {codings[0][:40]!r}, which the client did not ask "
-                "for and cannot undo, so it was not read.")
+                "for and cannot undo, so it was not read."
+            )
         self._coding = codings[0] if codings else ""
         self._limit = limit
         self._produced = 0
@@ -457,7 +499,7 @@ class _ContentDecoder:
         self._first = True
 
     def decode(self, data: bytes) -> Iterator[bytes]:
-        """The decoded bytes ``data`` brings, piece by piece; _UndecodableBody past the limit or if broken."""
+        """Decode the bytes ``data`` brings, piece by piece; _UndecodableBody past the limit or if broken."""
         if self._inflater is None:
             yield data
             return
@@ -471,14 +513,16 @@ class _ContentDecoder:
                     # Some servers send raw deflate (no zlib header) for "deflate".
                     self._inflater, self._first = zlib.decompressobj(-zlib.MAX_WBITS), False
                     continue
-                raise _UndecodableBody(f"The service's answer is not valid {self._coding} data, "
-                                       "so it could not be read.") from None
+                raise _UndecodableBody(
+                    f"The service's answer is not valid {self._coding} data, so it could not be read."
+                ) from None
             self._first = False
             self._produced += len(piece)
             if self._produced > self._limit:
                 raise _UndecodableBody(
                     f"The service's answer grows past {self._limit / 2**20:.0f} MiB when decompressed, far "
-                    "larger than any image it returns; reading stopped.")
+                    "larger than any image it returns; reading stopped."
+                )
             yield piece
             data = self._inflater.unconsumed_tail
             if self._inflater.eof:
@@ -493,13 +537,14 @@ class _ContentDecoder:
         """Nothing more: the body ended; _UndecodableBody when its compressed data stopped short."""
         if self._inflater is not None and not self._inflater.eof and not self._first:
             raise _UndecodableBody(
-                f"The service's answer ends before its {self._coding} data does, so it could not be read.")
+                f"The service's answer ends before its {self._coding} data does, so it could not be read."
+            )
         return iter(())
 
 
 ACCEPT_ENCODING = "gzip, deflate"
 MAX_CONTENT_CODINGS = 1
-_DECODERS: dict[str, Callable[[], "zlib._Decompress"]] = {
+_DECODERS: dict[str, Callable[[], zlib._Decompress]] = {
     "gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
     "x-gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
     "deflate": lambda: zlib.decompressobj(),
@@ -513,14 +558,14 @@ class _BodyBuffer:
 
     def __init__(self, expected: int) -> None:
         self._expected = expected
-        self._presized: Optional[bytearray] = bytearray(expected) if expected else None
+        self._presized: bytearray | None = bytearray(expected) if expected else None
         self._growing = io.BytesIO()
         self.size = 0
 
     def add(self, chunk: bytes) -> None:
         start, self.size = self.size, self.size + len(chunk)
         if self._presized is not None and self.size <= self._expected:
-            self._presized[start:self.size] = chunk
+            self._presized[start : self.size] = chunk
             return
         if self._presized is not None:  # more than announced: carry on in the growing buffer
             self._growing.write(self._presized[:start])
@@ -528,11 +573,11 @@ class _BodyBuffer:
         self._growing.write(chunk)
 
     def value(self, keep_mutable: bool) -> bytes:
-        """What arrived; ``keep_mutable`` hands a presized buffer over as it is (no copy)."""
+        """Return what arrived; ``keep_mutable`` hands a presized buffer over as it is (no copy)."""
         if self._presized is None:
             return self._growing.getvalue()
         if self.size < self._expected:
-            del self._presized[self.size:]  # an error status cut short: what arrived
+            del self._presized[self.size :]  # an error status cut short: what arrived
         return self._presized if keep_mutable else bytes(self._presized)  # type: ignore[return-value]
 
 
@@ -557,36 +602,47 @@ class _RateWindow:
 
 # --- transport failures as our errors ------------------------------------------------------
 
-def transport_error(exc: Exception, delivered: bool, host: Optional[str], limits: TransportLimits) -> TransportError:
-    """The library's error for a request that got no answer; ``delivered``: the upload's last byte went out."""
+
+def transport_error(
+    exc: Exception, delivered: bool, host: str | None, limits: TransportLimits
+) -> TransportError:
+    """Build our error for a request that got no answer; ``delivered``: the upload's last byte went out."""
     cause = type(_root_cause(exc)).__name__
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return APITimeoutError(
             f"Could not connect to {host} within {limits.connect_timeout:g} s; check your network "
-            "or AITHRIVING_BASE_URL.", request_delivered=False)
+            "or AITHRIVING_BASE_URL.",
+            request_delivered=False,
+        )
     if delivered and isinstance(exc, (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError)):
         if isinstance(exc, requests.exceptions.ReadTimeout):
             return ResultMayBeBilledError(
                 f"No answer came within {limits.read_timeout:g} s after the upload finished; the service may "
-                "have generated and charged for the image, so the request was not sent again.")
+                "have generated and charged for the image, so the request was not sent again."
+            )
         return ResultMayBeBilledError(
             f"The connection to {host} broke after the upload finished and before the answer ({cause}); "
-            "the service may have charged for a result, so the request was not sent again.")
+            "the service may have charged for a result, so the request was not sent again."
+        )
     if isinstance(exc, requests.exceptions.ReadTimeout):
         return APITimeoutError(
             f"{host} stopped accepting the upload for {limits.read_timeout:g} s; nothing was charged.",
-            request_delivered=False)
+            request_delivered=False,
+        )
     if isinstance(exc, requests.exceptions.SSLError):
         return APIConnectionError(
             f"The secure connection to {host} failed ({cause}); check the system clock and certificates.",
-            request_delivered=False)
+            request_delivered=False,
+        )
     if isinstance(exc, requests.exceptions.ProxyError):
         return APIConnectionError(
             f"The proxy refused the connection to {host}; check HTTPS_PROXY/HTTP_PROXY.",
-            request_delivered=False)
+            request_delivered=False,
+        )
     return APIConnectionError(
         f"Could not reach {host} ({cause}); check your network or AITHRIVING_BASE_URL.",
-        request_delivered=False)
+        request_delivered=False,
+    )
 
 
 class _BodyTooSlow(Exception):
@@ -597,18 +653,22 @@ class _BodyTooSlow(Exception):
         self.rate = rate
 
 
-def _broken_answer_message(exc: BaseException, size: int, declared: Optional[str], min_rate: float) -> str:
+def _broken_answer_message(exc: BaseException, size: int, declared: str | None, min_rate: float) -> str:
     """One sentence for an answer (HTTP 200) whose body could not be read whole: it may have been charged."""
     tail = "the service may have charged for the image, so the request was not sent again."
     if isinstance(exc, _BodyTooSlow):
-        return (f"The service's answer arrived at {exc.rate / 1024:.1f} KiB/s, below the {min_rate / 1024:.0f} KiB/s "
-                f"the client waits for, and reading stopped after {size:,} bytes; {tail}")
+        return (
+            f"The service's answer arrived at {exc.rate / 1024:.1f} KiB/s, below the {min_rate / 1024:.0f} "
+            f"KiB/s the client waits for, and reading stopped after {size:,} bytes; {tail}"
+        )
     root = _root_cause(exc)
     if isinstance(root, (socket.timeout, urllib3.exceptions.ReadTimeoutError)) or "timed out" in str(root):
         return f"The service's answer stopped arriving after {size:,} bytes (read timeout); {tail}"
     if declared and declared.isdigit() and size < int(declared):
-        return (f"The service's answer broke off after {size:,} of the {int(declared):,} bytes it announced "
-                f"({type(root).__name__}); {tail}")
+        return (
+            f"The service's answer broke off after {size:,} of the {int(declared):,} bytes it announced "
+            f"({type(root).__name__}); {tail}"
+        )
     return f"The service's answer broke off before it was complete ({type(root).__name__}); {tail}"
 
 
@@ -621,7 +681,11 @@ def _root_cause(exc: BaseException) -> BaseException:
             inner = exc.args[0]
         if inner is None:
             # urllib3 keeps the socket error in .reason
-            inner = getattr(exc, "reason", None) if isinstance(getattr(exc, "reason", None), BaseException) else None
+            inner = (
+                getattr(exc, "reason", None)
+                if isinstance(getattr(exc, "reason", None), BaseException)
+                else None
+            )
         if inner is None:
             return exc
         exc = inner

@@ -9,10 +9,23 @@ import pytest
 from support import TEST_KEY, RecordingSleep, client_factory
 
 _CLEARED = (
-    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy",
-    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
-    "AITHRIVING_API_KEY", "AITHRIVING_API_KEY_FILE", "AITHRIVING_BASE_URL", "AITHRIVING_CACHE_DIR",
-    "AITHRIVING_CACHE_MAX_MB", "AITHRIVING_MAX_CONCURRENCY", "AITHRIVING_RATE_LIMIT",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "no_proxy",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "AITHRIVING_API_KEY",
+    "AITHRIVING_API_KEY_FILE",
+    "AITHRIVING_BASE_URL",
+    "AITHRIVING_CACHE_DIR",
+    "AITHRIVING_CACHE_MAX_MB",
+    "AITHRIVING_MAX_CONCURRENCY",
+    "AITHRIVING_RATE_LIMIT",
 )
 
 
@@ -75,8 +88,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line(
-        "markers", "posix_only(reason): the test checks something only POSIX has (file modes, signals, "
-        "mounts); on Windows it is reported as 'POSIX only: <reason>' (the Windows lane lists each), never run.")
+        "markers",
+        "posix_only(reason): the test checks something only POSIX has (file modes, signals, mounts); on "
+        "Windows it is reported as 'POSIX only: <reason>' (the Windows lane lists each), never run.",
+    )
 
 
 def pytest_runtest_setup(item) -> None:

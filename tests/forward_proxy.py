@@ -10,14 +10,13 @@ from __future__ import annotations
 import socket
 import socketserver
 import threading
-from typing import Optional
 from urllib.parse import urlsplit
 
 _HEAD_LIMIT = 64 * 1024
 
 
 class _Handler(socketserver.BaseRequestHandler):
-    server: "_Server"
+    server: _Server
 
     def handle(self) -> None:
         client: socket.socket = self.request
@@ -38,8 +37,11 @@ class _Handler(socketserver.BaseRequestHandler):
             parts = urlsplit(target)
             upstream = socket.create_connection((parts.hostname, parts.port or 80), timeout=10)
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            kept = [line for line in header_lines
-                    if not line.lower().startswith(("proxy-", "connection:", "keep-alive:"))]
+            kept = [
+                line
+                for line in header_lines
+                if not line.lower().startswith(("proxy-", "connection:", "keep-alive:"))
+            ]
             lines = [f"{method} {path} {version}", *kept, "Connection: close"]
             upstream.sendall("".join(f"{line}\r\n" for line in lines).encode("latin-1") + b"\r\n" + rest)
         upstream.settimeout(None)
@@ -93,7 +95,7 @@ class ForwardProxy:
     def __init__(self) -> None:
         self._server = _Server()
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     @property
     def requests(self) -> list[tuple[str, str]]:
@@ -101,9 +103,13 @@ class ForwardProxy:
         with self._server.lock:
             return list(self._server.requests)
 
-    def __enter__(self) -> "ForwardProxy":
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="forward-proxy", daemon=True)
+    def __enter__(self) -> ForwardProxy:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="forward-proxy",
+            daemon=True,
+        )
         self._thread.start()
         return self
 

@@ -30,5 +30,5 @@ def distinct_numpy_batch(count: int, width: int = 96, height: int = 80) -> np.nd
         batch[i, ..., 2] = 0.3
         x0 = 4 + (i * 7) % (width - 30)
         y0 = 4 + (i * 5) % (height - 30)
-        batch[i, y0:y0 + 24, x0:x0 + 24, :] = 0.9
+        batch[i, y0 : y0 + 24, x0 : x0 + 24, :] = 0.9
     return batch

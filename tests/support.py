@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -22,7 +22,7 @@ def photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
     cy, cx = height / 2, width / 2
     r = min(width, height) / 4
     image[((y - cy) ** 2 + (x - cx) ** 2) < r * r] = (0.9, 0.2, 0.1)
-    image[int(height * 0.1):int(height * 0.3), int(width * 0.6):int(width * 0.9)] = (0.1, 0.1, 0.8)
+    image[int(height * 0.1) : int(height * 0.3), int(width * 0.6) : int(width * 0.9)] = (0.1, 0.1, 0.8)
     image += rng.normal(0, 0.02, image.shape).astype(np.float32)
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
 

@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ from structure_api import StructureClient, StructureRequest
 from structure_api.cli import main
 from structure_api.images import EncodedImage, ImageSize
 from structure_api.standin import Hang, Respond
-
 from support import TEST_KEY, photo_like, write_png
 
 
@@ -29,6 +27,7 @@ def env_for(monkeypatch):
     def setup(server):
         monkeypatch.setenv("AITHRIVING_BASE_URL", server.url)
         monkeypatch.setenv("AITHRIVING_API_KEY", TEST_KEY)
+
     return setup
 
 
@@ -43,13 +42,15 @@ def run(capsys, *argv):
 def test_generate_writes_the_servers_image_and_prints_the_seed(tmp_path, standin, env_for, capsys):
     env_for(standin)
     source = write_png(tmp_path / "in.png", photo_like(200, 150))
-    code, out, err = run(capsys, "generate", source, "--prompt", "a red barn", "--seed", "321",
-                         "-o", tmp_path / "out.png")
+    code, out, err = run(
+        capsys, "generate", source, "--prompt", "a red barn", "--seed", "321", "-o", tmp_path / "out.png"
+    )
     assert code == 0, err
     assert re.match(r"seed 321 · 6 credits · wrote .*out\.png \(200x150 png\)", out)
     # The file is byte for byte what the service returned for this request.
-    upload = EncodedImage(data=source.read_bytes(), format="png", mime_type="image/png",
-                          size=ImageSize(width=200, height=150))
+    upload = EncodedImage(
+        data=source.read_bytes(), format="png", mime_type="image/png", size=ImageSize(width=200, height=150)
+    )
     with StructureClient(api_key=TEST_KEY, base_url=standin.url) as client:
         expected = client.generate(StructureRequest(image=upload, prompt="a red barn", seed=321))
     assert (tmp_path / "out.png").read_bytes() == expected.data
@@ -68,11 +69,11 @@ def test_generate_format_from_extension_and_fitting(tmp_path, standin, env_for, 
     assert standin.requests[0].fields["output_format"] == "webp"
 
 
-def test_local_needs_no_key_and_no_network(tmp_path, capsys):
+def test_offline_needs_no_key_and_no_network(tmp_path, capsys):
     source = write_png(tmp_path / "in.png", photo_like(128, 128))
-    code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / "out.png", "--local")
+    code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / "out.png", "--offline")
     assert code == 0, err
-    assert "local stand-in" in err and "· 0 credits (free stand-in) ·" in out
+    assert "stand-in" in err and "· 0 credits (free stand-in) ·" in out
     assert Image.open(tmp_path / "out.png").size == (128, 128)
 
 
@@ -86,21 +87,25 @@ def test_no_key_means_nothing_is_sent(tmp_path, standin, monkeypatch, capsys):
     assert not (tmp_path / "out.png").exists()
 
 
-@pytest.mark.parametrize("fault, words", [
-    (Respond(401), "rejected the API key"),
-    (Respond(402), "out of credits"),
-    (Respond(400, body={"code": -1, "message": "prompt: too odd"}), "prompt: too odd"),
-    (Respond(413), "10 MiB"),
-    (Respond(200, body={"code": -1, "message": "upstream failed"}), "upstream failed"),
-    (Respond(200, body=b"<html>oops</html>"), "not JSON"),
-    (Hang(), "may have"),
-])
+@pytest.mark.parametrize(
+    "fault, words",
+    [
+        (Respond(401), "rejected the API key"),
+        (Respond(402), "out of credits"),
+        (Respond(400, body={"code": -1, "message": "prompt: too odd"}), "prompt: too odd"),
+        (Respond(413), "10 MiB"),
+        (Respond(200, body={"code": -1, "message": "upstream failed"}), "upstream failed"),
+        (Respond(200, body=b"<html>oops</html>"), "not JSON"),
+        (Hang(), "may have"),
+    ],
+)
 def test_each_error_is_one_line_and_non_zero(tmp_path, standin, env_for, capsys, fault, words):
     env_for(standin)
     standin.script(fault)
     source = write_png(tmp_path / "in.png", photo_like(100, 100))
-    code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / "out.png",
-                         "--timeout", "0.5")
+    code, out, err = run(
+        capsys, "generate", source, "--prompt", "x", "-o", tmp_path / "out.png", "--timeout", "0.5"
+    )
     assert code == 1
     assert err.startswith("error: ") and err.count("\n") == 1 and words in err
     assert out == ""
@@ -121,14 +126,17 @@ def test_an_answer_whose_seed_cannot_be_read_still_delivers_the_image(tmp_path, 
 
 def test_bad_input_file_and_bad_arguments(tmp_path, capsys):
     (tmp_path / "notes.png").write_text("not an image")
-    code, out, err = run(capsys, "generate", tmp_path / "notes.png", "--prompt", "x", "-o", tmp_path / "o.png",
-                         "--local")
+    code, out, err = run(
+        capsys, "generate", tmp_path / "notes.png", "--prompt", "x", "-o", tmp_path / "o.png", "--offline"
+    )
     assert code == 1 and "not an image" in err
-    code, out, err = run(capsys, "generate", tmp_path / "missing.png", "--prompt", "x", "-o", tmp_path / "o.png",
-                         "--local")
+    code, out, err = run(
+        capsys, "generate", tmp_path / "missing.png", "--prompt", "x", "-o", tmp_path / "o.png", "--offline"
+    )
     assert code == 1 and "Cannot read" in err
-    code, out, err = run(capsys, "generate", tmp_path / "notes.png", "--prompt", "  ", "-o", tmp_path / "o.png",
-                         "--local")
+    code, out, err = run(
+        capsys, "generate", tmp_path / "notes.png", "--prompt", "  ", "-o", tmp_path / "o.png", "--offline"
+    )
     assert code == 2 and "prompt is empty" in err
     with pytest.raises(SystemExit) as info:
         main(["generate", "x.png", "--prompt", "p", "-o", "o.png", "--control-strength", "3"])
@@ -143,8 +151,19 @@ def test_batch_resumes_and_summarises(tmp_path, standin, env_for, capsys):
         write_png(inputs / f"img{i}.png", photo_like(96 + i * 8, 80, seed=i))
     (inputs / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     outputs = tmp_path / "out"
-    code, out, err = run(capsys, "batch", inputs, "--prompt", "ink drawing", "--seed", "10", "-o", outputs,
-                         "--concurrency", "3")
+    code, out, err = run(
+        capsys,
+        "batch",
+        inputs,
+        "--prompt",
+        "ink drawing",
+        "--seed",
+        "10",
+        "-o",
+        outputs,
+        "--concurrency",
+        "3",
+    )
     assert code == 1  # the broken file failed
     assert out.strip() == "done 5, failed 1, skipped 0, credits 30"
     assert "failed: broken.jpg:" in err
@@ -161,7 +180,9 @@ def test_batch_resumes_and_summarises(tmp_path, standin, env_for, capsys):
 
 def test_batch_of_an_empty_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code, out, err = run(capsys, "batch", tmp_path / "empty", "--prompt", "x", "-o", tmp_path / "out", "--local")
+    code, out, err = run(
+        capsys, "batch", tmp_path / "empty", "--prompt", "x", "-o", tmp_path / "out", "--offline"
+    )
     assert code == 1 and "no .png" in err
 
 
@@ -171,25 +192,47 @@ def _subprocess_env(**extra):
     return env
 
 
-def test_python_dash_m_entry_point_runs_local(tmp_path):
+def test_python_dash_m_entry_point_runs_offline(tmp_path):
     source = write_png(tmp_path / "in.png", photo_like(120, 90))
     proc = subprocess.run(
-        [sys.executable, "-m", "structure_api", "generate", str(source), "--prompt", "a lighthouse",
-         "-o", str(tmp_path / "out.png"), "--local", "--seed", "5"],
-        capture_output=True, text=True, timeout=60, env=_subprocess_env())
+        [
+            sys.executable,
+            "-m",
+            "structure_api",
+            "generate",
+            str(source),
+            "--prompt",
+            "a lighthouse",
+            "-o",
+            str(tmp_path / "out.png"),
+            "--offline",
+            "--seed",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_subprocess_env(),
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("seed 5 ")
 
 
 def test_serve_answers_like_the_service(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "structure_api", "serve"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_subprocess_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "structure_api", "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_subprocess_env(),
+    )
     try:
         line = proc.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
         with open(write_png(tmp_path / "in.png", photo_like(64, 64)), "rb") as handle:
-            answer = requests.post(url + "/api/control/structure", files={"image": handle},
-                                   data={"prompt": "p"}, timeout=30)
+            answer = requests.post(
+                url + "/api/control/structure", files={"image": handle}, data={"prompt": "p"}, timeout=30
+            )
         assert answer.status_code == 200 and answer.json()["code"] == 0
     finally:
         proc.terminate()
@@ -198,14 +241,20 @@ def test_serve_answers_like_the_service(tmp_path):
 
 # --- checked before paying ------------------------------------------------------------------
 
-@pytest.mark.parametrize("output, words", [
-    ("a_folder", "is a folder"),
-    ("a_file/out.png", "is a file, not a folder"),
-    ("out.gif", "needs the extension"),
-    ("out", "needs the extension"),
-    ("out.png --format jpeg", "has the extension .png but --format is jpeg"),
-])
-def test_generate_refuses_an_unusable_output_before_sending(tmp_path, standin, env_for, capsys, output, words):
+
+@pytest.mark.parametrize(
+    "output, words",
+    [
+        ("a_folder", "is a folder"),
+        ("a_file/out.png", "is a file, not a folder"),
+        ("out.gif", "needs the extension"),
+        ("out", "needs the extension"),
+        ("out.png --format jpeg", "has the extension .png but --format is jpeg"),
+    ],
+)
+def test_generate_refuses_an_unusable_output_before_sending(
+    tmp_path, standin, env_for, capsys, output, words
+):
     env_for(standin)
     (tmp_path / "a_folder").mkdir()
     (tmp_path / "a_file").write_text("a file, not a folder")
@@ -216,8 +265,10 @@ def test_generate_refuses_an_unusable_output_before_sending(tmp_path, standin, e
     assert standin.requests == [] and standin.credits_spent == 0
 
 
-@pytest.mark.posix_only("permission bits (chmod 0500) are POSIX; on Windows a folder's read-only "
-                        "attribute does not stop files being made in it")
+@pytest.mark.posix_only(
+    "permission bits (chmod 0500) are POSIX; on Windows a folder's read-only "
+    "attribute does not stop files being made in it"
+)
 def test_generate_output_in_a_folder_it_cannot_write(tmp_path, standin, env_for, capsys):
     env_for(standin)
     locked = tmp_path / "locked"
@@ -261,22 +312,25 @@ def test_batch_folder_in_use_by_another_run_is_refused(tmp_path, capsys):
     outputs.mkdir()
     # The lock another process holds: flock locks conflict between open files even in one process.
     with FolderLock(outputs):
-        code, out, err = run(capsys, "batch", inputs, "--prompt", "x", "-o", outputs, "--local")
+        code, out, err = run(capsys, "batch", inputs, "--prompt", "x", "-o", outputs, "--offline")
         assert code == 1 and err.count("\n") == 1 and "in use by another structure-api batch run" in err
         assert f"process {os.getpid()}" in err
         assert not (outputs / "a.png").exists()
-    code, out, err = run(capsys, "batch", inputs, "--prompt", "x", "-o", outputs, "--local")
+    code, out, err = run(capsys, "batch", inputs, "--prompt", "x", "-o", outputs, "--offline")
     assert code == 0 and sorted(p.name for p in outputs.iterdir()) == ["a.png"]  # the lock file is gone
 
 
-@pytest.mark.posix_only("the umask and file modes do not exist on Windows (files there follow the folder's ACL)")
+@pytest.mark.posix_only(
+    "the umask and file modes do not exist on Windows (files there follow the folder's ACL)"
+)
 def test_outputs_follow_the_umask(tmp_path, capsys):
     source = write_png(tmp_path / "in.png", photo_like(100, 100))
     for mask, mode in ((0o022, 0o644), (0o002, 0o664)):
         previous = os.umask(mask)
         try:
-            code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / f"{mask:o}.png",
-                                 "--local")
+            code, out, err = run(
+                capsys, "generate", source, "--prompt", "x", "-o", tmp_path / f"{mask:o}.png", "--offline"
+            )
         finally:
             os.umask(previous)
         assert code == 0, err
@@ -291,8 +345,9 @@ def _camera_jpeg(path: Path, width: int, height: int, orientation: int) -> Path:
     exif[0x0131] = "SecretCam 1.0"  # Software
     gps = {1: "N", 2: (51.0, 30.0, 12.5), 3: "W", 4: (0.0, 7.0, 39.9)}
     exif[0x8825] = gps
-    Image.fromarray(photo_like(width, height)).save(path, "JPEG", quality=95, exif=exif,
-                                                    comment=b"home address, 12 Secret Lane")
+    Image.fromarray(photo_like(width, height)).save(
+        path, "JPEG", quality=95, exif=exif, comment=b"home address, 12 Secret Lane"
+    )
     return path
 
 
@@ -319,10 +374,21 @@ def test_input_orientation_applied_and_metadata_never_sent(tmp_path, standin, en
 
 # --- rough edges ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("value", ["0", "-3", "33", "100", "four"])
 def test_concurrency_outside_1_to_32_is_one_line_exit_2(tmp_path, capsys, value):
-    code, out, err = run_any(capsys, "batch", tmp_path, "--prompt", "x", "-o", tmp_path / "out", "--local",
-                             "--concurrency", value)
+    code, out, err = run_any(
+        capsys,
+        "batch",
+        tmp_path,
+        "--prompt",
+        "x",
+        "-o",
+        tmp_path / "out",
+        "--offline",
+        "--concurrency",
+        value,
+    )
     assert code == 2 and err.count("\n") == 1 and "argument --concurrency: must be" in err, err
     assert "from 1 to 32" in err, err
 
@@ -333,7 +399,9 @@ def test_concurrency_default_is_the_batch_default(capsys):
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["batch", "--help"])
-    assert f"AITHRIVING_MAX_CONCURRENCY or {DEFAULT_MAX_CONCURRENCY})" in " ".join(capsys.readouterr().out.split())
+    assert f"AITHRIVING_MAX_CONCURRENCY or {DEFAULT_MAX_CONCURRENCY})" in " ".join(
+        capsys.readouterr().out.split()
+    )
 
 
 def run_any(capsys, *argv):
@@ -347,11 +415,13 @@ def run_any(capsys, *argv):
 
 def test_out_of_range_values_one_style_whichever_check_catches_them(tmp_path, capsys):
     source = write_png(tmp_path / "in.png", photo_like(100, 100))
-    base = ["generate", source, "-o", tmp_path / "o.png", "--local"]
-    outcomes = [run_any(capsys, *base, "--prompt", "x", "--control-strength", "3"),  # argparse
-                run_any(capsys, *base, "--prompt", "x", "--seed", "-5"),  # argparse
-                run_any(capsys, *base, "--prompt", "x" * 10001),  # our validation
-                run_any(capsys, *base, "--prompt", "  ")]  # our validation
+    base = ["generate", source, "-o", tmp_path / "o.png", "--offline"]
+    outcomes = [
+        run_any(capsys, *base, "--prompt", "x", "--control-strength", "3"),  # argparse
+        run_any(capsys, *base, "--prompt", "x", "--seed", "-5"),  # argparse
+        run_any(capsys, *base, "--prompt", "x" * 10001),  # our validation
+        run_any(capsys, *base, "--prompt", "  "),
+    ]  # our validation
     for code, out, err in outcomes:
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and out == "", err
 
@@ -361,15 +431,24 @@ def test_serve_on_a_busy_or_impossible_port_is_one_line(capsys):
 
     with StandInServer() as busy:
         code, out, err = run(capsys, "serve", "--port", busy.port)
-    assert code == 1 and err == f"error: Port {busy.port} is already in use; choose another with --port, " \
-                                "or leave --port out to take a free one.\n"
+    assert (
+        code == 1
+        and err
+        == f"error: Port {busy.port} is already in use; choose another with --port, "
+        "or leave --port out to take a free one.\n"
+    )
     code, out, err = run_any(capsys, "serve", "--port", "70000")
     assert code == 2 and err.count("\n") == 1 and "argument --port: must be from 0 to 65535" in err
 
 
 def test_serve_banner_names_both_variables():
-    proc = subprocess.Popen([sys.executable, "-m", "structure_api", "serve"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_subprocess_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "structure_api", "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_subprocess_env(),
+    )
     try:
         lines = [proc.stdout.readline() for _ in range(5)]
     finally:
@@ -377,12 +456,24 @@ def test_serve_banner_names_both_variables():
         proc.wait(timeout=10)
     url = lines[0].split("listening on ", 1)[1].strip()  # as benchmarks/servers.py reads it
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
-    assert f"  export AITHRIVING_BASE_URL={url}\n" in lines and "  export AITHRIVING_API_KEY=local\n" in lines
+    assert (
+        f"  export AITHRIVING_BASE_URL={url}\n" in lines and "  export AITHRIVING_API_KEY=stand-in\n" in lines
+    )
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "http://127.0.0.1:port", "http://[::1", "http://[::zz]:80",
-                                 "http://127.0.0.1:0"])
-def test_base_url_with_a_bad_port_or_ipv6_literal_is_a_configuration_error(tmp_path, monkeypatch, capsys, url):
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1:port",
+        "http://[::1",
+        "http://[::zz]:80",
+        "http://127.0.0.1:0",
+    ],
+)
+def test_base_url_with_a_bad_port_or_ipv6_literal_is_a_configuration_error(
+    tmp_path, monkeypatch, capsys, url
+):
     monkeypatch.setenv("AITHRIVING_BASE_URL", url)
     monkeypatch.setenv("AITHRIVING_API_KEY", TEST_KEY)
     source = write_png(tmp_path / "in.png", photo_like(100, 100))
@@ -404,7 +495,9 @@ def test_verbose_logs_each_request_retry_and_answer_without_the_key(tmp_path, st
     env_for(standin)
     standin.script(Respond(503))
     source = write_png(tmp_path / "in.png", photo_like(100, 100))
-    code, out, err = run(capsys, "-v", "generate", source, "--prompt", "x", "-o", tmp_path / "o.png", "--seed", "4")
+    code, out, err = run(
+        capsys, "-v", "generate", source, "--prompt", "x", "-o", tmp_path / "o.png", "--seed", "4"
+    )
     assert code == 0, err
     assert re.search(r"POST http://127\.0\.0\.1:\d+/api/control/structure, attempt 1, \d+ bytes", err)
     assert re.search(r"attempt 1: HTTP 503 after \d+\.\d\d s, request id \S+", err)
@@ -414,19 +507,36 @@ def test_verbose_logs_each_request_retry_and_answer_without_the_key(tmp_path, st
     assert "urllib3" not in err
 
 
-@pytest.mark.posix_only("it reads the progress line through a pseudo-terminal (pty), which Windows does not have")
+@pytest.mark.posix_only(
+    "it reads the progress line through a pseudo-terminal (pty), which Windows does not have"
+)
 def test_progress_line_fits_the_terminal(tmp_path):
     import pty
 
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i in range(3):
-        write_png(inputs / f"a_rather_long_file_name_for_the_progress_line_{i}.png", photo_like(96, 80, seed=i))
+        write_png(
+            inputs / f"a_rather_long_file_name_for_the_progress_line_{i}.png", photo_like(96, 80, seed=i)
+        )
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "structure_api", "batch", str(inputs), "-o", str(tmp_path / "out"),
-         "--prompt", "x", "--local"],
-        stdout=subprocess.PIPE, stderr=follower, env=_subprocess_env(COLUMNS="50"))
+        [
+            sys.executable,
+            "-m",
+            "structure_api",
+            "batch",
+            str(inputs),
+            "-o",
+            str(tmp_path / "out"),
+            "--prompt",
+            "x",
+            "--offline",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        env=_subprocess_env(COLUMNS="50"),
+    )
     os.close(follower)
     chunks = []
     while True:
@@ -454,13 +564,17 @@ def test_results_with_the_store_off_or_empty(tmp_path, monkeypatch, capsys):
     assert code == 0 and out.startswith("No paid results are waiting in ")
 
 
-def test_an_answer_in_another_format_is_never_written_under_the_asked_extension(tmp_path, standin, env_for, capsys):
+def test_an_answer_in_another_format_is_never_written_under_the_asked_extension(
+    tmp_path, standin, env_for, capsys
+):
     import base64
 
     env_for(standin)
     source = write_png(tmp_path / "in.png", photo_like(100, 100))
     # The service answers a PNG although a JPEG was asked for.
-    answer = base64.b64encode(write_png(tmp_path / "answer.png", photo_like(100, 100, seed=3)).read_bytes()).decode()
+    answer = base64.b64encode(
+        write_png(tmp_path / "answer.png", photo_like(100, 100, seed=3)).read_bytes()
+    ).decode()
     standin.script(Respond(200, body={"code": 0, "message": "success", "data": {"image": answer, "seed": 5}}))
     code, out, err = run(capsys, "generate", source, "--prompt", "x", "-o", tmp_path / "out.jpg")
     assert code == 0, err
@@ -468,16 +582,26 @@ def test_an_answer_in_another_format_is_never_written_under_the_asked_extension(
         assert written.format == "JPEG" and written.size == (100, 100)
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["serve"], "interrupted: the stand-in stopped (it charges nothing)"),
-    (["results"], "this command sends no request, so nothing was charged"),
-    (["generate", "in.png", "-o", "out.png", "--prompt", "x", "--local"], "the local stand-in charges nothing"),
-    (["batch", "in", "-o", "out", "--prompt", "x", "--local"], "the local stand-in charges nothing"),
-    (["generate", "in.png", "-o", "out.png", "--prompt", "x"], "a request in flight may have been charged"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["serve"], "interrupted: the stand-in stopped (it charges nothing)"),
+        (["results"], "this command sends no request, so nothing was charged"),
+        (
+            ["generate", "in.png", "-o", "out.png", "--prompt", "x", "--offline"],
+            "the stand-in charges nothing",
+        ),
+        (["batch", "in", "-o", "out", "--prompt", "x", "--offline"], "the stand-in charges nothing"),
+        (
+            ["generate", "in.png", "-o", "out.png", "--prompt", "x"],
+            "a request in flight may have been charged",
+        ),
+    ],
+)
 def test_a_ctrl_c_says_truly_what_it_may_have_cost(monkeypatch, capsys, argv, says):
-    # Only a request to the paid service can be charged: serve, results and --local say so, not "may have".
-    from structure_api.cli import EXIT_INTERRUPTED, args as cli_args, main
+    # Only a request to the paid service can be charged: serve, results and --offline say so, not "may have".
+    from structure_api.cli import EXIT_INTERRUPTED, main
+    from structure_api.cli import args as cli_args
 
     def interrupted(args):
         raise KeyboardInterrupt
@@ -487,7 +611,21 @@ def test_a_ctrl_c_says_truly_what_it_may_have_cost(monkeypatch, capsys, argv, sa
     assert main(argv) == EXIT_INTERRUPTED
     err = capsys.readouterr().err
     assert says in err
-    assert ("may have been charged" in err) == ("--local" not in argv and argv[0] in ("generate", "batch"))
+    assert ("may have been charged" in err) == ("--offline" not in argv and argv[0] in ("generate", "batch"))
+
+
+@pytest.mark.parametrize(
+    "old, new", [("--local", "--offline"), ("--no-cache", "--no-store")]
+)  # old spellings
+def test_old_option_names_still_work_and_say_the_new_one(tmp_path, capsys, old, new):
+    source = write_png(tmp_path / "in.png", photo_like(96, 96))
+    argv = ["generate", source, "--prompt", "x", "-o", tmp_path / "out.png", "--local"]  # old spelling
+    if old != "--local":  # old spelling
+        argv.append(old)
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert f"{old} is now {new}" in err
+    assert "· 0 credits (free stand-in) ·" in out
 
 
 @pytest.mark.parametrize("host", ["0", "0.0.0.0", "::ffff:0.0.0.0", "::", "[::]", "", "0x0"])

@@ -30,7 +30,6 @@ from structure_api.errors import (
 from structure_api.images import encode_upload
 from structure_api.retry import RetryPolicy
 from structure_api.standin import Drop, Hang, Passthrough, Respond, Stream
-
 from support import TEST_KEY, photo_like
 
 
@@ -40,7 +39,9 @@ def small_image():
 
 
 def make_request(image, **overrides) -> StructureRequest:
-    fields = dict(image=image, prompt="a red house at dusk", control_strength=0.6, seed=42, output_format="png")
+    fields = dict(
+        image=image, prompt="a red house at dusk", control_strength=0.6, seed=42, output_format="png"
+    )
     fields.update(overrides)
     return StructureRequest(**fields)
 
@@ -54,6 +55,7 @@ def assert_clean(error: StructureError) -> None:
 
 # --- the happy path ---------------------------------------------------------------------
 
+
 def test_generate_returns_decoded_image_seed_and_format(make_client, standin, small_image):
     result = make_client().generate(make_request(small_image))
     assert result.pixels.shape == (64, 96, 3) and result.pixels.dtype == np.uint8
@@ -63,8 +65,12 @@ def test_generate_returns_decoded_image_seed_and_format(make_client, standin, sm
     assert recorded.method == "POST" and recorded.path == "/api/control/structure"
     assert recorded.headers["authorization"] == TEST_KEY  # the raw key, no "Bearer"
     assert recorded.headers["content-type"].startswith("multipart/form-data; boundary=")
-    assert recorded.fields == {"prompt": "a red house at dusk", "control_strength": "0.6", "seed": "42",
-                               "output_format": "png"}
+    assert recorded.fields == {
+        "prompt": "a red house at dusk",
+        "control_strength": "0.6",
+        "seed": "42",
+        "output_format": "png",
+    }
     assert recorded.image_bytes == small_image.data
     assert recorded.image_content_type == "image/png"
 
@@ -99,21 +105,25 @@ def test_one_session_reuses_its_connection(make_client, standin, small_image):
 
 # --- validation before any request ------------------------------------------------------
 
-@pytest.mark.parametrize("overrides, words", [
-    ({"prompt": ""}, "prompt is empty"),
-    ({"prompt": " \n\t "}, "prompt is empty"),
-    ({"prompt": "x" * 10001}, "10001 characters"),
-    ({"prompt": "ok\x00bad"}, r"U\+0000"),
-    ({"negative_prompt": "a\x1bb"}, r"U\+001B"),
-    ({"control_strength": 1.01}, "between 0 and 1"),
-    ({"control_strength": -0.01}, "between 0 and 1"),
-    ({"control_strength": float("nan")}, "control_strength"),
-    ({"control_strength": True}, "control_strength"),
-    ({"seed": -1}, "seed"),
-    ({"seed": 4294967295}, "seed"),
-    ({"seed": 3.0}, "seed"),
-    ({"output_format": "gif"}, "output_format"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"prompt": ""}, "prompt is empty"),
+        ({"prompt": " \n\t "}, "prompt is empty"),
+        ({"prompt": "x" * 10001}, "10001 characters"),
+        ({"prompt": "ok\x00bad"}, r"U\+0000"),
+        ({"negative_prompt": "a\x1bb"}, r"U\+001B"),
+        ({"control_strength": 1.01}, "between 0 and 1"),
+        ({"control_strength": -0.01}, "between 0 and 1"),
+        ({"control_strength": float("nan")}, "control_strength"),
+        ({"control_strength": True}, "control_strength"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 4294967295}, "seed"),
+        ({"seed": 3.0}, "seed"),
+        ({"output_format": "gif"}, "output_format"),
+    ],
+)
 def test_bad_parameters_fail_before_any_request(make_client, standin, small_image, overrides, words):
     with pytest.raises(InputError, match=words) as info:
         make_client().generate(make_request(small_image, **overrides))
@@ -133,11 +143,21 @@ def test_image_outside_limits_fails_before_any_request(make_client, standin, wid
     assert standin.requests == []
 
 
-@pytest.mark.parametrize("timeouts", [{"connect_timeout": 0}, {"read_timeout": -1}, {"read_timeout": float("nan")},
-                                      {"connect_timeout": True}, {"read_timeout": "5"}])
+@pytest.mark.parametrize(
+    "timeouts",
+    [
+        {"connect_timeout": 0},
+        {"read_timeout": -1},
+        {"read_timeout": float("nan")},
+        {"connect_timeout": True},
+        {"read_timeout": "5"},
+    ],
+)
 def test_a_bad_timeout_is_refused_when_the_client_is_made(standin, timeouts):
     [(what, value)] = timeouts.items()
-    with pytest.raises(ConfigurationError, match=f"The {what.split('_')[0]} timeout must be a positive number") as info:
+    with pytest.raises(
+        ConfigurationError, match=f"The {what.split('_')[0]} timeout must be a positive number"
+    ) as info:
         StructureClient(api_key=TEST_KEY, base_url=standin.url, **timeouts)
     assert_clean(info.value)
     assert repr(value) in str(info.value)
@@ -153,17 +173,30 @@ def test_limits_hold_what_the_client_was_given(make_client):
 UPSTREAM = {"id": "req-123", "name": "bad_request", "errors": ["prompt: cannot be blank"]}
 
 
-@pytest.mark.parametrize("status, body, error_class, words", [
-    (401, {"code": -1, "message": "Invalid API key"}, AuthenticationError, "rejected the API key"),
-    (403, {"id": "a", "name": "forbidden", "errors": ["key revoked"]}, AuthenticationError, "key revoked"),
-    (403, {"id": "a", "name": "content_moderation", "errors": ["flagged"]}, ContentModerationError, "moderation"),
-    (402, {"code": -1, "message": "Insufficient credits"}, InsufficientCreditsError, "out of credits"),
-    (400, UPSTREAM, InvalidRequestError, "prompt: cannot be blank"),
-    (422, {"code": -1, "message": "unsupported image"}, InvalidRequestError, "unsupported image"),
-    (413, {"code": -1, "message": "too big"}, RequestTooLargeError, "10 MiB"),
-    (501, {"code": -1, "message": "nope"}, ServiceError, "HTTP 501"),
-    (418, {"code": -1, "message": "teapot"}, StructureError, "HTTP 418"),
-])
+@pytest.mark.parametrize(
+    "status, body, error_class, words",
+    [
+        (401, {"code": -1, "message": "Invalid API key"}, AuthenticationError, "rejected the API key"),
+        (
+            403,
+            {"id": "a", "name": "forbidden", "errors": ["key revoked"]},
+            AuthenticationError,
+            "key revoked",
+        ),
+        (
+            403,
+            {"id": "a", "name": "content_moderation", "errors": ["flagged"]},
+            ContentModerationError,
+            "moderation",
+        ),
+        (402, {"code": -1, "message": "Insufficient credits"}, InsufficientCreditsError, "out of credits"),
+        (400, UPSTREAM, InvalidRequestError, "prompt: cannot be blank"),
+        (422, {"code": -1, "message": "unsupported image"}, InvalidRequestError, "unsupported image"),
+        (413, {"code": -1, "message": "too big"}, RequestTooLargeError, "10 MiB"),
+        (501, {"code": -1, "message": "nope"}, ServiceError, "HTTP 501"),
+        (418, {"code": -1, "message": "teapot"}, StructureError, "HTTP 418"),
+    ],
+)
 def test_error_statuses_map_to_classes(make_client, standin, small_image, status, body, error_class, words):
     standin.script(Respond(status, body=body, headers={"x-request-id": "rid-9"}))
     with pytest.raises(error_class, match=words) as info:
@@ -198,17 +231,24 @@ def test_html_error_page_from_a_proxy(make_client, standin, small_image):
     assert len(standin.requests) == 5  # max_attempts of the default policy
 
 
-@pytest.mark.parametrize("body, words", [
-    (b"", "empty"),
-    (b'{"code": 0, "message": "success", "data": {"ima', "not JSON"),
-    ({"code": 0, "message": "success"}, "no image"),
-    ({"code": 0, "message": "success", "data": {"image": "@@@not base64@@@", "seed": 1}}, "not valid base64"),
-    ({"code": 0, "message": "success", "data": {"image": "aGVsbG8gd29ybGQ=", "seed": 1}}, "not an image"),
-    ({"code": 0, "message": "success", "data": {"image": "aGVsbG8=", "seed": "x"}}, "not an image"),
-    (b"[1, 2, 3]", "not an object"),
-    # A short id: pytest puts the test's id in an environment variable, which Windows caps at 32767 characters.
-    pytest.param(b"[" * 100000 + b"]" * 100000, "not JSON", id="100000-nested-arrays"),
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b"", "empty"),
+        (b'{"code": 0, "message": "success", "data": {"ima', "not JSON"),
+        ({"code": 0, "message": "success"}, "no image"),
+        (
+            {"code": 0, "message": "success", "data": {"image": "@@@not base64@@@", "seed": 1}},
+            "not valid base64",
+        ),
+        ({"code": 0, "message": "success", "data": {"image": "aGVsbG8gd29ybGQ=", "seed": 1}}, "not an image"),
+        ({"code": 0, "message": "success", "data": {"image": "aGVsbG8=", "seed": "x"}}, "not an image"),
+        (b"[1, 2, 3]", "not an object"),
+        # A short id: pytest puts the test's id in an environment variable, which Windows caps at 32767
+        # characters.
+        pytest.param(b"[" * 100000 + b"]" * 100000, "not JSON", id="100000-nested-arrays"),
+    ],
+)
 def test_malformed_success_answers(make_client, standin, small_image, body, words):
     standin.script(Respond(200, body=body))
     with pytest.raises(MalformedResponseError, match=words) as info:
@@ -226,6 +266,7 @@ def test_server_echoing_the_key_is_redacted(make_client, standin, small_image):
 
 
 # --- retries -------------------------------------------------------------------------------
+
 
 def test_503_then_success_is_retried_with_backoff(make_client, standin, sleeps, small_image):
     standin.script(Respond(503), Respond(503))
@@ -279,8 +320,13 @@ def test_connection_refused_is_retried_then_reported(sleeps, small_image):
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    client = StructureClient(api_key=TEST_KEY, base_url=f"http://127.0.0.1:{port}", sleep=sleeps,
-                             jitter=lambda: 0.0, retry_policy=RetryPolicy(max_attempts=3))
+    client = StructureClient(
+        api_key=TEST_KEY,
+        base_url=f"http://127.0.0.1:{port}",
+        sleep=sleeps,
+        jitter=lambda: 0.0,
+        retry_policy=RetryPolicy(max_attempts=3),
+    )
     with pytest.raises(APIConnectionError, match="Could not reach 127.0.0.1") as info:
         client.generate(make_request(small_image))
     assert_clean(info.value)
@@ -315,19 +361,27 @@ def test_wrong_key_is_refused_by_the_stand_in(make_client, standin, small_image)
 
 
 def test_oversized_declared_response_is_not_read(make_client, standin, small_image):
-    standin.script(Stream(status=200, headers={"Content-Length": str(500 * 2**20)},
-                          chunks=lambda: iter([b"x" * 2**20] * 500)))
+    standin.script(
+        Stream(
+            status=200,
+            headers={"Content-Length": str(500 * 2**20)},
+            chunks=lambda: iter([b"x" * 2**20] * 500),
+        )
+    )
     with pytest.raises(MalformedResponseError, match="MiB"):
         make_client().generate(make_request(small_image))
 
 
-@pytest.mark.parametrize("url, words", [
-    ("http://127.0.0.1:70000", "port that is not a number from 1 to 65535"),
-    ("http://127.0.0.1:0", "port that is not a number from 1 to 65535"),
-    ("ftp://127.0.0.1:8000", "must be an http(s) address"),
-    ("http://user:secret@127.0.0.1:8000", "must not contain a user name or password"),
-    ("http://[::1", "broken host"),
-])
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("http://127.0.0.1:70000", "port that is not a number from 1 to 65535"),
+        ("http://127.0.0.1:0", "port that is not a number from 1 to 65535"),
+        ("ftp://127.0.0.1:8000", "must be an http(s) address"),
+        ("http://user:secret@127.0.0.1:8000", "must not contain a user name or password"),
+        ("http://[::1", "broken host"),
+    ],
+)
 def test_base_url_is_checked_as_the_environment_variable_is(url, words):
     """At once and with no request: a port out of range is a configuration error, not five retries."""
     started = time.monotonic()

@@ -7,11 +7,9 @@ import sys
 
 import pytest
 
-from structure_api import StructureClient
-from structure_api import config
+from structure_api import StructureClient, config
 from structure_api.config import APIKey, check_key_may_travel, load_api_key, resolve_base_url
 from structure_api.errors import ConfigurationError, InsecureURLError, MissingAPIKeyError, StructureError
-
 from support import TEST_KEY
 
 
@@ -45,9 +43,13 @@ def test_missing_key_says_how_to_set_it(tmp_path):
     assert "~/.config" not in message and message.count(". ") == 0  # one sentence
     with pytest.raises(MissingAPIKeyError) as info:
         load_api_key({"HOME": str(tmp_path)})
-    # The default file it looked in: ~/.config on Linux, the platform's own config folder on Windows and macOS.
-    default = "~/.config/aithriving/api_key" if sys.platform not in ("win32", "darwin") \
+    # The default file it looked in: ~/.config on Linux, the platform's own config folder on Windows and
+    # macOS.
+    default = (
+        "~/.config/aithriving/api_key"
+        if sys.platform not in ("win32", "darwin")
         else str(config.default_key_file({"HOME": str(tmp_path)}))
+    )
     assert default in str(info.value)
 
 
@@ -81,8 +83,16 @@ def test_key_never_goes_over_plain_http_to_another_host(url):
     assert TEST_KEY not in str(info.value)
 
 
-@pytest.mark.parametrize("url", ["https://www.aithriving.com", "http://127.0.0.1:8000", "http://localhost:1",
-                                 "http://[::1]:80", "http://127.5.6.7"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://www.aithriving.com",
+        "http://127.0.0.1:8000",
+        "http://localhost:1",
+        "http://[::1]:80",
+        "http://127.5.6.7",
+    ],
+)
 def test_https_and_loopback_are_allowed(url):
     check_key_may_travel(url)
 
@@ -111,14 +121,17 @@ def _error_from_key_file(tmp_path, content: bytes):
     return error
 
 
-@pytest.mark.parametrize("content, words", [
-    (b"\xef\xbb\xbf" + SECRET.encode() + b"\n", "byte-order mark"),
-    (("\ufeff" + SECRET + "\n").encode("utf-16-le"), "UTF-16"),
-    (("\ufeff" + SECRET + "\n").encode("utf-16-be"), "UTF-16"),
-    (SECRET.encode("utf-16-le"), "UTF-16"),
-    (("sk-liv\u00e9-0123456789abcdef\n").encode("utf-8"), "not plain ASCII"),
-    (("\u201csk-live-0123456789abcdef\u201d\n").encode("utf-8"), "not plain ASCII"),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"\xef\xbb\xbf" + SECRET.encode() + b"\n", "byte-order mark"),
+        (("\ufeff" + SECRET + "\n").encode("utf-16-le"), "UTF-16"),
+        (("\ufeff" + SECRET + "\n").encode("utf-16-be"), "UTF-16"),
+        (SECRET.encode("utf-16-le"), "UTF-16"),
+        (("sk-liv\u00e9-0123456789abcdef\n").encode("utf-8"), "not plain ASCII"),
+        (("\u201csk-live-0123456789abcdef\u201d\n").encode("utf-8"), "not plain ASCII"),
+    ],
+)
 def test_key_file_in_another_encoding_gets_one_sentence_naming_it(tmp_path, content, words):
     assert words in str(_error_from_key_file(tmp_path, content))
 

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from structure_api.errors import InputError
-from structure_api.files import FolderInUseError, FolderLock, batch_outputs, output_format_for, write_atomically
+from structure_api.files import (
+    FolderInUseError,
+    FolderLock,
+    batch_outputs,
+    output_format_for,
+    write_atomically,
+)
 
 
 def test_write_atomically_pieces_in_order(tmp_path):
@@ -18,7 +24,9 @@ def test_write_atomically_pieces_in_order(tmp_path):
     assert (tmp_path / "private.bin").read_bytes() == b"secret\r\n"
 
 
-@pytest.mark.posix_only("file modes and the umask do not exist on Windows (the user folder's ACL protects files)")
+@pytest.mark.posix_only(
+    "file modes and the umask do not exist on Windows (the user folder's ACL protects files)"
+)
 def test_write_atomically_umask_or_private(tmp_path):
     previous = os.umask(0)
     try:
@@ -57,10 +65,18 @@ def test_folder_lock_is_exclusive_released_and_removed(tmp_path):
         pass
 
 
-@pytest.mark.parametrize("name, requested, expected", [
-    ("a.png", None, "png"), ("a.JPG", None, "jpeg"), ("a.jpeg", "jpeg", "jpeg"), ("a.webp", None, "webp"),
-    ("a.png", "webp", InputError), ("a.gif", None, InputError), ("a", "png", InputError),
-])
+@pytest.mark.parametrize(
+    "name, requested, expected",
+    [
+        ("a.png", None, "png"),
+        ("a.JPG", None, "jpeg"),
+        ("a.jpeg", "jpeg", "jpeg"),
+        ("a.webp", None, "webp"),
+        ("a.png", "webp", InputError),
+        ("a.gif", None, InputError),
+        ("a", "png", InputError),
+    ],
+)
 def test_output_format_comes_from_the_extension_and_must_agree(name, requested, expected):
     if expected is InputError:
         with pytest.raises(InputError):
@@ -73,4 +89,6 @@ def test_batch_outputs_refuse_names_that_differ_only_in_case_or_extension(tmp_pa
     inputs = [tmp_path / "in" / name for name in ("Photo.png", "photo.JPG")]
     with pytest.raises(InputError, match="Photo.png and photo.JPG would both be written"):
         batch_outputs(inputs, tmp_path / "in", tmp_path / "out", "png")
-    assert batch_outputs(inputs[:1], tmp_path / "in", tmp_path / "out", "webp") == [tmp_path / "out" / "Photo.webp"]
+    assert batch_outputs(inputs[:1], tmp_path / "in", tmp_path / "out", "webp") == [
+        tmp_path / "out" / "Photo.webp"
+    ]

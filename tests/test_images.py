@@ -44,9 +44,8 @@ from structure_api.images import (
     uint8_to_float,
 )
 
-
-
 # --- batch and base64 helpers the product no longer needs; kept here with the tests that pin them --
+
 
 def batch_size(images) -> int:
     """Number of images in a ``[B, H, W, C]`` batch; a ``[H, W, C]`` image counts as a batch of 1."""
@@ -55,7 +54,8 @@ def batch_size(images) -> int:
         return 1
     if len(shape) != 4:
         raise InvalidImageError(
-            f"Expected an image batch shaped [batch, height, width, channels]; got shape {list(shape)}.")
+            f"Expected an image batch shaped [batch, height, width, channels]; got shape {list(shape)}."
+        )
     if shape[0] == 0:
         raise InvalidImageError("The image batch is empty; it needs at least one image.")
     return int(shape[0])
@@ -111,11 +111,16 @@ def png_bytes(image: Image.Image, **options) -> bytes:
 
 
 def meets_limits(size: ImageSize) -> bool:
-    return (size.width >= MIN_SIDE and size.height >= MIN_SIDE and MIN_PIXELS <= size.pixels <= MAX_PIXELS
-            and max(size.width, size.height) <= MAX_ASPECT * min(size.width, size.height))
+    return (
+        size.width >= MIN_SIDE
+        and size.height >= MIN_SIDE
+        and MIN_PIXELS <= size.pixels <= MAX_PIXELS
+        and max(size.width, size.height) <= MAX_ASPECT * min(size.width, size.height)
+    )
 
 
 # --- to_uint8_rgb --------------------------------------------------------------------------
+
 
 class TestToUint8Rgb:
     def test_three_channels_round_not_truncate(self):
@@ -192,13 +197,13 @@ class TestToUint8Rgb:
         assert np.array_equal(out, np.broadcast_to(reference_uint8(colour), out.shape))
 
 
-
 def test_module_does_not_import_torch():
     code = "import sys, structure_api.images; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 # --- batches -------------------------------------------------------------------------------
+
 
 class TestBatch:
     def test_four_dimensional_batch_items_are_views(self):
@@ -227,6 +232,7 @@ class TestBatch:
 
 # --- fit_to_limits / restore_from_fit ---------------------------------------------------------
 
+
 class TestFit:
     @pytest.mark.parametrize("width,height", EXTREME_SIZES)
     def test_extreme_sizes_meet_limits_and_restore_to_original_size(self, width, height):
@@ -252,8 +258,8 @@ class TestFit:
         assert plan.padded and not plan.scaled and plan.sent == ImageSize(width=4000, height=1600)
         top = plan.content_top
         assert top == 300
-        assert np.array_equal(fitted[top:top + 1000], pixels)
-        assert (fitted[:top] == pixels[0]).all() and (fitted[top + 1000:] == pixels[-1]).all()
+        assert np.array_equal(fitted[top : top + 1000], pixels)
+        assert (fitted[:top] == pixels[0]).all() and (fitted[top + 1000 :] == pixels[-1]).all()
         # The service answers at the size sent; padding only is undone exactly.
         assert np.array_equal(restore_from_fit(fitted, plan), pixels)
 
@@ -339,6 +345,7 @@ class TestFit:
 
 # --- encoding --------------------------------------------------------------------------------
 
+
 class TestEncode:
     @pytest.mark.parametrize("width,height", [(1, 1), (1, 300), (300, 1), (257, 131), (1024, 768)])
     def test_png_round_trip_is_lossless(self, width, height):
@@ -377,7 +384,9 @@ class TestEncode:
         pixels = smooth_image(256, 256)
         png_size = len(encode_png(pixels))
         encoded = encode_upload(pixels, max_bytes=png_size - 1)
-        assert encoded.format == "jpeg" and encoded.mime_type == "image/jpeg" and encoded.filename == "image.jpg"
+        assert (
+            encoded.format == "jpeg" and encoded.mime_type == "image/jpeg" and encoded.filename == "image.jpg"
+        )
         assert len(encoded.data) <= png_size - 1 and detect_format(encoded.data) == "jpeg"
         decoded = decode_image(encoded.data)
         assert decoded.shape == pixels.shape
@@ -405,11 +414,14 @@ class TestEncode:
         assert default == MAX_REQUEST_BYTES - 65536
 
     def test_encoded_image_fields(self):
-        image = EncodedImage(data=b"x", format="webp", mime_type="image/webp", size=ImageSize(width=1, height=2))
+        image = EncodedImage(
+            data=b"x", format="webp", mime_type="image/webp", size=ImageSize(width=1, height=2)
+        )
         assert image.filename == "image.webp" and image.size.pixels == 2
 
 
 # --- decoding --------------------------------------------------------------------------------
+
 
 def patched_png_size(data: bytes, width: int, height: int) -> bytes:
     """A valid PNG whose IHDR now declares another size, with the IHDR CRC fixed up."""
@@ -427,8 +439,10 @@ class TestDecode:
             decode_image(bomb)
         # 10^10 pixels would take 30 GB and minutes to decode; refusing takes no time at all.
         assert time.perf_counter() - started < 0.5
-        assert str(info.value) == ("The service returned an image of 100000 x 100000 pixels, "
-                                   "larger than any it can produce; it was not decoded.")
+        assert str(info.value) == (
+            "The service returned an image of 100000 x 100000 pixels, "
+            "larger than any it can produce; it was not decoded."
+        )
 
     def test_refuses_an_image_over_its_own_limit(self):
         # 7000 x 7000 is under Pillow's own bomb guard: only our check stands in the way.
@@ -438,7 +452,9 @@ class TestDecode:
         with pytest.raises(MalformedResponseError, match="64 x 64 pixels"):
             decode_image(png_bytes(Image.new("RGB", (64, 64))), max_pixels=4095)
 
-    @pytest.mark.parametrize("garbage", [b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b"\xff\xd8\xff" * 3])
+    @pytest.mark.parametrize(
+        "garbage", [b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b"\xff\xd8\xff" * 3]
+    )
     def test_refuses_garbage(self, garbage):
         with pytest.raises(MalformedResponseError, match="not an image|cut short"):
             decode_image(garbage)
@@ -518,7 +534,9 @@ class TestDecode:
         assert detect_format(encode_png(noisy_image(2, 2))) == "png"
         assert detect_format(b"\xff\xd8\xff\xe0rest") == "jpeg"
         assert detect_format(b"RIFF\0\0\0\0WEBPVP8L") == "webp"
-        assert detect_format(b"GIF89a") is None and detect_format(b"") is None and detect_format(b"RIFF") is None
+        assert (
+            detect_format(b"GIF89a") is None and detect_format(b"") is None and detect_format(b"RIFF") is None
+        )
 
 
 class TestDecodeBase64:
@@ -528,7 +546,7 @@ class TestDecodeBase64:
         text = base64.b64encode(raw).decode()
         assert np.array_equal(decode_base64_image(text), pixels)
         assert np.array_equal(decode_base64_image(text.encode()), pixels)
-        wrapped = "\n".join(text[i:i + 76] for i in range(0, len(text), 76)) + "\r\n"
+        wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76)) + "\r\n"
         assert np.array_equal(decode_base64_image("data:image/png;base64," + wrapped), pixels)
 
     @pytest.mark.parametrize("bad", ["not base64!!", "QUJD=", "QUJDRA", "data:image/png,QUJD", "ÄÖÜ=", ""])
@@ -549,6 +567,7 @@ class TestDecodeBase64:
 
 # --- back to float batches -------------------------------------------------------------------
 
+
 class TestFloatOutput:
     def test_every_level_round_trips_exactly(self):
         levels = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
@@ -562,7 +581,9 @@ class TestFloatOutput:
         pixels = noisy_image(5, 4)
         result = uint8_to_float(pixels, out=as_numpy(batch)[1])
         assert np.shares_memory(result, batch)
-        assert np.array_equal(batch[1], pixels / np.float32(255)) and not batch[0].any() and not batch[2].any()
+        assert (
+            np.array_equal(batch[1], pixels / np.float32(255)) and not batch[0].any() and not batch[2].any()
+        )
 
     def test_shape_mismatch_refused(self):
         with pytest.raises(ValueError):

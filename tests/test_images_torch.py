@@ -1,6 +1,7 @@
 """structure_api.images with torch tensors: the same bytes as numpy, half types, views and shared memory.
 
-Moved out of tests/test_images.py, which stays torch-free so it runs on Windows Python (tests/windows/lane.py).
+Moved out of tests/test_images.py, which stays torch-free so it runs on Windows Python
+(tests/windows/lane.py).
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from test_images import batch_item, noisy_image, reference_uint8
 
 from structure_api.images import ImageSize, as_numpy, new_output_batch, to_uint8_rgb, uint8_to_float
-
-from test_images import batch_item, noisy_image, reference_uint8
 
 
 class TestToUint8Rgb:
@@ -49,8 +49,13 @@ class TestToUint8Rgb:
         assert np.array_equal(to_uint8_rgb(hwc), to_uint8_rgb(hwc.contiguous().numpy()))
 
     @settings(max_examples=25, deadline=None)
-    @given(hnp.arrays(np.float32, st.tuples(st.integers(1, 40), st.integers(1, 40), st.sampled_from([1, 3, 4])),
-                      elements=st.floats(-1, 2, width=32)))
+    @given(
+        hnp.arrays(
+            np.float32,
+            st.tuples(st.integers(1, 40), st.integers(1, 40), st.sampled_from([1, 3, 4])),
+            elements=st.floats(-1, 2, width=32),
+        )
+    )
     def test_property_torch_equals_numpy(self, values):
         assert to_uint8_rgb(torch.from_numpy(values)).tobytes() == to_uint8_rgb(values).tobytes()
 
@@ -64,7 +69,11 @@ class TestBatch:
 class TestFloatOutput:
     def test_torch_batch_shares_memory_with_its_numpy_view(self):
         batch = new_output_batch(2, ImageSize(width=6, height=3), like=torch.zeros(1))
-        assert isinstance(batch, torch.Tensor) and batch.dtype == torch.float32 and tuple(batch.shape) == (2, 3, 6, 3)
+        assert (
+            isinstance(batch, torch.Tensor)
+            and batch.dtype == torch.float32
+            and tuple(batch.shape) == (2, 3, 6, 3)
+        )
         pixels = noisy_image(6, 3)
         uint8_to_float(pixels, out=as_numpy(batch)[0])
         assert torch.equal(batch[0], torch.from_numpy(pixels.astype(np.float32) / 255))

@@ -54,8 +54,10 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
                 base = _resolve(name, is_package, node.level, node.module)
-                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
-                           for alias in node.names]
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                    for alias in node.names
+                ]
             else:
                 continue
             for target in targets:
@@ -132,8 +134,9 @@ def test_an_import_of_the_package_root_counts(tmp_path) -> None:
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "__init__.py").write_text("from .client import Client\n__version__ = '1'\n")
     (tmp_path / "pkg" / "client.py").write_text("def f():\n    from . import __version__\n")
-    graph = import_graph({"pkg": tmp_path / "pkg" / "__init__.py",
-                          "pkg.client": tmp_path / "pkg" / "client.py"})
+    graph = import_graph(
+        {"pkg": tmp_path / "pkg" / "__init__.py", "pkg.client": tmp_path / "pkg" / "client.py"}
+    )
     assert find_cycles(graph) == [["pkg", "pkg.client"]]
 
 
@@ -150,5 +153,6 @@ def test_no_import_circles() -> None:
 @pytest.mark.parametrize("layer", HTTP_LAYERS)
 def test_no_http_layer_imports_the_store(layer: str) -> None:
     reached = reachable(GRAPH, layer)
-    assert not reached & set(STORE_MODULES), \
+    assert not reached & set(STORE_MODULES), (
         f"{layer} reaches {sorted(reached & set(STORE_MODULES))}: HTTP must not know the result store"
+    )

@@ -17,7 +17,6 @@ from structure_api.images import encode_upload
 from structure_api.pipeline import StructureParams, generate_images
 from structure_api.standin import StandInServer
 from structure_api.store import ResultStore
-
 from support import TEST_KEY, photo_like
 
 
@@ -86,7 +85,7 @@ def test_cancel_after_the_uploads_keeps_their_answers_and_a_rerun_pays_nothing(s
     # The client was not needed after the answers: a fresh one re-runs the same batch.
     with StructureClient(api_key=TEST_KEY, base_url=slow_standin.url) as client:
         again = generate_images(images, params(seed), client=client, store=store, max_concurrency=4)
-    assert again.credits == 0 and again.from_cache == 4 and len(slow_standin.requests) == 4
+    assert again.credits == 0 and again.from_store == 4 and len(slow_standin.requests) == 4
     assert slow_standin.credits_spent == 24 and not store.undelivered()
 
 
@@ -264,6 +263,6 @@ def test_the_in_flight_sentence_says_truly_where_the_answers_go(tmp_path):
         ResultStore(None)
     )
     assert report.in_flight_sentence(free=True) == (
-        "3 requests in flight to the local stand-in finish in the background (free)."
+        "3 requests in flight to the stand-in finish in the background (free)."
     )
     assert BatchReport(total=3, cancelled=True).in_flight_sentence() == ""

@@ -12,7 +12,6 @@ from structure_api.answers import ImageAnswer
 from structure_api.errors import MalformedResponseError
 from structure_api.images import encode_upload
 from structure_api.standin import Respond
-
 from support import photo_like, png_bytes
 
 
@@ -77,9 +76,19 @@ def test_seed_0_results_are_handed_out_once_across_threads(make_client, standin,
 def test_bytes_that_do_not_decode_are_kept_first_then_discarded(make_client, standin, upload, tmp_path):
     image = png_bytes(photo_like(96, 64))
     middle = len(image) // 2
-    broken = image[:middle] + b"\0" * 64 + image[middle + 64:]  # the header and the end whole, the pixels not
-    standin.script(Respond(200, body={"code": 0, "message": "success",
-                                      "data": {"image": base64.b64encode(broken).decode(), "seed": 5}}))
+    broken = (
+        image[:middle] + b"\0" * 64 + image[middle + 64 :]
+    )  # the header and the end whole, the pixels not
+    standin.script(
+        Respond(
+            200,
+            body={
+                "code": 0,
+                "message": "success",
+                "data": {"image": base64.b64encode(broken).decode(), "seed": 5},
+            },
+        )
+    )
     store = ResultStore(tmp_path)
     kept: list[str] = []
     keep = store.keep

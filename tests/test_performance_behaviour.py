@@ -15,8 +15,8 @@ import struct
 import threading
 import time
 import tracemalloc
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -26,7 +26,6 @@ from structure_api.client import StructureClient, StructureRequest
 from structure_api.images import decode_image, encode_upload, to_uint8_rgb
 from structure_api.pipeline import StructureParams, generate_images
 from structure_api.standin import Respond
-
 from support import TEST_KEY, photo_like
 
 
@@ -64,12 +63,17 @@ class AnsweringServer:
                     body = self.rfile.read(int(self.headers["content-length"]))
                     seed = int(re.search(rb'name="seed"\r\n\r\n(\d+)', body).group(1))
                     png_start = body.index(b"\x89PNG")
-                    width, height = struct.unpack(">II", body[png_start + 16:png_start + 24])
+                    width, height = struct.unpack(">II", body[png_start + 16 : png_start + 24])
                     time.sleep(delay(seed))
                     buffer = io.BytesIO()
                     Image.new("RGB", (width, height), colour_of(seed)).save(buffer, format="PNG")
-                    answer = json.dumps({"code": 0, "message": "success", "data": {
-                        "image": base64.b64encode(buffer.getvalue()).decode(), "seed": seed}}).encode()
+                    answer = json.dumps(
+                        {
+                            "code": 0,
+                            "message": "success",
+                            "data": {"image": base64.b64encode(buffer.getvalue()).decode(), "seed": seed},
+                        }
+                    ).encode()
                 finally:
                     with lock:
                         owner.in_flight -= 1
@@ -84,7 +88,7 @@ class AnsweringServer:
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "AnsweringServer":
+    def __enter__(self) -> AnsweringServer:
         self._thread.start()
         return self
 
@@ -100,8 +104,10 @@ def params(seed: int = 1) -> StructureParams:
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_numpy_batch_in_flight_never_exceeds_max_concurrency_and_reaches_it(concurrency):
     images = np.broadcast_to(photo_like(64, 64).astype(np.float32) / 255, (10, 64, 64, 3))
-    with AnsweringServer(delay=lambda seed: 0.05) as server, \
-            StructureClient(api_key=TEST_KEY, base_url=server.url) as client:
+    with (
+        AnsweringServer(delay=lambda seed: 0.05) as server,
+        StructureClient(api_key=TEST_KEY, base_url=server.url) as client,
+    ):
         generate_images(images, params(), client=client, max_concurrency=concurrency)
     assert server.requests == 10
     assert server.most_in_flight == concurrency
@@ -109,10 +115,13 @@ def test_numpy_batch_in_flight_never_exceeds_max_concurrency_and_reaches_it(conc
 
 def test_numpy_answers_arriving_out_of_order_land_in_their_own_slot():
     count = 6
-    with AnsweringServer(delay=lambda seed: 0.04 * (count - seed)) as server, \
-            StructureClient(api_key=TEST_KEY, base_url=server.url) as client:
-        result = generate_images(np.zeros((count, 40, 48, 3), np.float32), params(seed=1), client=client,
-                                 max_concurrency=count)
+    with (
+        AnsweringServer(delay=lambda seed: 0.04 * (count - seed)) as server,
+        StructureClient(api_key=TEST_KEY, base_url=server.url) as client,
+    ):
+        result = generate_images(
+            np.zeros((count, 40, 48, 3), np.float32), params(seed=1), client=client, max_concurrency=count
+        )
     output = result.images
     assert isinstance(output, np.ndarray) and output.dtype == np.float32 and output.flags.c_contiguous
     assert output.shape == (count, 40, 48, 3)
@@ -144,11 +153,14 @@ def test_batch_path_makes_no_copy_of_the_whole_batch():
     images = np.full((count, side, side, 3), 0.5, dtype=np.float32)  # numpy in: numpy out, traced
     batch_uint8_bytes = count * side * side * 3
     output_bytes = 4 * batch_uint8_bytes
-    with AnsweringServer(delay=lambda seed: 0.0) as server, \
-            StructureClient(api_key=TEST_KEY, base_url=server.url) as client:
+    with (
+        AnsweringServer(delay=lambda seed: 0.0) as server,
+        StructureClient(api_key=TEST_KEY, base_url=server.url) as client,
+    ):
         generate_images(images[:1], params(), client=client, max_concurrency=2)  # warm-up
         peak, result = _traced_peak(
-            lambda: generate_images(images, params(), client=client, max_concurrency=2))
+            lambda: generate_images(images, params(), client=client, max_concurrency=2)
+        )
     assert isinstance(result.images, np.ndarray) and result.images.shape == images.shape
     assert peak - output_bytes < batch_uint8_bytes / 2, peak - output_bytes
 

@@ -1,4 +1,4 @@
-"""The node's logic without ComfyUI: batches, seeds, order, fitting, failures, cancel, cache."""
+"""The node's logic without ComfyUI: batches, seeds, order, fitting, failures, cancel, result store."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from structure_api.batch import run_batch
-from structure_api.store import ResultStore
+from structure_api.client import StructureRequest
 from structure_api.errors import (
     AuthenticationError,
     BatchError,
@@ -21,9 +21,8 @@ from structure_api.errors import (
 )
 from structure_api.images import encode_upload
 from structure_api.pipeline import StructureParams, batch_seeds, generate_images
-from structure_api.client import StructureRequest
 from structure_api.standin import Hang, Respond, StandInServer
-
+from structure_api.store import ResultStore
 from support import TEST_KEY, photo_like
 
 
@@ -51,7 +50,7 @@ def distinct_batch(count: int, width: int = 96, height: int = 80) -> torch.Tenso
         batch[i, ..., 2] = 0.3
         x0 = 4 + (i * 7) % (width - 30)
         y0 = 4 + (i * 5) % (height - 30)
-        batch[i, y0:y0 + 24, x0:x0 + 24, :] = 0.9
+        batch[i, y0 : y0 + 24, x0 : x0 + 24, :] = 0.9
     return torch.from_numpy(batch)
 
 
@@ -109,8 +108,10 @@ def test_images_outside_limits_are_fitted_and_restored(client, standin, width, h
     result = generate_images(image, params(), client=client)
     assert result.images.shape == (1, height, width, 3)
     sent = standin.requests[-1]
-    from PIL import Image
     import io
+
+    from PIL import Image
+
     w, h = Image.open(io.BytesIO(sent.image_bytes)).size
     assert w >= 64 and h >= 64 and 4096 <= w * h <= 9_437_184 and max(w, h) <= 2.5 * min(w, h)
 
@@ -121,20 +122,24 @@ def test_fail_mode_refuses_before_any_request(client, standin):
     assert standin.requests == []
 
 
-@pytest.mark.parametrize("images, words", [
-    (torch.zeros(0, 64, 64, 3), "empty"),
-    (torch.zeros(1, 0, 64, 3), "pixel"),
-    (torch.zeros(1, 64, 64, 5), "channels"),
-    (torch.zeros(64, 64), "shape"),
-])
+@pytest.mark.parametrize(
+    "images, words",
+    [
+        (torch.zeros(0, 64, 64, 3), "empty"),
+        (torch.zeros(1, 0, 64, 3), "pixel"),
+        (torch.zeros(1, 64, 64, 5), "channels"),
+        (torch.zeros(64, 64), "shape"),
+    ],
+)
 def test_bad_batches_name_the_problem(client, standin, images, words):
     with pytest.raises(InvalidImageError, match=words):
         generate_images(images, params(), client=client)
     assert standin.requests == []
 
 
-@pytest.mark.parametrize("overrides", [{"prompt": " "}, {"seed": -5}, {"control_strength": 2.0},
-                                       {"outside_limits": "stretch"}])
+@pytest.mark.parametrize(
+    "overrides", [{"prompt": " "}, {"seed": -5}, {"control_strength": 2.0}, {"outside_limits": "stretch"}]
+)
 def test_bad_parameters_fail_before_any_work(client, standin, overrides):
     with pytest.raises(InputError):
         generate_images(distinct_batch(2), params(**overrides), client=client)
@@ -155,7 +160,9 @@ def test_failure_names_the_failed_images_and_no_placeholder(client, standin):
     with pytest.raises(BatchError) as info:
         generate_images(distinct_batch(4), params(), client=client, max_concurrency=1)
     message = str(info.value)
-    assert message.startswith("1 of 4 images failed") and "image 1:" in message and "image 3 is bad" in message
+    assert (
+        message.startswith("1 of 4 images failed") and "image 1:" in message and "image 3 is bad" in message
+    )
     assert list(info.value.failures) == [0]
 
 
@@ -195,8 +202,14 @@ def test_cancel_returns_within_a_second_with_requests_in_flight(standin, make_cl
     started = time.monotonic()
     # keep_in_flight=False drops the requests in flight too (the CLI's second Ctrl-C); the default
     # lets them finish in the background (tests/test_in_flight.py).
-    result = generate_images(distinct_batch(4), params(), client=make_client(), max_concurrency=4,
-                             should_cancel=lambda: time.monotonic() > cancel_at, keep_in_flight=False)
+    result = generate_images(
+        distinct_batch(4),
+        params(),
+        client=make_client(),
+        max_concurrency=4,
+        should_cancel=lambda: time.monotonic() > cancel_at,
+        keep_in_flight=False,
+    )
     assert result.report.cancelled and result.images is None
     assert time.monotonic() - started < 1.3
     # The workers end (their sockets were shut), rather than hang on for the read timeout.
@@ -209,40 +222,45 @@ def test_cancel_returns_within_a_second_with_requests_in_flight(standin, make_cl
 def test_progress_is_reported_on_the_callers_thread(client):
     seen = []
     caller = threading.get_ident()
-    generate_images(distinct_batch(3), params(), client=client,
-                    on_progress=lambda p: seen.append((threading.get_ident(), p.done, p.total)))
+    generate_images(
+        distinct_batch(3),
+        params(),
+        client=client,
+        on_progress=lambda p: seen.append((threading.get_ident(), p.done, p.total)),
+    )
     assert all(ident == caller for ident, _, _ in seen)
     assert (caller, 3, 3) in seen
 
 
-def test_fixed_seed_result_comes_from_cache_after_restart(standin, make_client, tmp_path):
+def test_fixed_seed_result_comes_from_the_store_after_restart(standin, make_client, tmp_path):
     images = distinct_batch(3)
     first = generate_images(images, params(seed=77), client=make_client(), store=ResultStore(tmp_path))
     assert len(standin.requests) == 3 and first.credits == 18
-    # A new cache object on the same folder stands for a restart.
+    # A new store object on the same folder stands for a restart.
     second = generate_images(images, params(seed=77), client=make_client(), store=ResultStore(tmp_path))
-    assert len(standin.requests) == 3 and second.credits == 0 and second.from_cache == 3
+    assert len(standin.requests) == 3 and second.credits == 0 and second.from_store == 3
     assert torch.equal(first.images, second.images)
     # A changed parameter is a new request.
-    generate_images(images, params(seed=77, control_strength=0.5), client=make_client(),
-                    store=ResultStore(tmp_path))
+    generate_images(
+        images, params(seed=77, control_strength=0.5), client=make_client(), store=ResultStore(tmp_path)
+    )
     assert len(standin.requests) == 6
 
 
-def test_random_seed_is_never_served_from_cache(standin, make_client, tmp_path):
-    cache = ResultStore(tmp_path)
-    first = generate_images(distinct_batch(1), params(seed=0), client=make_client(), store=cache)
-    generate_images(distinct_batch(1), params(seed=0), client=make_client(), store=cache)
+def test_random_seed_is_never_served_from_the_store(standin, make_client, tmp_path):
+    store = ResultStore(tmp_path)
+    first = generate_images(distinct_batch(1), params(seed=0), client=make_client(), store=store)
+    generate_images(distinct_batch(1), params(seed=0), client=make_client(), store=store)
     assert len(standin.requests) == 2
     # ... but the paid result is kept under the seed it got, so fixing that seed costs nothing.
-    again = generate_images(distinct_batch(1), params(seed=first.seeds[0]), client=make_client(), store=cache)
+    again = generate_images(distinct_batch(1), params(seed=first.seeds[0]), client=make_client(), store=store)
     assert len(standin.requests) == 2 and again.credits == 0
 
 
-def test_cache_files_hold_no_key_and_stay_bounded(standin, make_client, tmp_path):
-    cache = ResultStore(tmp_path, max_bytes=40_000)
+def test_store_files_hold_no_key_and_stay_bounded(standin, make_client, tmp_path):
+    store = ResultStore(tmp_path, max_bytes=40_000)
     for seed in range(1, 8):
-        generate_images(distinct_batch(1), params(seed=seed), client=make_client(), store=cache)
+        generate_images(distinct_batch(1), params(seed=seed), client=make_client(), store=store)
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     total = sum(p.stat().st_size for p in files)
     assert 0 < total <= 40_000
@@ -250,7 +268,7 @@ def test_cache_files_hold_no_key_and_stay_bounded(standin, make_client, tmp_path
         assert TEST_KEY.encode() not in path.read_bytes()
 
 
-def test_cache_turned_off_by_environment(monkeypatch):
+def test_result_store_turned_off_by_environment(monkeypatch):
     monkeypatch.setenv("AITHRIVING_CACHE_DIR", "off")
     off = ResultStore.from_env()
     assert off.directory is None and not off.persistent and ResultStore.from_env() is off
@@ -297,5 +315,7 @@ def test_progress_callback_raising_aborts_in_flight_requests(standin, make_clien
 
     started = time.monotonic()
     with pytest.raises(Interrupted):
-        generate_images(distinct_batch(2), params(), client=make_client(), max_concurrency=2, on_progress=hook)
+        generate_images(
+            distinct_batch(2), params(), client=make_client(), max_concurrency=2, on_progress=hook
+        )
     assert time.monotonic() - started < 2.0

@@ -1,4 +1,5 @@
-"""The node's logic on numpy IMAGE batches, without torch: so it runs on Windows Python too (the Windows lane).
+"""The node's logic on numpy IMAGE batches, without torch: so it runs on Windows Python too (the Windows
+lane).
 
 tests/test_pipeline.py checks the same path with torch tensors (and the tensor type coming back).
 """
@@ -9,13 +10,12 @@ import time
 
 import numpy as np
 import pytest
+from pipeline_helpers import correlation, distinct_numpy_batch, edges
 
 from structure_api.errors import BatchError, InvalidImageError
 from structure_api.pipeline import StructureParams, generate_images
 from structure_api.standin import Hang, Respond
 from structure_api.store import ResultStore
-
-from pipeline_helpers import correlation, distinct_numpy_batch, edges
 
 
 @pytest.fixture
@@ -57,11 +57,14 @@ def test_numpy_nan_and_out_of_range_values_are_cleaned(client):
     assert np.isfinite(result.images).all() and 0.0 <= result.images.min() and result.images.max() <= 1.0
 
 
-@pytest.mark.parametrize("images, words", [
-    (np.zeros((0, 64, 64, 3), np.float32), "empty"),
-    (np.zeros((1, 64, 64, 5), np.float32), "channels"),
-    (np.zeros((64, 64), np.float32), "shape"),
-])
+@pytest.mark.parametrize(
+    "images, words",
+    [
+        (np.zeros((0, 64, 64, 3), np.float32), "empty"),
+        (np.zeros((1, 64, 64, 5), np.float32), "channels"),
+        (np.zeros((64, 64), np.float32), "shape"),
+    ],
+)
 def test_numpy_bad_batches_name_the_problem(client, standin, images, words):
     with pytest.raises(InvalidImageError, match=words):
         generate_images(images, params(), client=client)
@@ -80,7 +83,7 @@ def test_numpy_fixed_seed_batch_comes_from_the_store_after_a_restart(standin, ma
     first = generate_images(images, params(seed=77), client=make_client(), store=ResultStore(tmp_path))
     assert len(standin.requests) == 3 and first.credits == 18
     second = generate_images(images, params(seed=77), client=make_client(), store=ResultStore(tmp_path))
-    assert len(standin.requests) == 3 and second.credits == 0 and second.from_cache == 3
+    assert len(standin.requests) == 3 and second.credits == 0 and second.from_store == 3
     assert np.array_equal(first.images, second.images)
 
 
@@ -88,7 +91,12 @@ def test_numpy_cancel_returns_with_requests_in_flight(standin, make_client):
     standin.script(*[Hang()] * 3)
     cancel_at = time.monotonic() + 0.3
     started = time.monotonic()
-    result = generate_images(distinct_numpy_batch(3), params(), client=make_client(), max_concurrency=3,
-                             should_cancel=lambda: time.monotonic() > cancel_at)
+    result = generate_images(
+        distinct_numpy_batch(3),
+        params(),
+        client=make_client(),
+        max_concurrency=3,
+        should_cancel=lambda: time.monotonic() > cancel_at,
+    )
     assert result.report.cancelled and result.images is None
     assert time.monotonic() - started < 2.0

@@ -13,19 +13,60 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PRODUCT = sorted([*(REPO / "structure_api").rglob("*.py"), REPO / "nodes.py", REPO / "server_routes.py",
-                  REPO / "__init__.py"])
+PRODUCT = sorted(
+    [
+        *(REPO / "structure_api").rglob("*.py"),
+        REPO / "nodes.py",
+        REPO / "server_routes.py",
+        REPO / "__init__.py",
+    ]
+)
 
 # os attributes Windows lacks (or that do nothing useful there).
 POSIX_OS_NAMES = {
-    "getuid", "geteuid", "getgid", "getegid", "getpgid", "setsid", "setpgrp", "killpg", "fork", "forkpty",
-    "mkfifo", "mknod", "fchmod", "fchown", "chown", "lchown", "getpwuid", "sync", "fdatasync", "getloadavg",
-    "pipe2", "sched_getaffinity", "nice", "uname", "statvfs", "fstatvfs", "WNOHANG", "posix_fadvise",
+    "getuid",
+    "geteuid",
+    "getgid",
+    "getegid",
+    "getpgid",
+    "setsid",
+    "setpgrp",
+    "killpg",
+    "fork",
+    "forkpty",
+    "mkfifo",
+    "mknod",
+    "fchmod",
+    "fchown",
+    "chown",
+    "lchown",
+    "getpwuid",
+    "sync",
+    "fdatasync",
+    "getloadavg",
+    "pipe2",
+    "sched_getaffinity",
+    "nice",
+    "uname",
+    "statvfs",
+    "fstatvfs",
+    "WNOHANG",
+    "posix_fadvise",
 }
 POSIX_MODULES = {"fcntl", "termios", "tty", "pty", "pwd", "grp", "resource", "posix", "syslog", "crypt"}
 # signal names: SIGINT (and the handlers' own names) exist everywhere; the rest are POSIX only.
-PORTABLE_SIGNAL_NAMES = {"SIGINT", "SIG_DFL", "SIG_IGN", "signal", "getsignal", "default_int_handler",
-                         "SIGTERM", "SIGABRT", "Signals", "Handlers"}
+PORTABLE_SIGNAL_NAMES = {
+    "SIGINT",
+    "SIG_DFL",
+    "SIG_IGN",
+    "signal",
+    "getsignal",
+    "default_int_handler",
+    "SIGTERM",
+    "SIGABRT",
+    "Signals",
+    "Handlers",
+}
 GUARD_WORDS = ("platform", "os.name", "hasattr", "getattr", "msvcrt", "fcntl", "supports_fd", "win32")
 
 
@@ -34,7 +75,8 @@ def _parents(tree: ast.AST) -> dict[ast.AST, ast.AST]:
 
 
 def _guarded(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
-    """True when an enclosing if/try (or conditional expression) checks the platform or catches its absence."""
+    """True when an enclosing if/try (or conditional expression) checks the platform or catches its
+    absence."""
     current = node
     while current in parents:
         parent = parents[current]
@@ -66,17 +108,31 @@ def posix_uses(path: Path) -> list[str]:
             elif owner in POSIX_MODULES:
                 found.append((node, f"{owner}.{name}"))
         elif isinstance(node, ast.Import):
-            found += [(node, f"import {alias.name}") for alias in node.names
-                      if alias.name.split(".")[0] in POSIX_MODULES]
+            found += [
+                (node, f"import {alias.name}")
+                for alias in node.names
+                if alias.name.split(".")[0] in POSIX_MODULES
+            ]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in POSIX_MODULES:
             found.append((node, f"from {node.module} import"))
         elif isinstance(node, ast.keyword) and node.arg in ("preexec_fn", "start_new_session", "pass_fds"):
             found.append((node, f"{node.arg}="))
     # O_RDONLY, O_WRONLY, O_RDWR, O_CREAT, O_EXCL, O_TRUNC, O_APPEND exist on Windows too.
-    portable = {"os.O_RDONLY", "os.O_WRONLY", "os.O_RDWR", "os.O_CREAT", "os.O_EXCL", "os.O_TRUNC", "os.O_APPEND"}
+    portable = {
+        "os.O_RDONLY",
+        "os.O_WRONLY",
+        "os.O_RDWR",
+        "os.O_CREAT",
+        "os.O_EXCL",
+        "os.O_TRUNC",
+        "os.O_APPEND",
+    }
     relative = path.relative_to(REPO)
-    return [f"{relative}:{node.lineno} {what}" for node, what in found
-            if what not in portable and not _guarded(node, parents)]
+    return [
+        f"{relative}:{node.lineno} {what}"
+        for node, what in found
+        if what not in portable and not _guarded(node, parents)
+    ]
 
 
 def test_product_code_uses_no_posix_only_name_unguarded():
@@ -87,22 +143,28 @@ def test_product_code_uses_no_posix_only_name_unguarded():
 def test_raw_writes_go_to_binary_descriptors():
     # os.open without O_BINARY gives Windows a text-mode descriptor: a raw os.write on it turns b"\n" into
     # b"\r\n" (inside a PNG, say). os.fdopen(fd, "wb") is safe; a module that uses os.write must use O_BINARY.
-    offenders = [str(path.relative_to(REPO)) for path in PRODUCT
-                 if "os.write(" in (text := path.read_text(encoding="utf-8")) and "O_BINARY" not in text]
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in PRODUCT
+        if "os.write(" in (text := path.read_text(encoding="utf-8")) and "O_BINARY" not in text
+    ]
     assert offenders == []
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("import os\nos.open('x', os.O_WRONLY | os.O_NOFOLLOW)\n", ["os.O_NOFOLLOW"]),
-    ("import os\nos.open('x', os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))\n", []),
-    ("import fcntl\n", ["import fcntl"]),
-    ("try:\n    import fcntl\nexcept ImportError:\n    fcntl = None\n", []),
-    ("import sys\nif sys.platform != 'win32':\n    import termios\n", []),
-    ("import signal\nsignal.signal(signal.SIGHUP, print)\n", ["signal.SIGHUP"]),
-    ("import signal\nsignal.signal(signal.SIGINT, print)\n", []),
-    ("import os\nos.getuid()\n", ["os.getuid"]),
-    ("import subprocess\nsubprocess.run(['x'], preexec_fn=print)\n", ["preexec_fn="]),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("import os\nos.open('x', os.O_WRONLY | os.O_NOFOLLOW)\n", ["os.O_NOFOLLOW"]),
+        ("import os\nos.open('x', os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))\n", []),
+        ("import fcntl\n", ["import fcntl"]),
+        ("try:\n    import fcntl\nexcept ImportError:\n    fcntl = None\n", []),
+        ("import sys\nif sys.platform != 'win32':\n    import termios\n", []),
+        ("import signal\nsignal.signal(signal.SIGHUP, print)\n", ["signal.SIGHUP"]),
+        ("import signal\nsignal.signal(signal.SIGINT, print)\n", []),
+        ("import os\nos.getuid()\n", ["os.getuid"]),
+        ("import subprocess\nsubprocess.run(['x'], preexec_fn=print)\n", ["preexec_fn="]),
+    ],
+)
 def test_the_scan_finds_what_it_should(tmp_path, source, expected):
     # The scan itself is checked on samples, so an empty list above means something.
     sample = REPO / ".cache" / "portability-sample.py"

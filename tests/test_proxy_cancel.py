@@ -11,9 +11,9 @@ import threading
 import time
 
 import pytest
+from forward_proxy import ForwardProxy
 from requests.adapters import HTTPAdapter
 
-from forward_proxy import ForwardProxy
 from structure_api import StructureClient, StructureRequest
 from structure_api.errors import CancelledError
 from structure_api.images import encode_upload

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,8 @@ def is_checkout(step: dict) -> bool:
     uses = step.get("uses", "")
     run = step.get("run", "")
     return uses.startswith(("actions/checkout", "Comfy-Org/publish-node-action")) or any(
-        command in run for command in ("git checkout", "git reset", "git restore", "git stash", "git clean"))
+        command in run for command in ("git checkout", "git reset", "git restore", "git stash", "git clean")
+    )
 
 
 def test_rewrite_comes_after_the_checkout_and_right_before_the_publish():
@@ -49,7 +50,7 @@ def test_rewrite_comes_after_the_checkout_and_right_before_the_publish():
     rewrite = index_of(found, lambda s: ".github/registry_urls.py" in s.get("run", ""), "rewrite")
     publish = index_of(found, lambda s: "comfy node publish" in s.get("run", ""), "publish")
     assert checkout < rewrite < publish
-    assert not [s for s in found[rewrite + 1:] if is_checkout(s)], "a checkout after the rewrite undoes it"
+    assert not [s for s in found[rewrite + 1 :] if is_checkout(s)], "a checkout after the rewrite undoes it"
     # The publish runs in the same working tree the rewrite wrote (no other directory, no other job).
     assert not found[publish].get("working-directory") and not found[rewrite].get("working-directory")
     # Both run on the same condition, so a rewrite never happens without its publish or the other way round.
@@ -64,17 +65,22 @@ def test_no_action_that_checks_out_on_its_own():
 
 
 def test_the_order_check_sees_a_late_checkout():
-    bad = [{"uses": "actions/checkout@v4"}, {"run": "python .github/registry_urls.py a/b c"},
-           {"uses": "Comfy-Org/publish-node-action@v1"}, {"run": "comfy node publish"}]
+    bad = [
+        {"uses": "actions/checkout@v4"},
+        {"run": "python .github/registry_urls.py a/b c"},
+        {"uses": "Comfy-Org/publish-node-action@v1"},
+        {"run": "comfy node publish"},
+    ]
     rewrite = 1
-    assert [s for s in bad[rewrite + 1:] if is_checkout(s)]
+    assert [s for s in bad[rewrite + 1 :] if is_checkout(s)]
 
 
 def run_script(tmp_path: Path, text: str, *args: str) -> tuple[subprocess.CompletedProcess, str]:
     target = tmp_path / "pyproject.toml"
     target.write_text(text, encoding="utf-8")
-    done = subprocess.run([sys.executable, str(SCRIPT), *args, str(target)], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, str(target)], capture_output=True, text=True, timeout=60
+    )
     return done, target.read_text(encoding="utf-8")
 
 
@@ -94,7 +100,8 @@ def test_rewrite_writes_the_registry_urls_of_the_repository_and_commit(tmp_path)
     before = (REPO / "pyproject.toml").read_text(encoding="utf-8").splitlines()
     after = text.splitlines()
     assert [line for line in after if line not in before] == [
-        line for line in after if line.startswith(("Icon =", "Repository =", "Issues ="))]
+        line for line in after if line.startswith(("Icon =", "Repository =", "Issues ="))
+    ]
     # Run twice: the same file.
     again, text_again = run_script(tmp_path, text, "someone/some-pack", SHA)
     assert again.returncode == 0 and text_again == text
@@ -108,8 +115,9 @@ def test_rewrite_refuses_what_is_not_a_repository_and_commit(tmp_path, args):
 
 def test_rewrite_fails_when_the_result_is_not_ready(tmp_path):
     # No [tool.comfy] Icon at all: the Registry would get no icon, so the publish must not run.
-    done, _ = run_script(tmp_path, '[project]\nname = "x"\n\n[project.urls]\nHomepage = "https://x.org"\n',
-                         "someone/pack", SHA)
+    done, _ = run_script(
+        tmp_path, '[project]\nname = "x"\n\n[project.urls]\nHomepage = "https://x.org"\n', "someone/pack", SHA
+    )
     assert done.returncode == 1 and "Icon" in done.stderr
 
 

@@ -41,6 +41,7 @@ ENDPOINT = "http://127.0.0.1:9/api/control/structure"
 
 # --- Redis: a real redis-server on a free loopback port --------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -59,9 +60,23 @@ def redis_url(tmp_path):
     import redis
 
     port = _free_port()
-    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(tmp_path)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
     deadline = time.monotonic() + 10
@@ -81,6 +96,7 @@ def redis_url(tmp_path):
 
 
 # --- the books, driven in this process --------------------------------------------------------------
+
 
 def test_a_budget_is_named_by_a_hash_never_by_the_key(tmp_path):
     name = budget_id(TEST_KEY, ENDPOINT)
@@ -253,8 +269,10 @@ def test_redis_going_away_mid_run_leaves_the_pacer_pacing(redis_url, caplog):
     assert len(caplog.records) == 1
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:6379", "redis://", "redis://h:port/0",
-                                 "redis://user:sk-test-LEAKCANARY@:6379/0"])
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:6379", "redis://", "redis://h:port/0", "redis://user:sk-test-LEAKCANARY@:6379/0"],
+)
 def test_a_malformed_redis_url_is_one_clear_error(url, monkeypatch):
     monkeypatch.setenv(ENV_REDIS_URL, url)
     with pytest.raises(ConfigurationError, match="AITHRIVING_REDIS_URL must be an address") as info:
@@ -282,13 +300,34 @@ def _batch(index: int, work: Path, url: str, env_extra: dict) -> subprocess.Pope
     for n in range(PER_PROCESS):
         Image.fromarray(photo_like(64, 64, seed=100 * index + n)).save(inputs / f"img{n:03d}.png")
     env = {name: value for name, value in os.environ.items() if not name.startswith("AITHRIVING_")}
-    env.update(AITHRIVING_BASE_URL=url, AITHRIVING_API_KEY=TEST_KEY, AITHRIVING_RATE_LIMIT=PACED_AT,
-               **env_extra)
+    env.update(
+        AITHRIVING_BASE_URL=url, AITHRIVING_API_KEY=TEST_KEY, AITHRIVING_RATE_LIMIT=PACED_AT, **env_extra
+    )
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    command = [sys.executable, "-m", "structure_api", "batch", str(inputs), "-o", str(work / f"out{index}"),
-               "--prompt", "a harbour", "--seed", str(1000 * (index + 1)), "--concurrency", "8"]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "structure_api",
+        "batch",
+        str(inputs),
+        "-o",
+        str(work / f"out{index}"),
+        "--prompt",
+        "a harbour",
+        "--seed",
+        str(1000 * (index + 1)),
+        "--concurrency",
+        "8",
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _three_batches(work: Path, env_for) -> tuple[StandInServer, list, float]:
@@ -326,7 +365,8 @@ def test_three_cli_processes_sharing_one_store_folder_never_trip_the_lock_out(tm
 def test_three_cli_processes_with_separate_folders_share_a_redis_budget(tmp_path, redis_url):
     server, outputs, seconds = _three_batches(
         tmp_path,
-        lambda index: {"AITHRIVING_CACHE_DIR": str(tmp_path / f"store{index}"), ENV_REDIS_URL: redis_url})
+        lambda index: {"AITHRIVING_CACHE_DIR": str(tmp_path / f"store{index}"), ENV_REDIS_URL: redis_url},
+    )
     _check_books(server, tmp_path, outputs)
     assert 11.0 < seconds < 90
     for index in range(3):  # the folders were not what was shared

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import pytest
 
 from structure_api import StructureClient, StructureRequest
 from structure_api.batch import run_batch
 from structure_api.errors import CancelledError, ConfigurationError, RateLimitError
 from structure_api.images import encode_upload
+from structure_api.ratebudget import budget_name
 from structure_api.ratelimit import (
     DEFAULT_RATE_LIMIT,
     WAITING_FOR_SLOT,
@@ -20,10 +20,9 @@ from structure_api.ratelimit import (
     rate_limit_from_env,
     shared_pacer,
 )
-from structure_api.ratebudget import budget_name
 from structure_api.retry import RetryPolicy
 from structure_api.standin import Respond, StandInServer
-from structure_api.standin.ratelimit import UpstreamRateLimit
+from structure_api.standin.upstream_limit import UpstreamRateLimit
 from support import TEST_KEY, RecordingSleep, photo_like, under_wine
 
 
@@ -44,8 +43,10 @@ class FakeClock:
 
 def start_sent(pacer: Pacer, clock: FakeClock, messages: list | None = None):
     """acquire() on the fake clock, then the upload goes out at once."""
-    slot = pacer.acquire(wait=clock.sleep,
-                         on_wait=None if messages is None else (lambda message, seconds: messages.append(message)))
+    slot = pacer.acquire(
+        wait=clock.sleep,
+        on_wait=None if messages is None else (lambda message, seconds: messages.append(message)),
+    )
     slot.sent()
     return slot
 
@@ -62,16 +63,38 @@ def max_in_any_window(times: list[float], seconds: float) -> int:
 
 # --- configuration ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, expected", [
-    ("150/10", RateLimit(150, 10.0)), ("5/1", RateLimit(5, 1.0)), (" 20 / 2.5s ", RateLimit(20, 2.5)),
-    ("OFF", None), ("none", None),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("150/10", RateLimit(150, 10.0)),
+        ("5/1", RateLimit(5, 1.0)),
+        (" 20 / 2.5s ", RateLimit(20, 2.5)),
+        ("OFF", None),
+        ("none", None),
+    ],
+)
 def test_rate_limit_text(text, expected):
     assert parse_rate_limit(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "150", "150/", "/10", "0/10", "150/0", "-1/10", "150/10/2", "abc",
-                                  "1.5/10", "150/4000", "sk-test-LEAKCANARY-7f3a9c2e51d84b06"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "150",
+        "150/",
+        "/10",
+        "0/10",
+        "150/0",
+        "-1/10",
+        "150/10/2",
+        "abc",
+        "1.5/10",
+        "150/4000",
+        "sk-test-LEAKCANARY-7f3a9c2e51d84b06",
+    ],
+)
 def test_malformed_rate_limit_is_one_clear_configuration_error(text):
     with pytest.raises(ConfigurationError) as info:
         parse_rate_limit(text)
@@ -96,10 +119,12 @@ def test_a_client_refuses_a_malformed_rate_limit_before_any_io(monkeypatch):
 def test_one_pacer_per_endpoint_and_key_shared_by_every_client(monkeypatch):
     """One budget per key: clients of one endpoint and key share a pacer; another key has its own."""
     monkeypatch.setenv("AITHRIVING_RATE_LIMIT", "150/10")
-    with StructureClient(api_key=TEST_KEY, base_url="http://127.0.0.1:9") as a, \
-            StructureClient(api_key=TEST_KEY, base_url="http://127.0.0.1:9/") as b, \
-            StructureClient(api_key="other", base_url="http://127.0.0.1:9/") as other, \
-            StructureClient(api_key=TEST_KEY, base_url="http://127.0.0.1:10") as c:
+    with (
+        StructureClient(api_key=TEST_KEY, base_url="http://127.0.0.1:9") as a,
+        StructureClient(api_key=TEST_KEY, base_url="http://127.0.0.1:9/") as b,
+        StructureClient(api_key="other", base_url="http://127.0.0.1:9/") as other,
+        StructureClient(api_key=TEST_KEY, base_url="http://127.0.0.1:10") as c,
+    ):
         assert a.pacer is b.pacer and a.pacer is not c.pacer and a.pacer is not other.pacer
         assert a.pacer.limit == RateLimit(150, 10.0)
     monkeypatch.setenv("AITHRIVING_RATE_LIMIT", "20/1")
@@ -110,6 +135,7 @@ def test_one_pacer_per_endpoint_and_key_shared_by_every_client(monkeypatch):
 
 
 # --- the window ---------------------------------------------------------------------------------
+
 
 def test_the_window_holds_the_limit_plus_margin():
     clock = FakeClock()
@@ -151,7 +177,9 @@ def test_never_more_than_the_limit_in_any_window_and_close_to_the_rate(limit):
     assert max_in_any_window(sent, limit.seconds) == limit.requests
     # Under the margin, as fast as the limit allows: the last 3 start 4 windows after the first.
     assert sent[-1] - sent[0] <= 4 * pacer.window_seconds + 0.01
-    assert pacer.window_seconds == pytest.approx(limit.seconds * 1.02 if limit.seconds >= 5 else limit.seconds + 0.1)
+    assert pacer.window_seconds == pytest.approx(
+        limit.seconds * 1.02 if limit.seconds >= 5 else limit.seconds + 0.1
+    )
 
 
 def test_no_limit_means_no_window():
@@ -164,6 +192,7 @@ def test_no_limit_means_no_window():
 
 # --- 429: the shared pause and the probe ----------------------------------------------------------
 
+
 def test_a_429_pauses_every_request_then_one_probes_first():
     clock = FakeClock()
     pacer = Pacer(RateLimit(150, 10.0), clock=clock)
@@ -175,7 +204,9 @@ def test_a_429_pauses_every_request_then_one_probes_first():
     probe = pacer.next_start().slot
     assert probe is not None
     waiting = pacer.next_start()
-    assert waiting.slot is None and waiting.reason == "probe" and waiting.wait is None  # until its upload is out
+    assert (
+        waiting.slot is None and waiting.reason == "probe" and waiting.wait is None
+    )  # until its upload is out
     probe.sent()
     assert pacer.next_start().wait == pytest.approx(2.0)  # or until it has gone unanswered for 2 s
     probe.finish(rate_limited=False)
@@ -230,6 +261,7 @@ def test_after_giving_up_nothing_is_sent_for_a_minute():
 
 # --- through the client and the real stand-in ------------------------------------------------------
 
+
 def small_request(seed: int = 1) -> StructureRequest:
     return StructureRequest(image=encode_upload(photo_like(96, 64, seed)), prompt="a lighthouse", seed=seed)
 
@@ -245,8 +277,9 @@ def test_a_429_to_one_client_pauses_another_client_of_the_same_pacer(standin):
         b_waits(seconds)
         clock.sleep(seconds)
 
-    b = StructureClient(api_key=TEST_KEY, base_url=standin.url, sleep=b_sleep, clock=clock, jitter=lambda: 0.0,
-                        pacer=pacer)
+    b = StructureClient(
+        api_key=TEST_KEY, base_url=standin.url, sleep=b_sleep, clock=clock, jitter=lambda: 0.0, pacer=pacer
+    )
     b_results = []
 
     def a_sleep(seconds: float) -> None:
@@ -254,8 +287,9 @@ def test_a_429_to_one_client_pauses_another_client_of_the_same_pacer(standin):
             b_results.append(b.generate(small_request(2), on_progress=b_progress.append))
         clock.sleep(seconds)
 
-    a = StructureClient(api_key=TEST_KEY, base_url=standin.url, sleep=a_sleep, clock=clock, jitter=lambda: 0.0,
-                        pacer=pacer)
+    a = StructureClient(
+        api_key=TEST_KEY, base_url=standin.url, sleep=a_sleep, clock=clock, jitter=lambda: 0.0, pacer=pacer
+    )
     standin.script(Respond(429, headers={"Retry-After": "7"}))
     result = a.generate(small_request(1))
     a.close()
@@ -269,12 +303,19 @@ def test_a_429_to_one_client_pauses_another_client_of_the_same_pacer(standin):
 
 
 def test_without_retry_after_429s_are_waited_out_past_the_lock_out():
-    """A stand-in locked out for 60 s (no Retry-After): the waits cover it before the image would be given up."""
+    """A stand-in locked out for 60 s (no Retry-After): the waits cover it before the image would be given
+    up."""
     sleeps = RecordingSleep()
     limit = UpstreamRateLimit("1/1", lockout=60.0, clock=sleeps.clock)  # the stand-in on the same clock
     with StandInServer(api_key=TEST_KEY, rate_limit=limit) as server:
-        client = StructureClient(api_key=TEST_KEY, base_url=server.url, sleep=sleeps, clock=sleeps.clock,
-                                 jitter=lambda: 1.0, pacer=Pacer(None, clock=sleeps.clock))
+        client = StructureClient(
+            api_key=TEST_KEY,
+            base_url=server.url,
+            sleep=sleeps,
+            clock=sleeps.clock,
+            jitter=lambda: 1.0,
+            pacer=Pacer(None, clock=sleeps.clock),
+        )
         client.generate(small_request(1))  # admitted
         result = client.generate(small_request(2))  # trips the lock-out, then waits it out
         client.close()
@@ -315,17 +356,28 @@ def test_cancel_ends_a_wait_for_a_slot_at_once(held_by):
 def test_the_pacer_never_trips_a_stand_in_with_the_same_limit():
     """12 images at 8 in flight against a stand-in that locks out past 5 requests in 1 s: not one 429."""
     if under_wine():
-        pytest.skip("Not under Wine: its thread scheduling delays the stand-in's count of a request (same "
-                    "process) past the pacer's 0.1 s margin about one run in three; the Linux lane runs it")
+        pytest.skip(
+            "Not under Wine: its thread scheduling delays the stand-in's count of a request (same "
+            "process) past the pacer's 0.1 s margin about one run in three; the Linux lane runs it"
+        )
     limit = RateLimit(5, 1.0)
     upload = encode_upload(photo_like(96, 64, 3))
     with StandInServer(rate_limit=limit, lockout=30.0) as server:
-        client = StructureClient(api_key=TEST_KEY, base_url=server.url, pacer=Pacer(limit),
-                                 retry_policy=RetryPolicy(max_rate_limited_attempts=1))
+        client = StructureClient(
+            api_key=TEST_KEY,
+            base_url=server.url,
+            pacer=Pacer(limit),
+            retry_policy=RetryPolicy(max_rate_limited_attempts=1),
+        )
         messages = []
-        report = run_batch(client, 12, lambda i: StructureRequest(image=upload, prompt="p", seed=i + 1),
-                           on_result=lambda i, result: None, max_concurrency=8,
-                           on_progress=lambda progress: messages.append(progress.message))
+        report = run_batch(
+            client,
+            12,
+            lambda i: StructureRequest(image=upload, prompt="p", seed=i + 1),
+            on_result=lambda i, result: None,
+            max_concurrency=8,
+            on_progress=lambda progress: messages.append(progress.message),
+        )
         client.close()
         assert report.failures == {} and report.done == 12
         assert server.rate_limit.refused == 0 and server.rate_limit.lockouts == 0
@@ -339,10 +391,19 @@ def test_the_same_batch_without_the_pacer_trips_the_lock_out():
     """The control for the test above: the stand-in's limit is real."""
     upload = encode_upload(photo_like(96, 64, 3))
     with StandInServer(rate_limit="5/1", lockout=30.0) as server:
-        client = StructureClient(api_key=TEST_KEY, base_url=server.url, pacer=Pacer(None),
-                                 retry_policy=RetryPolicy(max_rate_limited_attempts=1))
-        report = run_batch(client, 12, lambda i: StructureRequest(image=upload, prompt="p", seed=i + 1),
-                           on_result=lambda i, result: None, max_concurrency=8)
+        client = StructureClient(
+            api_key=TEST_KEY,
+            base_url=server.url,
+            pacer=Pacer(None),
+            retry_policy=RetryPolicy(max_rate_limited_attempts=1),
+        )
+        report = run_batch(
+            client,
+            12,
+            lambda i: StructureRequest(image=upload, prompt="p", seed=i + 1),
+            on_result=lambda i, result: None,
+            max_concurrency=8,
+        )
         client.close()
         assert server.rate_limit.lockouts == 1 and server.rate_limit.refused >= 1
         assert all(isinstance(error, RateLimitError) for error in report.failures.values())
@@ -364,6 +425,7 @@ def test_upstream_rate_limit_model():
 
 
 # --- the defaults that go with the pacer ------------------------------------------------------------
+
 
 def test_concurrency_defaults_to_8(monkeypatch):
     from structure_api.batch import DEFAULT_MAX_CONCURRENCY, max_concurrency_from_env

@@ -1,4 +1,5 @@
-"""The archive `comfy node publish` would upload to the Comfy Registry: runtime files only, nothing the scanner rejects.
+"""The archive `comfy node publish` would upload to the Comfy Registry: runtime files only, nothing the
+scanner rejects.
 
 comfy-cli (1.23, `comfy_cli/file_utils.py: zip_files`) packs the git-tracked files (`git ls-files`),
 drops those matching `.comfyignore` (gitignore patterns, through the `pathspec` library), and adds
@@ -20,32 +21,60 @@ import os
 import re
 import subprocess
 import tokenize
-import tomllib
 import warnings
 import zipfile
 from pathlib import Path
 
 import pathspec
 import pytest
+import tomllib
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Exactly what may ship: anything else tracked must be listed in .comfyignore.
 RUNTIME_PATTERNS = [
-    r"__init__\.py", r"nodes\.py", r"server_routes\.py", r"requirements\.txt", r"pyproject\.toml", r"README\.md", r"LICENSE",
-    r"CHANGELOG\.md", r"icon\.png", r"node_list\.json",
-    r"structure_api/[a-z_]+\.py", r"structure_api/standin/[a-z_]+\.py", r"structure_api/images/[a-z_]+\.py", r"structure_api/cli/[a-z_]+\.py",
-    r"web/[a-z0-9_]+\.js", r"web/docs/AIThrivingStructure\.md", r"web/docs/AIThrivingStructure/[a-z]{2}(-[A-Z]{2})?\.md",
+    r"__init__\.py",
+    r"nodes\.py",
+    r"server_routes\.py",
+    r"requirements\.txt",
+    r"pyproject\.toml",
+    r"README\.md",
+    r"LICENSE",
+    r"CHANGELOG\.md",
+    r"icon\.png",
+    r"node_list\.json",
+    r"structure_api/[a-z_]+\.py",
+    r"structure_api/standin/[a-z_]+\.py",
+    r"structure_api/images/[a-z_]+\.py",
+    r"structure_api/cli/[a-z_]+\.py",
+    r"web/[a-z0-9_]+\.js",
+    r"web/docs/AIThrivingStructure\.md",
+    r"web/docs/AIThrivingStructure/[a-z]{2}(-[A-Z]{2})?\.md",
     r"locales/[a-z]{2}(-[A-Z]{2})?/(main|nodeDefs|commands|settings)\.json",
-    r"example_workflows/[a-z_]+\.(json|jpg)", r"example_workflows/structure_example\.png",
+    r"example_workflows/[a-z_]+\.(json|jpg)",
+    r"example_workflows/structure_example\.png",
 ]
 REQUIRED = [
-    "__init__.py", "nodes.py", "server_routes.py", "requirements.txt", "pyproject.toml", "README.md", "LICENSE",
-    "CHANGELOG.md", "icon.png", "node_list.json",
-    "structure_api/__init__.py", "structure_api/client.py", "structure_api/standin/__init__.py",
-    "web/aithriving_structure.js", "web/aithriving_setup.js", "web/docs/AIThrivingStructure.md",
-    "locales/en/nodeDefs.json", "locales/en/main.json", "locales/fr/nodeDefs.json",
+    "__init__.py",
+    "nodes.py",
+    "server_routes.py",
+    "requirements.txt",
+    "pyproject.toml",
+    "README.md",
+    "LICENSE",
+    "CHANGELOG.md",
+    "icon.png",
+    "node_list.json",
+    "structure_api/__init__.py",
+    "structure_api/client.py",
+    "structure_api/standin/__init__.py",
+    "web/aithriving_structure.js",
+    "web/aithriving_setup.js",
+    "web/docs/AIThrivingStructure.md",
+    "locales/en/nodeDefs.json",
+    "locales/en/main.json",
+    "locales/fr/nodeDefs.json",
     "example_workflows/structure_example.png",
 ]
 NEVER = ("tests/", "benchmarks/", "docs/", ".ci/", ".cache/", ".venv/", ".git/", ".github/")
@@ -54,11 +83,15 @@ MAX_ARCHIVE_BYTES = 2 * 2**20
 # What runs other programs or code from strings.
 BANNED_CALLS = {"eval", "exec", "__import__"}
 BANNED_MODULES = {"subprocess", "pty", "ensurepip", "pip", "marshal", "ctypes", "multiprocessing"}
-BANNED_OS_ATTRIBUTES = re.compile(r"^(system|popen|exec[lv]p?e?|spawn[lv]p?e?|posix_spawnp?|fork|forkpty|startfile)$")
+BANNED_OS_ATTRIBUTES = re.compile(
+    r"^(system|popen|exec[lv]p?e?|spawn[lv]p?e?|posix_spawnp?|fork|forkpty|startfile)$"
+)
 PIP_INSTALL = re.compile(r"\bpip\b.{0,40}\binstall\b", re.IGNORECASE | re.DOTALL)
 LONG_ENCODED_TEXT = re.compile(r"[A-Za-z0-9+/=_-]{200,}")  # a blob of base64/hex in code is obfuscation
-JS_BANNED = re.compile(r"\beval\s*\(|\bnew\s+Function\s*\(|\bFunction\s*\(\s*['\"]|child_process|\bimportScripts\s*\(|"
-                       r"\bsetTimeout\s*\(\s*['\"`]|\bsetInterval\s*\(\s*['\"`]")
+JS_BANNED = re.compile(
+    r"\beval\s*\(|\bnew\s+Function\s*\(|\bFunction\s*\(\s*['\"]|child_process|\bimportScripts\s*\(|"
+    r"\bsetTimeout\s*\(\s*['\"`]|\bsetInterval\s*\(\s*['\"`]"
+)
 
 
 def tracked_files() -> list[str]:
@@ -75,7 +108,9 @@ def comfyignore() -> pathspec.PathSpec:
     with warnings.catch_warnings():
         # comfy-cli asks pathspec for "gitwildmatch", which pathspec 1.x deprecates but still honours.
         warnings.simplefilter("ignore", DeprecationWarning)
-        return pathspec.PathSpec.from_lines("gitwildmatch", [ln for ln in lines if ln and not ln.startswith("#")])
+        return pathspec.PathSpec.from_lines(
+            "gitwildmatch", [ln for ln in lines if ln and not ln.startswith("#")]
+        )
 
 
 def registry_archive(target: Path) -> Path:
@@ -114,14 +149,26 @@ def python_problems(name: str, source: str) -> list[str]:
         where = f"{name}:{getattr(node, 'lineno', '?')}"
         if isinstance(node, ast.Call):
             func = node.func
-            called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+            called = (
+                func.id
+                if isinstance(func, ast.Name)
+                else func.attr
+                if isinstance(func, ast.Attribute)
+                else None
+            )
             if called in BANNED_CALLS:
                 problems.append(f"{where}: calls {called}()")
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os" \
-                and BANNED_OS_ATTRIBUTES.match(node.attr):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "os"
+            and BANNED_OS_ATTRIBUTES.match(node.attr)
+        ):
             problems.append(f"{where}: uses os.{node.attr}")
         if isinstance(node, ast.Import):
-            problems += [f"{where}: imports {a.name}" for a in node.names if a.name.split(".")[0] in BANNED_MODULES]
+            problems += [
+                f"{where}: imports {a.name}" for a in node.names if a.name.split(".")[0] in BANNED_MODULES
+            ]
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in BANNED_MODULES:
             problems.append(f"{where}: imports from {node.module}")
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
@@ -136,7 +183,10 @@ def python_problems(name: str, source: str) -> list[str]:
 
 
 def javascript_problems(name: str, source: str) -> list[str]:
-    problems = [f"{name}:{source.count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}" for m in JS_BANNED.finditer(source)]
+    problems = [
+        f"{name}:{source.count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}"
+        for m in JS_BANNED.finditer(source)
+    ]
     problems += [f"{name}: a long encoded blob" for _ in LONG_ENCODED_TEXT.finditer(source)]
     return problems
 
@@ -146,8 +196,13 @@ def test_archive_holds_the_runtime_files(archive):
     missing = [n for n in REQUIRED if n not in names]
     assert not missing, f"missing from the Registry archive: {missing}"
     # Every module of the client, every workflow with its thumbnail, every help page and language.
-    for path in [*REPO.glob("structure_api/**/*.py"), *REPO.glob("web/**/*.md"), *REPO.glob("web/*.js"),
-                 *REPO.glob("locales/*/*.json"), *REPO.glob("example_workflows/*.json")]:
+    for path in [
+        *REPO.glob("structure_api/**/*.py"),
+        *REPO.glob("web/**/*.md"),
+        *REPO.glob("web/*.js"),
+        *REPO.glob("locales/*/*.json"),
+        *REPO.glob("example_workflows/*.json"),
+    ]:
         assert path.relative_to(REPO).as_posix() in names, path
     for workflow in REPO.glob("example_workflows/*.json"):
         assert f"example_workflows/{workflow.stem}.jpg" in names, f"{workflow.stem} has no thumbnail"
@@ -188,8 +243,16 @@ def test_scanner_checks_do_catch_what_they_look_for():
         f"BLOB = '{'QUJD' * 60}'\n"
     )
     found = "\n".join(python_problems("bad.py", bad_python))
-    for expected in ("imports subprocess", "imports from pip._internal", "os.system", "calls eval()",
-                     "calls exec()", "pip install", "joined by ';'", "encoded blob"):
+    for expected in (
+        "imports subprocess",
+        "imports from pip._internal",
+        "os.system",
+        "calls eval()",
+        "calls exec()",
+        "pip install",
+        "joined by ';'",
+        "encoded blob",
+    ):
         assert expected in found, expected
     found_js = javascript_problems("bad.js", "eval('x'); new Function('return 1'); require('child_process')")
     assert len(found_js) == 3
@@ -206,10 +269,14 @@ def test_registry_metadata():
         assert picture.format in ("PNG", "JPEG", "GIF") and picture.width <= 800 and picture.height <= 400
     assert project["license"] == "MIT"  # a plain SPDX string (the table form stops building in 2027)
     # comfy-cli's accepted form: [operator]major.minor.patch, comma-separated.
-    assert re.fullmatch(r"(==|>=|<=|!=|~=|>|<)?\d+\.\d+\.\d+(,\s*(==|>=|<=|!=|~=|>|<)?\d+\.\d+\.\d+)*",
-                        comfy["requires-comfyui"])
+    assert re.fullmatch(
+        r"(==|>=|<=|!=|~=|>|<)?\d+\.\d+\.\d+(,\s*(==|>=|<=|!=|~=|>|<)?\d+\.\d+\.\d+)*",
+        comfy["requires-comfyui"],
+    )
     assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
-    assert re.fullmatch(r"[a-z][a-z0-9]*([-_.][a-z0-9]+)*", project["name"]) and "comfy" not in project["name"]
+    assert (
+        re.fullmatch(r"[a-z][a-z0-9]*([-_.][a-z0-9]+)*", project["name"]) and "comfy" not in project["name"]
+    )
     # ComfyUI-Manager installs requirements.txt; pip installs pyproject's list: the same packages.
     requirements = [ln.strip() for ln in (REPO / "requirements.txt").read_text().splitlines() if ln.strip()]
     assert sorted(requirements) == sorted(project["dependencies"])

@@ -59,8 +59,10 @@ def test_backoff_doubles_then_caps_and_jitter_spans_half_to_full():
 
 def test_schedule_for_repeated_503_stops_at_max_attempts():
     policy = RetryPolicy(max_attempts=4, base_delay=1.0, max_delay=30.0, max_total_seconds=1000)
-    delays = [next_delay(policy, service_error(503), attempt, 0.0, now=NOW, jitter=lambda: 1.0)
-              for attempt in range(1, 5)]
+    delays = [
+        next_delay(policy, service_error(503), attempt, 0.0, now=NOW, jitter=lambda: 1.0)
+        for attempt in range(1, 5)
+    ]
     assert delays == [1.0, 2.0, 4.0, None]
 
 
@@ -101,8 +103,19 @@ def test_retry_after_longer_than_the_cap_is_waited_for_the_cap():
     error = RateLimitError("x", http_status=429, headers={"retry-after": "3600"})
     assert next_delay(RetryPolicy(max_retry_after=90), error, 1, 0.0, now=NOW, jitter=lambda: 0.0) == 90.0
     # ... and a second one in a row, 90 s later, passes the 150 s of 429s the policy waits out.
-    assert next_delay(RetryPolicy(max_retry_after=90), error, 2, 90.0, now=NOW, jitter=lambda: 0.0,
-                      rate_limit_streak=2, rate_limited_for=90.0) is None
+    assert (
+        next_delay(
+            RetryPolicy(max_retry_after=90),
+            error,
+            2,
+            90.0,
+            now=NOW,
+            jitter=lambda: 0.0,
+            rate_limit_streak=2,
+            rate_limited_for=90.0,
+        )
+        is None
+    )
 
 
 def test_429_without_retry_after_backs_off():
@@ -118,8 +131,16 @@ def test_429s_without_retry_after_are_waited_out_past_the_60_s_lock_out(jitter):
     waited, streak, waits = 0.0, 0, []
     while True:
         streak += 1
-        delay = next_delay(policy, error, streak, waited, now=NOW, jitter=lambda: jitter,
-                           rate_limit_streak=streak, rate_limited_for=waited)
+        delay = next_delay(
+            policy,
+            error,
+            streak,
+            waited,
+            now=NOW,
+            jitter=lambda: jitter,
+            rate_limit_streak=streak,
+            rate_limited_for=waited,
+        )
         if delay is None:
             break
         waits.append(delay)
@@ -136,7 +157,10 @@ def test_429s_do_not_count_against_max_attempts_but_do_against_total_time():
     policy = RetryPolicy(max_attempts=3, max_total_seconds=100)
     assert next_delay(policy, error, 5, 10.0, now=NOW, jitter=lambda: 0.0, rate_limit_streak=5) == 8.0
     assert next_delay(policy, error, 5, 95.0, now=NOW, jitter=lambda: 0.0, rate_limit_streak=5) is None
-    assert next_delay(RetryPolicy(max_rate_limited_attempts=4), error, 4, 0.0, now=NOW, jitter=lambda: 0.0) is None
+    assert (
+        next_delay(RetryPolicy(max_rate_limited_attempts=4), error, 4, 0.0, now=NOW, jitter=lambda: 0.0)
+        is None
+    )
 
 
 def test_the_process_wide_streak_decides_not_the_requests_own_attempts():
@@ -146,9 +170,27 @@ def test_the_process_wide_streak_decides_not_the_requests_own_attempts():
 
 
 HOSTILE_RETRY_AFTER = [
-    "inf", "-inf", "Infinity", "nan", "1e999", "1e5", "99999999999999999999999999999", "-5", "-0", "garbage",
-    "²", "١٢", "12abc", "0x10", "9" * 5000, " 7 ", "7, 8", "Fri, 31 Dec 9999 23:59:59 GMT",
-    "Mon, 01 Jan 0001 00:00:00 GMT", "Wed, 32 Foo 2020 25:61:61 GMT", "Tue, 01 Dec 2026 00:00:00 +9999",
+    "inf",
+    "-inf",
+    "Infinity",
+    "nan",
+    "1e999",
+    "1e5",
+    "99999999999999999999999999999",
+    "-5",
+    "-0",
+    "garbage",
+    "²",
+    "١٢",
+    "12abc",
+    "0x10",
+    "9" * 5000,
+    " 7 ",
+    "7, 8",
+    "Fri, 31 Dec 9999 23:59:59 GMT",
+    "Mon, 01 Jan 0001 00:00:00 GMT",
+    "Wed, 32 Foo 2020 25:61:61 GMT",
+    "Tue, 01 Dec 2026 00:00:00 +9999",
 ]
 
 

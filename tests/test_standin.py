@@ -1,12 +1,12 @@
-"""The local stand-in, over real HTTP on 127.0.0.1: contract, validation, auth, faults, threads."""
+"""The stand-in, over real HTTP on 127.0.0.1: contract, validation, auth, faults, threads."""
 
 from __future__ import annotations
 
 import _thread
 import base64
 import io
-import struct
 import signal
+import struct
 import threading
 import time
 import zlib
@@ -17,8 +17,18 @@ import requests
 from PIL import Image, ImageFilter
 
 from structure_api.standin import (
-    ENDPOINT_PATH, FAULT_KINDS, Drop, DropBeforeRead, Fault, Hang, Passthrough, Respond, StandInServer, Stream,
-    Truncate, serve,
+    ENDPOINT_PATH,
+    FAULT_KINDS,
+    Drop,
+    DropBeforeRead,
+    Fault,
+    Hang,
+    Passthrough,
+    Respond,
+    StandInServer,
+    Stream,
+    Truncate,
+    serve,
 )
 
 KEY = "sk-standin-test-4d1e0b"
@@ -27,6 +37,7 @@ MIB = 1024 * 1024
 
 # --- helpers -------------------------------------------------------------------------------
 
+
 def shapes_image(width: int = 256, height: int = 192, *, shift: int = 0, seed: int = 0) -> np.ndarray:
     """A soft gradient with a bright disc and a dark bar (hard edges) and mild noise: ``[H, W, 3]`` uint8."""
     rng = np.random.default_rng(seed)
@@ -34,7 +45,11 @@ def shapes_image(width: int = 256, height: int = 192, *, shift: int = 0, seed: i
     pixels = np.stack([0.3 + 0.2 * x / width, 0.3 + 0.2 * y / height, 0.4 + 0 * x], axis=-1)
     disc = (x - width * 0.4 - shift) ** 2 + (y - height * 0.5) ** 2 < (min(width, height) * 0.25) ** 2
     pixels[disc] = (0.95, 0.9, 0.8)
-    pixels[int(height * 0.1):int(height * 0.25), int(width * 0.55) + shift:int(width * 0.9)] = (0.05, 0.05, 0.1)
+    pixels[int(height * 0.1) : int(height * 0.25), int(width * 0.55) + shift : int(width * 0.9)] = (
+        0.05,
+        0.05,
+        0.1,
+    )
     pixels += rng.normal(0, 0.02, pixels.shape).astype(np.float32)
     return (np.clip(pixels, 0, 1) * 255 + 0.5).astype(np.uint8)
 
@@ -76,9 +91,17 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
 IMAGE = encode(shapes_image())
 
 
-def post(session: requests.Session, server: StandInServer, *, image: bytes | None = IMAGE,
-         key: str | None = KEY, filename: str = "input.png", content_type: str = "image/png",
-         timeout: float = 10, **fields: str) -> requests.Response:
+def post(
+    session: requests.Session,
+    server: StandInServer,
+    *,
+    image: bytes | None = IMAGE,
+    key: str | None = KEY,
+    filename: str = "input.png",
+    content_type: str = "image/png",
+    timeout: float = 10,
+    **fields: str,
+) -> requests.Response:
     data = {"prompt": "a lighthouse at dusk"}
     data.update(fields)
     data = {name: value for name, value in data.items() if value is not None}
@@ -95,8 +118,11 @@ def decoded(response: requests.Response) -> Image.Image:
 
 
 def conn_threads(server: StandInServer) -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith(f"standin-{server.port}-")
-            and t.name.endswith("-conn")]
+    return [
+        t
+        for t in threading.enumerate()
+        if t.name.startswith(f"standin-{server.port}-") and t.name.endswith("-conn")
+    ]
 
 
 def wait_for(condition, timeout: float = 5.0) -> bool:
@@ -123,10 +149,17 @@ def server():
 
 # --- the contract's success path -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("output_format, pil_format", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
 def test_success_round_trip(server, session, output_format, pil_format):
-    response = post(session, server, output_format=output_format, seed="1234", control_strength="0.6",
-                    negative_prompt="fog")
+    response = post(
+        session,
+        server,
+        output_format=output_format,
+        seed="1234",
+        control_strength="0.6",
+        negative_prompt="fog",
+    )
     assert response.status_code == 200
     payload = response.json()
     assert set(payload) == {"code", "message", "data"}
@@ -198,29 +231,39 @@ def test_output_keeps_the_input_edges(server, session):
 
 def test_control_strength_zero_lets_go_of_the_structure(server, session):
     source = shapes_image(320, 240)
-    output = np.asarray(decoded(post(session, server, image=encode(source), seed="5", control_strength="0"))
-                        .convert("RGB"))
+    output = np.asarray(
+        decoded(post(session, server, image=encode(source), seed="5", control_strength="0")).convert("RGB")
+    )
     # "0 is the least influence": only the seed's smooth texture is left (measured ~0.02).
     assert abs(correlation(edge_strength(source), edge_strength(output))) < 0.2
 
 
 def test_control_strength_one_draws_edges_at_full_contrast(server, session):
     source = shapes_image()
-    output = np.asarray(decoded(post(session, server, image=encode(source), control_strength="1", seed="9"))
-                        .convert("L"), dtype=np.float32)
+    output = np.asarray(
+        decoded(post(session, server, image=encode(source), control_strength="1", seed="9")).convert("L"),
+        dtype=np.float32,
+    )
     # Flat areas (far from any edge) and the strongest edge pixels should be far apart in value.
     assert np.percentile(output, 99.5) - np.median(output) > 100
 
 
 def test_accepts_jpeg_and_webp_input_and_chunked_upload(server, session):
     for fmt in ("JPEG", "WEBP"):
-        response = post(session, server, image=encode(shapes_image(), fmt), content_type=f"image/{fmt.lower()}")
+        response = post(
+            session, server, image=encode(shapes_image(), fmt), content_type=f"image/{fmt.lower()}"
+        )
         assert response.status_code == 200, response.text
     body, content_type = requests.models.RequestEncodingMixin._encode_files(
-        {"image": ("a.png", IMAGE, "image/png")}, {"prompt": "x"})
-    chunks = (body[i:i + 4096] for i in range(0, len(body), 4096))  # a generator: sent chunked
-    response = session.post(server.url + ENDPOINT_PATH, data=chunks, timeout=10,
-                            headers={"authorization": KEY, "content-type": content_type})
+        {"image": ("a.png", IMAGE, "image/png")}, {"prompt": "x"}
+    )
+    chunks = (body[i : i + 4096] for i in range(0, len(body), 4096))  # a generator: sent chunked
+    response = session.post(
+        server.url + ENDPOINT_PATH,
+        data=chunks,
+        timeout=10,
+        headers={"authorization": KEY, "content-type": content_type},
+    )
     assert response.status_code == 200, response.text
     assert server.requests[-1].headers.get("transfer-encoding") == "chunked"
     assert server.requests[-1].image_bytes == IMAGE
@@ -228,31 +271,35 @@ def test_accepts_jpeg_and_webp_input_and_chunked_upload(server, session):
 
 # --- validation --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fields, reason", [
-    ({"prompt": None}, "prompt: is required"),
-    ({"prompt": ""}, "prompt: must be 1 to 10000 characters"),
-    ({"prompt": "x" * 10001}, "prompt: must be 1 to 10000 characters"),
-    ({"control_strength": "1.01"}, "control_strength: must be a number between 0 and 1"),
-    ({"control_strength": "-0.1"}, "control_strength: must be a number between 0 and 1"),
-    ({"control_strength": "strong"}, "control_strength: must be a number between 0 and 1"),
-    ({"control_strength": "nan"}, "control_strength: must be a number between 0 and 1"),
-    ({"seed": "-1"}, "seed: must be an integer between 0 and 4294967294"),
-    ({"seed": "4294967295"}, "seed: must be an integer between 0 and 4294967294"),
-    ({"seed": "1.5"}, "seed: must be an integer between 0 and 4294967294"),
-    ({"seed": "12abc"}, "seed: must be an integer between 0 and 4294967294"),
-    ({"output_format": "gif"}, "output_format: must be one of jpeg, png, webp"),
-    ({"output_format": "PNG"}, "output_format: must be one of jpeg, png, webp"),
-    ({"negative_prompt": "n" * 10001}, "negative_prompt: must be at most 10000 characters"),
-    ({"image": None}, "image: is required"),
-    ({"image": b"GIF89a not really"}, "image: could not be decoded"),
-    ({"image": encode(shapes_image(), "GIF")}, "image: could not be decoded"),
-    ({"image": IMAGE[: len(IMAGE) // 2]}, "image: could not be decoded"),
-    ({"image": blank_png(63, 200)}, "image: every side must be at least 64 pixels"),
-    ({"image": blank_png(64, 161)}, "image: aspect ratio must be between 1:2.5 and 2.5:1"),
-    ({"image": blank_png(3073, 3072)}, "image: must have 4096 to 9437184 pixels"),
-    ({"image": png_claiming_size(5000, 5000)}, "image: must have 4096 to 9437184 pixels"),
-    ({"image": png_claiming_size(40000, 40000)}, "image: must have 4096 to 9437184 pixels"),
-])
+
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        ({"prompt": None}, "prompt: is required"),
+        ({"prompt": ""}, "prompt: must be 1 to 10000 characters"),
+        ({"prompt": "x" * 10001}, "prompt: must be 1 to 10000 characters"),
+        ({"control_strength": "1.01"}, "control_strength: must be a number between 0 and 1"),
+        ({"control_strength": "-0.1"}, "control_strength: must be a number between 0 and 1"),
+        ({"control_strength": "strong"}, "control_strength: must be a number between 0 and 1"),
+        ({"control_strength": "nan"}, "control_strength: must be a number between 0 and 1"),
+        ({"seed": "-1"}, "seed: must be an integer between 0 and 4294967294"),
+        ({"seed": "4294967295"}, "seed: must be an integer between 0 and 4294967294"),
+        ({"seed": "1.5"}, "seed: must be an integer between 0 and 4294967294"),
+        ({"seed": "12abc"}, "seed: must be an integer between 0 and 4294967294"),
+        ({"output_format": "gif"}, "output_format: must be one of jpeg, png, webp"),
+        ({"output_format": "PNG"}, "output_format: must be one of jpeg, png, webp"),
+        ({"negative_prompt": "n" * 10001}, "negative_prompt: must be at most 10000 characters"),
+        ({"image": None}, "image: is required"),
+        ({"image": b"GIF89a not really"}, "image: could not be decoded"),
+        ({"image": encode(shapes_image(), "GIF")}, "image: could not be decoded"),
+        ({"image": IMAGE[: len(IMAGE) // 2]}, "image: could not be decoded"),
+        ({"image": blank_png(63, 200)}, "image: every side must be at least 64 pixels"),
+        ({"image": blank_png(64, 161)}, "image: aspect ratio must be between 1:2.5 and 2.5:1"),
+        ({"image": blank_png(3073, 3072)}, "image: must have 4096 to 9437184 pixels"),
+        ({"image": png_claiming_size(5000, 5000)}, "image: must have 4096 to 9437184 pixels"),
+        ({"image": png_claiming_size(40000, 40000)}, "image: must have 4096 to 9437184 pixels"),
+    ],
+)
 def test_invalid_requests_get_400_naming_the_field(server, session, fields, reason):
     fields = dict(fields)
     image = fields.pop("image", IMAGE)
@@ -271,13 +318,17 @@ def test_limits_are_inclusive(server, session):
 
 
 def test_body_that_is_not_multipart_is_400(server, session):
-    response = session.post(server.url + ENDPOINT_PATH, json={"prompt": "x"}, headers={"authorization": KEY},
-                            timeout=10)
+    response = session.post(
+        server.url + ENDPOINT_PATH, json={"prompt": "x"}, headers={"authorization": KEY}, timeout=10
+    )
     assert response.status_code == 400
     assert response.json()["message"] == "content-type: must be multipart/form-data"
-    broken = session.post(server.url + ENDPOINT_PATH, data=b"--nope\r\nno headers",
-                          headers={"authorization": KEY, "content-type": "multipart/form-data; boundary=nope"},
-                          timeout=10)
+    broken = session.post(
+        server.url + ENDPOINT_PATH,
+        data=b"--nope\r\nno headers",
+        headers={"authorization": KEY, "content-type": "multipart/form-data; boundary=nope"},
+        timeout=10,
+    )
     assert broken.status_code == 400
     assert broken.json()["message"].startswith("body: malformed multipart/form-data")
 
@@ -290,14 +341,22 @@ def test_request_over_10_mib_is_413_and_the_connection_stays_usable(server, sess
     assert post(session, server).status_code == 200
     # Exactly 10 MiB of body is allowed through to validation.
     boundary = "b0undary"
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n').encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+    ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
     body = head + b"\0" * (10 * MIB - len(head) - len(tail)) + tail
     assert len(body) == 10 * MIB
-    response = session.post(server.url + ENDPOINT_PATH, data=body, timeout=10, headers={
-        "authorization": KEY, "content-type": f"multipart/form-data; boundary={boundary}"})
-    assert response.status_code == 400 and response.json()["message"].startswith("image: could not be decoded")
+    response = session.post(
+        server.url + ENDPOINT_PATH,
+        data=body,
+        timeout=10,
+        headers={"authorization": KEY, "content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert response.status_code == 400 and response.json()["message"].startswith(
+        "image: could not be decoded"
+    )
 
 
 def test_routes_methods_and_health(server, session):
@@ -313,12 +372,17 @@ def test_routes_methods_and_health(server, session):
 
 # --- auth ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("key", [None, "", "sk-wrong", "Bearer " + KEY, KEY + " ", KEY[:-1]])
 def test_wrong_or_missing_key_is_401(server, session, key):
     response = post(session, server, key=key)
     assert response.status_code == 401
-    assert response.json() == {"code": -1, "message": "Invalid or missing API key.", "name": "unauthorized",
-                               "errors": ["authorization header is missing or invalid"]}
+    assert response.json() == {
+        "code": -1,
+        "message": "Invalid or missing API key.",
+        "name": "unauthorized",
+        "errors": ["authorization header is missing or invalid"],
+    }
 
 
 def test_right_key_is_200_and_no_key_needed_without_one(server, session):
@@ -337,6 +401,7 @@ def test_the_key_never_reaches_the_log(server, session, caplog):
 
 # --- scripted faults -----------------------------------------------------------------------
 
+
 def test_scripted_responses_come_in_order_then_normal_behaviour(server, session):
     server.script(
         Respond(503, headers={"Retry-After": "7", "X-Custom": "yes"}),
@@ -346,7 +411,11 @@ def test_scripted_responses_come_in_order_then_normal_behaviour(server, session)
         Respond(500, body=b"<html>oops</html>"),
     )
     first = post(session, server)
-    assert first.status_code == 503 and first.headers["retry-after"] == "7" and first.headers["x-custom"] == "yes"
+    assert (
+        first.status_code == 503
+        and first.headers["retry-after"] == "7"
+        and first.headers["x-custom"] == "yes"
+    )
     assert first.json()["name"] == "service_unavailable" and first.json()["code"] == -1
     second = post(session, server)
     assert second.status_code == 200 and second.json() == {"code": -1, "message": "busy"}
@@ -410,19 +479,30 @@ def test_drop_before_read_closes_without_reading_the_body(server, session):
         # Large enough that the upload cannot fit in socket buffers before the close.
         post(session, server, image=b"\0" * (8 * MIB))
     recorded = server.requests[0]
-    assert (recorded.status, recorded.body_size, recorded.fields, recorded.fault) == (0, 0, {}, "drop_before_read")
+    assert (recorded.status, recorded.body_size, recorded.fields, recorded.fault) == (
+        0,
+        0,
+        {},
+        "drop_before_read",
+    )
     assert post(session, server).status_code == 200
 
 
 def test_truncate_announces_the_full_length_and_sends_half(server, session):
     body = {"code": 0, "message": "success", "data": {"image": "A" * 10000, "seed": 1}}
     server.script(Truncate(body=body))
-    response = session.post(server.url + ENDPOINT_PATH, files={"image": ("a.png", IMAGE)}, data={"prompt": "x"},
-                            headers={"authorization": KEY}, timeout=10, stream=True)
+    response = session.post(
+        server.url + ENDPOINT_PATH,
+        files={"image": ("a.png", IMAGE)},
+        data={"prompt": "x"},
+        headers={"authorization": KEY},
+        timeout=10,
+        stream=True,
+    )
     assert response.status_code == 200
     assert int(response.headers["content-length"]) > 10000
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
-        response.content
+        _ = response.content
     assert server.requests[0].status == 200
 
 
@@ -460,7 +540,7 @@ def test_hang_meets_the_client_read_timeout(server, session):
     assert post(session, server).status_code == 200
 
 
-@pytest.mark.parametrize("declared_length", [None, str(10 ** 10)])
+@pytest.mark.parametrize("declared_length", [None, str(10**10)])
 def test_stream_sends_a_huge_body_until_the_client_stops_reading(server, session, declared_length):
     produced: list[int] = []
 
@@ -471,8 +551,14 @@ def test_stream_sends_a_huge_body_until_the_client_stops_reading(server, session
 
     headers = {"Content-Length": declared_length} if declared_length else {}
     server.script(Stream(chunks=endless, headers=headers))
-    response = session.post(server.url + ENDPOINT_PATH, files={"image": ("a.png", IMAGE)}, data={"prompt": "x"},
-                            headers={"authorization": KEY}, timeout=10, stream=True)
+    response = session.post(
+        server.url + ENDPOINT_PATH,
+        files={"image": ("a.png", IMAGE)},
+        data={"prompt": "x"},
+        headers={"authorization": KEY},
+        timeout=10,
+        stream=True,
+    )
     if declared_length:
         assert response.headers["content-length"] == declared_length
     else:
@@ -520,17 +606,29 @@ def test_faults_reject_what_they_cannot_play(server):
 
 # --- recording ------------------------------------------------------------------------------
 
+
 def test_requests_are_recorded_with_fields_image_headers_and_status(server, session):
     before = time.monotonic()
-    post(session, server, filename="photo.png", content_type="image/png", prompt="héllo ☃", seed="42",
-         negative_prompt="rain")
+    post(
+        session,
+        server,
+        filename="photo.png",
+        content_type="image/png",
+        prompt="héllo ☃",
+        seed="42",
+        negative_prompt="rain",
+    )
     post(session, server, seed="bad")
     first, second = server.requests
     assert first.method == "POST" and first.path == ENDPOINT_PATH
     assert first.headers["authorization"] == KEY  # names lower-cased
     assert first.headers["content-type"].startswith("multipart/form-data; boundary=")
     assert first.fields == {"prompt": "héllo ☃", "seed": "42", "negative_prompt": "rain"}
-    assert (first.image_bytes, first.image_filename, first.image_content_type) == (IMAGE, "photo.png", "image/png")
+    assert (first.image_bytes, first.image_filename, first.image_content_type) == (
+        IMAGE,
+        "photo.png",
+        "image/png",
+    )
     assert first.body_size == int(first.headers["content-length"])
     assert before <= first.received_at <= second.received_at <= time.monotonic()
     assert (first.status, first.fault, second.status) == (200, None, 400)
@@ -556,6 +654,7 @@ def test_max_records_keeps_only_the_newest(session):
 
 
 # --- load behaviour -------------------------------------------------------------------------
+
 
 def test_concurrent_requests_are_served_in_parallel():
     results: list[int] = []
@@ -590,7 +689,7 @@ def test_fault_rate_gives_the_expected_share_of_seeded_faults(session):
     # 200 draws at p=0.3: the standard deviation is ~0.032, so +-0.1 is three of them.
     assert 0.2 <= share <= 0.4, share
     assert set(faults) - {None} <= set(FAULT_KINDS) and len(set(faults) - {None}) >= 4
-    for fault, response in zip(faults, responses):
+    for fault, response in zip(faults, responses, strict=True):
         if fault is None:
             assert response.status_code == 200 and response.json()["code"] == 0
         elif fault == "code-1":
@@ -604,6 +703,7 @@ def test_fault_rate_gives_the_expected_share_of_seeded_faults(session):
 
 # --- lifecycle --------------------------------------------------------------------------------
 
+
 def test_stop_leaves_no_threads_behind():
     before = set(threading.enumerate())
     server = StandInServer().start()
@@ -612,9 +712,14 @@ def test_stop_leaves_no_threads_behind():
     # A keep-alive connection left open, a hung request and a slow one are all in flight at stop().
     assert post(idle, server, key=None).status_code == 200
     server.script(Hang(), Respond(200, delay=30))
-    stuck = [threading.Thread(target=lambda: pytest.raises(requests.exceptions.RequestException, post,
-                                                           requests.Session(), server, key=None))
-             for _ in range(2)]
+    stuck = [
+        threading.Thread(
+            target=lambda: pytest.raises(
+                requests.exceptions.RequestException, post, requests.Session(), server, key=None
+            )
+        )
+        for _ in range(2)
+    ]
     for thread in stuck:
         thread.start()
     assert wait_for(lambda: len(server.requests) == 3)

@@ -11,7 +11,6 @@ from structure_api import contract
 from structure_api.images import EncodedImage, ImageSize
 from structure_api.request import StructureRequest
 from structure_api.store import RESULT_SUFFIX, ResultStore
-
 from support import TEST_KEY, photo_like, png_bytes
 
 KEY = "a" * 64
@@ -113,14 +112,17 @@ def test_from_env_hands_one_store_per_folder_to_the_whole_process(tmp_path, monk
 # --- the key: what identifies a request ------------------------------------------------------
 
 _ENDPOINT = "https://www.aithriving.com/api/control/structure"
-_PINNED_IMAGE = EncodedImage(data=b"\x89PNG fixed bytes", format="png", mime_type="image/png",
-                             size=ImageSize(width=96, height=64))
+_PINNED_IMAGE = EncodedImage(
+    data=b"\x89PNG fixed bytes", format="png", mime_type="image/png", size=ImageSize(width=96, height=64)
+)
 # Keys computed by the release before this one: results users keep on disk were stored under them.
 _PINNED_KEYS = [
     (dict(prompt="a red barn", seed=42), "497e216f43fb635e38eb234c409114a7e1791a0e11e67cc6b3c1df1e054b411b"),
     (dict(prompt="a red barn", seed=0), "f7381edaee95f44e42e830087c2169fbec273f71311f5da42c5dd5be171d1067"),
-    (dict(prompt="a red barn", seed=7, control_strength=0.5, negative_prompt="blur", output_format="webp"),
-     "1caec73115efe61af7472ff48c13b21faf5d7f5677d36d5c3d1af88d0410f82d"),
+    (
+        dict(prompt="a red barn", seed=7, control_strength=0.5, negative_prompt="blur", output_format="webp"),
+        "1caec73115efe61af7472ff48c13b21faf5d7f5677d36d5c3d1af88d0410f82d",
+    ),
 ]
 
 

@@ -7,10 +7,10 @@ once per page, so a use the core made first hides ours.
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "web").glob("*.js"))

@@ -25,8 +25,11 @@ TRANSLATED = ["fr", "es"]
 STRINGS_KEY = "aithrivingStructure"
 NODE_TEXTS_KEY = "aithrivingStructureNode"  # nodes.py's texts (progress on the node, errors)
 # The same in every language: the brand.
-SAME_EVERYWHERE = {f"{STRINGS_KEY}.toastSummary", "settingsCategories.AIThriving",
-                   f"{NODE_TEXTS_KEY}.progress"}
+SAME_EVERYWHERE = {
+    f"{STRINGS_KEY}.toastSummary",
+    "settingsCategories.AIThriving",
+    f"{NODE_TEXTS_KEY}.progress",
+}
 
 BLOCK = re.compile(r"// ENGLISH BEGIN\nexport const ENGLISH = (\{.*?\n\});\n// ENGLISH END\n", re.S)
 STRING_LITERAL = re.compile(r"""(["'`])((?:\\.|(?!\1).)*)\1""", re.S)
@@ -62,8 +65,11 @@ def messages(language: str, *, node: bool = False) -> dict[str, str]:
     node: also the node's own texts (progress and errors, shown by nodes.py through the server).
     """
     main = locale(language, "main")
-    tree = {STRINGS_KEY: main[STRINGS_KEY], "settingsCategories": main["settingsCategories"],
-            "settings": locale(language, "settings")}
+    tree = {
+        STRINGS_KEY: main[STRINGS_KEY],
+        "settingsCategories": main["settingsCategories"],
+        "settings": locale(language, "settings"),
+    }
     if node:
         tree[NODE_TEXTS_KEY] = main[NODE_TEXTS_KEY]
     return flatten(tree)
@@ -141,8 +147,7 @@ def test_every_setting_has_its_name_and_tooltip_in_settings_json():
 
 def unshown(text: str) -> bool:
     """True for a string literal that is not a text for the user: a log line, CSS classes, code words."""
-    return (text.startswith("[aithriving") or CSS_CLASSES.fullmatch(text) is not None
-            or not PROSE.search(text))
+    return text.startswith("[aithriving") or CSS_CLASSES.fullmatch(text) is not None or not PROSE.search(text)
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -153,9 +158,11 @@ def test_no_text_outside_the_translations(script):
 
 def test_the_check_finds_a_text_written_into_the_code(tmp_path):
     sample = tmp_path / "sample.js"
-    sample.write_text('// a comment with words\nconst a = "p-button p-button-secondary";\n'
-                      'console.warn("[aithriving.setup] some words", e);\nconst b = /a b/;\n'
-                      'toast({summary: t("toastSummary"), detail: "Set it in Settings now."});\n')
+    sample.write_text(
+        '// a comment with words\nconst a = "p-button p-button-secondary";\n'
+        'console.warn("[aithriving.setup] some words", e);\nconst b = /a b/;\n'
+        'toast({summary: t("toastSummary"), detail: "Set it in Settings now."});\n'
+    )
     found = [m.group(2) for m in STRING_LITERAL.finditer(code_of(sample)) if not unshown(m.group(2))]
     assert found == ["Set it in Settings now."]
 

@@ -26,17 +26,17 @@ export const ENGLISH = {
     "estimatePerImage": "≈ {credits} credits per image",
     "estimateAsLastRun": "≈ {credits} credits (as the last run)",
     "lastRun": "Last run: {credits} credits",
-    "lastRunCached": "Last run: {credits} credits ({cached} from cache)",
+    "lastRunFromStore": "Last run: {credits} credits ({stored} from the result store)",
     "lastRunReused": "Last run: 0 credits (ComfyUI reused the previous result)",
-    "estimateLocal": "0 credits · local stand-in · free",
-    "lastRunLocal": "Last run: 0 credits (local stand-in · free)",
+    "estimateStandIn": "0 credits · stand-in · free",
+    "lastRunStandIn": "Last run: 0 credits (stand-in · free)",
     "noticeNoKey": "API key not set · Settings → AIThriving",
-    "noticeLocal": "local stand-in · free",
+    "noticeStandIn": "stand-in · free",
     "keyStatusAsking": "Asking the server…",
     "keyStatusError": "Could not ask the server: {error}",
     "keyStatusEnvironment": "A key is set by the AITHRIVING_API_KEY environment variable; it takes precedence over a key saved here.",
     "keyStatusSaved": "A key is saved in your key file (outside ComfyUI's folders). It is never shown again.",
-    "keyStatusNoneLocal": "No API key set. Not needed now: the free local stand-in is on.",
+    "keyStatusNoneStandIn": "No API key set. Not needed now: the free stand-in is on.",
     "keyStatusNone": "No API key set. Paste the key from your aithriving.com account and press Save.",
     "keyPlaceholder": "API key",
     "keyInputLabel": "AIThriving API key",
@@ -51,10 +51,10 @@ export const ENGLISH = {
     "serverAnswered": "The server answered HTTP {status}; nothing was changed.",
     "serverUnreachable": "The ComfyUI server could not be reached.",
     "dialogTitle": "AIThriving API key",
-    "dialogOffline": "Or switch on the free local stand-in in Settings → AIThriving.",
+    "dialogOffline": "Or switch on the free stand-in in Settings → AIThriving.",
     "setKeyInSettings": "Set the API key in Settings → AIThriving → API key.",
     "toastNoKeySummary": "AIThriving Structure: no API key set",
-    "toastNoKeyDetail": "Set it in Settings → AIThriving → API key, or switch on the free local stand-in there.",
+    "toastNoKeyDetail": "Set it in Settings → AIThriving → API key, or switch on the free stand-in there.",
     "toastSummary": "AIThriving",
     "menuSetKey": "AIThriving: set API key…"
   },
@@ -68,7 +68,7 @@ export const ENGLISH = {
       "tooltip": "Saved in your own key file (in your user's config folder, readable only by you), never in ComfyUI's settings, workflows or images."
     },
     "AIThriving_Setup_LocalStandIn": {
-      "name": "Use the free local stand-in (no key, no credits)",
+      "name": "Use the free stand-in (no key, no credits)",
       "tooltip": "Runs the Structure node against a stand-in inside ComfyUI: images drawn from the input's edges, coloured from the prompt; no key, no network, 0 credits. Turn off for real results."
     }
   }

@@ -4,10 +4,10 @@
 //                                      a password field that posts the key (POST /aithriving/key) and a
 //                                      button that removes the key file (DELETE). Write-only: the key is
 //                                      never read back, never kept in the settings, the workflow or a PNG.
-//   Settings → AIThriving → Offline   "Use the free local stand-in (no key, no credits)", kept by the
+//   Settings → AIThriving → Offline   "Use the free stand-in (no key, no credits)", kept by the
 //                                      server next to the key file (GET/POST /aithriving/mode).
 //   On each Structure node            a notice badge: "API key not set · Settings → AIThriving" when no
-//                                      key is set and offline mode is off; "local stand-in · free" when on.
+//                                      key is set and offline mode is off; "stand-in · free" when on.
 //   At start-up                       a toast saying the same when no key is set and offline mode is off.
 // The node's right-click menu opens a small key dialog too: through the frontend's getNodeMenuItems hook
 // where it has one (frontends since late 2025), else by extending the node's getExtraMenuOptions.
@@ -17,18 +17,19 @@ import { api } from "../../scripts/api.js";
 import { NODE_ID, currentLocale, loadTranslations, settingText, t } from "./aithriving_i18n.js";
 
 const KEY_SETTING = "AIThriving.Setup.APIKey";
-const LOCAL_SETTING = "AIThriving.Setup.LocalStandIn";
+// The setting id keeps its first name: ComfyUI keeps each user's value under it.
+const OFFLINE_SETTING = "AIThriving.Setup.LocalStandIn";
 
 // What the server last said. The cost badges (web/aithriving_structure.js) import it for offline mode;
 // other code in the page reads it as this extension's `state` (app.extensions): no page global.
-const state = { key: null, local: null, error: null };
+const state = { key: null, offline: null, error: null };
 export const setupState = state;
 const listeners = new Set();
 let noKeyToast = null; // the start-up toast, taken away once a key is set or offline mode is on
 
 function changed() {
   for (const listener of listeners) listener();
-  if (noKeyToast && (state.key?.set || state.local)) {
+  if (noKeyToast && (state.key?.set || state.offline)) {
     try {
       app.extensionManager?.toast?.remove?.(noKeyToast);
     } catch (error) {
@@ -78,7 +79,7 @@ async function refresh() {
       api.fetchApi("/aithriving/mode").then(answerOf),
     ]);
     state.key = key;
-    state.local = mode.local === true;
+    state.offline = mode.offline === true;
     state.error = null;
   } catch (error) {
     state.error = problemText(error);
@@ -104,11 +105,11 @@ async function removeKey() {
   changed();
 }
 
-async function sendMode(local) {
+async function sendMode(offline) {
   const response = await api.fetchApi("/aithriving/mode", {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ local }),
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ offline }),
   });
-  state.local = (await answerOf(response)).local === true;
+  state.offline = (await answerOf(response)).offline === true;
   changed();
 }
 
@@ -118,7 +119,7 @@ function keyStatusText() {
   if (!key) return t("keyStatusAsking");
   if (key.source === "environment") return t("keyStatusEnvironment");
   if (key.set) return t("keyStatusSaved");
-  return t(state.local ? "keyStatusNoneLocal" : "keyStatusNone");
+  return t(state.offline ? "keyStatusNoneStandIn" : "keyStatusNone");
 }
 
 function element(tag, props = {}, children = []) {
@@ -231,7 +232,7 @@ function openKeyDialog() {
 }
 
 function noticeText() {
-  if (state.local) return t("noticeLocal");
+  if (state.offline) return t("noticeStandIn");
   if (state.key && !state.key.set) return t("noticeNoKey");
   return "";
 }
@@ -250,7 +251,7 @@ function frontendHasNodeMenuItems() {
 function noticeBadge(node) {
   const text = noticeText();
   return new window.LGraphBadge({
-    text, fgColor: "#ffffff", bgColor: state.local ? "#2F5D7C" : "#9B3B2F",
+    text, fgColor: "#ffffff", bgColor: state.offline ? "#2F5D7C" : "#9B3B2F",
   });
 }
 
@@ -271,15 +272,15 @@ app.registerExtension({
       defaultValue: "",
     },
     {
-      id: LOCAL_SETTING,
+      id: OFFLINE_SETTING,
       category: ["AIThriving", "Setup", "Offline"],
-      name: settingText(LOCAL_SETTING, "name"),
-      tooltip: settingText(LOCAL_SETTING, "tooltip"),
+      name: settingText(OFFLINE_SETTING, "name"),
+      tooltip: settingText(OFFLINE_SETTING, "tooltip"),
       type: "boolean",
       defaultValue: false,
       onChange: async (value) => {
         // The server's settings file is the truth; this setting only mirrors it.
-        if (state.local === null || value === state.local) return;
+        if (state.offline === null || value === state.offline) return;
         try {
           await sendMode(value === true);
         } catch (error) {
@@ -294,14 +295,14 @@ app.registerExtension({
   async setup() {
     await Promise.all([loadTranslations(), refresh()]);
     const setting = app.extensionManager?.setting;
-    if (state.local !== null && setting?.get?.(LOCAL_SETTING) !== state.local) {
+    if (state.offline !== null && setting?.get?.(OFFLINE_SETTING) !== state.offline) {
       try {
-        await setting.set(LOCAL_SETTING, state.local);
+        await setting.set(OFFLINE_SETTING, state.offline);
       } catch (error) {
         console.warn("[aithriving.setup] could not mirror the offline mode into the settings", error);
       }
     }
-    if (state.key && !state.key.set && !state.local) {
+    if (state.key && !state.key.set && !state.offline) {
       noKeyToast = {
         severity: "warn", summary: t("toastNoKeySummary"), detail: t("toastNoKeyDetail"), life: 12000,
       };

@@ -5,7 +5,7 @@
 //                                          upstream tells it (LoadImage, RepeatImageBatch, ...);
 //                 "≈ N credits per image"  when it does not (N from the node's schema: see below);
 //   after a run   "Last run: 24 credits"   from the node's UI output `aithriving_cost` (sent by the
-//                                          server with the "executed" message), "(k from cache)" added
+//                                          server with the "executed" message), "(k from the result store)" added
 //                                          when images came from the result store and were not paid;
 //                 "Last run: 0 credits (ComfyUI reused the previous result)" when ComfyUI did not run
 //                                          the node at all (unchanged inputs) and re-sent its old output.
@@ -130,9 +130,9 @@ function imagesOutOf(node, depth) {
 
 function estimateText(node) {
   // Offline mode (web/aithriving_setup.js keeps the server's word): the in-process stand-in charges nothing.
-  if (setupState.local) return text("estimateLocal", {});
+  if (setupState.offline) return text("estimateStandIn", {});
   // The last run was answered by a free stand-in (`serve` at AITHRIVING_BASE_URL): so is the next one.
-  if (node.aithrivingLastCost?.free && !node.aithrivingLastCost.reused) return text("estimateLocal", {});
+  if (node.aithrivingLastCost?.free && !node.aithrivingLastCost.reused) return text("estimateStandIn", {});
   const images = imagesInto(node, imageInputIndex(node, "image"));
   if (images != null) return text("estimate", { credits: images * CREDITS_PER_IMAGE, images });
   const last = lastCost(node);
@@ -146,9 +146,9 @@ function lastRunText(node) {
   const cost = lastCost(node);
   if (!cost) return "";
   if (cost.reused) return text("lastRunReused", {});
-  if (cost.local || cost.free) return text("lastRunLocal", {});
-  const values = { credits: cost.credits, images: cost.images, cached: cost.from_cache };
-  return text(cost.from_cache > 0 ? "lastRunCached" : "lastRun", values);
+  if (cost.offline || cost.free) return text("lastRunStandIn", {});
+  const values = { credits: cost.credits, images: cost.images, stored: cost.from_store };
+  return text(cost.from_store > 0 ? "lastRunFromStore" : "lastRun", values);
 }
 
 // cost: the node's UI output `aithriving_cost[0]`, or null when ComfyUI reused the node's last output
@@ -157,9 +157,9 @@ function recordCost(node, cost) {
   const reused = cost === null || reusedByComfy.has(String(node.id));
   const previous = node.aithrivingLastCost;
   node.aithrivingLastCost = reused
-    ? { credits: 0, images: previous?.images ?? cost?.images ?? null, from_cache: 0, seeds: previous?.seeds ?? [], reused }
-    : { credits: cost.credits, images: cost.images, from_cache: cost.from_cache ?? 0, seeds: cost.seeds ?? [], reused,
-        local: cost.local === true, free: cost.free === true };
+    ? { credits: 0, images: previous?.images ?? cost?.images ?? null, from_store: 0, seeds: previous?.seeds ?? [], reused }
+    : { credits: cost.credits, images: cost.images, from_store: cost.from_store ?? 0, seeds: cost.seeds ?? [], reused,
+        offline: cost.offline === true, free: cost.free === true };
   node.aithrivingRuns = (node.aithrivingRuns ?? 0) + 1;
   // Node state: what the Nodes 2.0 renderer of newer frontends redraws the badges from.
   node.setProperty?.(LAST_RUN_PROPERTY, { ...node.aithrivingLastCost, run: node.aithrivingRuns });

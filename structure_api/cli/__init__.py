@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 import threading
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 from ..errors import CancelledError, StructureError
 from .args import build_parser
@@ -45,15 +45,17 @@ def _verbose_log(verbose: bool) -> Iterator[None]:
 
 
 def _what_an_interrupt_left(args: argparse.Namespace) -> str:
-    """What a Ctrl-C cost, truly for each command: only a request to the paid service can be charged."""
+    """Say what a Ctrl-C cost, truly for each command: only a request to the paid service can be charged."""
     if args.command == "serve":
         return "the stand-in stopped (it charges nothing)"
     if args.command == "results":
         return "this command sends no request, so nothing was charged; what was not exported yet stays kept"
-    if getattr(args, "local", False):
-        return "nothing more was written (the local stand-in charges nothing)"
-    return ("nothing more was written (a request in flight may have been charged if its upload had finished; "
-            "any answer that arrived is kept: see `structure-api results`)")
+    if getattr(args, "offline", False):
+        return "nothing more was written (the stand-in charges nothing)"
+    return (
+        "nothing more was written (a request in flight may have been charged if its upload had finished; "
+        "any answer that arrived is kept: see `structure-api results`)"
+    )
 
 
 def _survive_any_console() -> None:
@@ -73,12 +75,15 @@ def _survive_any_console() -> None:
 
 def _ctrl_break_as_ctrl_c() -> None:
     """On Windows, Ctrl-Break ends a program at once by default: make it a Ctrl-C, said and handled as one."""
-    if sys.platform == "win32" and threading.current_thread() is threading.main_thread() \
-            and signal.getsignal(signal.SIGBREAK) is signal.SIG_DFL:
+    if (
+        sys.platform == "win32"
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGBREAK) is signal.SIG_DFL
+    ):
         signal.signal(signal.SIGBREAK, signal.default_int_handler)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; expected failures print one line on stderr and return non-zero."""
     _survive_any_console()
     _ctrl_break_as_ctrl_c()

@@ -1,4 +1,4 @@
-"""The batch command: one request per image of a folder, resumable, with Ctrl-C handling and a progress line."""
+"""The batch command: one request per image of a folder, resumable, with Ctrl-C handling and progress."""
 
 from __future__ import annotations
 
@@ -8,19 +8,27 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from ..batch import BatchProgress, BatchReport, max_concurrency_from_env, run_batch
 from ..client import StructureResult
 from ..errors import CancelledError
-from ..files import FileAccessError, FolderLock, InputImage, batch_outputs, check_writable_folder, \
-    is_finished_output, list_input_images, read_input_image
+from ..files import (
+    FileAccessError,
+    FolderLock,
+    InputImage,
+    batch_outputs,
+    check_writable_folder,
+    is_finished_output,
+    list_input_images,
+    read_input_image,
+)
 from ..pipeline import batch_seeds
 from ..request import StructureRequest
 from .exits import EXIT_FAILED, EXIT_INTERRUPTED
-from .target import RequestTarget, check_parameters, structure_request, write_result
+from .target import RequestTarget, check_params, structure_request, write_result
 
 
 class _ProgressLine:
@@ -37,8 +45,10 @@ class _ProgressLine:
         self.last_done = progress.done
         bar = 24
         filled = int(bar * progress.done / max(1, self.total))
-        line = (f"[{'#' * filled}{'.' * (bar - filled)}] {progress.done}/{self.total} "
-                f"· {progress.credits} credits · {progress.message}")
+        line = (
+            f"[{'#' * filled}{'.' * (bar - filled)}] {progress.done}/{self.total} "
+            f"· {progress.credits} credits · {progress.message}"
+        )
         if self.tty:
             # One column short of the width: writing the last column wraps on some terminals.
             width = max(20, shutil.get_terminal_size().columns - 1)
@@ -64,21 +74,23 @@ class _Interrupts:
     def __call__(self, signum: int, frame: object) -> None:
         if not self.stop_sending.is_set():
             self.stop_sending.set()
-            sys.stderr.write("\nstopping: no new requests; the ones in flight finish, because the service is already "
-                             "making them (Ctrl-C again to drop them: they may still be charged)\n")
+            sys.stderr.write(
+                "\nstopping: no new requests; the ones in flight finish, because the service is already "
+                "making them (Ctrl-C again to drop them: they may still be charged)\n"
+            )
         elif not self.drop_in_flight.is_set():
             self.drop_in_flight.set()
         else:
             raise KeyboardInterrupt
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator["_Interrupts"]:
-        """Handle Ctrl-C (and Ctrl-Break on Windows) for the block, unless ignored (nohup, a background job)."""
+    def installed(self) -> Iterator[_Interrupts]:
+        """Handle Ctrl-C (Ctrl-Break on Windows) for the block, unless ignored (nohup, a background job)."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
         inherited = {}
-        for signum in interrupt_signals():
+        for signum in _interrupt_signals():
             handler = signal.getsignal(signum)
             if handler is not signal.SIG_IGN:
                 inherited[signum] = handler
@@ -90,7 +102,7 @@ class _Interrupts:
                 signal.signal(signum, handler)
 
 
-def interrupt_signals() -> list[int]:
+def _interrupt_signals() -> list[int]:
     """SIGINT, and on Windows SIGBREAK: Ctrl-Break, the one a program can send to another's process group."""
     return [signal.SIGINT, *([signal.SIGBREAK] if sys.platform == "win32" else [])]
 
@@ -141,14 +153,14 @@ class _BatchFiles:
         return self.inputs[self.todo[slot]].name
 
     def label(self, slot: int) -> str:
-        """What the store records with a result: the output it was meant for."""
+        """Label a result for the store with the output it was meant for."""
         return str(self.targets[self.todo[slot]])
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
     """One request per image of a folder; everything that can be checked is checked before the first."""
     output_format = args.format or "png"
-    check_parameters(args, output_format)
+    check_params(args, output_format)
     inputs = list_input_images(args.input_dir)
     targets = batch_outputs(inputs, args.input_dir, args.output_dir, output_format)
     check_writable_folder(args.output_dir)
@@ -162,11 +174,19 @@ def cmd_batch(args: argparse.Namespace) -> int:
         progress = _ProgressLine(len(files.todo))
         with interrupts.installed():
             try:
-                report = run_batch(target.client, len(files.todo), files.make_request, on_result=files.on_result,
-                                   store=target.store, label=files.label, max_concurrency=concurrency,
-                                   on_progress=progress, should_stop_sending=interrupts.stop_sending.is_set,
-                                   should_cancel=interrupts.drop_in_flight.is_set,
-                                   keep_in_flight=False)  # the second Ctrl-C drops what is in flight
+                report = run_batch(
+                    target.client,
+                    len(files.todo),
+                    files.make_request,
+                    on_result=files.on_result,
+                    store=target.store,
+                    label=files.label,
+                    max_concurrency=concurrency,
+                    on_progress=progress,
+                    should_stop_sending=interrupts.stop_sending.is_set,
+                    should_cancel=interrupts.drop_in_flight.is_set,
+                    keep_in_flight=False,
+                )  # the second Ctrl-C drops what is in flight
             finally:
                 progress.close()
     return _summarise(report, files, skipped, target)
@@ -174,8 +194,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def _summarise(report: BatchReport, files: _BatchFiles, skipped: int, target: RequestTarget) -> int:
     interrupted = files.interrupts.stop_sending.is_set()
-    not_sent = {slot for slot, error in report.failures.items()
-                if interrupted and isinstance(error, CancelledError) and slot not in files.started}
+    not_sent = {
+        slot
+        for slot, error in report.failures.items()
+        if interrupted and isinstance(error, CancelledError) and slot not in files.started
+    }
     for slot, error in sorted(report.failures.items()):
         if slot not in not_sent:
             print(f"failed: {files.name(slot)}: {error}", file=sys.stderr)
@@ -187,11 +210,20 @@ def _summarise(report: BatchReport, files: _BatchFiles, skipped: int, target: Re
         # Stopped before its upload was complete: not sent, as far as the service knows.
         left = len(files.todo) - len(files.started) - len(unreadable) + len(report.stopped & files.started)
         dropped = len(files.started - set(report.seeds) - set(report.failures) - report.stopped)
-        stopped = (f"; {dropped} request(s) in flight were dropped, and the service may have charged for those "
-                   "whose upload had finished" if dropped and not target.free else "")
-        print(f"interrupted: {written} of {len(files.todo)} image(s) done and written, {report.credits} credits "
-              f"paid for them, {left} not sent{stopped}; run the same command again to continue", file=sys.stderr)
+        stopped = (
+            f"; {dropped} request(s) in flight were dropped, and the service may have charged for those "
+            "whose upload had finished"
+            if dropped and not target.free
+            else ""
+        )
+        print(
+            f"interrupted: {written} of {len(files.todo)} image(s) done and written, {report.credits} "
+            f"credits paid for them, {left} not sent{stopped}; run the same command again to continue",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
-    print(f"done {written}, failed {len(report.failures) + len(files.not_written)}, skipped {skipped}, "
-          f"credits {report.credits}")
+    print(
+        f"done {written}, failed {len(report.failures) + len(files.not_written)}, skipped {skipped}, "
+        f"credits {report.credits}"
+    )
     return EXIT_FAILED if report.failures or files.not_written else 0

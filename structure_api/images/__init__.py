@@ -5,8 +5,10 @@ is ``[H, W, C]``. Inside this package pixels travel as ``[H, W, 3]`` uint8 numpy
 Each step has its module; every name is importable from here:
 
 - ``arrays``: ``ImageSize``, tensors and arrays to uint8 RGB and back to float batches;
-- ``fit``: fitting into the contract's limits (``plan_fit``, ``fit_to_limits``) and back (``restore_from_fit``);
-- ``png``: the fast PNG writer; ``encode``: the upload (``encode_upload``) and output files (``encode_image``);
+- ``fit``: fitting into the contract's limits (``plan_fit``, ``fit_to_limits``) and back
+(``restore_from_fit``);
+- ``png``: the fast PNG writer; ``encode``: the upload (``encode_upload``) and output files
+(``encode_image``);
 - ``decode``: the answer's bytes to pixels, guarded against cut-short files and decompression bombs.
 """
 
@@ -25,8 +27,22 @@ from .fit import FitPlan, fit_to_limits, plan_fit, restore_from_fit
 from .png import encode_png
 
 __all__ = [
-    "ImageSize", "as_numpy", "new_output_batch", "to_uint8_rgb", "uint8_to_float",
-    "FitPlan", "plan_fit", "fit_to_limits", "restore_from_fit",
-    "EncodedImage", "encode_png", "encode_image", "encode_upload",
-    "detect_format", "image_header_size", "decode_image", "decode_image_into", "decode_base64",
+    "ImageSize",
+    "as_numpy",
+    "new_output_batch",
+    "to_uint8_rgb",
+    "uint8_to_float",
+    "FitPlan",
+    "plan_fit",
+    "fit_to_limits",
+    "restore_from_fit",
+    "EncodedImage",
+    "encode_png",
+    "encode_image",
+    "encode_upload",
+    "detect_format",
+    "image_header_size",
+    "decode_image",
+    "decode_image_into",
+    "decode_base64",
 ]

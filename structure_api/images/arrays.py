@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -30,8 +30,8 @@ class ImageSize:
         return self.width * self.height
 
     @classmethod
-    def of(cls, pixels: Any) -> "ImageSize":
-        """The size of an ``[H, W, ...]`` array or tensor."""
+    def of(cls, pixels: Any) -> ImageSize:
+        """Return the size of an ``[H, W, ...]`` array or tensor."""
         height, width = (int(side) for side in tuple(pixels.shape)[:2])
         return cls(width=width, height=height)
 
@@ -42,13 +42,13 @@ class ImageSize:
 # --- tensors and arrays in, uint8 RGB out ----------------------------------------------
 
 
-def is_torch_tensor(obj: object) -> bool:
-    """True for a torch tensor, without importing torch (if it is not loaded, nothing is a tensor)."""
+def _is_torch_tensor(obj: object) -> bool:
+    """Tell whether ``obj`` is a torch tensor, without importing torch (not loaded: nothing is one)."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
-def _who(index: Optional[int]) -> str:
+def _who(index: int | None) -> str:
     return "The image" if index is None else f"Image {index + 1} of the batch"
 
 
@@ -65,7 +65,7 @@ def _quantize(values: np.ndarray, scale: float) -> np.ndarray:
     buffer = np.empty((min(per_block, height), width, channels), dtype=np.float32)
     for start in range(0, height, per_block):
         stop = min(height, start + per_block)
-        scratch = buffer[:stop - start]
+        scratch = buffer[: stop - start]
         with np.errstate(over="ignore", invalid="ignore"):
             np.multiply(values[start:stop], np.float32(scale), out=scratch, dtype=np.float32)
         # fmax/fmin return the non-NaN operand, so these two passes also send NaN to 0 and
@@ -76,7 +76,7 @@ def _quantize(values: np.ndarray, scale: float) -> np.ndarray:
     return result
 
 
-def to_uint8_rgb(image: Any, *, index: Optional[int] = None) -> np.ndarray:
+def to_uint8_rgb(image: Any, *, index: int | None = None) -> np.ndarray:
     """One ``[H, W, C]`` image (torch or numpy, float 0..1 or integer) as contiguous ``[H, W, 3]`` uint8.
 
     Floats are clamped to 0..1 and rounded (NaN and -inf to 0, +inf to 1). uint8 is taken as
@@ -85,7 +85,7 @@ def to_uint8_rgb(image: Any, *, index: Optional[int] = None) -> np.ndarray:
     ``index`` (0-based) only names the image in error messages. A uint8 RGB input that is
     already contiguous comes back as is (sharing memory), since nothing here writes to it.
     """
-    if is_torch_tensor(image):
+    if _is_torch_tensor(image):
         import torch
 
         tensor = image.detach()
@@ -122,7 +122,9 @@ def to_uint8_rgb(image: Any, *, index: Optional[int] = None) -> np.ndarray:
     elif kind in "iu":
         pixels = np.clip(colour, 0, 255).astype(np.uint8)
     else:
-        raise InvalidImageError(f"{who} holds values of type {array.dtype}; expected floats in 0..1 or integers.")
+        raise InvalidImageError(
+            f"{who} holds values of type {array.dtype}; expected floats in 0..1 or integers."
+        )
     if pixels.shape[2] == 1:
         pixels = np.repeat(pixels, 3, axis=2)
     return pixels
@@ -130,19 +132,27 @@ def to_uint8_rgb(image: Any, *, index: Optional[int] = None) -> np.ndarray:
 
 def check_rgb8(pixels: Any, what: str = "The image") -> np.ndarray:
     """``pixels`` if it is a non-empty ``[H, W, 3]`` uint8 array, else InvalidImageError naming ``what``."""
-    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 3 \
-            or pixels.shape[2] != 3 or pixels.shape[0] == 0 or pixels.shape[1] == 0:
+    if (
+        not isinstance(pixels, np.ndarray)
+        or pixels.dtype != np.uint8
+        or pixels.ndim != 3
+        or pixels.shape[2] != 3
+        or pixels.shape[0] == 0
+        or pixels.shape[1] == 0
+    ):
         shape = list(getattr(pixels, "shape", ()))
         dtype = getattr(pixels, "dtype", type(pixels).__name__)
-        raise InvalidImageError(f"{what} must be a [height, width, 3] uint8 array; got shape {shape} of {dtype}.")
+        raise InvalidImageError(
+            f"{what} must be a [height, width, 3] uint8 array; got shape {shape} of {dtype}."
+        )
     return pixels
 
 
 # --- back to float batches -------------------------------------------------------------
 
 
-def uint8_to_float(pixels: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
-    """``[H, W, 3]`` uint8 to float32 0..1, written into ``out`` (e.g. a slice of an output batch) if given."""
+def uint8_to_float(pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Convert ``[H, W, 3]`` uint8 to float32 0..1, into ``out`` (e.g. a slice of a batch) if given."""
     pixels = check_rgb8(pixels)
     if out is None:
         out = np.empty(pixels.shape, dtype=np.float32)
@@ -155,9 +165,9 @@ def uint8_to_float(pixels: np.ndarray, out: Optional[np.ndarray] = None) -> np.n
 
 
 def new_output_batch(count: int, size: ImageSize, like: Any = None) -> Any:
-    """A zeroed float32 ``[count, H, W, 3]`` batch: a CPU torch tensor when ``like`` is one, else numpy."""
+    """Allocate a zeroed float32 ``[count, H, W, 3]`` batch: torch (CPU) when ``like`` is, else numpy."""
     shape = (count, size.height, size.width, 3)
-    if is_torch_tensor(like):
+    if _is_torch_tensor(like):
         import torch
 
         return torch.zeros(shape, dtype=torch.float32)
@@ -165,8 +175,8 @@ def new_output_batch(count: int, size: ImageSize, like: Any = None) -> Any:
 
 
 def as_numpy(batch: Any) -> np.ndarray:
-    """A writable numpy view of a batch from ``new_output_batch`` (shares memory with a tensor)."""
-    if is_torch_tensor(batch):
+    """Return a writable numpy view of a batch from ``new_output_batch`` (shares memory with a tensor)."""
+    if _is_torch_tensor(batch):
         return batch.detach().numpy()
     array = np.asarray(batch)
     if not array.flags.writeable:

@@ -6,7 +6,7 @@ import binascii
 import contextlib
 import io
 import struct
-from typing import Iterator, Optional, Union
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -20,7 +20,7 @@ from .png import PNG_SIGNATURE
 _COPY_BLOCK_BYTES = 1 << 18
 
 
-def detect_format(data: bytes) -> Optional[str]:
+def detect_format(data: bytes) -> str | None:
     """'png', 'jpeg' or 'webp' from the magic bytes, else None."""
     head = bytes(data[:12])
     if head.startswith(PNG_SIGNATURE):
@@ -32,7 +32,7 @@ def detect_format(data: bytes) -> Optional[str]:
     return None
 
 
-def _looks_truncated(data: bytes, fmt: Optional[str]) -> bool:
+def _looks_truncated(data: bytes, fmt: str | None) -> bool:
     # Pillow refuses truncated files only while ImageFile.LOAD_TRUNCATED_IMAGES is False, a
     # global that other ComfyUI nodes are known to switch on; check the ends ourselves.
     if fmt == "png":
@@ -44,26 +44,37 @@ def _looks_truncated(data: bytes, fmt: Optional[str]) -> bool:
     return False
 
 
-def _png_declared_size(data: bytes) -> Optional[ImageSize]:
+def _png_declared_size(data: bytes) -> ImageSize | None:
     if detect_format(data) == "png" and len(data) >= 24 and data[12:16] == b"IHDR":
         width, height = struct.unpack(">II", data[16:24])
         return ImageSize(width=width, height=height)
     return None
 
 
-def _bomb_error(size: Optional[ImageSize]) -> MalformedResponseError:
+def _bomb_error(size: ImageSize | None) -> MalformedResponseError:
     if size is None:
         return MalformedResponseError(
-            "The service returned an image larger than any it can produce; it was not decoded.")
+            "The service returned an image larger than any it can produce; it was not decoded."
+        )
     return MalformedResponseError(
-        f"The service returned an image of {size.width} x {size.height} pixels, larger than any it can produce; "
-        "it was not decoded.")
+        f"The service returned an image of {size.width} x {size.height} pixels, larger than any it can "
+        "produce; it was not decoded."
+    )
 
 
 _NOT_AN_IMAGE = "The service's answer held bytes that are not an image."
 # What Pillow's format plugins raise on broken input, besides the OSError family.
-_PILLOW_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError,
-                  ZeroDivisionError)
+_PILLOW_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+)
 
 
 def _copy_rgb(image: Image.Image, flat: np.ndarray) -> bool:
@@ -89,9 +100,11 @@ def _copy_rgb(image: Image.Image, flat: np.ndarray) -> bool:
                 raise MalformedResponseError(_NOT_AN_IMAGE)
             if scale:
                 # Division (not multiplication by 1/255): v/255 correctly rounded, as uint8_to_float does.
-                np.divide(piece, np.float32(255), out=flat[position:position + len(piece)], dtype=np.float32)
+                np.divide(
+                    piece, np.float32(255), out=flat[position : position + len(piece)], dtype=np.float32
+                )
             else:
-                flat[position:position + len(piece)] = piece
+                flat[position : position + len(piece)] = piece
             position += len(piece)
     finally:
         encoder.cleanup()
@@ -101,7 +114,7 @@ def _copy_rgb(image: Image.Image, flat: np.ndarray) -> bool:
 
 
 def _rgb_pixels(image: Image.Image) -> np.ndarray:
-    """An RGB-mode image's pixels as a new writable ``[H, W, 3]`` uint8 array, copied out of Pillow once."""
+    """Copy an RGB-mode image's pixels out of Pillow once, into a new writable ``[H, W, 3]`` uint8 array."""
     width, height = image.size
     pixels = np.empty((height, width, 3), dtype=np.uint8)
     if not _copy_rgb(image, pixels.reshape(-1)):  # a future Pillow without it: the plain, slower way
@@ -126,7 +139,7 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
 
 @contextlib.contextmanager
 def _opened(data: bytes) -> Iterator[Image.Image]:
-    """The bytes opened by Pillow (nothing decoded until ``load``); what Pillow raises becomes MalformedResponseError."""
+    """Open the bytes with Pillow (nothing decoded until ``load``); errors become MalformedResponseError."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             yield image
@@ -141,13 +154,13 @@ def _opened(data: bytes) -> Iterator[Image.Image]:
         raise MalformedResponseError(_NOT_AN_IMAGE) from None
 
 
-def _refuse_cut_short(data: bytes, fmt: Optional[str]) -> None:
+def _refuse_cut_short(data: bytes, fmt: str | None) -> None:
     if _looks_truncated(data, fmt):
         raise MalformedResponseError("The service's answer held an image that is cut short.")
 
 
 def _declared_size(image: Image.Image, max_pixels: int) -> ImageSize:
-    """The size in the header (Image.open decodes no pixels), refused when empty or over ``max_pixels``."""
+    """Read the header's size (Image.open decodes no pixels); refuse it when empty or over ``max_pixels``."""
     width, height = image.size
     if width < 1 or height < 1:
         raise MalformedResponseError(_NOT_AN_IMAGE)
@@ -172,10 +185,12 @@ def decode_image(data: bytes, *, max_pixels: int = 4 * MAX_PIXELS) -> np.ndarray
 
 
 def image_header_size(data: bytes, *, max_pixels: int = 4 * MAX_PIXELS) -> ImageSize:
-    """The size a PNG, JPEG or WebP declares, after checking it is one, not cut short and not a bomb; no pixel is decoded."""
+    """Read the size a PNG, JPEG or WebP declares, checking it is one, whole and no bomb; decode no pixel."""
     fmt = detect_format(data)
     if fmt is None:
-        raise MalformedResponseError("The service's answer held bytes that are not an image (not PNG, JPEG or WebP).")
+        raise MalformedResponseError(
+            "The service's answer held bytes that are not an image (not PNG, JPEG or WebP)."
+        )
     _refuse_cut_short(data, fmt)
     with _opened(data) as image:
         return _declared_size(image, max_pixels)
@@ -192,7 +207,9 @@ def decode_image_into(data: bytes, out: np.ndarray, *, max_pixels: int = 4 * MAX
     """
     size = image_header_size(data, max_pixels=max_pixels)
     if out.shape != (size.height, size.width, 3) or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"out has shape {list(out.shape)}; expected [{size.height}, {size.width}, 3] float32.")
+        raise ValueError(
+            f"out has shape {list(out.shape)}; expected [{size.height}, {size.width}, 3] float32."
+        )
     with _opened(data) as image:
         image.load()
         if image.mode != "RGB" or not _copy_rgb(image, out.reshape(-1)):
@@ -202,7 +219,7 @@ def decode_image_into(data: bytes, out: np.ndarray, *, max_pixels: int = 4 * MAX
 _URL_SAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 
 
-def _decode_url_safe(b64: Union[str, bytes, memoryview]) -> Optional[bytes]:
+def _decode_url_safe(b64: str | bytes | memoryview) -> bytes | None:
     """URL-safe base64 (``-`` and ``_``, padding optional) to bytes; None when it is not that either."""
     text = b64.encode("ascii", "replace") if isinstance(b64, str) else bytes(b64)
     text = b"".join(text.split()).translate(_URL_SAFE_TO_STANDARD)
@@ -213,7 +230,7 @@ def _decode_url_safe(b64: Union[str, bytes, memoryview]) -> Optional[bytes]:
         return None
 
 
-def decode_base64(b64: Union[str, bytes, memoryview]) -> bytes:
+def decode_base64(b64: str | bytes | memoryview) -> bytes:
     """Base64, standard or URL-safe (a ``data:image/...;base64,`` URL too; line breaks allowed), to bytes."""
     if isinstance(b64, memoryview) and bytes(b64[:5]).lower() == b"data:":
         b64 = bytes(b64)  # rare: a data URL is cut apart as bytes
@@ -227,8 +244,9 @@ def decode_base64(b64: Union[str, bytes, memoryview]) -> bytes:
             raw = binascii.a2b_base64(b64, strict_mode=True)
         except binascii.Error:
             text = bytes(b64) if isinstance(b64, memoryview) else b64
-            raw = binascii.a2b_base64("".join(text.split()) if isinstance(text, str) else b"".join(text.split()),
-                                      strict_mode=True)
+            raw = binascii.a2b_base64(
+                "".join(text.split()) if isinstance(text, str) else b"".join(text.split()), strict_mode=True
+            )
     except (binascii.Error, ValueError):
         raw = _decode_url_safe(b64)
         if raw is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -33,7 +33,7 @@ class EncodedImage:
         return f"image.{_EXTENSIONS.get(self.format, self.format)}"
 
 
-def _pillow_encode(pixels: np.ndarray, fmt: str, **options: Any) -> Optional[bytes]:
+def _pillow_encode(pixels: np.ndarray, fmt: str, **options: Any) -> bytes | None:
     buffer = io.BytesIO()
     try:
         Image.fromarray(np.ascontiguousarray(pixels), mode="RGB").save(buffer, format=fmt, **options)
@@ -62,7 +62,9 @@ def encode_image(pixels: np.ndarray, fmt: str) -> bytes:
 _JPEG_STEPS = ((95, 0), (95, 2), (90, 2), (85, 2), (75, 2), (60, 2))
 
 
-def encode_upload(pixels: np.ndarray, max_bytes: int = MAX_REQUEST_BYTES - FORM_HEADROOM_BYTES) -> EncodedImage:
+def encode_upload(
+    pixels: np.ndarray, max_bytes: int = MAX_REQUEST_BYTES - FORM_HEADROOM_BYTES
+) -> EncodedImage:
     """Encode ``[H, W, 3]`` uint8 for the upload: lossless PNG, else the best JPEG within ``max_bytes``."""
     pixels = check_rgb8(pixels)
     size = ImageSize.of(pixels)
@@ -74,5 +76,5 @@ def encode_upload(pixels: np.ndarray, max_bytes: int = MAX_REQUEST_BYTES - FORM_
         if jpeg is not None and len(jpeg) <= max_bytes:
             return EncodedImage(data=jpeg, format="jpeg", mime_type=_MIME_TYPES["jpeg"], size=size)
     raise InvalidImageError(
-        f"The {size} image does not fit in {max_bytes / 2**20:.2f} MiB even as a JPEG; use a smaller image.")
-
+        f"The {size} image does not fit in {max_bytes / 2**20:.2f} MiB even as a JPEG; use a smaller image."
+    )

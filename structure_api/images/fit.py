@@ -1,10 +1,9 @@
-"""Fitting an image into the service's limits (pad to the aspect, scale to the pixel and side limits), and back."""
+"""Fitting an image into the service's limits (pad to the aspect, scale to the limits), and back."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -29,8 +28,8 @@ class FitPlan:
     content: ImageSize
 
     @classmethod
-    def identity(cls, size: ImageSize) -> "FitPlan":
-        """The plan for an image sent as it is."""
+    def identity(cls, size: ImageSize) -> FitPlan:
+        """Plan to send an image as it is."""
         return cls(original=size, sent=size, content_left=0, content_top=0, content=size)
 
     @property
@@ -79,7 +78,7 @@ def _canvas_size(width: int, height: int) -> ImageSize:
 
 
 def plan_fit(size: ImageSize) -> FitPlan:
-    """The plan ``fit_to_limits`` follows for an image of ``size``, computed without pixels."""
+    """Plan what ``fit_to_limits`` does to an image of ``size``, without pixels."""
     width, height = size.width, size.height
     if width < 1 or height < 1:
         raise InvalidImageError(f"The image is {size} pixels; it needs at least one pixel each side.")
@@ -91,10 +90,16 @@ def plan_fit(size: ImageSize) -> FitPlan:
         canvas_width = -(-2 * height // 5)
     # 2./3. Scale the padded canvas down or up into the pixel and side limits.
     sent = _canvas_size(canvas_width, canvas_height)
-    content_width = sent.width if canvas_width == width else \
-        min(sent.width, max(1, round(width * sent.width / canvas_width)))
-    content_height = sent.height if canvas_height == height else \
-        min(sent.height, max(1, round(height * sent.height / canvas_height)))
+    content_width = (
+        sent.width
+        if canvas_width == width
+        else min(sent.width, max(1, round(width * sent.width / canvas_width)))
+    )
+    content_height = (
+        sent.height
+        if canvas_height == height
+        else min(sent.height, max(1, round(height * sent.height / canvas_height)))
+    )
     return FitPlan(
         original=size,
         sent=sent,
@@ -104,17 +109,22 @@ def plan_fit(size: ImageSize) -> FitPlan:
     )
 
 
-def _resize(pixels: np.ndarray, size: ImageSize, box: Optional[tuple[float, float, float, float]] = None
-            ) -> np.ndarray:
+def _resize(
+    pixels: np.ndarray, size: ImageSize, box: tuple[float, float, float, float] | None = None
+) -> np.ndarray:
     """Resample ``[H, W, 3]`` uint8 (or the ``box`` of it) to ``size``: Lanczos down, bicubic up."""
     source_area = pixels.shape[0] * pixels.shape[1] if box is None else (box[2] - box[0]) * (box[3] - box[1])
     shrinking = size.pixels < source_area
     resample = Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC
-    image = Image.fromarray(pixels, mode="RGB") if pixels.flags.c_contiguous else \
-        Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
+    image = (
+        Image.fromarray(pixels, mode="RGB")
+        if pixels.flags.c_contiguous
+        else Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
+    )
     # reducing_gap lets Pillow box-reduce large shrinks first: much faster, visually the same.
-    resized = image.resize((size.width, size.height), resample, box=box,
-                           reducing_gap=3.0 if shrinking else None)
+    resized = image.resize(
+        (size.width, size.height), resample, box=box, reducing_gap=3.0 if shrinking else None
+    )
     return np.array(resized, dtype=np.uint8)
 
 
@@ -135,7 +145,9 @@ def fit_to_limits(pixels: np.ndarray) -> tuple[np.ndarray, FitPlan]:
     if plan.padded:
         bottom = plan.sent.height - plan.content.height - plan.content_top
         right = plan.sent.width - plan.content.width - plan.content_left
-        content = np.pad(content, ((plan.content_top, bottom), (plan.content_left, right), (0, 0)), mode="edge")
+        content = np.pad(
+            content, ((plan.content_top, bottom), (plan.content_left, right), (0, 0)), mode="edge"
+        )
     return content, plan
 
 
@@ -152,9 +164,13 @@ def restore_from_fit(pixels: np.ndarray, plan: FitPlan) -> np.ndarray:
     left, top = plan.content_left, plan.content_top
     if result == plan.sent and plan.content == plan.original:
         # Padding only: an exact crop, no resampling.
-        return np.ascontiguousarray(pixels[top:top + plan.content.height, left:left + plan.content.width])
+        return np.ascontiguousarray(pixels[top : top + plan.content.height, left : left + plan.content.width])
     scale_x = result.width / plan.sent.width
     scale_y = result.height / plan.sent.height
-    box = (left * scale_x, top * scale_y,
-           (left + plan.content.width) * scale_x, (top + plan.content.height) * scale_y)
+    box = (
+        left * scale_x,
+        top * scale_y,
+        (left + plan.content.width) * scale_x,
+        (top + plan.content.height) * scale_y,
+    )
     return _resize(pixels, plan.original, box=box)

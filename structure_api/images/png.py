@@ -21,11 +21,16 @@ _FLAT_RATIO = 0.15
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(payload, zlib.crc32(kind)))
+    return (
+        struct.pack(">I", len(payload))
+        + kind
+        + payload
+        + struct.pack(">I", zlib.crc32(payload, zlib.crc32(kind)))
+    )
 
 
 def _png_idat(rows: np.ndarray, png_filter: int, level: int, strategy: int) -> list[bytes]:
-    """zlib stream, in pieces, of the filtered scanlines of ``rows`` (``[H, W*3]`` uint8), one filter for all rows."""
+    """Yield the zlib stream of the filtered scanlines of ``rows`` (``[H, W*3]`` uint8), one filter."""
     height, stride = rows.shape
     per_block = max(1, _PNG_BLOCK_BYTES // (stride + 1))
     lines = np.empty((per_block, stride + 1), dtype=np.uint8)
@@ -38,7 +43,7 @@ def _png_idat(rows: np.ndarray, png_filter: int, level: int, strategy: int) -> l
         count = stop - start
         current = rows[start:stop]
         body = lines[:count, 1:]
-        above = rows[start - 1:stop - 1] if start else None  # the row above the image is zeros
+        above = rows[start - 1 : stop - 1] if start else None  # the row above the image is zeros
         if png_filter == _FILTER_UP:
             if above is None:
                 body[0] = current[0]
@@ -87,5 +92,14 @@ def encode_png(pixels: np.ndarray) -> bytes:
     crc = zlib.crc32(b"IDAT")
     for piece in idat:
         crc = zlib.crc32(piece, crc)
-    return b"".join((PNG_SIGNATURE, _png_chunk(b"IHDR", header), struct.pack(">I", idat_length), b"IDAT",
-                     *idat, struct.pack(">I", crc), _png_chunk(b"IEND", b"")))
+    return b"".join(
+        (
+            PNG_SIGNATURE,
+            _png_chunk(b"IHDR", header),
+            struct.pack(">I", idat_length),
+            b"IDAT",
+            *idat,
+            struct.pack(">I", crc),
+            _png_chunk(b"IEND", b""),
+        )
+    )

@@ -12,15 +12,16 @@ Each fault is a small type that plays itself through the handler's narrow interf
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterable, Optional, Protocol, Union
+from typing import ClassVar, Protocol
 
-from .answers import body_bytes, error_payload
+from .bodies import body_bytes, error_payload
 
 # The faults a fault_rate draw picks from: retryable statuses or a failed generation.
 FAULT_KINDS = ("429", "500", "502", "503", "504", "code-1")
 
-Body = Union[bytes, str, dict, list, None]  # dict or list -> JSON; None -> the default body for the status
+Body = bytes | str | dict | list | None  # dict or list -> JSON; None -> the default body for the status
 
 
 class Exchange(Protocol):
@@ -38,8 +39,15 @@ class Exchange(Protocol):
     def wait_until_stopped(self) -> None:
         """Block until the server begins to stop."""
 
-    def send(self, status: int, body: bytes, content_type: str, headers: Optional[dict[str, str]] = None, *,
-             announced_length: Optional[int] = None) -> None:
+    def send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        headers: dict[str, str] | None = None,
+        *,
+        announced_length: int | None = None,
+    ) -> None:
         """Write one answer (the caller's headers win)."""
 
     def stream(self, status: int, headers: dict[str, str], chunks: Iterable[bytes]) -> None:
@@ -51,7 +59,7 @@ class Exchange(Protocol):
     def send_raw(self, data: bytes) -> None:
         """Write ``data`` as the whole answer, byte for byte (status lines, headers), then close."""
 
-    def answer_normally(self, delay: float = 0.0, headers: Optional[dict[str, str]] = None) -> None:
+    def answer_normally(self, delay: float = 0.0, headers: dict[str, str] | None = None) -> None:
         """Answer as the stand-in normally does, `delay` later, with `headers` added."""
 
 
@@ -65,7 +73,9 @@ class Fault:
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         # Only the types below are played (each dataclass has its own __init__); the old Fault(...) is gone.
-        raise TypeError("Fault is the base of the fault types: script Respond(503), Drop(), Hang(), ... instead.")
+        raise TypeError(
+            "Fault is the base of the fault types: script Respond(503), Drop(), Hang(), ... instead."
+        )
 
     def __init_subclass__(cls, kind: str = "", **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -73,7 +83,8 @@ class Fault:
             cls.kind = kind
 
     def __post_init__(self) -> None:
-        # The dataclasses below call this: a status and a delay, where a fault has them, are checked once here.
+        # The dataclasses below call this: a status and a delay, where a fault has them, are checked once
+        # here.
         status, delay = getattr(self, "status", 200), getattr(self, "delay", 0.0)
         if not 100 <= int(status) <= 599:
             raise ValueError(f"A fault's status must be an HTTP status 100..599; got {status!r}.")
@@ -115,8 +126,13 @@ class GenerationFailed(Respond):
     """HTTP 200 with the service's ``code: -1`` "Generation failed" body (a fault_rate draw's "code-1")."""
 
     status: int = 200
-    body: Body = field(default_factory=lambda: error_payload(
-        "Generation failed, please try again.", "generation_failed", ["the generation did not produce an image"]))
+    body: Body = field(
+        default_factory=lambda: error_payload(
+            "Generation failed, please try again.",
+            "generation_failed",
+            ["the generation did not produce an image"],
+        )
+    )
 
     @property
     def label(self) -> str:
@@ -136,7 +152,9 @@ class Truncate(Fault, kind="truncate"):
         exchange.read_request()
         exchange.wait(self.delay)
         body, content_type = body_bytes(self.body, self.status)
-        exchange.send(self.status, body[: len(body) // 2], content_type, self.headers, announced_length=len(body))
+        exchange.send(
+            self.status, body[: len(body) // 2], content_type, self.headers, announced_length=len(body)
+        )
         exchange.drop()
 
 
@@ -211,7 +229,7 @@ class Passthrough(Fault, kind="passthrough"):
 
 
 def random_fault(kind: str) -> Fault:
-    """The fault a fault_rate draw of `kind` (one of FAULT_KINDS) plays."""
+    """Return the fault a fault_rate draw of `kind` (one of FAULT_KINDS) plays."""
     if kind == "code-1":
         return GenerationFailed()
     if kind == "429":

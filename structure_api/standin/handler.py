@@ -10,15 +10,16 @@ import logging
 import socket
 import time
 import uuid
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler
-from typing import Iterable, Optional, Protocol, Union
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from ..contract import ENDPOINT_PATH, STANDIN_HEADER, STANDIN_HEADER_VALUE, AnswerBody
-from .answers import default_body, error_payload, json_bytes
-from .multipart import BadRequest, Form, parse_multipart
-from .ratelimit import UpstreamRateLimit
+from .bodies import default_body, error_payload, json_bytes
+from .multipart import Form, InvalidUpload, parse_multipart
 from .records import Books, Entry
+from .upstream_limit import UpstreamRateLimit
 
 log = logging.getLogger("structure_api.standin")
 
@@ -38,18 +39,24 @@ class Owner(Protocol):
     books: Books
     latency: float
     free: bool
-    rate_limit: Optional[UpstreamRateLimit]
+    rate_limit: UpstreamRateLimit | None
 
     @property
     def stopping(self) -> bool:
         """True once the server has begun to stop."""
 
-    def wait_until_stopping(self, timeout: Optional[float] = None) -> bool:
+    def wait_until_stopping(self, timeout: float | None = None) -> bool:
         """Block until the server begins to stop (True) or ``timeout`` passes (False)."""
 
-    def answer(self, method: str, route: str, headers: dict[str, str], body: Optional[bytes],
-               form: Union[Form, BadRequest, None]) -> tuple[int, dict, dict[str, str]]:
-        """The normal answer to one request: status, JSON payload, extra headers."""
+    def answer(
+        self,
+        method: str,
+        route: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        form: Form | InvalidUpload | None,
+    ) -> tuple[int, dict, dict[str, str]]:
+        """Answer one request normally: status, JSON payload, extra headers."""
 
 
 class Stopped(Exception):
@@ -106,8 +113,8 @@ class StandInHandler(BaseHTTPRequestHandler):
         except Stopped:
             self.drop()
 
-    def answer_normally(self, delay: float = 0.0, headers: Optional[dict[str, str]] = None) -> None:
-        """What the service does (health, rate limit, the answer), `delay` later and with `headers` added."""
+    def answer_normally(self, delay: float = 0.0, headers: dict[str, str] | None = None) -> None:
+        """Do what the service does (health, rate limit, answer), `delay` later, with `headers` added."""
         owner = self._standin
         body, form = self._read(_DRAIN_LIMIT)
         read_at = time.monotonic()
@@ -123,8 +130,13 @@ class StandInHandler(BaseHTTPRequestHandler):
             status, payload, extra = owner.answer(self.command, self._route, self._entry.headers, body, form)
         except Exception:
             log.exception("the stand-in failed to answer %s %s", self.command, self._route)
-            status, payload, extra = 500, error_payload(
-                "Internal server error.", "internal_error", ["the stand-in failed; see its log"]), {}
+            status, payload, extra = (
+                500,
+                error_payload(
+                    "Internal server error.", "internal_error", ["the stand-in failed; see its log"]
+                ),
+                {},
+            )
         extra.setdefault("x-request-id", uuid.uuid4().hex)
         extra.update(headers or {})
         # Like a remote service: the answer comes `latency` s after the request was read, its rendering
@@ -142,17 +154,17 @@ class StandInHandler(BaseHTTPRequestHandler):
         """Record the request as it stands (a fault that never reads the body)."""
         self._standin.books.record(self._entry)
 
-    def _read(self, limit: int) -> tuple[Optional[bytes], Union[Form, BadRequest, None]]:
-        """The body (None when over `limit`) and its form, if multipart; the request is recorded."""
+    def _read(self, limit: int) -> tuple[bytes | None, Form | InvalidUpload | None]:
+        """Read the body (None when over `limit`) and its form, if multipart; record the request."""
         body = self._read_body(limit)
         entry = self._entry
         entry.body_size = len(body) if body is not None else 0
-        form: Union[Form, BadRequest, None] = None
+        form: Form | InvalidUpload | None = None
         content_type = entry.headers.get("content-type", "")
         if body is not None and content_type.lower().startswith("multipart/"):
             try:
                 form = parse_multipart(body, content_type)
-            except BadRequest as problem:
+            except InvalidUpload as problem:
                 form = problem
             if isinstance(form, Form):
                 entry.fields = dict(form.fields)
@@ -162,8 +174,8 @@ class StandInHandler(BaseHTTPRequestHandler):
         self.record()
         return body, form
 
-    def _read_body(self, limit: int) -> Optional[bytes]:
-        """The whole request body, or None (and the connection marked for closing) when over `limit`."""
+    def _read_body(self, limit: int) -> bytes | None:
+        """Read the whole request body; None (the connection marked for closing) when over `limit`."""
         if "chunked" in self.headers.get("transfer-encoding", "").lower():
             return self._read_chunked(limit)
         declared = self.headers.get("content-length")
@@ -182,7 +194,7 @@ class StandInHandler(BaseHTTPRequestHandler):
             raise Stopped  # the client went away mid-upload; nobody is left to answer
         return data
 
-    def _read_chunked(self, limit: int) -> Optional[bytes]:
+    def _read_chunked(self, limit: int) -> bytes | None:
         parts: list[bytes] = []
         total = 0
         while True:
@@ -238,8 +250,13 @@ class StandInHandler(BaseHTTPRequestHandler):
             pass  # the client went away
 
     def send(
-        self, status: int, body: bytes, content_type: str, headers: Optional[dict[str, str]] = None, *,
-        announced_length: Optional[int] = None,
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        headers: dict[str, str] | None = None,
+        *,
+        announced_length: int | None = None,
     ) -> None:
         """Write one answer: status, merged headers (the caller's win), a Content-Length, the body.
 
@@ -248,8 +265,10 @@ class StandInHandler(BaseHTTPRequestHandler):
         """
         if announced_length is not None:
             self.close_connection = True
-        merged = {"Content-Type": content_type, "Content-Length": str(len(body) if announced_length is None
-                                                                       else announced_length)}
+        merged = {
+            "Content-Type": content_type,
+            "Content-Length": str(len(body) if announced_length is None else announced_length),
+        }
         if self._standin.free:
             merged[STANDIN_HEADER] = STANDIN_HEADER_VALUE
         for name, value in (headers or {}).items():
@@ -271,7 +290,7 @@ class StandInHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def stream(self, status: int, headers: dict[str, str], chunks: Iterable[bytes]) -> None:
-        """Send `chunks` as they come: chunked, or raw under a Content-Length given in `headers`; then close."""
+        """Send `chunks` as they come: chunked, or raw under a Content-Length in `headers`; then close."""
         names = {name.lower() for name in headers}
         chunked = "content-length" not in names
         self.close_connection = True

@@ -1,27 +1,27 @@
-"""Parsing the multipart form of an upload, as the service would; a bad one is a BadRequest (400)."""
+"""Parsing the multipart form of an upload, as the service would; a bad one is an InvalidUpload (400)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from email import policy as email_policy
 from email.message import Message
 from email.parser import BytesHeaderParser
-from email import policy as email_policy
-from typing import Optional
 
 
-class BadRequest(Exception):
+class InvalidUpload(Exception):
     """A request the stand-in answers with 400 and this reason."""
 
 
 # --- multipart parsing ---------------------------------------------------------------
 
+
 @dataclass
 class Form:
     fields: dict[str, str]
     undecodable: list[str]  # text fields that were not UTF-8
-    image_bytes: Optional[bytes]
-    image_filename: Optional[str]
-    image_content_type: Optional[str]
+    image_bytes: bytes | None
+    image_filename: str | None
+    image_content_type: str | None
 
 
 def _header_params(value: str) -> Message:
@@ -31,35 +31,35 @@ def _header_params(value: str) -> Message:
 
 
 def parse_multipart(body: bytes, content_type: str) -> Form:
-    """Split a multipart/form-data body; raise BadRequest when it is not one."""
+    """Split a multipart/form-data body; raise InvalidUpload when it is not one."""
     header = _header_params(content_type or "")
     if header.get_content_type() != "multipart/form-data":
-        raise BadRequest("content-type: must be multipart/form-data")
+        raise InvalidUpload("content-type: must be multipart/form-data")
     boundary = header.get_param("boundary")
     if not isinstance(boundary, str) or not 1 <= len(boundary) <= 200:
-        raise BadRequest("content-type: multipart/form-data needs a boundary")
+        raise InvalidUpload("content-type: multipart/form-data needs a boundary")
     delimiter = b"--" + boundary.encode("latin-1", "replace")
     form = Form({}, [], None, None, None)
     position = body.find(delimiter)
     if position < 0:
-        raise BadRequest("body: malformed multipart/form-data (no boundary found)")
+        raise InvalidUpload("body: malformed multipart/form-data (no boundary found)")
     head_parser = BytesHeaderParser(policy=email_policy.HTTP)
     while True:
         position += len(delimiter)
-        if body[position:position + 2] == b"--":
+        if body[position : position + 2] == b"--":
             return form
         line_end = body.find(b"\r\n", position)
         if line_end < 0:
-            raise BadRequest("body: malformed multipart/form-data (truncated)")
+            raise InvalidUpload("body: malformed multipart/form-data (truncated)")
         start = line_end + 2
         end = body.find(b"\r\n" + delimiter, start)
         if end < 0:
-            raise BadRequest("body: malformed multipart/form-data (missing closing boundary)")
+            raise InvalidUpload("body: malformed multipart/form-data (missing closing boundary)")
         head_end = body.find(b"\r\n\r\n", start, end + 2)
         if head_end < 0:
-            raise BadRequest("body: malformed multipart/form-data (part without headers)")
-        part_head = head_parser.parsebytes(body[start:head_end + 4])
-        content = body[head_end + 4:end]
+            raise InvalidUpload("body: malformed multipart/form-data (part without headers)")
+        part_head = head_parser.parsebytes(body[start : head_end + 4])
+        content = body[head_end + 4 : end]
         _add_part(form, part_head, content)
         position = end + 2
 

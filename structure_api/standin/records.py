@@ -6,7 +6,6 @@ import collections
 import random
 import threading
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ..contract import CREDITS_PER_IMAGE
 from .faults import FAULT_KINDS, Fault, random_fault
@@ -20,14 +19,14 @@ class RecordedRequest:
     path: str  # the request target as sent, query string included
     headers: dict[str, str]  # names lower-cased
     fields: dict[str, str]  # text form fields
-    image_bytes: Optional[bytes]
-    image_filename: Optional[str]
-    image_content_type: Optional[str]
+    image_bytes: bytes | None
+    image_filename: str | None
+    image_content_type: str | None
     body_size: int  # bytes of body actually read
     received_at: float  # time.monotonic() when the request head had been read
     status: int
-    fault: Optional[str] = None  # "503", "code-1", "drop", "passthrough", ... or None for normal behaviour
-    answered_at: Optional[float] = None  # time.monotonic() when the answer began (None: not answered)
+    fault: str | None = None  # "503", "code-1", "drop", "passthrough", ... or None for normal behaviour
+    answered_at: float | None = None  # time.monotonic() when the answer began (None: not answered)
 
 
 @dataclass
@@ -38,28 +37,39 @@ class Entry:
     path: str
     headers: dict[str, str]
     received_at: float
-    fault: Optional[str] = None
+    fault: str | None = None
     fields: dict[str, str] = field(default_factory=dict)
-    image_bytes: Optional[bytes] = None
-    image_filename: Optional[str] = None
-    image_content_type: Optional[str] = None
+    image_bytes: bytes | None = None
+    image_filename: str | None = None
+    image_content_type: str | None = None
     body_size: int = 0
     status: int = 0
-    answered_at: Optional[float] = None
+    answered_at: float | None = None
 
     def freeze(self) -> RecordedRequest:
-        """A snapshot of the entry as it stands."""
+        """Return a snapshot of the entry as it stands."""
         return RecordedRequest(
-            method=self.method, path=self.path, headers=dict(self.headers), fields=dict(self.fields),
-            image_bytes=self.image_bytes, image_filename=self.image_filename,
-            image_content_type=self.image_content_type, body_size=self.body_size,
-            received_at=self.received_at, status=self.status, fault=self.fault, answered_at=self.answered_at)
+            method=self.method,
+            path=self.path,
+            headers=dict(self.headers),
+            fields=dict(self.fields),
+            image_bytes=self.image_bytes,
+            image_filename=self.image_filename,
+            image_content_type=self.image_content_type,
+            body_size=self.body_size,
+            received_at=self.received_at,
+            status=self.status,
+            fault=self.fault,
+            answered_at=self.answered_at,
+        )
 
 
 class Books:
-    """What one stand-in keeps, behind one lock: recorded requests, queued faults, fault_rate draws, credits."""
+    """What one stand-in keeps behind one lock: recorded requests, queued faults, fault draws, credits."""
 
-    def __init__(self, *, fault_rate: float = 0.0, fault_seed: int = 0, max_records: Optional[int] = None) -> None:
+    def __init__(
+        self, *, fault_rate: float = 0.0, fault_seed: int = 0, max_records: int | None = None
+    ) -> None:
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError(f"fault_rate must be between 0 and 1; got {fault_rate!r}.")
         if max_records is not None and max_records < 0:
@@ -86,8 +96,8 @@ class Books:
         with self._lock:
             return len(self._faults)
 
-    def take_fault(self, *, api_call: bool) -> Optional[Fault]:
-        """The next scripted fault, else (for a call to the endpoint) a fault_rate draw, else None."""
+    def take_fault(self, *, api_call: bool) -> Fault | None:
+        """Take the next scripted fault, else (for a call to the endpoint) a fault_rate draw, else None."""
         with self._lock:
             if self._faults:
                 return self._faults.popleft()

@@ -9,8 +9,8 @@ import math
 import numpy as np
 from PIL import Image
 
-
 # --- the generated image ---------------------------------------------------------------
+
 
 def _hsv_to_rgb(hue: float, saturation: float, value: float) -> np.ndarray:
     sector = (hue % 1.0) * 6.0
@@ -33,7 +33,7 @@ def edge_map(luminance: np.ndarray) -> np.ndarray:
 
 
 def structure_edges(image: Image.Image) -> np.ndarray:
-    """The input's structure as ``[H, W]`` float32 in 0..1: the strongest colour-channel gradient, thickened."""
+    """Extract the input's structure, ``[H, W]`` float32 in 0..1: the strongest channel gradient, widened."""
     rgb = np.asarray(image.convert("RGB"))
     strongest = None
     for channel in range(3):
@@ -54,9 +54,14 @@ def structure_edges(image: Image.Image) -> np.ndarray:
 
 
 def render_structure(
-    image: Image.Image, prompt: str, negative_prompt: str, control_strength: float, seed: int, output_format: str
+    image: Image.Image,
+    prompt: str,
+    negative_prompt: str,
+    control_strength: float,
+    seed: int,
+    output_format: str,
 ) -> bytes:
-    """The stand-in's "generation": the input's edges in prompt/seed colours, encoded in `output_format`.
+    """Make the stand-in's "generation": the input's edges in prompt/seed colours, encoded in `output_format`.
 
     Deterministic for its arguments; the output has the input's width and height.
     """

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 from ..contract import LOCKOUT_SECONDS
 from ..ratelimit import RateLimit
@@ -10,14 +10,26 @@ from .server import StandInServer
 
 
 def serve(
-    host: str = "127.0.0.1", port: int = 0, api_key: Optional[str] = None, latency: float = 0.0,
-    ready: Optional[Callable[[str], None]] = None, rate_limit: Union[RateLimit, str, None] = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    api_key: str | None = None,
+    latency: float = 0.0,
+    ready: Callable[[str], None] | None = None,
+    rate_limit: RateLimit | str | None = None,
     lockout: float = LOCKOUT_SECONDS,
-) -> "StandInServer":
-    """Run the stand-in until interrupted (Ctrl-C); calls ready(url) once it is listening; returns it, stopped."""
+) -> StandInServer:
+    """Run the stand-in until interrupted (Ctrl-C), calling ready(url) once listening; return it, stopped."""
     # Nobody reads the records of a long-running stand-in, and each would hold an upload.
-    server = StandInServer(api_key=api_key, host=host, port=port, latency=latency, max_records=0, free=True,
-                           rate_limit=rate_limit, lockout=lockout)
+    server = StandInServer(
+        api_key=api_key,
+        host=host,
+        port=port,
+        latency=latency,
+        max_records=0,
+        free=True,
+        rate_limit=rate_limit,
+        lockout=lockout,
+    )
     try:
         server.start()
         if ready is not None:

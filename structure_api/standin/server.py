@@ -14,18 +14,17 @@ import sys
 import threading
 import time
 from http.server import ThreadingHTTPServer
-from typing import Optional, Union
 
 from ..contract import ENDPOINT_PATH, LOCKOUT_SECONDS, MAX_REQUEST_BYTES, MAX_SEED
 from ..ratelimit import RateLimit
-from .answers import error_payload, success_payload
+from .bodies import error_payload, success_payload
 from .faults import Fault
 from .handler import StandInHandler, Stopped
-from .multipart import BadRequest, Form
-from .ratelimit import UpstreamRateLimit
+from .multipart import Form, InvalidUpload
 from .records import Books, RecordedRequest
 from .render import render_structure
-from .validation import validate_form
+from .upstream_limit import UpstreamRateLimit
+from .validation import form_to_job
 
 log = logging.getLogger("structure_api.standin")
 
@@ -45,7 +44,7 @@ class _HTTPServer(ThreadingHTTPServer):
     # let a second server bind a port already in use; there SO_EXCLUSIVEADDRUSE makes such a bind fail.
     allow_reuse_address = sys.platform != "win32"
 
-    def __init__(self, address: tuple, standin: "StandInServer", family: int) -> None:
+    def __init__(self, address: tuple, standin: StandInServer, family: int) -> None:
         self.address_family = family
         self.standin = standin
         self.lock = threading.Lock()
@@ -66,8 +65,11 @@ class _HTTPServer(ThreadingHTTPServer):
                 self.shutdown_request(request)
                 return
             thread = threading.Thread(
-                target=self._serve_connection, args=(request, client_address),
-                name=f"standin-{self.server_port}-conn", daemon=True)
+                target=self._serve_connection,
+                args=(request, client_address),
+                name=f"standin-{self.server_port}-conn",
+                daemon=True,
+            )
             self.threads.add(thread)
             self.connections.add(request)
         thread.start()
@@ -109,21 +111,23 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 def check_listen_address(host: str) -> int:
-    """The socket family to listen on ``host`` with; ValueError (one sentence) for all interfaces.
+    """Choose the socket family to listen on ``host`` with; ValueError (one sentence) for all interfaces.
 
     Every spelling of "all interfaces" is refused, not only the usual ones: "0", "0.0.0.0", "::",
     "::ffff:0.0.0.0" and names that resolve to such an address all open the stand-in to the network.
     """
     bare = host.strip().strip("[]")
-    refusal = (f"The stand-in does not listen on all interfaces ({host!r}); give one address, such as "
-               "127.0.0.1 (the default, this machine only).")
+    refusal = (
+        f"The stand-in does not listen on all interfaces ({host!r}); give one address, such as "
+        "127.0.0.1 (the default, this machine only)."
+    )
     if bare in _WILDCARD_HOSTS:
         raise ValueError(refusal)
     try:
         found = socket.getaddrinfo(bare, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         found = []  # not resolvable now: bind says so, in its own words
-    for family, _, _, _, address in found:
+    for _family, _, _, _, address in found:
         ip = ipaddress.ip_address(address[0].split("%", 1)[0])
         mapped = getattr(ip, "ipv4_mapped", None)
         if ip.is_unspecified or (mapped is not None and mapped.is_unspecified):
@@ -138,14 +142,22 @@ class StandInServer:
     """The stand-in on a background thread: ``with StandInServer() as server: ... server.url``."""
 
     def __init__(
-        self, *, api_key: Optional[str] = None, host: str = "127.0.0.1", port: int = 0,
-        latency: float = 0.0, fault_rate: float = 0.0, fault_seed: int = 0, max_records: Optional[int] = None,
+        self,
+        *,
+        api_key: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency: float = 0.0,
+        fault_rate: float = 0.0,
+        fault_seed: int = 0,
+        max_records: int | None = None,
         free: bool = False,
-        rate_limit: Union[RateLimit, str, UpstreamRateLimit, None] = None, lockout: float = LOCKOUT_SECONDS,
+        rate_limit: RateLimit | str | UpstreamRateLimit | None = None,
+        lockout: float = LOCKOUT_SECONDS,
     ) -> None:
         """Bind to host:port at once (port 0 picks a free one); start() begins answering.
 
-        free marks every answer as free of charge (STANDIN_HEADER), as `serve`, `--local` and the
+        free marks every answer as free of charge (STANDIN_HEADER), as `serve`, `--offline` and the
         node's offline mode want; without it the stand-in plays the paid service, as billing tests want.
 
         max_records keeps only the newest N recorded requests (each holds its upload, up to
@@ -168,14 +180,16 @@ class StandInServer:
             self.rate_limit = UpstreamRateLimit(rate_limit, lockout)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._serve_thread: Optional[threading.Thread] = None
+        self._serve_thread: threading.Thread | None = None
         self._stopped = False
         # Bound here, so url and port are known before start(); start() begins answering.
         self._httpd = _HTTPServer((host.strip("[]"), port), self, family)
         self.port: int = self._httpd.server_address[1]
         bound = self._httpd.server_address[0]
         self.host: str = bound
-        self.url: str = f"http://[{bound}]:{self.port}" if family == socket.AF_INET6 else f"http://{bound}:{self.port}"
+        self.url: str = (
+            f"http://[{bound}]:{self.port}" if family == socket.AF_INET6 else f"http://{bound}:{self.port}"
+        )
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else ("running" if self._serve_thread else "bound")
@@ -193,15 +207,18 @@ class StandInServer:
 
     # --- life cycle ------------------------------------------------------------------------
 
-    def start(self) -> "StandInServer":
+    def start(self) -> StandInServer:
         """Serve in a background daemon thread; returns self."""
         with self._lock:
             if self._stopped:
                 raise RuntimeError("This stand-in was stopped; create a new StandInServer.")
             if self._serve_thread is None:
                 self._serve_thread = threading.Thread(
-                    target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                    name=f"standin-{self.port}-accept", daemon=True)
+                    target=self._httpd.serve_forever,
+                    kwargs={"poll_interval": 0.05},
+                    name=f"standin-{self.port}-accept",
+                    daemon=True,
+                )
                 self._serve_thread.start()
         return self
 
@@ -230,11 +247,11 @@ class StandInServer:
         """True from the moment stop() begins."""
         return self._stopping.is_set()
 
-    def wait_until_stopping(self, timeout: Optional[float] = None) -> bool:
+    def wait_until_stopping(self, timeout: float | None = None) -> bool:
         """Block until stop() begins or ``timeout`` seconds pass; True when it has begun."""
         return self._stopping.wait(timeout)
 
-    def __enter__(self) -> "StandInServer":
+    def __enter__(self) -> StandInServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -268,31 +285,54 @@ class StandInServer:
     # --- the normal behaviour --------------------------------------------------------------
 
     def answer(
-        self, method: str, route: str, headers: dict[str, str], body: Optional[bytes],
-        form: Union[Form, BadRequest, None],
+        self,
+        method: str,
+        route: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        form: Form | InvalidUpload | None,
     ) -> tuple[int, dict, dict[str, str]]:
-        """What the service answers to one request: (status, JSON payload, extra headers)."""
+        """Answer one request as the service does: (status, JSON payload, extra headers)."""
         if route != ENDPOINT_PATH:
             return 404, error_payload("Not found.", "not_found", [f"{route}: no such endpoint"]), {}
         if method != "POST":
-            return 405, error_payload("Method not allowed.", "method_not_allowed",
-                                      [f"{method}: only POST is accepted"]), {"Allow": "POST"}
+            return (
+                405,
+                error_payload(
+                    "Method not allowed.", "method_not_allowed", [f"{method}: only POST is accepted"]
+                ),
+                {"Allow": "POST"},
+            )
         if self._api_key is not None:
             # http.server decodes header bytes as latin-1; encoding back gives the bytes as sent.
             given = headers.get("authorization", "").encode("latin-1", "replace")
             if not hmac.compare_digest(given, self._api_key):
-                return 401, error_payload("Invalid or missing API key.", "unauthorized",
-                                          ["authorization header is missing or invalid"]), {}
+                return (
+                    401,
+                    error_payload(
+                        "Invalid or missing API key.",
+                        "unauthorized",
+                        ["authorization header is missing or invalid"],
+                    ),
+                    {},
+                )
         if body is None or len(body) > MAX_REQUEST_BYTES:
-            return 413, error_payload(f"Request body is larger than {MAX_REQUEST_BYTES // 2**20} MiB.",
-                                      "payload_too_large", [f"body: must be at most {MAX_REQUEST_BYTES} bytes"]), {}
+            return (
+                413,
+                error_payload(
+                    f"Request body is larger than {MAX_REQUEST_BYTES // 2**20} MiB.",
+                    "payload_too_large",
+                    [f"body: must be at most {MAX_REQUEST_BYTES} bytes"],
+                ),
+                {},
+            )
         try:
             if form is None:
-                raise BadRequest("content-type: must be multipart/form-data")
-            if isinstance(form, BadRequest):
+                raise InvalidUpload("content-type: must be multipart/form-data")
+            if isinstance(form, InvalidUpload):
                 raise form
-            job = validate_form(form)
-        except BadRequest as problem:
+            job = form_to_job(form)
+        except InvalidUpload as problem:
             reason = str(problem)
             return 400, error_payload(reason, "bad_request", [reason]), {}
         seed = job.form.seed or secrets.randbelow(MAX_SEED) + 1

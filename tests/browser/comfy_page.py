@@ -64,7 +64,9 @@ class BrowserLog:
 
     def attach(self, page: Page) -> None:
         page.on("console", self._on_console)
-        page.on("pageerror", lambda error: self.exceptions.append(f"{error.name}: {error.message}\n{error.stack}"))
+        page.on(
+            "pageerror", lambda error: self.exceptions.append(f"{error.name}: {error.message}\n{error.stack}")
+        )
         page.on("response", self._on_response)
 
     def _on_console(self, message: ConsoleMessage) -> None:
@@ -83,8 +85,9 @@ class BrowserLog:
 class ComfyPage:
     """The ComfyUI tab: open it, use the template browser, load, drop and run workflows, read the graph."""
 
-    def __init__(self, page: Page, url: str, log: BrowserLog | None = None, *,
-                 server: ComfyServer | None = None) -> None:
+    def __init__(
+        self, page: Page, url: str, log: BrowserLog | None = None, *, server: ComfyServer | None = None
+    ) -> None:
         self.page = page
         self.url = url
         self.server = server  # the ComfyUI this page is open on, when the fixtures started it
@@ -101,7 +104,9 @@ class ComfyPage:
             f"""!!(window.app && window.app.graph && window.app.canvas
                 && window.LiteGraph?.registered_node_types?.[{js(NODE)}]
                 && (window.app.extensions ?? []).some(e => e.name === {js(EXTENSION_NAME)}))""",
-            timeout=timeout, message="ComfyUI with the pack's node and extension")
+            timeout=timeout,
+            message="ComfyUI with the pack's node and extension",
+        )
         self.wait_for("window.app.vueAppReady !== false", message="the app ready")
         return self
 
@@ -150,12 +155,14 @@ class ComfyPage:
         time.sleep(0.5)  # frontend 1.25 lists the custom templates before it can filter on them
         entry.click()
         return self.wait_for(
-            f"""(() => {{
+            """(() => {
                 const cards = [...document.querySelectorAll('[data-testid^="template-workflow-"]')]
                     .filter(c => c.offsetParent !== null);
                 const names = cards.map(c => c.dataset.testid.slice('template-workflow-'.length));
                 return names.length && names.every(n => n.startsWith('structure_')) ? names : null;
-            }})()""", message="the pack's template cards")
+            })()""",
+            message="the pack's template cards",
+        )
 
     def template_thumbnails(self) -> dict[str, dict]:
         """For each template card: its picture once loaded (size, whether it is the frontend's placeholder)
@@ -184,10 +191,16 @@ class ComfyPage:
                     return null;
                 }
                 return cards.length ? seen : null;
-            })()""", timeout=20, message="every template thumbnail loaded")
+            })()""",
+            timeout=20,
+            message="every template thumbnail loaded",
+        )
         for name, picture in pictures.items():
-            fetched = [(url, status) for url, status in self.log.responses
-                       if "/workflow_templates/" in url and url.split("?")[0].endswith(f"/{name}.jpg")]
+            fetched = [
+                (url, status)
+                for url, status in self.log.responses
+                if "/workflow_templates/" in url and url.split("?")[0].endswith(f"/{name}.jpg")
+            ]
             picture["url"], picture["status"] = fetched[-1] if fetched else (None, None)
         return pictures
 
@@ -203,8 +216,9 @@ class ComfyPage:
         if isinstance(workflow, Path):
             name = name or workflow.stem
             workflow = json.loads(workflow.read_text())
-        self.page.evaluate("([graph, name]) => app.loadGraphData(graph, true, true, name)",
-                           [workflow, name or "workflow"])
+        self.page.evaluate(
+            "([graph, name]) => app.loadGraphData(graph, true, true, name)", [workflow, name or "workflow"]
+        )
         self.wait_for(f"!!{_STRUCTURE}", message="the workflow's Structure node in the graph")
         time.sleep(0.3)  # the frontend checks for missing nodes right after configuring the graph
 
@@ -219,7 +233,10 @@ class ComfyPage:
                     const x = innerWidth * fx, y = innerHeight * fy;
                     if (document.elementFromPoint(x, y) === canvas) return {x, y};
                 }
-                return null; })()""", timeout=15, message="a free spot on the canvas to drop the file on")
+                return null; })()""",
+            timeout=15,
+            message="a free spot on the canvas to drop the file on",
+        )
         self.drop_files(spot["x"], spot["y"], [path])
         self.wait_for_workflow(Path(path).stem)
 
@@ -241,7 +258,9 @@ class ComfyPage:
         self.wait_for(
             f"""(app.extensionManager?.workflow?.activeWorkflow?.filename ?? '').replace(/ \\(\\d+\\)$/, '') === {js(name)}
                 && !!{_STRUCTURE}""",
-            timeout=20, message=f"workflow {name} open with the Structure node")
+            timeout=20,
+            message=f"workflow {name} open with the Structure node",
+        )
         time.sleep(0.3)  # the frontend checks for missing nodes right after configuring the graph
 
     # -- the graph ----------------------------------------------------------------------------
@@ -257,14 +276,16 @@ class ComfyPage:
                     linked: n.getInputLink ? !!n.getInputLink(n.inputs.indexOf(i)) : i.link != null})),
                 widgets: (n.widgets || []).filter(w => !w.name.startsWith('$$'))
                     .map(w => ({name: w.name, label: w.label ?? null, type: w.type, value: w.value})),
-            }))""")
+            }))"""
+        )
 
     def structure_node(self) -> dict:
         """The Structure node's id (a string), title and cost texts, and the texts of all its badges."""
         return self.page.evaluate(
             f"""(() => {{ const n = {_STRUCTURE};
                 return {{id: String(n.id), title: n.title, estimate: n.aithrivingEstimate(), last_run: n.aithrivingLastRun(),
-                        badges: (n.badges ?? []).map(b => typeof b === 'function' ? b() : b).map(b => b.text)}}; }})()""")
+                        badges: (n.badges ?? []).map(b => typeof b === 'function' ? b() : b).map(b => b.text)}}; }})()"""
+        )
 
     def structure_widget(self, name: str) -> Any:
         """The value of one of the Structure node's widgets."""
@@ -274,7 +295,9 @@ class ComfyPage:
         """Set one of the Structure node's widgets, as a user does by editing it (its callback runs)."""
         self.page.evaluate(
             f"""(value) => {{ const w = {_STRUCTURE}.widgets.find(w => w.name === {js(name)});
-                w.value = value; w.callback?.(value); app.graph.setDirtyCanvas(true, true); }}""", value)
+                w.value = value; w.callback?.(value); app.graph.setDirtyCanvas(true, true); }}""",
+            value,
+        )
 
     def set_setting(self, setting: str, value: Any) -> None:
         """Change a setting through the app's public settings API (what the settings dialog calls)."""
@@ -285,7 +308,9 @@ class ComfyPage:
         return self.page.evaluate(
             """(type) => { const node = LiteGraph.createNode(type);
                 node.pos = [200, 200]; app.graph.add(node); app.graph.setDirtyCanvas(true, true);
-                return String(node.id); }""", node_type)
+                return String(node.id); }""",
+            node_type,
+        )
 
     # -- running ------------------------------------------------------------------------------
 
@@ -307,31 +332,39 @@ class ComfyPage:
                 const imgs = n?.imgs ?? [];
                 return imgs.length === {count} && imgs.every(i => i.complete && i.naturalWidth > 0)
                     ? imgs.map(i => i.src) : null; }})()""",
-            timeout=timeout, message=f"{count} image(s) shown on node {node_id}")
+            timeout=timeout,
+            message=f"{count} image(s) shown on node {node_id}",
+        )
 
     def wait_for_last_run(self, timeout: float = 30.0) -> dict:
         return self.wait_for(
             f"""(() => {{ const n = {_STRUCTURE};
                 return n?.aithrivingLastCost ? {{...n.aithrivingLastCost, text: n.aithrivingLastRun()}} : null; }})()""",
-            timeout=timeout, message="the last run's cost on the Structure node")
+            timeout=timeout,
+            message="the last run's cost on the Structure node",
+        )
 
     def select_node(self, node_id: str) -> None:
         """Click a node's title bar on the canvas."""
         point = self.page.evaluate(
             f"""(() => {{ const n = app.graph.getNodeById({js(node_id)}) ?? app.graph.getNodeById(Number({js(node_id)}));
                 const [x, y] = app.canvasPosToClientPos([n.pos[0] + 60, n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2]);
-                return {{x, y}}; }})()""")
+                return {{x, y}}; }})()"""
+        )
         self.page.mouse.click(point["x"], point["y"])
         self.wait_for(
             f"""[...(app.canvas.selectedItems ?? []), ...Object.values(app.canvas.selected_nodes ?? {{}})]
-                .some(item => String(item.id) === {js(node_id)})""", message=f"node {node_id} selected")
+                .some(item => String(item.id) === {js(node_id)})""",
+            message=f"node {node_id} selected",
+        )
 
     def open_node_menu(self, node_id: str, entry: str) -> Locator:
         """Right-click a node's title bar, as a user opens its menu; the menu entry of that text, once shown."""
         point = self.page.evaluate(
             f"""(() => {{ const n = app.graph.getNodeById({js(node_id)}) ?? app.graph.getNodeById(Number({js(node_id)}));
                 const [x, y] = app.canvasPosToClientPos([n.pos[0] + 60, n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2]);
-                return {{x, y}}; }})()""")
+                return {{x, y}}; }})()"""
+        )
         self.page.mouse.click(point["x"], point["y"], button="right")
         item = self.page.get_by_text(entry, exact=True).filter(visible=True)
         item.first.wait_for(state="visible", timeout=10_000)
@@ -345,7 +378,8 @@ class ComfyPage:
         return heading_locator.evaluate(
             """(h) => { let box = h.parentElement;
                 while (box.parentElement && box.innerText.length < 400) box = box.parentElement;
-                return box.innerText; }""")
+                return box.innerText; }"""
+        )
 
     def widen_sidebar(self, width: float) -> float:
         """Drag the side panel's edge to about `width` pixels, where the frontend lets one; its right edge."""
@@ -363,7 +397,8 @@ class ComfyPage:
             """(() => { const h = [...document.querySelectorAll('h1, h2')].find(e => e.offsetParent !== null
                     && e.getBoundingClientRect().left < innerWidth / 2 && e.closest('[class*=sidebar], aside'));
                 const panel = h?.closest('[class*=sidebar], aside');
-                return panel ? panel.getBoundingClientRect().right : 360; })()""")
+                return panel ? panel.getBoundingClientRect().right : 360; })()"""
+        )
 
     # -- Nodes 2.0 (HTML) rendering -----------------------------------------------------------
 
@@ -374,8 +409,15 @@ class ComfyPage:
 
     # -- pictures -----------------------------------------------------------------------------
 
-    def frame_graph(self, *, left: float = 80, top: float = 150, right: float = 40, bottom: float = 40,
-                    max_scale: float = 1.0) -> None:
+    def frame_graph(
+        self,
+        *,
+        left: float = 80,
+        top: float = 150,
+        right: float = 40,
+        bottom: float = 40,
+        max_scale: float = 1.0,
+    ) -> None:
         """Zoom and pan so every node (with its title and badges) fits between the margins."""
         self.page.evaluate(
             f"""(() => {{
@@ -390,7 +432,8 @@ class ComfyPage:
                 app.canvas.ds.offset[0] = ({left} + (width - (x1 - x0) * scale) / 2) / scale - x0;
                 app.canvas.ds.offset[1] = ({top} + (height - (y1 - y0) * scale) / 2) / scale - y0;
                 app.canvas.setDirty(true, true);
-            }})()""")
+            }})()"""
+        )
         time.sleep(0.4)  # two frames at least
 
     def screenshot(self, path: Path, clip: dict | None = None) -> Path:
@@ -407,7 +450,8 @@ def save_small_png(png: bytes, path: Path) -> Path:
     image = Image.open(io.BytesIO(png)).convert("RGB")
     path.parent.mkdir(parents=True, exist_ok=True)
     image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-        path, format="PNG", optimize=True)
+        path, format="PNG", optimize=True
+    )
     return path
 
 

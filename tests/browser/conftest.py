@@ -1,5 +1,5 @@
 """Fixtures for the browser tests: Playwright (pytest-playwright) on the system Chromium, a real ComfyUI
-with the pack, the local stand-in behind it.
+with the pack, the stand-in behind it.
 
 The fixture API, for tests in this folder:
 
@@ -45,8 +45,8 @@ from playwright.sync_api import Browser, Page
 from structure_api.standin import StandInServer
 from support import TEST_KEY
 from tests.browser.comfy_page import DEPRECATION_PROBE_SCRIPT, RETURNING_USER_SCRIPT, BrowserLog, ComfyPage
-from tests.comfy.harness import ComfyServer
 from tests.comfy import matrix
+from tests.comfy.harness import ComfyServer
 from tests.comfy.matrix import README_TARGET, ComfyTarget
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,9 +57,18 @@ FAILURE_DIR = REPO / ".cache" / "browser-failures"
 # The flags that work here (2 cores, no GPU, no network but loopback): no sandbox (root in a container),
 # no GPU process, nothing that phones home.
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--no-default-browser-check",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-breakpad", "--disable-dev-shm-usage", "--mute-audio", "--hide-scrollbars",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-breakpad",
+    "--disable-dev-shm-usage",
+    "--mute-audio",
+    "--hide-scrollbars",
 ]
 
 # Server-side settings of a user who has used ComfyUI before: no first-visit template dialog, English,
@@ -94,8 +103,11 @@ def ui_target(request: pytest.FixtureRequest) -> ComfyTarget:
     target: ComfyTarget = request.param
     install = target.install()
     if target.frontend == "pinned" and install.frontend_version != target.pinned_label:
-        pytest.fail(f"{target.id}: ComfyUI {install.version} pins frontend {install.frontend_version}, "
-                    f"not {target.pinned_label}: update tests/comfy/matrix.py", pytrace=False)
+        pytest.fail(
+            f"{target.id}: ComfyUI {install.version} pins frontend {install.frontend_version}, "
+            f"not {target.pinned_label}: update tests/comfy/matrix.py",
+            pytrace=False,
+        )
     matrix.record(target.id, install.version, target.frontend_version())
     return target
 
@@ -139,13 +151,15 @@ def ui_standin() -> Iterator[StandInServer]:
 
 def set_setting(server: ComfyServer, setting: str, value: object) -> None:
     """POST /settings/{id}, as the frontend's settings dialog does."""
-    response = requests.post(f"{server.url}/settings/{setting}", json=value, timeout=(5, 30),
-                             proxies={"http": None, "https": None})
+    response = requests.post(
+        f"{server.url}/settings/{setting}", json=value, timeout=(5, 30), proxies={"http": None, "https": None}
+    )
     response.raise_for_status()
 
 
-def start_ui_server(target: ComfyTarget, base_dir: Path, env: dict[str, str | None],
-                    settings: dict[str, object] | None = None) -> ComfyServer:
+def start_ui_server(
+    target: ComfyTarget, base_dir: Path, env: dict[str, str | None], settings: dict[str, object] | None = None
+) -> ComfyServer:
     """A started ComfyUI of this target, with the example image uploaded and a returning user's settings."""
     server = ComfyServer(target.install(), env=env, base_dir=base_dir, extra_args=target.server_args())
     server.start()
@@ -161,8 +175,11 @@ def start_ui_server(target: ComfyTarget, base_dir: Path, env: dict[str, str | No
 
 @pytest.fixture(scope="module")
 def ui_server(ui_target: ComfyTarget, ui_standin, tmp_path_factory) -> Iterator[ComfyServer]:
-    env = {"AITHRIVING_BASE_URL": ui_standin.url, "AITHRIVING_API_KEY": TEST_KEY,
-           "AITHRIVING_CACHE_DIR": str(tmp_path_factory.mktemp("ui-structure-cache"))}
+    env = {
+        "AITHRIVING_BASE_URL": ui_standin.url,
+        "AITHRIVING_API_KEY": TEST_KEY,
+        "AITHRIVING_CACHE_DIR": str(tmp_path_factory.mktemp("ui-structure-cache")),
+    }
     server = start_ui_server(ui_target, tmp_path_factory.mktemp("comfy-ui-base"), env)
     try:
         yield server
@@ -170,8 +187,9 @@ def ui_server(ui_target: ComfyTarget, ui_standin, tmp_path_factory) -> Iterator[
         server.stop()
 
 
-def _new_comfy_page(browser: Browser, browser_context_args: dict, server: ComfyServer,
-                    pages: list[ComfyPage]) -> ComfyPage:
+def _new_comfy_page(
+    browser: Browser, browser_context_args: dict, server: ComfyServer, pages: list[ComfyPage]
+) -> ComfyPage:
     context = browser.new_context(**browser_context_args)
     context.add_init_script(RETURNING_USER_SCRIPT)
     context.add_init_script(DEPRECATION_PROBE_SCRIPT)
@@ -194,8 +212,9 @@ def _comfy_pages() -> Iterator[list[ComfyPage]]:
 
 
 @pytest.fixture
-def comfy_page(browser: Browser, browser_context_args: dict, ui_server: ComfyServer,
-               _comfy_pages: list[ComfyPage]) -> ComfyPage:
+def comfy_page(
+    browser: Browser, browser_context_args: dict, ui_server: ComfyServer, _comfy_pages: list[ComfyPage]
+) -> ComfyPage:
     """A fresh browser context with ComfyUI (ui_server) open and the pack loaded."""
     return _new_comfy_page(browser, browser_context_args, ui_server, _comfy_pages).open()
 
@@ -212,10 +231,15 @@ def _frontend_is_the_targets(request: pytest.FixtureRequest, ui_target: ComfyTar
 
 
 @pytest.fixture
-def comfy_page_factory(browser: Browser, browser_context_args: dict, ui_target: ComfyTarget,
-                       tmp_path_factory: pytest.TempPathFactory,
-                       _comfy_pages: list[ComfyPage]) -> Iterator[Callable[..., ComfyPage]]:
-    """``open(env=None, settings=None) -> ComfyPage``: another ComfyUI (stopped after the test) and a page on it.
+def comfy_page_factory(
+    browser: Browser,
+    browser_context_args: dict,
+    ui_target: ComfyTarget,
+    tmp_path_factory: pytest.TempPathFactory,
+    _comfy_pages: list[ComfyPage],
+) -> Iterator[Callable[..., ComfyPage]]:
+    """``open(env=None, settings=None) -> ComfyPage``: another ComfyUI (stopped after the test) and a page on
+    it.
 
     The page's ``server`` is that ComfyUI (its log, base directory, HTTP).
 
@@ -224,8 +248,12 @@ def comfy_page_factory(browser: Browser, browser_context_args: dict, ui_target: 
     """
     servers: list[ComfyServer] = []
 
-    def open_page(env: dict[str, str | None] | None = None, settings: dict[str, object] | None = None) -> ComfyPage:
-        server = start_ui_server(ui_target, tmp_path_factory.mktemp("comfy-ui-extra"), dict(env or {}), settings)
+    def open_page(
+        env: dict[str, str | None] | None = None, settings: dict[str, object] | None = None
+    ) -> ComfyPage:
+        server = start_ui_server(
+            ui_target, tmp_path_factory.mktemp("comfy-ui-extra"), dict(env or {}), settings
+        )
         servers.append(server)
         return _new_comfy_page(browser, browser_context_args, server, _comfy_pages).open()
 
@@ -239,8 +267,11 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "frontend_min(version): needs a frontend at least this new "
-                                       "(deselected on older entries of the matrix)")
+    config.addinivalue_line(
+        "markers",
+        "frontend_min(version): needs a frontend at least this new "
+        "(deselected on older entries of the matrix)",
+    )
 
 
 SWEEP_MODULE = "test_frontend_sweep.py"
@@ -339,8 +370,10 @@ def sweep_table() -> str:
     def order(target_id: str) -> tuple[int, ...]:
         return matrix.version_tuple(_SWEEP_TARGETS[target_id].frontend_version())
 
-    lines = ["| Frontend | ComfyUI | " + " | ".join(STEPS.values()) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in STEPS) + " |"]
+    lines = [
+        "| Frontend | ComfyUI | " + " | ".join(STEPS.values()) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in STEPS) + " |",
+    ]
     for target_id in sorted(_SWEEP_TARGETS, key=order):
         target = _SWEEP_TARGETS[target_id]
         cells = [_SWEEP_RESULTS.get((target_id, step), "not run") for step in STEPS]
@@ -360,5 +393,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         readme = REPO / "README.md"
         text = readme.read_text()
         begin, end = (text.index(marker) for marker in README_MARKERS)
-        readme.write_text(text[:begin + len(README_MARKERS[0])] + "\n" + table + text[end:])
+        readme.write_text(text[: begin + len(README_MARKERS[0])] + "\n" + table + text[end:])
         terminalreporter.write_line("README.md's sweep table rewritten")

@@ -18,6 +18,7 @@ import pytest
 
 from structure_api.standin import StandInServer
 from tests.browser.comfy_page import NODE
+from tests.browser.conftest import set_setting
 from tests.browser.test_web_ui import (
     CREDITS_PER_IMAGE,
     WORKFLOW_DIR,
@@ -27,7 +28,6 @@ from tests.browser.test_web_ui import (
     run_from_ui,
     workflow_json,
 )
-from tests.browser.conftest import set_setting
 
 # The steps, in the table's column order: test name -> column heading.
 STEPS = {
@@ -70,7 +70,7 @@ def test_sweep_run_and_badges(comfy_page, ui_server, ui_standin):
     entry = run_from_ui(ui, ui_server)
     cost = ui.wait_for_last_run()
     paid = len(ui_standin.requests)
-    assert (cost["credits"], cost["from_cache"]) == (CREDITS_PER_IMAGE * paid, 1 - paid)
+    assert (cost["credits"], cost["from_store"]) == (CREDITS_PER_IMAGE * paid, 1 - paid)
     assert cost["text"] in ui.structure_node()["badges"]
     saved = entry["outputs"]["3"]["images"]
     ui.frame_graph()
@@ -88,8 +88,9 @@ def test_sweep_nodes_2_badges(comfy_page, ui_server):
         ui.open()
         ui.drop_workflow_file(WORKFLOW_DIR / "structure_batch.json")
         node_id = ui.structure_node()["id"]
-        ui.wait_for(f"!!document.querySelector('[data-node-id=\"{node_id}\"]')",
-                    message="the node drawn as HTML")
+        ui.wait_for(
+            f"!!document.querySelector('[data-node-id=\"{node_id}\"]')", message="the node drawn as HTML"
+        )
         assert f"≈ {4 * CREDITS_PER_IMAGE} credits" in ui.rendered_texts_of_node(node_id)
         run_from_ui(ui, ui_server)
         last_run = ui.wait_for_last_run()["text"]

@@ -18,8 +18,10 @@ WORKFLOW = REPO / "example_workflows" / "structure_basic.json"
 NODE = "AIThrivingStructure"
 SETUP_STATE = "app.extensions.find(e => e.name === 'aithrivingstructure.setup')?.state"
 # The frontend's vue-i18n instance (what it translates its panels with).
-FRONTEND_I18N = ("(() => { const a = document.getElementById('vue-app')?.__vue_app__;"
-                 " return a?._context?.provides?.[a.__VUE_I18N_SYMBOL__]?.global; })()")
+FRONTEND_I18N = (
+    "(() => { const a = document.getElementById('vue-app')?.__vue_app__;"
+    " return a?._context?.provides?.[a.__VUE_I18N_SYMBOL__]?.global; })()"
+)
 STRUCTURE = f"app.graph.nodes.find(n => (n.comfyClass ?? n.type) === {json.dumps(NODE)})"
 
 
@@ -35,8 +37,11 @@ def english_pieces(language: str) -> list[str]:
     english, theirs = messages("en"), messages(language)
     texts = [text for key, text in english.items() if theirs[key] != text]
     english_node, their_node = node_defs("en"), node_defs(language)
-    texts += [english_node[field] for field in ("display_name", "description")
-              if their_node[field] != english_node[field]]
+    texts += [
+        english_node[field]
+        for field in ("display_name", "description")
+        if their_node[field] != english_node[field]
+    ]
     pieces = {piece for text in texts for piece in re.split(r"\{\w+\}", text)}
     return sorted(piece for piece in pieces if len(piece.strip()) >= 6)
 
@@ -50,8 +55,11 @@ def mine(language: str, key: str, **values) -> str:
 @pytest.mark.parametrize("language", ["fr", "es"])
 def test_no_english_of_ours_in_the_ui(comfy_page_factory, tmp_path, language):
     key_file = tmp_path / "config" / "aithriving" / "api_key"
-    env = {"AITHRIVING_API_KEY_FILE": str(key_file), "AITHRIVING_BASE_URL": f"http://127.0.0.1:{free_port()}",
-           "AITHRIVING_CACHE_DIR": str(tmp_path / "cache")}
+    env = {
+        "AITHRIVING_API_KEY_FILE": str(key_file),
+        "AITHRIVING_BASE_URL": f"http://127.0.0.1:{free_port()}",
+        "AITHRIVING_CACHE_DIR": str(tmp_path / "cache"),
+    }
     ui = comfy_page_factory(env=env, settings={"Comfy.Locale": language})
     page = ui.page
     seen: list[str] = []  # every text read off the page, checked at the end
@@ -63,8 +71,9 @@ def test_no_english_of_ours_in_the_ui(comfy_page_factory, tmp_path, language):
     ui.load_workflow(WORKFLOW)
     ui.wait_for(f"({SETUP_STATE}?.key?.set === false)", message="the key status from the server")
     notice = mine(language, "noticeNoKey")
-    ui.wait_for(f"{STRUCTURE}.aithrivingNotice() === {json.dumps(notice)}",
-                message="the translated no-key notice")
+    ui.wait_for(
+        f"{STRUCTURE}.aithrivingNotice() === {json.dumps(notice)}", message="the translated no-key notice"
+    )
     node = ui.structure_node()
     assert read(node["title"]) == node_defs(language)["display_name"]
     badges = [read(text) for text in node["badges"]]
@@ -87,7 +96,8 @@ def test_no_english_of_ours_in_the_ui(comfy_page_factory, tmp_path, language):
         name = their_settings[f"settings.{setting}.name"]
         ui.visible_dialog().get_by_text(name, exact=True).first.wait_for(state="visible")
     ui.visible_dialog().get_by_text(their_settings["settingsCategories.Setup"], exact=True).first.wait_for(
-        state="visible")
+        state="visible"
+    )
     key_input = page.locator(".aithriving-key-input")
     assert read(key_input.get_attribute("placeholder")) == mine(language, "keyPlaceholder")
     assert read(key_input.get_attribute("aria-label")) == mine(language, "keyInputLabel")
@@ -106,15 +116,15 @@ def test_no_english_of_ours_in_the_ui(comfy_page_factory, tmp_path, language):
 
     # The offline switch, then a run against the in-process stand-in.
     page.locator('[id="AIThriving.Setup.LocalStandIn"]').click()
-    ui.wait_for(f"{SETUP_STATE}?.local === true", message="offline mode on")
+    ui.wait_for(f"{SETUP_STATE}?.offline === true", message="offline mode on")
     ui.close_dialogs()
     node = ui.structure_node()
     badges = [read(text) for text in node["badges"]]
-    assert mine(language, "estimateLocal") in badges and mine(language, "noticeLocal") in badges
+    assert mine(language, "estimateStandIn") in badges and mine(language, "noticeStandIn") in badges
     page.get_by_text(mine(language, "toastNoKeySummary"), exact=True).first.wait_for(state="hidden")
     ui.evaluate("app.queuePrompt(0, 1)")
     last = ui.wait_for_last_run(timeout=60)
-    assert read(last["text"]) == mine(language, "lastRunLocal")
+    assert read(last["text"]) == mine(language, "lastRunStandIn")
 
     # The node's menu entry, then the key dialog it opens.
     ui.frame_graph()

@@ -2,7 +2,7 @@
 
 A user's path: open the template browser, pick one of the pack's workflows (or drop the workflow file
 on the canvas), look at the node, press Run, see the image and the cost on the node; open the node's
-help; switch the language; the same in the "Nodes 2.0" rendering. Runs against the local stand-in;
+help; switch the language; the same in the "Nodes 2.0" rendering. Runs against the stand-in;
 nothing is paid. Each test id names the ComfyUI and the frontend, e.g. [comfyui-0.3.75+frontend-1.58.1].
 """
 
@@ -26,8 +26,15 @@ from tests.comfy.harness import ComfyServer, execution_error
 WORKFLOW_DIR = REPO / "example_workflows"
 WORKFLOWS = sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
 CREDITS_PER_IMAGE = 6
-WIDGETS = ["prompt", "control_strength", "seed", "control_after_generate", "output_format", "outside_limits",
-           "negative_prompt"]
+WIDGETS = [
+    "prompt",
+    "control_strength",
+    "seed",
+    "control_after_generate",
+    "output_format",
+    "outside_limits",
+    "negative_prompt",
+]
 RUN_TIMEOUT = 60.0
 
 
@@ -54,14 +61,21 @@ def structure_widgets(workflow: dict) -> list:
 
 def node_inputs(info: dict) -> dict:
     """name -> options of a node's required and optional inputs, from /object_info."""
-    return {name: spec[1] for group in ("required", "optional")
-            for name, spec in (info["input"].get(group) or {}).items()}
+    return {
+        name: spec[1]
+        for group in ("required", "optional")
+        for name, spec in (info["input"].get(group) or {}).items()
+    }
 
 
 def free_execution_cache(server: ComfyServer) -> None:
     """What "Unload Models and Execution Cache" does: ComfyUI forgets its cached node outputs."""
-    response = requests.post(f"{server.url}/free", json={"unload_models": True, "free_memory": True},
-                             timeout=(5, 30), proxies={"http": None, "https": None})
+    response = requests.post(
+        f"{server.url}/free",
+        json={"unload_models": True, "free_memory": True},
+        timeout=(5, 30),
+        proxies={"http": None, "https": None},
+    )
     response.raise_for_status()
     time.sleep(1.0)  # the prompt worker drops its caches when it next wakes, at once when idle
 
@@ -82,8 +96,10 @@ def run_from_ui(ui: ComfyPage, server: ComfyServer) -> dict:
     [entry] = finished
     assert entry["status"]["status_str"] == "success", execution_error(entry)
     assert entry["prompt"][3]["client_id"] == ui.client_id()  # queued by this page's Run button
-    ui.wait_for(f"(app.graph.nodes.find(n => n.type === '{NODE}').aithrivingRuns ?? 0) > {runs_before}",
-                message="the run's cost delivered to the node")
+    ui.wait_for(
+        f"(app.graph.nodes.find(n => n.type === '{NODE}').aithrivingRuns ?? 0) > {runs_before}",
+        message="the run's cost delivered to the node",
+    )
     return entry
 
 
@@ -91,7 +107,9 @@ def check_graph(ui: ComfyPage, workflow: dict) -> dict:
     """The loaded graph is the workflow: every node known, no missing-node dialog, our widgets as saved."""
     assert not [text for text in ui.dialog_texts() if NODE in text], "a dialog names the node as missing"
     nodes = {n["id"]: n for n in ui.graph_nodes()}
-    assert {n_id: n["type"] for n_id, n in nodes.items()} == {str(n["id"]): n["type"] for n in workflow["nodes"]}
+    assert {n_id: n["type"] for n_id, n in nodes.items()} == {
+        str(n["id"]): n["type"] for n in workflow["nodes"]
+    }
     assert all(n["registered"] and not n["has_errors"] for n in nodes.values()), nodes
     structure = next(n for n in nodes.values() if n["type"] == NODE)
     assert [w["name"] for w in structure["widgets"]] == WIDGETS
@@ -107,16 +125,22 @@ def assert_no_pack_errors_in_console(ui: ComfyPage) -> None:
     offline = re.compile(r"^\[error\] Failed to load resource: net::ERR_\w+ +\(https://api\.comfy\.org/")
     # The help panel asks for docs/<node>/<locale>.md first, then docs/<node>.md: a 404 for a
     # language the pack has no page in (English lives in docs/<node>.md) is that lookup, not an error.
-    help_probe = re.compile(rf"^\[error\] Failed to load resource: .*404.*{re.escape(PACK_URL_PART)}docs/{NODE}/(\w+)\.md\)$")
+    help_probe = re.compile(
+        rf"^\[error\] Failed to load resource: .*404.*{re.escape(PACK_URL_PART)}docs/{NODE}/(\w+)\.md\)$"
+    )
     shipped = {path.stem for path in (REPO / "web" / "docs" / NODE).glob("*.md")}
 
     def expected(line: str) -> bool:
         probe = help_probe.match(line)
         return bool(offline.match(line) or (probe and probe.group(1) not in shipped))
 
-    ours = [line for line in log.console
-            if ("aithriving" in line.lower() or PACK_URL_PART in line) and line.startswith(("[error]", "[assert]"))
-            and not expected(line)]
+    ours = [
+        line
+        for line in log.console
+        if ("aithriving" in line.lower() or PACK_URL_PART in line)
+        and line.startswith(("[error]", "[assert]"))
+        and not expected(line)
+    ]
     ours += [line for line in log.console if line.startswith("[warning] [aithrivingstructure]")]
     # The frontend warns when an extension uses what it deprecated (slot.link, ...): none may be ours.
     ours += [line for line in log.console if line.startswith("[warning] [deprecated-by-pack]")]
@@ -146,10 +170,13 @@ class Pictures:
         side = min(width - left, height - top - bottom)
         page.set_viewport_size({"width": width, "height": height})
         time.sleep(0.5)
-        self.ui.frame_graph(left=left + 16, top=top + 16, right=width - left - side + 16,
-                            bottom=height - top - side + 16)
-        shot = self.ui.screenshot(self.directory / f"thumbnail-{workflow}.png",
-                                  clip={"x": left, "y": top, "width": side, "height": side})
+        self.ui.frame_graph(
+            left=left + 16, top=top + 16, right=width - left - side + 16, bottom=height - top - side + 16
+        )
+        shot = self.ui.screenshot(
+            self.directory / f"thumbnail-{workflow}.png",
+            clip={"x": left, "y": top, "width": side, "height": side},
+        )
         save_thumbnail(shot.read_bytes(), WORKFLOW_DIR / f"{workflow}.jpg")
         page.set_viewport_size({"width": VIEWPORT[0], "height": VIEWPORT[1]})
         time.sleep(0.5)
@@ -183,9 +210,11 @@ def test_server_lists_the_example_workflows_as_templates_with_thumbnails(ui_serv
 
 def test_web_extension_and_help_pages_are_served(ui_server):
     assert f"{PACK_URL_PART}aithriving_structure.js" in http_get(ui_server, "/extensions").json()
-    for path, heading in [("docs/AIThrivingStructure.md", "# Structure (AIThriving)"),
-                          ("docs/AIThrivingStructure/fr.md", "# Génération par structure (AIThriving)"),
-                          ("docs/AIThrivingStructure/es.md", "# Estructura (AIThriving)")]:
+    for path, heading in [
+        ("docs/AIThrivingStructure.md", "# Structure (AIThriving)"),
+        ("docs/AIThrivingStructure/fr.md", "# Génération par structure (AIThriving)"),
+        ("docs/AIThrivingStructure/es.md", "# Estructura (AIThriving)"),
+    ]:
         page = http_get(ui_server, f"{PACK_URL_PART}{path}")
         assert page.status_code == 200 and page.text.startswith(heading + "\n")
 
@@ -199,10 +228,13 @@ def test_translations_say_what_the_node_says_and_cover_every_input(ui_server):
     assert english["display_name"] == info["display_name"]
     assert english["description"] == info["description"]
     assert {name: entry["tooltip"] for name, entry in english["inputs"].items()} == {
-        name: options["tooltip"] for name, options in inputs.items()}
+        name: options["tooltip"] for name, options in inputs.items()
+    }
     assert all(entry["name"] == name for name, entry in english["inputs"].items())
-    assert english["outputs"] == {str(i): {"name": n, "tooltip": t} for i, (n, t) in
-                                  enumerate(zip(info["output_name"], info["output_tooltips"]))}
+    assert english["outputs"] == {
+        str(i): {"name": n, "tooltip": t}
+        for i, (n, t) in enumerate(zip(info["output_name"], info["output_tooltips"], strict=True))
+    }
     languages = sorted(translations)
     assert {"en", "fr"} <= set(languages)
     badge_keys = set(translations["en"]["aithrivingStructure"])
@@ -210,12 +242,16 @@ def test_translations_say_what_the_node_says_and_cover_every_input(ui_server):
         node = translations[language]["nodeDefs"][NODE]
         assert node["display_name"] and node["description"]
         assert set(node["inputs"]) == set(inputs) and set(node["outputs"]) == set(english["outputs"])
-        assert all(entry["name"] and entry["tooltip"] for entry in [*node["inputs"].values(), *node["outputs"].values()])
+        assert all(
+            entry["name"] and entry["tooltip"]
+            for entry in [*node["inputs"].values(), *node["outputs"].values()]
+        )
         strings = translations[language]["aithrivingStructure"]
         assert set(strings) == badge_keys, language
         for key, text in strings.items():  # the same placeholders as English
-            assert set(re.findall(r"\{(\w+)\}", text)) == set(re.findall(
-                r"\{(\w+)\}", translations["en"]["aithrivingStructure"][key])), (language, key)
+            assert set(re.findall(r"\{(\w+)\}", text)) == set(
+                re.findall(r"\{(\w+)\}", translations["en"]["aithrivingStructure"][key])
+            ), (language, key)
     assert translations["fr"]["nodeDefs"][NODE]["display_name"] != english["display_name"]
 
 
@@ -239,7 +275,8 @@ def test_template_browser_lists_the_pack_with_thumbnails(comfy_page, pictures):
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_example_workflow_from_the_template_browser_runs_and_shows_image_and_cost(
-        comfy_page, ui_server, ui_standin, pictures, name):
+    comfy_page, ui_server, ui_standin, pictures, name
+):
     ui = comfy_page
     workflow = workflow_json(name)
     images = batch_size(workflow)
@@ -259,13 +296,21 @@ def test_example_workflow_from_the_template_browser_runs_and_shows_image_and_cos
     # What the service was asked, what it cost, and what the node says it cost.
     cost = ui.wait_for_last_run()
     paid = len(ui_standin.requests)
-    assert paid in (0, images)  # 0: this seed was paid for earlier in the session and came from the cache
+    assert paid in (
+        0,
+        images,
+    )  # 0: this seed was paid for earlier in the session and came from the result store
     if paid:
         assert sorted(int(r.fields["seed"]) for r in ui_standin.requests) == list(range(seed, seed + images))
-    assert cost["images"] == images and cost["from_cache"] == images - paid
-    assert cost["credits"] == CREDITS_PER_IMAGE * paid == entry["outputs"][structure["id"]][
-        "aithriving_cost"][0]["credits"]
-    expected_text = f"Last run: {cost['credits']} credits" + (f" ({images - paid} from cache)" if paid < images else "")
+    assert cost["images"] == images and cost["from_store"] == images - paid
+    assert (
+        cost["credits"]
+        == CREDITS_PER_IMAGE * paid
+        == entry["outputs"][structure["id"]]["aithriving_cost"][0]["credits"]
+    )
+    expected_text = f"Last run: {cost['credits']} credits" + (
+        f" ({images - paid} from the result store)" if paid < images else ""
+    )
     assert cost["text"] == expected_text
     assert expected_text in ui.structure_node()["badges"]
 
@@ -275,7 +320,9 @@ def test_example_workflow_from_the_template_browser_runs_and_shows_image_and_cos
     for node in image_nodes:
         saved = entry["outputs"][str(node["id"])]["images"]
         shown = ui.wait_for_node_images(str(node["id"]), len(saved))
-        assert [re.search(r"filename=([^&]+)", src).group(1) for src in shown] == [i["filename"] for i in saved]
+        assert [re.search(r"filename=([^&]+)", src).group(1) for src in shown] == [
+            i["filename"] for i in saved
+        ]
     save_node = next(n for n in image_nodes if n["type"] == "SaveImage")
     assert len(entry["outputs"][str(save_node["id"])]["images"]) == images
 
@@ -284,7 +331,9 @@ def test_example_workflow_from_the_template_browser_runs_and_shows_image_and_cos
     assert_no_pack_errors_in_console(ui)
 
 
-def test_dropped_workflow_file_runs_and_the_cost_follows_both_caches(comfy_page, ui_server, ui_standin, pictures):
+def test_dropped_workflow_file_runs_and_the_cost_follows_both_caches(
+    comfy_page, ui_server, ui_standin, pictures
+):
     ui = comfy_page
     workflow = workflow_json("structure_basic")
     free_execution_cache(ui_server)
@@ -292,11 +341,11 @@ def test_dropped_workflow_file_runs_and_the_cost_follows_both_caches(comfy_page,
     check_graph(ui, workflow)
     assert ui.structure_node()["estimate"] == "≈ 6 credits"
 
-    # First run: paid, or served by the pack's cache if this seed was paid earlier in this session.
+    # First run: paid, or served by the pack's result store if this seed was paid earlier in this session.
     run_from_ui(ui, ui_server)
     cost = ui.wait_for_last_run()
     paid = len(ui_standin.requests)
-    assert (cost["credits"], cost["from_cache"]) == (6 * paid, 1 - paid)
+    assert (cost["credits"], cost["from_store"]) == (6 * paid, 1 - paid)
     ui.wait_for_node_images("3", 1)
 
     # Run again, unchanged: ComfyUI reuses its output without running the node. Nothing was paid.
@@ -306,13 +355,13 @@ def test_dropped_workflow_file_runs_and_the_cost_follows_both_caches(comfy_page,
     assert ui_standin.requests == []
     assert cost["reused"] and cost["text"] == "Last run: 0 credits (ComfyUI reused the previous result)"
 
-    # After ComfyUI forgot its outputs the node runs, and the pack's own cache answers for free.
+    # After ComfyUI forgot its outputs the node runs, and the pack's result store answers for free.
     free_execution_cache(ui_server)
     run_from_ui(ui, ui_server)
     cost = ui.wait_for_last_run()
     assert ui_standin.requests == []
-    assert not cost["reused"] and (cost["credits"], cost["from_cache"]) == (0, 1)
-    assert cost["text"] == "Last run: 0 credits (1 from cache)"
+    assert not cost["reused"] and (cost["credits"], cost["from_store"]) == (0, 1)
+    assert cost["text"] == "Last run: 0 credits (1 from the result store)"
     ui.frame_graph()
     pictures.shoot("dropped-from-cache")
     assert_no_pack_errors_in_console(ui)
@@ -338,8 +387,15 @@ def test_help_page_opens_from_the_node(comfy_page, pictures):
     ui.frame_graph(left=360)
     ui.select_node(ui.structure_node()["id"])
     help_text = ui.open_help_of_selected_node("When something goes wrong")
-    for text in ("6 credits per image", "outside_limits", "control_strength", "each queue is a new request",
-                 "Your account is out of credits", "AITHRIVING_API_KEY", "9,437,184 pixels"):
+    for text in (
+        "6 credits per image",
+        "outside_limits",
+        "control_strength",
+        "each queue is a new request",
+        "Your account is out of credits",
+        "AITHRIVING_API_KEY",
+        "9,437,184 pixels",
+    ):
         assert text in help_text, text
     panel_right = ui.widen_sidebar(560)
     ui.frame_graph(left=panel_right + 20)
@@ -374,7 +430,8 @@ def test_french_shows_the_translated_node_and_help(comfy_page, ui_server, pictur
 
 @pytest.mark.frontend_min("1.30")  # Nodes 2.0 shipped in 1.27, drawing node badges from 1.30 on
 def test_cost_badges_in_the_nodes_2_rendering(comfy_page, ui_server, ui_standin):
-    """The frontend's "Nodes 2.0" mode draws nodes as HTML: the badges must show there and update after a run."""
+    """The frontend's "Nodes 2.0" mode draws nodes as HTML: the badges must show there and update after a
+    run."""
     ui = comfy_page
     try:
         ui.set_setting("Comfy.VueNodes.Enabled", True)
@@ -382,7 +439,9 @@ def test_cost_badges_in_the_nodes_2_rendering(comfy_page, ui_server, ui_standin)
         ui.open()
         ui.drop_workflow_file(WORKFLOW_DIR / "structure_batch.json")
         node_id = ui.structure_node()["id"]
-        ui.wait_for(f"!!document.querySelector('[data-node-id=\"{node_id}\"]')", message="the node drawn as HTML")
+        ui.wait_for(
+            f"!!document.querySelector('[data-node-id=\"{node_id}\"]')", message="the node drawn as HTML"
+        )
         assert "≈ 24 credits" in ui.rendered_texts_of_node(node_id)
         run_from_ui(ui, ui_server)
         last_run = ui.wait_for_last_run()["text"]
@@ -391,7 +450,9 @@ def test_cost_badges_in_the_nodes_2_rendering(comfy_page, ui_server, ui_standin)
         node = ui.page.locator(f'[data-node-id="{node_id}"]')
         node.get_by_text(last_run, exact=True).wait_for(state="visible", timeout=15_000)
         # The cost lives in node state for the redraw, but is not saved with the workflow.
-        saved = ui.evaluate(f"app.graph.serialize().nodes.find(n => String(n.id) === {json.dumps(node_id)}).properties")
+        saved = ui.evaluate(
+            f"app.graph.serialize().nodes.find(n => String(n.id) === {json.dumps(node_id)}).properties"
+        )
         assert not [key for key in saved if key.startswith("aithriving")], saved
         assert_no_pack_errors_in_console(ui)
     finally:
@@ -399,7 +460,8 @@ def test_cost_badges_in_the_nodes_2_rendering(comfy_page, ui_server, ui_standin)
 
 
 def test_a_new_node_starts_at_seed_0_fixed_and_randomize_makes_each_queue_a_new_request(
-        comfy_page, ui_server, ui_standin):
+    comfy_page, ui_server, ui_standin
+):
     """Issue 9: seed 0 with "fixed" is the default of a node the user adds; "randomize", when the user
     picks it, changes the seed after each queue, so each queue is a new (paid) request, while "fixed"
     repeats the same request, which the result store answers for free."""
@@ -410,8 +472,8 @@ def test_a_new_node_starts_at_seed_0_fixed_and_randomize_makes_each_queue_a_new_
 
     # A node added to the graph (as the node search adds it): seed 0, control on "fixed".
     added = ui.add_node(NODE)
-    values = ui.evaluate(f"""Object.fromEntries((app.graph.getNodeById({json.dumps(added)}) ?? app.graph.getNodeById(
-        Number({json.dumps(added)}))).widgets.map(w => [w.name, w.value]))""")
+    values = ui.evaluate(f"""Object.fromEntries((app.graph.getNodeById({json.dumps(added)})
+        ?? app.graph.getNodeById(Number({json.dumps(added)}))).widgets.map(w => [w.name, w.value]))""")
     assert values["seed"] == 0 and values["control_after_generate"] == "fixed", values
     ui.evaluate(f"""(() => {{ const n = app.graph.getNodeById({json.dumps(added)}) ?? app.graph.getNodeById(
         Number({json.dumps(added)})); app.graph.remove(n); }})()""")

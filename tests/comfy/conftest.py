@@ -49,12 +49,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         if isinstance(session_server, ComfyServer):
             servers.append(session_server)
         for server in servers:
-            report.sections.append((f"ComfyUI log {server.log_path} (tail)", server.log_text()[-_LOG_TAIL_CHARS:]))
+            report.sections.append(
+                (f"ComfyUI log {server.log_path} (tail)", server.log_text()[-_LOG_TAIL_CHARS:])
+            )
     return report
 
 
-@pytest.fixture(scope="session", params=matrix.selected_server_versions(),
-                ids=lambda version: f"comfyui-{version}")
+@pytest.fixture(
+    scope="session", params=matrix.selected_server_versions(), ids=lambda version: f"comfyui-{version}"
+)
 def comfy_install(request: pytest.FixtureRequest) -> ComfyInstall:
     """Each ComfyUI of the matrix in turn (tests/comfy/matrix.py): 0.3.75, then 0.3.52, built once and reused.
 
@@ -95,7 +98,9 @@ def comfy_server_factory(
 
 
 @pytest.fixture(scope="session")
-def comfy_server(comfy_install: ComfyInstall, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyServer]:
+def comfy_server(
+    comfy_install: ComfyInstall, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ComfyServer]:
     """One ComfyUI server for the whole session, with no extra environment. Do not stop it."""
     server = ComfyServer(comfy_install, base_dir=tmp_path_factory.mktemp("comfy-session-base"))
     with server:

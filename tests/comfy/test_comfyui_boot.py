@@ -56,7 +56,9 @@ def test_pack_is_linked_and_import_attempted(comfy_server):
     # Whether the pack itself imports is the node tests' business; here only that ComfyUI tried.
     assert status in ("loaded", "failed"), comfy_server.log_text()[-3000:]
     if status == "failed":
-        warnings.warn(f"ComfyUI could not import the pack {PACK_LINK_NAME} (see the server log)", stacklevel=1)
+        warnings.warn(
+            f"ComfyUI could not import the pack {PACK_LINK_NAME} (see the server log)", stacklevel=1
+        )
 
 
 def test_invert_graph_end_to_end(comfy_server):
@@ -97,39 +99,72 @@ def test_ui_workflow_converts_and_runs(comfy_server):
         "last_node_id": 4,
         "last_link_id": 3,
         "nodes": [
-            {"id": 1, "type": "LoadImage", "mode": 0,
-             "inputs": [],
-             "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1]}, {"name": "MASK", "type": "MASK", "links": []}],
-             # The upload button's value "image" is saved after the file name.
-             "widgets_values": [name, "image"]},
-            {"id": 2, "type": "ImageScale", "mode": 0,
-             "inputs": [{"name": "image", "type": "IMAGE", "link": 1}],
-             "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [2]}],
-             "widgets_values": ["nearest-exact", 32, 48, "disabled"]},
+            {
+                "id": 1,
+                "type": "LoadImage",
+                "mode": 0,
+                "inputs": [],
+                "outputs": [
+                    {"name": "IMAGE", "type": "IMAGE", "links": [1]},
+                    {"name": "MASK", "type": "MASK", "links": []},
+                ],
+                # The upload button's value "image" is saved after the file name.
+                "widgets_values": [name, "image"],
+            },
+            {
+                "id": 2,
+                "type": "ImageScale",
+                "mode": 0,
+                "inputs": [{"name": "image", "type": "IMAGE", "link": 1}],
+                "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [2]}],
+                "widgets_values": ["nearest-exact", 32, 48, "disabled"],
+            },
             # Bypassed: the converter wires ImageScale straight to SaveImage.
-            {"id": 4, "type": "ImageInvert", "mode": 4,
-             "inputs": [{"name": "image", "type": "IMAGE", "link": 2}],
-             "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [3]}],
-             "widgets_values": []},
-            {"id": 3, "type": "SaveImage", "mode": 0,
-             "inputs": [{"name": "images", "type": "IMAGE", "link": 3}],
-             "outputs": [],
-             "widgets_values": ["harness/scaled"]},
+            {
+                "id": 4,
+                "type": "ImageInvert",
+                "mode": 4,
+                "inputs": [{"name": "image", "type": "IMAGE", "link": 2}],
+                "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [3]}],
+                "widgets_values": [],
+            },
+            {
+                "id": 3,
+                "type": "SaveImage",
+                "mode": 0,
+                "inputs": [{"name": "images", "type": "IMAGE", "link": 3}],
+                "outputs": [],
+                "widgets_values": ["harness/scaled"],
+            },
             {"id": 5, "type": "Note", "mode": 0, "inputs": [], "outputs": [], "widgets_values": ["a note"]},
         ],
         "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 4, 0, "IMAGE"], [3, 4, 0, 3, 0, "IMAGE"]],
-        "groups": [], "config": {}, "extra": {}, "version": 0.4,
+        "groups": [],
+        "config": {},
+        "extra": {},
+        "version": 0.4,
     }
 
     graph = workflow_to_api(ui_workflow, comfy_server.object_info(), strict=True)
 
     assert graph == {
         "1": {"class_type": "LoadImage", "inputs": {"image": name}, "_meta": {"title": "Load Image"}},
-        "2": {"class_type": "ImageScale", "_meta": {"title": "Upscale Image"},
-              "inputs": {"image": ["1", 0], "upscale_method": "nearest-exact", "width": 32, "height": 48,
-                         "crop": "disabled"}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "harness/scaled"},
-              "_meta": {"title": "Save Image"}},
+        "2": {
+            "class_type": "ImageScale",
+            "_meta": {"title": "Upscale Image"},
+            "inputs": {
+                "image": ["1", 0],
+                "upscale_method": "nearest-exact",
+                "width": 32,
+                "height": 48,
+                "crop": "disabled",
+            },
+        },
+        "3": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["2", 0], "filename_prefix": "harness/scaled"},
+            "_meta": {"title": "Save Image"},
+        },
     }
     entry = comfy_server.run(graph, timeout=120, workflow=ui_workflow)
     assert entry["status"]["status_str"] == "success", execution_error(entry)
@@ -178,15 +213,22 @@ def test_failing_node_reports_execution_error(comfy_server):
 def test_server_env_is_scrubbed_and_extended(comfy_server_factory, monkeypatch):
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("AITHRIVING_API_KEY", "developer-key-must-not-leak")
-    server = comfy_server_factory(env={"AITHRIVING_BASE_URL": "http://127.0.0.1:1", "AITHRIVING_API_KEY": "test-key"})
+    server = comfy_server_factory(
+        env={"AITHRIVING_BASE_URL": "http://127.0.0.1:1", "AITHRIVING_API_KEY": "test-key"}
+    )
     environ = dict(
-        item.split("=", 1) for item in Path(f"/proc/{server.pid}/environ").read_text().split("\0") if "=" in item
+        item.split("=", 1)
+        for item in Path(f"/proc/{server.pid}/environ").read_text().split("\0")
+        if "=" in item
     )
     assert environ["AITHRIVING_BASE_URL"] == "http://127.0.0.1:1"
     assert environ["AITHRIVING_API_KEY"] == "test-key"
     assert "HTTPS_PROXY" not in environ
     # Another version's overlay (0.3.52's or 0.33.0's packages) comes first, then the torchvision stand-in.
-    assert environ["PYTHONPATH"].split(os.pathsep) == [*map(str, server.install.python_path), str(TORCHVISION_STUB_DIR)]
+    assert environ["PYTHONPATH"].split(os.pathsep) == [
+        *map(str, server.install.python_path),
+        str(TORCHVISION_STUB_DIR),
+    ]
     assert Path(environ["HOME"]).is_relative_to(server.base_dir)
     assert server.custom_node_import_status() in ("loaded", "failed")
 
@@ -208,11 +250,21 @@ def test_start_failure_reports_log_tail(comfy_server_factory):
 def test_setup_waits_for_the_lock(comfy_install):
     """A second set-up blocks while another process holds the cache lock, then finishes."""
     # The shared cache (0.3.75 and the venv) is the venv's folder; another version sits beside it.
-    command = [sys.executable, "-m", "tests.comfy.harness", "setup", "--cache-dir",
-               str(comfy_install.venv_dir.parent), "--comfyui", comfy_install.version]
+    command = [
+        sys.executable,
+        "-m",
+        "tests.comfy.harness",
+        "setup",
+        "--cache-dir",
+        str(comfy_install.venv_dir.parent),
+        "--comfyui",
+        comfy_install.version,
+    ]
     with exclusive_lock(comfy_install.cache_dir / ".lock"):
         # As .ci/run calls it: a module run from the repository root.
-        other = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        other = subprocess.Popen(
+            command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         # Read what the set-up says when it reaches the lock, rather than sleeping a fixed time: on a
         # busy machine Python's start alone can outlast a sleep, and the lock was then free again.
         first = other.stderr.readline()
@@ -243,35 +295,63 @@ _FAKE_OBJECT_INFO = {
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         },
-        "input_order": {"required": ["model", "seed", "steps", "sampler"],
-                        "optional": ["noise_seed", "plain_seed", "forced", "picked", "strength"]},
+        "input_order": {
+            "required": ["model", "seed", "steps", "sampler"],
+            "optional": ["noise_seed", "plain_seed", "forced", "picked", "strength"],
+        },
         "output": ["LATENT"],
     },
-    "Loader": {"input": {"required": {"image": [["a.png"], {"image_upload": True}]}}, "output": ["MODEL", "MASK"]},
-    "Passthrough": {"input": {"required": {"x": ["MODEL"], "scale": ["FLOAT", {"default": 1.0}]}}, "output": ["MODEL"]},
+    "Loader": {
+        "input": {"required": {"image": [["a.png"], {"image_upload": True}]}},
+        "output": ["MODEL", "MASK"],
+    },
+    "Passthrough": {
+        "input": {"required": {"x": ["MODEL"], "scale": ["FLOAT", {"default": 1.0}]}},
+        "output": ["MODEL"],
+    },
 }
 
 
 def _node(node_id, kind, widgets, inputs=(), mode=0, outputs=()):
-    return {"id": node_id, "type": kind, "mode": mode, "widgets_values": widgets,
-            "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs],
-            "outputs": [{"name": t, "type": t, "links": []} for t in outputs]}
+    return {
+        "id": node_id,
+        "type": kind,
+        "mode": mode,
+        "widgets_values": widgets,
+        "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs],
+        "outputs": [{"name": t, "type": t, "links": []} for t in outputs],
+    }
 
 
 def test_widget_values_skip_control_filter_and_upload_slots():
     workflow = {
         "nodes": [
             _node(1, "Loader", ["a.png", "image"], outputs=["MODEL", "MASK"]),
-            _node(2, "Sampler", [7, "randomize", 30, "ddim", 8, "fixed", 9, "b", "increment", "", 0.25],
-                  inputs=[("model", "MODEL", 1), ("forced", "INT", None)]),
+            _node(
+                2,
+                "Sampler",
+                [7, "randomize", 30, "ddim", 8, "fixed", 9, "b", "increment", "", 0.25],
+                inputs=[("model", "MODEL", 1), ("forced", "INT", None)],
+            ),
         ],
         "links": [[1, 1, 0, 2, 0, "MODEL"]],
     }
     assert workflow_to_api(workflow, _FAKE_OBJECT_INFO, strict=True) == {
         "1": {"class_type": "Loader", "inputs": {"image": "a.png"}, "_meta": {"title": "Loader"}},
-        "2": {"class_type": "Sampler", "_meta": {"title": "Sampler"},
-              "inputs": {"model": ["1", 0], "seed": 7, "steps": 30, "sampler": "ddim", "noise_seed": 8,
-                         "plain_seed": 9, "picked": "b", "strength": 0.25}},
+        "2": {
+            "class_type": "Sampler",
+            "_meta": {"title": "Sampler"},
+            "inputs": {
+                "model": ["1", 0],
+                "seed": 7,
+                "steps": 30,
+                "sampler": "ddim",
+                "noise_seed": 8,
+                "plain_seed": 9,
+                "picked": "b",
+                "strength": 0.25,
+            },
+        },
     }
 
 
@@ -282,15 +362,23 @@ def test_links_through_reroute_primitive_bypass_and_mute():
             _node(2, "Reroute", None, inputs=[("", "*", 1)], outputs=["MODEL"]),
             _node(3, "Passthrough", [2.0], inputs=[("x", "MODEL", 2)], mode=4, outputs=["MODEL"]),
             _node(4, "PrimitiveNode", [42, "fixed"], outputs=["INT"]),
-            _node(5, "Sampler", [0, "fixed", 20, "euler", 1, "fixed", 2, "a", "fixed", "", 0.5],
-                  inputs=[("model", "MODEL", 3), ("seed", "INT", 4), ("strength", "FLOAT", 5)]),
+            _node(
+                5,
+                "Sampler",
+                [0, "fixed", 20, "euler", 1, "fixed", 2, "a", "fixed", "", 0.5],
+                inputs=[("model", "MODEL", 3), ("seed", "INT", 4), ("strength", "FLOAT", 5)],
+            ),
             _node(6, "Passthrough", [3.0], inputs=[("x", "MODEL", None)], mode=2, outputs=["MODEL"]),
             _node(7, "MarkdownNote", ["# hi"]),
         ],
         # Both link layouts the frontend has used: arrays and objects.
-        "links": [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 3, 0, "MODEL"], [3, 3, 0, 5, 0, "MODEL"],
-                  {"id": 4, "origin_id": 4, "origin_slot": 0, "target_id": 5, "target_slot": 1, "type": "INT"},
-                  [5, 6, 0, 5, 2, "FLOAT"]],
+        "links": [
+            [1, 1, 0, 2, 0, "MODEL"],
+            [2, 2, 0, 3, 0, "MODEL"],
+            [3, 3, 0, 5, 0, "MODEL"],
+            {"id": 4, "origin_id": 4, "origin_slot": 0, "target_id": 5, "target_slot": 1, "type": "INT"},
+            [5, 6, 0, 5, 2, "FLOAT"],
+        ],
     }
     graph = workflow_to_api(workflow, _FAKE_OBJECT_INFO, strict=True)
     assert set(graph) == {"1", "5"}

@@ -48,8 +48,13 @@ except ImportError:
 
 
 def test_stand_ins_import_every_submodule_and_raise_when_used():
-    result = subprocess.run([sys.executable, "-c", _STUB_CHECK], capture_output=True, text=True, check=False,
-                            env={"PYTHONPATH": str(TORCHVISION_STUB_DIR), "PATH": ""})
+    result = subprocess.run(
+        [sys.executable, "-c", _STUB_CHECK],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PYTHONPATH": str(TORCHVISION_STUB_DIR), "PATH": ""},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         "['torchvision.ops.roi_align', 'torchvision.transforms.functional.resize', "
@@ -61,12 +66,43 @@ def test_stand_ins_import_every_submodule_and_raise_when_used():
 
 
 def test_sweep_takes_one_frontend_per_three_minors_and_each_pinned_one():
-    available = ["1.58.1", "1.57.5", "1.55.18", "1.55.2", "1.52.7", "1.52.6", "1.49.7", "1.49.6", "1.46.15",
-                 "1.40.10", "1.40.0", "1.37.11", "1.34.9", "1.32.10", "1.32.9", "1.31.2", "1.28.9", "1.25.11",
-                 "1.25.10", "1.24.0.post1", "1.24.0"]
+    available = [
+        "1.58.1",
+        "1.57.5",
+        "1.55.18",
+        "1.55.2",
+        "1.52.7",
+        "1.52.6",
+        "1.49.7",
+        "1.49.6",
+        "1.46.15",
+        "1.40.10",
+        "1.40.0",
+        "1.37.11",
+        "1.34.9",
+        "1.32.10",
+        "1.32.9",
+        "1.31.2",
+        "1.28.9",
+        "1.25.11",
+        "1.25.10",
+        "1.24.0.post1",
+        "1.24.0",
+    ]
     assert matrix.sweep_frontends(available, "1.58.1") == [
-        "1.25.10", "1.28.9", "1.31.2", "1.32.9", "1.34.9", "1.37.11", "1.40.10", "1.46.15", "1.49.6",
-        "1.52.7", "1.55.18", "1.58.1"]  # no 1.43 release in this list: that step is left out, not guessed
+        "1.25.10",
+        "1.28.9",
+        "1.31.2",
+        "1.32.9",
+        "1.34.9",
+        "1.37.11",
+        "1.40.10",
+        "1.46.15",
+        "1.49.6",
+        "1.52.7",
+        "1.55.18",
+        "1.58.1",
+    ]  # no 1.43 release in this list: that step is left out, not guessed
     # The held-back newest ends the sweep.
     assert matrix.sweep_frontends(available, "1.55.2")[-2:] == ["1.52.7", "1.55.2"]
 
@@ -74,15 +110,23 @@ def test_sweep_takes_one_frontend_per_three_minors_and_each_pinned_one():
 def test_sweep_serves_each_frontend_on_the_comfyui_of_its_time():
     frontends = ("1.25.10", "1.31.2", "1.32.9", "1.46.15", "1.49.6", "1.58.1")
     assert [matrix.sweep_server_for(v) for v in frontends] == [
-        "0.3.52", "0.3.52", "0.3.75", "0.3.75", "0.33.0", "0.33.0"]
+        "0.3.52",
+        "0.3.52",
+        "0.3.75",
+        "0.3.75",
+        "0.33.0",
+        "0.33.0",
+    ]
 
 
 def _archive_bytes(version: str) -> bytes:
     """A tar.gz laid out as GitHub's archive of a ComfyUI tag: one top folder, comfyui_version.py in it."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for name, text in [(f"ComfyUI-{version}/comfyui_version.py", f'__version__ = "{version}"\n'),
-                           (f"ComfyUI-{version}/main.py", "print('main')\n")]:
+        for name, text in [
+            (f"ComfyUI-{version}/comfyui_version.py", f'__version__ = "{version}"\n'),
+            (f"ComfyUI-{version}/main.py", "print('main')\n"),
+        ]:
             data = text.encode()
             info = tarfile.TarInfo(name)
             info.size = len(data)

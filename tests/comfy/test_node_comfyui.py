@@ -15,9 +15,8 @@ from PIL import Image
 from structure_api import StructureClient, StructureRequest
 from structure_api.images import encode_upload
 from structure_api.standin import Hang, Respond, StandInServer
-from tests.comfy.harness import ComfyServer, PromptRejected, execution_error, saved_images, workflow_to_api
-
 from support import TEST_KEY
+from tests.comfy.harness import ComfyServer, PromptRejected, execution_error, saved_images, workflow_to_api
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
@@ -39,14 +38,18 @@ def cache_dir(comfy_install, tmp_path_factory):
 
 
 def _env(standin: StandInServer, cache_dir: Path) -> dict:
-    return {"AITHRIVING_BASE_URL": standin.url, "AITHRIVING_API_KEY": TEST_KEY,
-            "AITHRIVING_CACHE_DIR": str(cache_dir)}
+    return {
+        "AITHRIVING_BASE_URL": standin.url,
+        "AITHRIVING_API_KEY": TEST_KEY,
+        "AITHRIVING_CACHE_DIR": str(cache_dir),
+    }
 
 
 @pytest.fixture(scope="module")
 def comfy(comfy_install, standin, cache_dir, tmp_path_factory):
-    server = ComfyServer(comfy_install, env=_env(standin, cache_dir),
-                         base_dir=tmp_path_factory.mktemp("comfy-node-base"))
+    server = ComfyServer(
+        comfy_install, env=_env(standin, cache_dir), base_dir=tmp_path_factory.mktemp("comfy-node-base")
+    )
     with server:
         # Nothing uploaded: the pack put the templates' picture into the (fresh) input folder when it
         # loaded, which every graph here and every example workflow loads.
@@ -60,10 +63,18 @@ def fresh_standin(standin):
     yield
 
 
-def graph(prompt: str = "a watercolor cottage", seed: int = 1234, repeat: int = 1, prefix: str = "t",
-          **node_inputs) -> dict:
-    inputs = {"image": ["2", 0], "prompt": prompt, "control_strength": 0.7, "seed": seed, "output_format": "png",
-              "outside_limits": "fit and restore size", "negative_prompt": ""}
+def graph(
+    prompt: str = "a watercolor cottage", seed: int = 1234, repeat: int = 1, prefix: str = "t", **node_inputs
+) -> dict:
+    inputs = {
+        "image": ["2", 0],
+        "prompt": prompt,
+        "control_strength": 0.7,
+        "seed": seed,
+        "output_format": "png",
+        "outside_limits": "fit and restore size",
+        "negative_prompt": "",
+    }
     inputs.update(node_inputs)
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": "structure_example.png"}},
@@ -74,16 +85,21 @@ def graph(prompt: str = "a watercolor cottage", seed: int = 1234, repeat: int = 
 
 
 def saved_pixels(server: ComfyServer, entry: dict) -> list[np.ndarray]:
-    return [np.asarray(Image.open(io.BytesIO(server.view(i["filename"], i["subfolder"], i["type"]))).convert("RGB"))
-            for i in saved_images(entry)]
+    return [
+        np.asarray(
+            Image.open(io.BytesIO(server.view(i["filename"], i["subfolder"], i["type"]))).convert("RGB")
+        )
+        for i in saved_images(entry)
+    ]
 
 
 def expected_pixels(standin: StandInServer, seed: int, prompt: str = "a watercolor cottage") -> np.ndarray:
     """What the stand-in answers for the example image with these parameters (it is deterministic)."""
     pixels = np.asarray(Image.open(EXAMPLE).convert("RGB"))
     with StructureClient(api_key=TEST_KEY, base_url=standin.url) as client:
-        result = client.generate(StructureRequest(image=encode_upload(pixels), prompt=prompt, seed=seed,
-                                                  control_strength=0.7))
+        result = client.generate(
+            StructureRequest(image=encode_upload(pixels), prompt=prompt, seed=seed, control_strength=0.7)
+        )
     return result.pixels
 
 
@@ -108,7 +124,14 @@ def test_object_info_lists_the_node_with_its_inputs(comfy):
     assert info["category"] == "image/AIThriving"
     assert info["description"] and not info.get("api_node")
     required, optional = info["input"]["required"], info["input"]["optional"]
-    assert list(required) == ["image", "prompt", "control_strength", "seed", "output_format", "outside_limits"]
+    assert list(required) == [
+        "image",
+        "prompt",
+        "control_strength",
+        "seed",
+        "output_format",
+        "outside_limits",
+    ]
     assert list(optional) == ["negative_prompt"]
     assert required["image"][0] == "IMAGE"
     assert required["prompt"][0] == "STRING" and required["prompt"][1]["multiline"]
@@ -133,7 +156,9 @@ def schema_fields_of(install) -> set[str]:
     source = install.comfy_dir / "comfy_api" / "latest" / "_io.py"
     tree = ast.parse(source.read_text(encoding="utf-8"))
     [schema] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Schema"]
-    return {n.target.id for n in schema.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    return {
+        n.target.id for n in schema.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+    }
 
 
 def test_search_aliases_where_the_server_has_them(comfy, comfy_install):
@@ -143,8 +168,15 @@ def test_search_aliases_where_the_server_has_them(comfy, comfy_install):
     fields = schema_fields_of(comfy_install)
     assert {"node_id", "display_name", "description"} <= fields  # the Schema was really read
     if "search_aliases" in fields:
-        assert info["search_aliases"] == ["controlnet", "structure", "sketch to image", "depth", "edges",
-                                          "img2img", "aithriving"]
+        assert info["search_aliases"] == [
+            "controlnet",
+            "structure",
+            "sketch to image",
+            "depth",
+            "edges",
+            "img2img",
+            "aithriving",
+        ]
     else:
         assert info["display_name"] == "Structure (AIThriving)" and not info.get("search_aliases")
 
@@ -158,8 +190,15 @@ def test_single_image_saves_the_services_image(comfy, standin):
     assert request.fields["seed"] == "1234" and request.headers["authorization"] == TEST_KEY
     # The cost of the run travels to the frontend as the node's UI output.
     [cost] = entry["outputs"]["3"]["aithriving_cost"]
-    assert cost == {"credits": 6, "images": 1, "from_cache": 0, "credits_per_image": 6, "seeds": [1234],
-                    "local": False, "free": False}
+    assert cost == {
+        "credits": 6,
+        "images": 1,
+        "from_store": 0,
+        "credits_per_image": 6,
+        "seeds": [1234],
+        "offline": False,
+        "free": False,
+    }
     assert_same_image(saved, expected_pixels(standin, 1234))
     # ... and that image keeps the input's structure: its edges line up with the input's.
     source = np.asarray(Image.open(EXAMPLE).convert("RGB"))
@@ -210,12 +249,16 @@ def test_interrupt_ends_a_slow_request_within_a_second(comfy, standin):
     assert "execution_interrupted" in kinds and "execution_error" not in kinds
 
 
-def test_repeated_fixed_seed_run_is_not_paid_twice_even_after_restart(comfy_install, standin, cache_dir,
-                                                                      tmp_path_factory):
+def test_repeated_fixed_seed_run_is_not_paid_twice_even_after_restart(
+    comfy_install, standin, cache_dir, tmp_path_factory
+):
     # A separate server pair on one cache folder: the second stands for a restart of ComfyUI.
     for round_number in range(2):
-        server = ComfyServer(comfy_install, env=_env(standin, cache_dir),
-                             base_dir=tmp_path_factory.mktemp(f"comfy-restart-{round_number}"))
+        server = ComfyServer(
+            comfy_install,
+            env=_env(standin, cache_dir),
+            base_dir=tmp_path_factory.mktemp(f"comfy-restart-{round_number}"),
+        )
         with server:
             server.upload_image(EXAMPLE, "structure_example.png")
             entry = server.run(graph(seed=4242, repeat=2, prefix="cached"))
@@ -242,7 +285,7 @@ def test_seed_0_batch_with_a_failing_image_queued_twice_pays_only_for_that_image
     assert len(standin.requests) == 1 and standin.credits_spent - credits_before == 18 + 6
     assert len(saved_images(second)) == 4
     cost = next(iter(second["outputs"]["3"]["aithriving_cost"]))
-    assert (cost["credits"], cost["from_cache"], cost["images"]) == (6, 3, 4)
+    assert (cost["credits"], cost["from_store"], cost["images"]) == (6, 3, 4)
 
 
 def test_no_trace_of_the_key_in_saved_files_or_history(comfy, standin):

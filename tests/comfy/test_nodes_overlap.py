@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 
 from structure_api.standin import StandInServer
-from tests.comfy.harness import ComfyServer, execution_error, saved_images
-
 from support import TEST_KEY
+from tests.comfy.harness import ComfyServer, execution_error, saved_images
 
 HERE = Path(__file__).resolve().parent
 NODE = "AIThrivingStructure"
@@ -213,7 +212,9 @@ def test_four_structure_nodes_in_one_graph_overlap(comfy, standin):
         # Each node's progress bar and status text reach its own node, four nodes in flight at once.
         for node in ("10", "11", "12", "13"):
             wait_until(
-                lambda: events.last_text(node) == "done 1 of 1 · 6 credits spent", 10, f"node {node}'s text"
+                lambda node=node: events.last_text(node) == "done 1 of 1 · 6 credits spent",
+                10,
+                f"node {node}'s text",
             )
             assert events.progress[node][-1] == (1, 1)
             assert any(text.startswith("image 1: waiting for the service") for text in events.texts[node])
@@ -269,11 +270,13 @@ def test_cancel_with_four_nodes_in_flight_stops_all_at_once_and_the_same_graph_a
     log = comfy.log_text()
     for node in ("10", "11", "12", "13"):
         # Each node's status text, and ComfyUI's log, say what is left running and what it may cost.
-        wait_until(lambda: events.last_text(node).startswith("cancelled"), 10, f"node {node}'s text")
+        wait_until(
+            lambda node=node: events.last_text(node).startswith("cancelled"), 10, f"node {node}'s text"
+        )
         assert events.last_text(node) == (
-            "cancelled · 0 credits spent · 1 request was in flight with the upload complete, so the service may "
-            "charge for it; its result is kept in the result store when it arrives, and queuing the same again "
-            "gets it free."
+            "cancelled · 0 credits spent · 1 request was in flight with the upload complete, so the service "
+            "may charge for it; its result is kept in the result store when it arrives, and queuing the same "
+            "again gets it free."
         )
         assert (
             f"[AIThriving] node {node} cancelled: 1 request was in flight with the upload complete, so the "
@@ -292,7 +295,7 @@ def test_cancel_with_four_nodes_in_flight_stops_all_at_once_and_the_same_graph_a
     again = comfy.run(graph)
     assert again["status"]["status_str"] == "success", execution_error(again)
     assert standin.requests == [] and standin.credits_spent == credits
-    assert [(cost["credits"], cost["from_cache"]) for cost in costs(again)] == [(0, 1)] * 4
+    assert [(cost["credits"], cost["from_store"]) for cost in costs(again)] == [(0, 1)] * 4
 
 
 def test_cancel_after_the_uploads_of_a_seed_0_batch_then_queuing_again_pays_nothing_more(comfy, standin):
@@ -324,7 +327,7 @@ def test_cancel_after_the_uploads_of_a_seed_0_batch_then_queuing_again_pays_noth
     assert again["status"]["status_str"] == "success", execution_error(again)
     assert standin.requests == [] and standin.credits_spent == credits
     [cost] = costs(again)
-    assert (cost["credits"], cost["from_cache"], cost["images"]) == (0, 4, 4)
+    assert (cost["credits"], cost["from_store"], cost["images"]) == (0, 4, 4)
 
 
 def test_requests_in_flight_across_two_nodes_never_exceed_the_limit(comfy_install, standin, tmp_path_factory):

@@ -1,4 +1,5 @@
-"""Set-up from ComfyUI itself, in a real ComfyUI 0.3.75: key status and entry, the free offline mode, queue-time errors."""
+"""Set-up from ComfyUI itself, in a real ComfyUI 0.3.75: key status and entry, the free offline mode,
+queue-time errors."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ import pytest
 from PIL import Image
 
 from structure_api.standin import StandInServer
+from support import TEST_KEY
 from tests.comfy.harness import ComfyServer, PromptRejected, execution_error, free_port, saved_images
 from tests.comfy.install import PACK_LINK_NAME
-
-from support import TEST_KEY
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "example_workflows" / "structure_example.png"
@@ -22,9 +22,18 @@ NODE = "AIThrivingStructure"
 JSON = {"Content-Type": "application/json"}
 
 
-def graph(prompt: object = "a watercolor cottage", seed: int = 1234, prefix: str = "setup", **node_inputs) -> dict:
-    inputs = {"image": ["1", 0], "prompt": prompt, "control_strength": 0.7, "seed": seed, "output_format": "png",
-              "outside_limits": "fit and restore size", "negative_prompt": ""}
+def graph(
+    prompt: object = "a watercolor cottage", seed: int = 1234, prefix: str = "setup", **node_inputs
+) -> dict:
+    inputs = {
+        "image": ["1", 0],
+        "prompt": prompt,
+        "control_strength": 0.7,
+        "seed": seed,
+        "output_format": "png",
+        "outside_limits": "fit and restore size",
+        "negative_prompt": "",
+    }
     inputs.update(node_inputs)
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": "structure_example.png"}},
@@ -44,7 +53,8 @@ def start(comfy_install, base_dir: Path, env: dict) -> ComfyServer:
 
 
 def everything_served_and_logged(server: ComfyServer, answers: list[str]) -> str:
-    """Every answer body seen, the log, history and queue, and every file under user/: where a key must not be."""
+    """Every answer body seen, the log, history and queue, and every file under user/: where a key must not
+    be."""
     texts = [*answers, server.log_text(), json.dumps(server.history()), json.dumps(server.queue())]
     for path in (server.base_dir / "user").rglob("*"):
         if path.is_file():
@@ -66,10 +76,17 @@ def key_file(tmp_path) -> Path:
 
 
 def test_key_status_set_from_the_ui_used_without_restart_then_deleted(
-        comfy_install, billing_standin, tmp_path, key_file):
-    server = start(comfy_install, tmp_path / "base", {
-        "AITHRIVING_BASE_URL": billing_standin.url, "AITHRIVING_API_KEY_FILE": str(key_file),
-        "AITHRIVING_CACHE_DIR": str(tmp_path / "cache")})
+    comfy_install, billing_standin, tmp_path, key_file
+):
+    server = start(
+        comfy_install,
+        tmp_path / "base",
+        {
+            "AITHRIVING_BASE_URL": billing_standin.url,
+            "AITHRIVING_API_KEY_FILE": str(key_file),
+            "AITHRIVING_CACHE_DIR": str(tmp_path / "cache"),
+        },
+    )
     answers: list[str] = []
 
     def call(method: str, path: str, **kwargs):
@@ -82,23 +99,37 @@ def test_key_status_set_from_the_ui_used_without_restart_then_deleted(
         assert call("GET", "/api/aithriving/key").json() == {"set": False, "source": None}
 
         entry = server.run(graph(prefix="nokey"))
-        assert "No API key found: set it in Settings > AIThriving" in execution_error(entry)["exception_message"]
+        assert (
+            "No API key found: set it in Settings > AIThriving" in execution_error(entry)["exception_message"]
+        )
         # In the language the user chose in ComfyUI's settings (locales/es/main.json).
         assert call("POST", "/settings/Comfy.Locale", json="es").status_code == 200
         entry = server.run(graph(prefix="nokey-es"))
         assert execution_error(entry)["exception_message"].startswith(
-            "No hay clave de API: introdúzcala en Configuración > AIThriving > Clave de API")
+            "No hay clave de API: introdúzcala en Configuración > AIThriving > Clave de API"
+        )
         assert call("POST", "/settings/Comfy.Locale", json="en").status_code == 200
         assert billing_standin.requests == []
 
         # Refusals: nothing is written, and the key is never echoed.
-        for bad, words in (("", "blank"), ("   ", "blank"), ("sk-abc\ndef", "control character"),
-                           ("sk-\x07bell", "control character")):
+        for bad, words in (
+            ("", "blank"),
+            ("   ", "blank"),
+            ("sk-abc\ndef", "control character"),
+            ("sk-\x07bell", "control character"),
+        ):
             response = call("POST", "/aithriving/key", json={"key": bad})
             assert response.status_code == 400 and words in response.json()["error"], response.text
         assert call("POST", "/aithriving/key", json={"token": TEST_KEY}).status_code == 400
-        assert call("POST", "/aithriving/key", data=json.dumps({"key": TEST_KEY}),
-                    headers={"Content-Type": "text/plain"}).status_code == 415
+        assert (
+            call(
+                "POST",
+                "/aithriving/key",
+                data=json.dumps({"key": TEST_KEY}),
+                headers={"Content-Type": "text/plain"},
+            ).status_code
+            == 415
+        )
         assert not key_file.parent.exists()
 
         # Another web page: ComfyUI's own check (loopback Host) and the pack's (any Host, Sec-Fetch-Site).
@@ -108,11 +139,15 @@ def test_key_status_set_from_the_ui_used_without_restart_then_deleted(
         response = call("POST", "/aithriving/key", json={"key": TEST_KEY}, headers=lan)
         assert response.status_code == 403 and "another web page" in response.json()["error"]
         assert call("DELETE", "/aithriving/key", headers=lan).status_code == 403
-        assert call("POST", "/aithriving/mode", json={"local": True}, headers=lan).status_code == 403
-        assert call("POST", "/aithriving/key", json={"key": TEST_KEY},
-                    headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+        assert call("POST", "/aithriving/mode", json={"offline": True}, headers=lan).status_code == 403
+        assert (
+            call(
+                "POST", "/aithriving/key", json={"key": TEST_KEY}, headers={"Sec-Fetch-Site": "cross-site"}
+            ).status_code
+            == 403
+        )
         assert not key_file.parent.exists()
-        assert call("GET", "/aithriving/mode").json() == {"local": False}
+        assert call("GET", "/aithriving/mode").json() == {"offline": False}
 
         # The UI's own request: same origin.
         same = {"Origin": server.url, "Sec-Fetch-Site": "same-origin"}
@@ -127,7 +162,7 @@ def test_key_status_set_from_the_ui_used_without_restart_then_deleted(
         entry = server.run(graph(prefix="withkey"))
         assert execution_error(entry) is None, execution_error(entry)
         assert [r.headers["authorization"] for r in billing_standin.requests] == [TEST_KEY]
-        assert cost_of(entry)["credits"] == 6 and cost_of(entry)["local"] is False
+        assert cost_of(entry)["credits"] == 6 and cost_of(entry)["offline"] is False
 
         # A refused key leaves the saved one alone.
         assert call("POST", "/aithriving/key", json={"key": "\x00"}).status_code == 400
@@ -140,15 +175,21 @@ def test_key_status_set_from_the_ui_used_without_restart_then_deleted(
         assert "No API key found" in execution_error(entry)["exception_message"]
 
         assert TEST_KEY not in everything_served_and_logged(server, answers)
-        assert not any(TEST_KEY in p.read_text(errors="replace")
-                       for p in (server.base_dir / "user").rglob("*") if p.is_file())
+        assert not any(
+            TEST_KEY in p.read_text(errors="replace")
+            for p in (server.base_dir / "user").rglob("*")
+            if p.is_file()
+        )
     finally:
         server.stop()
 
 
 def test_environment_key_wins_and_the_routes_say_so(comfy_install, tmp_path, key_file):
-    server = start(comfy_install, tmp_path / "base", {
-        "AITHRIVING_API_KEY": TEST_KEY, "AITHRIVING_API_KEY_FILE": str(key_file)})
+    server = start(
+        comfy_install,
+        tmp_path / "base",
+        {"AITHRIVING_API_KEY": TEST_KEY, "AITHRIVING_API_KEY_FILE": str(key_file)},
+    )
     try:
         assert server.request("GET", "/aithriving/key").json() == {"set": True, "source": "environment"}
         response = server.request("POST", "/aithriving/key", json={"key": "another-key"})
@@ -194,23 +235,29 @@ def test_key_routes_refuse_rebound_hosts_unusable_keys_and_every_served_folder(c
         port = server.port
         for name in ("evil.example", "localhost.evil.example", "127.0.0.1.nip.io"):
             rebound = {"Host": f"{name}:{port}", "Origin": f"http://{name}:{port}"}
-            for method, path, body in (("POST", "/aithriving/key", {"key": "attacker-key"}),
-                                       ("DELETE", "/aithriving/key", None),
-                                       ("POST", "/aithriving/mode", {"local": True})):
+            for method, path, body in (
+                ("POST", "/aithriving/key", {"key": "attacker-key"}),
+                ("DELETE", "/aithriving/key", None),
+                ("POST", "/aithriving/mode", {"offline": True}),
+            ):
                 response = server.request(method, path, json=body, headers=rebound)
                 assert response.status_code == 403, (name, method, path, response.text)
                 assert "another host name" in response.json()["error"]
         assert key_file.read_text() == TEST_KEY + "\n"
-        assert server.request("GET", "/aithriving/mode").json() == {"local": False}
+        assert server.request("GET", "/aithriving/mode").json() == {"offline": False}
         # This machine's own names still work, from the page (Origin) or a script (none).
         for host in ("localhost", "127.0.0.1", "[::1]"):
             own = {"Host": f"{host}:{port}", "Origin": f"http://{host}:{port}"}
-            response = server.request("POST", "/aithriving/mode", json={"local": False}, headers=own)
+            response = server.request("POST", "/aithriving/mode", json={"offline": False}, headers=own)
             assert response.status_code == 200, (host, response.text)
 
         # Unusable keys: 400 with one sentence, and the working key stays.
-        for bad, words in (("sk-live\u200bkey", "U+200B"), ("\ufeffsk-live-key", "U+FEFF"),
-                           ("sk-live\u00a0key", "U+00A0"), ("sk-livé-key", "U+00E9")):
+        for bad, words in (
+            ("sk-live\u200bkey", "U+200B"),
+            ("\ufeffsk-live-key", "U+FEFF"),
+            ("sk-live\u00a0key", "U+00A0"),
+            ("sk-livé-key", "U+00E9"),
+        ):
             response = server.request("POST", "/aithriving/key", json={"key": bad})
             error = response.json()["error"]
             assert response.status_code == 400 and words in error, response.text
@@ -244,35 +291,48 @@ def test_key_routes_refuse_rebound_hosts_unusable_keys_and_every_served_folder(c
 
 
 def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_restart(
-        comfy_install, tmp_path, key_file):
+    comfy_install, tmp_path, key_file
+):
     closed_port = free_port()  # nothing listens here: the paid path could not work
-    env = {"AITHRIVING_BASE_URL": f"http://127.0.0.1:{closed_port}", "AITHRIVING_API_KEY_FILE": str(key_file),
-           "AITHRIVING_CACHE_DIR": str(tmp_path / "cache")}
+    env = {
+        "AITHRIVING_BASE_URL": f"http://127.0.0.1:{closed_port}",
+        "AITHRIVING_API_KEY_FILE": str(key_file),
+        "AITHRIVING_CACHE_DIR": str(tmp_path / "cache"),
+    }
     base = tmp_path / "base"
     server = start(comfy_install, base, env)
     try:
-        assert server.request("GET", "/aithriving/mode").json() == {"local": False}
+        assert server.request("GET", "/aithriving/mode").json() == {"offline": False}
         entry = server.run(graph(prefix="offline-off"))
         assert "No API key found" in execution_error(entry)["exception_message"]
 
-        for bad in ({"local": "yes"}, {"local": 1}, {}):
+        for bad in ({"offline": "yes"}, {"offline": 1}, {"local": "yes"}, {}):  # "local": the old spelling
             assert server.request("POST", "/aithriving/mode", json=bad).status_code == 400
-        response = server.request("POST", "/aithriving/mode", json={"local": True})
-        assert response.status_code == 200 and response.json() == {"local": True}
+        response = server.request("POST", "/aithriving/mode", json={"offline": True})
+        assert response.status_code == 200 and response.json() == {"offline": True}
         settings_file = key_file.with_name("aithriving-settings.json")
-        assert json.loads(settings_file.read_text()) == {"local": True}
+        assert json.loads(settings_file.read_text()) == {"offline": True}
 
         entry = server.run(graph(prefix="offline-on"))
         assert execution_error(entry) is None, execution_error(entry)
         cost = cost_of(entry)
-        assert cost["credits"] == 0 and cost["local"] is True and cost["free"] is True and cost["credits_per_image"] == 0
+        assert (
+            cost["credits"] == 0
+            and cost["offline"] is True
+            and cost["free"] is True
+            and cost["credits_per_image"] == 0
+        )
         [image] = saved_images(entry)
         png = Image.open(base / "output" / image["subfolder"] / image["filename"])
         assert png.size == Image.open(EXAMPLE).size
         # The mode is the machine's, not the workflow's: nothing of it in the saved PNG's metadata.
         metadata = json.dumps(png.text)
-        assert "aithriving-settings" not in metadata and '"local"' not in metadata and "stand-in" not in metadata
-        assert "local stand-in" not in json.dumps(entry["prompt"])
+        assert (
+            "aithriving-settings" not in metadata
+            and '"offline"' not in metadata
+            and "stand-in" not in metadata
+        )
+        assert "stand-in" not in json.dumps(entry["prompt"])
         assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.png"))
         assert not key_file.exists()
     finally:
@@ -280,10 +340,13 @@ def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_res
 
     restarted = start(comfy_install, base, env)
     try:
-        assert restarted.request("GET", "/aithriving/mode").json() == {"local": True}
+        assert restarted.request("GET", "/aithriving/mode").json() == {"offline": True}
         entry = restarted.run(graph(prefix="offline-again", seed=77))
         assert execution_error(entry) is None and cost_of(entry)["credits"] == 0
-        assert restarted.request("POST", "/aithriving/mode", json={"local": False}).json() == {"local": False}
+        # {"local": bool} is the old spelling of the field, still accepted.
+        assert restarted.request("POST", "/aithriving/mode", json={"offline": False}).json() == {
+            "offline": False
+        }
         entry = restarted.run(graph(prefix="offline-off-again", seed=78))
         assert "No API key found" in execution_error(entry)["exception_message"]
     finally:
@@ -291,26 +354,36 @@ def test_offline_mode_runs_with_no_key_and_no_server_for_free_and_survives_a_res
 
 
 def test_switching_offline_mode_off_runs_a_fixed_seed_again_against_the_service(
-        comfy_install, billing_standin, tmp_path, key_file):
+    comfy_install, billing_standin, tmp_path, key_file
+):
     # The same fixed-seed graph, queued with the stand-in on and then off: ComfyUI must not reuse the
     # stand-in's drawing as if it were the service's result (the node's fingerprint names where requests go).
-    server = start(comfy_install, tmp_path / "base", {
-        "AITHRIVING_BASE_URL": billing_standin.url, "AITHRIVING_API_KEY": TEST_KEY,
-        "AITHRIVING_API_KEY_FILE": str(key_file), "AITHRIVING_CACHE_DIR": "off"})
+    server = start(
+        comfy_install,
+        tmp_path / "base",
+        {
+            "AITHRIVING_BASE_URL": billing_standin.url,
+            "AITHRIVING_API_KEY": TEST_KEY,
+            "AITHRIVING_API_KEY_FILE": str(key_file),
+            "AITHRIVING_CACHE_DIR": "off",
+        },
+    )
     try:
         sent_before = len(billing_standin.requests)
-        assert server.request("POST", "/aithriving/mode", json={"local": True}).json() == {"local": True}
+        assert server.request("POST", "/aithriving/mode", json={"offline": True}).json() == {"offline": True}
         entry = server.run(graph(prefix="fixed", seed=4242))
-        assert execution_error(entry) is None and cost_of(entry)["local"] is True
+        assert execution_error(entry) is None and cost_of(entry)["offline"] is True
         assert len(billing_standin.requests) == sent_before
 
-        assert server.request("POST", "/aithriving/mode", json={"local": False}).json() == {"local": False}
+        assert server.request("POST", "/aithriving/mode", json={"offline": False}).json() == {
+            "offline": False
+        }
         entry = server.run(graph(prefix="fixed", seed=4242))
         assert execution_error(entry) is None, execution_error(entry)
         assert len(billing_standin.requests) == sent_before + 1, "the service received nothing"
         assert billing_standin.requests[-1].fields["seed"] == "4242"
         cost = cost_of(entry)
-        assert (cost["local"], cost["credits"], cost["free"]) == (False, 6, False)
+        assert (cost["offline"], cost["credits"], cost["free"]) == (False, 6, False)
         # The fingerprint is kept in the prompt, and so in the PNG: it names neither the mode nor the address.
         [image] = saved_images(entry)
         metadata = json.dumps(Image.open(server.output_dir / image["subfolder"] / image["filename"]).text)
@@ -326,13 +399,25 @@ def test_switching_offline_mode_off_runs_a_fixed_seed_again_against_the_service(
 def test_a_serve_standin_at_the_base_url_is_reported_free(comfy_install, tmp_path):
     # `structure-api serve` (free=True) with the two variables its banner shows: 0 credits on every figure.
     with StandInServer(free=True) as serve:
-        server = start(comfy_install, tmp_path / "base", {
-            "AITHRIVING_BASE_URL": serve.url, "AITHRIVING_API_KEY": "local", "AITHRIVING_CACHE_DIR": "off"})
+        server = start(
+            comfy_install,
+            tmp_path / "base",
+            {
+                "AITHRIVING_BASE_URL": serve.url,
+                "AITHRIVING_API_KEY": "stand-in",
+                "AITHRIVING_CACHE_DIR": "off",
+            },
+        )
         try:
             entry = server.run(graph(prefix="serve"))
             assert execution_error(entry) is None, execution_error(entry)
             cost = cost_of(entry)
-            assert (cost["credits"], cost["credits_per_image"], cost["free"], cost["local"]) == (0, 0, True, False)
+            assert (cost["credits"], cost["credits_per_image"], cost["free"], cost["offline"]) == (
+                0,
+                0,
+                True,
+                False,
+            )
             assert len(serve.requests) == 1
         finally:
             server.stop()
@@ -340,18 +425,28 @@ def test_a_serve_standin_at_the_base_url_is_reported_free(comfy_install, tmp_pat
 
 @pytest.fixture(scope="module")
 def queue_server(comfy_install, billing_standin, tmp_path_factory):
-    server = start(comfy_install, tmp_path_factory.mktemp("queue-base"), {
-        "AITHRIVING_BASE_URL": billing_standin.url, "AITHRIVING_API_KEY": TEST_KEY, "AITHRIVING_CACHE_DIR": "off"})
+    server = start(
+        comfy_install,
+        tmp_path_factory.mktemp("queue-base"),
+        {
+            "AITHRIVING_BASE_URL": billing_standin.url,
+            "AITHRIVING_API_KEY": TEST_KEY,
+            "AITHRIVING_CACHE_DIR": "off",
+        },
+    )
     yield server
     server.stop()
 
 
-@pytest.mark.parametrize("prompt, words", [
-    ("", "prompt is empty"),
-    ("   \n ", "prompt is empty"),
-    ("x" * 10001, "10001 characters long"),
-    ("a cottage\x07", "control character U+0007"),
-])
+@pytest.mark.parametrize(
+    "prompt, words",
+    [
+        ("", "prompt is empty"),
+        ("   \n ", "prompt is empty"),
+        ("x" * 10001, "10001 characters long"),
+        ("a cottage\x07", "control character U+0007"),
+    ],
+)
 def test_bad_prompt_is_refused_when_queued_with_nothing_sent(queue_server, billing_standin, prompt, words):
     billing_standin.clear()
     before = set(queue_server.history())
@@ -364,8 +459,9 @@ def test_bad_prompt_is_refused_when_queued_with_nothing_sent(queue_server, billi
     assert set(queue_server.history()) == before  # nothing ran, not even the image loader
 
 
-@pytest.mark.parametrize("name, value", [("control_strength", 1.5), ("control_strength", -0.1),
-                                         ("seed", 4294967295), ("seed", -1)])
+@pytest.mark.parametrize(
+    "name, value", [("control_strength", 1.5), ("control_strength", -0.1), ("seed", 4294967295), ("seed", -1)]
+)
 def test_out_of_range_parameters_are_refused_when_queued(queue_server, billing_standin, name, value):
     # ComfyUI checks the schema's min/max itself (validate_inputs names only the prompt, so it still does).
     billing_standin.clear()
@@ -411,6 +507,8 @@ def test_the_templates_picture_never_replaces_a_users_own(comfy_install, tmp_pat
     try:
         assert server.custom_node_import_status() == "loaded"
         assert (server.input_dir / EXAMPLE.name).read_bytes() == before
-        assert [path.name for path in server.input_dir.iterdir() if path.name.startswith(".")] == []  # no temp file
+        assert [
+            path.name for path in server.input_dir.iterdir() if path.name.startswith(".")
+        ] == []  # no temp file
     finally:
         server.stop()

@@ -67,8 +67,9 @@ def _normalise_links(ui_workflow: Mapping[str, Any]) -> dict[int, tuple[int, int
     return links
 
 
-def workflow_to_api(ui_workflow: Mapping[str, Any], object_info: Mapping[str, Any], *,
-                    strict: bool = False) -> dict[str, dict]:
+def workflow_to_api(
+    ui_workflow: Mapping[str, Any], object_info: Mapping[str, Any], *, strict: bool = False
+) -> dict[str, dict]:
     """Convert a workflow saved by the ComfyUI frontend to the API format POST /prompt takes.
 
     Handles widgets (with the frontend's extra control/upload values), links, muted (dropped) and
@@ -106,7 +107,9 @@ def workflow_to_api(ui_workflow: Mapping[str, Any], object_info: Mapping[str, An
             if kind == "PrimitiveNode":
                 return ("value", (origin.get("widgets_values") or [None])[0])
             if kind == "Reroute" or mode == _MODE_BYPASSED:
-                next_link = _bypass_input_link(origin, origin_slot) if kind != "Reroute" else input_link(origin, 0)
+                next_link = (
+                    _bypass_input_link(origin, origin_slot) if kind != "Reroute" else input_link(origin, 0)
+                )
                 if next_link is None:
                     return None
                 link_id = next_link
@@ -156,19 +159,27 @@ def workflow_to_api(ui_workflow: Mapping[str, Any], object_info: Mapping[str, An
                 f"node {node_id} ({kind}): widgets_values has {len(values)} entries, the node's inputs "
                 f"account for {position}: {values!r}"
             )
-        prompt[str(node_id)] = {"class_type": kind, "inputs": api_inputs, "_meta": {"title": node.get("title") or node_def.get("display_name") or kind}}
+        prompt[str(node_id)] = {
+            "class_type": kind,
+            "inputs": api_inputs,
+            "_meta": {"title": node.get("title") or node_def.get("display_name") or kind},
+        }
     return prompt
 
 
 def _bypass_input_link(node: Mapping[str, Any], output_slot: int) -> int | None:
-    """The input link a bypassed node passes through for output_slot: same slot if the type fits, else first of that type."""
+    """The input link a bypassed node passes through for output_slot: same slot if the type fits, else first
+    of that type."""
     outputs = node.get("outputs") or []
     inputs = node.get("inputs") or []
     wanted = outputs[output_slot].get("type") if output_slot < len(outputs) else None
-    if output_slot < len(inputs) and inputs[output_slot].get("type") == wanted and inputs[output_slot].get("link") is not None:
+    if (
+        output_slot < len(inputs)
+        and inputs[output_slot].get("type") == wanted
+        and inputs[output_slot].get("link") is not None
+    ):
         return inputs[output_slot]["link"]
     for slot in inputs:
         if slot.get("type") == wanted and slot.get("link") is not None:
             return slot["link"]
     return None
-

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from .report import REPORT_ENV, Ledger, _Recorder, render
 from support import RecordingSleep, client_factory
 
 from .probes import CANARY_KEY, photo_like
+from .report import REPORT_ENV, Ledger, _Recorder, render
 
 _HERE = Path(__file__).resolve().parent
 _REPO_ROOT = _HERE.parents[1]
 _LEDGER = pytest.StashKey[Ledger]()
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_LEDGER] = Ledger()
@@ -36,7 +37,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     # The hook sees the whole session's tests; only this folder's go into the report.
     if _HERE in Path(item.path).resolve().parents:
-        outcome = "xfailed" if report.skipped and getattr(report, "wasxfail", None) is not None else report.outcome
+        outcome = (
+            "xfailed" if report.skipped and getattr(report, "wasxfail", None) is not None else report.outcome
+        )
         item.config.stash[_LEDGER].note_outcome(item.nodeid, report.when, outcome, report.duration)
     return report
 
@@ -55,6 +58,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 # --- fixtures -----------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def ledger(request: pytest.FixtureRequest) -> _Recorder:

@@ -13,9 +13,9 @@ import re
 import threading
 import tracemalloc
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Union
 
 import numpy as np
 
@@ -28,6 +28,7 @@ MiB = 2**20
 
 
 # --- finding the key ------------------------------------------------------------------------
+
 
 def _base64_needles(secret: bytes) -> list[bytes]:
     """Pieces of base64 that appear whatever the key's alignment inside a longer base64 text."""
@@ -48,9 +49,9 @@ def _png_texts(data: bytes) -> Iterable[bytes]:
         return
     position = 8
     while position + 8 <= len(data):
-        length = int.from_bytes(data[position:position + 4], "big")
-        kind = data[position + 4:position + 8]
-        payload = data[position + 8:position + 8 + length]
+        length = int.from_bytes(data[position : position + 4], "big")
+        kind = data[position + 4 : position + 8]
+        payload = data[position + 8 : position + 8 + length]
         position += 12 + length
         if kind == b"tEXt":
             yield payload
@@ -74,8 +75,9 @@ def _png_texts(data: bytes) -> Iterable[bytes]:
             yield text
 
 
-def key_found_in(data: Union[bytes, str, None]) -> bool:
-    """True when the canary key is in ``data``: as is, as base64, or inside a PNG's (compressed) text chunks."""
+def key_found_in(data: bytes | str | None) -> bool:
+    """True when the canary key is in ``data``: as is, as base64, or inside a PNG's (compressed) text
+    chunks."""
     if data is None:
         return False
     blob = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
@@ -87,7 +89,7 @@ def key_found_in(data: Union[bytes, str, None]) -> bool:
 def files_with_key(root: Path) -> list[Path]:
     """Every file under ``root`` (symlinks not followed) that holds the key."""
     found = []
-    for directory, dirs, files in os.walk(root, followlinks=False):
+    for directory, _dirs, files in os.walk(root, followlinks=False):
         for name in files:
             path = Path(directory) / name
             if path.is_symlink():
@@ -128,6 +130,7 @@ def message_problems(text: str) -> list[str]:
 
 
 # --- memory -----------------------------------------------------------------------------------
+
 
 def _status_kib(field_name: str) -> int:
     with open("/proc/self/status") as handle:
@@ -178,6 +181,7 @@ class MemoryProbe:
 
 # --- threads and sockets ---------------------------------------------------------------------
 
+
 def open_sockets() -> int:
     """Sockets this process holds open, from /proc/self/fd."""
     count = 0
@@ -209,7 +213,8 @@ def settle(predicate, timeout: float = 3.0) -> bool:
 
 # --- images -----------------------------------------------------------------------------------
 
-def image_file_bytes(pixels: np.ndarray, fmt: str = "PNG", mode: Optional[str] = None, **options) -> bytes:
+
+def image_file_bytes(pixels: np.ndarray, fmt: str = "PNG", mode: str | None = None, **options) -> bytes:
     from PIL import Image
 
     image = Image.fromarray(pixels) if mode is None else Image.fromarray(pixels, mode=mode)

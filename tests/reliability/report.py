@@ -7,13 +7,12 @@ import os
 import platform
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Optional
 
 REPORT_ENV = "RELIABILITY_REPORT"
 REPRODUCE = f"{REPORT_ENV}=docs/reliability.md python -m pytest tests/reliability -q"
 
 SECTIONS = {
-    "faults": "1. Fault matrix (client against the local stand-in)",
+    "faults": "1. Fault matrix (client against the stand-in)",
     "hostile": "2. Hostile responses (memory bounded)",
     "odd": "2b. Odd answers that carry a paid image (kept, then used)",
     "inputs": "3. Bad inputs (node logic and CLI)",
@@ -25,44 +24,53 @@ SECTIONS = {
 
 INTROS = {
     "faults": (
-        "`StructureClient` with its default retry policy (5 attempts, backoff from 1 s doubling to at most 30 s,"
-        " jitter injected as 0 so waits are exact; 429s, never billed, are waited out for 150 s of 429s in a row"
-        " instead, Retry-After capped at 90 s) against `StandInServer` scripted with `Fault`s. Each row"
-        " asserts the outcome class, the words of the one-line message (no key, no HTML), the requests the"
-        " stand-in saw, the retry waits and a time bound (5 s; the read-timeout rows 2 s)."),
+        "`StructureClient` with its default retry policy (5 attempts, backoff from 1 s doubling to at most "
+        "30 s, jitter injected as 0 so waits are exact; 429s, never billed, are waited out for 150 s of 429s "
+        "in a row instead, Retry-After capped at 90 s) against `StandInServer` scripted with `Fault`s. Each "
+        "row asserts the outcome class, the words of the one-line message (no key, no HTML), the requests "
+        "the stand-in saw, the retry waits and a time bound (5 s; the read-timeout rows 2 s)."
+    ),
     "hostile": (
-        "Bounds asserted per call: an answer refused by size or shape costs at most the 64 MiB response cap"
-        " (`MAX_RESPONSE_BYTES`) + 16 MiB traced and cap + 64 MiB resident; a decompression bomb, refused from its"
-        " header, under 16 MiB traced and 64 MiB resident; a well-formed answer under the cap whose image turns"
-        " out not to be one, 3 x cap + 16 MiB (body, json's decoded text and the image string live together)."
-        " The stand-in runs in the same process, so its allocations are counted too (the figures are upper"
-        " bounds for the client)."),
+        "Bounds asserted per call: an answer refused by size or shape costs at most the 64 MiB response cap "
+        "(`MAX_RESPONSE_BYTES`) + 16 MiB traced and cap + 64 MiB resident; a decompression bomb, refused "
+        "from its header, under 16 MiB traced and 64 MiB resident; a well-formed answer under the cap whose "
+        "image turns out not to be one, 3 x cap + 16 MiB (body, json's decoded text and the image string "
+        "live together). The stand-in runs in the same process, so its allocations are counted too (the "
+        "figures are upper bounds for the client)."
+    ),
     "odd": (
-        "Answers that carry a paid image in an unusual wrapping (an unreadable seed, `\"code\": \"0\"`,"
+        'Answers that carry a paid image in an unusual wrapping (an unreadable seed, `"code": "0"`,'
         " URL-safe base64, a raw image body, 1xx before the 200, a 203, a BOM), through `fetch_or_pay`: the"
         " image must be"
         " kept in the result store before anything else, then used (or, too far from the request's size, kept"
-        " for export and not used), and the request never sent again."),
+        " for export and not used), and the request never sent again."
+    ),
     "inputs": (
         "Named cases through `generate_images` (the node's logic, torch or numpy batches) and through"
         " `structure-api generate`/`batch` in process, then hypothesis property tests. *Requests* is what the"
-        " stand-in (which checks like the service) received: 0 for every refused input."),
+        " stand-in (which checks like the service) received: 0 for every refused input."
+    ),
     "load": (
-        "Each request carries its item's seed, so each one the stand-in recorded is traced to its item: earlier"
-        " attempts must be retryable faults, the last one the item's success or the fault behind its error."
-        " Result pixels are compared with the stand-in's own deterministic rendering of that item's image."),
+        "Each request carries its item's seed, so each one the stand-in recorded is traced to its item: "
+        "earlier attempts must be retryable faults, the last one the item's success or the fault behind its "
+        "error. Result pixels are compared with the stand-in's own deterministic rendering of that item's "
+        "image."
+    ),
     "secrets": (
-        "Flows run with a recognisable canary key; the search looks for it as is, as base64 at every"
-        " alignment, and inside PNG text chunks (compressed ones inflated). *Places* are log records, exception"
-        " str/repr/formatted traceback, progress messages, CLI stdout/stderr, written files, cache files, the"
-        " stand-in's recorded paths/headers/fields/uploads, and ComfyUI's outputs, history, queue and logs."),
+        "Flows run with a recognisable canary key; the search looks for it as is, as base64 at every "
+        "alignment, and inside PNG text chunks (compressed ones inflated). *Places* are log records, "
+        "exception str/repr/formatted traceback, progress messages, CLI stdout/stderr, written files, result "
+        "store files, the stand-in's recorded paths/headers/fields/uploads, and ComfyUI's outputs, history, "
+        "queue and logs."
+    ),
     "credits": (
-        "Issue 9's scenarios over loopback (the stand-in, or a raw socket server for transport tricks; read-only"
-        " and full disks are real tmpfs mounts). *Paid* is what the service charged on the first run (the"
-        " stand-in's count, or answers a raw server wrote whole, 6 credits each); *delivered* is the credits'"
-        " worth of images the caller finally got; *re-paid* is what a re-run paid again for images already"
-        " paid for (the target is 0; an empty cell: no re-run in that scenario). An answer lost after its"
-        " upload may have been charged without arriving: no client can keep it, and the error says so."),
+        "Issue 9's scenarios over loopback (the stand-in, or a raw socket server for transport tricks; "
+        "read-only and full disks are real tmpfs mounts). *Paid* is what the service charged on the first "
+        "run (the stand-in's count, or answers a raw server wrote whole, 6 credits each); *delivered* is the "
+        "credits' worth of images the caller finally got; *re-paid* is what a re-run paid again for images "
+        "already paid for (the target is 0; an empty cell: no re-run in that scenario). An answer lost after "
+        "its upload may have been charged without arriving: no client can keep it, and the error says so."
+    ),
 }
 
 FINDINGS = """Bugs this suite found, fixed in `structure_api/client.py`:
@@ -112,13 +120,13 @@ class Row:
     expected: str
     observed: str
     nodeid: str
-    requests: Optional[int] = None  # requests the stand-in recorded
-    waited: Optional[float] = None  # retry waits, in (injected, never slept) seconds
-    seconds: Optional[float] = None  # wall-clock time of the call
+    requests: int | None = None  # requests the stand-in recorded
+    waited: float | None = None  # retry waits, in (injected, never slept) seconds
+    seconds: float | None = None  # wall-clock time of the call
     detail: str = ""
-    paid: Optional[int] = None       # credits section: credits charged on the first run
-    delivered: Optional[int] = None  # credits' worth of images the caller got
-    repaid: Optional[int] = None     # credits a re-run paid again for images already paid
+    paid: int | None = None  # credits section: credits charged on the first run
+    delivered: int | None = None  # credits' worth of images the caller got
+    repaid: int | None = None  # credits a re-run paid again for images already paid
 
 
 @dataclass
@@ -134,19 +142,29 @@ class Ledger:
     def record(self, nodeid: str, section: str, scenario: str, expected: str, observed: str, **extra) -> Row:
         if section not in SECTIONS:
             raise ValueError(f"unknown section {section!r}")
-        row = Row(section=section, scenario=scenario, expected=expected, observed=observed, nodeid=nodeid, **extra)
+        row = Row(
+            section=section, scenario=scenario, expected=expected, observed=observed, nodeid=nodeid, **extra
+        )
         self.rows.append(row)
         return row
 
     def note_outcome(self, nodeid: str, when: str, outcome: str, duration: float) -> None:
         self.durations[nodeid] += duration
         previous = self.outcomes.get(nodeid)
-        if outcome == "failed" or previous is None or (previous == "passed" and outcome in ("skipped", "xfailed")):
+        if (
+            outcome == "failed"
+            or previous is None
+            or (previous == "passed" and outcome in ("skipped", "xfailed"))
+        ):
             self.outcomes[nodeid] = outcome
 
     def status(self, row: Row) -> str:
-        return {"passed": "pass", "failed": "**FAIL**", "skipped": "skipped",
-                "xfailed": "known defect (xfail)"}.get(self.outcomes.get(row.nodeid, ""), "not run")
+        return {
+            "passed": "pass",
+            "failed": "**FAIL**",
+            "skipped": "skipped",
+            "xfailed": "known defect (xfail)",
+        }.get(self.outcomes.get(row.nodeid, ""), "not run")
 
 
 class _Recorder:
@@ -167,6 +185,7 @@ class _Recorder:
 
 
 # --- rendering -----------------------------------------------------------------------------
+
 
 def _cell(value: object) -> str:
     if value is None:
@@ -194,8 +213,10 @@ def _machine() -> str:
             memory = f", {total_kib / 2**20:.0f} GiB RAM"
     except (OSError, ValueError, IndexError):
         pass
-    return (f"{os.cpu_count()} cores ({cpu}){memory}, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{os.cpu_count()} cores ({cpu}){memory}, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def render(ledger: Ledger) -> str:
@@ -219,10 +240,12 @@ def render(ledger: Ledger) -> str:
     add("below was written by the test that asserted it, in the run described here.")
     add("")
     add(f"- Reproduce: `{REPRODUCE}` (from the repository root, in the project's venv). The one ComfyUI")
-    add("  test fetches ComfyUI 0.3.75 into `.cache/comfyui` on first use; `-m \"not comfyui\"` leaves it out.")
+    add('  test fetches ComfyUI 0.3.75 into `.cache/comfyui` on first use; `-m "not comfyui"` leaves it out.')
     add(f"- Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {_machine()}")
-    add(f"- Tests: {passed} passed, {len(failed)} failed, {known} known defect(s) outside this suite's files "
-        f"(xfail); the suite took {suite_seconds:.0f} s (sum of test durations, set-up included)")
+    add(
+        f"- Tests: {passed} passed, {len(failed)} failed, {known} known defect(s) outside this suite's files "
+        f"(xfail); the suite took {suite_seconds:.0f} s (sum of test durations, set-up included)"
+    )
     if failed:
         add("")
         add("**This run had failures; the figures below are not a clean bill of health:**")
@@ -233,28 +256,50 @@ def render(ledger: Ledger) -> str:
     add("")
     add("| figure | value |")
     add("|---|---|")
-    add(f"| scenarios checked (rows below) | {scenario_count}: "
-        + ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())) + " |")
+    add(
+        f"| scenarios checked (rows below) | {scenario_count}: "
+        + ", ".join(f"{count} {status}" for status, count in sorted(statuses.items()))
+        + " |"
+    )
     add(f"| fault-matrix scenarios | {len(rows_by_section['faults'])} |")
     add(f"| hostile responses refused with memory bounded | {len(rows_by_section['hostile'])} |")
     odd = len(rows_by_section["odd"])
     add(f"| odd answers whose paid image was kept (used, or kept for export) | {odd} |")
-    add(f"| load held: requests sent through the batch path | {figures['load_items']} results, "
-        f"{figures['load_requests_seen']} requests seen by the stand-in, concurrency {ledger.facts.get('_load_concurrency', '?')} |")
-    add(f"| faults injected and survived (recovered, or reported as a typed error) | {figures['faults_survived']} |")
-    add(f"| bad inputs tried | {figures['bad_inputs']} named cases + {figures['property_examples']} "
-        "generated property-test examples |")
+    add(
+        f"| load held: requests sent through the batch path | {figures['load_items']} results, "
+        f"{figures['load_requests_seen']} requests seen by the stand-in, concurrency "
+        f"{ledger.facts.get('_load_concurrency', '?')} |"
+    )
+    add(
+        "| faults injected and survived (recovered, or reported as a typed error) | "
+        f"{figures['faults_survived']} |"
+    )
+    add(
+        f"| bad inputs tried | {figures['bad_inputs']} named cases + {figures['property_examples']} "
+        "generated property-test examples |"
+    )
     add(f"| results lost | {figures['results_lost']} |")
     add(f"| results at a wrong index or duplicated | {figures['results_misplaced']} |")
     add(f"| paid duplicate requests | {figures['paid_duplicates']} |")
     add(f"| unexplained extra requests | {figures['unexplained_requests']} |")
     add(f"| places searched for the key | {figures['key_places_checked']} |")
     add(f"| keys leaked | {figures['keys_leaked']} |")
-    add(f"| threads / sockets leaked after load | {figures['threads_leaked']} / {figures['sockets_leaked']} |")
+    add(
+        f"| threads / sockets leaked after load | {figures['threads_leaked']} / {figures['sockets_leaked']} |"
+    )
     add("")
-    add("How the figures are defined: *faults survived* counts every faulted answer a stand-in gave in a passing")
-    add("test (scripted faults of sections 1-2 and the random ones of section 4) after which the client either")
-    add("recovered or raised the typed error the test expected. *Results lost* is the number of batch items that")
+    add(
+        "How the figures are defined: *faults survived* counts every faulted answer a stand-in gave in a "
+        "passing"
+    )
+    add(
+        "test (scripted faults of sections 1-2 and the random ones of section 4) after which the client "
+        "either"
+    )
+    add(
+        "recovered or raised the typed error the test expected. *Results lost* is the number of batch items "
+        "that"
+    )
     add("ended neither with a result at their own index nor with an error naming them. *Paid duplicate* is a")
     add("second successful (billed) answer for the same item. *Unexplained extra request* is a request the")
     add("stand-in saw that was neither an item's final attempt nor a retry after a retryable fault.")
@@ -281,15 +326,20 @@ def render(ledger: Ledger) -> str:
             add("| # | scenario | paid | delivered | re-paid on re-run | expected | observed | result |")
             add("|---|---|---|---|---|---|---|---|")
             for number, row in enumerate(rows, 1):
-                add(f"| {number} | {_cell(row.scenario)} | {_cell(row.paid)} | {_cell(row.delivered)} | "
-                    f"{_cell(row.repaid)} | {_cell(row.expected)} | {_cell(row.observed)} | {ledger.status(row)} |")
+                add(
+                    f"| {number} | {_cell(row.scenario)} | {_cell(row.paid)} | {_cell(row.delivered)} | "
+                    f"{_cell(row.repaid)} | {_cell(row.expected)} | {_cell(row.observed)} | "
+                    f"{ledger.status(row)} |"
+                )
             add("")
             continue
         add("| # | scenario | expected | observed | requests | waits (s, injected) | time (s) | result |")
         add("|---|---|---|---|---|---|---|---|")
         for number, row in enumerate(rows, 1):
-            add(f"| {number} | {_cell(row.scenario)} | {_cell(row.expected)} | {_cell(row.observed)} | "
-                f"{_cell(row.requests)} | {_cell(row.waited)} | {_cell(row.seconds)} | {ledger.status(row)} |")
+            add(
+                f"| {number} | {_cell(row.scenario)} | {_cell(row.expected)} | {_cell(row.observed)} | "
+                f"{_cell(row.requests)} | {_cell(row.waited)} | {_cell(row.seconds)} | {ledger.status(row)} |"
+            )
         add("")
     add("## Findings")
     add("")

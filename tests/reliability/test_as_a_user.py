@@ -32,14 +32,28 @@ PROMPT = "a lighthouse at dusk"
 
 def _env(server: StandInServer, store: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AITHRIVING_")}
-    env.update(AITHRIVING_BASE_URL=server.url, AITHRIVING_API_KEY=CANARY_KEY, AITHRIVING_CACHE_DIR=str(store),
-               AITHRIVING_RATE_LIMIT="off", PYTHONPATH=str(REPO), **extra)
+    env.update(
+        AITHRIVING_BASE_URL=server.url,
+        AITHRIVING_API_KEY=CANARY_KEY,
+        AITHRIVING_CACHE_DIR=str(store),
+        AITHRIVING_RATE_LIMIT="off",
+        PYTHONPATH=str(REPO),
+        **extra,
+    )
     return env
 
 
 def _structure_api(*argv: object, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "structure_api", *map(str, argv)], capture_output=True,
-                          text=True, encoding="utf-8", errors="replace", env=env, cwd=REPO, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "structure_api", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
 
 
 def _picture(path: Path, seed: int = 0) -> Path:
@@ -51,18 +65,28 @@ def test_paid_generate_twice_pays_once_and_the_second_comes_from_the_store(tmp_p
     source = _picture(tmp_path / "in.png")
     with StandInServer(api_key=CANARY_KEY) as service:
         env = _env(service, tmp_path / "store")
-        first = _structure_api("generate", source, "--prompt", PROMPT, "--seed", 31, "-o", tmp_path / "a.png",
-                               env=env)
-        second = _structure_api("generate", source, "--prompt", PROMPT, "--seed", 31, "-o", tmp_path / "b.png",
-                                env=env)
+        first = _structure_api(
+            "generate", source, "--prompt", PROMPT, "--seed", 31, "-o", tmp_path / "a.png", env=env
+        )
+        second = _structure_api(
+            "generate", source, "--prompt", PROMPT, "--seed", 31, "-o", tmp_path / "b.png", env=env
+        )
         paid = service.credits_spent
-    record(ledger, "CLI as a user: paid generate (seed 31), then the same command again to another file",
-           "the first pays, the second is served from the result store", f"{first.stdout.strip()[:80]}; "
-           f"{second.stdout.strip()[:80]}", paid=paid, delivered=2 * CREDITS_PER_IMAGE,
-           repaid=paid - CREDITS_PER_IMAGE)
+    record(
+        ledger,
+        "CLI as a user: paid generate (seed 31), then the same command again to another file",
+        "the first pays, the second is served from the result store",
+        f"{first.stdout.strip()[:80]}; {second.stdout.strip()[:80]}",
+        paid=paid,
+        delivered=2 * CREDITS_PER_IMAGE,
+        repaid=paid - CREDITS_PER_IMAGE,
+    )
     assert first.returncode == 0 and first.stderr == "", first.stderr
     assert second.returncode == 0 and second.stderr == "", second.stderr
-    assert f"{CREDITS_PER_IMAGE} credits" in first.stdout and "0 credits (kept from an earlier run)" in second.stdout
+    assert (
+        f"{CREDITS_PER_IMAGE} credits" in first.stdout
+        and "0 credits (kept from an earlier run)" in second.stdout
+    )
     assert paid == CREDITS_PER_IMAGE
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
@@ -74,11 +98,20 @@ def test_batch_leaves_nothing_in_the_output_folder_but_the_outputs(tmp_path, led
         _picture(inputs / f"photo{i}.png", seed=i)
     outputs = tmp_path / "out"
     with StandInServer(api_key=CANARY_KEY) as service:
-        done = _structure_api("batch", inputs, "--prompt", PROMPT, "-o", outputs, env=_env(service, tmp_path / "s"))
+        done = _structure_api(
+            "batch", inputs, "--prompt", PROMPT, "-o", outputs, env=_env(service, tmp_path / "s")
+        )
         paid = service.credits_spent
     names = sorted(path.name for path in outputs.iterdir())
-    record(ledger, "CLI as a user: batch of 3 into a new folder", "3 outputs and nothing else (no lock file)",
-           f"{done.stdout.strip()}; folder: {names}", paid=paid, delivered=paid, repaid=0)
+    record(
+        ledger,
+        "CLI as a user: batch of 3 into a new folder",
+        "3 outputs and nothing else (no lock file)",
+        f"{done.stdout.strip()}; folder: {names}",
+        paid=paid,
+        delivered=paid,
+        repaid=0,
+    )
     assert done.returncode == 0, done.stderr
     assert names == ["photo0.png", "photo1.png", "photo2.png"]
     assert paid == 3 * CREDITS_PER_IMAGE
@@ -89,8 +122,10 @@ def test_serve_on_a_busy_port_is_refused_in_one_line(tmp_path):
         refused = _structure_api("serve", "--port", busy.port, env=_env(busy, tmp_path / "s"), timeout=60)
         still = busy.url
     assert refused.returncode == 1 and refused.stdout == ""
-    assert refused.stderr == f"error: Port {busy.port} is already in use; choose another with --port, " \
-                             "or leave --port out to take a free one.\n", refused.stderr
+    assert (
+        refused.stderr == f"error: Port {busy.port} is already in use; choose another with --port, "
+        "or leave --port out to take a free one.\n"
+    ), refused.stderr
     assert still.endswith(f":{busy.port}")
 
 
@@ -101,10 +136,24 @@ def test_output_survives_a_console_code_page_without_the_clis_signs(tmp_path, co
     source = _picture(tmp_path / "写真.png")
     with StandInServer(api_key=CANARY_KEY) as service:
         done = subprocess.run(
-            [sys.executable, "-m", "structure_api", "generate", str(source), "--prompt", PROMPT, "--seed", "4",
-             "-o", str(tmp_path / "出力.png")],
-            capture_output=True, env=_env(service, tmp_path / "s", PYTHONIOENCODING=code_page), cwd=REPO,
-            timeout=120)
+            [
+                sys.executable,
+                "-m",
+                "structure_api",
+                "generate",
+                str(source),
+                "--prompt",
+                PROMPT,
+                "--seed",
+                "4",
+                "-o",
+                str(tmp_path / "出力.png"),
+            ],
+            capture_output=True,
+            env=_env(service, tmp_path / "s", PYTHONIOENCODING=code_page),
+            cwd=REPO,
+            timeout=120,
+        )
         paid = service.credits_spent
     out, err = done.stdout.decode(code_page, "replace"), done.stderr.decode(code_page, "replace")
     assert done.returncode == 0 and err == "", err
@@ -136,8 +185,20 @@ def test_ctrl_c_in_a_batch_stops_sending_and_keeps_what_was_paid(tmp_path, monke
         inherited = signal.signal(sig, signal.default_int_handler)
         try:
             presser.start()
-            code = main(["batch", str(inputs), "--prompt", PROMPT, "--seed", "5", "--concurrency", "1",
-                         "-o", str(tmp_path / "out")])
+            code = main(
+                [
+                    "batch",
+                    str(inputs),
+                    "--prompt",
+                    PROMPT,
+                    "--seed",
+                    "5",
+                    "--concurrency",
+                    "1",
+                    "-o",
+                    str(tmp_path / "out"),
+                ]
+            )
         finally:
             presser.join()
             signal.signal(sig, inherited)
@@ -145,8 +206,14 @@ def test_ctrl_c_in_a_batch_stops_sending_and_keeps_what_was_paid(tmp_path, monke
         paid = service.credits_spent
     err = capsys.readouterr().err
     written = sorted(path.name for path in (tmp_path / "out").glob("*.png"))
-    record(ledger, f"CLI: {signal.Signals(sig).name} in a batch of 6, one at a time",
-           "no new requests; the one in flight finishes and is written; the line says what was paid",
-           err.strip().splitlines()[-1][:200], paid=paid, delivered=CREDITS_PER_IMAGE * len(written), repaid=0)
+    record(
+        ledger,
+        f"CLI: {signal.Signals(sig).name} in a batch of 6, one at a time",
+        "no new requests; the one in flight finishes and is written; the line says what was paid",
+        err.strip().splitlines()[-1][:200],
+        paid=paid,
+        delivered=CREDITS_PER_IMAGE * len(written),
+        repaid=0,
+    )
     assert code == 130 and "stopping: no new requests" in err and "interrupted: " in err, err
     assert written and paid == CREDITS_PER_IMAGE * len(written) and len(written) < 6

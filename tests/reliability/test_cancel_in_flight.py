@@ -57,11 +57,11 @@ def test_cancel_after_the_uploads_then_the_same_batch_again_repays_nothing(tmp_p
         "then the same batch again",
         "control back within a second; the 6 answers finish in the background and are kept; the "
         "status says 6 may be charged and are kept; the re-run pays nothing",
-        f"returned after {returned:.2f} s: '{sentence[:90]}...'; re-run: {again.from_cache} of 6 from "
+        f"returned after {returned:.2f} s: '{sentence[:90]}...'; re-run: {again.from_store} of 6 from "
         f"the store, {again.credits} credits",
         paid=paid,
         delivered=CREDITS_PER_IMAGE * 6,
         repaid=repaid,
     )
     assert paid == 6 * CREDITS_PER_IMAGE and repaid == 0
-    assert again.from_cache == 6 and again.credits == 0 and not store.undelivered()
+    assert again.from_store == 6 and again.credits == 0 and not store.undelivered()

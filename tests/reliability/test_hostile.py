@@ -29,7 +29,7 @@ from structure_api.paid import fetch_or_pay
 from structure_api.standin import Raw, Respond, Stream
 from structure_api.store import ResultStore
 
-from .probes import MiB, MemoryProbe, b64, image_file_bytes, message_problems, photo_like
+from .probes import MemoryProbe, MiB, b64, image_file_bytes, message_problems, photo_like
 
 CAP = MAX_RESPONSE_BYTES
 REFUSED_TRACED_BOUND = CAP + 16 * MiB
@@ -68,7 +68,7 @@ def jpeg_with_size(width: int, height: int) -> bytes:
     """A valid small JPEG whose frame header (SOF0) is rewritten to claim ``width`` x ``height``."""
     data = bytearray(image_file_bytes(photo_like(64, 64), "JPEG", quality=80))
     at = data.index(b"\xff\xc0")
-    data[at + 5:at + 9] = struct.pack(">HH", height, width)
+    data[at + 5 : at + 9] = struct.pack(">HH", height, width)
     return bytes(data)
 
 
@@ -97,27 +97,43 @@ BOMBS = {
     "PNG bomb, 8000x8000 really compressed (183 MiB decoded from 0.2 MB)": ("real", "8000 x 8000"),
     "PNG header forged to 100000x100000 (28 GiB decoded)": ("forged-png", "100000 x 100000"),
     "JPEG frame header forged to 9000x9000 (81 MP: over the client's guard, under Pillow's)": (
-        "forged-jpeg", "9000 x 9000"),
+        "forged-jpeg",
+        "9000 x 9000",
+    ),
     "JPEG frame header forged to 65000x65000 (Pillow's own guard fires first)": (
-        "forged-jpeg-huge", "larger than any it can produce"),
+        "forged-jpeg-huge",
+        "larger than any it can produce",
+    ),
 }
 
 
 @pytest.mark.parametrize("scenario", list(BOMBS))
-def test_decompression_bomb_is_refused_from_its_header(scenario, service, new_client, small_upload, ledger,
-                                                        real_bomb):
+def test_decompression_bomb_is_refused_from_its_header(
+    scenario, service, new_client, small_upload, ledger, real_bomb
+):
     kind, words = BOMBS[scenario]
-    image = {"real": real_bomb, "forged-png": png_bomb(100000, 100000, real=False),
-             "forged-jpeg": jpeg_with_size(9000, 9000), "forged-jpeg-huge": jpeg_with_size(65000, 65000)}[kind]
+    image = {
+        "real": real_bomb,
+        "forged-png": png_bomb(100000, 100000, real=False),
+        "forged-jpeg": jpeg_with_size(9000, 9000),
+        "forged-jpeg-huge": jpeg_with_size(65000, 65000),
+    }[kind]
     service.script(Respond(200, body=success_body(image)))
     client = new_client()
     with MemoryProbe() as memory:
         error, seconds = generate(client, small_upload)
-    observed = (f"{type(error).__name__}: {error} (traced {mib(memory.traced_peak)}, "
-                f"RSS +{mib(memory.rss_growth)})")
+    observed = (
+        f"{type(error).__name__}: {error} (traced {mib(memory.traced_peak)}, RSS +{mib(memory.rss_growth)})"
+    )
     named = "naming the size" if " x " in words else "(Pillow's guard does not report the size)"
-    ledger.row("hostile", scenario, f"MalformedResponseError {named}; traced < {mib(BOMB_TRACED_BOUND)}, "
-               f"RSS < +{mib(BOMB_RSS_BOUND)}", observed, requests=len(service.requests), seconds=seconds)
+    ledger.row(
+        "hostile",
+        scenario,
+        f"MalformedResponseError {named}; traced < {mib(BOMB_TRACED_BOUND)}, RSS < +{mib(BOMB_RSS_BOUND)}",
+        observed,
+        requests=len(service.requests),
+        seconds=seconds,
+    )
     ledger.count("faults_survived")
     assert isinstance(error, MalformedResponseError) and words in str(error), observed
     assert "larger than any it can produce" in str(error)
@@ -136,6 +152,7 @@ def _repeat(piece: bytes, total: int):
         while sent < total:
             yield chunk
             sent += len(chunk)
+
     return chunks
 
 
@@ -146,6 +163,7 @@ def _json_chunks(head: bytes, piece: bytes, total: int, tail: bytes):
         yield head
         yield from body()
         yield tail
+
     return chunks
 
 
@@ -159,6 +177,7 @@ def _distinct_keys(count: int):
         for chunk in range(-(-count // per_chunk)):
             yield template.replace(b"@@@@", b"%04d" % chunk)
         yield b'"z":0}'
+
     return chunks
 
 
@@ -166,50 +185,90 @@ HUGE = {
     # scenario: (the fault, words in the message, traced bound, RSS bound)
     "body of 500 MiB, chunked, no Content-Length": (
         Stream(status=200, chunks=_repeat(b"x", 500 * MiB)),
-        "passed 64 MiB", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
+        "passed 64 MiB",
+        REFUSED_TRACED_BOUND,
+        REFUSED_RSS_BOUND,
+    ),
     "body of 500 MiB announced by Content-Length": (
-        Stream(status=200, headers={"Content-Length": str(500 * MiB)},
-               chunks=_repeat(b"x", 500 * MiB)),
-        "500 MiB", 1 * MiB, 16 * MiB),
+        Stream(status=200, headers={"Content-Length": str(500 * MiB)}, chunks=_repeat(b"x", 500 * MiB)),
+        "500 MiB",
+        1 * MiB,
+        16 * MiB,
+    ),
     "error page of 500 MiB on HTTP 502": (
-        Stream(status=502, headers={"Content-Type": "text/html"},
-               chunks=_repeat(b"<p>bad gateway</p>", 500 * MiB)),
-        "passed 64 MiB", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
+        Stream(
+            status=502,
+            headers={"Content-Type": "text/html"},
+            chunks=_repeat(b"<p>bad gateway</p>", 500 * MiB),
+        ),
+        "passed 64 MiB",
+        REFUSED_TRACED_BOUND,
+        REFUSED_RSS_BOUND,
+    ),
     "JSON array of 20 million empty objects (60 MiB)": (
         Stream(status=200, chunks=_json_chunks(b"[", b"{},", 60 * MiB, b"{}]")),
-        "JSON", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
+        "JSON",
+        REFUSED_TRACED_BOUND,
+        REFUSED_RSS_BOUND,
+    ),
     "JSON object with 2 million distinct keys (32 MiB)": (
         Stream(status=200, chunks=_distinct_keys(2_000_000)),
-        "JSON", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
+        "JSON",
+        REFUSED_TRACED_BOUND,
+        REFUSED_RSS_BOUND,
+    ),
     "60 MiB of text that is not JSON (under the 64 MiB cap)": (
         Stream(status=200, chunks=_repeat(b"lorem ipsum ", 60 * MiB)),
-        "not JSON", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
+        "not JSON",
+        REFUSED_TRACED_BOUND,
+        REFUSED_RSS_BOUND,
+    ),
     "JSON nested 10 million levels deep (10 MiB of '[')": (
         Stream(status=200, chunks=_repeat(b"[", 10 * MiB)),
-        "JSON", REFUSED_TRACED_BOUND, REFUSED_RSS_BOUND),
+        "JSON",
+        REFUSED_TRACED_BOUND,
+        REFUSED_RSS_BOUND,
+    ),
     "JSON nested 5000 levels deep (10 KB)": (
         Respond(200, body=b"[" * 5000 + b"]" * 5000),
-        "JSON", 16 * MiB, 64 * MiB),
+        "JSON",
+        16 * MiB,
+        64 * MiB,
+    ),
     "well-formed answer whose image is 60 MiB of base64 that is no image": (
-        Stream(status=200,
-               chunks=_json_chunks(b'{"code":0,"message":"success","data":{"seed":7,"image":"', b"AAAA",
-                                   60 * MiB, b'"}}')),
-        "not an image", WELL_FORMED_BOUND, WELL_FORMED_BOUND),
+        Stream(
+            status=200,
+            chunks=_json_chunks(
+                b'{"code":0,"message":"success","data":{"seed":7,"image":"', b"AAAA", 60 * MiB, b'"}}'
+            ),
+        ),
+        "not an image",
+        WELL_FORMED_BOUND,
+        WELL_FORMED_BOUND,
+    ),
 }
 
 
 @pytest.mark.parametrize("scenario", list(HUGE))
-def test_huge_or_deep_answers_are_refused_with_memory_bounded(scenario, service, new_client, small_upload,
-                                                               ledger):
+def test_huge_or_deep_answers_are_refused_with_memory_bounded(
+    scenario, service, new_client, small_upload, ledger
+):
     fault, words, traced_bound, rss_bound = HUGE[scenario]
     service.script(fault)
     client = new_client()
     with MemoryProbe() as memory:
         error, seconds = generate(client, small_upload)
-    observed = (f"{type(error).__name__}: {error} (traced {mib(memory.traced_peak)}, "
-                f"RSS +{mib(memory.rss_growth)})")
-    ledger.row("hostile", scenario, f"MalformedResponseError; traced < {mib(traced_bound)}, "
-               f"RSS < +{mib(rss_bound)}", observed, requests=len(service.requests), seconds=seconds)
+    observed = (
+        f"{type(error).__name__}: {error} (traced {mib(memory.traced_peak)}, RSS +{mib(memory.rss_growth)})"
+    )
+    ledger.row(
+        "hostile",
+        scenario,
+        f"MalformedResponseError; traced < {mib(traced_bound)}, RSS < +{mib(rss_bound)}",
+        observed,
+        requests=len(service.requests),
+        seconds=seconds,
+    )
     ledger.count("faults_survived")
     assert isinstance(error, MalformedResponseError), observed
     assert words in str(error), observed
@@ -229,6 +288,7 @@ def test_answer_dripping_forever_is_cut_off(service, new_client, small_upload, l
     (at least min_body_rate over each read-timeout window) can end it. Its clock is injected: every
     reading advances it by 0.25 s, so the first window closes after a few chunks instead of a real second.
     """
+
     def drip():
         for _ in range(1000):  # 20 s at most; the client must stop long before
             time.sleep(0.02)  # the server side of the scenario: a slow, never-ending answer
@@ -240,10 +300,15 @@ def test_answer_dripping_forever_is_cut_off(service, new_client, small_upload, l
     with MemoryProbe() as memory:
         error, seconds = generate(client, small_upload)
     observed = f"{type(error).__name__}: {error} (after {seconds:.2f} s of real time)"
-    ledger.row("hostile", "answer that drips one byte every 20 ms, forever (read timeout 0.5 s, clock injected)",
-               "ResultMayBeBilledError once a read-timeout window brings less than the minimum rate (16 KiB/s); "
-               "never re-sent (a 200 may have been charged)",
-               observed, requests=len(service.requests), seconds=seconds)
+    ledger.row(
+        "hostile",
+        "answer that drips one byte every 20 ms, forever (read timeout 0.5 s, clock injected)",
+        "ResultMayBeBilledError once a read-timeout window brings less than the minimum rate (16 KiB/s); "
+        "never re-sent (a 200 may have been charged)",
+        observed,
+        requests=len(service.requests),
+        seconds=seconds,
+    )
     ledger.count("faults_survived")
     assert isinstance(error, ResultMayBeBilledError) and "below the 16 KiB/s" in str(error), observed
     assert "may have charged" in str(error)
@@ -255,6 +320,7 @@ def test_answer_dripping_forever_is_cut_off(service, new_client, small_upload, l
 
 # --- odd answers that carry a paid image: read tolerantly, kept before anything else ------------------------
 
+
 def _answer_json(image_text: str, seed: object = 7, code: object = 0) -> bytes:
     data = {"image": image_text, "seed": seed}
     return json.dumps({"code": code, "message": "success", "data": data}).encode()
@@ -262,8 +328,10 @@ def _answer_json(image_text: str, seed: object = 7, code: object = 0) -> bytes:
 
 def _raw_http(*status_lines: bytes, body: bytes) -> bytes:
     """Informational answers (status line and headers each) and then a 200 carrying ``body`` as JSON."""
-    final = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-             b"Connection: close\r\n\r\n" % len(body))
+    final = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n" % len(body)
+    )
     return b"".join(status_lines) + final + body
 
 
@@ -274,37 +342,79 @@ def _url_safe(image: bytes) -> str:
 ODD = {
     # scenario: (the answer, given the image's bytes; the request's seed; the seed the result must report)
     'seed given as "²" (a digit to str.isdigit, not to int)': (
-        lambda image: Respond(200, body=_answer_json(b64(image), seed="²")), 7, 7),
+        lambda image: Respond(200, body=_answer_json(b64(image), seed="²")),
+        7,
+        7,
+    ),
     "seed given as a 5000-digit string": (
-        lambda image: Respond(200, body=_answer_json(b64(image), seed="9" * 5000)), 7, 7),
+        lambda image: Respond(200, body=_answer_json(b64(image), seed="9" * 5000)),
+        7,
+        7,
+    ),
     "seed given as a 5000-digit string, for a seed-0 request (seed unknown: 0)": (
-        lambda image: Respond(200, body=_answer_json(b64(image), seed="9" * 5000)), 0, 0),
+        lambda image: Respond(200, body=_answer_json(b64(image), seed="9" * 5000)),
+        0,
+        0,
+    ),
     '"code": "0" as a string': (
-        lambda image: Respond(200, body=_answer_json(b64(image), seed=11, code="0")), 7, 11),
+        lambda image: Respond(200, body=_answer_json(b64(image), seed=11, code="0")),
+        7,
+        11,
+    ),
     "URL-safe base64, unpadded": (
-        lambda image: Respond(200, body=_answer_json(_url_safe(image), seed=12)), 7, 12),
+        lambda image: Respond(200, body=_answer_json(_url_safe(image), seed=12)),
+        7,
+        12,
+    ),
     "raw PNG body with Content-Type image/png (no JSON: the seed asked for stands)": (
-        lambda image: Respond(200, body=image, headers={"Content-Type": "image/png"}), 7, 7),
+        lambda image: Respond(200, body=image, headers={"Content-Type": "image/png"}),
+        7,
+        7,
+    ),
     "raw PNG body with Content-Type image/png, for a seed-0 request": (
-        lambda image: Respond(200, body=image, headers={"Content-Type": "image/png"}), 0, 0),
-    "raw PNG body with Content-Type application/octet-stream": (
-        lambda image: Respond(200, body=image), 7, 7),
+        lambda image: Respond(200, body=image, headers={"Content-Type": "image/png"}),
+        0,
+        0,
+    ),
+    "raw PNG body with Content-Type application/octet-stream": (lambda image: Respond(200, body=image), 7, 7),
     "103 Early Hints before the 200": (
-        lambda image: Raw(_raw_http(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
-                                    body=_answer_json(b64(image), seed=13))), 7, 13),
+        lambda image: Raw(
+            _raw_http(
+                b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+                body=_answer_json(b64(image), seed=13),
+            )
+        ),
+        7,
+        13,
+    ),
     "two 102 Processing before the 200": (
-        lambda image: Raw(_raw_http(b"HTTP/1.1 102 Processing\r\n\r\n", b"HTTP/1.1 102 Processing\r\n\r\n",
-                                    body=_answer_json(b64(image), seed=14))), 7, 14),
+        lambda image: Raw(
+            _raw_http(
+                b"HTTP/1.1 102 Processing\r\n\r\n",
+                b"HTTP/1.1 102 Processing\r\n\r\n",
+                body=_answer_json(b64(image), seed=14),
+            )
+        ),
+        7,
+        14,
+    ),
     "203 Non-Authoritative Information (a proxy's copy of the 200)": (
-        lambda image: Respond(203, body=_answer_json(b64(image), seed=15)), 7, 15),
+        lambda image: Respond(203, body=_answer_json(b64(image), seed=15)),
+        7,
+        15,
+    ),
     "UTF-8 BOM before the JSON": (
-        lambda image: Respond(200, body=b"\xef\xbb\xbf" + _answer_json(b64(image), seed=16)), 7, 16),
+        lambda image: Respond(200, body=b"\xef\xbb\xbf" + _answer_json(b64(image), seed=16)),
+        7,
+        16,
+    ),
 }
 
 
 @pytest.mark.parametrize("scenario", list(ODD))
-def test_odd_answer_with_an_image_is_kept_and_used(scenario, service, new_client, small_upload, ledger,
-                                                    tmp_path):
+def test_odd_answer_with_an_image_is_kept_and_used(
+    scenario, service, new_client, small_upload, ledger, tmp_path
+):
     make, seed, expected_seed = ODD[scenario]
     image = image_file_bytes(photo_like(96, 64, seed=5))
     assert "+" in b64(image) or "/" in b64(image)  # so that the URL-safe alphabet differs
@@ -318,12 +428,21 @@ def test_odd_answer_with_an_image_is_kept_and_used(scenario, service, new_client
         outcome = error
     seconds = time.monotonic() - started
     kept = store.undelivered()
-    observed = (f"{type(outcome).__name__}: {outcome}" if isinstance(outcome, StructureError) else
-                f"image used ({outcome.result.pixels.shape[1]}x{outcome.result.pixels.shape[0]}), seed "
-                f"{outcome.result.seed}, {len(kept)} kept undelivered until delivered")
-    ledger.row("odd", scenario, f"the image is kept in the store, then used; seed {expected_seed}"
-               f"{' (unknown)' if expected_seed == 0 else ''}; nothing re-sent", observed,
-               requests=len(service.requests), seconds=seconds)
+    observed = (
+        f"{type(outcome).__name__}: {outcome}"
+        if isinstance(outcome, StructureError)
+        else f"image used ({outcome.result.pixels.shape[1]}x{outcome.result.pixels.shape[0]}), seed "
+        f"{outcome.result.seed}, {len(kept)} kept undelivered until delivered"
+    )
+    ledger.row(
+        "odd",
+        scenario,
+        f"the image is kept in the store, then used; seed {expected_seed}"
+        f"{' (unknown)' if expected_seed == 0 else ''}; nothing re-sent",
+        observed,
+        requests=len(service.requests),
+        seconds=seconds,
+    )
     ledger.count("faults_survived")
     assert not isinstance(outcome, StructureError), observed
     assert outcome.result.pixels.shape == (64, 96, 3) and outcome.result.seed == expected_seed
@@ -332,8 +451,9 @@ def test_odd_answer_with_an_image_is_kept_and_used(scenario, service, new_client
     assert store.undelivered() == [] and len(service.requests) == 1
 
 
-def test_image_far_from_the_request_size_is_kept_for_export_not_used(service, new_client, small_upload,
-                                                                      ledger, tmp_path):
+def test_image_far_from_the_request_size_is_kept_for_export_not_used(
+    service, new_client, small_upload, ledger, tmp_path
+):
     image = image_file_bytes(photo_like(600, 400, seed=5))
     service.script(Respond(200, body=_answer_json(b64(image), seed=17)))
     store = ResultStore(tmp_path / "store")
@@ -342,10 +462,14 @@ def test_image_far_from_the_request_size_is_kept_for_export_not_used(service, ne
         fetch_or_pay(new_client(), request, store)
     message = str(caught.value)
     kept = store.undelivered()
-    ledger.row("odd", "a decodable 600x400 image answering a 96x64 request",
-               "not used; kept in the store (exportable), never served for the request; the error says it "
-               "may have been charged and where it is kept", f"{type(caught.value).__name__}: {message}",
-               requests=len(service.requests))
+    ledger.row(
+        "odd",
+        "a decodable 600x400 image answering a 96x64 request",
+        "not used; kept in the store (exportable), never served for the request; the error says it "
+        "may have been charged and where it is kept",
+        f"{type(caught.value).__name__}: {message}",
+        requests=len(service.requests),
+    )
     ledger.count("faults_survived")
     assert "may have charged" in message and "results --export" in message and message_problems(message) == []
     assert [entry.data for entry in kept] == [image]

@@ -25,7 +25,7 @@ from PIL import Image
 
 from structure_api import StructureClient
 from structure_api.cli import main
-from structure_api.client import MAX_SEED, validate_parameters
+from structure_api.client import MAX_SEED, validate_params
 from structure_api.errors import InputError, InvalidImageError, StructureError
 from structure_api.images import MAX_ASPECT, MAX_PIXELS, MIN_SIDE, decode_image
 from structure_api.pipeline import StructureParams, generate_images
@@ -62,17 +62,27 @@ NODE_CASES = {
     "0-wide images [2, 64, 0, 3]": (_tensor((2, 64, 0, 3)), {}, (InvalidImageError, "at least one pixel")),
     "5 channels": (_tensor((1, 64, 64, 5)), {}, (InvalidImageError, "5 channels")),
     "0 channels": (_tensor((1, 64, 64, 0)), {}, (InvalidImageError, "0 channels")),
-    "2-D array (no channels, no batch)": (_tensor((64, 64)), {}, (InvalidImageError, "shaped [batch, height")),
+    "2-D array (no channels, no batch)": (
+        _tensor((64, 64)),
+        {},
+        (InvalidImageError, "shaped [batch, height"),
+    ),
     "5-D array": (_tensor((1, 1, 64, 64, 3)), {}, (InvalidImageError, "shaped [batch, height")),
     "1 channel (grey)": (_grey_ramp(channels=1), {}, ("ok", (1, 64, 64, 3))),
     "2 channels (grey + alpha)": (_grey_ramp(channels=2), {}, ("ok", (1, 64, 64, 3))),
     "4 channels (RGBA)": (_grey_ramp(channels=4), {}, ("ok", (1, 64, 64, 3))),
     "one image without a batch axis [64, 64, 3]": (_grey_ramp()[0], {}, ("ok", (1, 64, 64, 3))),
     "NaN everywhere": (_tensor((1, 64, 64, 3), math.nan), {}, ("ok", (1, 64, 64, 3))),
-    "+inf and -inf rows": (_with_specials(torch.tensor([math.inf, -math.inf, math.inf])), {},
-                           ("ok", (1, 64, 64, 3))),
-    "values far outside 0..1 (-3 and 7.5)": (_with_specials(torch.tensor([-3.0, 7.5, 1e30])), {},
-                                             ("ok", (1, 64, 64, 3))),
+    "+inf and -inf rows": (
+        _with_specials(torch.tensor([math.inf, -math.inf, math.inf])),
+        {},
+        ("ok", (1, 64, 64, 3)),
+    ),
+    "values far outside 0..1 (-3 and 7.5)": (
+        _with_specials(torch.tensor([-3.0, 7.5, 1e30])),
+        {},
+        ("ok", (1, 64, 64, 3)),
+    ),
     "float16 batch": (_grey_ramp().half(), {}, ("ok", (1, 64, 64, 3))),
     "bfloat16 batch": (_grey_ramp().bfloat16(), {}, ("ok", (1, 64, 64, 3))),
     "float64 numpy batch": (_grey_ramp().double().numpy(), {}, ("ok", (1, 64, 64, 3))),
@@ -82,29 +92,45 @@ NODE_CASES = {
     "1x1 image": (_tensor((1, 1, 1, 3), 0.25), {}, ("ok", (1, 1, 1, 3))),
     "20000x10 image": (_grey_ramp(height=10, width=20000), {}, ("ok", (1, 10, 20000, 3))),
     "10x20000 image": (_tensor((1, 20000, 10, 3), 0.7), {}, ("ok", (1, 20000, 10, 3))),
-    "20000x10 image with outside_limits='fail'": (_grey_ramp(height=10, width=20000), {"outside_limits": "fail"},
-                                                  (InvalidImageError, "outside the service's limits")),
+    "20000x10 image with outside_limits='fail'": (
+        _grey_ramp(height=10, width=20000),
+        {"outside_limits": "fail"},
+        (InvalidImageError, "outside the service's limits"),
+    ),
     "blank prompt": (_grey_ramp(), {"prompt": ""}, (InputError, "prompt is empty")),
     "prompt of spaces and newlines": (_grey_ramp(), {"prompt": " \n\t  "}, (InputError, "prompt is empty")),
     "prompt of 10001 characters": (_grey_ramp(), {"prompt": "a" * 10001}, (InputError, "10001 characters")),
     "prompt of exactly 10000 characters": (_grey_ramp(), {"prompt": "b" * 10000}, ("ok", (1, 64, 64, 3))),
     "prompt full of emoji, ZWJ sequences, combining marks, RTL override": (
-        _grey_ramp(), {"prompt": EMOJI_PROMPT}, ("ok", (1, 64, 64, 3))),
+        _grey_ramp(),
+        {"prompt": EMOJI_PROMPT},
+        ("ok", (1, 64, 64, 3)),
+    ),
     "prompt with NUL": (_grey_ramp(), {"prompt": "a\x00b"}, (InputError, "U+0000")),
     "prompt with an ANSI escape": (_grey_ramp(), {"prompt": "red \x1b[31mbridge"}, (InputError, "U+001B")),
     "prompt with DEL": (_grey_ramp(), {"prompt": "bridge\x7f"}, (InputError, "U+007F")),
     "prompt with a lone surrogate": (_grey_ramp(), {"prompt": "bridge \ud800"}, (InputError, "U+D800")),
     "prompt that is not text (bytes)": (_grey_ramp(), {"prompt": b"bridge"}, (InputError, "must be text")),
-    "negative prompt of 10001 characters": (_grey_ramp(), {"negative_prompt": "n" * 10001},
-                                            (InputError, "negative_prompt is 10001")),
+    "negative prompt of 10001 characters": (
+        _grey_ramp(),
+        {"negative_prompt": "n" * 10001},
+        (InputError, "negative_prompt is 10001"),
+    ),
     "control_strength -0.01": (_grey_ramp(), {"control_strength": -0.01}, (InputError, "between 0 and 1")),
     "control_strength 1.5": (_grey_ramp(), {"control_strength": 1.5}, (InputError, "between 0 and 1")),
     "control_strength NaN": (_grey_ramp(), {"control_strength": math.nan}, (InputError, "control_strength")),
     "control_strength +inf": (_grey_ramp(), {"control_strength": math.inf}, (InputError, "control_strength")),
     "control_strength True": (_grey_ramp(), {"control_strength": True}, (InputError, "control_strength")),
-    "control_strength '0.5' (text)": (_grey_ramp(), {"control_strength": "0.5"}, (InputError, "control_strength")),
-    "control_strength 0 and seed max (4294967294)": (_grey_ramp(), {"control_strength": 0, "seed": MAX_SEED},
-                                                     ("ok", (1, 64, 64, 3))),
+    "control_strength '0.5' (text)": (
+        _grey_ramp(),
+        {"control_strength": "0.5"},
+        (InputError, "control_strength"),
+    ),
+    "control_strength 0 and seed max (4294967294)": (
+        _grey_ramp(),
+        {"control_strength": 0, "seed": MAX_SEED},
+        ("ok", (1, 64, 64, 3)),
+    ),
     "seed -1": (_grey_ramp(), {"seed": -1}, (InputError, "seed must be between 0")),
     "seed 4294967295": (_grey_ramp(), {"seed": MAX_SEED + 1}, (InputError, "seed must be between 0")),
     "seed 2**64": (_grey_ramp(), {"seed": 2**64}, (InputError, "seed must be between 0")),
@@ -131,8 +157,14 @@ def test_node_logic_bad_input(name, service, new_client, ledger):
         observed = f"{type(outcome).__name__}: {outcome}"
     else:
         observed = f"valid request(s): {len(recorded)} sent, output {list(outcome.images.shape)}"
-    ledger.row("inputs", f"node: {name}", "clear message, nothing sent" if expected != "ok" else
-               f"valid request, output {list(detail)}", observed, requests=len(recorded), seconds=seconds)
+    ledger.row(
+        "inputs",
+        f"node: {name}",
+        "clear message, nothing sent" if expected != "ok" else f"valid request, output {list(detail)}",
+        observed,
+        requests=len(recorded),
+        seconds=seconds,
+    )
     ledger.count("bad_inputs")
 
     if expected == "ok":
@@ -166,28 +198,42 @@ def test_node_logic_cleans_nan_inf_and_out_of_range_values_as_documented(service
     image[0, 1, :2] = torch.tensor([-3.0, 0.5])[:, None]
     generate_images(image, StructureParams(prompt=PROMPT, seed=3), client=new_client())
     sent = decode_image(service.requests[0].image_bytes)
-    ledger.row("inputs", "node: NaN, -inf, +inf, 7.5, -3 and 0.5 in one image",
-               "uploaded as 0, 0, 255, 255, 0 and 128", f"uploaded as {sent[0, :4, 0].tolist() + sent[1, :2, 0].tolist()}",
-               requests=1)
+    ledger.row(
+        "inputs",
+        "node: NaN, -inf, +inf, 7.5, -3 and 0.5 in one image",
+        "uploaded as 0, 0, 255, 255, 0 and 128",
+        f"uploaded as {sent[0, :4, 0].tolist() + sent[1, :2, 0].tolist()}",
+        requests=1,
+    )
     ledger.count("bad_inputs")
     assert sent[0, :4, 0].tolist() == [0, 0, 255, 255] and sent[1, :2, 0].tolist() == [0, 128]
 
 
 # --- property tests --------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def shared_service():
     with StandInServer(api_key=CANARY_KEY) as server:
-        client = StructureClient(api_key=CANARY_KEY, base_url=server.url, sleep=lambda seconds: None,
-                                 jitter=lambda: 0.0)
+        client = StructureClient(
+            api_key=CANARY_KEY, base_url=server.url, sleep=lambda seconds: None, jitter=lambda: 0.0
+        )
         yield server, client
         client.close()
 
 
 _DTYPES = [np.float16, np.float32, np.float64, np.uint8, np.uint16, np.int32, np.int64, np.bool_]
-_PROPERTY = settings(max_examples=120, deadline=None, database=None, derandomize=True,
-                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                            HealthCheck.data_too_large])
+_PROPERTY = settings(
+    max_examples=120,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
 
 
 @pytest.fixture(scope="module")
@@ -196,25 +242,34 @@ def property_book(module_ledger):
     counts: Counter = Counter()  # (test name, "sent" | "refused") -> examples
     yield counts
     descriptions = {
-        "test_property_any_array_gives_a_batch_or_a_clear_input_error":
+        "test_property_any_array_gives_a_batch_or_a_clear_input_error": (
             "arrays of any shape (0-3 images, 0-96 px, 0-6 channels), dtype and values (NaN, inf, extremes), "
-            "numpy or torch (bfloat16 too), through generate_images",
-        "test_property_any_text_is_refused_clearly_or_arrives_intact":
+            "numpy or torch (bfloat16 too), through generate_images"
+        ),
+        "test_property_any_text_is_refused_clearly_or_arrives_intact": (
             "any unicode prompt and negative prompt (control characters, surrogates, emoji), through "
-            "generate_images",
-        "test_property_numbers_are_accepted_exactly_within_the_contract":
-            "any control_strength, seed and output_format values and types",
+            "generate_images"
+        ),
+        "test_property_numbers_are_accepted_exactly_within_the_contract": (
+            "any control_strength, seed and output_format values and types"
+        ),
     }
     accepted_means = {name: " (sent and answered)" for name in descriptions}
-    accepted_means["test_property_numbers_are_accepted_exactly_within_the_contract"] = " (validation only, no request)"
+    accepted_means["test_property_numbers_are_accepted_exactly_within_the_contract"] = (
+        " (validation only, no request)"
+    )
     for name in sorted({name for name, _ in counts}):
         sent, refused = counts[name, "sent"], counts[name, "refused"]
         recorder = module_ledger(name)
         recorder.count("property_examples", sent + refused)
-        recorder.row("inputs", f"property (hypothesis, derandomized): {descriptions[name]}",
-                     "a well-formed result and valid requests, or InputError with a clean message; never "
-                     "another exception", f"{sent + refused} examples: {sent} accepted{accepted_means[name]}, "
-                     f"{refused} refused with a clean InputError")
+        recorder.row(
+            "inputs",
+            f"property (hypothesis, derandomized): {descriptions[name]}",
+            "a well-formed result and valid requests, or InputError with a clean message; never "
+            "another exception",
+            f"{sent + refused} examples: {sent} accepted{accepted_means[name]}, "
+            f"{refused} refused with a clean InputError",
+        )
 
 
 @st.composite
@@ -224,7 +279,9 @@ def image_batches(draw):
     height = draw(st.one_of(st.integers(0, 3), st.integers(1, 96)))
     width = draw(st.one_of(st.integers(0, 3), st.integers(1, 96)))
     channels = draw(st.integers(0, 6))
-    shape = (batch, height, width, channels) if draw(st.booleans()) or batch != 1 else (height, width, channels)
+    shape = (
+        (batch, height, width, channels) if draw(st.booleans()) or batch != 1 else (height, width, channels)
+    )
     if np.dtype(dtype).kind == "f":
         elements = st.floats(allow_nan=True, allow_infinity=True, width=np.finfo(dtype).bits)
     else:
@@ -247,8 +304,13 @@ def test_property_any_array_gives_a_batch_or_a_clear_input_error(images, shared_
     name = "test_property_any_array_gives_a_batch_or_a_clear_input_error"
     try:
         # A fresh store: an identical array drawn twice would otherwise (rightly) be served free.
-        result = generate_images(images, StructureParams(prompt=PROMPT, seed=9), client=client, max_concurrency=2,
-                                 store=ResultStore(None))
+        result = generate_images(
+            images,
+            StructureParams(prompt=PROMPT, seed=9),
+            client=client,
+            max_concurrency=2,
+            store=ResultStore(None),
+        )
     except InputError as error:
         assert message_problems(str(error)) == [], str(error)
         assert server.requests == []
@@ -269,7 +331,9 @@ def test_property_any_array_gives_a_batch_or_a_clear_input_error(images, shared_
 
 @_PROPERTY
 @given(prompt=st.text(max_size=300), negative=st.text(max_size=40))
-def test_property_any_text_is_refused_clearly_or_arrives_intact(prompt, negative, shared_service, property_book):
+def test_property_any_text_is_refused_clearly_or_arrives_intact(
+    prompt, negative, shared_service, property_book
+):
     server, client = shared_service
     server.clear()
     name = "test_property_any_text_is_refused_clearly_or_arrives_intact"
@@ -287,20 +351,48 @@ def test_property_any_text_is_refused_clearly_or_arrives_intact(prompt, negative
     _tally(property_book, name, "sent")
 
 
-@settings(max_examples=400, deadline=None, database=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(strength=st.one_of(st.floats(0, 1), st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5),
-                          st.booleans(), st.none(), st.text(max_size=5)),
-       seed=st.one_of(st.integers(0, MAX_SEED), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
-                      st.booleans(), st.none(), st.text(max_size=5)),
-       output_format=st.sampled_from(["png", "jpeg", "webp", "PNG", "gif", "", "png "]))
-def test_property_numbers_are_accepted_exactly_within_the_contract(strength, seed, output_format, property_book):
+@settings(
+    max_examples=400,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    strength=st.one_of(
+        st.floats(0, 1),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.integers(-5, 5),
+        st.booleans(),
+        st.none(),
+        st.text(max_size=5),
+    ),
+    seed=st.one_of(
+        st.integers(0, MAX_SEED),
+        st.integers(-(2**70), 2**70),
+        st.floats(allow_nan=True),
+        st.booleans(),
+        st.none(),
+        st.text(max_size=5),
+    ),
+    output_format=st.sampled_from(["png", "jpeg", "webp", "PNG", "gif", "", "png "]),
+)
+def test_property_numbers_are_accepted_exactly_within_the_contract(
+    strength, seed, output_format, property_book
+):
     name = "test_property_numbers_are_accepted_exactly_within_the_contract"
-    within = (isinstance(strength, (int, float)) and not isinstance(strength, bool) and math.isfinite(strength)
-              and 0 <= strength <= 1 and isinstance(seed, int) and not isinstance(seed, bool)
-              and 0 <= seed <= MAX_SEED and output_format in ("png", "jpeg", "webp"))
+    within = (
+        isinstance(strength, (int, float))
+        and not isinstance(strength, bool)
+        and math.isfinite(strength)
+        and 0 <= strength <= 1
+        and isinstance(seed, int)
+        and not isinstance(seed, bool)
+        and 0 <= seed <= MAX_SEED
+        and output_format in ("png", "jpeg", "webp")
+    )
     try:
-        validate_parameters(PROMPT, strength, "", seed, output_format)
+        validate_params(PROMPT, strength, "", seed, output_format)
     except InputError as error:
         assert not within, f"refused a valid combination: {error}"
         assert message_problems(str(error)) == [], str(error)
@@ -315,6 +407,7 @@ def _tally(book: Counter, name: str, outcome: str) -> None:
 
 
 # --- the CLI ------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def cli_env(monkeypatch, service):
@@ -346,24 +439,54 @@ def _zero_bomb(path: Path) -> Path:
 # name: (make input file(tmp) or None for a plain 96x80 PNG, extra argv, (exit code, words in stderr or "" )
 CLI_CASES = {
     "empty input file": (lambda d: _write(d / "empty.png", b""), [], (1, "not an image this tool can read")),
-    "text file named .png": (lambda d: _write(d / "notes.png", b"hello"), [], (1, "not an image this tool can read")),
-    "PNG cut in half": (lambda d: _write(d / "half.png", image_file_bytes(photo_like(96, 80))[:600]), [],
-                        (1, "not an image this tool can read")),
+    "text file named .png": (
+        lambda d: _write(d / "notes.png", b"hello"),
+        [],
+        (1, "not an image this tool can read"),
+    ),
+    "PNG cut in half": (
+        lambda d: _write(d / "half.png", image_file_bytes(photo_like(96, 80))[:600]),
+        [],
+        (1, "not an image this tool can read"),
+    ),
     "1x1 PNG": (lambda d: _write(d / "dot.png", image_file_bytes(photo_like(1, 1))), [], (0, "")),
     "20000x10 PNG": (lambda d: _write(d / "strip.png", image_file_bytes(photo_like(20000, 10))), [], (0, "")),
-    "grey PNG (mode L)": (lambda d: _write(d / "grey.png", image_file_bytes(photo_like(96, 80)[..., 0])), [], (0, "")),
+    "grey PNG (mode L)": (
+        lambda d: _write(d / "grey.png", image_file_bytes(photo_like(96, 80)[..., 0])),
+        [],
+        (0, ""),
+    ),
     "grey + alpha PNG (mode LA)": (
-        lambda d: _save(d / "la.png", Image.fromarray(photo_like(96, 80)).convert("LA")), [], (0, "")),
-    "RGBA PNG": (lambda d: _save(d / "rgba.png", Image.fromarray(photo_like(96, 80)).convert("RGBA")), [], (0, "")),
-    "palette PNG (mode P)": (lambda d: _save(d / "p.png", Image.fromarray(photo_like(96, 80)).convert("P")), [],
-                             (0, "")),
+        lambda d: _save(d / "la.png", Image.fromarray(photo_like(96, 80)).convert("LA")),
+        [],
+        (0, ""),
+    ),
+    "RGBA PNG": (
+        lambda d: _save(d / "rgba.png", Image.fromarray(photo_like(96, 80)).convert("RGBA")),
+        [],
+        (0, ""),
+    ),
+    "palette PNG (mode P)": (
+        lambda d: _save(d / "p.png", Image.fromarray(photo_like(96, 80)).convert("P")),
+        [],
+        (0, ""),
+    ),
     "16-bit grey PNG": (lambda d: _png_16bit(d / "deep.png"), [], (0, "")),
-    "CMYK JPEG": (lambda d: _save(d / "cmyk.jpg", Image.fromarray(photo_like(96, 80)).convert("CMYK")), [], (0, "")),
-    "PNG decompression bomb (declares 20000x20000 = 400 MP)": (lambda d: _zero_bomb(d / "bomb.png"), [],
-                                                        (1, "not an image this tool can read")),
+    "CMYK JPEG": (
+        lambda d: _save(d / "cmyk.jpg", Image.fromarray(photo_like(96, 80)).convert("CMYK")),
+        [],
+        (0, ""),
+    ),
+    "PNG decompression bomb (declares 20000x20000 = 400 MP)": (
+        lambda d: _zero_bomb(d / "bomb.png"),
+        [],
+        (1, "not an image this tool can read"),
+    ),
     "48 MP photo (8000x6000 JPEG): fitted, sent, brought back to 8000x6000": (
-        lambda d: _save(d / "big.jpg", Image.fromarray(photo_like(800, 600)).resize((8000, 6000))), [],
-        (0, "")),
+        lambda d: _save(d / "big.jpg", Image.fromarray(photo_like(800, 600)).resize((8000, 6000))),
+        [],
+        (0, ""),
+    ),
     "missing input file": (lambda d: d / "missing.png", [], (1, "Cannot read")),
     "blank prompt": (None, ["--prompt", "  "], (2, "prompt is empty")),
     "prompt of 10001 characters": (None, ["--prompt", "x" * 10001], (2, "10001 characters")),
@@ -402,7 +525,11 @@ def _save(path: Path, image: Image.Image) -> Path:
 @pytest.mark.parametrize("name", list(CLI_CASES))
 def test_cli_bad_input(name, tmp_path, cli_env, service, capsys, ledger):
     make_input, extra, (expected_code, words) = CLI_CASES[name]
-    source = make_input(tmp_path) if make_input else _write(tmp_path / "in.png", image_file_bytes(photo_like(96, 80)))
+    source = (
+        make_input(tmp_path)
+        if make_input
+        else _write(tmp_path / "in.png", image_file_bytes(photo_like(96, 80)))
+    )
     target = tmp_path / "out" / "result.png"
     argv = ["generate", source, "-o", target]
     if "--prompt" not in extra:
@@ -411,9 +538,17 @@ def test_cli_bad_input(name, tmp_path, cli_env, service, capsys, ledger):
     started = time.monotonic()
     code, out, err = run_cli(capsys, *argv)
     seconds = time.monotonic() - started
-    observed = f"exit {code}: {(err.strip().splitlines() or [out.strip()])[-1][:300]}".replace(str(tmp_path), "…")
-    ledger.row("inputs", f"CLI: {name}", f"exit {expected_code}" + (f", \"…{words}…\"" if words else ""),
-               observed, requests=len(service.requests), seconds=seconds)
+    observed = f"exit {code}: {(err.strip().splitlines() or [out.strip()])[-1][:300]}".replace(
+        str(tmp_path), "…"
+    )
+    ledger.row(
+        "inputs",
+        f"CLI: {name}",
+        f"exit {expected_code}" + (f', "…{words}…"' if words else ""),
+        observed,
+        requests=len(service.requests),
+        seconds=seconds,
+    )
     ledger.count("bad_inputs")
 
     assert "Traceback" not in err and CANARY_KEY not in out + err
@@ -437,10 +572,16 @@ def test_cli_batch_of_broken_and_good_files(tmp_path, cli_env, service, capsys, 
     _write(folder / "c_text.jpg", b"not a jpeg")
     _write(folder / "d_good.webp", image_file_bytes(photo_like(80, 96, seed=2), "WEBP"))
     (folder / "e_folder.png").mkdir()
-    code, out, err = run_cli(capsys, "batch", folder, "-o", tmp_path / "out", "--prompt", PROMPT, "--seed", "3")
-    ledger.row("inputs", "CLI batch: 2 good images, an empty file, a text file, a folder named .png",
-               "good ones written, each bad one named with its reason, exit 1",
-               f"exit {code}: {out.strip()}; {err.count('failed:')} failures named", requests=len(service.requests))
+    code, out, err = run_cli(
+        capsys, "batch", folder, "-o", tmp_path / "out", "--prompt", PROMPT, "--seed", "3"
+    )
+    ledger.row(
+        "inputs",
+        "CLI batch: 2 good images, an empty file, a text file, a folder named .png",
+        "good ones written, each bad one named with its reason, exit 1",
+        f"exit {code}: {out.strip()}; {err.count('failed:')} failures named",
+        requests=len(service.requests),
+    )
     ledger.count("bad_inputs", 3)
     assert code == 1 and out.strip() == "done 2, failed 2, skipped 0, credits 12"
     assert "failed: b_empty.png:" in err and "failed: c_text.jpg:" in err and "Traceback" not in err
@@ -450,8 +591,12 @@ def test_cli_batch_of_broken_and_good_files(tmp_path, cli_env, service, capsys, 
 def test_cli_batch_of_an_empty_folder(tmp_path, cli_env, service, capsys, ledger):
     (tmp_path / "empty").mkdir()
     code, out, err = run_cli(capsys, "batch", tmp_path / "empty", "-o", tmp_path / "out", "--prompt", PROMPT)
-    ledger.row("inputs", "CLI batch: empty folder", "exit 1, \"…no .png…\"",
-               f"exit {code}: {err.strip()}".replace(str(tmp_path), "…"),
-               requests=len(service.requests))
+    ledger.row(
+        "inputs",
+        "CLI batch: empty folder",
+        'exit 1, "…no .png…"',
+        f"exit {code}: {err.strip()}".replace(str(tmp_path), "…"),
+        requests=len(service.requests),
+    )
     ledger.count("bad_inputs")
     assert code == 1 and "holds no .png" in err and service.requests == []

@@ -19,7 +19,6 @@ from PIL import Image
 
 from structure_api import StructureClient, StructureRequest
 from structure_api.batch import run_batch
-from structure_api.store import ResultStore
 from structure_api.errors import (
     BatchError,
     GenerationFailedError,
@@ -30,9 +29,17 @@ from structure_api.errors import (
 from structure_api.images import decode_image, encode_upload
 from structure_api.pipeline import StructureParams, generate_images
 from structure_api.standin import (
-    CREDITS_PER_IMAGE, Drop, Fault, Hang, Passthrough, Respond, StandInServer, Truncate,
+    CREDITS_PER_IMAGE,
+    Drop,
+    Fault,
+    Hang,
+    Passthrough,
+    Respond,
+    StandInServer,
+    Truncate,
     render_structure,
 )
+from structure_api.store import ResultStore
 
 from .probes import CANARY_KEY, live_threads, message_problems, open_sockets, photo_like, settle
 
@@ -58,7 +65,7 @@ def item_pixels(index: int) -> np.ndarray:
     """A 64x64 image of its own: its noise and a square placed by the index."""
     pixels = photo_like(64, 64, seed=index)
     x, y = 4 + (index * 7) % 36, 4 + (index * 11) % 36
-    pixels[y:y + 20, x:x + 20] = (index * 37 % 256, 255 - index % 256, 128)
+    pixels[y : y + 20, x : x + 20] = (index * 37 % 256, 255 - index % 256, 128)
     return pixels
 
 
@@ -109,15 +116,21 @@ def test_1000_requests_through_run_batch_with_10_percent_faults(ledger):
     waits: list[float] = []
 
     def make_request(index: int) -> StructureRequest:
-        return StructureRequest(image=encode_upload(item_pixels(index)), prompt=PROMPT, control_strength=STRENGTH,
-                                seed=index + 1, output_format="png")
+        return StructureRequest(
+            image=encode_upload(item_pixels(index)),
+            prompt=PROMPT,
+            control_strength=STRENGTH,
+            seed=index + 1,
+            output_format="png",
+        )
 
     def on_result(index: int, result) -> None:
         arrivals[index].append(result)
 
     with StandInServer(api_key=CANARY_KEY, fault_rate=FAULT_RATE, fault_seed=FAULT_SEED) as server:
-        client = StructureClient(api_key=CANARY_KEY, base_url=server.url, sleep=waits.append,
-                                 jitter=lambda: 0.5, read_timeout=30)
+        client = StructureClient(
+            api_key=CANARY_KEY, base_url=server.url, sleep=waits.append, jitter=lambda: 0.5, read_timeout=30
+        )
         started = time.monotonic()
         report = run_batch(client, LOAD_ITEMS, make_request, on_result=on_result, max_concurrency=CONCURRENCY)
         seconds = time.monotonic() - started
@@ -157,22 +170,31 @@ def test_1000_requests_through_run_batch_with_10_percent_faults(ledger):
     ledger.count("threads_leaked", max(0, len(threads_after) - len(threads_before)))
     ledger.count("sockets_leaked", max(0, sockets_after - sockets_before))
     ledger.fact("_load_concurrency", CONCURRENCY)
-    ledger.fact("load run (run_batch)", (
-        f"{LOAD_ITEMS} items, concurrency {CONCURRENCY}, {figures['requests']} requests in {seconds:.1f} s "
-        f"({figures['requests'] / seconds:.0f}/s); faults injected {figures['faults']} "
-        f"({fault_share:.1%}: {dict(sorted(fault_kinds.items()))}); retries {figures['retries']} "
-        f"(waits {sum(waits):.0f} s injected, not slept); succeeded {figures['succeeded']}, "
-        f"failed {figures['failed']} {dict(reasons)}; credits {credits}; "
-        f"threads {len(threads_before)} -> {len(threads_after)}, sockets {sockets_before} -> {sockets_after}"))
-    ledger.row("load", f"{LOAD_ITEMS} items through run_batch, concurrency {CONCURRENCY}, "
-               f"stand-in faulting {FAULT_RATE:.0%} of answers at random",
-               "each item's result at its index (pixels equal to the stand-in's rendering of that item) or a "
-               "typed failure; requests = results + failures + retries; no paid duplicate; no leak",
-               f"{figures['succeeded']} results in place, {figures['failed']} failures {dict(reasons)}, "
-               f"{figures['retries']} retries, {figures['requests']} requests = {figures['succeeded']} + "
-               f"{figures['failed']} + {figures['retries']}; lost {figures['results_lost']}, misplaced {misplaced}, "
-               f"paid duplicates {figures['paid_duplicates']}, unexplained {figures['unexplained_requests']}",
-               requests=figures["requests"], waited=sum(waits), seconds=seconds)
+    ledger.fact(
+        "load run (run_batch)",
+        (
+            f"{LOAD_ITEMS} items, concurrency {CONCURRENCY}, {figures['requests']} requests in {seconds:.1f} "
+            f"s ({figures['requests'] / seconds:.0f}/s); faults injected {figures['faults']} "
+            f"({fault_share:.1%}: {dict(sorted(fault_kinds.items()))}); retries {figures['retries']} (waits "
+            f"{sum(waits):.0f} s injected, not slept); succeeded {figures['succeeded']}, failed "
+            f"{figures['failed']} {dict(reasons)}; credits {credits}; threads {len(threads_before)} -> "
+            f"{len(threads_after)}, sockets {sockets_before} -> {sockets_after}"
+        ),
+    )
+    ledger.row(
+        "load",
+        f"{LOAD_ITEMS} items through run_batch, concurrency {CONCURRENCY}, "
+        f"stand-in faulting {FAULT_RATE:.0%} of answers at random",
+        "each item's result at its index (pixels equal to the stand-in's rendering of that item) or a "
+        "typed failure; requests = results + failures + retries; no paid duplicate; no leak",
+        f"{figures['succeeded']} results in place, {figures['failed']} failures {dict(reasons)}, "
+        f"{figures['retries']} retries, {figures['requests']} requests = {figures['succeeded']} + "
+        f"{figures['failed']} + {figures['retries']}; lost {figures['results_lost']}, misplaced {misplaced}, "
+        f"paid duplicates {figures['paid_duplicates']}, unexplained {figures['unexplained_requests']}",
+        requests=figures["requests"],
+        waited=sum(waits),
+        seconds=seconds,
+    )
 
     assert figures["results_lost"] == 0 and misplaced == 0
     assert figures["unexplained_requests"] == 0 and figures["paid_duplicates"] == 0
@@ -187,11 +209,18 @@ def test_1000_requests_through_run_batch_with_10_percent_faults(ledger):
 
 
 def _mixed_faults(count: int, rng: random.Random) -> list[Fault]:
-    """Answers for the first ``count`` requests: normal, or (10%) a fault of any kind, transport ones included."""
+    """Answers for the first ``count`` requests: normal, or (10%) a fault of any kind, transport ones
+    included."""
     kinds = [
-        Respond(429, headers={"Retry-After": "2"}), Respond(500), Respond(502), Respond(503),
-        Respond(504), Respond(200, body={"code": -1, "message": "Generation failed, please try again."}),
-        Drop(), Truncate(status=503), Hang(),
+        Respond(429, headers={"Retry-After": "2"}),
+        Respond(500),
+        Respond(502),
+        Respond(503),
+        Respond(504),
+        Respond(200, body={"code": -1, "message": "Generation failed, please try again."}),
+        Drop(),
+        Truncate(status=503),
+        Hang(),
     ]
     labelled = []
     for _ in range(count):
@@ -199,46 +228,53 @@ def _mixed_faults(count: int, rng: random.Random) -> list[Fault]:
     return labelled
 
 
-def test_node_path_under_mixed_faults_loses_nothing_thanks_to_the_cache(tmp_path, ledger):
+def test_node_path_under_mixed_faults_loses_nothing_thanks_to_the_result_store(tmp_path, ledger):
     """generate_images (the node's logic) with transport faults too; a re-run fetches only what failed.
 
     A batch with any failure raises BatchError (the node shows one error); the results already paid
-    for are not lost, because a fixed seed puts them in the cache and the re-run takes them from there.
+    for are not lost, because a fixed seed puts them in the result store and the re-run takes them from there.
     """
     count = 120
     threads_before, sockets_before = live_threads(), open_sockets()
     batch = np.stack([item_pixels(1000 + i) for i in range(count)]).astype(np.float32) / 255
     uploads = [encode_upload(item_pixels(1000 + i)).data for i in range(count)]
     params = StructureParams(prompt=PROMPT, control_strength=STRENGTH, seed=5000, output_format="png")
-    cache = ResultStore(tmp_path / "cache")
+    store = ResultStore(tmp_path / "cache")
     waits: list[float] = []
     rng = random.Random(FAULT_SEED)
     with StandInServer(api_key=CANARY_KEY) as server:
         server.script(*_mixed_faults(2 * count, rng))
-        client = StructureClient(api_key=CANARY_KEY, base_url=server.url, sleep=waits.append, jitter=lambda: 0.5,
-                                 read_timeout=0.5)
+        client = StructureClient(
+            api_key=CANARY_KEY, base_url=server.url, sleep=waits.append, jitter=lambda: 0.5, read_timeout=0.5
+        )
         started = time.monotonic()
         try:
-            first = generate_images(batch, params, client=client, store=cache, max_concurrency=CONCURRENCY)
+            first = generate_images(batch, params, client=client, store=store, max_concurrency=CONCURRENCY)
             failures = {}
         except BatchError as error:
             first, failures = None, error.failures
         first_records = [r for r in server.requests if r.path == "/api/control/structure"]
         server.clear()
-        second = generate_images(batch, params, client=client, store=cache, max_concurrency=CONCURRENCY)
+        second = generate_images(batch, params, client=client, store=store, max_concurrency=CONCURRENCY)
         seconds = time.monotonic() - started
         second_records = server.requests
         client.close()
 
-    seed_of = lambda i: 5000 + i  # noqa: E731
+    def seed_of(i: int) -> int:
+        return 5000 + i
+
     succeeded_first = {i: None for i in range(count) if i not in failures}
     figures = account(first_records, succeeded_first, failures, items=count, seed_of=seed_of)
-    # The re-run sends exactly the failed items, once each, and takes the rest from the cache.
+    # The re-run sends exactly the failed items, once each, and takes the rest from the result store.
     resent = sorted(int(r.fields["seed"]) - 5000 for r in second_records)
     misplaced = sum(
-        1 for i in range(count)
-        if not np.array_equal(np.rint(np.asarray(second.images[i]) * 255).astype(np.uint8),
-                              expected_result(uploads[i], seed_of(i))))
+        1
+        for i in range(count)
+        if not np.array_equal(
+            np.rint(np.asarray(second.images[i]) * 255).astype(np.uint8),
+            expected_result(uploads[i], seed_of(i)),
+        )
+    )
     threads_settled = settle(lambda: live_threads() == threads_before)
     sockets_settled = settle(lambda: open_sockets() == sockets_before)
     reasons = Counter(type(e).__name__ for e in failures.values())
@@ -251,25 +287,35 @@ def test_node_path_under_mixed_faults_loses_nothing_thanks_to_the_cache(tmp_path
     ledger.count("unexplained_requests", figures["unexplained_requests"])
     ledger.count("threads_leaked", 0 if threads_settled else 1)
     ledger.count("sockets_leaked", 0 if sockets_settled else 1)
-    ledger.fact("load run (node path, mixed faults)", (
-        f"{count} images through generate_images, faults {dict(sorted(kinds.items()))}, first run "
-        f"{len(first_records)} requests, {len(failures)} items failed {dict(reasons)}; re-run sent {len(resent)} "
-        f"requests (the failed items only), {second.from_cache} from the cache; {seconds:.1f} s"))
-    ledger.row("load", f"{count} images through generate_images (the node's logic) with 10% mixed faults incl. "
-               "dropped, cut-off and hung answers; then the same run again",
-               "first run: BatchError naming each failed image, the rest paid once and cached; re-run: only the "
-               "failed images are sent; every image at its index",
-               f"first run {len(first_records)} requests, {len(failures)} failed {dict(reasons)}; re-run sent "
-               f"{len(resent)}, {second.from_cache} from cache; lost {figures['results_lost']}, misplaced "
-               f"{misplaced}, paid duplicates {figures['paid_duplicates']}",
-               requests=len(first_records) + len(second_records), waited=sum(waits), seconds=seconds)
+    ledger.fact(
+        "load run (node path, mixed faults)",
+        (
+            f"{count} images through generate_images, faults {dict(sorted(kinds.items()))}, first run "
+            f"{len(first_records)} requests, {len(failures)} items failed {dict(reasons)}; re-run sent "
+            f"{len(resent)} requests (the failed items only), {second.from_store} from the result store; "
+            f"{seconds:.1f} s"
+        ),
+    )
+    ledger.row(
+        "load",
+        f"{count} images through generate_images (the node's logic) with 10% mixed faults incl. "
+        "dropped, cut-off and hung answers; then the same run again",
+        "first run: BatchError naming each failed image, the rest paid once and kept; re-run: only the "
+        "failed images are sent; every image at its index",
+        f"first run {len(first_records)} requests, {len(failures)} failed {dict(reasons)}; re-run sent "
+        f"{len(resent)}, {second.from_store} from the result store; lost {figures['results_lost']}, "
+        f"misplaced {misplaced}, paid duplicates {figures['paid_duplicates']}",
+        requests=len(first_records) + len(second_records),
+        waited=sum(waits),
+        seconds=seconds,
+    )
 
     assert first is None or not failures
     assert figures["results_lost"] == 0 and figures["unexplained_requests"] == 0
     assert figures["paid_duplicates"] == 0
     assert figures["requests"] == figures["succeeded"] + figures["failed"] + figures["retries"]
     assert resent == sorted(failures), "the re-run must send exactly the items that failed"
-    assert second.from_cache == count - len(failures)
+    assert second.from_store == count - len(failures)
     assert second.seeds == [seed_of(i) for i in range(count)]
     assert misplaced == 0
     assert threads_settled and sockets_settled

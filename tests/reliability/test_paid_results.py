@@ -21,17 +21,17 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import numpy as np
 import pytest
 
 from structure_api import StructureClient, StructureRequest
-from structure_api.paid import fetch_or_pay
 from structure_api.errors import BatchError, MalformedResponseError, ResultMayBeBilledError
 from structure_api.images import encode_upload
+from structure_api.paid import fetch_or_pay
 from structure_api.pipeline import StructureParams, generate_images
 from structure_api.standin import CREDITS_PER_IMAGE, Drop, Fault, Passthrough, Respond, StandInServer
 from structure_api.store import RESULT_SUFFIX, TEMP_PREFIX, ResultStore, _forget_shared_stores
@@ -48,12 +48,24 @@ def batch_of(count: int, width: int = 96, height: int = 64) -> np.ndarray:
     return np.stack([photo_like(width, height, seed=300 + i) for i in range(count)]).astype(np.float32) / 255
 
 
-def record(ledger, scenario: str, expected: str, observed: str, *, paid: int, delivered: int, repaid: Optional[int],
-           **extra) -> None:
-    ledger.row("credits", scenario, expected, observed, paid=paid, delivered=delivered, repaid=repaid, **extra)
+def record(
+    ledger,
+    scenario: str,
+    expected: str,
+    observed: str,
+    *,
+    paid: int,
+    delivered: int,
+    repaid: int | None,
+    **extra,
+) -> None:
+    ledger.row(
+        "credits", scenario, expected, observed, paid=paid, delivered=delivered, repaid=repaid, **extra
+    )
 
 
 # --- filesystems ---------------------------------------------------------------------------------
+
 
 def _mount(target: Path, options: str) -> bool:
     target.mkdir(parents=True, exist_ok=True)
@@ -66,8 +78,10 @@ def _umount(target: Path) -> None:
 
 
 # Why the tests on a real read-only disk are POSIX only.
-READ_ONLY_REASON = ("a real read-only disk is a tmpfs remounted read-only; on Windows a folder's read-only "
-                    "attribute does not stop files being made in it, and a read-only share needs a server")
+READ_ONLY_REASON = (
+    "a real read-only disk is a tmpfs remounted read-only; on Windows a folder's read-only "
+    "attribute does not stop files being made in it, and a read-only share needs a server"
+)
 NO_TMPFS = "this machine does not allow mounting a tmpfs, so a real read-only or full disk cannot be made"
 # Windows: a real small disk is a drive the Windows lane maps to a tmpfs (tests/windows/lane.py).
 SMALL_DRIVE = "AITHRIVING_TEST_SMALL_DRIVE"
@@ -97,9 +111,11 @@ def tmpfs(target: Path, size: str = "4m") -> Iterator[Callable[[], None]]:
     if not _mount(target, f"size={size},mode=0755"):
         pytest.skip(NO_TMPFS)
     try:
+
         def make_read_only() -> None:
             done = subprocess.run(["mount", "-o", "remount,ro", str(target)], capture_output=True)
             assert done.returncode == 0, done.stderr
+
         yield make_read_only
     finally:
         _umount(target)
@@ -109,12 +125,17 @@ def tmpfs(target: Path, size: str = "4m") -> Iterator[Callable[[], None]]:
 def _on_the_small_drive(target: Path) -> Iterator[Callable[[], None]]:
     drive = os.environ.get(SMALL_DRIVE)
     if not drive:
-        pytest.skip(f"{NO_TMPFS} (on Windows: no small drive named by {SMALL_DRIVE}, which the Windows lane maps)")
-    assert Path(drive) in target.parents, f"{target} is not on the small drive: make it with small_disk_path()"
+        pytest.skip(
+            f"{NO_TMPFS} (on Windows: no small drive named by {SMALL_DRIVE}, which the Windows lane maps)"
+        )
+    assert Path(drive) in target.parents, (
+        f"{target} is not on the small drive: make it with small_disk_path()"
+    )
     target.mkdir(parents=True, exist_ok=True)
 
     def make_read_only() -> None:
         pytest.fail("a folder on Windows cannot be made read-only for its owner (see READ_ONLY_REASON)")
+
     try:
         yield make_read_only
     finally:
@@ -123,6 +144,7 @@ def _on_the_small_drive(target: Path) -> Iterator[Callable[[], None]]:
 
 
 # --- the node path: a failed batch, and the re-run ------------------------------------------------
+
 
 def _fail_image(count: int, failing: int) -> list[Fault]:
     """At concurrency 1 requests arrive in image order: image ``failing`` (1-based) fails, unbilled."""
@@ -134,8 +156,10 @@ def test_batch_of_8_with_image_7_failing_rerun_pays_only_for_image_7(seed, tmp_p
     images = batch_of(8)
     params = StructureParams(prompt=PROMPT, seed=seed)
     store = ResultStore(tmp_path / "store")
-    with StandInServer(api_key=CANARY_KEY) as service, \
-            StructureClient(api_key=CANARY_KEY, base_url=service.url) as client:
+    with (
+        StandInServer(api_key=CANARY_KEY) as service,
+        StructureClient(api_key=CANARY_KEY, base_url=service.url) as client,
+    ):
         service.script(*_fail_image(8, 7))
         with pytest.raises(BatchError) as caught:
             generate_images(images, params, client=client, store=store, max_concurrency=1)
@@ -143,14 +167,21 @@ def test_batch_of_8_with_image_7_failing_rerun_pays_only_for_image_7(seed, tmp_p
         message = str(caught.value)
         undelivered = len(store.undelivered())
         # A restart: a new store object on the same folder.
-        again = generate_images(images, params, client=client, store=ResultStore(tmp_path / "store"),
-                                max_concurrency=1)
+        again = generate_images(
+            images, params, client=client, store=ResultStore(tmp_path / "store"), max_concurrency=1
+        )
         repaid = service.credits_spent - paid
-    record(ledger, f"node batch of 8, seed {seed}, image 7 fails; queued again (after a restart)",
-           "error names image 7, says 7 paid and kept and that a re-run pays only for the failed one; the re-run "
-           "pays for image 7 only",
-           f"{message[:160]}...; {undelivered} undelivered in the store; re-run paid {repaid} credits, "
-           f"{again.from_cache} from the store", paid=paid, delivered=6 * 8, repaid=repaid - CREDITS_PER_IMAGE)
+    record(
+        ledger,
+        f"node batch of 8, seed {seed}, image 7 fails; queued again (after a restart)",
+        "error names image 7, says 7 paid and kept and that a re-run pays only for the failed one; the "
+        "re-run pays for image 7 only",
+        f"{message[:160]}...; {undelivered} undelivered in the store; re-run paid {repaid} credits, "
+        f"{again.from_store} from the store",
+        paid=paid,
+        delivered=6 * 8,
+        repaid=repaid - CREDITS_PER_IMAGE,
+    )
     # The stand-in answers scripted faults in arrival order: at concurrency 1 that is image order, unless a
     # reused connection had to be opened again first; the failed image is read from the error.
     (failed,) = caught.value.failures
@@ -158,7 +189,7 @@ def test_batch_of_8_with_image_7_failing_rerun_pays_only_for_image_7(seed, tmp_p
     assert message.startswith(f"1 of 8 images failed: image {failed + 1}: The service could not generate")
     assert "7 images were paid for (42 credits); all 7 are kept in the result store" in message
     assert "so queuing again pays only for the failed ones" in message and message_problems(message) == []
-    assert repaid == CREDITS_PER_IMAGE and again.from_cache == 7 and again.images.shape == (8, 64, 96, 3)
+    assert repaid == CREDITS_PER_IMAGE and again.from_store == 7 and again.images.shape == (8, 64, 96, 3)
     assert store.undelivered() == [] and ResultStore(tmp_path / "store").undelivered() == []
 
 
@@ -166,28 +197,39 @@ def test_seed_0_results_are_handed_out_once_then_paid_fresh(tmp_path, ledger):
     images = batch_of(3)
     params = StructureParams(prompt=PROMPT, seed=0)
     store = ResultStore(tmp_path / "store")
-    with StandInServer(api_key=CANARY_KEY) as service, \
-            StructureClient(api_key=CANARY_KEY, base_url=service.url) as client:
+    with (
+        StandInServer(api_key=CANARY_KEY) as service,
+        StructureClient(api_key=CANARY_KEY, base_url=service.url) as client,
+    ):
         service.script(*_fail_image(3, 3))
         with pytest.raises(BatchError):
             generate_images(images, params, client=client, store=store, max_concurrency=1)
         second = generate_images(images, params, client=client, store=store, max_concurrency=1)
         third = generate_images(images, params, client=client, store=store, max_concurrency=1)
         credits = service.credits_spent
-    record(ledger, "seed 0: batch of 3 fails on image 3; queued again; then queued a third time",
-           "second run delivers the 2 kept images free and pays for 1; the third run (random means random) pays "
-           "for 3 fresh images", f"second run {second.credits} credits ({second.from_cache} from the store); third "
-           f"run {third.credits} credits", paid=12, delivered=18, repaid=second.credits - 6)
-    assert (second.credits, second.from_cache) == (6, 2)
-    assert (third.credits, third.from_cache) == (18, 0) and credits == 12 + 6 + 18
+    record(
+        ledger,
+        "seed 0: batch of 3 fails on image 3; queued again; then queued a third time",
+        "second run delivers the 2 kept images free and pays for 1; the third run (random means random) pays "
+        "for 3 fresh images",
+        f"second run {second.credits} credits ({second.from_store} from the store); third "
+        f"run {third.credits} credits",
+        paid=12,
+        delivered=18,
+        repaid=second.credits - 6,
+    )
+    assert (second.credits, second.from_store) == (6, 2)
+    assert (third.credits, third.from_store) == (18, 0) and credits == 12 + 6 + 18
 
 
 def test_answers_lost_after_upload_stop_the_batch_and_say_how_many_may_be_charged(tmp_path, ledger):
     images = batch_of(6)
     params = StructureParams(prompt=PROMPT, seed=0)
     store = ResultStore(tmp_path / "store")
-    with StandInServer(api_key=CANARY_KEY) as service, \
-            StructureClient(api_key=CANARY_KEY, base_url=service.url, read_timeout=5) as client:
+    with (
+        StandInServer(api_key=CANARY_KEY) as service,
+        StructureClient(api_key=CANARY_KEY, base_url=service.url, read_timeout=5) as client,
+    ):
         # Image 2's answer is lost after its upload: the stand-in reads it and drops the connection.
         service.script(Passthrough(), Drop())
         with pytest.raises(BatchError) as caught:
@@ -198,38 +240,57 @@ def test_answers_lost_after_upload_stop_the_batch_and_say_how_many_may_be_charge
         again = generate_images(images, params, client=client, store=store, max_concurrency=1)
         resent = len(service.requests)
     message = str(caught.value)
-    lost = [index for index, error in caught.value.failures.items() if isinstance(error, ResultMayBeBilledError)]
-    record(ledger, "batch of 6, seed 0: image 2's answer lost after its upload (connection dropped)",
-           "images 3-6 are not sent; the error says 1 request may have been charged; the re-run takes image 1 "
-           "from the store", f"first run sent {sent_first} requests; re-run sent {resent}, {again.from_cache} from "
-           "the store", paid=paid, delivered=36, repaid=paid - 6 * again.from_cache)
+    lost = [
+        index for index, error in caught.value.failures.items() if isinstance(error, ResultMayBeBilledError)
+    ]
+    record(
+        ledger,
+        "batch of 6, seed 0: image 2's answer lost after its upload (connection dropped)",
+        "images 3-6 are not sent; the error says 1 request may have been charged; the re-run takes image 1 "
+        "from the store",
+        f"first run sent {sent_first} requests; re-run sent {resent}, {again.from_store} from the store",
+        paid=paid,
+        delivered=36,
+        repaid=paid - 6 * again.from_store,
+    )
     assert len(lost) == 1 and sent_first == lost[0] + 1 and paid == 6 * lost[0]
     assert "1 request may have been charged without an answer arriving" in message
     assert f"{5 - lost[0]} images were not sent" in message and f"image {lost[0] + 2}: not sent" in message
-    assert resent == 6 - lost[0] and again.from_cache == lost[0]
+    assert resent == 6 - lost[0] and again.from_store == lost[0]
 
 
 # --- stores that cannot be written ---------------------------------------------------------------
 
-def _failing_run_then_rerun(store_dir: Path, monkeypatch, count: int = 4, seed: int = 0) -> tuple[str, int, int, int]:
-    """Through AITHRIVING_CACHE_DIR (no store passed): a batch failing on its last image, then the same again."""
+
+def _failing_run_then_rerun(
+    store_dir: Path, monkeypatch, count: int = 4, seed: int = 0
+) -> tuple[str, int, int, int]:
+    """Through AITHRIVING_CACHE_DIR (no store passed): a batch failing on its last image, then the same
+    again."""
     monkeypatch.setenv("AITHRIVING_CACHE_DIR", str(store_dir))
     images = batch_of(count)
     params = StructureParams(prompt=PROMPT, seed=seed)
-    with StandInServer(api_key=CANARY_KEY) as service, \
-            StructureClient(api_key=CANARY_KEY, base_url=service.url) as client:
+    with (
+        StandInServer(api_key=CANARY_KEY) as service,
+        StructureClient(api_key=CANARY_KEY, base_url=service.url) as client,
+    ):
         service.script(*_fail_image(count, count))
         with pytest.raises(BatchError) as caught:
             generate_images(images, params, client=client, max_concurrency=1)
         paid = service.credits_spent
         again = generate_images(images, params, client=client, max_concurrency=1)
-        return str(caught.value), paid, service.credits_spent - paid, again.from_cache
+        return str(caught.value), paid, service.credits_spent - paid, again.from_store
 
 
-@pytest.mark.parametrize("kind", [
-    pytest.param("read-only mount", marks=pytest.mark.posix_only(READ_ONLY_REASON)),
-    "full disk",
-    "a file where the folder should be", "limit smaller than one result"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("read-only mount", marks=pytest.mark.posix_only(READ_ONLY_REASON)),
+        "full disk",
+        "a file where the folder should be",
+        "limit smaller than one result",
+    ],
+)
 def test_unwritable_store_keeps_results_in_memory_and_says_so(kind, tmp_path, monkeypatch, ledger):
     target = small_disk_path(tmp_path / "store") if kind == "full disk" else tmp_path / "store"
     if kind == "a file where the folder should be":
@@ -258,17 +319,28 @@ def test_unwritable_store_keeps_results_in_memory_and_says_so(kind, tmp_path, mo
     finally:
         if context is not None:
             context.__exit__(None, None, None)
-    record(ledger, f"store cannot be written ({kind}); batch of 4, seed 0, image 4 fails; queued again in the "
-           "same process", "results kept in memory; the error says so and promises a free re-run only in this "
-           "process; the re-run pays for image 4 only",
-           f"...{message[message.index('3 images'):][:150]}; re-run paid {repaid}, {from_store} from memory",
-           paid=paid, delivered=24, repaid=repaid - CREDITS_PER_IMAGE)
+    record(
+        ledger,
+        f"store cannot be written ({kind}); batch of 4, seed 0, image 4 fails; queued again in the "
+        "same process",
+        "results kept in memory; the error says so and promises a free re-run only in this "
+        "process; the re-run pays for image 4 only",
+        f"...{message[message.index('3 images') :][:150]}; re-run paid {repaid}, {from_store} from memory",
+        paid=paid,
+        delivered=24,
+        repaid=repaid - CREDITS_PER_IMAGE,
+    )
     assert paid == 18
     # Each reason as it is: a store too small for one result can be written, it has no room.
-    reason = ("the result is larger than the result store's limit (AITHRIVING_CACHE_MAX_MB)"
-              if kind == "limit smaller than one result" else "the result store cannot be written")
-    assert f"all 3 are kept in memory only, because {reason}, so queuing again in " \
-           "this same process pays only for the failed ones" in message
+    reason = (
+        "the result is larger than the result store's limit (AITHRIVING_CACHE_MAX_MB)"
+        if kind == "limit smaller than one result"
+        else "the result store cannot be written"
+    )
+    assert (
+        f"all 3 are kept in memory only, because {reason}, so queuing again in "
+        "this same process pays only for the failed ones" in message
+    )
     assert repaid == CREDITS_PER_IMAGE and from_store == 3
 
 
@@ -277,8 +349,10 @@ def test_with_the_store_off_a_failed_batch_says_it_is_off(monkeypatch, ledger):
     _forget_shared_stores()
     images = batch_of(4)
     params = StructureParams(prompt=PROMPT, seed=0)
-    with StandInServer(api_key=CANARY_KEY) as service, \
-            StructureClient(api_key=CANARY_KEY, base_url=service.url) as client:
+    with (
+        StandInServer(api_key=CANARY_KEY) as service,
+        StructureClient(api_key=CANARY_KEY, base_url=service.url) as client,
+    ):
         service.script(*_fail_image(4, 4))
         with pytest.raises(BatchError) as caught:
             generate_images(images, params, client=client, max_concurrency=1)
@@ -287,48 +361,76 @@ def test_with_the_store_off_a_failed_batch_says_it_is_off(monkeypatch, ledger):
         repaid = service.credits_spent - paid
     _forget_shared_stores()
     message = str(caught.value)
-    record(ledger, "AITHRIVING_CACHE_DIR=off; batch of 4, seed 0, image 4 fails; queued again, same process",
-           "the error says the store is off (not that it cannot be written); the re-run pays for image 4",
-           f"...{message[message.index('3 images'):][:150]}; re-run paid {repaid}, "
-           f"{again.from_cache} from memory",
-           paid=paid, delivered=24, repaid=repaid - CREDITS_PER_IMAGE)
-    assert "all 3 are kept in memory only, because the result store is off, so queuing again in this same " \
-           "process pays only for the failed ones" in message, message
+    record(
+        ledger,
+        "AITHRIVING_CACHE_DIR=off; batch of 4, seed 0, image 4 fails; queued again, same process",
+        "the error says the store is off (not that it cannot be written); the re-run pays for image 4",
+        f"...{message[message.index('3 images') :][:150]}; re-run paid {repaid}, "
+        f"{again.from_store} from memory",
+        paid=paid,
+        delivered=24,
+        repaid=repaid - CREDITS_PER_IMAGE,
+    )
+    assert (
+        "all 3 are kept in memory only, because the result store is off, so queuing again in this same "
+        "process pays only for the failed ones" in message
+    ), message
     assert "cannot be written" not in message
-    assert repaid == CREDITS_PER_IMAGE and again.from_cache == 3
+    assert repaid == CREDITS_PER_IMAGE and again.from_store == 3
 
 
 @pytest.mark.posix_only(READ_ONLY_REASON)
 def test_read_only_store_still_serves_what_it_holds(tmp_path, ledger):
     target = tmp_path / "share"
     images = batch_of(4)
-    with tmpfs(target) as make_read_only, StandInServer(api_key=CANARY_KEY) as service, \
-            StructureClient(api_key=CANARY_KEY, base_url=service.url) as client:
-        generate_images(images, StructureParams(prompt=PROMPT, seed=77), client=client, store=ResultStore(target),
-                        max_concurrency=1)
+    with (
+        tmpfs(target) as make_read_only,
+        StandInServer(api_key=CANARY_KEY) as service,
+        StructureClient(api_key=CANARY_KEY, base_url=service.url) as client,
+    ):
+        generate_images(
+            images,
+            StructureParams(prompt=PROMPT, seed=77),
+            client=client,
+            store=ResultStore(target),
+            max_concurrency=1,
+        )
         service.script(*_fail_image(4, 4))
         with pytest.raises(BatchError):  # seed 0: 3 paid and kept undelivered, on disk
-            generate_images(images, StructureParams(prompt=PROMPT, seed=0), client=client,
-                            store=ResultStore(target), max_concurrency=1)
+            generate_images(
+                images,
+                StructureParams(prompt=PROMPT, seed=0),
+                client=client,
+                store=ResultStore(target),
+                max_concurrency=1,
+            )
         paid = service.credits_spent
         make_read_only()
         store = ResultStore(target)  # as another user, or after a restart, on a read-only share
         fixed = generate_images(images, StructureParams(prompt=PROMPT, seed=77), client=client, store=store)
-        random_seed = generate_images(images, StructureParams(prompt=PROMPT, seed=0), client=client, store=store,
-                                      max_concurrency=1)
+        random_seed = generate_images(
+            images, StructureParams(prompt=PROMPT, seed=0), client=client, store=store, max_concurrency=1
+        )
         repaid = service.credits_spent - paid
         persistent = store.persistent
-    record(ledger, "read-only store holding 4 fixed-seed results and 3 undelivered seed-0 ones; both batches "
-           "queued again", "fixed seed: all 4 served free; seed 0: the 3 undelivered served, image 4 paid",
-           f"fixed {fixed.credits} credits ({fixed.from_cache} from the store); seed 0 {random_seed.credits} credits "
-           f"({random_seed.from_cache} from the store); store persistent: {persistent}",
-           paid=paid, delivered=48, repaid=repaid - CREDITS_PER_IMAGE)
+    record(
+        ledger,
+        "read-only store holding 4 fixed-seed results and 3 undelivered seed-0 ones; both batches "
+        "queued again",
+        "fixed seed: all 4 served free; seed 0: the 3 undelivered served, image 4 paid",
+        f"fixed {fixed.credits} credits ({fixed.from_store} from the store); seed 0 {random_seed.credits} "
+        f"credits ({random_seed.from_store} from the store); store persistent: {persistent}",
+        paid=paid,
+        delivered=48,
+        repaid=repaid - CREDITS_PER_IMAGE,
+    )
     assert paid == 24 + 18 and not persistent
-    assert (fixed.credits, fixed.from_cache) == (0, 4)
-    assert (random_seed.credits, random_seed.from_cache) == (6, 3)
+    assert (fixed.credits, fixed.from_store) == (0, 4)
+    assert (random_seed.credits, random_seed.from_store) == (6, 3)
 
 
 # --- transport: deadlines over a raw socket ------------------------------------------------------
+
 
 class RawServer:
     """A TCP server on loopback that reads one HTTP request per connection and lets ``answer`` write bytes."""
@@ -343,7 +445,7 @@ class RawServer:
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
 
-    def __enter__(self) -> "RawServer":
+    def __enter__(self) -> RawServer:
         self._thread.start()
         return self
 
@@ -369,8 +471,11 @@ class RawServer:
                     return
                 data += chunk
             head, _, rest = data.partition(b"\r\n\r\n")
-            length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
             while len(rest) < length:
                 rest += conn.recv(65536)
             self.requests += 1
@@ -389,7 +494,7 @@ def ok_body(width: int = 96, height: int = 64, seed: object = 5, padding: int = 
 
 def send_slowly(conn: socket.socket, data: bytes, piece: int, pause: float) -> None:
     for start in range(0, len(data), piece):
-        conn.sendall(data[start:start + piece])
+        conn.sendall(data[start : start + piece])
         time.sleep(pause)
 
 
@@ -413,10 +518,22 @@ def test_headers_sent_a_byte_at_a_time_end_within_the_read_timeout(tmp_path, led
 
     with RawServer(answer) as server:
         outcome, seconds = _generate(server.url, ResultStore(tmp_path), read_timeout=0.5)
-    record(ledger, "status line and headers sent a byte every 50 ms (read timeout 0.5 s)",
-           "ends after ~0.5 s with 'may have charged'; never re-sent", f"{type(outcome).__name__} after "
-           f"{seconds:.2f} s: {outcome}", paid=0, delivered=0, repaid=None, requests=server.requests, seconds=seconds)
-    assert isinstance(outcome, ResultMayBeBilledError) and "may have" in str(outcome) and "charged" in str(outcome)
+    record(
+        ledger,
+        "status line and headers sent a byte every 50 ms (read timeout 0.5 s)",
+        "ends after ~0.5 s with 'may have charged'; never re-sent",
+        f"{type(outcome).__name__} after {seconds:.2f} s: {outcome}",
+        paid=0,
+        delivered=0,
+        repaid=None,
+        requests=server.requests,
+        seconds=seconds,
+    )
+    assert (
+        isinstance(outcome, ResultMayBeBilledError)
+        and "may have" in str(outcome)
+        and "charged" in str(outcome)
+    )
     assert "No answer came within 0.5 s" in str(outcome)
     assert seconds < 2.0 and server.requests == 1
 
@@ -425,18 +542,28 @@ def test_big_answer_on_a_slow_steady_link_completes_and_is_kept(tmp_path, ledger
     body = ok_body(padding=300_000)  # ~315 KB at ~100 KiB/s: 3 s, six times the read timeout
 
     def answer(conn: socket.socket) -> None:
-        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-                     .encode())
+        conn.sendall(
+            (
+                f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+        )
         send_slowly(conn, body, piece=10_000, pause=0.1)
 
     store = ResultStore(tmp_path)
     with RawServer(answer) as server:
         outcome, seconds = _generate(server.url, store, read_timeout=0.5)
-    record(ledger, f"{len(body):,}-byte answer arriving steadily at ~100 KiB/s for {seconds:.1f} s (read timeout "
-           "0.5 s)", "read to the end (the rate stays above 16 KiB/s), kept, delivered",
-           f"{type(outcome).__name__}, seed {getattr(outcome, 'seed', '?')}, kept: "
-           f"{getattr(outcome, 'stored', None) is not None}", paid=6 * server.completed, delivered=6, repaid=None,
-           requests=server.requests, seconds=seconds)
+    record(
+        ledger,
+        f"{len(body):,}-byte answer arriving steadily at ~100 KiB/s for {seconds:.1f} s (read timeout 0.5 s)",
+        "read to the end (the rate stays above 16 KiB/s), kept, delivered",
+        f"{type(outcome).__name__}, seed {getattr(outcome, 'seed', '?')}, kept: "
+        f"{getattr(outcome, 'stored', None) is not None}",
+        paid=6 * server.completed,
+        delivered=6,
+        repaid=None,
+        requests=server.requests,
+        seconds=seconds,
+    )
     assert not isinstance(outcome, Exception), outcome
     assert outcome.stored is not None and seconds > 2 and server.requests == 1
 
@@ -450,10 +577,17 @@ def test_answer_trickling_below_the_minimum_rate_ends_within_twice_the_read_time
 
     with RawServer(answer) as server:
         outcome, seconds = _generate(server.url, ResultStore(tmp_path), read_timeout=0.5)
-    record(ledger, "answer trickling at 1 KB/s (read timeout 0.5 s)",
-           "ends within ~2 x the read timeout, says the image may have been charged; never re-sent",
-           f"{type(outcome).__name__} after {seconds:.2f} s: {outcome}", paid=0, delivered=0, repaid=None,
-           requests=server.requests, seconds=seconds)
+    record(
+        ledger,
+        "answer trickling at 1 KB/s (read timeout 0.5 s)",
+        "ends within ~2 x the read timeout, says the image may have been charged; never re-sent",
+        f"{type(outcome).__name__} after {seconds:.2f} s: {outcome}",
+        paid=0,
+        delivered=0,
+        repaid=None,
+        requests=server.requests,
+        seconds=seconds,
+    )
     assert isinstance(outcome, ResultMayBeBilledError) and "below the 16 KiB/s" in str(outcome)
     assert "may have charged" in str(outcome) and message_problems(str(outcome)) == []
     assert seconds < 2 * 0.5 + 0.5 and server.requests == 1
@@ -468,14 +602,23 @@ def test_answer_shorter_than_its_content_length_says_it_may_have_been_charged(tm
 
     with RawServer(answer) as server:
         outcome, seconds = _generate(server.url, ResultStore(tmp_path), read_timeout=2)
-    record(ledger, "answer 100 bytes shorter than its Content-Length, then the connection closes",
-           "ResultMayBeBilledError naming both sizes; never re-sent", f"{type(outcome).__name__}: {outcome}",
-           paid=0, delivered=0, repaid=None, requests=server.requests, seconds=seconds)
+    record(
+        ledger,
+        "answer 100 bytes shorter than its Content-Length, then the connection closes",
+        "ResultMayBeBilledError naming both sizes; never re-sent",
+        f"{type(outcome).__name__}: {outcome}",
+        paid=0,
+        delivered=0,
+        repaid=None,
+        requests=server.requests,
+        seconds=seconds,
+    )
     assert isinstance(outcome, ResultMayBeBilledError) and f"of the {len(body) + 100:,} bytes" in str(outcome)
     assert "may have charged" in str(outcome) and server.requests == 1
 
 
 # --- odd answers ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("seed_value", [None, "12", -5, 1.5, "x"])
 def test_cosmetic_seed_deviation_keeps_the_image(seed_value, tmp_path, caplog, ledger):
@@ -489,16 +632,27 @@ def test_cosmetic_seed_deviation_keeps_the_image(seed_value, tmp_path, caplog, l
         outcome, _ = _generate(server.url, store, read_timeout=2)
     assert not isinstance(outcome, Exception), outcome
     expected_seed = 12 if seed_value == "12" else 31
-    record(ledger, f"answer with \"seed\": {json.dumps(seed_value)}", "image kept and delivered; the request's "
-           "seed used and a log line says so", f"seed {outcome.seed}, kept {outcome.stored is not None}",
-           paid=6, delivered=6, repaid=None, requests=server.requests)
-    assert outcome.seed == expected_seed and outcome.stored is not None and outcome.pixels.shape == (64, 96, 3)
+    record(
+        ledger,
+        f'answer with "seed": {json.dumps(seed_value)}',
+        "image kept and delivered; the request's seed used and a log line says so",
+        f"seed {outcome.seed}, kept {outcome.stored is not None}",
+        paid=6,
+        delivered=6,
+        repaid=None,
+        requests=server.requests,
+    )
+    assert (
+        outcome.seed == expected_seed and outcome.stored is not None and outcome.pixels.shape == (64, 96, 3)
+    )
     if seed_value != "12":
         assert any("reports the seed as" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("width, height, accepted", [(32, 32, False), (96, 40, False), (600, 400, False),
-                                                     (128, 64, True), (64, 64, True)])
+@pytest.mark.parametrize(
+    "width, height, accepted",
+    [(32, 32, False), (96, 40, False), (600, 400, False), (128, 64, True), (64, 64, True)],
+)
 def test_answer_far_from_the_request_size_is_an_error_near_it_is_resized(width, height, accepted, tmp_path):
     body = ok_body(width=width, height=height)
 
@@ -509,15 +663,18 @@ def test_answer_far_from_the_request_size_is_an_error_near_it_is_resized(width, 
         images = batch_of(1)
         with StructureClient(api_key=CANARY_KEY, base_url=server.url) as client:
             try:
-                outcome = generate_images(images, StructureParams(prompt=PROMPT, seed=3), client=client,
-                                          store=ResultStore(tmp_path))
+                outcome = generate_images(
+                    images, StructureParams(prompt=PROMPT, seed=3), client=client, store=ResultStore(tmp_path)
+                )
             except MalformedResponseError as error:
                 outcome = error
     if accepted:
         assert not isinstance(outcome, Exception), outcome
         assert tuple(outcome.images.shape) == (1, 64, 96, 3)  # brought back to the input's size
     else:
-        assert isinstance(outcome, MalformedResponseError) and f"{width}x{height} image for a 96x64" in str(outcome)
+        assert isinstance(outcome, MalformedResponseError) and f"{width}x{height} image for a 96x64" in str(
+            outcome
+        )
 
 
 # --- several processes, one store ------------------------------------------------------------------
@@ -539,17 +696,29 @@ print(result.credits)
 def test_two_processes_sending_the_same_fixed_seed_request_pay_once(tmp_path, ledger):
     env = {**os.environ, "AITHRIVING_CACHE_DIR": str(tmp_path / "store"), "PYTHONPATH": str(REPO)}
     with StandInServer(api_key=CANARY_KEY, latency=1.0) as service:
-        processes = [subprocess.Popen([sys.executable, "-c", _SEND_ONE, service.url, CANARY_KEY,
-                                       str(REPO / "tests")],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                     for _ in range(2)]
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", _SEND_ONE, service.url, CANARY_KEY, str(REPO / "tests")],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
         outputs = [process.communicate(timeout=60) for process in processes]
         paid = service.credits_spent
     credits = sorted(int(out.strip().splitlines()[-1]) for out, _ in outputs)
-    record(ledger, "two processes send the same fixed-seed request at once, sharing one store",
-           "one pays; the other waits on the store's per-key lock and is served the kept result",
-           f"credits reported by the processes: {credits}; stand-in charged {paid}", paid=paid, delivered=12,
-           repaid=paid - CREDITS_PER_IMAGE, requests=len(service.requests))
+    record(
+        ledger,
+        "two processes send the same fixed-seed request at once, sharing one store",
+        "one pays; the other waits on the store's per-key lock and is served the kept result",
+        f"credits reported by the processes: {credits}; stand-in charged {paid}",
+        paid=paid,
+        delivered=12,
+        repaid=paid - CREDITS_PER_IMAGE,
+        requests=len(service.requests),
+    )
     assert all(process.returncode == 0 for process in processes), outputs
     assert credits == [0, 6] and paid == 6 and len(service.requests) == 1
 
@@ -566,7 +735,7 @@ images = np.stack([photo_like(96, 64, seed=300 + i) for i in range(4)]).astype(n
 with StructureClient(api_key=sys.argv[2], base_url=sys.argv[1]) as client:
     result = generate_images(images, StructureParams(prompt="seed zero, twice", seed=0), client=client,
                              max_concurrency=4)
-served = [result.report.stored[index].entry_id for index in sorted(result.report.from_cache)]
+served = [result.report.stored[index].entry_id for index in sorted(result.report.from_store)]
 print(json.dumps({"credits": result.credits, "from_store": served}))
 """
 
@@ -574,8 +743,10 @@ print(json.dumps({"credits": result.credits, "from_store": served}))
 def test_two_processes_rerunning_a_failed_seed_0_batch_never_get_the_same_kept_result(tmp_path, ledger):
     folder = tmp_path / "store"
     params = StructureParams(prompt="seed zero, twice", seed=0)
-    with StandInServer(api_key=CANARY_KEY) as service, \
-            StructureClient(api_key=CANARY_KEY, base_url=service.url) as client:
+    with (
+        StandInServer(api_key=CANARY_KEY) as service,
+        StructureClient(api_key=CANARY_KEY, base_url=service.url) as client,
+    ):
         service.script(*_fail_image(4, 4))
         with pytest.raises(BatchError):  # images 1-3 paid and kept undelivered, image 4 failed
             generate_images(batch_of(4), params, client=client, store=ResultStore(folder), max_concurrency=1)
@@ -585,27 +756,40 @@ def test_two_processes_rerunning_a_failed_seed_0_batch_never_get_the_same_kept_r
         # Every paid answer now takes 2 s, so each process holds what it claimed while the other claims.
         service.latency = 2.0
         setup_paid = service.credits_spent
-        processes = [subprocess.Popen([sys.executable, "-c", _RERUN_SEED_0, service.url, CANARY_KEY,
-                                       str(REPO / "tests")],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                     for _ in range(2)]
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", _RERUN_SEED_0, service.url, CANARY_KEY, str(REPO / "tests")],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
         outputs = [process.communicate(timeout=120) for process in processes]
         paid = service.credits_spent - setup_paid
     assert all(process.returncode == 0 for process in processes), outputs
     runs = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     served = [entry_id for run in runs for entry_id in run["from_store"]]
-    record(ledger, "two processes re-run the same failed seed-0 batch of 4 at once (3 kept undelivered)",
-           "each kept result is handed to one process only (claimed under the store's cross-process lock); "
-           "everything else is paid fresh",
-           f"from the store: {[len(run['from_store']) for run in runs]} (distinct: {len(set(served))}); "
-           f"credits {[run['credits'] for run in runs]}", paid=paid, delivered=8 * CREDITS_PER_IMAGE,
-           repaid=0, requests=len(service.requests))
+    record(
+        ledger,
+        "two processes re-run the same failed seed-0 batch of 4 at once (3 kept undelivered)",
+        "each kept result is handed to one process only (claimed under the store's cross-process lock); "
+        "everything else is paid fresh",
+        f"from the store: {[len(run['from_store']) for run in runs]} (distinct: {len(set(served))}); "
+        f"credits {[run['credits'] for run in runs]}",
+        paid=paid,
+        delivered=8 * CREDITS_PER_IMAGE,
+        repaid=0,
+        requests=len(service.requests),
+    )
     assert len(served) == len(set(served)) == 3 and set(served) == kept
     assert paid == (8 - 3) * CREDITS_PER_IMAGE == sum(run["credits"] for run in runs)
     assert ResultStore(folder).undelivered() == []
 
 
 # --- store health ------------------------------------------------------------------------------
+
 
 def test_store_sweeps_orphans_and_stale_locks_on_every_platform(tmp_path, ledger):
     """The sweep with what every platform can make: crashed temp files, orphan halves, a huge and a damaged
@@ -639,19 +823,33 @@ def test_store_sweeps_orphans_and_stale_locks_on_every_platform(tmp_path, ledger
     seconds = time.monotonic() - started
     release_key_lock(holder)
     kept = store.keep("9" * 64, image_file_bytes(photo_like(96, 64)), seed=5, format="png")
-    record(ledger, f"store folder ({sys.platform}) with a crashed temp file, orphan halves, a 200 MB file, a "
-           "damaged entry and a held lock", "orphans swept, odd entries ignored unread, the held lock kept",
-           f"listed {len(undelivered)} undelivered in {seconds:.2f} s", paid=0, delivered=0, repaid=None,
-           seconds=seconds)
+    record(
+        ledger,
+        f"store folder ({sys.platform}) with a crashed temp file, orphan halves, a 200 MB file, a "
+        "damaged entry and a held lock",
+        "orphans swept, odd entries ignored unread, the held lock kept",
+        f"listed {len(undelivered)} undelivered in {seconds:.2f} s",
+        paid=0,
+        delivered=0,
+        repaid=None,
+        seconds=seconds,
+    )
     assert undelivered == []
-    assert not stale_temp.exists() and fresh_temp.exists() and not orphan_marker.exists() and not legacy_half.exists()
+    assert (
+        not stale_temp.exists()
+        and fresh_temp.exists()
+        and not orphan_marker.exists()
+        and not legacy_half.exists()
+    )
     assert not stale_lock.exists() and held_lock.exists()
     assert [entry.entry_id for entry in ResultStore(folder).undelivered()] == [kept.entry_id]
     assert seconds < 2
 
 
-@pytest.mark.posix_only("FIFOs (mkfifo) and flock are POSIX; a symlink needs an administrator on Windows. "
-                        "test_store_sweeps_orphans_and_stale_locks_on_every_platform is its Windows share")
+@pytest.mark.posix_only(
+    "FIFOs (mkfifo) and flock are POSIX; a symlink needs an administrator on Windows. "
+    "test_store_sweeps_orphans_and_stale_locks_on_every_platform is its Windows share"
+)
 def test_store_sweeps_orphans_and_ignores_what_is_not_a_regular_file(tmp_path, ledger):
     folder = tmp_path / "store"
     folder.mkdir()
@@ -690,33 +888,51 @@ def test_store_sweeps_orphans_and_ignores_what_is_not_a_regular_file(tmp_path, l
     seconds = time.monotonic() - started
     kept = store.keep("9" * 64, image_file_bytes(photo_like(96, 64)), seed=5, format="png")
     names = sorted(p.name for p in folder.iterdir())
-    record(ledger, "store folder with a crashed temp file, orphan halves, a FIFO, a symlink, a 200 MB file and a "
-           "damaged entry", "orphans swept, odd entries ignored unread, new results kept",
-           f"listed {len(undelivered)} undelivered in {seconds:.2f} s; left: {', '.join(n[:12] for n in names)}",
-           paid=0, delivered=0, repaid=None, seconds=seconds)
+    record(
+        ledger,
+        "store folder with a crashed temp file, orphan halves, a FIFO, a symlink, a 200 MB file and a "
+        "damaged entry",
+        "orphans swept, odd entries ignored unread, new results kept",
+        f"listed {len(undelivered)} undelivered in {seconds:.2f} s; left: {', '.join(n[:12] for n in names)}",
+        paid=0,
+        delivered=0,
+        repaid=None,
+        seconds=seconds,
+    )
     assert undelivered == []
-    assert not stale_temp.exists() and fresh_temp.exists() and not orphan_marker.exists() and not legacy_half.exists()
+    assert (
+        not stale_temp.exists()
+        and fresh_temp.exists()
+        and not orphan_marker.exists()
+        and not legacy_half.exists()
+    )
     assert not stale_lock.exists() and held_lock.exists()
     assert [entry.entry_id for entry in ResultStore(folder).undelivered()] == [kept.entry_id]
     assert seconds < 2
 
 
-def test_old_cache_entries_keep_serving_fixed_seed_requests(tmp_path):
-    """Results kept by the old cache (``<key>.img`` + ``<key>.json``) move into the store and stay free."""
+def test_old_layout_entries_keep_serving_fixed_seed_requests(tmp_path):
+    """Results kept in the two-file layout (``<key>.img`` + ``<key>.json``) move into the store and stay
+    free."""
     import hashlib
 
     from structure_api.store import request_key
 
     request = _one_request(seed=8)
     data = image_file_bytes(photo_like(96, 64, seed=2))
-    with StandInServer(api_key=CANARY_KEY) as service, \
-            StructureClient(api_key=CANARY_KEY, base_url=service.url) as client:
+    with (
+        StandInServer(api_key=CANARY_KEY) as service,
+        StructureClient(api_key=CANARY_KEY, base_url=service.url) as client,
+    ):
         key = request_key(request.image.data, request.form_fields(), client.endpoint)
         folder = tmp_path / "cache"
         folder.mkdir()
         (folder / f"{key}.img").write_bytes(data)
-        (folder / f"{key}.json").write_text(json.dumps({"seed": 8, "format": "png", "size": len(data),
-                                                        "sha256": hashlib.sha256(data).hexdigest()}))
+        (folder / f"{key}.json").write_text(
+            json.dumps(
+                {"seed": 8, "format": "png", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            )
+        )
         paid = fetch_or_pay(client, request, ResultStore(folder))
         result, from_store = paid.result, paid.from_store
         assert from_store and result.data == data and service.requests == []

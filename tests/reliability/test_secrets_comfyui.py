@@ -4,7 +4,7 @@ Uses the harness of tests/comfy (ComfyUI is fetched into .cache/comfyui on first
 prompts run: a success, a 401 whose body echoes the key, and a code -1 answer echoing it. Then
 the key is searched for in the saved PNGs (every byte, text chunks decoded), /history, /queue,
 /internal/logs, the ComfyUI log file, every file under ComfyUI's base directory (user/, output/,
-temp/, input/, ...) and the result cache.
+temp/, input/, ...) and the result store.
 """
 
 from __future__ import annotations
@@ -26,17 +26,43 @@ NODE = "AIThrivingStructure"
 def _graph(seed: int, prefix: str) -> dict:
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": "canary-input.png"}},
-        "2": {"class_type": NODE, "inputs": {
-            "image": ["1", 0], "prompt": "a lighthouse, watercolour", "control_strength": 0.7, "seed": seed,
-            "output_format": "png", "outside_limits": "fit and restore size", "negative_prompt": "blur"}},
+        "2": {
+            "class_type": NODE,
+            "inputs": {
+                "image": ["1", 0],
+                "prompt": "a lighthouse, watercolour",
+                "control_strength": 0.7,
+                "seed": seed,
+                "output_format": "png",
+                "outside_limits": "fit and restore size",
+                "negative_prompt": "blur",
+            },
+        },
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
     }
 
 
 # A UI-format workflow, as the frontend would attach it (SaveImage embeds it in the PNG).
-_WORKFLOW = {"last_node_id": 3, "nodes": [{"id": 2, "type": NODE, "widgets_values": [
-    "a lighthouse, watercolour", 0.7, 11, "fixed", "png", "fit and restore size", "blur"]}], "links": [],
-    "version": 0.4}
+_WORKFLOW = {
+    "last_node_id": 3,
+    "nodes": [
+        {
+            "id": 2,
+            "type": NODE,
+            "widgets_values": [
+                "a lighthouse, watercolour",
+                0.7,
+                11,
+                "fixed",
+                "png",
+                "fit and restore size",
+                "blur",
+            ],
+        }
+    ],
+    "links": [],
+    "version": 0.4,
+}
 
 
 def test_comfyui_history_queue_logs_files_and_png_hold_no_key(tmp_path_factory, ledger):
@@ -46,9 +72,15 @@ def test_comfyui_history_queue_logs_files_and_png_hold_no_key(tmp_path_factory, 
     cache_dir = tmp_path_factory.mktemp("canary-cache")
     base_dir = tmp_path_factory.mktemp("canary-comfy-base")
     with StandInServer(api_key=CANARY_KEY) as service:
-        server = ComfyServer(install, base_dir=base_dir, env={
-            "AITHRIVING_API_KEY": CANARY_KEY, "AITHRIVING_BASE_URL": service.url,
-            "AITHRIVING_CACHE_DIR": str(cache_dir)})
+        server = ComfyServer(
+            install,
+            base_dir=base_dir,
+            env={
+                "AITHRIVING_API_KEY": CANARY_KEY,
+                "AITHRIVING_BASE_URL": service.url,
+                "AITHRIVING_CACHE_DIR": str(cache_dir),
+            },
+        )
         with server:
             assert server.custom_node_import_status() == "loaded", server.log_text()[-3000:]
             server.upload_image(image_file_bytes(photo_like(96, 80)), "canary-input.png")
@@ -59,9 +91,13 @@ def test_comfyui_history_queue_logs_files_and_png_hold_no_key(tmp_path_factory, 
             failed = server.run(_graph(13, "canary/failed"), timeout=120, workflow=_WORKFLOW)
 
             assert ok["status"]["status_str"] == "success", execution_error(ok)
-            assert unauthorized["status"]["status_str"] == "error" and failed["status"]["status_str"] == "error"
-            pngs = {image["filename"]: server.view(image["filename"], image["subfolder"], image["type"])
-                    for image in saved_images(ok)}
+            assert (
+                unauthorized["status"]["status_str"] == "error" and failed["status"]["status_str"] == "error"
+            )
+            pngs = {
+                image["filename"]: server.view(image["filename"], image["subfolder"], image["type"])
+                for image in saved_images(ok)
+            }
             history = json.dumps(server.history())
             queue = json.dumps(server.queue())
             internal_logs = requests.get(f"{server.url}/internal/logs", timeout=(5, 30)).text
@@ -79,19 +115,29 @@ def test_comfyui_history_queue_logs_files_and_png_hold_no_key(tmp_path_factory, 
     }
     leaks = [place for place, content in places.items() if key_found_in(content)]
     leaked_files = files_with_key(base_dir) + files_with_key(cache_dir)
-    other_fields = [r for r in recorded if key_found_in(repr(r.fields) + r.path + repr(
-        {k: v for k, v in r.headers.items() if k != "authorization"})) or key_found_in(r.image_bytes or b"")]
+    other_fields = [
+        r
+        for r in recorded
+        if key_found_in(
+            repr(r.fields) + r.path + repr({k: v for k, v in r.headers.items() if k != "authorization"})
+        )
+        or key_found_in(r.image_bytes or b"")
+    ]
     searched = len(places) + count_files(base_dir) + count_files(cache_dir) + len(recorded)
 
     ledger.count("key_places_checked", searched)
     ledger.count("keys_leaked", len(leaks) + len(leaked_files) + len(other_fields))
-    ledger.row("secrets", "real ComfyUI 0.3.75: LoadImage -> Structure -> SaveImage, a success and two failures "
-               "whose answers echo the key",
-               "key in none of: saved PNG, workflow/prompt in it, /history, /queue, /internal/logs, log file, "
-               "files under ComfyUI's base directory, cache; only in the authorization header",
-               f"{searched} places searched ({count_files(base_dir)} files under the base directory, "
-               f"{count_files(cache_dir)} in the cache, {len(recorded)} recorded requests); key found in "
-               f"{len(leaks) + len(leaked_files) + len(other_fields)}", requests=len(recorded))
+    ledger.row(
+        "secrets",
+        "real ComfyUI 0.3.75: LoadImage -> Structure -> SaveImage, a success and two failures "
+        "whose answers echo the key",
+        "key in none of: saved PNG, workflow/prompt in it, /history, /queue, /internal/logs, log file, "
+        "files under ComfyUI's base directory, result store; only in the authorization header",
+        f"{searched} places searched ({count_files(base_dir)} files under the base directory, "
+        f"{count_files(cache_dir)} in the cache, {len(recorded)} recorded requests); key found in "
+        f"{len(leaks) + len(leaked_files) + len(other_fields)}",
+        requests=len(recorded),
+    )
 
     assert pngs and all(b"tEXt" in data or b"iTXt" in data for data in pngs.values()), "workflow not embedded"
     assert "lighthouse" in history and "Invalid API key" in history  # the searched texts are the real ones

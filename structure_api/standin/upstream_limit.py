@@ -6,7 +6,7 @@ import collections
 import math
 import threading
 import time
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 from ..contract import LOCKOUT_SECONDS
 from ..ratelimit import RateLimit, parse_rate_limit
@@ -15,22 +15,32 @@ DEFAULT_LOCKOUT_SECONDS = LOCKOUT_SECONDS
 
 
 class UpstreamRateLimit:
-    """Admits at most ``limit.requests`` requests in any ``limit.seconds``; the one past that starts a lock-out.
+    """Admits at most ``limit.requests`` requests in any ``limit.seconds``; the one past that starts a
+    lock-out.
 
     During a lock-out every request is refused (the stand-in answers 429 without Retry-After, as
     the upstream does, and charges nothing); requests refused do not extend it. When it ends the
     window starts empty.
     """
 
-    def __init__(self, limit: Union[RateLimit, str], lockout: float = DEFAULT_LOCKOUT_SECONDS, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        limit: RateLimit | str,
+        lockout: float = DEFAULT_LOCKOUT_SECONDS,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if isinstance(limit, str):
             parsed = parse_rate_limit(limit, source="rate_limit")
             if parsed is None:
                 raise ValueError("rate_limit must be a limit such as 150/10 here; pass None for no limit.")
             limit = parsed
-        if isinstance(lockout, bool) or not isinstance(lockout, (int, float)) or not math.isfinite(lockout) \
-                or lockout < 0:
+        if (
+            isinstance(lockout, bool)
+            or not isinstance(lockout, (int, float))
+            or not math.isfinite(lockout)
+            or lockout < 0
+        ):
             raise ValueError(f"lockout must be a finite number of seconds >= 0; got {lockout!r}.")
         self.limit = limit
         self.lockout = float(lockout)
@@ -45,7 +55,7 @@ class UpstreamRateLimit:
     def __repr__(self) -> str:
         return f"UpstreamRateLimit({self.limit}, lockout={self.lockout:g})"
 
-    def admit(self, now: Optional[float] = None) -> bool:
+    def admit(self, now: float | None = None) -> bool:
         """Count one request arriving at ``now``; False when it must be refused with a 429."""
         with self._lock:
             now = self._clock() if now is None else now

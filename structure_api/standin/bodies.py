@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import re
 from http import HTTPStatus
-from typing import Optional, Union
 
 from ..contract import MAX_REQUEST_BYTES, AnswerBody
-
 
 # --- answer bodies -------------------------------------------------------------------
 
@@ -19,16 +17,26 @@ _GATEWAY_PAGE = (
 
 _DEFAULT_ERRORS: dict[int, tuple[str, str, str]] = {
     # status: (name, message, errors[0])
-    200: ("generation_failed", "Generation failed, please try again.", "the generation did not produce an image"),
+    200: (
+        "generation_failed",
+        "Generation failed, please try again.",
+        "the generation did not produce an image",
+    ),
     400: ("bad_request", "Invalid parameters.", "the request is invalid"),
     401: ("unauthorized", "Invalid or missing API key.", "authorization header is missing or invalid"),
     402: ("payment_required", "Insufficient credits.", "your account does not have enough credits"),
-    403: ("content_moderation", "Your request was flagged by our content moderation system.",
-          "the prompt or image was flagged by content moderation"),
+    403: (
+        "content_moderation",
+        "Your request was flagged by our content moderation system.",
+        "the prompt or image was flagged by content moderation",
+    ),
     404: ("not_found", "Not found.", "no such endpoint"),
     405: ("method_not_allowed", "Method not allowed.", "only POST is accepted"),
-    413: ("payload_too_large", f"Request body is larger than {MAX_REQUEST_BYTES // 2**20} MiB.",
-          f"the request must be at most {MAX_REQUEST_BYTES // 2**20} MiB"),
+    413: (
+        "payload_too_large",
+        f"Request body is larger than {MAX_REQUEST_BYTES // 2**20} MiB.",
+        f"the request must be at most {MAX_REQUEST_BYTES // 2**20} MiB",
+    ),
     422: ("invalid_input", "Unsupported input.", "the input could not be processed"),
     429: ("rate_limited", "Too many requests, please slow down.", "you have exceeded the rate limit"),
     500: ("internal_error", "Internal server error.", "an unexpected error occurred"),
@@ -36,18 +44,18 @@ _DEFAULT_ERRORS: dict[int, tuple[str, str, str]] = {
 }
 
 
-def error_payload(message: str, name: str, errors: Optional[list[str]] = None) -> dict:
-    """The JSON error body the stand-in uses: vendor ``code``/``message`` plus upstream ``name``/``errors``."""
+def error_payload(message: str, name: str, errors: list[str] | None = None) -> dict:
+    """Build the stand-in's JSON error body: vendor ``code``/``message`` plus upstream ``name``/``errors``."""
     return AnswerBody.failure(message, name, errors).to_json()
 
 
 def success_payload(image: str, seed: int) -> dict:
-    """The JSON body of a success: the image as base64 text and the seed used."""
+    """Build the JSON body of a success: the image as base64 text and the seed used."""
     return AnswerBody.success(image, seed).to_json()
 
 
 def default_body(status: int) -> tuple[bytes, str]:
-    """The body and content type the stand-in sends for `status` when a Fault gives no body."""
+    """Return the body and content type the stand-in sends for `status` when a Fault gives no body."""
     if status in (204, 304) or status < 200:
         return b"", "text/plain"
     if status in (502, 504):
@@ -70,7 +78,7 @@ def json_bytes(payload: object) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode("utf-8")
 
 
-def body_bytes(body: Union[bytes, str, dict, list, None], status: int) -> tuple[bytes, str]:
+def body_bytes(body: bytes | str | dict | list | None, status: int) -> tuple[bytes, str]:
     if body is None:
         return default_body(status)
     if isinstance(body, (dict, list)):
