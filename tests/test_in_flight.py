@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from structure_api import StructureClient
 from structure_api.batch import InFlightLimit, process_in_flight, run_batch
@@ -20,11 +19,10 @@ from structure_api.store import ResultStore
 from support import TEST_KEY, photo_like
 
 
-def batch(count: int, side: int = 64, offset: int = 0) -> torch.Tensor:
-    """``count`` different images (so each is its own request)."""
-    return torch.from_numpy(
-        np.stack([photo_like(side, side, seed=offset + i) for i in range(count)]).astype(np.float32) / 255.0
-    )
+def batch(count: int, side: int = 64, offset: int = 0) -> np.ndarray:
+    """``count`` different images (so each is its own request), as a numpy IMAGE batch (no torch needed)."""
+    images = np.stack([photo_like(side, side, seed=offset + i) for i in range(count)])
+    return images.astype(np.float32) / 255.0
 
 
 def params(seed: int) -> StructureParams:
@@ -110,7 +108,7 @@ def test_cancel_stops_an_upload_that_is_still_going_out_and_says_nothing_is_in_f
     accepted = []
     threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
     noise = np.random.default_rng(7).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
-    images = torch.from_numpy(noise[None].astype(np.float32) / 255.0)  # a ~3 MB upload
+    images = noise[None].astype(np.float32) / 255.0  # a ~3 MB upload
     try:
         with StructureClient(
             api_key=TEST_KEY, base_url=f"http://127.0.0.1:{listener.getsockname()[1]}"
