@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from pipeline_helpers import correlation, distinct_numpy_batch, edges
 
 from structure_api.batch import run_batch
 from structure_api.client import StructureRequest
@@ -26,32 +27,9 @@ from structure_api.store import ResultStore
 from support import TEST_KEY, photo_like
 
 
-def edges(pixels: np.ndarray, block: int = 8) -> np.ndarray:
-    """Gradient magnitude of luminance, pooled over 8x8 blocks.
-
-    Pooling, because the stand-in draws edges a few pixels wide (it blurs them), so a
-    pixel-exact comparison would punish a faithful result for its line width.
-    """
-    gray = pixels[..., :3].astype(np.float32).mean(axis=-1)
-    gy, gx = np.gradient(gray)
-    magnitude = np.hypot(gx, gy)
-    h, w = (magnitude.shape[0] // block) * block, (magnitude.shape[1] // block) * block
-    return magnitude[:h, :w].reshape(h // block, block, w // block, block).mean(axis=(1, 3))
-
-
-def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
-
-
 def distinct_batch(count: int, width: int = 96, height: int = 80) -> torch.Tensor:
     """Each image has its own layout (a square at a different place), so order can be checked."""
-    batch = np.zeros((count, height, width, 3), np.float32)
-    for i in range(count):
-        batch[i, ..., 2] = 0.3
-        x0 = 4 + (i * 7) % (width - 30)
-        y0 = 4 + (i * 5) % (height - 30)
-        batch[i, y0 : y0 + 24, x0 : x0 + 24, :] = 0.9
-    return torch.from_numpy(batch)
+    return torch.from_numpy(distinct_numpy_batch(count, width, height))
 
 
 @pytest.fixture
