@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -32,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a smoke run with few repeats; its report is marked as such and not written",
     )
     args = parser.parse_args(argv)
+    # The servers it starts stop on Ctrl-C (SIGINT): started in the background of a shell, this process
+    # and so its children would ignore it, and every server would wait out its kill timeout.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     # The default settings are what is measured: none of the machine's own settings apply.
     for name in ("AITHRIVING_MAX_CONCURRENCY", "AITHRIVING_RATE_LIMIT", "AITHRIVING_REDIS_URL"):
