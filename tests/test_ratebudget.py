@@ -174,9 +174,24 @@ def test_a_budget_held_at_the_moment_is_not_swept(tmp_path):
     held = FolderBook(tmp_path, "3" * 16)
     day_ago = time.time() - 2 * 86400
     os.utime(held.path, (day_ago, day_ago))
-    with _locked(held._lock_fd):  # a change in progress, in "another process"
-        FolderBook(tmp_path, "4" * 16).close()
-    assert held.path.is_file()
+    lock_path = tmp_path / PACING_FOLDER / f"{'3' * 16}.lock"
+    fd = os.open(lock_path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        with _locked(fd):  # a change in progress, in "another process"
+            FolderBook(tmp_path, "4" * 16).close()
+    finally:
+        os.close(fd)
+    assert held.path.is_file() and lock_path.is_file()
+
+
+def test_the_store_folder_can_be_removed_while_a_process_paces_through_it(tmp_path):
+    """Windows cannot remove an open file: between changes the budget's files are closed there."""
+    store = tmp_path / "store"
+    pacer = Pacer(RateLimit(5, 1.0), book=FolderBook(store, "6" * 16))
+    pacer.next_start().slot.sent()
+    shutil.rmtree(store)
+    assert not store.exists()
+    assert pacer.next_start().slot is not None  # pacing goes on (in this process, said once)
 
 
 def test_an_unwritable_folder_falls_back_to_this_process_and_says_so(tmp_path, monkeypatch, caplog):
