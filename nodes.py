@@ -12,7 +12,7 @@ import logging
 import queue
 import re
 import threading
-from collections import deque
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -55,10 +55,13 @@ NODE_TEXTS_KEY = "aithrivingStructureNode"
 # ComfyUI's progress hook raises this after a Cancel: an Exception up to 0.3.x, a BaseException
 # from 0.33 on (so that a node's `except Exception` cannot swallow a Cancel).
 _INTERRUPTED = comfy.model_management.InterruptProcessingException
-# The prompts a Cancel reached (their ids, the newest few). ComfyUI's interrupt flag is one global that
-# the first reader to raise on it resets (its progress hook, a node's check), so the other Structure
-# nodes of the prompt, running at the same time, may never see it: they look here too.
-_CANCELLED_PROMPTS: deque[str] = deque(maxlen=16)
+# The prompts a Cancel reached: their ids, under the event loop ComfyUI runs each prompt in (a prompt id
+# a client sends again names a new run). ComfyUI's interrupt flag is one global that the first reader
+# to raise on it resets (its progress hook, a node's check), so the other Structure nodes of the prompt,
+# running at the same time, may never see it: they look here too.
+_CANCELLED_PROMPTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[str | None]] = (
+    weakref.WeakKeyDictionary()
+)
 _CANCELLED_LOCK = threading.Lock()
 
 
@@ -284,15 +287,16 @@ async def _off_the_loop(
     stop = threading.Event()
     updates: queue.SimpleQueue[BatchProgress] = queue.SimpleQueue()
 
+    loop = asyncio.get_running_loop()
+
     def should_cancel() -> bool:
-        if stop.is_set() or _prompt_cancelled(prompt_id):
+        if stop.is_set() or _prompt_cancelled(loop, prompt_id):
             return True
         if comfy.model_management.processing_interrupted():
-            _mark_cancelled(prompt_id)
+            _mark_cancelled(loop, prompt_id)
             return True
         return False
 
-    loop = asyncio.get_running_loop()
     # A plain future, not a task: tearing the prompt down cancels tasks, and the thread must be waited for.
     future = loop.run_in_executor(None, contextvars.copy_context().run, work, should_cancel, updates.put)
     torn_down: BaseException | None = None
@@ -312,7 +316,8 @@ async def _off_the_loop(
                 show(progress)
             except (Exception, _INTERRUPTED) as error:
                 if isinstance(error, _INTERRUPTED):
-                    _mark_cancelled(prompt_id)  # the hook reset ComfyUI's flag: the other nodes look here
+                    # The hook reset ComfyUI's flag: the other nodes of the prompt look here.
+                    _mark_cancelled(loop, prompt_id)
                 stop.set()
                 interrupted = interrupted or error
         if future.done():
@@ -337,21 +342,16 @@ def _running_prompt_id() -> str | None:
     return getattr(context, "prompt_id", None)
 
 
-def _mark_cancelled(prompt_id: str | None) -> None:
-    """Remember that a Cancel reached this prompt, so that all of its nodes stop on the one press."""
-    if prompt_id is None:
-        return
+def _mark_cancelled(loop: asyncio.AbstractEventLoop, prompt_id: str | None) -> None:
+    """Remember that a Cancel reached this run of a prompt, so that all of its nodes stop on the one press."""
     with _CANCELLED_LOCK:
-        if prompt_id not in _CANCELLED_PROMPTS:
-            _CANCELLED_PROMPTS.append(prompt_id)
+        _CANCELLED_PROMPTS.setdefault(loop, set()).add(prompt_id)
 
 
-def _prompt_cancelled(prompt_id: str | None) -> bool:
-    """Return whether a Cancel reached this prompt (seen by any of its nodes)."""
-    if prompt_id is None:
-        return False
+def _prompt_cancelled(loop: asyncio.AbstractEventLoop, prompt_id: str | None) -> bool:
+    """Return whether a Cancel reached this run of a prompt (seen by any of its nodes)."""
     with _CANCELLED_LOCK:
-        return prompt_id in _CANCELLED_PROMPTS
+        return prompt_id in _CANCELLED_PROMPTS.get(loop, ())
 
 
 def _search_aliases(schema: type) -> dict[str, list[str]]:

@@ -7,7 +7,7 @@
   its work had ended when it returned; ``flag_after``: ComfyUI's interrupt flag afterwards.
 - ``last_answer``: a run whose work is complete when the hook takes the Cancel: how it ended, and
   whether the Cancel went back to ComfyUI's flag (so the prompt still stops).
-- ``next_prompt``: a run of another prompt afterwards, with the flag clear: how it ended.
+- ``next_prompt``: a later run under the first prompt's id, with the flag clear: how it ended.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def main() -> None:
     outcome, _, work_ended = asyncio.run(run("last", "probe-prompt-2", 0.0, polls=False))
     report["last_answer"] = {"outcome": outcome, "flag_after": mm.processing_interrupted()}
     mm.interrupt_current_processing(False)  # ComfyUI clears it as the next prompt starts
-    outcome, _, _ = asyncio.run(run("next", "probe-prompt-3", 0.3))
+    # The next run, under the id of the cancelled one (a client may send its own prompt ids).
+    outcome, _, _ = asyncio.run(run("next", "probe-prompt-1", 0.3))
     report["next_prompt"] = {"outcome": outcome}
     print(json.dumps(report))
 

@@ -367,7 +367,7 @@ def test_one_cancel_taken_by_comfyuis_progress_hook_stops_every_node_of_the_prom
     # Work complete as the hook takes the Cancel: the node delivers, and the Cancel goes back to
     # ComfyUI's flag, so the prompt still stops at its next node (ComfyUI clears it as a prompt starts).
     assert report["last_answer"] == {"outcome": "finished", "flag_after": True}, report
-    # Another prompt is not cancelled by the one before.
+    # The next prompt is not cancelled by the one before, even under the same prompt id.
     assert report["next_prompt"] == {"outcome": "finished"}, report
 
 
