@@ -12,6 +12,7 @@ import logging
 import queue
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -51,6 +52,17 @@ SEARCH_ALIASES = ["controlnet", "structure", "sketch to image", "depth", "edges"
 # The node's own texts on the canvas (progress, errors) in each language: locales/<lang>/main.json.
 LOCALES = Path(__file__).resolve().parent / "locales"
 NODE_TEXTS_KEY = "aithrivingStructureNode"
+# ComfyUI's progress hook raises this after a Cancel: an Exception up to 0.3.x, a BaseException
+# from 0.33 on (so that a node's `except Exception` cannot swallow a Cancel).
+_INTERRUPTED = comfy.model_management.InterruptProcessingException
+# The prompts a Cancel reached: their ids, under the event loop ComfyUI runs each prompt in (a prompt id
+# a client sends again names a new run). ComfyUI's interrupt flag is one global that the first reader
+# to raise on it resets (its progress hook, a node's check), so the other Structure nodes of the prompt,
+# running at the same time, may never see it: they look here too.
+_CANCELLED_PROMPTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[str | None]] = (
+    weakref.WeakKeyDictionary()
+)
+_CANCELLED_LOCK = threading.Lock()
 
 
 class AIThrivingStructure(io.ComfyNode):
@@ -205,7 +217,7 @@ class AIThrivingStructure(io.ComfyNode):
 
             where = words("toStandIn") if run.offline else ""
             _status(node_id, words("sendingOne" if total == 1 else "sendingMany", count=total, where=where))
-            result, torn_down = await _off_the_loop(work, show)
+            result, torn_down = await _off_the_loop(work, show, _running_prompt_id())
             background = result.report.background
             if background is not None:
                 # The requests left in flight need the client (and the stand-in) until they end.
@@ -262,21 +274,29 @@ def _left_in_flight(words: _Words, report: BatchReport, run: RunSetup) -> str:
 async def _off_the_loop(
     work: Callable[[Callable[[], bool], Callable[[BatchProgress], None]], BatchResult],
     show: Callable[[BatchProgress], None],
+    prompt_id: str | None = None,
 ) -> tuple[BatchResult, BaseException | None]:
     """Run ``work(should_cancel, on_progress)`` on the loop's executor; show its progress on this thread.
 
-    Cancel reaches the work three ways: ComfyUI's interrupt flag (polled by the work), ComfyUI's progress
-    hook raising when shown, and this task being cancelled (ComfyUI tears the prompt down when another
-    node fails or is interrupted). The work then returns within about a second, and so does this;
-    the second item is the task's cancellation, to raise once the node has said what it left behind.
+    Cancel reaches the work four ways: ComfyUI's interrupt flag (polled by the work), a Cancel another
+    node of the same prompt took from that flag first, ComfyUI's progress hook raising when shown, and
+    this task being cancelled (ComfyUI tears the prompt down when another node fails or is interrupted).
+    The work then returns within about a second, and so does this; the second item is the task's
+    cancellation, to raise once the node has said what it left behind.
     """
     stop = threading.Event()
     updates: queue.SimpleQueue[BatchProgress] = queue.SimpleQueue()
 
-    def should_cancel() -> bool:
-        return stop.is_set() or comfy.model_management.processing_interrupted()
-
     loop = asyncio.get_running_loop()
+
+    def should_cancel() -> bool:
+        if stop.is_set() or _prompt_cancelled(loop, prompt_id):
+            return True
+        if comfy.model_management.processing_interrupted():
+            _mark_cancelled(loop, prompt_id)
+            return True
+        return False
+
     # A plain future, not a task: tearing the prompt down cancels tasks, and the thread must be waited for.
     future = loop.run_in_executor(None, contextvars.copy_context().run, work, should_cancel, updates.put)
     torn_down: BaseException | None = None
@@ -294,17 +314,44 @@ async def _off_the_loop(
                 break
             try:
                 show(progress)
-            except Exception as error:  # ComfyUI's hook raises InterruptProcessingException after a Cancel
+            except (Exception, _INTERRUPTED) as error:
+                if isinstance(error, _INTERRUPTED):
+                    # The hook reset ComfyUI's flag: the other nodes of the prompt look here.
+                    _mark_cancelled(loop, prompt_id)
                 stop.set()
                 interrupted = interrupted or error
         if future.done():
             break
     result = future.result()
-    if interrupted is not None and not isinstance(
-        interrupted, comfy.model_management.InterruptProcessingException
-    ):
+    if interrupted is not None and not isinstance(interrupted, _INTERRUPTED):
         raise interrupted  # a fault of the display itself must surface
+    if interrupted is not None and not result.report.cancelled and torn_down is None:
+        # The Cancel came as the last answer arrived: this node delivers what it has, and the Cancel,
+        # taken from ComfyUI's flag by its hook, goes back there to stop the prompt at its next node.
+        comfy.model_management.interrupt_current_processing(True)
     return result, torn_down
+
+
+def _running_prompt_id() -> str | None:
+    """Return the id of the prompt this node runs in (ComfyUI's executing context), None if unknown."""
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None
+    context = get_executing_context()
+    return getattr(context, "prompt_id", None)
+
+
+def _mark_cancelled(loop: asyncio.AbstractEventLoop, prompt_id: str | None) -> None:
+    """Remember that a Cancel reached this run of a prompt, so that all of its nodes stop on the one press."""
+    with _CANCELLED_LOCK:
+        _CANCELLED_PROMPTS.setdefault(loop, set()).add(prompt_id)
+
+
+def _prompt_cancelled(loop: asyncio.AbstractEventLoop, prompt_id: str | None) -> bool:
+    """Return whether a Cancel reached this run of a prompt (seen by any of its nodes)."""
+    with _CANCELLED_LOCK:
+        return prompt_id in _CANCELLED_PROMPTS.get(loop, ())
 
 
 def _search_aliases(schema: type) -> dict[str, list[str]]:

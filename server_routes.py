@@ -10,6 +10,8 @@ import functools
 import ipaddress
 import json
 import logging
+import os
+import re
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -23,6 +25,11 @@ log = logging.getLogger("structure_api")
 
 KEY_ROUTE = "/aithriving/key"
 MODE_ROUTE = "/aithriving/mode"
+# Names this machine is reached by besides its own (a reverse proxy's, a LAN name), comma-separated:
+# changes addressed to them are accepted. Read at each request.
+ENV_ALLOWED_HOSTS = "AITHRIVING_ALLOWED_HOSTS"
+# A host name worth naming back in a refusal; anything else is not repeated.
+_PLAIN_HOST = re.compile(r"[a-z0-9.-]{1,253}")
 # A key is tens of characters; a body far past that is not a key entry.
 MAX_BODY_BYTES = 16 * 1024
 # The answer to a change the settings refused; the first class that matches wins (all are
@@ -90,8 +97,8 @@ def host_refusal(request: web.Request) -> web.Response | None:
     A page on another site can make its own name resolve to this machine; the browser then sends
     that name as Host, and the same name as Origin, so the origin check alone lets it through.
     Accepted: localhost, a loopback address, an address ComfyUI listens on (any IP address when it
-    listens on all of them: an address, unlike a name, cannot be rebound). A request without a Host
-    comes from no browser.
+    listens on all of them: an address, unlike a name, cannot be rebound), and the names the user
+    listed in AITHRIVING_ALLOWED_HOSTS. A request without a Host comes from no browser.
     """
     header = request.headers.get("Host")
     if header is None:
@@ -100,19 +107,37 @@ def host_refusal(request: web.Request) -> web.Response | None:
         name = urlsplit(f"//{header}").hostname or ""
     except ValueError:
         name = ""
+    name = name.lower().rstrip(".")
     listening = _listen_addresses()
     if name and (
         is_loopback_host(name)
         or name in listening
         or (_is_address(name) and any(a in _WILDCARD_ADDRESSES for a in listening))
+        or name in _allowed_hosts()
     ):
         return None
     log.warning("refused %s %s for another host name", request.method, request.path)
+    named = f" {name}" if _PLAIN_HOST.fullmatch(name) else ""
     return _error(
         403,
-        "Refused: the request was addressed to another host name than this machine's "
-        "(localhost or the address ComfyUI listens on).",
+        f"Refused: the request was addressed to another host name{named} than this machine's "
+        "(localhost or the address ComfyUI listens on). If you reach ComfyUI by that name (a "
+        f"reverse proxy, a LAN name), add it to {ENV_ALLOWED_HOSTS} and restart ComfyUI.",
     )
+
+
+def _allowed_hosts() -> set[str]:
+    """Return the host names listed in AITHRIVING_ALLOWED_HOSTS, lower-cased, without ports."""
+    listed = os.environ.get(ENV_ALLOWED_HOSTS, "")
+    names = set()
+    for item in listed.split(","):
+        try:
+            name = urlsplit(f"//{item.strip()}").hostname or ""
+        except ValueError:
+            continue
+        if name:
+            names.add(name.lower().rstrip("."))
+    return names
 
 
 _WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")

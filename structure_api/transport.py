@@ -237,15 +237,21 @@ class _TrackedConnection:
     _registry: weakref.WeakSet[HTTPConnection]
     _header_deadline: float
 
-    # The body of the request this connection sends or last sent: a cancel stops only unfinished uploads.
-    upload: object = None
+    # The upload this connection sends or last sent, held weakly: a cancel stops only unfinished uploads,
+    # and a pooled connection must not keep a sent upload's bytes (~6 MB at 2048²) alive until reused.
+    _upload: weakref.ref[UploadBody] | None = None
+
+    @property
+    def upload(self) -> UploadBody | None:
+        """Return the upload this connection sends or last sent, while anything else still holds it."""
+        return self._upload() if self._upload is not None else None
 
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
         self._registry.add(self)
 
     def request(self, method, url, body=None, *args, **kwargs):  # type: ignore[no-untyped-def]
-        self.upload = body
+        self._upload = weakref.ref(body) if isinstance(body, UploadBody) else None
         return super().request(method, url, body, *args, **kwargs)  # type: ignore[misc]
 
     def getresponse(self):  # type: ignore[no-untyped-def]

@@ -252,6 +252,24 @@ def test_an_upload_is_stopped_only_while_its_last_byte_is_still_here():
     assert complete.read(6) == b"" and sent == ["complete"]
 
 
+def test_a_pooled_connection_does_not_keep_the_upload_it_sent(standin, tmp_path):
+    # Each idle connection holding its last upload cost ~6 MB per connection at 2048² (the memory
+    # benchmark's 8 in flight went from 239 to 268 MB): once answered, an upload belongs to nobody.
+    import gc
+
+    from structure_api.transport import UploadBody
+
+    with StructureClient(api_key=TEST_KEY, base_url=standin.url) as client:
+        result = generate_images(
+            batch(4), params(4400), client=client, store=ResultStore(tmp_path), max_concurrency=4
+        )
+        assert result.report.done == 4
+        gc.collect()
+        assert list(client._transport.connections), "the answered requests' connections stay pooled"
+        assert [obj for obj in gc.get_objects() if isinstance(obj, UploadBody)] == []
+        assert all(connection.upload is None for connection in client._transport.connections)
+
+
 def test_the_in_flight_sentence_says_truly_where_the_answers_go(tmp_path):
     from structure_api.batch import Background, BatchReport
 

@@ -272,8 +272,24 @@ def test_key_routes_refuse_rebound_hosts_unusable_keys_and_every_served_folder(c
     # One server: its key file's folder is a link re-pointed at each served folder in turn (the check
     # resolves links, so this is the same as naming the folder itself).
     switch = tmp_path / "switch"
-    server = start(comfy_install, base, {"AITHRIVING_API_KEY_FILE": str(switch / "aithriving_key")})
+    server = start(
+        comfy_install,
+        base,
+        {
+            "AITHRIVING_API_KEY_FILE": str(switch / "aithriving_key"),
+            "AITHRIVING_ALLOWED_HOSTS": " studio.example ,Comfy.Example.org:443",
+        },
+    )
     try:
+        # Names the user listed (a reverse proxy's, a LAN name) pass the host check (then this unusable
+        # key gets its 400, which writes nothing); any other name is still refused.
+        port = server.port
+        for name, status in (("studio.example", 400), ("comfy.example.org", 400), ("evil.example", 403)):
+            named = {"Host": f"{name}:{port}", "Origin": f"http://{name}:{port}"}
+            response = server.request("POST", "/aithriving/key", json={"key": "k\u200b"}, headers=named)
+            assert response.status_code == status, (name, response.text)
+        error = response.json()["error"]
+        assert "evil.example" in error and "AITHRIVING_ALLOWED_HOSTS" in error, error
         pack_web = base / "custom_nodes" / PACK_LINK_NAME / "web"  # this pack's own web folder, linked in
         assert pack_web.resolve() == REPO / "web"
         for folder in (base / "input", base / "output", base / "temp", base / "user" / "default", pack_web):
