@@ -50,6 +50,10 @@ _MAX_STATE_BYTES = 256 * 1024 * 1024
 # A budget unchanged this long holds nothing that still counts: its files are swept.
 _SWEEP_AFTER_SECONDS = 86400.0
 _BUDGET_NAME = re.compile(r"[0-9a-f]{16}")
+# Windows refuses to remove a file that is open: a book keeping its files open would pin the store's
+# folder (never swept, never removable) for the process's life. There each change opens them and closes
+# them again; on POSIX they stay open (benchmarks/shared_budget.py measures that path).
+_KEEP_OPEN = fcntl is not None
 _FLAGS = (
     os.O_RDWR
     | os.O_CREAT
@@ -82,7 +86,8 @@ class FolderBook:
     """A budget shared by the processes of one machine: a file in the store's folder, changed under a lock.
 
     Each change reads the state, applies the change and writes it back while holding an exclusive
-    lock on a lock file next to it (``flock`` on POSIX, ``msvcrt.locking`` on Windows); nothing is
+    lock on a lock file next to it (``flock`` on POSIX, ``msvcrt.locking`` on Windows, where the two
+    files are open only during a change, so the folder can always be swept and removed); nothing is
     fsync'd: a crash can only forget the last few starts, which the margin covers, and a state
     file that cannot be read counts as empty. (SQLite was measured against this and starved one
     process for seconds under contention: docs/architecture.md.)
@@ -100,7 +105,8 @@ class FolderBook:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             _sweep_budgets(folder, keep=budget)
-            self._open()
+            if _KEEP_OPEN:
+                self._open()
             self.update(lambda state, now: None, 0.0)  # a folder that reads but cannot write fails here
         except OSError as error:
             self.close()
@@ -113,11 +119,13 @@ class FolderBook:
     def update(self, change: Callable[[PacerState, float], T], now: float) -> T:
         """Apply ``change`` to the budget at the wall-clock time, under the lock (``now`` is not used)."""
         try:
+            if not _KEEP_OPEN:
+                return self._update_opening(change)
             for attempt in range(3):
                 with _locked(self._lock_fd):
                     linked = os.fstat(self._lock_fd).st_nlink and os.fstat(self._state_fd).st_nlink
                     if linked or attempt == 2:  # (a file system that counts no links: use it as it is)
-                        return self._apply(change)
+                        return self._apply(change, self._state_fd)
                 # Swept (unused for a day) while this process kept it open: open the budget's files anew.
                 self.close()
                 self._open()
@@ -125,14 +133,28 @@ class FolderBook:
         except OSError as error:
             raise BudgetUnavailable(error.strerror or type(error).__name__) from None
 
-    def _apply(self, change: Callable[[PacerState, float], T]) -> T:
-        size = os.fstat(self._state_fd).st_size
+    def _update_opening(self, change: Callable[[PacerState, float], T]) -> T:
+        """Open the lock file, lock it, open the state, apply ``change``, and close both again."""
+        lock_fd = os.open(self._lock_path, _FLAGS, 0o644)
+        try:
+            with _locked(lock_fd):
+                # Opened under the lock: a sweep (which deletes the state under it) is over or not begun.
+                state_fd = os.open(self.path, _FLAGS, 0o644)
+                try:
+                    return self._apply(change, state_fd)
+                finally:
+                    os.close(state_fd)
+        finally:
+            os.close(lock_fd)
+
+    def _apply(self, change: Callable[[PacerState, float], T], fd: int) -> T:
+        size = os.fstat(fd).st_size
         before = b""
         if size <= _MAX_STATE_BYTES:
-            os.lseek(self._state_fd, 0, os.SEEK_SET)
+            os.lseek(fd, 0, os.SEEK_SET)
             chunks = []
             while size > 0:  # a large limit (AITHRIVING_RATE_LIMIT) makes a large window
-                chunk = os.read(self._state_fd, size)
+                chunk = os.read(fd, size)
                 if not chunk:
                     break
                 chunks.append(chunk)
@@ -142,9 +164,9 @@ class FolderBook:
         result = change(state, time.time())
         after = state.to_json()
         if after != before or not before:
-            os.lseek(self._state_fd, 0, os.SEEK_SET)
-            os.write(self._state_fd, after)
-            os.ftruncate(self._state_fd, len(after))
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, after)
+            os.ftruncate(fd, len(after))
         return result
 
     def close(self) -> None:
@@ -173,14 +195,21 @@ def _sweep_budgets(folder: Path, keep: str) -> None:
             fd = os.open(folder / f"{budget}.lock", _FLAGS, 0o644)
         except OSError:
             continue
+        swept = False
         try:
             with _locked(fd, wait=False):
                 (folder / name).unlink()
-                (folder / f"{budget}.lock").unlink()
+                swept = True
+                if _KEEP_OPEN:  # POSIX removes an open file: under the lock, so no holder gets another
+                    (folder / f"{budget}.lock").unlink()
         except OSError:  # held by someone, or (Windows) open elsewhere: it stays
             pass
         finally:
             os.close(fd)
+        if swept and not _KEEP_OPEN:
+            # Windows removes only a file nobody has open: a lock file someone opened meanwhile stays.
+            with contextlib.suppress(OSError):
+                (folder / f"{budget}.lock").unlink()
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import io
 import logging
 import math
 import socket
+import sys
 import threading
 import uuid
 import weakref
@@ -184,9 +185,22 @@ class RawKeyAuth(requests.auth.AuthBase):
 def _shutdown_socket(connection: HTTPConnection) -> None:
     """Break a connection's socket, so that whoever waits on it (a read, a send) fails now."""
     sock = getattr(connection, "sock", None)
-    if sock is not None:
+    # TLS inside a TLS proxy's tunnel (urllib3's SSLTransport) cannot shut down: break the socket it wraps.
+    while sock is not None and not hasattr(sock, "shutdown"):
+        sock = getattr(sock, "socket", None)
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    if sys.platform == "win32" and isinstance(sock, socket.socket):
+        # A shutdown leaves a read in another thread waiting there; closing the handle cancels it
+        # (closesocket). detach() first, so that no later close() of the socket object (the owner's)
+        # closes that number again once a new socket may have it. POSIX wakes the reader on shutdown
+        # and keeps the descriptor, which the owner closes.
         try:
-            sock.shutdown(socket.SHUT_RDWR)
+            socket.close(sock.detach())
         except OSError:
             pass
 

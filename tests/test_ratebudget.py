@@ -48,9 +48,20 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+# redis-servers started for this run by someone else, one URL each, space-separated: the Windows lane
+# (tests/windows/lane.py) starts Debian's on the Linux side, since Wine runs a Linux program without
+# handing Windows a process to stop. Each test gets one no other test had (a test may stop its server).
+ENV_TEST_REDIS_URLS = "AITHRIVING_TEST_REDIS_URLS"
+_lent_redis_urls: set[str] = set()
+
+
 @pytest.fixture
 def redis_url(tmp_path):
     """redis://127.0.0.1:PORT/0 of a redis-server started for the test (Debian's redis-server)."""
+    started_for_run = os.environ.get(ENV_TEST_REDIS_URLS, "").split()
+    if started_for_run:
+        yield _unused_redis_url(started_for_run)
+        return
     server = shutil.which("redis-server")
     if server is None:
         if os.environ.get("CI"):
@@ -93,6 +104,22 @@ def redis_url(tmp_path):
     yield url
     process.terminate()
     process.wait(10)
+
+
+def _unused_redis_url(urls: list[str]) -> str:
+    """One of the run's redis-servers that no earlier test had, checked to answer."""
+    import redis
+
+    unused = [url for url in urls if url not in _lent_redis_urls]
+    if not unused:
+        pytest.fail(f"each of the {len(urls)} redis-servers of {ENV_TEST_REDIS_URLS} served an earlier test")
+    _lent_redis_urls.add(unused[0])
+    client = redis.Redis.from_url(unused[0])
+    try:
+        assert client.ping() and client.dbsize() == 0, f"the redis-server at {unused[0]} is not a fresh one"
+    finally:
+        client.close()
+    return unused[0]
 
 
 # --- the books, driven in this process --------------------------------------------------------------
@@ -174,9 +201,24 @@ def test_a_budget_held_at_the_moment_is_not_swept(tmp_path):
     held = FolderBook(tmp_path, "3" * 16)
     day_ago = time.time() - 2 * 86400
     os.utime(held.path, (day_ago, day_ago))
-    with _locked(held._lock_fd):  # a change in progress, in "another process"
-        FolderBook(tmp_path, "4" * 16).close()
-    assert held.path.is_file()
+    lock_path = tmp_path / PACING_FOLDER / f"{'3' * 16}.lock"
+    fd = os.open(lock_path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        with _locked(fd):  # a change in progress, in "another process"
+            FolderBook(tmp_path, "4" * 16).close()
+    finally:
+        os.close(fd)
+    assert held.path.is_file() and lock_path.is_file()
+
+
+def test_the_store_folder_can_be_removed_while_a_process_paces_through_it(tmp_path):
+    """Windows cannot remove an open file: between changes the budget's files are closed there."""
+    store = tmp_path / "store"
+    pacer = Pacer(RateLimit(5, 1.0), book=FolderBook(store, "6" * 16))
+    pacer.next_start().slot.sent()
+    shutil.rmtree(store)
+    assert not store.exists()
+    assert pacer.next_start().slot is not None  # pacing goes on (in this process, said once)
 
 
 def test_an_unwritable_folder_falls_back_to_this_process_and_says_so(tmp_path, monkeypatch, caplog):

