@@ -9,6 +9,7 @@ import queue
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -523,6 +524,35 @@ class _BatchRun:
             background._finish()
 
         threading.Thread(target=settle, name="structure-settle", daemon=True).start()
+        _notice_at_exit(background)
+
+
+def _notice_at_exit(background: Background) -> None:
+    """Say at exit, if Python is quitting while these requests still run, why it waits for them.
+
+    Python waits for the pool's threads when it exits (ComfyUI quit right after a Cancel), which is
+    what lets paid answers reach the store; without a word it looks like a hang. threading's exit
+    hooks run before that wait, the newest first (CPython 3.9+; elsewhere nothing is said).
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:
+        return
+    held = weakref.ref(background)
+
+    def notice() -> None:
+        left = held()
+        if left is not None and not left.finished:
+            log.warning(
+                "Waiting for the requests left in flight after a cancel (%d when it was pressed): the "
+                "service may charge for them, and their answers go into the result store as they "
+                "arrive, at most a read timeout from now.",
+                left.count,
+            )
+
+    try:
+        register(notice)
+    except RuntimeError:  # Python is already exiting
+        pass
 
 
 def run_batch(

@@ -284,3 +284,52 @@ def test_the_in_flight_sentence_says_truly_where_the_answers_go(tmp_path):
         "3 requests in flight to the stand-in finish in the background (free)."
     )
     assert BatchReport(total=3, cancelled=True).in_flight_sentence() == ""
+
+
+_QUIT_RIGHT_AFTER_A_CANCEL = """
+import sys, time
+import numpy as np
+from structure_api import StructureClient
+from structure_api.pipeline import StructureParams, generate_images
+from structure_api.store import ResultStore
+
+url, folder = sys.argv[1:3]
+images = np.stack([np.full((64, 64, 3), value, np.float32) for value in (0.2, 0.7)])
+at = time.monotonic() + 0.5
+client = StructureClient(base_url=url)
+result = generate_images(
+    images, StructureParams(prompt="a lighthouse at dusk", control_strength=0.8, seed=4600), client=client,
+    store=ResultStore(folder), max_concurrency=2, should_cancel=lambda: time.monotonic() >= at,
+)
+print("cancelled with", result.report.in_flight, "in flight", flush=True)
+# The script ends here, as ComfyUI does when it is quit right after a Cancel.
+"""
+
+
+def test_quitting_right_after_a_cancel_says_why_it_waits_and_keeps_the_answers(slow_standin, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AITHRIVING_API_KEY": TEST_KEY}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", _QUIT_RIGHT_AFTER_A_CANCEL, slow_standin.url, str(tmp_path / "store")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert "cancelled with 2 in flight" in done.stdout
+    assert "Waiting for the requests left in flight after a cancel (2 when it was pressed)" in done.stderr
+    assert "may charge for them" in done.stderr and TEST_KEY not in done.stderr
+    assert took >= 1.5  # it waited for the answers (1.5 s latency) before exiting
+    paid = slow_standin.credits_spent
+    assert paid == 12
+    # The answers reached the store before the process ended: the same batch again pays nothing.
+    images = np.stack([np.full((64, 64, 3), value, np.float32) for value in (0.2, 0.7)])
+    with StructureClient(api_key=TEST_KEY, base_url=slow_standin.url) as client:
+        again = generate_images(images, params(4600), client=client, store=ResultStore(tmp_path / "store"))
+    assert again.from_store == 2 and slow_standin.credits_spent == paid
